@@ -1,0 +1,43 @@
+"""Reference L2BN: the literal composition of the paper's eq. (3) and torch's batch norm.
+
+Slow (it materialises the normalised tensor and autograd saves it), but obviously right; every
+fused path is tested against it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def l2_normalize_samples(input: Tensor, *, rescale: bool = True, l2_eps: float = 1e-12) -> Tensor:
+    """Divide each sample's whole feature (all non-batch dims) by its l2 norm, times sqrt(D) if ``rescale``.
+
+    The norm is accumulated in at least float32, so half-precision inputs cannot overflow.
+    """
+    dims = tuple(range(1, input.dim()))
+    acc_dtype = torch.promote_types(input.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(input, dim=dims, keepdim=True, dtype=acc_dtype).clamp_min(l2_eps)
+    if rescale:
+        norm = norm / math.sqrt(input[0].numel() if input.shape[0] else math.prod(input.shape[1:]))
+    return (input.to(acc_dtype) / norm).to(input.dtype)
+
+
+def l2_batch_norm_reference(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    rescale: bool = True,
+    l2_eps: float = 1e-12,
+) -> Tensor:
+    """l2-normalise each sample, then ``F.batch_norm`` (updates the running statistics in place)."""
+    normalized = l2_normalize_samples(input, rescale=rescale, l2_eps=l2_eps)
+    return F.batch_norm(normalized, running_mean, running_var, weight, bias, training, momentum, eps)
