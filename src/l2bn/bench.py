@@ -1,0 +1,129 @@
+"""Layer benchmark: L2BN against torch's BatchNorm measured in the same run (``l2bn bench``)."""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .layers import L2BatchNorm2d
+
+DEFAULT_SHAPES: tuple[tuple[int, int, int, int], ...] = ((128, 16, 32, 32), (128, 64, 8, 8), (32, 256, 28, 28))
+
+
+@dataclass
+class Timing:
+    shape: tuple[int, ...]
+    channels_last: bool
+    mode: str
+    bn_ms: float
+    l2bn_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.l2bn_ms / self.bn_ms
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(step: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def time_layers(
+    shape: Sequence[int],
+    *,
+    mode: str = "train",
+    channels_last: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    repeats: int = 20,
+    warmup: int = 3,
+) -> Timing:
+    """Median time of BatchNorm2d and L2BatchNorm2d on one input; ``mode`` is "train" (fwd+bwd) or "eval"."""
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+    device = torch.device(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(*shape, device=device, dtype=dtype).to(memory_format=fmt)
+    grad = torch.randn_like(x)
+    results = []
+    for cls in (nn.BatchNorm2d, L2BatchNorm2d):
+        layer = cls(shape[1], device=device, dtype=dtype).train(mode == "train")
+        if mode == "train":
+            xg = x.detach().requires_grad_()
+
+            def step(layer=layer, xg=xg) -> None:
+                layer(xg).backward(grad)
+        else:
+
+            def step(layer=layer) -> None:
+                with torch.no_grad():
+                    layer(x)
+
+        results.append(_median_ms(step, device, repeats, warmup))
+    return Timing(tuple(shape), channels_last, mode, *results)
+
+
+def format_table(timings: Sequence[Timing]) -> str:
+    lines = [
+        "| shape | layout | mode | BatchNorm2d ms | L2BatchNorm2d ms | ratio |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for t in timings:
+        layout = "channels_last" if t.channels_last else "NCHW"
+        lines.append(
+            f"| {'x'.join(map(str, t.shape))} | {layout} | {t.mode} | {t.bn_ms:.3f} | {t.l2bn_ms:.3f} | {t.ratio:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def environment_line(device: str | torch.device = "cpu") -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU, {torch.get_num_threads()} threads"
+    return f"device: {name}; torch {torch.__version__}"
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    timings = []
+    for shape in shapes:
+        if len(shape) != 4:
+            raise SystemExit(f"--shapes wants NxCxHxW, got {'x'.join(map(str, shape))}")
+        for channels_last in (False, True):
+            for mode in args.modes:
+                timings.append(
+                    time_layers(shape, mode=mode, channels_last=channels_last, device=args.device, dtype=dtype, repeats=args.repeats)
+                )
+    print(environment_line(args.device))
+    print(format_table(timings))
+    return 0
+
+
+def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="time L2BatchNorm2d against torch's BatchNorm2d (ratios)")
+    p.add_argument("--shapes", nargs="*", metavar="NxCxHxW", help="input shapes (default: the CIFAR-scale set)")
+    p.add_argument("--modes", nargs="+", choices=("train", "eval"), default=["train", "eval"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--repeats", type=int, default=20)
+    p.set_defaults(func=run_bench)
