@@ -1,0 +1,51 @@
+"""The command line entry point and the README ↔ CI contract."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from l2bn.bench import time_layers
+from l2bn.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_module_help_runs():
+    result = subprocess.run([sys.executable, "-m", "l2bn", "--help"], capture_output=True, text=True, check=True)
+    assert "bench" in result.stdout
+
+
+def test_every_command_has_help():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    for name in subparsers.choices:
+        assert subparsers.choices[name].format_help()
+
+
+def test_bench_prints_ratio_table(capsys):
+    assert main(["bench", "--shapes", "4x3x4x4", "--repeats", "2", "--modes", "train"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 4x3x4x4")]
+    assert len(rows) == 2  # NCHW and channels_last
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        bn_ms, l2_ms, ratio = float(cells[3]), float(cells[4]), float(cells[5])
+        assert abs(ratio - l2_ms / bn_ms) < 0.01 + 0.01 * ratio
+
+
+def test_time_layers_rejects_bad_mode():
+    import pytest
+
+    with pytest.raises(ValueError, match="'train' or 'eval'"):
+        time_layers((2, 3, 4, 4), mode="infer")
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- test-command -->\s*```bash\n(.+)\n```", readme)
+    assert match, "README must show the test command after <!-- test-command -->"
+    assert "pytest" in match.group(1)
+    assert "<!-- test-command -->" in (ROOT / ".ci" / "run").read_text()
+    assert "<!-- main-command -->" in readme
