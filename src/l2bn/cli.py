@@ -6,9 +6,10 @@ import sys
 from typing import Sequence
 
 from .bench import add_bench_command
+from .geometry import add_geometry_command
 
 # Each command module contributes one ``add_*_command(subparsers)``; add new ones to this tuple.
-COMMANDS = (add_bench_command,)
+COMMANDS = (add_bench_command, add_geometry_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
