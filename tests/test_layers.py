@@ -286,3 +286,15 @@ def test_torch_export_eval():
     exported = torch.export.export(layer, (torch.randn(3, 4, 5, 5),))
     x = torch.randn(3, 4, 5, 5)
     torch.testing.assert_close(exported.module()(x), layer(x))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_input_gradient_is_orthogonal_to_each_sample(training, impl):
+    """y depends on x_n only through x_n/‖x_n‖, so Σ dx_n·x_n = 0 for every sample."""
+    layer = l2bn.L2BatchNorm2d(3, dtype=torch.float64).train(training)
+    layer.running_var.fill_(2.0)
+    x = make_input((4, 3, 5, 5)).requires_grad_()
+    y = layer(x)
+    (grad,) = torch.autograd.grad(y, x, torch.randn_like(y))
+    dots = (grad * x).sum(dim=(1, 2, 3))
+    assert dots.abs().max() < 1e-12 * grad.abs().max() * x.abs().max() * x[0].numel()
