@@ -1,0 +1,274 @@
+"""Synchronized L2BN: channel statistics (and their gradients) reduced across ``torch.distributed`` ranks.
+
+L2BN (Wang et al., eq. 3) first scales every sample to norm sqrt(D), then batch-normalises. A sample lives
+on one rank, so the per-sample norms stay local; only the per-channel statistics of the normalised input
+x̂ need reducing. From the per-(n, c) moments of ``l2bn.kernels.fused`` every rank forms its local
+(count, mean, M2) per channel; one ``all_gather`` of those O(C) numbers and Chan et al.'s parallel
+formula give the global mean and variance without the cancellation of E[x̂²] − E[x̂]². Backward needs
+the global Σdy and Σdy·ẑ per channel: one ``all_reduce``. Works on every backend (gloo on CPU, nccl on
+GPU), unlike ``torch.nn.SyncBatchNorm`` which is CUDA-only, and with different (even empty) local batches.
+
+References: Chan, Golub & LeVeque, "Updating formulae and a pairwise algorithm for computing sample
+variances" (1979); torch's ``nn.SyncBatchNorm`` for the contract (local weight/bias gradients, averaged
+by DDP like every other parameter).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+
+from .kernels.fused import accumulation_dtype, sample_channel_moments, spatial_sum
+from .layers import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d, _L2BatchNorm
+
+__all__ = ["SyncL2BatchNorm", "convert_sync_l2bn", "revert_sync_l2bn", "sync_l2_batch_norm"]
+
+
+def _broadcast(t: Tensor, ndim: int) -> Tensor:
+    """View an (N, C) or (C,) tensor so that it broadcasts against an ndim-dimensional input."""
+    lead = (1, -1) if t.dim() == 1 else tuple(t.shape)
+    return t.view(lead + (1,) * (ndim - 2))
+
+
+def _world_size(process_group: dist.ProcessGroup | None) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(process_group)
+
+
+def _gather_channel_stats(
+    count: Tensor, mean: Tensor, m2: Tensor, process_group: dist.ProcessGroup | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """All-gather every rank's per-channel (count, mean, M2) in ONE collective, combine with Chan's formula.
+
+    Returns the global (count, mean, biased variance). Ranks with count 0 contribute nothing.
+    """
+    packed = torch.cat([count.reshape(1), mean, m2])
+    gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(gathered, packed, group=process_group)
+    table = torch.stack(gathered)  # (W, 1 + 2C)
+    num_channels = mean.numel()
+    counts, means, m2s = table[:, 0], table[:, 1 : 1 + num_channels], table[:, 1 + num_channels :]
+    total = counts.sum()
+    weights = counts / total.clamp_min(1)
+    global_mean = (weights[:, None] * means).sum(dim=0)
+    global_m2 = m2s.sum(dim=0) + (counts[:, None] * (means - global_mean).square()).sum(dim=0)
+    return total, global_mean, global_m2 / total.clamp_min(1)
+
+
+class _SyncL2BatchNormFunction(torch.autograd.Function):
+    """y = γ·(r_n x − μ)·invstd + β, where μ and invstd are global; backward all-reduces Σdy and Σdy·ẑ."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, norm, mean, invstd, x_sum, x_sq, total, l2_eps, process_group):
+        acc = scale.dtype
+        gamma = weight.to(acc) if weight is not None else torch.ones_like(invstd)
+        beta = bias.to(acc) if bias is not None else torch.zeros_like(invstd)
+        gain = gamma * invstd
+        a = scale[:, None] * gain[None, :]
+        b = beta - mean * gain
+        y = torch.addcmul(_broadcast(b.to(x.dtype), x.dim()), x, _broadcast(a.to(x.dtype), x.dim()))
+        ctx.save_for_backward(x, gamma, scale, norm, mean, invstd, x_sum, x_sq, total)
+        ctx.l2_eps = l2_eps
+        ctx.process_group = process_group
+        ctx.param_dtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else acc)
+        ctx.has_weight = weight is not None
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, gamma, scale, norm, mean, invstd, x_sum, x_sq, total = ctx.saved_tensors
+        acc, nd = scale.dtype, x.dim()
+        dy_sum = spatial_sum(dy, acc)  # (N, C): Σ_S dy
+        dy_x = spatial_sum(dy * x, acc)  # (N, C): Σ_S dy·x
+        local_bias_grad = dy_sum.sum(dim=0)
+        local_weight_grad = (invstd * (scale[:, None] * dy_x - mean * dy_sum)).sum(dim=0)  # Σ dy·ẑ
+        reduced = torch.cat([local_bias_grad, local_weight_grad])
+        dist.all_reduce(reduced, group=ctx.process_group)
+        grad_bias, grad_weight = reduced.chunk(2)
+        gain = gamma * invstd  # dz = gain·dy + coef_x·x + coef_1, with z = r_n x the normalised input
+        coef_x = -(gain * invstd * grad_weight / total)[None, :] * scale[:, None]
+        coef_1 = gain * (invstd * mean * grad_weight - grad_bias) / total
+        # the l2 step: dx = r_n (dz − x · T_n / ‖x_n‖²), T_n = Σ_{c,S} dz·x (zero where the norm is clamped)
+        t = (gain * dy_x + coef_x * x_sq + coef_1 * x_sum).sum(dim=1)
+        u = torch.where(norm > ctx.l2_eps, t / norm.clamp_min(ctx.l2_eps).square(), torch.zeros_like(t))
+        p = scale[:, None] * gain[None, :]
+        q = scale[:, None] * (coef_x - u[:, None])
+        r = scale[:, None] * coef_1[None, :]
+        dx = torch.addcmul(_broadcast(r.to(x.dtype), nd), x, _broadcast(q.to(x.dtype), nd))
+        dx.addcmul_(dy, _broadcast(p.to(x.dtype), nd))
+        # like nn.SyncBatchNorm: parameter gradients stay local; DDP averages them with all the others
+        weight_grad = local_weight_grad.to(ctx.param_dtype) if ctx.has_weight else None
+        bias_grad = local_bias_grad.to(ctx.param_dtype) if ctx.has_bias else None
+        return dx, weight_grad, bias_grad, *([None] * 9)
+
+
+def sync_l2_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    process_group: dist.ProcessGroup | None = None,
+    *,
+    rescale: bool = True,
+    l2_eps: float = 1e-12,
+) -> Tensor:
+    """Training-mode L2BN whose batch statistics span all ranks of ``process_group`` (an initialised group).
+
+    Every rank must call it (with the same C); local batch sizes may differ, including 0. Running
+    statistics, if given, are updated in place with the global mean and unbiased variance.
+    """
+    if input.dim() < 2:
+        raise ValueError(f"expected input of shape (N, C, *), got {input.dim()}D input of shape {tuple(input.shape)}")
+    num_channels = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != num_channels:
+            raise RuntimeError(f"{name} should contain {num_channels} elements not {t.numel()}")
+    spatial_size = math.prod(input.shape[2:])
+    with torch.no_grad():
+        x = input.detach()
+        m, v = sample_channel_moments(x)  # (N, C) mean and biased variance over S, in ≥ float32
+        acc = m.dtype
+        sq_norm = spatial_size * (v + m * m).sum(dim=1)
+        norm = sq_norm.sqrt()
+        target = math.sqrt(num_channels * spatial_size) if rescale else 1.0
+        scale = target / norm.clamp_min(l2_eps)
+        # local per-channel statistics of x̂ = r_n x: count, mean, M2 (pooled over samples, no cancellation)
+        batch = x.shape[0]
+        scaled_mean = scale[:, None] * m
+        local_mean = scaled_mean.sum(dim=0) / max(batch, 1)
+        local_m2 = spatial_size * ((scale * scale)[:, None] * v + (scaled_mean - local_mean).square()).sum(dim=0)
+        local_count = torch.tensor(float(batch * spatial_size), dtype=acc, device=m.device)
+        total, mean, var = _gather_channel_stats(local_count, local_mean, local_m2, process_group)
+        count = int(total.item())
+        if count <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training across ranks, got {count} in total "
+                f"(this rank's input size {tuple(input.shape)})"
+            )
+        if running_mean is not None and running_var is not None:
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+        invstd = (var + eps).rsqrt()
+        x_sum = spatial_size * m
+        x_sq = spatial_size * (v + m * m)
+    return _SyncL2BatchNormFunction.apply(
+        input, weight, bias, scale, norm, mean, invstd, x_sum, x_sq, total, l2_eps, process_group
+    )
+
+
+class SyncL2BatchNorm(_L2BatchNorm):
+    """L2BN with statistics synchronized over a process group — the L2BN counterpart of ``nn.SyncBatchNorm``.
+
+    In training with an initialised group of more than one rank, the channel statistics of the
+    l2-normalised input (and their gradients) are reduced across ranks: same output, input gradients and
+    running statistics as one process on the concatenated batch. Otherwise (eval, one process) it is
+    exactly :class:`l2bn.L2BatchNorm2d` and friends. Accepts any (N, C, *) input. Same state_dict as BN.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        rescale: bool = True,
+        l2_eps: float = 1e-12,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+            rescale=rescale, l2_eps=l2_eps,
+        )
+        self.process_group = process_group
+        self.local_cls: type[_L2BatchNorm] | None = None  # the layer it was converted from, for revert
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (N, C, *) (got {input.dim()}D input)")
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not (self.training and _world_size(self.process_group) > 1):
+            return super().forward(input)
+        self._check_input_dim(input)
+        factor = self._average_factor()
+        return sync_l2_batch_norm(
+            input,
+            self.running_mean if self.track_running_stats else None,
+            self.running_var if self.track_running_stats else None,
+            self.weight,
+            self.bias,
+            factor,
+            self.eps,
+            self.process_group,
+            rescale=self.rescale,
+            l2_eps=self.l2_eps,
+        )
+
+
+_LOCAL_TYPES = (L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d)
+
+
+def _rebuild(old: _L2BatchNorm, new_cls: type[_L2BatchNorm], **extra: Any) -> _L2BatchNorm:
+    """``new_cls`` with ``old``'s constructor arguments and state (parameters shared), requires_grad and mode."""
+    tensor = next(iter(old.parameters()), None)
+    if tensor is None:
+        tensor = old.running_mean
+    factory = {} if tensor is None else {"device": tensor.device, "dtype": tensor.dtype}
+    new = new_cls(
+        old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats,
+        rescale=old.rescale, l2_eps=old.l2_eps, **factory, **extra,
+    )
+    if old.affine:  # share the Parameters, like nn.SyncBatchNorm.convert_sync_batchnorm
+        new.weight = old.weight
+        new.bias = old.bias
+    new.load_state_dict(old.state_dict())
+    new.train(old.training)
+    return new
+
+
+def convert_sync_l2bn(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Replace every ``L2BatchNorm{1,2,3}d`` in ``module`` by :class:`SyncL2BatchNorm`, in place.
+
+    Use this rather than ``nn.SyncBatchNorm.convert_sync_batchnorm``, which would silently turn L2BN layers
+    (subclasses of ``_BatchNorm``) into plain SyncBatchNorm. Parameters are shared, not copied, so an
+    optimizer built before conversion still updates them. Returns the module (a new one if the root is L2BN).
+    """
+    if type(module) in _LOCAL_TYPES:
+        new = _rebuild(module, SyncL2BatchNorm, process_group=process_group)
+        new.local_cls = type(module)
+        return new
+    for name, child in module.named_children():
+        converted = convert_sync_l2bn(child, process_group)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
+def revert_sync_l2bn(module: nn.Module, default: type[_L2BatchNorm] = L2BatchNorm2d) -> nn.Module:
+    """Reverse of :func:`convert_sync_l2bn`: every :class:`SyncL2BatchNorm` becomes a local L2BN layer, in place.
+
+    Each layer becomes the class it was converted from; a SyncL2BatchNorm built directly (which does not
+    know its input rank) becomes ``default``. Returns the module (a new one if the root is converted).
+    """
+    if default not in _LOCAL_TYPES:
+        raise ValueError(f"default must be one of {[c.__name__ for c in _LOCAL_TYPES]}; got {default!r}")
+    if isinstance(module, SyncL2BatchNorm):
+        return _rebuild(module, module.local_cls or default)
+    for name, child in module.named_children():
+        converted = revert_sync_l2bn(child, default)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
