@@ -1,0 +1,229 @@
+"""Reports of a comparison grid: the paper's Table 1 (Markdown + CSV) and its training-curve figures.
+
+Table columns (Wang et al., Table 1): per norm, test accuracy as mean ± std over seeds (the best epoch of
+each run, as the paper reports), then Intra(train), Intra(test), Inter, IIR train and IIR test of the final
+model (the last epoch at which the angles were measured), averaged over seeds. Standard deviations are the
+sample standard deviation (ddof = 1; 0 for a single seed). Figures: test accuracy and training loss over
+epochs (paper Fig. 6) and intra-angle / inter-angle / IIR over training (Fig. 1 and 7), each as the mean
+over seeds with a ± std band.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["Run", "load_run", "find_runs", "summarize", "write_table", "plot_curves", "write_report", "TABLE_METRICS"]
+
+# (key in metrics.jsonl, column title)
+TABLE_METRICS: tuple[tuple[str, str], ...] = (
+    ("intra_train", "Intra(train)"),
+    ("intra_test", "Intra(test)"),
+    ("inter", "Inter"),
+    ("iir_train", "IIR train"),
+    ("iir_test", "IIR test"),
+)
+
+
+@dataclass
+class Run:
+    """One finished or partial run directory: its config, per-epoch records and summary (if finished)."""
+
+    path: Path
+    config: dict
+    records: list[dict]
+    summary: dict | None
+
+    @property
+    def norm(self) -> str:
+        return str(self.config.get("norm", "?"))
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", -1))
+
+    @property
+    def best_acc(self) -> float:
+        if self.summary is not None:
+            return float(self.summary["best_test_acc"])
+        return max(r["test_acc"] for r in self.records)
+
+    def final_angles(self) -> dict[str, float]:
+        """Angle metrics of the last epoch that measured them (empty if none did)."""
+        measured = [r for r in self.records if "iir_train" in r]
+        return {k: float(measured[-1][k]) for k, _ in TABLE_METRICS} if measured else {}
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Read ``config.json``, ``metrics.jsonl`` and (if present) ``summary.json`` from a run directory."""
+    path = Path(path)
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{path} is not a run directory (no metrics.jsonl)")
+    records = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    if not records:
+        raise ValueError(f"{metrics} holds no epoch yet")
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    summary_path = path / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    return Run(path, config, records, summary)
+
+
+def find_runs(root: str | os.PathLike) -> list[Run]:
+    """Every run directory below ``root`` that has logged at least one epoch, sorted by path."""
+    runs = []
+    for metrics in sorted(Path(root).rglob("metrics.jsonl")):
+        if metrics.stat().st_size:
+            runs.append(load_run(metrics.parent))
+    return runs
+
+
+def _group(runs: Iterable[Run], norms: Sequence[str] | None) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.norm, []).append(run)
+    order = list(norms) if norms is not None else list(groups)
+    return {n: sorted(groups[n], key=lambda r: r.seed) for n in order if n in groups}
+
+
+def _std(values: Sequence[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarize(runs: Iterable[Run], norms: Sequence[str] | None = None) -> list[dict]:
+    """One row per norm: seeds, accuracy mean/std, and mean/std of every angle metric of the final models."""
+    rows = []
+    for norm, group in _group(runs, norms).items():
+        accs = [r.best_acc for r in group]
+        row: dict = {
+            "norm": norm,
+            "seeds": " ".join(str(r.seed) for r in group),
+            "n": len(group),
+            "acc_mean": float(np.mean(accs)),
+            "acc_std": _std(accs),
+        }
+        finals = [r.final_angles() for r in group]
+        for key, _ in TABLE_METRICS:
+            values = [f[key] for f in finals if key in f]
+            row[f"{key}_mean"] = float(np.mean(values)) if values else float("nan")
+            row[f"{key}_std"] = _std(values) if values else float("nan")
+        rows.append(row)
+    return rows
+
+
+def write_table(rows: Sequence[dict], out_dir: str | os.PathLike, *, title: str | None = None) -> tuple[Path, Path]:
+    """``results.md`` (the paper's Table 1 layout) and ``results.csv`` (every number) in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    head = ["Norm", "Seeds", "Accuracy (%)"] + [title_ for _, title_ in TABLE_METRICS]
+    lines = [f"## {title}", ""] if title else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    for row in rows:
+        cells = [row["norm"], str(row["n"]), f"{row['acc_mean']:.2f} ± {row['acc_std']:.2f}"]
+        for key, _ in TABLE_METRICS:
+            digits = 3 if key.startswith("iir") else 2
+            cells.append(f"{row[f'{key}_mean']:.{digits}f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    md = out / "results.md"
+    md.write_text("\n".join(lines) + "\n")
+    csv_path = out / "results.csv"
+    fields = ["norm", "n", "seeds", "acc_mean", "acc_std"] + [f"{k}_{s}" for k, _ in TABLE_METRICS for s in ("mean", "std")]
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row[k] for k in fields})
+    return md, csv_path
+
+
+def _curve(group: Sequence[Run], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Epochs every run of ``group`` logged ``key`` at, with the mean and std across runs."""
+    per_run = [{r["epoch"]: r[key] for r in run.records if key in r} for run in group]
+    epochs = sorted(set.intersection(*(set(d) for d in per_run))) if per_run else []
+    if not epochs:
+        return None
+    values = np.array([[d[e] for e in epochs] for d in per_run], dtype=np.float64)
+    std = values.std(axis=0, ddof=1) if len(per_run) > 1 else np.zeros(len(epochs))
+    return np.array(epochs), values.mean(axis=0), std
+
+
+def _plot_band(ax, group: Sequence[Run], key: str, label: str, color, linestyle: str = "-") -> None:
+    curve = _curve(group, key)
+    if curve is None:
+        return
+    epochs, mean, std = curve
+    ax.plot(epochs, mean, linestyle=linestyle, color=color, label=label, marker="." if len(epochs) < 30 else None)
+    ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+
+
+def plot_curves(runs: Iterable[Run], out_dir: str | os.PathLike, norms: Sequence[str] | None = None,
+                *, title: str | None = None) -> list[Path]:
+    """``curves.png`` (test accuracy, training loss) and ``angles.png`` (intra, inter, IIR) in ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = _group(runs, norms)
+    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(groups)}
+    written = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for norm, group in groups.items():
+        _plot_band(axes[0], group, "test_acc", norm, colors[norm])
+        _plot_band(axes[1], group, "train_loss", norm, colors[norm])
+    axes[0].set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    axes[1].set(xlabel="epoch", ylabel="training loss", title="Training loss", yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(f"{title} (mean ± std over seeds)")
+    path = out / "curves.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    for norm, group in groups.items():
+        c = colors[norm]
+        _plot_band(axes[0], group, "intra_train", f"{norm} train", c)
+        _plot_band(axes[0], group, "intra_test", f"{norm} test", c, "--")
+        _plot_band(axes[1], group, "inter", norm, c)
+        _plot_band(axes[2], group, "iir_train", f"{norm} train", c)
+        _plot_band(axes[2], group, "iir_test", f"{norm} test", c, "--")
+    axes[0].set(xlabel="epoch", ylabel="degrees", title="Intra-class angle (smaller is better)")
+    axes[1].set(xlabel="epoch", ylabel="degrees", title="Inter-class angle (larger is better)")
+    axes[2].set(xlabel="epoch", ylabel="intra / inter", title="IIR (smaller is better)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(f"{title} (mean ± std over seeds)")
+    path = out / "angles.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def write_report(runs: Sequence[Run], out_dir: str | os.PathLike, norms: Sequence[str] | None = None,
+                 *, title: str | None = None) -> dict[str, Path]:
+    """Table (Markdown + CSV) and figures for ``runs`` in ``out_dir``; returns the written paths by kind."""
+    if not runs:
+        raise ValueError("no runs to report")
+    rows = summarize(runs, norms)
+    md, csv_path = write_table(rows, out_dir, title=title)
+    curves, angles = plot_curves(runs, out_dir, norms, title=title)
+    with open(md, "a") as f:
+        f.write(f"\nAccuracy: best test accuracy of each run, mean ± sample std over seeds. Angles (degrees) and "
+                f"IIR: final model, mean over seeds; test intra-angles use the train class centers.\n\n"
+                f"![accuracy and loss]({curves.name})\n\n![angles]({angles.name})\n")
+    return {"markdown": md, "csv": csv_path, "curves": curves, "angles": angles}
