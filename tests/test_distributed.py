@@ -128,6 +128,16 @@ def _worker(rank: int, root: str) -> None:
     x32 = torch.load(f"{root}/offset.pt")[rank * 6 : (rank + 1) * 6]
     out["offset_f32"] = SyncL2BatchNorm(2, eps=1e-12)(x32).detach()
 
+    # bfloat16 input, float32 parameters (autocast-style): statistics accumulate in float32
+    data = torch.load(f"{root}/uneven_2d.pt")
+    lo, hi = (0, 3) if rank == 0 else (3, 8)
+    layer = SyncL2BatchNorm(3)
+    _load_params(layer, {k: v.float() for k, v in data.items()})
+    xb = data["x"][0, lo:hi].bfloat16().requires_grad_(True)
+    yb = layer(xb)
+    (yb * data["dy"][0, lo:hi].bfloat16()).sum().backward()
+    out["bf16"] = (yb.detach(), xb.grad, layer.weight.grad, layer.running_var.clone())
+
     # collectives per forward and per backward, on the plain layer
     counts = {"all_reduce": 0, "all_gather": 0, "all_gather_into_tensor": 0, "broadcast": 0}
     originals = {k: getattr(dist, k) for k in counts}
@@ -277,6 +287,18 @@ def test_converted_net_under_ddp_matches_single_process(results):
     for n, b in net.named_buffers():
         for r in results:
             torch.testing.assert_close(r["ddp_buffers"][n], b, **TOL, msg=n)
+
+
+def test_bfloat16_input_close_to_float64(results):
+    data = _scenario_data("uneven_2d")
+    rounded = {**data, "x": data["x"].bfloat16().to(DT), "dy": data["dy"].bfloat16().to(DT)}
+    ref = _independent_reference("uneven_2d", rounded)  # step 0 is what the workers ran
+    ys, dxs, dws, rvs = zip(*(r["bf16"] for r in results))
+    assert ys[0].dtype == dxs[0].dtype == torch.bfloat16 and dws[0].dtype == torch.float32
+    torch.testing.assert_close(torch.cat(ys).to(DT), ref["y"][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(torch.cat(dxs).to(DT), ref["dx"][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(sum(dws).to(DT), ref["dw"][0], rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(rvs[0].to(DT), ref["rv"][0], rtol=1e-2, atol=1e-3)
 
 
 def test_float32_offset_channel_no_cancellation(results):

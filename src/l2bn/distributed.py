@@ -148,15 +148,14 @@ def sync_l2_batch_norm(
         local_m2 = spatial_size * ((scale * scale)[:, None] * v + (scaled_mean - local_mean).square()).sum(dim=0)
         local_count = torch.tensor(float(batch * spatial_size), dtype=acc, device=m.device)
         total, mean, var = _gather_channel_stats(local_count, local_mean, local_m2, process_group)
-        count = int(total.item())
-        if count <= 1:
+        if total.device.type == "cpu" and total.item() <= 1:  # on accelerators, checking would stall the stream
             raise ValueError(
-                f"Expected more than 1 value per channel when training across ranks, got {count} in total "
-                f"(this rank's input size {tuple(input.shape)})"
+                f"Expected more than 1 value per channel when training across ranks, got {int(total.item())} "
+                f"in total (this rank's input size {tuple(input.shape)})"
             )
         if running_mean is not None and running_var is not None:
             running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+            running_var.lerp_((var * (total / (total - 1))).to(running_var.dtype), momentum)
         invstd = (var + eps).rsqrt()
         x_sum = spatial_size * m
         x_sq = spatial_size * (v + m * m)
