@@ -8,6 +8,8 @@ would turn them back into plain BN.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -73,7 +75,7 @@ class INBatchNorm(_PreNormBatchNorm):
 class PNBatchNorm(_PreNormBatchNorm):
     """PNBN: Positional Norm without affine (across channels at each position), then BN."""
 
-    def __init__(self, num_features: int, **kwargs) -> None:
+    def __init__(self, num_features: int, **kwargs: Any) -> None:
         if num_features < 2:
             raise ValueError(f"PNBatchNorm needs num_features >= 2 (unbiased variance over channels), got {num_features}")
         super().__init__(num_features, **kwargs)
