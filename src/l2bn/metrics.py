@@ -39,7 +39,7 @@ __all__ = [
 _ACC = torch.float64
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AngleStats:
     """Result of :func:`angle_stats`: ``intra``, ``inter``, ``iir`` (degrees, ratio) and the class ``centers``.
 
@@ -214,7 +214,7 @@ def angle_stats(
 
 
 # ------------------------------------------------------------------------------------------ streaming
-def _all_reduce_(tensors: Iterable[Tensor], group) -> None:
+def _all_reduce_(tensors: Iterable[Tensor], group: dist.ProcessGroup | None) -> None:
     if dist.is_available() and dist.is_initialized():
         for t in tensors:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
@@ -262,7 +262,7 @@ class AngleAccumulator:
         """Zero feature vectors seen (they have no direction and are left out)."""
         return int(self.skipped)
 
-    def all_reduce(self, group=None) -> None:
+    def all_reduce(self, group: dist.ProcessGroup | None = None) -> None:
         """Sum the state over the ranks of ``group`` (no-op unless torch.distributed is initialised)."""
         if self.sums is None:
             if dist.is_available() and dist.is_initialized():
@@ -314,7 +314,7 @@ class IntraAngleAccumulator:
         """Zero feature vectors seen (they have no direction and are left out)."""
         return int(self.skipped)
 
-    def all_reduce(self, group=None) -> None:
+    def all_reduce(self, group: dist.ProcessGroup | None = None) -> None:
         """Sum the state over the ranks of ``group`` (no-op unless torch.distributed is initialised)."""
         _all_reduce_((self.angle_sum, self.counts, self.skipped), group)
 
