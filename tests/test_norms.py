@@ -323,3 +323,16 @@ def test_ablations_on_vectors_where_defined():
         torch.testing.assert_close(m(x), bn(ABLATIONS[cls](x) if cls is PNBatchNorm else F.layer_norm(x, (6,), eps=EPS)))
     with pytest.raises(ValueError, match="INBatchNorm expects input"):
         INBatchNorm(6)(x)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("name", ["sn", "bcn", "bin", "pn", "lnbn", "inbn", "pnbn", "ubn"])
+def test_gradients_match_finite_differences(name):
+    from l2bn.norms import create_norm
+
+    m = randomize_(create_norm(name, 4, dtype=D))
+    x = sample(2, 4, 2, 2).requires_grad_(True)
+    params = tuple(p for p in m.parameters())
+    assert torch.autograd.gradcheck(lambda inp, *ps: m(inp), (x, *params), eps=1e-6, atol=1e-5)
