@@ -32,17 +32,6 @@ class BatchNormNd(_BatchNorm):
         check_rank(input, type(self).__name__)
 
 
-def count_batch_and_momentum(bn: _BatchNorm) -> float:
-    """Advance ``bn.num_batches_tracked`` like torch's BatchNorm and return this step's averaging factor.
-
-    Call only when the running statistics will be updated; ``momentum=None`` gives a cumulative average.
-    """
-    bn.num_batches_tracked.add_(1)
-    if bn.momentum is None:
-        return 1.0 / float(bn.num_batches_tracked)
-    return bn.momentum
-
-
 def factory_kwargs(device: torch.device | str | None, dtype: torch.dtype | None) -> dict:
     """The ``device``/``dtype`` pair as keyword arguments for tensor and module constructors."""
     return {"device": device, "dtype": dtype}
