@@ -1,16 +1,20 @@
-"""Fused L2BN over torch ops: one statistics read, one output pass, BatchNorm's saved tensors.
+"""Fused L2BN over torch ops: one statistics read, one output pass, x plus O(N·C) saved for backward.
 
-Notation (see docs/algorithm.md): x has shape (N, C, *S), M = |S|, D = C·M. For every (n, c) we
-take the mean m and centred second moment v of x over S in one Welford pass (``torch.var_mean``).
-From those, with no cancellation-prone subtraction:
+Notation: x has shape (N, C, *S), M = |S|, D = C·M. Per (n, c) we take the mean m and the centred sum of
+squares q = Σ_S (x − m)² (a sum, then a centred norm: no E[x²] − E[x]² cancellation). From those:
 
-    ‖x_n‖² = M · Σ_c (v[n,c] + m[n,c]²)          r_n = sqrt(D) / max(‖x_n‖, ε_l2)
-    μ_c    = mean_n r_n m[n,c]                     (the normalised tensor's channel mean)
-    σ²_c   = mean_n r_n² v[n,c] + mean_n (r_n m[n,c] − μ_c)²      (Chan et al.'s pooled variance)
+    ‖x_n‖² = Σ_c (q[n,c] + M·m[n,c]²)              r_n = sqrt(D) / max(‖x_n‖, ε_l2)
+    μ_c    = mean_n r_n m[n,c]                       (channel mean of z = r_n x)
+    σ²_c   = Σ_n r_n² q[n,c] / (N·M) + mean_n (r_n m[n,c] − μ_c)²      (Chan et al.'s pooled variance)
 
-and the output is a single pass y = x · a[n,c] + b[c]. Backward reads (x, dy) once for Σ_S dy and
-Σ_S dy·x per (n, c) and writes dx = dy · P[n,c] + x · Q[n,c] + R[n,c] in one more pass. Only x and
-O(N·C) statistics are saved, exactly what BatchNorm saves.
+and the output is one pass y = x·a[n,c] + b[c]. Backward reads (x, dy) once for Σ_S dy and Σ_S dy·(x − m)
+per (n, c) and writes dx = dy·P[n,c] + x·Q[n,c] + R[n,c].
+
+Speed on the CPU comes from reusing torch's BatchNorm kernels on the (1, N·C, M) view of an NCHW-contiguous
+tensor, where every (n, c) pair is one "channel": the inference kernel is a vectorised per-row affine map
+(torch's broadcasting ``addcmul`` is several times slower on that layout) and the backward kernel with
+``output_mask=[False, True, True]`` returns exactly Σ dy and Σ dy·(x − m) per row in one read.
+Channels-last tensors use broadcasting ops, which vectorise along the contiguous channel dimension.
 """
 from __future__ import annotations
 
@@ -20,14 +24,34 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .reference import l2_batch_norm_reference
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half types, the input's own type otherwise (float64 stays float64)."""
     return torch.promote_types(dtype, torch.float32)
 
 
-def _spatial_dims(x: Tensor) -> tuple[int, ...]:
-    return tuple(range(2, x.dim()))
+def _rows(x: Tensor) -> Tensor:
+    """(N, C, M) view of an (N, C, *S) tensor (M = 1 for 2D input); a view for NCHW and channels_last."""
+    return x.unsqueeze(-1) if x.dim() == 2 else x.flatten(2)
+
+
+def _rows_view(t: Tensor | None) -> Tensor | None:
+    """``_rows(t)`` when that is a view of t (so writes land in t), else None."""
+    if t is None:
+        return None
+    dims = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:]) if size != 1]
+    if any(outer[1] != inner[0] * inner[1] for outer, inner in zip(dims, dims[1:])):
+        return None
+    return _rows(t)
+
+
+def _flat_channels(x: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """(1, N·C, M) view making each (n, c) a BatchNorm channel, when x is contiguous and of ``dtype``."""
+    if x.dtype != dtype or not x.is_contiguous():
+        return None
+    return x.view(1, x.shape[0] * x.shape[1], -1)
 
 
 def _per_channel(t: Tensor, ndim: int) -> Tensor:
@@ -39,9 +63,24 @@ def _per_channel(t: Tensor, ndim: int) -> Tensor:
 
 def spatial_sum(t: Tensor, dtype: torch.dtype) -> Tensor:
     """Σ over the spatial dims, giving (N, C), accumulated in ``dtype``."""
-    if t.dim() == 2:
-        return t.to(dtype)
-    return t.sum(dim=_spatial_dims(t), dtype=dtype)
+    return _rows(t).sum(dim=-1, dtype=dtype)
+
+
+def affine_rows(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
+    """x[n, c, ...]·scale[n, c] + shift[(n,) c] in one pass, into ``out`` (default: new, x's dtype and layout)."""
+    num_rows = scale.numel()
+    flat = _flat_channels(x, scale.dtype)
+    if flat is not None and (out is None or out.is_contiguous()) and shift.numel() in (1, scale.shape[1], num_rows):
+        args = (flat, scale.reshape(num_rows), shift.expand(scale.shape).reshape(num_rows))
+        stats = (scale.new_zeros(num_rows), scale.new_ones(num_rows), 0.0, 0.0)
+        if out is None:
+            return torch.ops.aten._native_batch_norm_legit_no_training(*args, *stats)[0].view_as(x)
+        empty = scale.new_empty(0)
+        torch.ops.aten._native_batch_norm_legit_no_training.out(*args, *stats, out0=out.view_as(flat), out1=empty, out2=empty)
+        return out
+    if out is None:
+        out = torch.empty_like(x)
+    return torch.addcmul(_per_channel(shift, x.dim()), x, _per_channel(scale, x.dim()), out=out)
 
 
 class SampleChannelMoments(NamedTuple):
@@ -51,14 +90,26 @@ class SampleChannelMoments(NamedTuple):
     var: Tensor
 
 
-def sample_channel_moments(x: Tensor) -> SampleChannelMoments:
+def _mean_and_centred_sumsq(x: Tensor, workspace: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(m, q): per-(n, c) mean and Σ_S (x − m)², in at least float32, from two reads of x.
+
+    ``workspace`` (x's shape, layout and the accumulation dtype) receives x − m; by default a temporary.
+    """
     acc = accumulation_dtype(x.dtype)
-    if x.dim() == 2:
-        mean = x.to(acc)
-        return SampleChannelMoments(mean, torch.zeros_like(mean))
-    xs = x if x.dtype == acc else x.to(acc)
-    var, mean = torch.var_mean(xs, dim=_spatial_dims(x), correction=0)
-    return SampleChannelMoments(mean, var)
+    rows = _rows(x)
+    mean = rows.mean(dim=-1, dtype=acc)
+    if rows.shape[-1] == 1:
+        return mean, torch.zeros_like(mean)
+    centred = torch.sub(rows, mean.unsqueeze(-1), out=_rows_view(workspace))
+    if centred.stride(-1) == 1:  # contiguous rows: the norm kernel is the fastest single read
+        return mean, torch.linalg.vector_norm(centred, dim=-1).square_()
+    return mean, centred.square_().sum(dim=-1)  # strided rows (channels_last): norm kernels do not vectorise
+
+
+def sample_channel_moments(x: Tensor) -> SampleChannelMoments:
+    """Per-(n, c) mean and biased variance over the spatial dims, accumulated in at least float32."""
+    mean, sumsq = _mean_and_centred_sumsq(x)
+    return SampleChannelMoments(mean, sumsq / _rows(x).shape[-1])
 
 
 class BatchStatistics(NamedTuple):
@@ -68,18 +119,21 @@ class BatchStatistics(NamedTuple):
     var: Tensor  # biased σ²_c of the normalised input, shape (C,)
 
 
-def batch_statistics(moments: SampleChannelMoments, spatial_size: int, *, rescale: bool, l2_eps: float) -> BatchStatistics:
-    """Sample scales and channel statistics of the l2-normalised input, from per-(n, c) moments."""
-    m, v = moments
-    num_channels = m.shape[1]
-    sq_norm = spatial_size * (v + m * m).sum(dim=1)
-    norm = sq_norm.sqrt()
+def _statistics(mean: Tensor, sumsq: Tensor, spatial_size: int, *, rescale: bool, l2_eps: float) -> BatchStatistics:
+    n, num_channels = mean.shape
+    norm = (sumsq + spatial_size * mean.square()).sum(dim=1).sqrt_()
     target = math.sqrt(num_channels * spatial_size) if rescale else 1.0
     scale = target / norm.clamp_min(l2_eps)
-    scaled_mean = scale[:, None] * m
-    mean = scaled_mean.mean(dim=0)
-    var = (scale * scale)[:, None].mul(v).mean(dim=0) + (scaled_mean - mean).square().mean(dim=0)
-    return BatchStatistics(scale, norm, mean, var)
+    scaled_mean = scale[:, None] * mean
+    mu = scaled_mean.mean(dim=0)
+    within = (scale.square() @ sumsq) / (n * spatial_size)
+    var = within + (scaled_mean - mu).square_().mean(dim=0)
+    return BatchStatistics(scale, norm, mu, var)
+
+
+def batch_statistics(moments: SampleChannelMoments, spatial_size: int, *, rescale: bool, l2_eps: float) -> BatchStatistics:
+    """Sample scales and channel statistics of the l2-normalised input, from per-(n, c) moments."""
+    return _statistics(moments.mean, moments.var * spatial_size, spatial_size, rescale=rescale, l2_eps=l2_eps)
 
 
 def sample_scale(x: Tensor, *, rescale: bool, l2_eps: float) -> tuple[Tensor, Tensor]:
@@ -90,57 +144,92 @@ def sample_scale(x: Tensor, *, rescale: bool, l2_eps: float) -> tuple[Tensor, Te
     return target / norm.clamp_min(l2_eps), norm
 
 
+def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor, workspace: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(Σ_S dy, Σ_S dy·(x − centre)) per (n, c), from one read of (dy, x) on the fast path.
+
+    Elsewhere dy·x goes through ``workspace`` (dy's shape and layout; a temporary by default).
+    """
+    acc = centre.dtype
+    flat_dy, flat_x = _flat_channels(dy, acc), _flat_channels(x, acc)
+    if flat_dy is not None and flat_x is not None:
+        ones = centre.new_ones(centre.numel())
+        _, dot, total = torch.ops.aten.native_batch_norm_backward(
+            flat_dy, flat_x, None, None, None, centre.reshape(-1), ones, True, 0.0, [False, True, True]
+        )
+        return total.view_as(centre), dot.view_as(centre)
+    dy_rows, x_rows = _rows(dy), _rows(x)
+    total = dy_rows.sum(dim=-1, dtype=acc)
+    if dy.dtype == acc and x.dtype == acc:
+        product = torch.mul(dy_rows, x_rows, out=_rows_view(workspace))
+    else:
+        product = torch.mul(dy_rows.to(acc), x_rows)
+    return total, product.sum(dim=-1, dtype=acc).sub_(centre * total)
+
+
 class FusedL2BatchNorm(torch.autograd.Function):
-    """y = γ·(r_n x − μ)·invstd + β with hand-written backward; statistics are inputs, not recomputed."""
+    """L2BN with statistics, output and a hand-written backward; returns (y, μ, σ²) (the last two for the
+    running-statistics update, not differentiable). In evaluation mode μ and σ² are the running ones."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, norm, mean, invstd, moments_sum, moments_sq, batch_stats, l2_eps):
-        acc = scale.dtype
-        gamma = weight.to(acc) if weight is not None else torch.ones_like(invstd)
-        beta = bias.to(acc) if bias is not None else torch.zeros_like(invstd)
-        gain = gamma * invstd
-        a = scale[:, None] * gain[None, :]
-        b = beta - mean * gain
-        y = torch.addcmul(_per_channel(b.to(x.dtype), x.dim()), x, _per_channel(a.to(x.dtype), x.dim()))
-        ctx.save_for_backward(x, gamma, scale, norm, mean, invstd, moments_sum, moments_sq)
-        ctx.batch_stats = batch_stats
-        ctx.l2_eps = l2_eps
-        ctx.has_weight = weight is not None
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, gamma, scale, norm, mean, invstd, x_sum, x_sq = ctx.saved_tensors
-        acc = scale.dtype
-        nd = x.dim()
-        dy_sum = spatial_sum(dy, acc)
-        dy_x = spatial_sum(dy * x, acc)
-        # Σ_S dy·ẑ per (n, c), with ẑ = (r_n x − μ_c)·invstd_c
-        dy_zhat = invstd * (scale[:, None] * dy_x - mean * dy_sum)
-        grad_bias = dy_sum.sum(dim=0)
-        grad_weight = dy_zhat.sum(dim=0)
-        gain = gamma * invstd  # dz = gain·dy + coef_x·x + coef_1   (z = r_n x)
-        if ctx.batch_stats:
-            count = x.shape[0] * (x[0, 0].numel())
-            coef_x = -(gain * invstd * grad_weight / count)[None, :] * scale[:, None]
-            coef_1 = gain * (invstd * mean * grad_weight - grad_bias) / count
-            t = (gain * dy_x + coef_x * x_sq + coef_1 * x_sum).sum(dim=1)
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, rescale, l2_eps):
+        acc = accumulation_dtype(x.dtype)
+        spatial = x[0, 0].numel()
+        y = torch.empty_like(x) if x.dtype == acc else None
+        if training:  # y's buffer holds x − m until the output overwrites it
+            mean, sumsq = _mean_and_centred_sumsq(x, workspace=y)
+            scale, norm, mu, var = _statistics(mean, sumsq, spatial, rescale=rescale, l2_eps=l2_eps)
         else:
-            coef_x = torch.zeros_like(dy_sum)
-            coef_1 = torch.zeros_like(gain)
-            t = (gain * dy_x).sum(dim=1)
-        # t = T_n = Σ_{c,S} dz·x; the l2 step adds −r_n x T_n / ‖x_n‖² (zero where the norm is clamped)
-        unclamped = norm > ctx.l2_eps
-        u = torch.where(unclamped, t / norm.clamp_min(ctx.l2_eps).square(), torch.zeros_like(t))
-        p = scale[:, None] * gain[None, :]
-        q = scale[:, None] * (coef_x - u[:, None])
-        r = scale[:, None] * coef_1[None, :]
-        dx = torch.addcmul(_per_channel(r.to(x.dtype), nd), x, _per_channel(q.to(x.dtype), nd))
-        dx.addcmul_(dy, _per_channel(p.to(x.dtype), nd))
-        grad_weight = grad_weight if ctx.has_weight else None
-        grad_bias = grad_bias if ctx.has_bias else None
-        return dx, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+            scale, norm = sample_scale(x, rescale=rescale, l2_eps=l2_eps)
+            mu, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+            mean = sumsq = None
+        invstd = (var + eps).rsqrt()
+        gain = invstd if weight is None else weight.to(acc) * invstd
+        shift = -mu * gain if bias is None else bias.to(acc) - mu * gain
+        y = affine_rows(x, scale[:, None] * gain, shift, out=y)
+        ctx.save_for_backward(x, weight, scale, norm, mu, invstd, mean, sumsq)
+        ctx.l2_eps = l2_eps
+        ctx.mark_non_differentiable(mu, var)
+        return y, mu, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmu, _dvar):
+        x, weight, scale, norm, mu, invstd, mean, sumsq = ctx.saved_tensors
+        batch_stats = mean is not None
+        acc = scale.dtype
+        n, num_channels = x.shape[0], x.shape[1]
+        spatial = x[0, 0].numel()
+        count = n * spatial
+        gain = invstd if weight is None else weight.to(acc) * invstd
+        r = scale[:, None]
+        centre = mean if batch_stats else scale.new_zeros(n, num_channels)
+        dx = torch.empty_like(dy, dtype=x.dtype)
+        workspace = dx if dy.dtype == acc and x.dtype == acc else None
+        dy_sum, dy_xc = _gradient_sums(dy, x, centre, workspace)  # Σ dy, Σ dy·(x − m)
+        zc = r * centre - mu  # per-(n, c) mean of z = r_n x, minus μ (eval: m taken as 0)
+        grad_bias = dy_sum.sum(dim=0)
+        grad_weight = invstd * (r * dy_xc + zc * dy_sum).sum(dim=0)  # Σ dy·ẑ
+        if batch_stats:
+            # dz = gain·(dy − grad_bias/count − ẑ·grad_weight/count)
+            k = gain * invstd * grad_weight / count
+            dz_sum = gain * dy_sum - (gain * grad_bias * spatial / count + k * spatial * zc)
+            dz_xc = gain * dy_xc - k * r * sumsq
+            q_stats = -k * r
+            shift = r * (k * mu - gain * grad_bias / count)
+        else:
+            dz_sum, dz_xc = gain * dy_sum, gain * dy_xc
+            q_stats = 0.0
+            shift = scale.new_zeros(())
+        # T_n = Σ_{c,S} dz·x; the l2 step contributes −r_n x T_n / ‖x_n‖² (zero where the norm is clamped)
+        t = (dz_xc + centre * dz_sum).sum(dim=1)
+        u = torch.where(norm > ctx.l2_eps, t / norm.square(), torch.zeros_like(t))[:, None]
+        dx = affine_rows(dy, r * gain, shift, out=dx)
+        dx.addcmul_(x, _per_channel(r * (q_stats - u), x.dim()))
+        return (
+            dx,
+            grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None,
+            grad_bias.to(weight.dtype if weight is not None else acc) if ctx.needs_input_grad[2] else None,
+            None, None, None, None, None, None,
+        )
 
 
 def l2_batch_norm_fused(
@@ -156,25 +245,17 @@ def l2_batch_norm_fused(
     rescale: bool = True,
     l2_eps: float = 1e-12,
 ) -> Tensor:
-    """Same contract as :func:`l2bn.kernels.reference.l2_batch_norm_reference`, fused."""
-    spatial_size = input[0, 0].numel() if input.shape[0] else math.prod(input.shape[2:])
-    with torch.no_grad():
-        if training:
-            moments = sample_channel_moments(input.detach())
-            stats = batch_statistics(moments, spatial_size, rescale=rescale, l2_eps=l2_eps)
-            scale, norm, mean, var = stats
-            x_sum = spatial_size * moments.mean
-            x_sq = spatial_size * (moments.var + moments.mean.square())
-            if running_mean is not None and running_var is not None:
-                count = input.shape[0] * spatial_size
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
-        else:
-            scale, norm = sample_scale(input.detach(), rescale=rescale, l2_eps=l2_eps)
-            acc = scale.dtype
-            mean, var = running_mean.to(acc), running_var.to(acc)
-            x_sum = x_sq = None  # not needed: statistics are constants in eval
-        invstd = (var + eps).rsqrt()
-    return FusedL2BatchNorm.apply(
-        input, weight, bias, scale, norm, mean, invstd, x_sum, x_sq, training, l2_eps
+    """Same contract as :func:`l2bn.kernels.reference.l2_batch_norm_reference`, fused (CPU or any device)."""
+    if input.numel() == 0:
+        return l2_batch_norm_reference(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, rescale=rescale, l2_eps=l2_eps
+        )
+    y, mu, var = FusedL2BatchNorm.apply(
+        input, weight, bias, running_mean, running_var, training, eps, rescale, l2_eps
     )
+    if training and running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            count = input.shape[0] * input[0, 0].numel()
+            running_mean.lerp_(mu.to(running_mean.dtype), momentum)
+            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+    return y

@@ -1,0 +1,207 @@
+"""Fused L2BN kernels against the reference composition and an independent float64 formula."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import l2bn
+from l2bn.functional import IMPL_ENV_VAR, IMPLEMENTATIONS, l2_batch_norm, resolve_impl
+from l2bn.kernels import l2_batch_norm_fused, l2_batch_norm_reference
+from l2bn.kernels.fused import sample_channel_moments
+
+F64 = torch.float64
+
+
+def formula(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Paper eq. (3) then BN with batch statistics, written out in float64."""
+    x = x.to(F64)
+    n, c = x.shape[:2]
+    flat = x.reshape(n, -1)
+    xhat = (flat * math.sqrt(flat.shape[1]) / flat.norm(dim=1, keepdim=True)).reshape(x.shape)
+    dims = [0, *range(2, x.dim())]
+    mean = xhat.mean(dim=dims, keepdim=True)
+    var = ((xhat - mean) ** 2).mean(dim=dims, keepdim=True)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    return (xhat - mean) / torch.sqrt(var + eps) * w.to(F64).view(shape) + b.to(F64).view(shape)
+
+
+def run(fn, x, training, *, momentum=0.1, grad=None, memory_format=torch.contiguous_format, dtype=F64):
+    """Forward + backward of ``fn`` with fixed parameters; returns outputs, gradients and running stats."""
+    gen = torch.Generator().manual_seed(7)
+    c = x.shape[1]
+    w = (torch.rand(c, generator=gen, dtype=F64) + 0.5).to(dtype).requires_grad_()
+    b = torch.randn(c, generator=gen, dtype=F64).to(dtype).requires_grad_()
+    rm = torch.randn(c, generator=gen, dtype=F64).to(dtype)
+    rv = (torch.rand(c, generator=gen, dtype=F64) + 0.5).to(dtype)
+    xx = x.detach().to(dtype).contiguous(memory_format=memory_format).requires_grad_()
+    y = fn(xx, rm, rv, w, b, training, momentum, 1e-5)
+    g = torch.randn(y.shape, generator=gen, dtype=F64).to(dtype) if grad is None else grad
+    y.backward(g)
+    return {"y": y, "dx": xx.grad, "dw": w.grad, "db": b.grad, "rm": rm, "rv": rv}
+
+
+def assert_close(a: dict, b: dict, **tol) -> None:
+    for key in a:
+        torch.testing.assert_close(a[key].to(F64), b[key].to(F64), msg=lambda m: f"{key}: {m}", **tol)
+
+
+SHAPES = [(5, 3), (4, 3, 7), (4, 3, 5, 6), (3, 2, 3, 4, 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_equals_reference_float64(shape, training):
+    x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(0)) * 2 + 0.5
+    assert_close(run(l2_batch_norm_fused, x, training), run(l2_batch_norm_reference, x, training), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
+def test_fused_matches_independent_formula(shape):
+    x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(1)) + 1.0
+    w, b = torch.rand(shape[1], dtype=F64) + 0.5, torch.randn(shape[1], dtype=F64)
+    y = l2_batch_norm_fused(x, None, None, w, b, True)
+    torch.testing.assert_close(y, formula(x, w, b), rtol=1e-12, atol=1e-12)
+
+
+def test_sample_channel_moments_against_float64_loops():
+    x = torch.randn(3, 2, 4, 5, dtype=torch.float32) * 3 + 100
+    mean, var = sample_channel_moments(x.contiguous(memory_format=torch.channels_last))
+    for n in range(3):
+        for c in range(2):
+            v = x[n, c].to(F64).flatten()
+            assert abs(mean[n, c].item() - v.mean().item()) < 1e-4
+            assert abs(var[n, c].item() - ((v - v.mean()) ** 2).mean().item()) < 1e-3
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_channels_last_values_and_memory_format(training):
+    x = torch.randn(4, 5, 6, 3, dtype=F64) + 0.3
+    cl = run(l2_batch_norm_fused, x, training, memory_format=torch.channels_last)
+    ref = run(l2_batch_norm_reference, x, training)
+    assert_close(cl, ref, rtol=1e-12, atol=1e-12)
+    assert cl["y"].is_contiguous(memory_format=torch.channels_last)
+    assert cl["dx"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_non_contiguous_upstream_gradient():
+    """y.sum() hands backward an expanded (stride-0) gradient: the generic reduction path."""
+    x = torch.randn(3, 4, 5, 5, dtype=F64)
+    outs = []
+    for fn in (l2_batch_norm_fused, l2_batch_norm_reference):
+        xx = x.clone().requires_grad_()
+        w = torch.linspace(0.5, 2, 4, dtype=F64, requires_grad=True)
+        (fn(xx, None, None, w, None, True) ** 2).sum().backward()  # non-trivial dy
+        xx2 = x.clone().requires_grad_()
+        (fn(xx2, None, None, w.detach() * 1.0, None, True) * w.detach().view(1, -1, 1, 1)).sum().backward()
+        outs.append((xx.grad, w.grad, xx2.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_momentum_none_through_the_layer(monkeypatch):
+    x1, x2 = torch.randn(6, 3, 4, 4, dtype=F64), torch.randn(6, 3, 4, 4, dtype=F64) * 2 + 1
+    layers = {}
+    for impl in ("fused", "reference"):
+        monkeypatch.setenv(IMPL_ENV_VAR, impl)
+        layer = l2bn.L2BatchNorm2d(3, momentum=None, dtype=F64)
+        layer(x1), layer(x2)
+        layers[impl] = layer
+    torch.testing.assert_close(layers["fused"].running_mean, layers["reference"].running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layers["fused"].running_var, layers["reference"].running_var, rtol=1e-12, atol=1e-12)
+    # cumulative average: the mean of the two batches' channel means
+    means = [l2bn.kernels.l2_normalize_samples(x).mean(dim=(0, 2, 3)) for x in (x1, x2)]
+    torch.testing.assert_close(layers["fused"].running_mean, (means[0] + means[1]) / 2, rtol=1e-12, atol=1e-12)
+
+
+def test_batch_of_two_and_all_zero_sample():
+    x = torch.randn(2, 3, 4, 4, dtype=F64)
+    assert_close(run(l2_batch_norm_fused, x, True), run(l2_batch_norm_reference, x, True), rtol=1e-12, atol=1e-12)
+    x[1] = 0.0
+    out = run(l2_batch_norm_fused, x, True)
+    assert all(torch.isfinite(t).all() for t in out.values())
+    assert_close(out, run(l2_batch_norm_reference, x, True), rtol=1e-10, atol=1e-10)
+
+
+def test_zero_sample_batch():
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    y = l2_batch_norm(x, torch.zeros(3), torch.ones(3), training=False, impl="fused")
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck(training):
+    x = torch.randn(3, 2, 3, 2, dtype=F64, requires_grad=True)
+    w = torch.rand(2, dtype=F64, requires_grad=True)
+    b = torch.randn(2, dtype=F64, requires_grad=True)
+    rm, rv = torch.randn(2, dtype=F64), torch.rand(2, dtype=F64) + 0.5
+    fn = lambda x, w, b: l2_batch_norm_fused(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_float32_large_mean_small_variance_has_no_cancellation():
+    """E[x²] − E[x]² in float32 would lose every digit here (mean 1e4, std 1)."""
+    x = 1e4 + torch.randn(8, 4, 6, 6, dtype=F64, generator=torch.Generator().manual_seed(3))
+    x32 = x.float()
+    fused = run(l2_batch_norm_fused, x32, True, dtype=torch.float32)
+    ref = run(l2_batch_norm_reference, x32.double(), True)
+    torch.testing.assert_close(fused["y"].double(), ref["y"], rtol=0, atol=2e-2)
+    torch.testing.assert_close(fused["rv"].double(), ref["rv"], rtol=2e-2, atol=1e-7)
+    assert (fused["dx"].double() - ref["dx"]).abs().max() < 0.05 * ref["dx"].abs().max()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_low_precision_within_tolerance(dtype, tol, channels_last):
+    x = torch.randn(6, 4, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(4)) * 3 + 1
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    low = run(l2_batch_norm_fused, x.to(dtype).double(), True)  # same input values in float64
+    got = run(l2_batch_norm_fused, x.to(dtype), True, dtype=dtype, memory_format=fmt)
+    assert got["y"].dtype == dtype and got["dx"].dtype == dtype
+    for key in ("y", "dx", "dw", "db"):
+        scale = low[key].abs().max()
+        assert (got[key].double() - low[key]).abs().max() <= tol * max(scale, 1.0), key
+
+
+def test_dispatch_argument_and_environment(monkeypatch):
+    x = torch.randn(2, 3)
+    assert resolve_impl("reference", x) is IMPLEMENTATIONS["reference"]
+    assert resolve_impl("FUSED", x) is IMPLEMENTATIONS["fused"]
+    monkeypatch.setenv(IMPL_ENV_VAR, "reference")
+    assert resolve_impl(None, x) is IMPLEMENTATIONS["reference"]
+    assert resolve_impl("fused", x) is IMPLEMENTATIONS["fused"]  # the argument wins over the variable
+    monkeypatch.setenv(IMPL_ENV_VAR, "auto")
+    assert resolve_impl(None, x) is IMPLEMENTATIONS["fused"]
+    assert resolve_impl(None, torch.randn(0, 3)) is IMPLEMENTATIONS["reference"]
+    monkeypatch.setenv(IMPL_ENV_VAR, "nope")
+    with pytest.raises(ValueError, match="nope"):
+        resolve_impl(None, x)
+
+
+def saved_bytes(step) -> int:
+    """Bytes of distinct storages autograd keeps for backward while ``step`` runs."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(storages.values())
+
+
+def test_saved_bytes_match_batchnorm_not_the_composition():
+    n, c = 8, 16
+    x = torch.randn(n, c, 8, 8, requires_grad=True)
+    bn = saved_bytes(lambda: nn.BatchNorm2d(c)(x))
+    layer = l2bn.L2BatchNorm2d(c)
+    fused = saved_bytes(lambda: l2_batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, True, impl="fused"))
+    ref = saved_bytes(lambda: l2_batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, True, impl="reference"))
+    # x plus per-(n, c) moments and per-sample scales: BatchNorm's x plus O(N·C), never a second activation
+    assert fused <= bn + (2 * n * c + 2 * n) * 4
+    assert ref >= bn + x.numel() * 4
