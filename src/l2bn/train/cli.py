@@ -8,7 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..data import DataError, list_datasets
+from ..norms import get_norm_layer
 from .engine import AMP_DTYPES, NonFiniteLossError, TrainConfig, analyze_checkpoint, is_complete, train
 from .recipes import SCHEDULES, Recipe, default_recipe_name, get_recipe, list_recipes
 
@@ -68,6 +71,8 @@ def _add_experiment_options(p: argparse.ArgumentParser) -> None:
     e.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     e.add_argument("--compile", action="store_true", help="torch.compile the model")
     e.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    e.add_argument("--threads", type=int, default=None,
+                   help="intra-op CPU threads (torch.set_num_threads); 1 is fastest for small models on a busy CPU")
     e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bars (default: when stderr is a terminal)")
     e.add_argument("--sync-bn", action="store_true", help="under DDP, synchronise batch statistics across ranks")
@@ -82,6 +87,10 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 
 
 def _config(args: argparse.Namespace, recipe: Recipe, norm: str, seed: int, out: str) -> TrainConfig:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     return TrainConfig(
         dataset=args.dataset, model=args.model, norm=norm, seed=seed, out=out, recipe=recipe,
         data_dir=args.data_dir, download=args.download, device=args.device, amp=args.amp,
@@ -128,6 +137,9 @@ def run_compare(args: argparse.Namespace) -> int:
 
     try:
         recipe = recipe_from_args(args)
+        _config(args, recipe, args.norms[0], 0, "")
+        for norm in args.norms:  # fail before training anything
+            get_norm_layer(norm)
     except ValueError as exc:
         return _fail(exc)
     seeds = args.seeds or list(recipe.seeds)

@@ -1,0 +1,85 @@
+"""`python -m l2bn train / compare / analyze` end to end on digits with ResNet-20 (small sizes)."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from l2bn.cli import main
+
+torch.set_num_threads(1)
+FAST = ["--threads", "1", "--no-progress"]
+
+
+def test_compare_end_to_end_then_skip_then_analyze(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--seeds", "121,122", "--epochs", "2", "--out", str(out), *FAST]
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert "| bn | 2 |" in printed.out and "| l2bn | 2 |" in printed.out
+    rows = {r["norm"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert set(rows) == {"bn", "l2bn"}
+    for row in rows.values():
+        assert row["seeds"] == "121 122" and 10.0 < float(row["acc_mean"]) <= 100.0
+        assert 0 < float(row["iir_test_mean"]) < 2 and float(row["inter_mean"]) > 0
+    for png in ("curves.png", "angles.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for norm in ("bn", "l2bn"):
+        for seed in (121, 122):
+            run = out / "runs" / f"{norm}-s{seed}"
+            config = json.loads((run / "config.json").read_text())
+            assert (config["model"], config["dataset"], config["norm"], config["seed"]) == ("resnet20", "digits", norm, seed)
+            assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    # run again: every run is complete, so nothing trains and the report is rewritten from disk
+    stamp = (out / "runs" / "bn-s121" / "last.pt").stat().st_mtime_ns
+    assert main(args) == 0
+    assert capsys.readouterr().err.count("(complete)") == 4
+    assert (out / "runs" / "bn-s121" / "last.pt").stat().st_mtime_ns == stamp
+    # analyze reproduces the last logged epoch of a run
+    assert main(["analyze", str(out / "runs" / "l2bn-s122" / "last.pt"), "--json", "--device", "cpu"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    last = json.loads((out / "runs" / "l2bn-s122" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert got["norm"] == "l2bn" and got["epoch"] == 2
+    for key in ("test_acc", "intra_train", "intra_test", "inter", "iir_train", "iir_test"):
+        assert got[key] == pytest.approx(last[key], rel=1e-6)
+
+
+def test_train_stop_after_and_resume_via_cli(tmp_path, capsys):
+    out = tmp_path / "t"
+    base = ["train", "--norm", "l2bn", "--epochs", "3", "--batch-size", "128", "--metrics-every", "3", "--out", str(out), *FAST]
+    assert main([*base, "--stop-after", "1"]) == 0
+    assert "continue with --resume" in capsys.readouterr().out
+    assert main(base) == 1  # refuses to overwrite
+    assert "--resume" in capsys.readouterr().err
+    assert main([*base, "--resume"]) == 0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [1, 2, 3] and "iir_test" in recs[-1] and "iir_test" not in recs[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["recipe"]["batch_size"] == 128 and summary["config"]["recipe"]["lr"] == 0.05
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--dataset", "cifar10", "--data-dir", "{tmp}"], "cifar-10-batches-py"),
+        (["train", "--dataset", "svhn"], "unknown dataset 'svhn'"),
+        (["train", "--lr", "-1"], "need lr > 0"),
+        (["compare", "--norms", "bn,nope", "--epochs", "1", "--seeds", "1", "--out", "{tmp}/c"], "unknown norm 'nope'"),
+        (["analyze", "{tmp}/none.pt"], "no checkpoint at"),
+    ],
+)
+def test_bad_input_gives_one_line_errors(tmp_path, capsys, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main([*argv, "--threads", "1"] if argv[0] != "analyze" else argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_module_entry_point_help():
+    done = subprocess.run([sys.executable, "-m", "l2bn", "train", "--help"], capture_output=True, text=True, check=True)
+    for flag in ("--recipe", "--amp", "--channels-last", "--compile", "--device", "--resume", "--sync-bn"):
+        assert flag in done.stdout

@@ -1,0 +1,226 @@
+"""Training engine: logged records, checkpoints, exact resume, NaN stop, metrics against float64 formulas, DDP."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from l2bn.data import build_data
+from l2bn.norms import get_norm_layer
+from l2bn.train.engine import NonFiniteLossError, TrainConfig, analyze_checkpoint, evaluate, train
+from l2bn.train.recipes import get_recipe
+
+torch.set_num_threads(1)
+DIGITS = build_data("digits")
+
+
+def tiny(num_classes: int, in_channels: int, norm: str) -> nn.Module:
+    """Conv → norm → ReLU → pool → Linear: small enough for many epochs in a test."""
+    norm_layer = get_norm_layer(norm)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), norm_layer(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes),
+    )
+
+
+def quick(**overrides):
+    base = dict(epochs=3, batch_size=64, lr=0.1, metrics_every=2)
+    base.update(overrides)
+    return get_recipe("digits-quick", **base)
+
+
+def run(tmp_path, name="run", recipe=None, norm="l2bn", **kw):
+    config = TrainConfig(out=str(tmp_path / name), norm=norm, recipe=recipe or quick(), progress=False)
+    return train(config, model_fn=tiny, data=DIGITS, log=lambda m: None, **kw), tmp_path / name
+
+
+def records(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_records_checkpoints_and_summary(tmp_path):
+    summary, out = run(tmp_path)
+    recs = records(out)
+    assert [r["epoch"] for r in recs] == [1, 2, 3]
+    # angle metrics at metrics_every=2 and at the last epoch only
+    assert ["iir_train" in r for r in recs] == [False, True, True]
+    for r in recs:
+        assert 0 <= r["test_acc"] <= 100 and math.isfinite(r["train_loss"])
+    assert recs[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine reaches 0 at the last step
+    best = max(recs, key=lambda r: r["test_acc"])
+    assert summary["best_test_acc"] == best["test_acc"] and summary["best_epoch"] == best["epoch"]
+    assert json.loads((out / "summary.json").read_text())["best_test_acc"] == best["test_acc"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["norm"] == "l2bn" and config["recipe"]["epochs"] == 3
+    last = torch.load(out / "last.pt", weights_only=False)
+    best_ckpt = torch.load(out / "best.pt", weights_only=False)
+    assert last["epoch"] == 3 and best_ckpt["epoch"] == best["epoch"]
+    assert {"optimizer", "scheduler", "scaler"} <= set(last) and "optimizer" not in best_ckpt
+    assert not list(out.glob("*.tmp"))
+    # the training loss actually goes down
+    assert recs[-1]["train_loss"] < recs[0]["train_loss"]
+
+
+def test_resume_after_interruption_is_identical(tmp_path):
+    recipe = quick(epochs=4)
+    _, full = run(tmp_path, "full", recipe)
+    stopped, part = run(tmp_path, "part", recipe, stop_after=2)
+    assert stopped["stopped_after"] == 2 and not (part / "summary.json").exists()
+    assert [r["epoch"] for r in records(part)] == [1, 2]
+    # a killed run may have logged an epoch it never checkpointed: resume must drop it
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 3, "test_acc": -1}) + "\n")
+    config = TrainConfig(out=str(part), norm="l2bn", recipe=recipe, progress=False, resume=True)
+    train(config, model_fn=tiny, data=DIGITS, log=lambda m: None)
+    assert (part / "metrics.jsonl").read_bytes() == (full / "metrics.jsonl").read_bytes()
+    a = torch.load(full / "last.pt", weights_only=False)["model"]
+    b = torch.load(part / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_needs_resume_and_same_experiment(tmp_path):
+    run(tmp_path, stop_after=1)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(tmp_path)
+    config = TrainConfig(out=str(tmp_path / "run"), norm="bn", recipe=quick(), progress=False, resume=True)
+    with pytest.raises(ValueError, match="norm: checkpoint 'l2bn' vs now 'bn'"):
+        train(config, model_fn=tiny, data=DIGITS, log=lambda m: None)
+
+
+class NaNAfter(nn.Module):
+    """Wraps a model and returns NaN logits from the ``k``-th training forward on."""
+
+    def __init__(self, inner: nn.Module, k: int) -> None:
+        super().__init__()
+        self.inner, self.k, self.calls = inner, k, 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.k:
+                return out * float("nan")
+        return out
+
+
+def test_nonfinite_loss_stops_naming_epoch_and_step(tmp_path):
+    steps = len(DIGITS.train) // 64  # 21
+    config = TrainConfig(out=str(tmp_path / "nan"), recipe=quick(), progress=False)
+    make = lambda **kw: NaNAfter(tiny(**kw), steps + 3)  # noqa: E731 - step 3 of epoch 2
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 3 of 21.*last\.pt \(epoch 1\)"):
+        train(config, model_fn=make, data=DIGITS, log=lambda m: None)
+    assert torch.load(tmp_path / "nan" / "last.pt", weights_only=False)["epoch"] == 1
+    assert len(records(tmp_path / "nan")) == 1
+
+
+def _angle(u, v):
+    cos = np.clip(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)), -1.0, 1.0)
+    return math.degrees(math.acos(cos))
+
+
+def test_evaluate_matches_float64_formulas():
+    torch.manual_seed(0)
+    model = tiny(10, 1, "bn")
+    model.train()
+    for _ in range(3):  # non-trivial running statistics
+        model(torch.randn(32, 1, 8, 8))
+    loader = lambda ds, b: torch.utils.data.DataLoader(ds, batch_size=b)  # noqa: E731
+    got = evaluate(model, loader(DIGITS.test, 100), loader(DIGITS.train_eval, 128), num_classes=10,
+                   device=torch.device("cpu"))
+    assert model.training  # mode restored
+
+    def feats(ds):
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        y = np.array([ds[i][1] for i in range(len(ds))])
+        model.eval()
+        with torch.no_grad():
+            f = model[:-1](x).double().numpy()
+            logits = model(x).double()
+        model.train()
+        return f, y, logits
+
+    ftr, ytr, _ = feats(DIGITS.train_eval)
+    fte, yte, logits = feats(DIGITS.test)
+    units = ftr / np.linalg.norm(ftr, axis=1, keepdims=True)
+    centers = np.stack([units[ytr == c].mean(0) for c in range(10)])
+    intra_train = np.mean([_angle(f, centers[c]) for f, c in zip(ftr, ytr)])
+    intra_test = np.mean([_angle(f, centers[c]) for f, c in zip(fte, yte)])
+    inter = np.mean([min(_angle(centers[i], centers[j]) for j in range(10) if j != i) for i in range(10)])
+    assert got["intra_train"] == pytest.approx(intra_train, rel=1e-5)
+    assert got["intra_test"] == pytest.approx(intra_test, rel=1e-5)
+    assert got["inter"] == pytest.approx(inter, rel=1e-5)
+    assert got["iir_train"] == pytest.approx(intra_train / inter, rel=1e-5)
+    assert got["iir_test"] == pytest.approx(intra_test / inter, rel=1e-5)
+    acc = 100.0 * (logits.argmax(1).numpy() == yte).mean()
+    assert got["test_acc"] == pytest.approx(acc)
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(yte)).item()
+    assert got["test_loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_analyze_checkpoint_reproduces_logged_metrics(tmp_path):
+    _, out = run(tmp_path)
+    got = analyze_checkpoint(out / "last.pt", model_fn=tiny, data=DIGITS)
+    last = records(out)[-1]
+    for key in ("test_acc", "intra_train", "intra_test", "inter", "iir_test"):
+        assert got[key] == pytest.approx(last[key], rel=1e-6)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        analyze_checkpoint(out / "missing.pt", model_fn=tiny, data=DIGITS)
+
+
+def test_regnet_style_recipe_and_bf16_autocast_run(tmp_path):
+    recipe = quick(epochs=2, warmup_epochs=1, mixup_alpha=0.5, label_smoothing=0.1, metrics_every=1)
+    config = TrainConfig(out=str(tmp_path / "mix"), norm="l2bn", recipe=recipe, progress=False, amp="bf16")
+    summary = train(config, model_fn=tiny, data=DIGITS, log=lambda m: None)
+    recs = records(tmp_path / "mix")
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["iir_test"]) for r in recs)
+    # warm-up: after epoch 1 the lr is exactly the peak, then cosine reaches 0
+    assert recs[0]["lr"] == pytest.approx(0.1, rel=1e-6) and recs[1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert summary["best_test_acc"] > 10.0
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="amp must be one of"):
+        TrainConfig(amp="fp8")
+    with pytest.raises(ValueError, match="workers"):
+        TrainConfig(workers=-1)
+
+
+# ------------------------------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str, norm: str, sync_bn: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    recipe = get_recipe("digits-quick", epochs=2, batch_size=64, metrics_every=1)
+    config = TrainConfig(out=out, norm=norm, model="resnet20", recipe=recipe, device="cpu", progress=False,
+                         sync_bn=sync_bn)
+    train(config, log=lambda m: None)
+
+
+@pytest.mark.parametrize("norm,sync_bn", [("l2bn", True)])
+def test_ddp_two_gloo_processes_rank0_writes_and_metrics_cover_all_data(tmp_path, norm, sync_bn):
+    out = tmp_path / "ddp"
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(out), norm, sync_bn), nprocs=2, start_method="spawn")
+    recs = records(out)
+    assert [r["epoch"] for r in recs] == [1, 2]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["best.pt", "config.json", "last.pt", "metrics.jsonl", "summary.json", "timing.jsonl"])
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert not any("module." in k for k in ckpt["model"])  # unwrapped from DDP
+    # a single process on the whole test / train sets gives the numbers the two ranks reduced
+    got = analyze_checkpoint(out / "last.pt", device="cpu")
+    for key in ("test_acc", "test_loss", "intra_train", "intra_test", "inter"):
+        assert got[key] == pytest.approx(recs[-1][key], rel=1e-5), key

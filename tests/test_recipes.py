@@ -1,0 +1,112 @@
+"""Recipes: the paper's supplementary Table 1 values, overrides, validation, and the learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from l2bn.train.engine import lr_factor
+from l2bn.train.recipes import PAPER_SEEDS, RECIPES, default_recipe_name, get_recipe, list_recipes
+
+
+@pytest.mark.parametrize(
+    "name,lr,wd,bs,epochs,schedule",
+    [
+        ("cifar-resnet", 0.1, 5e-4, 128, 200, "cosine"),
+        ("cifar-vgg", 0.1, 5e-4, 128, 200, "cosine"),
+        ("cifar-densenet", 0.1, 1e-4, 64, 300, "step"),
+        ("cifar-regnet", 0.5, 5e-4, 512, 200, "cosine"),
+        ("cifar-resnext", 0.1, 5e-4, 128, 300, "cosine"),
+        ("imagenet-resnet", 0.2, 5e-5, 256, 100, "cosine"),
+    ],
+)
+def test_paper_table1_presets(name, lr, wd, bs, epochs, schedule):
+    r = RECIPES[name]
+    assert (r.lr, r.weight_decay, r.batch_size, r.epochs, r.schedule) == (lr, wd, bs, epochs, schedule)
+    assert r.momentum == 0.9 and r.nesterov  # SGD, Nesterov momentum 0.9 everywhere
+    if name.startswith("cifar"):
+        assert r.seeds == PAPER_SEEDS == (121, 122, 123, 124, 125)
+
+
+def test_special_recipe_details():
+    assert RECIPES["cifar-densenet"].milestones == (150, 225) and RECIPES["cifar-densenet"].gamma == 0.1
+    regnet = RECIPES["cifar-regnet"]
+    assert (regnet.warmup_epochs, regnet.mixup_alpha, regnet.label_smoothing) == (5, 0.5, 0.1)
+    assert RECIPES["cifar-resnet"].mixup_alpha == 0 and RECIPES["cifar-resnet"].warmup_epochs == 0
+    assert {"digits-quick", "fashion-mnist-quick"} <= set(list_recipes())
+
+
+def test_default_recipe_per_dataset_and_family():
+    assert default_recipe_name("digits", "resnet20") == "digits-quick"
+    assert default_recipe_name("fashion-mnist", "resnet20") == "fashion-mnist-quick"
+    assert default_recipe_name("imagenet", "resnet50") == "imagenet-resnet"
+    assert default_recipe_name("cifar100", "resnet56") == "cifar-resnet"
+    assert default_recipe_name("cifar100", "resnext29_8x64d") == "cifar-resnext"
+    assert default_recipe_name("cifar100", "densenet_bc100_12") == "cifar-densenet"
+    assert default_recipe_name("cifar100", "vgg16_bn") == "cifar-vgg"
+    assert default_recipe_name("cifar10", "regnetx_200mf") == "cifar-regnet"
+
+
+def test_overrides_copy_and_ignore_none():
+    r = get_recipe("cifar-densenet", lr=0.05, milestones=[10, 20], epochs=None)
+    assert r.lr == 0.05 and r.milestones == (10, 20) and r.epochs == 300
+    assert RECIPES["cifar-densenet"].lr == 0.1  # presets are not modified
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"schedule": "linear"}, "schedule must be one of"),
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"lr": -1.0}, "need lr > 0"),
+        ({"warmup_epochs": 300}, "warmup_epochs must be in"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"milestones": [20, 10]}, "milestones must be increasing"),
+        ({"momentum": 0.0}, "nesterov needs momentum"),
+        ({"bogus": 1}, r"unknown recipe field\(s\) \['bogus'\]"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_value(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        get_recipe("cifar-resnet", **overrides)
+
+
+def test_unknown_recipe_lists_known_ones():
+    with pytest.raises(ValueError, match="known recipes: .*cifar-resnet"):
+        get_recipe("cifar-foo")
+
+
+def test_cosine_with_warmup_formula():
+    r = get_recipe("cifar-regnet")  # 5 warm-up epochs, 200 epochs, cosine to 0
+    assert lr_factor(r, 0.0) == pytest.approx(0.0, abs=1e-6)
+    assert lr_factor(r, 2.5) == pytest.approx(0.5, rel=1e-6)
+    assert lr_factor(r, 5.0) == pytest.approx(1.0)
+    for t in (7.0, 50.0, 102.5, 180.0):
+        assert lr_factor(r, t) == pytest.approx(0.5 * (1 + math.cos(math.pi * (t - 5) / 195)))
+    assert lr_factor(r, 200.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_step_schedule_formula():
+    r = get_recipe("cifar-densenet")
+    assert lr_factor(r, 149.99) == 1.0
+    assert lr_factor(r, 150.0) == pytest.approx(0.1)
+    assert lr_factor(r, 224.5) == pytest.approx(0.1)
+    assert lr_factor(r, 225.0) == pytest.approx(0.01)
+    assert lr_factor(get_recipe("cifar-resnet", schedule="constant"), 123.0) == 1.0
+
+
+def test_schedule_drives_a_real_optimizer_per_step():
+    r = get_recipe("cifar-resnet", epochs=4, lr=0.2)
+    steps_per_epoch = 5
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=r.lr, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(r, s / steps_per_epoch))
+    seen = []
+    for _ in range(4 * steps_per_epoch):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [0.2 * 0.5 * (1 + math.cos(math.pi * s / 20)) for s in range(20)]
+    assert seen == pytest.approx(expected)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
