@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -32,19 +33,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_ms(step: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def time_layers(
     shape: Sequence[int],
     *,
@@ -62,7 +50,7 @@ def time_layers(
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(*shape, device=device, dtype=dtype).to(memory_format=fmt)
     grad = torch.randn_like(x)
-    results = []
+    steps = []
     for cls in (nn.BatchNorm2d, L2BatchNorm2d):
         layer = cls(shape[1], device=device, dtype=dtype).train(mode == "train")
         if mode == "train":
@@ -70,14 +58,35 @@ def time_layers(
 
             def step(layer=layer, xg=xg) -> None:
                 layer(xg).backward(grad)
+                xg.grad = None
         else:
 
             def step(layer=layer) -> None:
                 with torch.no_grad():
                     layer(x)
 
-        results.append(_median_ms(step, device, repeats, warmup))
-    return Timing(tuple(shape), channels_last, mode, *results)
+        steps.append(step)
+    bn_ms, l2bn_ms = _interleaved_min_ms(steps, device, repeats, warmup)
+    return Timing(tuple(shape), channels_last, mode, bn_ms, l2bn_ms)
+
+
+def _interleaved_min_ms(steps: Sequence[Callable[[], None]], device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """Minimum wall time of each step, alternating them so both see the same machine load.
+
+    The minimum (not the median) because on a shared CPU the noise is one-sided: other processes only add time.
+    """
+    for _ in range(warmup):
+        for step in steps:
+            step()
+    best = [math.inf] * len(steps)
+    for _ in range(repeats):
+        for i, step in enumerate(steps):
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            best[i] = min(best[i], (time.perf_counter() - start) * 1e3)
+    return best
 
 
 def format_table(timings: Sequence[Timing]) -> str:
