@@ -5,6 +5,8 @@ sqrt(D), x̂_n = sqrt(D)·x_n / max(‖x_n‖₂, ε_l2), and ordinary batch nor
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 from typing import Callable
 
@@ -14,10 +16,33 @@ from torch import Tensor
 from .kernels import l2_batch_norm_fused, l2_batch_norm_reference
 
 IMPL_ENV_VAR = "L2BN_IMPL"
+TRITON_DEVICE_TYPES: tuple[str, ...] = ("cuda",)  # device types ``auto`` sends to the Triton kernels
+
+
+def _l2_batch_norm_triton(*args, **kwargs) -> Tensor:
+    """:func:`l2bn.kernels.triton_l2bn.l2_batch_norm_triton`, imported on first use (Triton decorates its
+    kernels at import, reading ``TRITON_INTERPRET`` then; importing l2bn should not pay for it)."""
+    from .kernels.triton_l2bn import l2_batch_norm_triton
+
+    return l2_batch_norm_triton(*args, **kwargs)
+
+
 IMPLEMENTATIONS: dict[str, Callable[..., Tensor]] = {
     "fused": l2_batch_norm_fused,
     "reference": l2_batch_norm_reference,
+    "triton": _l2_batch_norm_triton,
 }
+
+
+@functools.cache
+def triton_importable() -> bool:
+    """Whether the ``triton`` package is installed (checked once, without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def prefers_triton(input: Tensor) -> bool:
+    """``auto`` uses the Triton kernels for tensors on ``TRITON_DEVICE_TYPES`` when triton is installed."""
+    return input.device.type in TRITON_DEVICE_TYPES and triton_importable()
 
 
 def resolve_impl(impl: str | None, input: Tensor) -> Callable[..., Tensor]:
@@ -25,7 +50,7 @@ def resolve_impl(impl: str | None, input: Tensor) -> Callable[..., Tensor]:
     name = impl if impl is not None else os.environ.get(IMPL_ENV_VAR, "auto")
     name = name.lower()
     if name == "auto":
-        name = "reference" if input.numel() == 0 else "fused"
+        name = "reference" if input.numel() == 0 else "triton" if prefers_triton(input) else "fused"
     if name not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown L2BN implementation {name!r}; expected one of {['auto', *IMPLEMENTATIONS]}"
@@ -76,7 +101,7 @@ def l2_batch_norm(
     """L2BN of ``input`` (N, C, *): per-sample l2 normalisation to norm sqrt(D) (if ``rescale``), then BN.
 
     Arguments and the in-place running-statistics update follow ``torch.nn.functional.batch_norm``.
-    ``impl`` forces ``"fused"`` or ``"reference"`` (also settable with the ``L2BN_IMPL`` environment variable).
+    ``impl`` forces ``"fused"``, ``"triton"`` or ``"reference"`` (also settable with the ``L2BN_IMPL`` environment variable).
     """
     _check_inputs(input, running_mean, running_var, weight, bias, training)
     fn = resolve_impl(impl, input)

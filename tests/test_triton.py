@@ -1,0 +1,391 @@
+"""Triton L2BN kernels against the reference composition and float64 formulas written here.
+
+On a machine without a GPU the kernels run on CPU tensors through Triton's interpreter. Triton fixes
+"compiled or interpreted" when it first imports ``triton.language`` and decorates kernels, so this module
+sets ``TRITON_INTERPRET=1`` before that import (restoring the environment afterwards). If another module
+imported triton first (torchvision does, so a whole-suite run does), the in-process tests skip and
+``test_interpreter_suite_in_fresh_process`` runs this file in a fresh interpreter instead. With CUDA the
+same tests run the compiled kernels on the GPU.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import l2bn
+from l2bn import functional
+from l2bn.functional import IMPL_ENV_VAR, IMPLEMENTATIONS, l2_batch_norm, resolve_impl
+from l2bn.kernels import l2_batch_norm_fused, l2_batch_norm_reference
+
+F64 = torch.float64
+MODULE = "l2bn.kernels.triton_l2bn"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if HAS_TRITON and DEVICE == "cpu" and "triton" not in sys.modules:
+    _previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    importlib.import_module(MODULE)  # imports triton and decorates every kernel for the interpreter
+    if _previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _previous
+RUNNABLE = HAS_TRITON and (DEVICE == "cuda" or importlib.import_module(MODULE).INTERPRETED)
+
+
+@pytest.fixture(scope="module")
+def tk():
+    """The Triton kernel module, runnable on ``DEVICE`` (skips where triton is not importable).
+
+    On the CPU, TRITON_INTERPRET=1 stays set while the tests run: parts of triton imported lazily at the
+    first launch check it too.
+    """
+    pytest.importorskip("triton")
+    if not RUNNABLE:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; see test_interpreter_suite_in_fresh_process")
+    with pytest.MonkeyPatch.context() as patch:
+        if DEVICE == "cpu":
+            patch.setenv("TRITON_INTERPRET", "1")
+        yield importlib.import_module(MODULE)
+
+
+@pytest.fixture
+def tiny_tiles(tk, monkeypatch):
+    """Tiles of a few elements, so rows span several chunks (exercising the pairwise merge) and masks."""
+    monkeypatch.setattr(tk, "_REDUCE_TILE", 4)
+    monkeypatch.setattr(tk, "_ELEMENTWISE_TILE", 8)
+    monkeypatch.setattr(tk, "_MAX_BLOCK_M", 4)
+    monkeypatch.setattr(tk, "_MAX_BLOCK_C_CHANNELS_LAST", 2)
+
+
+def dev(t: torch.Tensor) -> torch.Tensor:
+    return t.to(DEVICE)
+
+
+def run(fn, x, training, *, dtype=torch.float32, memory_format=torch.contiguous_format, affine=True, momentum=0.1):
+    """Forward + backward of ``fn`` with fixed parameters; returns output, gradients and running stats."""
+    """The reference runs on the CPU, everything else on ``DEVICE``; results come back to the CPU."""
+    device = "cpu" if fn is l2_batch_norm_reference else DEVICE
+    gen = torch.Generator().manual_seed(7)
+    c = x.shape[1]
+    w = (torch.rand(c, generator=gen, dtype=F64) + 0.5).to(device, dtype).requires_grad_()
+    b = torch.randn(c, generator=gen, dtype=F64).to(device, dtype).requires_grad_()
+    rm = torch.randn(c, generator=gen, dtype=F64).to(device, dtype)
+    rv = (torch.rand(c, generator=gen, dtype=F64) + 0.5).to(device, dtype)
+    xx = x.detach().to(device, dtype).contiguous(memory_format=memory_format).requires_grad_()
+    weight, bias = (w, b) if affine else (None, None)
+    y = fn(xx, rm, rv, weight, bias, training, momentum, 1e-5)
+    y.backward(torch.randn(y.shape, generator=gen, dtype=F64).to(device, dtype))
+    out = {"y": y, "dx": xx.grad, "rm": rm, "rv": rv}
+    if affine:
+        out.update(dw=w.grad, db=b.grad)
+    return out
+
+
+def assert_close(got: dict, want: dict, **tol) -> None:
+    assert got.keys() == want.keys()
+    for key in got:
+        torch.testing.assert_close(got[key].to("cpu", F64), want[key].to("cpu", F64), msg=lambda m: f"{key}: {m}", **tol)
+
+
+def moments_f64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(n, c) mean and Σ (x − mean)² by explicit float64 loops."""
+    n, c = x.shape[:2]
+    mean, sumsq = torch.empty(n, c, dtype=F64), torch.empty(n, c, dtype=F64)
+    for i in range(n):
+        for j in range(c):
+            v = x[i, j].to(F64).flatten()
+            mean[i, j] = v.sum() / v.numel()
+            sumsq[i, j] = ((v - mean[i, j]) ** 2).sum()
+    return mean, sumsq
+
+
+SHAPES = [(3, 4, 5, 6), (2, 3), (2, 3, 7), (2, 2, 3, 3, 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_float32_equals_reference(tk, shape, training):
+    x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(0)) * 2 + 0.5
+    """Within 1e-5 of float64, or (batch of 2, one position: ill-conditioned dx) no further from float64
+    than twice the reference composition's own float32 error."""
+    got = run(tk.l2_batch_norm_triton, x, training)
+    assert got["y"].dtype == torch.float32 and got["dx"].dtype == torch.float32
+    want = run(l2_batch_norm_reference, x, training, dtype=F64)
+    ref32 = run(l2_batch_norm_reference, x, training)
+    for key in want:
+        err = (got[key].double() - want[key]).abs().max().item()
+        assert err <= max(1e-5 * max(want[key].abs().max().item(), 1.0), 2 * (ref32[key].double() - want[key]).abs().max().item()), key
+    assert_close(got, ref32, rtol=1e-5, atol=1e-5 if x[0].numel() > 3 else 1e-4)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_several_chunks_per_row(tk, tiny_tiles, training):
+    """Rows longer than a tile: chunk means merged pairwise, partial chunks masked, partial channel blocks."""
+    assert tk._tile(torch.empty(3, 5, 30), tk._REDUCE_TILE) == (1, 4)
+    x = torch.randn(3, 5, 5, 6, dtype=F64, generator=torch.Generator().manual_seed(1)) + 2
+    mean, sumsq = tk.sample_channel_moments_triton(dev(x.float()))
+    want_mean, want_sumsq = moments_f64(x.float())
+    mean, sumsq = mean.cpu(), sumsq.cpu()
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sumsq.double(), want_sumsq, rtol=1e-5, atol=1e-5)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        got = run(tk.l2_batch_norm_triton, x, training, memory_format=fmt)
+        assert_close(got, run(l2_batch_norm_reference, x, training, dtype=F64), rtol=1e-5, atol=1e-5)
+
+
+def test_float64_accumulates_in_float64(tk):
+    x = torch.randn(3, 4, 5, 6, dtype=F64, generator=torch.Generator().manual_seed(2)) * 2 + 0.5
+    for training in (True, False):
+        got = run(tk.l2_batch_norm_triton, x, training, dtype=F64)
+        assert_close(got, run(l2_batch_norm_reference, x, training, dtype=F64), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_moments_and_gradient_sums_against_float64_loops(tk, channels_last):
+    """Large mean, unit spread: a one-pass E[x²] − E[x]² in float32 would have no correct digit left."""
+    gen = torch.Generator().manual_seed(3)
+    x = (1e4 + torch.randn(3, 4, 5, 6, dtype=F64, generator=gen)).float()
+    dy = torch.randn(3, 4, 5, 6, dtype=F64, generator=gen).float()
+    if channels_last:
+        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    mean, sumsq = (t.cpu() for t in tk.sample_channel_moments_triton(dev(x)))
+    want_mean, want_sumsq = moments_f64(x)
+    assert mean.dtype == sumsq.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), want_mean, rtol=5e-7, atol=0)  # a few float32 ulps
+    torch.testing.assert_close(sumsq.double(), want_sumsq, rtol=1e-3, atol=0)
+    centre = torch.randn(3, 4, generator=gen)
+    dy_sum, dy_xc = (t.cpu() for t in tk.gradient_sums_triton(dev(dy), dev(x), dev(centre)))
+    want_sum = dy.double().sum(dim=(2, 3))
+    want_xc = (dy.double() * (x.double() - centre.double()[:, :, None, None])).sum(dim=(2, 3))
+    torch.testing.assert_close(dy_sum.double(), want_sum, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dy_xc.double(), want_xc, rtol=1e-5, atol=5e-1)  # |x − centre| ≈ 1e4
+
+
+def test_affine_pass_against_formula(tk):
+    gen = torch.Generator().manual_seed(4)
+    u, v = torch.randn(2, 3, 4, 5, generator=gen), torch.randn(2, 3, 4, 5, generator=gen)
+    p, q, r = (torch.randn(2, 3, generator=gen) for _ in range(3))
+    v_cl = v.contiguous(memory_format=torch.channels_last)
+    out = tk.affine_triton(dev(torch.empty_like(u)), dev(u), dev(p), dev(r), v=dev(v_cl), q=dev(q)).cpu()
+    want = u.double() * p.double()[..., None, None] + v.double() * q.double()[..., None, None] + r.double()[..., None, None]
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+    bias = torch.randn(3, generator=gen)
+    out = tk.affine_triton(dev(torch.empty(2, 3, 4, 5, dtype=torch.bfloat16)), dev(u), dev(p), dev(bias)).cpu()
+    assert out.dtype == torch.bfloat16
+    want = u.double() * p.double()[..., None, None] + bias.double()[:, None, None]
+    torch.testing.assert_close(out.double(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_channels_last_values_and_memory_format(tk, training):
+    x = torch.randn(3, 5, 4, 3, dtype=F64, generator=torch.Generator().manual_seed(5)) + 0.3
+    got = run(tk.l2_batch_norm_triton, x, training, memory_format=torch.channels_last)
+    assert got["y"].is_contiguous(memory_format=torch.channels_last)
+    assert got["dx"].is_contiguous(memory_format=torch.channels_last)
+    assert_close(got, run(l2_batch_norm_reference, x, training, dtype=F64), rtol=1e-5, atol=1e-5)
+    x5 = torch.randn(2, 2, 3, 3, 2, dtype=F64, generator=torch.Generator().manual_seed(6))
+    got = run(tk.l2_batch_norm_triton, x5, training, memory_format=torch.channels_last_3d)
+    assert got["y"].is_contiguous(memory_format=torch.channels_last_3d)
+    assert_close(got, run(l2_batch_norm_reference, x5, training, dtype=F64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_weight_and_bias_none(tk, training):
+    x = torch.randn(4, 3, 3, 3, dtype=F64, generator=torch.Generator().manual_seed(7)) - 1
+    got = run(tk.l2_batch_norm_triton, x, training, affine=False)
+    assert_close(got, run(l2_batch_norm_reference, x, training, dtype=F64, affine=False), rtol=1e-5, atol=1e-5)
+
+
+def test_all_zero_sample_and_batch_of_two(tk):
+    x = torch.randn(2, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(8))
+    assert_close(run(tk.l2_batch_norm_triton, x, True), run(l2_batch_norm_reference, x, True, dtype=F64), rtol=1e-5, atol=1e-5)
+    x = torch.cat([x, torch.zeros(1, 3, 4, 4, dtype=F64)])
+    for training in (True, False):
+        got = run(tk.l2_batch_norm_triton, x, training)
+        assert all(torch.isfinite(t).all() for t in got.values())
+        assert_close(got, run(l2_batch_norm_reference, x, training, dtype=F64), rtol=1e-5, atol=1e-5)
+
+
+def test_large_mean_channel_float32_against_float64(tk):
+    """Channel 1 is 1e4 + noise: float32 statistics must come from centred sums to survive."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 3, 5, 5, dtype=F64, generator=gen)
+    x[:, 1] += 1e4
+    x32 = x.float()
+    got = run(tk.l2_batch_norm_triton, x32, True)
+    ref = run(l2_batch_norm_reference, x32.double(), True, dtype=F64)
+    torch.testing.assert_close(got["y"].double(), ref["y"], rtol=0, atol=2e-2)
+    torch.testing.assert_close(got["rv"].double(), ref["rv"], rtol=2e-2, atol=1e-7)
+    torch.testing.assert_close(got["rm"].double(), ref["rm"], rtol=1e-5, atol=1e-5)
+    assert (got["dx"].double() - ref["dx"]).abs().max() < 0.05 * ref["dx"].abs().max()
+    # the small channels' outputs do not suffer from the large one
+    torch.testing.assert_close(got["y"][:, [0, 2]].double(), ref["y"][:, [0, 2]], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 6e-2), (torch.float16, 1e-2)], ids=["bf16", "fp16"])
+def test_half_precision_within_tolerance(tk, dtype, tol):
+    x = torch.randn(4, 3, 4, 5, dtype=F64, generator=torch.Generator().manual_seed(10)) * 3 + 1
+    want = run(l2_batch_norm_reference, x.to(dtype).double(), True, dtype=F64)  # same input values, float64
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        got = run(tk.l2_batch_norm_triton, x.to(dtype), True, dtype=dtype, memory_format=fmt)
+        assert got["y"].dtype == dtype and got["dx"].dtype == dtype and got["dw"].dtype == dtype
+        for key in ("y", "dx", "dw", "db", "rm", "rv"):
+            scale = want[key].abs().max()
+            assert (got[key].double() - want[key]).abs().max() <= tol * max(scale, 1.0), key
+
+
+def test_expanded_gradient_and_non_viewable_input(tk):
+    """y.sum() gives a stride-0 gradient; a transposed input has no (N, C, M) view and is copied."""
+    x = torch.randn(3, 4, 5, 6, dtype=F64, generator=torch.Generator().manual_seed(11)).transpose(2, 3)
+    outs = []
+    for fn, device, dtype in ((tk.l2_batch_norm_triton, DEVICE, torch.float32), (l2_batch_norm_reference, "cpu", F64)):
+        xx = x.to(device, dtype).requires_grad_()
+        assert not xx.is_contiguous() and not xx.is_contiguous(memory_format=torch.channels_last)
+        w = torch.linspace(0.5, 2, 4, dtype=dtype, device=device, requires_grad=True)
+        y = fn(xx, None, None, w, None, True)
+        (y * torch.linspace(-1, 1, 5, dtype=dtype, device=device)).sum().backward()  # not orthogonal to y
+        xx2 = xx.detach().clone().requires_grad_()
+        fn(xx2, None, None, w.detach(), None, True).sum().backward()  # expanded dy
+        outs.append((y, xx.grad, w.grad, xx2.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a.to("cpu", F64), b, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_orthogonal_to_samples(tk):
+    """y depends on x_n only through x_n/‖x_n‖, so Σ dx_n·x_n = 0 for every sample."""
+    x = torch.randn(4, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(12)) + 1
+    for training in (True, False):
+        dx = run(tk.l2_batch_norm_triton, x, training, dtype=F64)["dx"].cpu()
+        dots = (dx * x).flatten(1).sum(dim=1)
+        assert dots.abs().max() < 1e-10 * dx.abs().max() * x.abs().max() * x[0].numel()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck(tk, training):
+    gen = torch.Generator().manual_seed(13)
+    x = dev(torch.randn(3, 2, 3, 2, dtype=F64, generator=gen)).requires_grad_()
+    w = dev(torch.rand(2, dtype=F64, generator=gen)).requires_grad_()
+    b = dev(torch.randn(2, dtype=F64, generator=gen)).requires_grad_()
+    rm, rv = dev(torch.randn(2, dtype=F64, generator=gen)), dev(torch.rand(2, dtype=F64, generator=gen) + 0.5)
+    fn = lambda x, w, b: tk.l2_batch_norm_triton(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_layer_through_the_environment_switch(tk, monkeypatch):
+    """L2BN_IMPL=triton routes the layer here; momentum None (cumulative average) matches the reference."""
+    gen = torch.Generator().manual_seed(14)
+    batches = [torch.randn(5, 3, 4, 4, generator=gen), torch.randn(5, 3, 4, 4, generator=gen) * 2 + 1]
+    layers = {}
+    for impl, device in (("triton", DEVICE), ("reference", "cpu")):
+        monkeypatch.setenv(IMPL_ENV_VAR, impl)
+        layer = l2bn.L2BatchNorm2d(3, momentum=None, device=device)
+        outs = [layer(x.to(device)).cpu() for x in batches]
+        layer.eval()
+        outs.append(layer(batches[0].to(device)).cpu())
+        layers[impl] = (layer.cpu(), outs)
+    (tri, tri_outs), (ref, ref_outs) = layers["triton"], layers["reference"]
+    for a, b in zip(tri_outs, ref_outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tri.running_mean, ref.running_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tri.running_var, ref.running_var, rtol=1e-6, atol=1e-6)
+    assert tri.num_batches_tracked.item() == 2
+
+
+def test_zero_sample_batch_uses_reference(tk):
+    x = dev(torch.randn(0, 3, 4, 4)).requires_grad_()
+    y = tk.l2_batch_norm_triton(x, dev(torch.zeros(3)), dev(torch.ones(3)), None, None, False)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_errors_name_the_device_and_dtype(tk, monkeypatch):
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(TypeError, match="torch.int64"):
+        tk.l2_batch_norm_triton(dev(torch.ones(2, 3, 4, dtype=torch.int64)), None, None, None, None, True)
+    monkeypatch.setattr(tk, "INTERPRETED", False)  # compiled kernels need GPU tensors
+    with pytest.raises(RuntimeError, match="on cpu; use impl='fused'"):
+        tk.l2_batch_norm_triton(x, None, None, None, None, True)
+
+
+# --- dispatch: no triton needed, the device predicate is monkeypatched -------------------------------
+
+def test_auto_picks_triton_only_for_triton_devices(monkeypatch):
+    x = torch.randn(2, 3, 4)
+    monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
+    monkeypatch.setattr(functional, "triton_importable", lambda: True)
+    assert functional.TRITON_DEVICE_TYPES == ("cuda",)
+    assert resolve_impl(None, x) is IMPLEMENTATIONS["fused"]  # a CPU tensor never goes to Triton
+    monkeypatch.setattr(functional, "TRITON_DEVICE_TYPES", ("cpu",))  # pretend CPU were a GPU
+    assert resolve_impl(None, x) is IMPLEMENTATIONS["triton"]
+    assert resolve_impl("auto", x) is IMPLEMENTATIONS["triton"]
+    assert resolve_impl(None, torch.randn(0, 3, 4)) is IMPLEMENTATIONS["reference"]
+    assert resolve_impl("fused", x) is IMPLEMENTATIONS["fused"]  # forcing still wins
+    monkeypatch.setattr(functional, "triton_importable", lambda: False)
+    assert resolve_impl(None, x) is IMPLEMENTATIONS["fused"]  # no triton installed: the torch fused path
+    monkeypatch.setenv(IMPL_ENV_VAR, "Triton")
+    assert resolve_impl(None, x) is IMPLEMENTATIONS["triton"]
+
+
+def test_auto_runs_the_triton_kernels_when_selected(tk, monkeypatch):
+    monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
+    monkeypatch.setattr(functional, "TRITON_DEVICE_TYPES", (DEVICE,))
+    monkeypatch.setattr(functional, "triton_importable", lambda: True)
+    calls = []
+    original = tk.TritonL2BatchNorm.apply
+    monkeypatch.setattr(tk.TritonL2BatchNorm, "apply", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(15))
+    y = l2_batch_norm(dev(x), None, None, None, None, True).cpu()
+    assert calls == [1]
+    torch.testing.assert_close(y, l2_batch_norm_fused(x, None, None, None, None, True), rtol=1e-5, atol=1e-5)
+
+
+def test_module_imports_without_triton():
+    """With triton unimportable the module still imports, reports it, and says what to do instead."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None
+        import torch
+        import l2bn.kernels.triton_l2bn as m
+        assert not m.TRITON_AVAILABLE
+        try:
+            m.l2_batch_norm_triton(torch.randn(2, 3, 4), None, None, None, None, True)
+        except RuntimeError as e:
+            assert "triton" in str(e) and "impl='fused'" in str(e), e
+        else:
+            raise AssertionError("no error without triton")
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_sqrt_d_rescaling_off(tk):
+    """rescale=False normalises to unit norm; l2_eps clamps tiny samples the same as the reference."""
+    x = torch.randn(3, 2, 4, dtype=F64, generator=torch.Generator().manual_seed(16))
+    x[1] *= 1e-9
+    for rescale in (True, False):
+        kw = dict(rescale=rescale, l2_eps=1e-6)
+        y = tk.l2_batch_norm_triton(dev(x.float()), None, None, None, None, True, **kw).cpu()
+        want = l2_batch_norm_reference(x, None, None, None, None, True, **kw)
+        torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_TRITON or RUNNABLE, reason="the kernels run in this process")
+def test_interpreter_suite_in_fresh_process():
+    """triton was imported before this module could ask for the interpreter: run the file anew."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-k", "not fresh_process"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]
