@@ -72,7 +72,7 @@ def _add_experiment_options(p: argparse.ArgumentParser) -> None:
     e.add_argument("--compile", action="store_true", help="torch.compile the model")
     e.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     e.add_argument("--threads", type=int, default=None,
-                   help="intra-op CPU threads (torch.set_num_threads); 1 is fastest for small models on a busy CPU")
+                   help="intra-op CPU threads (torch.set_num_threads); default: 1 for digits on CPU, else torch's default")
     e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bars (default: when stderr is a terminal)")
     e.add_argument("--sync-bn", action="store_true", help="under DDP, synchronise batch statistics across ranks")
@@ -87,10 +87,13 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 
 
 def _config(args: argparse.Namespace, recipe: Recipe, norm: str, seed: int, out: str) -> TrainConfig:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    threads = args.threads
+    if threads is None and args.dataset == "digits" and args.device in ("auto", "cpu") and not torch.cuda.is_available():
+        threads = 1  # 8×8 images: nothing to split within an op, and extra threads stall on a busy CPU
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     return TrainConfig(
         dataset=args.dataset, model=args.model, norm=norm, seed=seed, out=out, recipe=recipe,
         data_dir=args.data_dir, download=args.download, device=args.device, amp=args.amp,
