@@ -49,7 +49,8 @@ def tk():
     """
     pytest.importorskip("triton")
     if not RUNNABLE:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; see test_interpreter_suite_in_fresh_process")
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; "
+                    "test_interpreter_suite_in_fresh_process runs these")
     with pytest.MonkeyPatch.context() as patch:
         if DEVICE == "cpu":
             patch.setenv("TRITON_INTERPRET", "1")
@@ -92,7 +93,8 @@ def run(fn, x, training, *, dtype=torch.float32, memory_format=torch.contiguous_
 def assert_close(got: dict, want: dict, **tol) -> None:
     assert got.keys() == want.keys()
     for key in got:
-        torch.testing.assert_close(got[key].to("cpu", F64), want[key].to("cpu", F64), msg=lambda m: f"{key}: {m}", **tol)
+        a, b = got[key].to("cpu", F64), want[key].to("cpu", F64)
+        torch.testing.assert_close(a, b, msg=lambda m: f"{key}: {m}", **tol)
 
 
 def moments_f64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +124,8 @@ def test_float32_equals_reference(tk, shape, training):
     ref32 = run(l2_batch_norm_reference, x, training)
     for key in want:
         err = (got[key].double() - want[key]).abs().max().item()
-        assert err <= max(1e-5 * max(want[key].abs().max().item(), 1.0), 2 * (ref32[key].double() - want[key]).abs().max().item()), key
+        ref_err = (ref32[key].double() - want[key]).abs().max().item()
+        assert err <= max(1e-5 * max(want[key].abs().max().item(), 1.0), 2 * ref_err), key
     assert_close(got, ref32, rtol=1e-5, atol=1e-5 if x[0].numel() > 3 else 1e-4)
 
 
@@ -175,7 +178,8 @@ def test_affine_pass_against_formula(tk):
     p, q, r = (torch.randn(2, 3, generator=gen) for _ in range(3))
     v_cl = v.contiguous(memory_format=torch.channels_last)
     out = tk.affine_triton(dev(torch.empty_like(u)), dev(u), dev(p), dev(r), v=dev(v_cl), q=dev(q)).cpu()
-    want = u.double() * p.double()[..., None, None] + v.double() * q.double()[..., None, None] + r.double()[..., None, None]
+    p64, q64, r64 = (t.double()[..., None, None] for t in (p, q, r))
+    want = u.double() * p64 + v.double() * q64 + r64
     torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
     bias = torch.randn(3, generator=gen)
     out = tk.affine_triton(dev(torch.empty(2, 3, 4, 5, dtype=torch.bfloat16)), dev(u), dev(p), dev(bias)).cpu()
@@ -206,7 +210,8 @@ def test_weight_and_bias_none(tk, training):
 
 def test_all_zero_sample_and_batch_of_two(tk):
     x = torch.randn(2, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(8))
-    assert_close(run(tk.l2_batch_norm_triton, x, True), run(l2_batch_norm_reference, x, True, dtype=F64), rtol=1e-5, atol=1e-5)
+    want = run(l2_batch_norm_reference, x, True, dtype=F64)
+    assert_close(run(tk.l2_batch_norm_triton, x, True), want, rtol=1e-5, atol=1e-5)
     x = torch.cat([x, torch.zeros(1, 3, 4, 4, dtype=F64)])
     for training in (True, False):
         got = run(tk.l2_batch_norm_triton, x, training)
@@ -399,11 +404,13 @@ for arch, dtypes in ((90, ("fp32", "bf16", "fp16", "fp64")), (80, ("bf16",))):
             ptrs = {"x_ptr": "*" + ty, "mean_ptr": "*" + acc, "sumsq_ptr": "*" + acc}
             triton.compile(ASTSource(m._moments_kernel, sig(names, ptrs, consts), consts), target=target)
         names = m._gradient_sums_kernel.arg_names
-        ptrs = {"dy_ptr": "*" + ty, "x_ptr": "*" + ty, "centre_ptr": "*" + acc, "dy_sum_ptr": "*" + acc, "dy_xc_ptr": "*" + acc}
+        ptrs = {"dy_ptr": "*" + ty, "x_ptr": "*" + ty}
+        ptrs.update({k: "*" + acc for k in ("centre_ptr", "dy_sum_ptr", "dy_xc_ptr")})
         consts = {"BLOCK_C": 32, "BLOCK_M": 64, "sdm": 0}
         triton.compile(ASTSource(m._gradient_sums_kernel, sig(names, ptrs, consts), consts), target=target)
         names = m._affine_kernel.arg_names
-        ptrs = {"out_ptr": "*" + ty, "u_ptr": "*" + ty, "v_ptr": "*" + ty, "p_ptr": "*" + acc, "q_ptr": "*" + acc, "r_ptr": "*" + acc}
+        ptrs = {"out_ptr": "*" + ty, "u_ptr": "*" + ty, "v_ptr": "*" + ty}
+        ptrs.update({k: "*" + acc for k in ("p_ptr", "q_ptr", "r_ptr")})
         for has_v in (False, True):
             consts = {"HAS_V": has_v, "BLOCK_C": 8, "BLOCK_M": 512}
             kernel = triton.compile(ASTSource(m._affine_kernel, sig(names, ptrs, consts), consts), target=target)
@@ -427,7 +434,8 @@ def test_kernels_compile_for_cuda_without_a_gpu(tmp_path):
 def test_interpreter_suite_in_fresh_process():
     """triton was imported before this module could ask for the interpreter: run the file anew."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-k", "not fresh_process and not compile and not without_triton"]
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
+           "-k", "not fresh_process and not compile and not without_triton"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]

@@ -101,7 +101,8 @@ def l2_batch_norm(
     """L2BN of ``input`` (N, C, *): per-sample l2 normalisation to norm sqrt(D) (if ``rescale``), then BN.
 
     Arguments and the in-place running-statistics update follow ``torch.nn.functional.batch_norm``.
-    ``impl`` forces ``"fused"``, ``"triton"`` or ``"reference"`` (also settable with the ``L2BN_IMPL`` environment variable).
+    ``impl`` forces ``"fused"``, ``"triton"`` or ``"reference"`` (also settable with the ``L2BN_IMPL``
+    environment variable); ``"auto"`` takes Triton for CUDA tensors when triton is installed, else ``"fused"``.
     """
     _check_inputs(input, running_mean, running_var, weight, bias, training)
     fn = resolve_impl(impl, input)

@@ -204,14 +204,21 @@ def gradient_sums_triton(dy: Tensor, x: Tensor, centre: Tensor) -> tuple[Tensor,
     return dy_sum, dy_xc
 
 
-def affine_triton(out: Tensor, u: Tensor, p: Tensor, r: Tensor, v: Tensor | None = None, q: Tensor | None = None) -> Tensor:
-    """out = u·p[n,c] + r[n,c] (+ v·q[n,c]) elementwise over (N, C, *S), written into ``out`` in one pass.
+def affine_triton(
+    out: Tensor, u: Tensor, p: Tensor, r: Tensor, v: Tensor | None = None, q: Tensor | None = None
+) -> Tensor:
+    """out = u·p[n,c] + r[(n,) c] (+ v·q[n,c]) elementwise over (N, C, *S), written into ``out`` in one pass.
 
-    p, q, r are (N, C) in the accumulation dtype; ``out`` must be dense (e.g. ``torch.empty_like(x)``).
+    p, q are (N, C) and r broadcasts to (N, C), all in the accumulation dtype; ``out`` must be dense
+    (e.g. ``torch.empty_like(x)``).
     """
+    if (v is None) != (q is None):
+        raise ValueError("v and q must be given together")
     out_rows = _rows_view(out)
     if out_rows is None:
-        raise ValueError(f"out must flatten to an (N, C, M) view; got strides {out.stride()} for shape {tuple(out.shape)}")
+        raise ValueError(
+            f"out must flatten to an (N, C, M) view; got strides {out.stride()} for shape {tuple(out.shape)}"
+        )
     u, u_rows = _row_strides(u)
     n, num_channels, spatial = out_rows.shape
     p, r = p.contiguous(), r.expand(n, num_channels).contiguous()
