@@ -8,7 +8,7 @@ squeeze-excitation with ratio 0.25 of the block input width. CIFAR adaptation: t
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch.nn as nn
 from torchvision.models.regnet import BlockParams, RegNet
@@ -35,7 +35,7 @@ def _cifar_stem(
 
 
 def cifar_regnet(
-    config: str,
+    config: str | Mapping,
     *,
     num_classes: int = 10,
     in_channels: int = 3,
@@ -43,10 +43,13 @@ def cifar_regnet(
     stem_width: int = 64,
     strides: Sequence[int] = (1, 1, 2, 2),
 ) -> RegNet:
-    """A torchvision ``RegNet`` with a CIFAR stem; ``config`` is a key of :data:`REGNET_CONFIGS`."""
-    if config not in REGNET_CONFIGS:
-        raise ValueError(f"unknown RegNet config {config!r}; known: {', '.join(REGNET_CONFIGS)}")
-    cfg = REGNET_CONFIGS[config]
+    """A torchvision ``RegNet`` with a CIFAR stem; ``config`` is a key of :data:`REGNET_CONFIGS` or a
+    mapping with the same keys (depths, widths, group_width, bottleneck, se)."""
+    if isinstance(config, str):
+        if config not in REGNET_CONFIGS:
+            raise ValueError(f"unknown RegNet config {config!r}; known: {', '.join(REGNET_CONFIGS)}")
+        config = REGNET_CONFIGS[config]
+    cfg = dict(config)
     stages = len(cfg["depths"])
     if len(strides) != stages:
         raise ValueError(f"strides {list(strides)} must give one stride per stage ({stages})")

@@ -5,6 +5,8 @@ C·d channels in the first stage, doubled per stage). Built from torchvision's `
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 from torchvision.models.resnet import Bottleneck
 
 from .resnet import CifarResNet
@@ -12,14 +14,24 @@ from .resnet import CifarResNet
 __all__ = ["resnext29", "resnext29_8x64d"]
 
 
-def resnext29(cardinality: int, bottleneck_width: int, **kwargs) -> CifarResNet:
-    """ResNeXt-29 (C × d) for CIFAR; torchvision's ``base_width`` equals ``d`` at ``planes`` = 64."""
+def resnext29(
+    cardinality: int,
+    bottleneck_width: int,
+    *,
+    planes: Sequence[int] = (64, 128, 256),
+    stem_width: int = 64,
+    **kwargs,
+) -> CifarResNet:
+    """ResNeXt-29 (C × d) for CIFAR; torchvision's ``base_width`` equals ``d`` at ``planes`` = 64.
+
+    ``planes`` / ``stem_width`` shrink the network (tests); the paper's values are the defaults.
+    """
     kwargs.setdefault("shortcut", "B")
     return CifarResNet(
         Bottleneck,
         [3, 3, 3],
-        planes=(64, 128, 256),
-        stem_width=64,
+        planes=planes,
+        stem_width=stem_width,
         groups=cardinality,
         width_per_group=bottleneck_width,
         **kwargs,
