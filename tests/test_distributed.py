@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-import l2bn
 from l2bn.distributed import SyncL2BatchNorm, convert_sync_l2bn, revert_sync_l2bn
 from l2bn.layers import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d
 

@@ -22,16 +22,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from .kernels.fused import accumulation_dtype, sample_channel_moments, spatial_sum
+from .kernels.algebra import input_gradient, sample_scales, update_running_stats
+from .kernels.fused import affine_rows, gradient_sums, per_channel, sample_channel_moments
 from .layers import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d, _L2BatchNorm
 
 __all__ = ["SyncL2BatchNorm", "convert_sync_l2bn", "revert_sync_l2bn", "sync_l2_batch_norm"]
-
-
-def _broadcast(t: Tensor, ndim: int) -> Tensor:
-    """View an (N, C) or (C,) tensor so that it broadcasts against an ndim-dimensional input."""
-    lead = (1, -1) if t.dim() == 1 else tuple(t.shape)
-    return t.view(lead + (1,) * (ndim - 2))
 
 
 def _world_size(process_group: dist.ProcessGroup | None) -> int:
@@ -64,47 +59,37 @@ class _SyncL2BatchNormFunction(torch.autograd.Function):
     """y = γ·(r_n x − μ)·invstd + β, where μ and invstd are global; backward all-reduces Σdy and Σdy·ẑ."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, norm, mean, invstd, x_sum, x_sq, total, l2_eps, process_group):
+    def forward(ctx, x, weight, bias, scale, norm, mean, invstd, centre, sumsq, total, l2_eps, process_group):
         acc = scale.dtype
-        gamma = weight.to(acc) if weight is not None else torch.ones_like(invstd)
-        beta = bias.to(acc) if bias is not None else torch.zeros_like(invstd)
-        gain = gamma * invstd
-        a = scale[:, None] * gain[None, :]
-        b = beta - mean * gain
-        y = torch.addcmul(_broadcast(b.to(x.dtype), x.dim()), x, _broadcast(a.to(x.dtype), x.dim()))
-        ctx.save_for_backward(x, gamma, scale, norm, mean, invstd, x_sum, x_sq, total)
+        gain = invstd if weight is None else weight.to(acc) * invstd
+        shift = -mean * gain if bias is None else bias.to(acc) - mean * gain
+        y = affine_rows(x, scale[:, None] * gain, shift)
+        ctx.save_for_backward(x, weight, scale, norm, mean, invstd, centre, sumsq, total)
         ctx.l2_eps = l2_eps
         ctx.process_group = process_group
-        ctx.param_dtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else acc)
-        ctx.has_weight = weight is not None
-        ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, gamma, scale, norm, mean, invstd, x_sum, x_sq, total = ctx.saved_tensors
-        acc, nd = scale.dtype, x.dim()
-        dy_sum = spatial_sum(dy, acc)  # (N, C): Σ_S dy
-        dy_x = spatial_sum(dy * x, acc)  # (N, C): Σ_S dy·x
-        local_bias_grad = dy_sum.sum(dim=0)
-        local_weight_grad = (invstd * (scale[:, None] * dy_x - mean * dy_sum)).sum(dim=0)  # Σ dy·ẑ
-        reduced = torch.cat([local_bias_grad, local_weight_grad])
-        dist.all_reduce(reduced, group=ctx.process_group)
-        grad_bias, grad_weight = reduced.chunk(2)
-        gain = gamma * invstd  # dz = gain·dy + coef_x·x + coef_1, with z = r_n x the normalised input
-        coef_x = -(gain * invstd * grad_weight / total)[None, :] * scale[:, None]
-        coef_1 = gain * (invstd * mean * grad_weight - grad_bias) / total
-        # the l2 step: dx = r_n (dz − x · T_n / ‖x_n‖²), T_n = Σ_{c,S} dz·x (zero where the norm is clamped)
-        t = (gain * dy_x + coef_x * x_sq + coef_1 * x_sum).sum(dim=1)
-        u = torch.where(norm > ctx.l2_eps, t / norm.clamp_min(ctx.l2_eps).square(), torch.zeros_like(t))
-        p = scale[:, None] * gain[None, :]
-        q = scale[:, None] * (coef_x - u[:, None])
-        r = scale[:, None] * coef_1[None, :]
-        dx = torch.addcmul(_broadcast(r.to(x.dtype), nd), x, _broadcast(q.to(x.dtype), nd))
-        dx.addcmul_(dy, _broadcast(p.to(x.dtype), nd))
+        x, weight, scale, norm, mean, invstd, centre, sumsq, total = ctx.saved_tensors
+        acc = scale.dtype
+        dy_sum, dy_xc = gradient_sums(dy, x, centre)  # (N, C): Σ_S dy and Σ_S dy·(x − m)
+
+        def all_reduce(packed: Tensor) -> Tensor:
+            dist.all_reduce(packed, group=ctx.process_group)
+            return packed
+
+        grad = input_gradient(
+            dy_sum, dy_xc, centre=centre, sumsq=sumsq, scale=scale, norm=norm, mu=mean, invstd=invstd,
+            weight=weight, spatial_size=x[0, 0].numel() if x.shape[0] else 1, count=total, l2_eps=ctx.l2_eps,
+            all_reduce=all_reduce,
+        )
+        dx = affine_rows(dy, grad.dy_coef, grad.shift)
+        dx.addcmul_(x, per_channel(grad.x_coef.to(x.dtype), x.dim()))
         # like nn.SyncBatchNorm: parameter gradients stay local; DDP averages them with all the others
-        weight_grad = local_weight_grad.to(ctx.param_dtype) if ctx.has_weight else None
-        bias_grad = local_bias_grad.to(ctx.param_dtype) if ctx.has_bias else None
+        param_dtype = weight.dtype if weight is not None else acc
+        weight_grad = grad.grad_weight.to(param_dtype) if ctx.needs_input_grad[1] else None
+        bias_grad = grad.grad_bias.to(param_dtype) if ctx.needs_input_grad[2] else None
         return dx, weight_grad, bias_grad, *([None] * 9)
 
 
@@ -137,10 +122,7 @@ def sync_l2_batch_norm(
         x = input.detach()
         m, v = sample_channel_moments(x)  # (N, C) mean and biased variance over S, in ≥ float32
         acc = m.dtype
-        sq_norm = spatial_size * (v + m * m).sum(dim=1)
-        norm = sq_norm.sqrt()
-        target = math.sqrt(num_channels * spatial_size) if rescale else 1.0
-        scale = target / norm.clamp_min(l2_eps)
+        scale, norm = sample_scales(m, spatial_size * v, spatial_size, rescale=rescale, l2_eps=l2_eps)
         # local per-channel statistics of x̂ = r_n x: count, mean, M2 (pooled over samples, no cancellation)
         batch = x.shape[0]
         scaled_mean = scale[:, None] * m
@@ -153,14 +135,10 @@ def sync_l2_batch_norm(
                 f"Expected more than 1 value per channel when training across ranks, got {int(total.item())} "
                 f"in total (this rank's input size {tuple(input.shape)})"
             )
-        if running_mean is not None and running_var is not None:
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_((var * (total / (total - 1))).to(running_var.dtype), momentum)
+        update_running_stats(running_mean, running_var, mean, var, total, momentum)
         invstd = (var + eps).rsqrt()
-        x_sum = spatial_size * m
-        x_sq = spatial_size * (v + m * m)
     return _SyncL2BatchNormFunction.apply(
-        input, weight, bias, scale, norm, mean, invstd, x_sum, x_sq, total, l2_eps, process_group
+        input, weight, bias, scale, norm, mean, invstd, m, spatial_size * v, total, l2_eps, process_group
     )
 
 

@@ -10,7 +10,6 @@ import importlib.util
 import os
 from typing import Callable
 
-import torch
 from torch import Tensor
 
 from .kernels import l2_batch_norm_fused, l2_batch_norm_reference

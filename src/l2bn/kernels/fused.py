@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .algebra import channel_statistics, input_gradient, update_running_stats
 from .reference import l2_batch_norm_reference
 
 
@@ -49,21 +50,16 @@ def _rows_view(t: Tensor | None) -> Tensor | None:
 
 def _flat_channels(x: Tensor, dtype: torch.dtype) -> Tensor | None:
     """(1, N·C, M) view making each (n, c) a BatchNorm channel, when x is contiguous and of ``dtype``."""
-    if x.dtype != dtype or not x.is_contiguous():
+    if x.dtype != dtype or not x.is_contiguous() or x.numel() == 0:
         return None
     return x.view(1, x.shape[0] * x.shape[1], -1)
 
 
-def _per_channel(t: Tensor, ndim: int) -> Tensor:
+def per_channel(t: Tensor, ndim: int) -> Tensor:
     """View an (N, C) or (C,) tensor so that it broadcasts against an ndim-dimensional input."""
     if t.dim() == 1:
         return t.view((1, -1) + (1,) * (ndim - 2))
     return t.view(t.shape + (1,) * (ndim - 2))
-
-
-def spatial_sum(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """Σ over the spatial dims, giving (N, C), accumulated in ``dtype``."""
-    return _rows(t).sum(dim=-1, dtype=dtype)
 
 
 def affine_rows(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
@@ -80,7 +76,7 @@ def affine_rows(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = No
         return out
     if out is None:
         out = torch.empty_like(x)
-    return torch.addcmul(_per_channel(shift, x.dim()), x, _per_channel(scale, x.dim()), out=out)
+    return torch.addcmul(per_channel(shift, x.dim()), x, per_channel(scale, x.dim()), out=out)
 
 
 class SampleChannelMoments(NamedTuple):
@@ -112,30 +108,6 @@ def sample_channel_moments(x: Tensor) -> SampleChannelMoments:
     return SampleChannelMoments(mean, sumsq / _rows(x).shape[-1])
 
 
-class BatchStatistics(NamedTuple):
-    scale: Tensor  # r_n, shape (N,)
-    norm: Tensor  # ‖x_n‖ unclamped, shape (N,)
-    mean: Tensor  # μ_c of the normalised input, shape (C,)
-    var: Tensor  # biased σ²_c of the normalised input, shape (C,)
-
-
-def _statistics(mean: Tensor, sumsq: Tensor, spatial_size: int, *, rescale: bool, l2_eps: float) -> BatchStatistics:
-    n, num_channels = mean.shape
-    norm = (sumsq + spatial_size * mean.square()).sum(dim=1).sqrt_()
-    target = math.sqrt(num_channels * spatial_size) if rescale else 1.0
-    scale = target / norm.clamp_min(l2_eps)
-    scaled_mean = scale[:, None] * mean
-    mu = scaled_mean.mean(dim=0)
-    within = (scale.square() @ sumsq) / (n * spatial_size)
-    var = within + (scaled_mean - mu).square_().mean(dim=0)
-    return BatchStatistics(scale, norm, mu, var)
-
-
-def batch_statistics(moments: SampleChannelMoments, spatial_size: int, *, rescale: bool, l2_eps: float) -> BatchStatistics:
-    """Sample scales and channel statistics of the l2-normalised input, from per-(n, c) moments."""
-    return _statistics(moments.mean, moments.var * spatial_size, spatial_size, rescale=rescale, l2_eps=l2_eps)
-
-
 def sample_scale(x: Tensor, *, rescale: bool, l2_eps: float) -> tuple[Tensor, Tensor]:
     """(r_n, ‖x_n‖) from one read of x, accumulated in at least float32."""
     acc = accumulation_dtype(x.dtype)
@@ -144,7 +116,7 @@ def sample_scale(x: Tensor, *, rescale: bool, l2_eps: float) -> tuple[Tensor, Te
     return target / norm.clamp_min(l2_eps), norm
 
 
-def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor, workspace: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def gradient_sums(dy: Tensor, x: Tensor, centre: Tensor, workspace: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(Σ_S dy, Σ_S dy·(x − centre)) per (n, c), from one read of (dy, x) on the fast path.
 
     Elsewhere dy·x goes through ``workspace`` (dy's shape and layout; a temporary by default).
@@ -177,7 +149,7 @@ class FusedL2BatchNorm(torch.autograd.Function):
         y = torch.empty_like(x) if x.dtype == acc else None
         if training:  # y's buffer holds x − m until the output overwrites it
             mean, sumsq = _mean_and_centred_sumsq(x, workspace=y)
-            scale, norm, mu, var = _statistics(mean, sumsq, spatial, rescale=rescale, l2_eps=l2_eps)
+            scale, norm, mu, var = channel_statistics(mean, sumsq, spatial, rescale=rescale, l2_eps=l2_eps)
         else:
             scale, norm = sample_scale(x, rescale=rescale, l2_eps=l2_eps)
             mu, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
@@ -194,40 +166,23 @@ class FusedL2BatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmu, _dvar):
         x, weight, scale, norm, mu, invstd, mean, sumsq = ctx.saved_tensors
-        batch_stats = mean is not None
         acc = scale.dtype
-        n, num_channels = x.shape[0], x.shape[1]
         spatial = x[0, 0].numel()
-        count = n * spatial
-        gain = invstd if weight is None else weight.to(acc) * invstd
-        r = scale[:, None]
-        centre = mean if batch_stats else scale.new_zeros(n, num_channels)
+        centre = mean if mean is not None else scale.new_zeros(x.shape[:2])  # eval: Σ dy·x itself
         dx = torch.empty_like(dy, dtype=x.dtype)
         workspace = dx if dy.dtype == acc and x.dtype == acc else None
-        dy_sum, dy_xc = _gradient_sums(dy, x, centre, workspace)  # Σ dy, Σ dy·(x − m)
-        zc = r * centre - mu  # per-(n, c) mean of z = r_n x, minus μ (eval: m taken as 0)
-        grad_bias = dy_sum.sum(dim=0)
-        grad_weight = invstd * (r * dy_xc + zc * dy_sum).sum(dim=0)  # Σ dy·ẑ
-        if batch_stats:
-            # dz = gain·(dy − grad_bias/count − ẑ·grad_weight/count)
-            k = gain * invstd * grad_weight / count
-            dz_sum = gain * dy_sum - (gain * grad_bias * spatial / count + k * spatial * zc)
-            dz_xc = gain * dy_xc - k * r * sumsq
-            q_stats = -k * r
-            shift = r * (k * mu - gain * grad_bias / count)
-        else:
-            dz_sum, dz_xc = gain * dy_sum, gain * dy_xc
-            q_stats = 0.0
-            shift = scale.new_zeros(())
-        # T_n = Σ_{c,S} dz·x; the l2 step contributes −r_n x T_n / ‖x_n‖² (zero where the norm is clamped)
-        t = (dz_xc + centre * dz_sum).sum(dim=1)
-        u = torch.where(norm > ctx.l2_eps, t / norm.square(), torch.zeros_like(t))[:, None]
-        dx = affine_rows(dy, r * gain, shift, out=dx)
-        dx.addcmul_(x, _per_channel(r * (q_stats - u), x.dim()))
+        dy_sum, dy_xc = gradient_sums(dy, x, centre, workspace)  # Σ dy, Σ dy·(x − centre)
+        grad = input_gradient(
+            dy_sum, dy_xc, centre=centre, sumsq=sumsq, scale=scale, norm=norm, mu=mu, invstd=invstd,
+            weight=weight, spatial_size=spatial, count=x.shape[0] * spatial, l2_eps=ctx.l2_eps,
+        )
+        dx = affine_rows(dy, grad.dy_coef, grad.shift, out=dx)
+        dx.addcmul_(x, per_channel(grad.x_coef, x.dim()))
+        param_dtype = weight.dtype if weight is not None else acc
         return (
             dx,
-            grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None,
-            grad_bias.to(weight.dtype if weight is not None else acc) if ctx.needs_input_grad[2] else None,
+            grad.grad_weight.to(param_dtype) if ctx.needs_input_grad[1] else None,
+            grad.grad_bias.to(param_dtype) if ctx.needs_input_grad[2] else None,
             None, None, None, None, None, None,
         )
 
@@ -253,9 +208,6 @@ def l2_batch_norm_fused(
     y, mu, var = FusedL2BatchNorm.apply(
         input, weight, bias, running_mean, running_var, training, eps, rescale, l2_eps
     )
-    if training and running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            count = input.shape[0] * input[0, 0].numel()
-            running_mean.lerp_(mu.to(running_mean.dtype), momentum)
-            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+    if training:
+        update_running_stats(running_mean, running_var, mu, var, input.shape[0] * input[0, 0].numel(), momentum)
     return y

@@ -26,7 +26,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .fused import _rows, _rows_view, _statistics, accumulation_dtype
+from .algebra import channel_statistics, input_gradient, update_running_stats
+from .fused import _rows, _rows_view, accumulation_dtype
 from .reference import l2_batch_norm_reference
 
 try:
@@ -249,7 +250,7 @@ class TritonL2BatchNorm(torch.autograd.Function):
         spatial = x[0, 0].numel()
         x, _ = _row_strides(x)  # a dense copy only if the spatial dims do not flatten to a view
         mean, sumsq = sample_channel_moments_triton(x)  # one read of x; the norms follow in eval too
-        scale, norm, mu, var = _statistics(mean, sumsq, spatial, rescale=rescale, l2_eps=l2_eps)
+        scale, norm, mu, var = channel_statistics(mean, sumsq, spatial, rescale=rescale, l2_eps=l2_eps)
         if not training:
             mu, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
         invstd = (var + eps).rsqrt()
@@ -264,34 +265,18 @@ class TritonL2BatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmu, _dvar):
         x, weight, scale, norm, mu, invstd, mean, sumsq = ctx.saved_tensors
-        n, num_channels = x.shape[0], x.shape[1]
         spatial = x[0, 0].numel()
-        count = n * spatial
-        gain = invstd if weight is None else weight.to(scale.dtype) * invstd
-        r = scale[:, None]
         dy_sum, dy_xc = gradient_sums_triton(dy, x, mean)  # Σ dy, Σ dy·(x − m)
-        zc = r * mean - mu  # per-(n, c) mean of z = r_n x, minus μ
-        grad_bias = dy_sum.sum(dim=0)
-        grad_weight = invstd * (r * dy_xc + zc * dy_sum).sum(dim=0)  # Σ dy·ẑ
-        if ctx.training:  # batch statistics: dz = gain·(dy − grad_bias/count − ẑ·grad_weight/count)
-            k = gain * invstd * grad_weight / count
-            dz_sum = gain * dy_sum - (gain * grad_bias * spatial / count + k * spatial * zc)
-            dz_xc = gain * dy_xc - k * r * sumsq
-            q_stats = -k * r
-            shift = r * (k * mu - gain * grad_bias / count)
-        else:
-            dz_sum, dz_xc = gain * dy_sum, gain * dy_xc
-            q_stats = torch.zeros_like(r)
-            shift = scale.new_zeros(())
-        # T_n = Σ_{c,S} dz·x; the l2 step contributes −r_n x T_n / ‖x_n‖² (zero where the norm is clamped)
-        t = (dz_xc + mean * dz_sum).sum(dim=1)
-        u = torch.where(norm > ctx.l2_eps, t / norm.square(), torch.zeros_like(t))[:, None]
-        p = (r * gain).expand(n, num_channels)
-        dx = affine_triton(torch.empty_like(x), dy, p, shift, v=x, q=(r * (q_stats - u)).expand(n, num_channels))
+        grad = input_gradient(
+            dy_sum, dy_xc, centre=mean, sumsq=sumsq if ctx.training else None, scale=scale, norm=norm, mu=mu,
+            invstd=invstd, weight=weight, spatial_size=spatial, count=x.shape[0] * spatial, l2_eps=ctx.l2_eps,
+        )
+        dx = affine_triton(torch.empty_like(x), dy, grad.dy_coef, grad.shift, v=x, q=grad.x_coef)
+        param_dtype = weight.dtype if weight is not None else scale.dtype
         return (
             dx,
-            grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None,
-            grad_bias.to(weight.dtype if weight is not None else scale.dtype) if ctx.needs_input_grad[2] else None,
+            grad.grad_weight.to(param_dtype) if ctx.needs_input_grad[1] else None,
+            grad.grad_bias.to(param_dtype) if ctx.needs_input_grad[2] else None,
             None, None, None, None, None, None,
         )
 
@@ -328,11 +313,8 @@ def l2_batch_norm_triton(
         )
     _check_triton_input(input)
     y, mu, var = TritonL2BatchNorm.apply(input, weight, bias, running_mean, running_var, training, eps, rescale, l2_eps)
-    if training and running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            count = input.shape[0] * input[0, 0].numel()
-            running_mean.lerp_(mu.to(running_mean.dtype), momentum)
-            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+    if training:
+        update_running_stats(running_mean, running_var, mu, var, input.shape[0] * input[0, 0].numel(), momentum)
     return y
 
 
