@@ -425,3 +425,17 @@ def test_l2bn_checkpoints_load_into_bn_models():
     l2 = M.create_model("resnet20", num_classes=10, norm_layer="l2bn")
     l2.load_state_dict(bn.state_dict())
     bn.load_state_dict(l2.state_dict())
+
+
+# ---------------------------------------------------------------- command line
+def test_models_command_lists_and_shows_layout(capsys):
+    from l2bn.cli import main
+
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert len(listing) == len(M.list_models())
+    assert any(line.split()[:3] == ["resnet20", "cifar", "0.27M"] for line in listing)
+    assert main(["models", "resnet20", "--norm", "l2bn", "--placement", "classifier"]) == 0
+    layout = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert len(layout) == 19 and layout[-1] == ["layer3.2.bn2", "L2BatchNorm2d(64)"]
+    assert all(kind.startswith("BatchNorm2d(") for _, kind in layout[:-1])

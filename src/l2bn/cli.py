@@ -7,10 +7,12 @@ from typing import Sequence
 
 from .bench import add_bench_command
 from .geometry import add_geometry_command
+from .models.command import add_models_command
 from .train.cli import add_analyze_command, add_compare_command, add_train_command
 
 # Each command module contributes one ``add_*_command(subparsers)``; add new ones to this tuple.
-COMMANDS = (add_bench_command, add_geometry_command, add_train_command, add_compare_command, add_analyze_command)
+COMMANDS = (add_bench_command, add_geometry_command, add_train_command, add_compare_command, add_analyze_command,
+            add_models_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
