@@ -19,13 +19,19 @@ L2BN_TO_BN: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in BN_TO_L2B
 NamePredicate = Callable[[str], bool]
 
 
-def _rebuild(old: nn.Module, new_cls: type[nn.Module], **extra) -> nn.Module:
-    """Construct ``new_cls`` with ``old``'s BatchNorm arguments and copy its full state into it."""
+def rebuild_norm(old: nn.Module, new_cls: type[nn.Module], *, share_parameters: bool = False, **extra) -> nn.Module:
+    """``new_cls`` with ``old``'s BatchNorm arguments (plus ``extra``), state, requires_grad flags and mode.
+
+    ``share_parameters`` reuses ``old``'s weight and bias Parameters (as torch's SyncBatchNorm converter
+    does, so an optimizer built before the conversion keeps updating them); otherwise they are copied.
+    """
     tensor = next(iter(old.parameters()), None)
     if tensor is None:
         tensor = old.running_mean
     factory = {} if tensor is None else {"device": tensor.device, "dtype": tensor.dtype}
     new = new_cls(old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats, **factory, **extra)
+    if share_parameters and old.affine:
+        new.weight, new.bias = old.weight, old.bias
     new.load_state_dict(old.state_dict())
     for name, param in new.named_parameters():
         param.requires_grad_(getattr(old, name).requires_grad)
@@ -36,7 +42,7 @@ def _rebuild(old: nn.Module, new_cls: type[nn.Module], **extra) -> nn.Module:
 def _convert(module: nn.Module, mapping: dict, include: NamePredicate | None, prefix: str, **extra) -> nn.Module:
     new_cls = mapping.get(type(module))
     if new_cls is not None and (include is None or include(prefix)):
-        return _rebuild(module, new_cls, **extra)
+        return rebuild_norm(module, new_cls, **extra)
     for name, child in module.named_children():
         qualified = f"{prefix}.{name}" if prefix else name
         converted = _convert(child, mapping, include, qualified, **extra)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .kernels.algebra import input_gradient, sample_scales, update_running_stats
 from .kernels.fused import affine_rows, gradient_sums, per_channel, sample_channel_moments
+from .convert import rebuild_norm
 from .layers import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d, _L2BatchNorm
 
 __all__ = ["SyncL2BatchNorm", "convert_sync_l2bn", "revert_sync_l2bn", "sync_l2_batch_norm"]
@@ -199,21 +200,8 @@ _LOCAL_TYPES = (L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d)
 
 
 def _rebuild(old: _L2BatchNorm, new_cls: type[_L2BatchNorm], **extra: Any) -> _L2BatchNorm:
-    """``new_cls`` with ``old``'s constructor arguments and state (parameters shared), requires_grad and mode."""
-    tensor = next(iter(old.parameters()), None)
-    if tensor is None:
-        tensor = old.running_mean
-    factory = {} if tensor is None else {"device": tensor.device, "dtype": tensor.dtype}
-    new = new_cls(
-        old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats,
-        rescale=old.rescale, l2_eps=old.l2_eps, **factory, **extra,
-    )
-    if old.affine:  # share the Parameters, like nn.SyncBatchNorm.convert_sync_batchnorm
-        new.weight = old.weight
-        new.bias = old.bias
-    new.load_state_dict(old.state_dict())
-    new.train(old.training)
-    return new
+    """``new_cls`` with ``old``'s arguments and state, sharing its Parameters (like torch's SyncBN converter)."""
+    return rebuild_norm(old, new_cls, share_parameters=True, rescale=old.rescale, l2_eps=old.l2_eps, **extra)
 
 
 def convert_sync_l2bn(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
