@@ -364,10 +364,10 @@ def _train(
     last_path, best_path = out / "last.pt", out / "best.pt"
     metrics_path, timing_path = out / "metrics.jsonl", out / "timing.jsonl"
 
+    if not config.resume and (metrics_path.exists() or last_path.exists()):  # every rank, so none waits forever
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if not config.resume and (metrics_path.exists() or last_path.exists()):
-            raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if recipe.batch_size % env.world_size:
         raise ValueError(f"batch size {recipe.batch_size} is not divisible by the world size {env.world_size}")
     local_batch = recipe.batch_size // env.world_size
