@@ -231,3 +231,12 @@ def test_ddp_two_gloo_processes_rank0_writes_and_metrics_cover_all_data(tmp_path
     got = analyze_checkpoint(out / "last.pt", device="cpu")
     for key in ("test_acc", "test_loss", "intra_train", "intra_test", "inter"):
         assert got[key] == pytest.approx(recs[-1][key], rel=1e-5), key
+
+
+def test_progress_bar_reports_throughput(tmp_path, capsys):
+    config = TrainConfig(out=str(tmp_path / "p"), norm="bn", recipe=quick(epochs=1), progress=True)
+    train(config, model_fn=tiny, data=DIGITS, log=lambda m: None)
+    err = capsys.readouterr().err
+    assert "img/s" in err and "epoch 1/1" in err
+    timing = json.loads((tmp_path / "p" / "timing.jsonl").read_text())
+    assert timing["train_images_per_second"] == pytest.approx(21 * 64 / timing["train_seconds"])
