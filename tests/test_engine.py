@@ -209,14 +209,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, norm: str, sync_bn: 
     train(config, log=lambda m: None)
 
 
-SYNC_VIEW_BUG = pytest.mark.xfail(
-    reason="SyncL2BatchNorm output under an initialised process group is a custom-Function view; the models' "
-    "ReLU(inplace=True) then raises (l2bn.distributed, reported to its owner); remove once fixed",
-    raises=Exception, strict=False,
-)
-
-
-@pytest.mark.parametrize("norm,sync_bn", [("bn", False), pytest.param("l2bn", True, marks=SYNC_VIEW_BUG)])
+@pytest.mark.parametrize("norm,sync_bn", [("bn", False), ("l2bn", True)])
 def test_ddp_two_gloo_processes_rank0_writes_and_metrics_cover_all_data(tmp_path, norm, sync_bn):
     out = tmp_path / "ddp"
     mp.start_processes(_ddp_worker, args=(2, _free_port(), str(out), norm, sync_bn), nprocs=2, start_method="spawn")

@@ -298,3 +298,13 @@ def test_input_gradient_is_orthogonal_to_each_sample(training, impl):
     (grad,) = torch.autograd.grad(y, x, torch.randn_like(y))
     dots = (grad * x).sum(dim=(1, 2, 3))
     assert dots.abs().max() < 1e-12 * grad.abs().max() * x.abs().max() * x[0].numel()
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_output_accepts_inplace_activation(training, impl):
+    """Models apply ReLU(inplace=True) to norm outputs: the output must not be a view of a custom Function."""
+    layer = l2bn.L2BatchNorm2d(3).train(training)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    y = torch.relu_(layer(x))
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()

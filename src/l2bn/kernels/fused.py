@@ -63,19 +63,20 @@ def per_channel(t: Tensor, ndim: int) -> Tensor:
 
 
 def affine_rows(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
-    """x[n, c, ...]·scale[n, c] + shift[(n,) c] in one pass, into ``out`` (default: new, x's dtype and layout)."""
+    """x[n, c, ...]·scale[n, c] + shift[(n,) c] in one pass, into ``out`` (default: new, x's dtype and layout).
+
+    Always returns ``out`` itself, never a view of it (autograd.Function outputs must not be views).
+    """
+    if out is None:
+        out = torch.empty_like(x)
     num_rows = scale.numel()
     flat = _flat_channels(x, scale.dtype)
-    if flat is not None and (out is None or out.is_contiguous()) and shift.numel() in (1, scale.shape[1], num_rows):
+    if flat is not None and out.is_contiguous() and shift.numel() in (1, scale.shape[1], num_rows):
         args = (flat, scale.reshape(num_rows), shift.expand(scale.shape).reshape(num_rows))
         stats = (scale.new_zeros(num_rows), scale.new_ones(num_rows), 0.0, 0.0)
-        if out is None:
-            return torch.ops.aten._native_batch_norm_legit_no_training(*args, *stats)[0].view_as(x)
         empty = scale.new_empty(0)
         torch.ops.aten._native_batch_norm_legit_no_training.out(*args, *stats, out0=out.view_as(flat), out1=empty, out2=empty)
         return out
-    if out is None:
-        out = torch.empty_like(x)
     return torch.addcmul(per_channel(shift, x.dim()), x, per_channel(scale, x.dim()), out=out)
 
 
