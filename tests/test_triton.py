@@ -3,8 +3,9 @@
 On a machine without a GPU the kernels run on CPU tensors through Triton's interpreter. Triton fixes
 "compiled or interpreted" when it first imports ``triton.language`` and decorates kernels, so this module
 sets ``TRITON_INTERPRET=1`` before that import (restoring the environment afterwards). If another module
-imported triton first (torchvision does, so a whole-suite run does), the in-process tests skip and
-``test_interpreter_suite_in_fresh_process`` runs this file in a fresh interpreter instead. With CUDA the
+imported triton first without it, the in-process tests skip and ``test_interpreter_suite_in_fresh_process``
+runs this file in a fresh interpreter instead (``tests/conftest.py`` sets it for the whole suite on machines
+without a GPU, so that is the exception). With CUDA the
 same tests run the compiled kernels on the GPU.
 """
 from __future__ import annotations
@@ -71,8 +72,10 @@ def dev(t: torch.Tensor) -> torch.Tensor:
 
 
 def run(fn, x, training, *, dtype=torch.float32, memory_format=torch.contiguous_format, affine=True, momentum=0.1):
-    """Forward + backward of ``fn`` with fixed parameters; returns output, gradients and running stats."""
-    """The reference runs on the CPU, everything else on ``DEVICE``; results come back to the CPU."""
+    """Forward + backward of ``fn`` with fixed parameters; returns output, gradients and running stats.
+
+    The reference runs on the CPU, everything else on ``DEVICE``; results come back to the CPU.
+    """
     device = "cpu" if fn is l2_batch_norm_reference else DEVICE
     gen = torch.Generator().manual_seed(7)
     c = x.shape[1]
