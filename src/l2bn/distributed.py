@@ -64,7 +64,7 @@ class _SyncL2BatchNormFunction(torch.autograd.Function):
         acc = scale.dtype
         gain = invstd if weight is None else weight.to(acc) * invstd
         shift = -mean * gain if bias is None else bias.to(acc) - mean * gain
-        y = affine_rows(x, scale[:, None] * gain, shift)
+        y = affine_rows(torch.empty_like(x), x, scale[:, None] * gain, shift)
         ctx.save_for_backward(x, weight, scale, norm, mean, invstd, centre, sumsq, total)
         ctx.l2_eps = l2_eps
         ctx.process_group = process_group
@@ -85,7 +85,7 @@ class _SyncL2BatchNormFunction(torch.autograd.Function):
             weight=weight, spatial_size=x[0, 0].numel() if x.shape[0] else 1, count=total, l2_eps=ctx.l2_eps,
             all_reduce=all_reduce,
         )
-        dx = affine_rows(dy, grad.dy_coef, grad.shift)
+        dx = affine_rows(torch.empty_like(x), dy, grad.dy_coef, grad.shift)
         dx.addcmul_(x, per_channel(grad.x_coef.to(x.dtype), x.dim()))
         # like nn.SyncBatchNorm: parameter gradients stay local; DDP averages them with all the others
         param_dtype = weight.dtype if weight is not None else acc

@@ -62,22 +62,24 @@ def per_channel(t: Tensor, ndim: int) -> Tensor:
     return t.view(t.shape + (1,) * (ndim - 2))
 
 
-def affine_rows(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
-    """x[n, c, ...]·scale[n, c] + shift[(n,) c] in one pass, into ``out`` (default: new, x's dtype and layout).
+def affine_rows(out: Tensor, src: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """out = src·scale[n, c] + shift[(n,) c] over (N, C, *S) tensors; ``out`` may be ``src`` (in place).
 
-    Always returns ``out`` itself, never a view of it (autograd.Function outputs must not be views).
+    Picks, by layout, the torch ops measured fastest on the CPU (docs/performance.md): contiguous rows
+    (NCHW) take a multiply then an add, which vectorise along the rows; channels_last takes one addcmul,
+    which vectorises along the channels. Returns ``out``.
     """
-    if out is None:
-        out = torch.empty_like(x)
-    num_rows = scale.numel()
-    flat = _flat_channels(x, scale.dtype)
-    if flat is not None and out.is_contiguous() and shift.numel() in (1, scale.shape[1], num_rows):
-        args = (flat, scale.reshape(num_rows), shift.expand(scale.shape).reshape(num_rows))
-        stats = (scale.new_zeros(num_rows), scale.new_ones(num_rows), 0.0, 0.0)
-        empty = scale.new_empty(0)
-        torch.ops.aten._native_batch_norm_legit_no_training.out(*args, *stats, out0=out.view_as(flat), out1=empty, out2=empty)
-        return out
-    return torch.addcmul(per_channel(shift, x.dim()), x, per_channel(scale, x.dim()), out=out)
+    out_rows = _rows_view(out)
+    if out_rows is None:  # spatial dims that do not flatten in place (rare permutations): go through a copy
+        return out.copy_(torch.addcmul(per_channel(shift, src.dim()), src, per_channel(scale, src.dim())))
+    src_rows = _rows(src)
+    scale = scale.unsqueeze(-1)
+    shift = shift.unsqueeze(-1) if shift.dim() == 2 else shift.view(1, -1, 1)
+    if out_rows.stride(-1) == 1 and out_rows.shape[-1] > 1:
+        torch.mul(src_rows, scale, out=out_rows).add_(shift)
+    else:
+        torch.addcmul(shift, src_rows, scale, out=out_rows)
+    return out
 
 
 class SampleChannelMoments(NamedTuple):
@@ -95,12 +97,14 @@ def _mean_and_centred_sumsq(x: Tensor, workspace: Tensor | None = None) -> tuple
     acc = accumulation_dtype(x.dtype)
     rows = _rows(x)
     mean = rows.mean(dim=-1, dtype=acc)
+    centred = torch.sub(rows, mean.unsqueeze(-1), out=_rows_view(workspace))
     if rows.shape[-1] == 1:
         return mean, torch.zeros_like(mean)
-    centred = torch.sub(rows, mean.unsqueeze(-1), out=_rows_view(workspace))
     if centred.stride(-1) == 1:  # contiguous rows: the norm kernel is the fastest single read
         return mean, torch.linalg.vector_norm(centred, dim=-1).square_()
-    return mean, centred.square_().sum(dim=-1)  # strided rows (channels_last): norm kernels do not vectorise
+    # strided rows (channels_last): norm kernels do not vectorise; square a private temporary in place
+    squares = centred.square() if workspace is not None else centred.square_()
+    return mean, squares.sum(dim=-1)
 
 
 def sample_channel_moments(x: Tensor) -> SampleChannelMoments:
@@ -117,11 +121,9 @@ def sample_scale(x: Tensor, *, rescale: bool, l2_eps: float) -> tuple[Tensor, Te
     return target / norm.clamp_min(l2_eps), norm
 
 
-def gradient_sums(dy: Tensor, x: Tensor, centre: Tensor, workspace: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(Σ_S dy, Σ_S dy·(x − centre)) per (n, c), from one read of (dy, x) on the fast path.
-
-    Elsewhere dy·x goes through ``workspace`` (dy's shape and layout; a temporary by default).
-    """
+def gradient_sums(dy: Tensor, x: Tensor, centre: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ_S dy, Σ_S dy·(x − centre)) per (n, c), from one read of (dy, x) on the NCHW fast path
+    (BatchNorm's backward reduction on the row view); elsewhere through a temporary dy·x."""
     acc = centre.dtype
     flat_dy, flat_x = _flat_channels(dy, acc), _flat_channels(x, acc)
     if flat_dy is not None and flat_x is not None:
@@ -132,10 +134,7 @@ def gradient_sums(dy: Tensor, x: Tensor, centre: Tensor, workspace: Tensor | Non
         return total.view_as(centre), dot.view_as(centre)
     dy_rows, x_rows = _rows(dy), _rows(x)
     total = dy_rows.sum(dim=-1, dtype=acc)
-    if dy.dtype == acc and x.dtype == acc:
-        product = torch.mul(dy_rows, x_rows, out=_rows_view(workspace))
-    else:
-        product = torch.mul(dy_rows.to(acc), x_rows)
+    product = torch.mul(dy_rows.to(acc), x_rows)
     return total, product.sum(dim=-1, dtype=acc).sub_(centre * total)
 
 
@@ -145,20 +144,26 @@ class FusedL2BatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, rescale, l2_eps):
-        acc = accumulation_dtype(x.dtype)
-        spatial = x[0, 0].numel()
-        y = torch.empty_like(x) if x.dtype == acc else None
-        if training:  # y's buffer holds x − m until the output overwrites it
-            mean, sumsq = _mean_and_centred_sumsq(x, workspace=y)
-            scale, norm, mu, var = channel_statistics(mean, sumsq, spatial, rescale=rescale, l2_eps=l2_eps)
-        else:
-            scale, norm = sample_scale(x, rescale=rescale, l2_eps=l2_eps)
-            mu, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
-            mean = sumsq = None
-        invstd = (var + eps).rsqrt()
-        gain = invstd if weight is None else weight.to(acc) * invstd
-        shift = -mu * gain if bias is None else bias.to(acc) - mu * gain
-        y = affine_rows(x, scale[:, None] * gain, shift, out=y)
+        with torch.no_grad():  # out= ops below; tracers (torch.export) may run forward with grad enabled
+            acc = accumulation_dtype(x.dtype)
+            spatial = x[0, 0].numel()
+            y = torch.empty_like(x)
+            centred_in_y = training and x.dtype == acc and _rows_view(y) is not None
+            if training:  # y holds x − m until the output pass overwrites it in place
+                mean, sumsq = _mean_and_centred_sumsq(x, workspace=y if centred_in_y else None)
+                scale, norm, mu, var = channel_statistics(mean, sumsq, spatial, rescale=rescale, l2_eps=l2_eps)
+            else:
+                scale, norm = sample_scale(x, rescale=rescale, l2_eps=l2_eps)
+                mu, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+                mean = sumsq = None
+            invstd = (var + eps).rsqrt()
+            gain = invstd if weight is None else weight.to(acc) * invstd
+            shift = -mu * gain if bias is None else bias.to(acc) - mu * gain
+            a = scale[:, None] * gain
+            if centred_in_y:  # y = (x − m)·a + (m·a + b)
+                affine_rows(y, y, a, shift + mean * a)
+            else:
+                affine_rows(y, x, a, shift)
         ctx.save_for_backward(x, weight, scale, norm, mu, invstd, mean, sumsq)
         ctx.l2_eps = l2_eps
         ctx.mark_non_differentiable(mu, var)
@@ -170,14 +175,12 @@ class FusedL2BatchNorm(torch.autograd.Function):
         acc = scale.dtype
         spatial = x[0, 0].numel()
         centre = mean if mean is not None else scale.new_zeros(x.shape[:2])  # eval: Σ dy·x itself
-        dx = torch.empty_like(dy, dtype=x.dtype)
-        workspace = dx if dy.dtype == acc and x.dtype == acc else None
-        dy_sum, dy_xc = gradient_sums(dy, x, centre, workspace)  # Σ dy, Σ dy·(x − centre)
+        dy_sum, dy_xc = gradient_sums(dy, x, centre)  # Σ dy, Σ dy·(x − centre)
         grad = input_gradient(
             dy_sum, dy_xc, centre=centre, sumsq=sumsq, scale=scale, norm=norm, mu=mu, invstd=invstd,
             weight=weight, spatial_size=spatial, count=x.shape[0] * spatial, l2_eps=ctx.l2_eps,
         )
-        dx = affine_rows(dy, grad.dy_coef, grad.shift, out=dx)
+        dx = affine_rows(torch.empty_like(x), dy, grad.dy_coef, grad.shift)
         dx.addcmul_(x, per_channel(grad.x_coef, x.dim()))
         param_dtype = weight.dtype if weight is not None else acc
         return (
