@@ -308,3 +308,13 @@ def test_output_accepts_inplace_activation(training, impl):
     y = torch.relu_(layer(x))
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_torch_export_train_mode_updates_running_stats():
+    layer = l2bn.L2BatchNorm2d(4, dtype=torch.float64)
+    eager = copy.deepcopy(layer)
+    exported = torch.export.export(layer, (make_input((3, 4, 5, 5)),)).module()
+    x = make_input((3, 4, 5, 5), seed=3)
+    torch.testing.assert_close(exported(x), eager(x))
+    torch.testing.assert_close(exported.running_mean, eager.running_mean)
+    torch.testing.assert_close(exported.running_var, eager.running_var)
