@@ -213,6 +213,30 @@ def test_identical_centers_give_inter_zero_and_infinite_iir():
     assert stats.iir == math.inf or stats.iir > 1e6
 
 
+def test_class_whose_unit_vectors_cancel_has_no_center_and_a_clear_error():
+    # class 0: opposite directions, so the mean unit vector is exactly zero although the class has samples
+    x = torch.tensor([[1.0, 0.0], [-3.0, 0.0], [0.0, 1.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1, 2])
+    with pytest.raises(ValueError, match=r"classes \[0\] have samples but no center .*cancel out"):
+        angle_stats(x, y)
+    acc = AngleAccumulator(3)
+    acc.update(x, y)
+    assert acc.counts.tolist() == [2, 2, 1] and torch.all(acc.centers()[0] == 0)
+    assert acc.inter() == pytest.approx(45.0, abs=1e-9)  # only classes 1 and 2 have a center
+
+
+def test_bad_centers_are_named():
+    x, y = torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
+    centers = torch.eye(2)
+    centers[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"centers contain NaN or inf in 1 row\(s\) \(first at index 1\)"):
+        angle_stats(x, y, centers)
+    with pytest.raises(ValueError, match=r"centers must be a \(num_classes, d\) tensor, got list"):
+        angle_stats(x, y, [[1.0, 0.0], [0.0, 1.0]])
+    with pytest.raises(ValueError, match=r"centers must be a \(num_classes, d\) tensor, got \(2,\)"):
+        IntraAngleAccumulator(torch.ones(2))
+
+
 # -------------------------------------------------------------------------------------------- streaming
 def test_streaming_equals_one_shot():
     x, y = _uneven_data(12, n_per_class=(7, 40, 13, 2, 21))
@@ -371,3 +395,16 @@ def test_extract_features_torchvision_resnet18_tiny_input():
     stats = angle_stats(feats, labels)
     intra, inter, _ = brute_force(feats, labels)
     assert stats.intra == pytest.approx(intra, rel=1e-9) and stats.inter == pytest.approx(inter, rel=1e-9)
+
+
+def test_extract_features_zoo_resnet20_matches_classifier_input():
+    from l2bn.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=4, norm_layer="l2bn")
+    x, y = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 3, 1])
+    feats, labels = extract_features(model, DataLoader(TensorDataset(x, y), batch_size=2))
+    assert feats.shape == (5, 64) and torch.equal(labels, y)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.fc(feats), model(x), rtol=1e-5, atol=1e-5)  # fc sees exactly these

@@ -80,13 +80,14 @@ def _check_labels(labels: Tensor, n: int, num_classes: int | None) -> Tensor:
     return labels
 
 
-def _check_finite(features: Tensor) -> None:
+def _check_finite(features: Tensor, what: str = "features") -> None:
     bad = ~torch.isfinite(features).all(dim=1)
     if bool(bad.any()):
         rows = bad.nonzero().flatten()
+        unit = "sample(s)" if what == "features" else "row(s)"
         raise ValueError(
-            f"features contain NaN or inf in {rows.numel()} sample(s) (first at index {int(rows[0])}); "
-            "angles of non-finite features are undefined"
+            f"{what} contain NaN or inf in {rows.numel()} {unit} (first at index {int(rows[0])}); "
+            f"angles of non-finite {what} are undefined"
         )
 
 
@@ -109,7 +110,7 @@ def _center_directions(centers: Tensor) -> tuple[Tensor, Tensor]:
     if not isinstance(centers, Tensor) or centers.dim() != 2:
         shape = tuple(centers.shape) if isinstance(centers, Tensor) else type(centers).__name__
         raise ValueError(f"centers must be a (num_classes, d) tensor, got {shape}")
-    _check_finite(centers)
+    _check_finite(centers, "centers")
     return _unit_rows(centers)
 
 
@@ -148,7 +149,10 @@ def _intra_sum(units: Tensor, labels: Tensor, center_units: Tensor, center_valid
     missing = ~center_valid[labels]
     if bool(missing.any()):
         absent = torch.unique(labels[missing]).tolist()
-        raise ValueError(f"classes {absent} have samples but no center (absent from the set the centers came from)")
+        raise ValueError(
+            f"classes {absent} have samples but no center (a zero row: the class was absent from the set the "
+            "centers came from, or its unit vectors cancel out)"
+        )
     return _angle_deg(units, center_units[labels]).sum()
 
 
@@ -194,6 +198,7 @@ def angle_stats(
     ``num_classes`` defaults to ``len(centers)``, else ``labels.max() + 1``.
     """
     if centers is not None:
+        _center_directions(centers)
         if num_classes is not None and num_classes != centers.shape[0]:
             raise ValueError(f"num_classes={num_classes} disagrees with centers of shape {tuple(centers.shape)}")
         num_classes = centers.shape[0]
