@@ -146,3 +146,22 @@ def test_cli_prints_tables_and_writes_pngs(tmp_path, capsys):
     assert "    0      45.00     45.00" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["geometry", "--out", str(tmp_path), "--centers", "1,a;2"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-layers", "-1"], "expected an integer >= 0, got '-1'"),
+    (["--centers", "0,0;1,1"], "every center must be finite and non-zero"),
+    (["--centers", "1,nan;1,1"], "every center must be finite and non-zero"),
+])
+def test_cli_rejects_bad_arguments_without_traceback(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["geometry", "--out", str(tmp_path), *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_center_mapped_to_zero_is_a_clear_error(tmp_path, capsys):
+    # three 1-D centers 1, 2, 3: BN maps the middle one to exactly 0, which has no direction
+    with pytest.raises(ValueError, match=r"centers \[1\] are zero vectors after bn layer 1"):
+        min_center_angles(torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64), 2, "bn")
+    assert main(["geometry", "--out", str(tmp_path), "--centers", "1;2;3"]) == 1
+    assert "error: centers [1] are zero vectors after bn layer 1" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -81,7 +82,14 @@ def min_center_angles(centers: Tensor, num_layers: int, norm: str) -> list[float
     """Minimum pairwise angle (degrees) of class ``centers`` (k × d) at input (index 0) and after each layer."""
     if centers.dim() != 2 or centers.shape[0] < 2:
         raise ValueError(f"centers must be a (k, d) tensor with k >= 2, got shape {tuple(centers.shape)}")
-    return [_min_angle(s) for s in propagate(centers, num_layers, norm)]
+    angles = []
+    for layer, state in enumerate(propagate(centers, num_layers, norm)):
+        zero = (state == 0).all(dim=1).nonzero().flatten().tolist()
+        if zero:
+            where = "at the input" if layer == 0 else f"after {norm} layer {layer}"
+            raise ValueError(f"centers {zero} are zero vectors {where}, so their angles are undefined")
+        angles.append(_min_angle(state))
+    return angles
 
 
 def intra_class_spread(class_features: Tensor, others: Tensor | None, num_layers: int, norm: str) -> list[float]:
@@ -222,7 +230,19 @@ def _parse_matrix(text: str) -> Tensor:
         raise argparse.ArgumentTypeError(f"expected rows like '1,0.2;0.8,1;3,2.5', got {text!r} ({err})") from None
     if matrix.dim() != 2 or matrix.shape[0] < 2:
         raise argparse.ArgumentTypeError(f"expected at least 2 rows of equal length, got {text!r}")
+    if not bool(torch.isfinite(matrix).all()) or bool((matrix == 0).all(dim=1).any()):
+        raise argparse.ArgumentTypeError(f"every center must be finite and non-zero (it needs a direction), got {text!r}")
     return matrix
+
+
+def _num_layers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def _table(title: str, curves: dict[str, list[float]]) -> str:
@@ -235,7 +255,11 @@ def _table(title: str, curves: dict[str, list[float]]) -> str:
 def run_geometry(args: argparse.Namespace) -> int:
     """``l2bn geometry``: print the per-layer tables and write the figures."""
     centers = args.centers if args.centers is not None else DEFAULT_CENTERS
-    curves = {n: min_center_angles(centers, args.num_layers, n) for n in NORMS}
+    try:
+        curves = {n: min_center_angles(centers, args.num_layers, n) for n in NORMS}
+    except ValueError as exc:  # e.g. a layer maps a center to zero, so its direction is undefined
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(_table("Minimum angle between class centers (degrees) after identity layers", curves))
     intra = {n: intra_class_spread(DEFAULT_INTRA_CLASS, DEFAULT_OTHERS, args.num_layers, n) for n in NORMS}
     print()
@@ -254,7 +278,7 @@ def add_geometry_command(subparsers) -> None:
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--out", type=Path, required=True, help="directory for the PNG figures")
-    p.add_argument("--num-layers", type=int, default=12, help="identity layers to stack (default: 12)")
+    p.add_argument("--num-layers", type=_num_layers, default=12, help="identity layers to stack (default: 12)")
     p.add_argument("--centers", type=_parse_matrix, default=None,
                    help="class centers as 'x,y;x,y;...' (default: three 2-D centers of unequal norms)")
     p.set_defaults(func=run_geometry)
