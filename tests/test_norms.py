@@ -112,8 +112,10 @@ def test_group_norm_by_channels_per_group(cpg):
     assert m.num_groups == c // cpg
     x = sample(3, c, 4, 5)
     expected = standardize_groups(x, c // cpg) * per_channel(m.weight, 4) + per_channel(m.bias, 4)
-    torch.testing.assert_close(m(x), expected)
-    torch.testing.assert_close(m(x), F.group_norm(x, c // cpg, m.weight, m.bias, EPS))
+    for mode in (True, False):
+        m.train(mode)
+        torch.testing.assert_close(m(x), expected)
+        torch.testing.assert_close(m(x), F.group_norm(x, c // cpg, m.weight, m.bias, EPS))
 
 
 def test_group_norm_non_divisible_channels_error_names_values():

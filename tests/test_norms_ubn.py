@@ -97,7 +97,10 @@ def test_ubn_train_update_and_eval(shape):
     m.eval()
     x2 = torch.randn(*shape, dtype=D)
     expected_eval, *_ = ubn_formula(m, x2, stats=(m.running_mean, m.running_var))
+    measured, stats = m.last_condensation, (m.running_mean.clone(), m.running_var.clone())
     torch.testing.assert_close(m(x2), expected_eval)
+    assert m.last_condensation is measured  # eval neither measures condensation nor moves the statistics
+    assert torch.equal(m.running_mean, stats[0]) and torch.equal(m.running_var, stats[1])
 
 
 def test_ubn_default_init_is_bn_scaled_by_sigmoid_one():

@@ -61,6 +61,18 @@ def test_device_dtype_and_reset_parameters(name):
 
 
 @pytest.mark.parametrize("name", ZOO)
+def test_device_and_dtype_reach_every_tensor_and_forward(name):
+    """``device``/``dtype`` land on every parameter and buffer (meta: a device other than the default)."""
+    m = create_norm(name, 8, device="meta", dtype=torch.float16)
+    tensors = dict(m.named_parameters()) | dict(m.named_buffers())
+    for key, t in tensors.items():
+        assert t.device.type == "meta", f"{name}: {key} on {t.device}"
+        assert not t.is_floating_point() or t.dtype == torch.float16, f"{name}: {key} is {t.dtype}"
+    y = m(torch.empty(4, 8, 3, 3, device="meta", dtype=torch.float16))
+    assert y.shape == (4, 8, 3, 3) and y.device.type == "meta" and y.dtype == torch.float16
+
+
+@pytest.mark.parametrize("name", ZOO)
 def test_train_and_eval_modes_give_finite_outputs(name):
     m = create_norm(name, 8)
     x = torch.randn(4, 8, 5, 5)
@@ -122,6 +134,41 @@ def test_clip_gates_after_optimizer_step():
         gates = torch.cat([g.detach() for g in gate_parameters(net)])
         assert gates.min() >= 0 and gates.max() <= 1
         assert torch.equal(gates, torch.ones_like(gates) if sign < 0 else torch.zeros_like(gates))
+
+
+def test_trainer_uses_gate_groups_and_clips_gates(tmp_path, monkeypatch):
+    """``l2bn.train`` builds BIN's param groups and clips the gates after every step (control: no clipping)."""
+    from l2bn.data import build_data
+    from l2bn.train import engine
+    from l2bn.train.recipes import get_recipe
+
+    data = build_data("digits")
+
+    def tiny(num_classes: int, in_channels: int, norm: str) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), get_norm_layer(norm)(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes))
+
+    def run(name: str) -> dict:
+        recipe = get_recipe("digits-quick", epochs=1, batch_size=64, lr=0.1, weight_decay=5e-4, metrics_every=5)
+        config = engine.TrainConfig(out=str(tmp_path / name), norm="bin", recipe=recipe, progress=False)
+        engine.train(config, model_fn=tiny, data=data, log=lambda msg: None)
+        return torch.load(tmp_path / name / "last.pt", weights_only=False)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is many times faster on a shared CPU
+    try:
+        ckpt = run("clipped")
+        monkeypatch.setattr(engine, "_gate_clipper", lambda model: (lambda: None))
+        unclipped = run("unclipped")["model"]["1.gate"]
+    finally:
+        torch.set_num_threads(threads)
+    gate = ckpt["model"]["1.gate"]
+    assert gate.min() >= 0 and gate.max() <= 1 and (gate == 1).any() and (gate < 1).any()
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [(g["initial_lr"], g["weight_decay"], len(g["params"])) for g in groups] == [
+        (pytest.approx(0.1), 5e-4, 5), (pytest.approx(1.0), 0.0, 1)
+    ]
+    assert unclipped.max() > 1, "control run: without clipping some gate should leave [0, 1]"
 
 
 # ---------------------------------------------------------------- inside a ResNet
