@@ -161,3 +161,16 @@ def test_ubn_errors_and_registry():
         UnifiedBatchNorm(3)(torch.randn(1, 3))
     m = create_norm("UBN", 3, condensation_threshold=0.3)
     assert isinstance(m, UnifiedBatchNorm) and m.condensation_threshold == 0.3
+
+
+def test_ubn_threshold_is_strict_exceeding_freezes_equal_updates():
+    """Freeze only when condensation > τ: at τ equal to the batch's value the statistics still move."""
+    x = torch.randn(6, 3, 4, 4, dtype=D) + 0.5
+    value = float(feature_condensation(x))  # centering weight is 0 at init, so x_c = x exactly
+    assert value == pytest.approx(brute_force_condensation(x), abs=1e-12)
+    at = UnifiedBatchNorm(3, dtype=D, condensation_threshold=value)
+    at(x)
+    assert int(at.num_batches_tracked) == 1 and not torch.equal(at.running_mean, torch.zeros(3, dtype=D))
+    below = UnifiedBatchNorm(3, dtype=D, condensation_threshold=value - 1e-9)
+    below(x)
+    assert int(below.num_batches_tracked) == 0 and torch.equal(below.running_mean, torch.zeros(3, dtype=D))
