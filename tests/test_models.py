@@ -439,3 +439,22 @@ def test_models_command_lists_and_shows_layout(capsys):
     layout = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert len(layout) == 19 and layout[-1] == ["layer3.2.bn2", "L2BatchNorm2d(64)"]
     assert all(kind.startswith("BatchNorm2d(") for _, kind in layout[:-1])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["models", "resnet21"], r"unknown model 'resnet21'; known models: .*resnet20"),
+        (["models", "resnet20", "--norm", "l3bn"], r"unknown norm 'l3bn'.*l2bn"),
+        (["models", "densenet40_12", "--placement", "stem"], r"unknown placement 'stem'.*stage1, stage2, stage3"),
+        (["models", "densenet_bc100_12", "--norm", "gn-cpg8"], r"num_features=\d+ is not divisible"),
+    ],
+)
+def test_models_command_reports_bad_input_in_one_line(argv, message, capsys):
+    from l2bn.cli import main
+
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -25,6 +26,15 @@ def add_models_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_models(args: argparse.Namespace) -> int:
+    """Print the model list or one model's norm layout; bad names print one error line and return 1."""
+    try:
+        return _run_models(args)
+    except ValueError as exc:  # unknown model, norm or placement, or a norm that rejects a width
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run_models(args: argparse.Namespace) -> int:
     if args.name is None:
         for name in list_models():
             kind = get_model_entry(name).kind
