@@ -273,6 +273,18 @@ def test_every_norm_in_every_family_trains_one_step(family, norm):
     one_training_step(build, norm, in_ch, size)
 
 
+@pytest.mark.parametrize("name", CIFAR_MODELS)
+def test_every_registered_cifar_model_trains_one_l2bn_step_on_small_inputs(name):
+    """The real models (not the tiny copies above): a train-mode L2BN step on 8×8 digits-sized input,
+    then 28×28 Fashion-MNIST-sized inference."""
+    one_training_step(lambda **k: M.create_model(name, in_channels=1, **k), "l2bn", 1, 8)
+    model = M.create_model(name, num_classes=10, in_channels=1, norm_layer="l2bn")
+    with torch.no_grad():
+        model(torch.randn(4, 1, 28, 28))  # fill the running statistics once
+        out = model.eval()(torch.randn(2, 1, 28, 28))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("norm", list_norms())
 @pytest.mark.parametrize("name", CIFAR_MODELS)
