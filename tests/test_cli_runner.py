@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from l2bn.cli import main
+from l2bn.cli import build_parser, main
+from l2bn.train.cli import recipe_from_args
 
 torch.set_num_threads(1)
 FAST = ["--threads", "1", "--no-progress"]
@@ -83,3 +84,26 @@ def test_module_entry_point_help():
     done = subprocess.run([sys.executable, "-m", "l2bn", "train", "--help"], capture_output=True, text=True, check=True)
     for flag in ("--recipe", "--amp", "--channels-last", "--compile", "--device", "--resume", "--sync-bn"):
         assert flag in done.stdout
+
+
+def test_compare_without_arguments_is_the_quick_digits_bn_vs_l2bn_grid():
+    args = build_parser().parse_args(["compare"])
+    assert (args.dataset, args.model, args.norms, args.seeds) == ("digits", "resnet20", ["bn", "l2bn"], None)
+    recipe = recipe_from_args(args)  # seeds=None → the recipe's seeds
+    assert (recipe.epochs, recipe.seeds, recipe.metrics_every) == (15, (121, 122, 123), 1)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["compare", "--seeds", ""], "expected a non-empty comma-separated list, got ''"),
+        (["compare", "--seeds", "121,x"], "expected comma-separated integers, got '121,x'"),
+        (["compare", "--seeds", "121,122,121"], "repeated entries 121"),
+        (["compare", "--norms", " , "], "expected a non-empty comma-separated list"),
+        (["compare", "--norms", "bn,l2bn,bn"], "repeated entries bn"),
+    ],
+)
+def test_bad_lists_are_refused_before_any_training(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -24,18 +24,26 @@ _RECIPE_FLAGS = (
 )
 
 
+def _unique(values: list, text: str) -> list:
+    """Reject an empty list (an empty flag must not silently fall back to defaults) and repeated entries."""
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a non-empty comma-separated list, got {text!r}")
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"repeated entries {', '.join(repeated)} in {text!r}")
+    return values
+
+
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.replace(" ", "").split(",") if v]
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    return _unique(values, text)
 
 
 def _str_list(text: str) -> list[str]:
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-    return values
+    return _unique([v.strip() for v in text.split(",") if v.strip()], text)
 
 
 def _add_experiment_options(p: argparse.ArgumentParser) -> None:
