@@ -171,9 +171,22 @@ def test_cifar_pickled_batches(tmp_path, name):
         raw = torch.from_numpy(test_data[i].reshape(3, 32, 32)).float() / 255  # channel-major rows
         restored = img * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
         assert torch.allclose(restored, raw, atol=1e-5) and label == test_labels[i]
-    # augmentation keeps 32×32, and a random crop with padding 4 + flip stays a shifted/flipped copy
+    # augmentation: a random crop 32 with padding 4 (zero fill) and a horizontal flip, i.e. a shift by at
+    # most 4 pixels of the (maybe mirrored) image; both flips show up
+    train_data = written["data_batch_1" if name == "cifar10" else "train"][0]
+    padded = torch.nn.functional.pad(torch.from_numpy(train_data[1].reshape(3, 32, 32)).float() / 255, (4,) * 4)
+    views = {(i, j, flip): (padded.flip(-1) if flip else padded)[:, i : i + 32, j : j + 32]
+             for i in range(9) for j in range(9) for flip in (False, True)}
     torch.manual_seed(0)
-    assert data.train[0][0].shape == (3, 32, 32)
+    flips = set()
+    for _ in range(20):
+        img = data.train[1][0]
+        assert img.shape == (3, 32, 32)
+        raw = img * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+        match = [k for k, v in views.items() if torch.allclose(raw, v, atol=1e-5)]
+        assert match, "augmented image is not a padded crop (+ flip) of the original"
+        flips.add(match[0][2])
+    assert flips == {False, True}
 
 
 def test_cifar_missing_and_corrupt(tmp_path):
@@ -208,6 +221,13 @@ def test_imagenet_folders(tmp_path):
     assert (len(data.train), len(data.test), data.num_classes, data.in_channels) == (4, 4, 2, 3)
     img, label = data.test[3]
     assert img.shape == (3, 224, 224) and img.dtype == torch.float32 and label == 1
+    # eval: shorter side resized to 256 (40×48 → 256×307), then the central 224×224, then ImageNet statistics
+    path = tmp_path / "val" / "n02" / "img1.png"
+    resized = Image.open(path).convert("RGB").resize((307, 256), Image.BILINEAR)
+    top, left = int(round((256 - 224) / 2)), int(round((307 - 224) / 2))
+    crop = torch.from_numpy(np.array(resized.crop((left, top, left + 224, top + 224)))).permute(2, 0, 1) / 255
+    mean, std = torch.tensor(vision._IMAGENET_STATS[0]).view(3, 1, 1), torch.tensor(vision._IMAGENET_STATS[1]).view(3, 1, 1)
+    assert torch.allclose(img * std + mean, crop, atol=1e-5)
     torch.manual_seed(0)
     assert data.train[0][0].shape == (3, 224, 224)
 
