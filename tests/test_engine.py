@@ -233,3 +233,34 @@ def test_progress_bar_reports_throughput(tmp_path, capsys):
     assert "img/s" in err and "epoch 1/1" in err
     timing = json.loads((tmp_path / "p" / "timing.jsonl").read_text())
     assert timing["train_images_per_second"] == pytest.approx(21 * 64 / timing["train_seconds"])
+
+
+def _flag_run(tmp_path, name, **flags):
+    config = TrainConfig(out=str(tmp_path / name), norm="l2bn", recipe=quick(epochs=1, metrics_every=1),
+                         progress=False, **flags)
+    train(config, model_fn=tiny, data=DIGITS, log=lambda m: None)
+    return records(tmp_path / name)[-1], json.loads((tmp_path / name / "config.json").read_text())
+
+
+@pytest.mark.parametrize("flags,rel", [({"channels_last": True}, 1e-5), ({"amp": "fp16"}, 2e-3)])
+def test_execution_flags_train_the_same_model(tmp_path, flags, rel):
+    """--channels-last changes only the memory layout; --amp fp16 (autocast + gradient scaler) stays close."""
+    plain, _ = _flag_run(tmp_path, "plain")
+    got, config = _flag_run(tmp_path, "flagged", **flags)
+    assert all(config[k] == v for k, v in flags.items())
+    for key in ("train_loss", "test_loss", "intra_train", "intra_test", "inter", "iir_test"):
+        assert got[key] == pytest.approx(plain[key], rel=rel), key
+    weight = torch.load(tmp_path / "flagged" / "last.pt", weights_only=False)["model"]["0.weight"]
+    if "channels_last" in flags:  # the flag did reach the model
+        assert weight.stride() == weight.contiguous(memory_format=torch.channels_last).stride() != (9, 9, 3, 1)
+    else:  # half-precision convolutions did run: close to, but not bit-equal with, float32
+        assert got["train_loss"] != plain["train_loss"]
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_the_same_and_the_feature_hook_still_fires(tmp_path):
+    plain, _ = _flag_run(tmp_path, "plain")
+    got, config = _flag_run(tmp_path, "compiled", compile=True)
+    assert config["compile"] is True
+    for key in ("train_loss", "test_acc", "intra_train", "intra_test", "inter"):
+        assert got[key] == pytest.approx(plain[key], rel=1e-5), key
