@@ -107,3 +107,19 @@ def test_bad_lists_are_refused_before_any_training(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_interrupted_compare_grid_resumes_the_unfinished_run(tmp_path, capsys):
+    out = tmp_path / "grid"
+    args = ["compare", "--norms", "l2bn", "--seeds", "121", "--epochs", "2", "--batch-size", "128",
+            "--metrics-every", "2", "--out", str(out), *FAST]
+    assert main([*args, "--stop-after", "1"]) == 0
+    assert "run compare again to continue" in capsys.readouterr().out
+    run = out / "runs" / "l2bn-s121"
+    assert not (run / "summary.json").exists() and not (out / "results.md").exists()
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert f"resuming {run} after epoch 1" in printed.err and "| l2bn | 1 |" in printed.out
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [1, 2] and "iir_test" in recs[1]
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
