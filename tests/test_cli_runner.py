@@ -123,3 +123,25 @@ def test_interrupted_compare_grid_resumes_the_unfinished_run(tmp_path, capsys):
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs] == [1, 2] and "iir_test" in recs[1]
     assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+
+
+def test_placement_flag_reaches_the_model(tmp_path, capsys):
+    """--placement (the paper's Table 4) builds the norm into the named parts only; the rest keeps BN."""
+    import torch.nn as nn
+
+    from l2bn import L2BatchNorm2d
+    from l2bn.train.engine import build_model
+
+    out = tmp_path / "p"
+    argv = ["train", "--norm", "l2bn", "--placement", "stage1", "--epochs", "1", "--out", str(out), *FAST]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_kwargs"] == {"placement": "stage1"}
+    model = build_model(config["model"], num_classes=10, in_channels=1, norm=config["norm"], **config["model_kwargs"])
+    l2 = [name for name, m in model.named_modules() if isinstance(m, L2BatchNorm2d)]
+    bn = [name for name, m in model.named_modules() if type(m) is nn.BatchNorm2d]
+    assert l2 and bn
+    assert {name.split(".")[0] for name in l2} == {"layer1"}
+    assert all(not name.startswith("layer1.") for name in bn)
+    assert main(["train", "--placement", "stage9", "--epochs", "1", "--out", str(tmp_path / "bad"), *FAST]) == 1
+    assert "stage9" in capsys.readouterr().err

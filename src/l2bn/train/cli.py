@@ -50,6 +50,9 @@ def _add_experiment_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("experiment")
     g.add_argument("--dataset", default="digits", help=f"one of {', '.join(list_datasets())} (default: digits)")
     g.add_argument("--model", default="resnet20", help="model name from l2bn.models (default: resnet20)")
+    g.add_argument("--placement", default="all",
+                   help="where the norm goes, the rest keeping BN (the paper's Table 4): all, classifier, stem, "
+                   "stage1, stage2-3, stem+stage1, ... (default: all)")
     g.add_argument("--data-dir", default=None, help="dataset folder (Fashion-MNIST also looks in "
                    "/usr/share/datasets/fashion-mnist)")
     g.add_argument("--download", action="store_true", help="download the dataset with torchvision if missing")
@@ -107,6 +110,7 @@ def _config(args: argparse.Namespace, recipe: Recipe, norm: str, seed: int, out:
         data_dir=args.data_dir, download=args.download, device=args.device, amp=args.amp,
         channels_last=args.channels_last, compile=args.compile, workers=args.workers, progress=args.progress,
         sync_bn=args.sync_bn, resume=args.resume,
+        model_kwargs={} if args.placement == "all" else {"placement": args.placement},
     )
 
 
@@ -119,7 +123,8 @@ def _fail(exc: BaseException) -> int:
 def run_train(args: argparse.Namespace) -> int:
     try:
         recipe = recipe_from_args(args)
-        out = args.out or f"runs/{args.dataset}-{args.model}-{args.norm}-s{args.seed}"
+        suffix = "" if args.placement == "all" else f"-{args.placement}"
+        out = args.out or f"runs/{args.dataset}-{args.model}-{args.norm}{suffix}-s{args.seed}"
         summary = train(_config(args, recipe, args.norm, args.seed, out), stop_after=args.stop_after)
     except (DataError, NonFiniteLossError, FileExistsError, ValueError) as exc:
         return _fail(exc)
@@ -154,7 +159,8 @@ def run_compare(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(exc)
     seeds = args.seeds or list(recipe.seeds)
-    out = Path(args.out or f"runs/compare-{args.dataset}-{args.model}")
+    suffix = "" if args.placement == "all" else f"-{args.placement}"
+    out = Path(args.out or f"runs/compare-{args.dataset}-{args.model}{suffix}")
     env = setup_distributed(args.device)
     start = time.perf_counter()
     try:
