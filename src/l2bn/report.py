@@ -161,6 +161,20 @@ def _plot_band(ax, group: Sequence[Run], key: str, label: str, color, linestyle:
     ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
 
 
+def _save_figure(fig, axes, title: str | None, path: Path) -> Path:
+    """Grid and legend on every panel, the common title, then write the PNG and free the figure."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(f"{title} (mean ± std over seeds)")
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(runs: Iterable[Run], out_dir: str | os.PathLike, norms: Sequence[str] | None = None,
                 *, title: str | None = None) -> list[Path]:
     """``curves.png`` (test accuracy, training loss) and ``angles.png`` (intra, inter, IIR) in ``out_dir``."""
@@ -181,15 +195,7 @@ def plot_curves(runs: Iterable[Run], out_dir: str | os.PathLike, norms: Sequence
         _plot_band(axes[1], group, "train_loss", norm, colors[norm])
     axes[0].set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     axes[1].set(xlabel="epoch", ylabel="training loss", title="Training loss", yscale="log")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(f"{title} (mean ± std over seeds)")
-    path = out / "curves.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save_figure(fig, axes, title, out / "curves.png"))
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     for norm, group in groups.items():
@@ -202,15 +208,7 @@ def plot_curves(runs: Iterable[Run], out_dir: str | os.PathLike, norms: Sequence
     axes[0].set(xlabel="epoch", ylabel="degrees", title="Intra-class angle (smaller is better)")
     axes[1].set(xlabel="epoch", ylabel="degrees", title="Inter-class angle (larger is better)")
     axes[2].set(xlabel="epoch", ylabel="intra / inter", title="IIR (smaller is better)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(f"{title} (mean ± std over seeds)")
-    path = out / "angles.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save_figure(fig, axes, title, out / "angles.png"))
     return written
 
 
