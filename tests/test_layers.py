@@ -318,3 +318,22 @@ def test_torch_export_train_mode_updates_running_stats():
     torch.testing.assert_close(exported(x), eager(x))
     torch.testing.assert_close(exported.running_mean, eager.running_mean)
     torch.testing.assert_close(exported.running_var, eager.running_var)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_path_matches_autograd_path(training, channels_last, impl):
+    """Without a graph to build the fused path skips its autograd.Function; same values, same format."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    layer = l2bn.L2BatchNorm2d(3, dtype=torch.float64).train(training)
+    layer.running_var.fill_(1.7)
+    reference_layer = copy.deepcopy(layer)
+    x = make_input((4, 3, 5, 6)).to(memory_format=fmt)
+    with torch.no_grad():
+        y = layer(x)
+        torch.relu_(y)  # in-place activations must work on the inference output too
+    expected_y = torch.relu(reference_layer(x.clone().requires_grad_()))
+    torch.testing.assert_close(y, expected_y.detach())
+    assert y.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(layer.running_mean, reference_layer.running_mean)
+    torch.testing.assert_close(layer.running_var, reference_layer.running_var)

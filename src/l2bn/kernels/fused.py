@@ -138,33 +138,58 @@ def gradient_sums(dy: Tensor, x: Tensor, centre: Tensor) -> tuple[Tensor, Tensor
     return total, product.sum(dim=-1, dtype=acc).sub_(centre * total)
 
 
+def _rowwise_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor | None:
+    """x·scale[n,c] + shift[c] through BatchNorm's single-pass inference kernel on the (1, N·C, M) row view.
+
+    Fastest on NCHW rows, but the result is a view, which an autograd.Function must not return (in-place
+    activations after the layer would fail): only for forwards that build no graph. None if x does not fit.
+    """
+    flat = _flat_channels(x, scale.dtype)
+    if flat is None:
+        return None
+    rows = scale.numel()
+    stats = (scale.new_zeros(rows), scale.new_ones(rows), 0.0, 0.0)
+    out = torch.ops.aten._native_batch_norm_legit_no_training(flat, scale.reshape(rows), shift.expand(scale.shape).reshape(rows), *stats)
+    return out[0].view(x.shape)
+
+
+def _forward(x, weight, bias, running_mean, running_var, training, eps, rescale, l2_eps, *, may_return_view=False):
+    """Statistics and output of L2BN: (y, μ, σ², tensors backward needs)."""
+    acc = accumulation_dtype(x.dtype)
+    spatial = math.prod(x.shape[2:])
+    if training:
+        y = torch.empty_like(x)
+        centred_in_y = x.dtype == acc and _rows_view(y) is not None  # y holds x − m until overwritten
+        mean, sumsq = _mean_and_centred_sumsq(x, workspace=y if centred_in_y else None)
+        scale, norm, mu, var = channel_statistics(mean, sumsq, spatial, rescale=rescale, l2_eps=l2_eps)
+    else:
+        scale, norm = sample_scale(x, rescale=rescale, l2_eps=l2_eps)
+        mu, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+        mean = sumsq = None
+    invstd = (var + eps).rsqrt()
+    gain = invstd if weight is None else weight.to(acc) * invstd
+    shift = -mu * gain if bias is None else bias.to(acc) - mu * gain
+    a = scale[:, None] * gain
+    if training and centred_in_y:  # y = (x − m)·a + (m·a + b)
+        affine_rows(y, y, a, shift + mean * a)
+    elif training:
+        affine_rows(y, x, a, shift)
+    else:
+        y = _rowwise_affine(x, a, shift) if may_return_view else None
+        if y is None:
+            y = affine_rows(torch.empty_like(x), x, a, shift)
+    return y, mu, var, (scale, norm, mu, invstd, mean, sumsq)
+
+
 class FusedL2BatchNorm(torch.autograd.Function):
     """L2BN with statistics, output and a hand-written backward; returns (y, μ, σ²) (the last two for the
     running-statistics update, not differentiable). In evaluation mode μ and σ² are the running ones."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, rescale, l2_eps):
-        with torch.no_grad():  # out= ops below; tracers (torch.export) may run forward with grad enabled
-            acc = accumulation_dtype(x.dtype)
-            spatial = x[0, 0].numel()
-            y = torch.empty_like(x)
-            centred_in_y = training and x.dtype == acc and _rows_view(y) is not None
-            if training:  # y holds x − m until the output pass overwrites it in place
-                mean, sumsq = _mean_and_centred_sumsq(x, workspace=y if centred_in_y else None)
-                scale, norm, mu, var = channel_statistics(mean, sumsq, spatial, rescale=rescale, l2_eps=l2_eps)
-            else:
-                scale, norm = sample_scale(x, rescale=rescale, l2_eps=l2_eps)
-                mu, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
-                mean = sumsq = None
-            invstd = (var + eps).rsqrt()
-            gain = invstd if weight is None else weight.to(acc) * invstd
-            shift = -mu * gain if bias is None else bias.to(acc) - mu * gain
-            a = scale[:, None] * gain
-            if centred_in_y:  # y = (x − m)·a + (m·a + b)
-                affine_rows(y, y, a, shift + mean * a)
-            else:
-                affine_rows(y, x, a, shift)
-        ctx.save_for_backward(x, weight, scale, norm, mu, invstd, mean, sumsq)
+        with torch.no_grad():  # out= ops inside; tracers (torch.export) may run forward with grad enabled
+            y, mu, var, saved = _forward(x, weight, bias, running_mean, running_var, training, eps, rescale, l2_eps)
+        ctx.save_for_backward(x, weight, *saved)
         ctx.l2_eps = l2_eps
         ctx.mark_non_differentiable(mu, var)
         return y, mu, var
@@ -209,9 +234,15 @@ def l2_batch_norm_fused(
         return l2_batch_norm_reference(
             input, running_mean, running_var, weight, bias, training, momentum, eps, rescale=rescale, l2_eps=l2_eps
         )
-    y, mu, var = FusedL2BatchNorm.apply(
-        input, weight, bias, running_mean, running_var, training, eps, rescale, l2_eps
+    needs_graph = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias)
     )
+    if needs_graph:
+        y, mu, var = FusedL2BatchNorm.apply(input, weight, bias, running_mean, running_var, training, eps, rescale, l2_eps)
+    else:  # inference: no autograd.Function, so the fastest output kernel may hand out a view
+        y, mu, var, _ = _forward(
+            input, weight, bias, running_mean, running_var, training, eps, rescale, l2_eps, may_return_view=True
+        )
     if training:
         update_running_stats(running_mean, running_var, mu, var, input.shape[0] * input[0, 0].numel(), momentum)
     return y
