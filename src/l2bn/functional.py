@@ -10,9 +10,10 @@ import importlib.util
 import os
 from typing import Callable
 
+import torch
 from torch import Tensor
 
-from .kernels import l2_batch_norm_fused, l2_batch_norm_reference
+from .kernels import cpp, l2_batch_norm_fused, l2_batch_norm_reference
 
 IMPL_ENV_VAR = "L2BN_IMPL"
 TRITON_DEVICE_TYPES: tuple[str, ...] = ("cuda",)  # device types ``auto`` sends to the Triton kernels
@@ -27,6 +28,7 @@ def _l2_batch_norm_triton(*args, **kwargs) -> Tensor:
 
 
 IMPLEMENTATIONS: dict[str, Callable[..., Tensor]] = {
+    "cpp": cpp.l2_batch_norm_cpp,
     "fused": l2_batch_norm_fused,
     "reference": l2_batch_norm_reference,
     "triton": _l2_batch_norm_triton,
@@ -44,12 +46,32 @@ def prefers_triton(input: Tensor) -> bool:
     return input.device.type in TRITON_DEVICE_TYPES and triton_importable()
 
 
+def prefers_cpp(input: Tensor) -> bool:
+    """``auto`` uses the compiled kernel for CPU tensors outside torch.compile/export tracing (which trace the
+    torch-op fused path instead), when it builds; if it does not, it warns once and takes the fused path."""
+    if input.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if cpp.available():
+        return True
+    cpp.warn_unavailable()
+    return False
+
+
+def auto_impl(input: Tensor) -> str:
+    """The implementation ``auto`` picks for ``input``."""
+    if input.numel() == 0:
+        return "reference"
+    if prefers_triton(input):
+        return "triton"
+    return "cpp" if prefers_cpp(input) else "fused"
+
+
 def resolve_impl(impl: str | None, input: Tensor) -> Callable[..., Tensor]:
     """Pick an implementation: the ``impl`` argument, else ``$L2BN_IMPL``, else the fastest for ``input``."""
     name = impl if impl is not None else os.environ.get(IMPL_ENV_VAR, "auto")
     name = name.lower()
     if name == "auto":
-        name = "reference" if input.numel() == 0 else "triton" if prefers_triton(input) else "fused"
+        name = auto_impl(input)
     if name not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown L2BN implementation {name!r}; expected one of {['auto', *IMPLEMENTATIONS]}"
@@ -100,8 +122,10 @@ def l2_batch_norm(
     """L2BN of ``input`` (N, C, *): per-sample l2 normalisation to norm sqrt(D) (if ``rescale``), then BN.
 
     Arguments and the in-place running-statistics update follow ``torch.nn.functional.batch_norm``.
-    ``impl`` forces ``"fused"``, ``"triton"`` or ``"reference"`` (also settable with the ``L2BN_IMPL``
-    environment variable); ``"auto"`` takes Triton for CUDA tensors when triton is installed, else ``"fused"``.
+    ``impl`` forces ``"cpp"``, ``"fused"``, ``"triton"`` or ``"reference"`` (also settable with the ``L2BN_IMPL``
+    environment variable); ``"auto"`` takes Triton for CUDA tensors when triton is installed, the compiled
+    kernel for CPU tensors (``"fused"`` while torch.compile traces, or where the kernel cannot be built), else
+    ``"fused"``.
     """
     _check_inputs(input, running_mean, running_var, weight, bias, training)
     fn = resolve_impl(impl, input)
