@@ -74,226 +74,227 @@ std::vector<double> to_vector(const std::optional<Tensor>& t, int64_t size, doub
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Reductions. Sums run in chunks of kChunk values in at::opmath_type (float for float/half/bfloat16,
-// double for double, vectorised by the compiler), and the chunks are added in float64.
+// Reductions: shifted sums (Chan, Golub & LeVeque 1983). Each (n, c) run is shifted by its first value K,
+// so Σ(x − K)² − (Σ(x − K))²/M cancels only as much as K lies off the mean, in units of the spread (a few
+// σ), never like E[x²] − E[x]². Runs of kChunk values are summed in at::opmath_type (float for
+// float/half/bfloat16, double for double; vectorised) and the chunks are added in float64.
 // ---------------------------------------------------------------------------------------------------
 
-template <typename scalar_t>
-double sum_of(const scalar_t* p, int64_t len) {
-  using acc_t = at::opmath_type<scalar_t>;
-  double total = 0;
-  for (int64_t start = 0; start < len; start += kChunk) {
-    const int64_t end = std::min(len, start + kChunk);
-    acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = start; i < end; ++i) s += static_cast<acc_t>(p[i]);
-    total += s;
-  }
-  return total;
-}
+// Shifted sums of one (n, c): Σ(x − K), Σ(x − K)², and with dy: Σ dy, Σ dy·(x − K).
+struct RunSums {
+  double shift = 0, x = 0, xx = 0, g = 0, gx = 0;
+  double mean(int64_t M) const { return shift + x / M; }
+  double centred_squares(int64_t M) const { return std::max(0.0, xx - x * x / M); }
+  double centred_gradient(int64_t M) const { return gx - g * x / M; }  // Σ dy·(x − mean)
+};
 
-template <typename scalar_t>
-double squares_of(const scalar_t* p, int64_t len, double centre) {
+template <typename scalar_t, bool kGrad>
+RunSums run_sums(const scalar_t* x, const scalar_t* dy, int64_t len, int64_t stride = 1) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t m = static_cast<acc_t>(centre);
-  double total = 0;
+  RunSums out;
+  const acc_t K = static_cast<acc_t>(x[0]);
+  out.shift = K;
   for (int64_t start = 0; start < len; start += kChunk) {
     const int64_t end = std::min(len, start + kChunk);
-    acc_t s = 0;
-#pragma omp simd reduction(+ : s)
+    acc_t s1 = 0, s2 = 0, sg = 0, sgx = 0;
+#pragma omp simd reduction(+ : s1, s2, sg, sgx)
     for (int64_t i = start; i < end; ++i) {
-      const acc_t d = static_cast<acc_t>(p[i]) - m;
-      s += d * d;
+      const acc_t d = static_cast<acc_t>(x[i]) - K;
+      s1 += d;
+      s2 += d * d;
+      if constexpr (kGrad) {
+        const acc_t gi = static_cast<acc_t>(dy[i]);
+        sg += gi;
+        sgx += gi * d;
+      }
     }
-    total += s;
+    out.x += s1;
+    out.xx += s2;
+    out.g += sg;
+    out.gx += sgx;
   }
-  return total;
+  return out;
 }
 
-// Σ (x − centre)², Σ dy, Σ dy·(x − centre) over one contiguous run.
-template <typename scalar_t>
-void gradient_sums_of(const scalar_t* x, const scalar_t* dy, int64_t len, double centre, double& sq, double& g,
-                      double& gx) {
+// Channels-last: shifted sums of every column of one sample's (M, C) block, into sums[0..C). Columns are
+// taken kTile at a time so the accumulators stay in registers while the rows stream past.
+template <typename scalar_t, bool kGrad>
+void column_run_sums(const scalar_t* x, const scalar_t* dy, int64_t M, int64_t C, RunSums* sums) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t m = static_cast<acc_t>(centre);
-  sq = g = gx = 0;
-  for (int64_t start = 0; start < len; start += kChunk) {
-    const int64_t end = std::min(len, start + kChunk);
-    acc_t s_sq = 0, s_g = 0, s_gx = 0;
-#pragma omp simd reduction(+ : s_sq, s_g, s_gx)
-    for (int64_t i = start; i < end; ++i) {
-      const acc_t d = static_cast<acc_t>(x[i]) - m;
-      const acc_t gi = static_cast<acc_t>(dy[i]);
-      s_sq += d * d;
-      s_g += gi;
-      s_gx += gi * d;
+  constexpr int64_t kTile = 16;
+  const int64_t chunk_rows = std::max<int64_t>(1, kChunk / 4);
+  for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+    const int64_t width = std::min(kTile, C - c0);
+    acc_t K[kTile] = {};
+    for (int64_t j = 0; j < width; ++j) {
+      K[j] = static_cast<acc_t>(x[c0 + j]);
+      sums[c0 + j] = RunSums();
+      sums[c0 + j].shift = K[j];
     }
-    sq += s_sq;
-    g += s_g;
-    gx += s_gx;
-  }
-}
-
-// Channels-last: column sums of an (rows, C) block, added into total[C] (float64).
-template <typename scalar_t>
-void column_sums(const scalar_t* p, int64_t rows, int64_t C, const double* centre, bool square, double* total) {
-  using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> part(C), m(C, acc_t(0));
-  if (centre != nullptr)
-    for (int64_t c = 0; c < C; ++c) m[c] = static_cast<acc_t>(centre[c]);
-  const int64_t chunk_rows = std::max<int64_t>(1, kChunk / 8);
-  for (int64_t start = 0; start < rows; start += chunk_rows) {
-    const int64_t end = std::min(rows, start + chunk_rows);
-    std::fill(part.begin(), part.end(), acc_t(0));
-    acc_t* __restrict__ out = part.data();
-    const acc_t* __restrict__ mc = m.data();
-    for (int64_t r = start; r < end; ++r) {
-      const scalar_t* __restrict__ row = p + r * C;
-      if (square) {
+    for (int64_t r0 = 0; r0 < M; r0 += chunk_rows) {
+      const int64_t r1 = std::min(M, r0 + chunk_rows);
+      acc_t s1[kTile] = {}, s2[kTile] = {}, sg[kTile] = {}, sgx[kTile] = {};
+      if (width == kTile) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* __restrict__ xr = x + r * C + c0;
+          const scalar_t* __restrict__ gr = kGrad ? dy + r * C + c0 : nullptr;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t d = static_cast<acc_t>(row[c]) - mc[c];
-          out[c] += d * d;
+          for (int64_t j = 0; j < kTile; ++j) {
+            const acc_t d = static_cast<acc_t>(xr[j]) - K[j];
+            s1[j] += d;
+            s2[j] += d * d;
+            if constexpr (kGrad) {
+              const acc_t gi = static_cast<acc_t>(gr[j]);
+              sg[j] += gi;
+              sgx[j] += gi * d;
+            }
+          }
         }
       } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) out[c] += static_cast<acc_t>(row[c]);
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t j = 0; j < width; ++j) {
+            const acc_t d = static_cast<acc_t>(x[r * C + c0 + j]) - K[j];
+            s1[j] += d;
+            s2[j] += d * d;
+            if constexpr (kGrad) {
+              const acc_t gi = static_cast<acc_t>(dy[r * C + c0 + j]);
+              sg[j] += gi;
+              sgx[j] += gi * d;
+            }
+          }
       }
-    }
-    for (int64_t c = 0; c < C; ++c) total[c] += part[c];
-  }
-}
-
-// Channels-last: Σ (x − centre)², Σ dy, Σ dy·(x − centre) per column of an (rows, C) block.
-template <typename scalar_t>
-void column_gradient_sums(const scalar_t* x, const scalar_t* dy, int64_t rows, int64_t C, const double* centre,
-                          double* sq, double* g, double* gx) {
-  using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> m(C), p_sq(C), p_g(C), p_gx(C);
-  for (int64_t c = 0; c < C; ++c) m[c] = static_cast<acc_t>(centre[c]);
-  const int64_t chunk_rows = std::max<int64_t>(1, kChunk / 8);
-  for (int64_t start = 0; start < rows; start += chunk_rows) {
-    const int64_t end = std::min(rows, start + chunk_rows);
-    std::fill(p_sq.begin(), p_sq.end(), acc_t(0));
-    std::fill(p_g.begin(), p_g.end(), acc_t(0));
-    std::fill(p_gx.begin(), p_gx.end(), acc_t(0));
-    acc_t* __restrict__ o_sq = p_sq.data();
-    acc_t* __restrict__ o_g = p_g.data();
-    acc_t* __restrict__ o_gx = p_gx.data();
-    const acc_t* __restrict__ mc = m.data();
-    for (int64_t r = start; r < end; ++r) {
-      const scalar_t* __restrict__ xr = x + r * C;
-      const scalar_t* __restrict__ gr = dy + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t d = static_cast<acc_t>(xr[c]) - mc[c];
-        const acc_t gi = static_cast<acc_t>(gr[c]);
-        o_sq[c] += d * d;
-        o_g[c] += gi;
-        o_gx[c] += gi * d;
+      for (int64_t j = 0; j < width; ++j) {
+        sums[c0 + j].x += s1[j];
+        sums[c0 + j].xx += s2[j];
+        sums[c0 + j].g += sg[j];
+        sums[c0 + j].gx += sgx[j];
       }
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      sq[c] += p_sq[c];
-      g[c] += p_g[c];
-      gx[c] += p_gx[c];
     }
   }
 }
 
-// Per-(n, c) mean and centred sum of squares, (N·C) float64 each.
-void moments(const Tensor& x, const Geometry& g, std::vector<double>& mean, std::vector<double>& sumsq) {
-  mean.assign(g.N * g.C, 0.0);
-  sumsq.assign(g.N * g.C, 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_moments", [&] {
-    const scalar_t* data = x.const_data_ptr<scalar_t>();
+// Per-(n, c) shifted sums of x (and dy), (N·C) of them, in one read.
+template <bool kGrad>
+std::vector<RunSums> run_sums_all(const Tensor& x, const Tensor* dy, const Geometry& g) {
+  std::vector<RunSums> sums(g.N * g.C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_run_sums", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = kGrad ? dy->const_data_ptr<scalar_t>() : nullptr;
     if (!g.channels_last) {
       at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 4096 / std::max<int64_t>(g.M, 1)), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const scalar_t* p = data + b * g.M;
-          mean[b] = sum_of(p, g.M) / g.M;
-          sumsq[b] = squares_of(p, g.M, mean[b]);
-        }
+        for (int64_t b = b0; b < b1; ++b)
+          sums[b] = run_sums<scalar_t, kGrad>(xp + b * g.M, kGrad ? gp + b * g.M : nullptr, g.M);
       });
     } else {
       at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; ++n) {
-          const scalar_t* p = data + n * g.M * g.C;
-          double* m = mean.data() + n * g.C;
-          column_sums(p, g.M, g.C, nullptr, false, m);
-          for (int64_t c = 0; c < g.C; ++c) m[c] /= g.M;
-          column_sums(p, g.M, g.C, m, true, sumsq.data() + n * g.C);
+          const int64_t off = n * g.M * g.C;
+          column_run_sums<scalar_t, kGrad>(xp + off, kGrad ? gp + off : nullptr, g.M, g.C, sums.data() + n * g.C);
         }
       });
     }
   });
+  return sums;
+}
+
+// Σ x² of one contiguous run (a whole sample, in either layout), float64 over chunks.
+template <typename scalar_t>
+double squares_of(const scalar_t* p, int64_t len) {
+  using acc_t = at::opmath_type<scalar_t>;
+  double total = 0;
+  for (int64_t start = 0; start < len; start += kChunk) {
+    const int64_t end = std::min(len, start + kChunk);
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = start; i < end; ++i) s += static_cast<acc_t>(p[i]) * static_cast<acc_t>(p[i]);
+    total += s;
+  }
+  return total;
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Elementwise pass: out = u·A[n,c] (+ v·B[n,c]) + S[n,c], A, B, S of shape (N·C).
+// Elementwise pass: out = u·A[n,c] (+ v·B[n,c]) + S[n,c], with A, B, S of N·C values in float64.
 // ---------------------------------------------------------------------------------------------------
 
 template <typename scalar_t, bool kTwoInputs>
-void affine_pass_typed(const Tensor& u, const Tensor& v, Tensor& out, const Geometry& g, const std::vector<double>& A,
-                       const std::vector<double>& B, const std::vector<double>& S) {
+struct AffinePass {
   using acc_t = at::opmath_type<scalar_t>;
-  const std::vector<acc_t> a(A.begin(), A.end()), s(S.begin(), S.end());
-  std::vector<acc_t> bq(kTwoInputs ? B.size() : 0);
-  if constexpr (kTwoInputs) std::copy(B.begin(), B.end(), bq.begin());
-  const scalar_t* up = u.const_data_ptr<scalar_t>();
-  const scalar_t* vp = kTwoInputs ? v.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  if (!g.channels_last) {
-    at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 4096 / std::max<int64_t>(g.M, 1)), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const scalar_t* __restrict__ ub = up + b * g.M;
-        scalar_t* __restrict__ ob = op + b * g.M;
-        const acc_t ab = a[b], sb = s[b];
-        if constexpr (kTwoInputs) {
-          const scalar_t* __restrict__ vb = vp + b * g.M;
-          const acc_t bb = bq[b];
-#pragma omp simd
-          for (int64_t i = 0; i < g.M; ++i)
-            ob[i] = static_cast<scalar_t>(static_cast<acc_t>(ub[i]) * ab + static_cast<acc_t>(vb[i]) * bb + sb);
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < g.M; ++i) ob[i] = static_cast<scalar_t>(static_cast<acc_t>(ub[i]) * ab + sb);
-        }
-      }
-    });
-  } else {
-    const int64_t rows = g.N * g.M;
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(g.C, 1)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / g.M;
-        const acc_t* __restrict__ an = a.data() + n * g.C;
-        const acc_t* __restrict__ sn = s.data() + n * g.C;
-        const scalar_t* __restrict__ ur = up + r * g.C;
-        scalar_t* __restrict__ orow = op + r * g.C;
-        if constexpr (kTwoInputs) {
-          const acc_t* __restrict__ bn = bq.data() + n * g.C;
-          const scalar_t* __restrict__ vr = vp + r * g.C;
-#pragma omp simd
-          for (int64_t c = 0; c < g.C; ++c)
-            orow[c] = static_cast<scalar_t>(static_cast<acc_t>(ur[c]) * an[c] + static_cast<acc_t>(vr[c]) * bn[c] + sn[c]);
-        } else {
-#pragma omp simd
-          for (int64_t c = 0; c < g.C; ++c) orow[c] = static_cast<scalar_t>(static_cast<acc_t>(ur[c]) * an[c] + sn[c]);
-        }
-      }
-    });
-  }
-}
+  const scalar_t* u;
+  const scalar_t* v;
+  scalar_t* out;
+  const Geometry& g;
+  const double *A, *B, *S;
 
-void affine_pass(const Tensor& u, const Tensor* v, Tensor& out, const Geometry& g, const std::vector<double>& A,
-                 const std::vector<double>* B, const std::vector<double>& S) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "l2bn_affine", [&] {
-    if (v != nullptr)
-      affine_pass_typed<scalar_t, true>(u, *v, out, g, A, *B, S);
+  // Rows layout: (n, c) runs b0..b1 of M contiguous values.
+  void runs(int64_t b0, int64_t b1) const {
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* __restrict__ ub = u + b * g.M;
+      scalar_t* __restrict__ ob = out + b * g.M;
+      const acc_t ab = A[b], sb = S[b];
+      if constexpr (kTwoInputs) {
+        const scalar_t* __restrict__ vb = v + b * g.M;
+        const acc_t bb = B[b];
+#pragma omp simd
+        for (int64_t i = 0; i < g.M; ++i)
+          ob[i] = static_cast<scalar_t>(static_cast<acc_t>(ub[i]) * ab + static_cast<acc_t>(vb[i]) * bb + sb);
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < g.M; ++i) ob[i] = static_cast<scalar_t>(static_cast<acc_t>(ub[i]) * ab + sb);
+      }
+    }
+  }
+
+  // Channels-last: spatial rows r0..r1 (r = n·M + m) of C contiguous values, all of sample n.
+  void rows_of_sample(int64_t n, int64_t r0, int64_t r1) const {
+    std::vector<acc_t> coef((kTwoInputs ? 3 : 2) * g.C);
+    acc_t* __restrict__ an = coef.data();
+    acc_t* __restrict__ sn = an + g.C;
+    acc_t* __restrict__ bn = kTwoInputs ? sn + g.C : nullptr;
+    for (int64_t c = 0; c < g.C; ++c) {
+      an[c] = A[n * g.C + c];
+      sn[c] = S[n * g.C + c];
+      if constexpr (kTwoInputs) bn[c] = B[n * g.C + c];
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* __restrict__ ur = u + r * g.C;
+      scalar_t* __restrict__ orow = out + r * g.C;
+      if constexpr (kTwoInputs) {
+        const scalar_t* __restrict__ vr = v + r * g.C;
+#pragma omp simd
+        for (int64_t c = 0; c < g.C; ++c)
+          orow[c] = static_cast<scalar_t>(static_cast<acc_t>(ur[c]) * an[c] + static_cast<acc_t>(vr[c]) * bn[c] + sn[c]);
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < g.C; ++c) orow[c] = static_cast<scalar_t>(static_cast<acc_t>(ur[c]) * an[c] + sn[c]);
+      }
+    }
+  }
+
+  void rows(int64_t r0, int64_t r1) const {
+    while (r0 < r1) {
+      const int64_t n = r0 / g.M, end = std::min(r1, (n + 1) * g.M);
+      rows_of_sample(n, r0, end);
+      r0 = end;
+    }
+  }
+
+  // Samples n0..n1, whole.
+  void samples(int64_t n0, int64_t n1) const {
+    if (g.channels_last)
+      rows(n0 * g.M, n1 * g.M);
     else
-      affine_pass_typed<scalar_t, false>(u, u, out, g, A, S, S);
-  });
-}
+      runs(n0 * g.C, n1 * g.C);
+  }
+
+  void all() const {
+    if (g.channels_last)
+      at::parallel_for(0, g.N * g.M, std::max<int64_t>(1, 8192 / std::max<int64_t>(g.C, 1)),
+                       [&](int64_t r0, int64_t r1) { rows(r0, r1); });
+    else
+      at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 8192 / std::max<int64_t>(g.M, 1)),
+                       [&](int64_t b0, int64_t b1) { runs(b0, b1); });
+  }
+};
 
 // ---------------------------------------------------------------------------------------------------
 // O(N·C) algebra in float64
@@ -310,63 +311,57 @@ double target_norm(const Geometry& g, bool rescale) {
   return rescale ? std::sqrt(static_cast<double>(g.C * g.M)) : 1.0;
 }
 
-// r_n and ‖x_n‖ from per-sample sums of squares ‖x_n‖².
-void scales_from_squares(const std::vector<double>& squares, const Geometry& g, bool rescale, double l2_eps,
-                         Statistics& st) {
-  st.norm.resize(g.N);
+double sample_scale(double squares, double target, double l2_eps) {
+  return target / std::max(std::sqrt(squares), l2_eps);
+}
+
+// Per (n, c): the mean m and the centred sum of squares q (from the shifted sums).
+struct Moments {
+  std::vector<double> mean, sumsq;
+};
+
+Moments moments_of(const std::vector<RunSums>& sums, int64_t M) {
+  Moments mo{std::vector<double>(sums.size()), std::vector<double>(sums.size())};
+  for (size_t i = 0; i < sums.size(); ++i) {
+    mo.mean[i] = sums[i].mean(M);
+    mo.sumsq[i] = sums[i].centred_squares(M);
+  }
+  return mo;
+}
+
+// ‖x_n‖² = Σ_c (q + M·m²), r_n; with batch statistics also μ_c = mean_n r_n m and
+// σ²_c = Σ_n r_n² q / (N·M) + mean_n (r_n m − μ_c)² (Chan et al.'s pooled variance: no cancellation).
+Statistics statistics(const Moments& mo, const Geometry& g, bool rescale, double l2_eps, bool batch) {
+  Statistics st;
+  st.norm.assign(g.N, 0.0);
   st.scale.resize(g.N);
   const double target = target_norm(g, rescale);
   for (int64_t n = 0; n < g.N; ++n) {
-    st.norm[n] = std::sqrt(squares[n]);
-    st.scale[n] = target / std::max(st.norm[n], l2_eps);
-  }
-}
-
-// ‖x_n‖² = Σ_c (q + M·m²); μ_c = mean_n r_n m; σ²_c = Σ_n r_n² q / (N·M) + mean_n (r_n m − μ_c)².
-Statistics batch_statistics(const std::vector<double>& mean, const std::vector<double>& sumsq, const Geometry& g,
-                            bool rescale, double l2_eps) {
-  Statistics st;
-  std::vector<double> squares(g.N, 0.0);
-  for (int64_t n = 0; n < g.N; ++n)
+    double squares = 0;
     for (int64_t c = 0; c < g.C; ++c) {
       const int64_t i = n * g.C + c;
-      squares[n] += sumsq[i] + g.M * mean[i] * mean[i];
+      squares += mo.sumsq[i] + g.M * mo.mean[i] * mo.mean[i];
     }
-  scales_from_squares(squares, g, rescale, l2_eps, st);
+    st.norm[n] = std::sqrt(squares);
+    st.scale[n] = sample_scale(squares, target, l2_eps);
+  }
+  if (!batch) return st;
   st.mu.assign(g.C, 0.0);
   st.var.assign(g.C, 0.0);
+  const double inv_n = 1.0 / g.N, inv_count = 1.0 / (static_cast<double>(g.N) * g.M);
   for (int64_t n = 0; n < g.N; ++n)
-    for (int64_t c = 0; c < g.C; ++c) st.mu[c] += st.scale[n] * mean[n * g.C + c];
-  for (int64_t c = 0; c < g.C; ++c) st.mu[c] /= g.N;
+    for (int64_t c = 0; c < g.C; ++c) st.mu[c] += st.scale[n] * mo.mean[n * g.C + c];
+  for (double& mu : st.mu) mu *= inv_n;
   for (int64_t n = 0; n < g.N; ++n) {
-    const double r = st.scale[n];
+    const double r = st.scale[n], r2 = r * r * inv_count;
+    const double* mean = mo.mean.data() + n * g.C;
+    const double* sumsq = mo.sumsq.data() + n * g.C;
     for (int64_t c = 0; c < g.C; ++c) {
-      const int64_t i = n * g.C + c;
-      const double between = r * mean[i] - st.mu[c];
-      st.var[c] += r * r * sumsq[i] / (static_cast<double>(g.N) * g.M) + between * between / g.N;
+      const double between = r * mean[c] - st.mu[c];
+      st.var[c] += r2 * sumsq[c] + between * between * inv_n;
     }
   }
   return st;
-}
-
-// Per-sample ‖x_n‖² in one read (a sample is contiguous in both layouts).
-std::vector<double> sample_squares(const Tensor& x, const Geometry& g) {
-  const int64_t D = g.C * g.M;
-  const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), D / 16384 + 1));
-  const int64_t piece = (D + pieces - 1) / pieces;
-  std::vector<double> partial(g.N * pieces, 0.0), squares(g.N, 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_sample_squares", [&] {
-    const scalar_t* data = x.const_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * pieces, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t n = i / pieces, start = (i % pieces) * piece;
-        const int64_t len = std::max<int64_t>(0, std::min(D, start + piece) - start);
-        partial[i] = squares_of(data + n * D + start, len, 0.0);
-      }
-    });
-  });
-  for (int64_t i = 0; i < g.N * pieces; ++i) squares[i / pieces] += partial[i];
-  return squares;
 }
 
 void update_running_stats(const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
@@ -381,38 +376,95 @@ void update_running_stats(const std::optional<Tensor>& running_mean, const std::
   rv.lerp_(at::from_blob(unbiased.data(), {g.C}, opts).to(rv.scalar_type()), momentum);
 }
 
+// Per-channel gain w·invstd and shift b − μ·gain of the output y = r_n·x·gain + shift.
+void channel_affine(const Statistics& st, const std::vector<double>& w, const std::vector<double>& b, double eps,
+                    std::vector<double>& gain, std::vector<double>& shift) {
+  const int64_t C = static_cast<int64_t>(w.size());
+  gain.resize(C);
+  shift.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    gain[c] = w[c] / std::sqrt(st.var[c] + eps);
+    shift[c] = b[c] - st.mu[c] * gain[c];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Forward and backward
 // ---------------------------------------------------------------------------------------------------
 
+// Eval: per sample, ‖x_n‖ then the output, while the sample is still in cache (one read from memory).
+template <typename scalar_t>
+void eval_forward(const Tensor& x, Tensor& y, const Geometry& g, const Statistics& st, const std::vector<double>& gain,
+                  const std::vector<double>& shift, double target, double l2_eps) {
+  const int64_t D = g.C * g.M;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  std::vector<double> A(g.N * g.C), S(g.N * g.C);
+  AffinePass<scalar_t, false> pass{xp, nullptr, y.mutable_data_ptr<scalar_t>(), g, A.data(), nullptr, S.data()};
+  auto set_coefficients = [&](int64_t n, double r) {
+    for (int64_t c = 0; c < g.C; ++c) {
+      A[n * g.C + c] = r * gain[c];
+      S[n * g.C + c] = shift[c];
+    }
+  };
+  if (g.N >= at::get_num_threads()) {
+    at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        set_coefficients(n, sample_scale(squares_of(xp + n * D, D), target, l2_eps));
+        pass.samples(n, n + 1);
+      }
+    });
+    return;
+  }
+  // Fewer samples than threads: split each sample's norm, then the output pass over all threads.
+  const int64_t pieces = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t piece = (D + pieces - 1) / pieces;
+  std::vector<double> partial(g.N * pieces, 0.0);
+  at::parallel_for(0, g.N * pieces, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / pieces, start = std::min(D, (i % pieces) * piece);
+      partial[i] = squares_of(xp + n * D + start, std::min(D, start + piece) - start);
+    }
+  });
+  for (int64_t n = 0; n < g.N; ++n) {
+    double squares = 0;
+    for (int64_t p = 0; p < pieces; ++p) squares += partial[n * pieces + p];
+    set_coefficients(n, sample_scale(squares, target, l2_eps));
+  }
+  pass.all();
+}
+
 Tensor l2bn_forward(const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-               const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training,
-               double momentum, double eps, double l2_eps, bool rescale) {
+                    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training,
+                    double momentum, double eps, double l2_eps, bool rescale) {
   const Tensor x = dense(input);
   const Geometry g = geometry(x);
-  Statistics st;
-  if (training) {
-    std::vector<double> mean, sumsq;
-    moments(x, g, mean, sumsq);
-    st = batch_statistics(mean, sumsq, g, rescale, l2_eps);
-  } else {
-    scales_from_squares(sample_squares(x, g), g, rescale, l2_eps, st);
+  const std::vector<double> w = to_vector(weight, g.C, 1.0), b = to_vector(bias, g.C, 0.0);
+  Tensor y = at::empty_like(x);
+  std::vector<double> gain, shift;
+  if (!training) {
+    Statistics st;
     st.mu = to_vector(running_mean, g.C, 0.0);
     st.var = to_vector(running_var, g.C, 1.0);
+    channel_affine(st, w, b, eps, gain, shift);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_eval", [&] {
+      eval_forward<scalar_t>(x, y, g, st, gain, shift, target_norm(g, rescale), l2_eps);
+    });
+    return y;
   }
-  const std::vector<double> w = to_vector(weight, g.C, 1.0), b = to_vector(bias, g.C, 0.0);
+  const Statistics st = statistics(moments_of(run_sums_all<false>(x, nullptr, g), g.M), g, rescale, l2_eps, true);
+  channel_affine(st, w, b, eps, gain, shift);
   std::vector<double> A(g.N * g.C), S(g.N * g.C);
-  for (int64_t c = 0; c < g.C; ++c) {
-    const double gain = w[c] / std::sqrt(st.var[c] + eps);
-    const double shift = b[c] - st.mu[c] * gain;
-    for (int64_t n = 0; n < g.N; ++n) {
-      A[n * g.C + c] = st.scale[n] * gain;
-      S[n * g.C + c] = shift;
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t c = 0; c < g.C; ++c) {
+      A[n * g.C + c] = st.scale[n] * gain[c];
+      S[n * g.C + c] = shift[c];
     }
-  }
-  Tensor y = at::empty_like(x);
-  affine_pass(x, nullptr, y, g, A, nullptr, S);
-  if (training) update_running_stats(running_mean, running_var, st, g, momentum);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_forward", [&] {
+    AffinePass<scalar_t, false>{x.const_data_ptr<scalar_t>(), nullptr, y.mutable_data_ptr<scalar_t>(), g, A.data(),
+                                nullptr, S.data()}
+        .all();
+  });
+  update_running_stats(running_mean, running_var, st, g, momentum);
   return y;
 }
 
@@ -422,95 +474,69 @@ struct Gradients {
 
 // Backward of L2BN; with training=false the statistics are the fixed running ones.
 Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tensor& weight, const Tensor& running_mean,
-                   const Tensor& running_var, bool training, double eps, double l2_eps, bool rescale) {
+                        const Tensor& running_var, bool training, double eps, double l2_eps, bool rescale) {
   const Tensor x = dense(input);
   const Tensor dy = like(grad_out, x);
   const Geometry g = geometry(x);
-  const int64_t NC = g.N * g.C;
-  // Per (n, c): the centre m (the mean in training, 0 with fixed statistics), Σ (x − m)², Σ dy, Σ dy·(x − m).
-  std::vector<double> centre(NC, 0.0), sq(NC, 0.0), dsum(NC, 0.0), dxc(NC, 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_backward_sums", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = dy.const_data_ptr<scalar_t>();
-    if (!g.channels_last) {
-      at::parallel_for(0, NC, std::max<int64_t>(1, 4096 / std::max<int64_t>(g.M, 1)), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          if (training) centre[b] = sum_of(xp + b * g.M, g.M) / g.M;
-          gradient_sums_of(xp + b * g.M, gp + b * g.M, g.M, centre[b], sq[b], dsum[b], dxc[b]);
-        }
-      });
-    } else {
-      at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; ++n) {
-          const int64_t off = n * g.M * g.C;
-          double* m = centre.data() + n * g.C;
-          if (training) {
-            column_sums(xp + off, g.M, g.C, nullptr, false, m);
-            for (int64_t c = 0; c < g.C; ++c) m[c] /= g.M;
-          }
-          column_gradient_sums(xp + off, gp + off, g.M, g.C, m, sq.data() + n * g.C, dsum.data() + n * g.C,
-                               dxc.data() + n * g.C);
-        }
-      });
-    }
-  });
-
-  Statistics st;
-  if (training) {
-    st = batch_statistics(centre, sq, g, rescale, l2_eps);
-  } else {  // with centre 0, sq is Σ x² per (n, c)
-    std::vector<double> squares(g.N, 0.0);
-    for (int64_t i = 0; i < NC; ++i) squares[i / g.C] += sq[i];
-    scales_from_squares(squares, g, rescale, l2_eps, st);
-    st.mu = to_vector(running_mean, g.C, 0.0);
-    st.var = to_vector(running_var, g.C, 1.0);
+  const int64_t N = g.N, C = g.C, M = g.M;
+  // Per (n, c), in one read of (x, dy): m, q = Σ (x − m)², Σ dy and Σ dy·(x − m).
+  const std::vector<RunSums> sums = run_sums_all<true>(x, &dy, g);
+  const Moments mo = moments_of(sums, M);
+  Statistics st = statistics(mo, g, rescale, l2_eps, training);
+  if (!training) {
+    st.mu = to_vector(running_mean, C, 0.0);
+    st.var = to_vector(running_var, C, 1.0);
   }
-  const std::vector<double> w = to_vector(weight, g.C, 1.0);
-  const double count = static_cast<double>(g.N * g.M);
-  std::vector<double> invstd(g.C), gain(g.C), grad_w(g.C, 0.0), grad_b(g.C, 0.0);
-  for (int64_t c = 0; c < g.C; ++c) {
+  const std::vector<double> w = to_vector(weight, C, 1.0);
+  const double count = static_cast<double>(N * M);
+  std::vector<double> invstd(C), gain(C), grad_w(C, 0.0), grad_b(C, 0.0), k(C, 0.0), mean_dz(C, 0.0);
+  for (int64_t c = 0; c < C; ++c) {
     invstd[c] = 1.0 / std::sqrt(st.var[c] + eps);
     gain[c] = w[c] * invstd[c];
   }
   // Σ dy and Σ dy·ẑ per channel, with ẑ = (r_n x − μ)·invstd and r_n·m − μ the (n, c) mean of z − μ.
-  for (int64_t n = 0; n < g.N; ++n)
-    for (int64_t c = 0; c < g.C; ++c) {
-      const int64_t i = n * g.C + c;
-      const double zc = st.scale[n] * centre[i] - st.mu[c];
-      grad_b[c] += dsum[i];
-      grad_w[c] += invstd[c] * (st.scale[n] * dxc[i] + zc * dsum[i]);
+  for (int64_t n = 0; n < N; ++n) {
+    const double r = st.scale[n];
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = n * C + c;
+      const double dsum = sums[i].g;
+      grad_b[c] += dsum;
+      grad_w[c] += invstd[c] * (r * sums[i].centred_gradient(M) + (r * mo.mean[i] - st.mu[c]) * dsum);
     }
-  // dz = gain·(dy − Σdy/count − ẑ·Σdy·ẑ/count) with batch statistics, gain·dy with fixed ones; then the l2 step
-  // dx = r_n (dz − x·T_n / ‖x_n‖²) with T_n = Σ dz·x (nothing where the norm was clamped).
-  std::vector<double> P(NC), Q(NC), R(NC);
-  for (int64_t n = 0; n < g.N; ++n) {
+  }
+  // With batch statistics dz = gain·(dy − Σdy/count − ẑ·Σdy·ẑ/count), with fixed ones gain·dy; then the
+  // l2 step dx = r_n (dz − x·T_n / ‖x_n‖²) with T_n = Σ dz·x (nothing where the norm was clamped).
+  if (training)
+    for (int64_t c = 0; c < C; ++c) {
+      k[c] = gain[c] * invstd[c] * grad_w[c] / count;
+      mean_dz[c] = gain[c] * grad_b[c] / count;
+    }
+  std::vector<double> P(N * C), Q(N * C), R(N * C);
+  for (int64_t n = 0; n < N; ++n) {
     const double r = st.scale[n];
     double t = 0;
-    for (int64_t c = 0; c < g.C; ++c) {
-      const int64_t i = n * g.C + c;
-      double dz_sum = gain[c] * dsum[i], dz_xc = gain[c] * dxc[i], k = 0;
-      if (training) {
-        k = gain[c] * invstd[c] * grad_w[c] / count;
-        const double zc = r * centre[i] - st.mu[c];
-        dz_sum -= g.M * (gain[c] * grad_b[c] / count + k * zc);
-        dz_xc -= k * r * sq[i];
-        R[i] = r * (k * st.mu[c] - gain[c] * grad_b[c] / count);
-      } else {
-        R[i] = 0.0;
-      }
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = n * C + c;
+      const double m = mo.mean[i], dsum = sums[i].g;
+      const double dz_sum = gain[c] * dsum - M * (mean_dz[c] + k[c] * (r * m - st.mu[c]));
+      const double dz_xc = gain[c] * sums[i].centred_gradient(M) - k[c] * r * mo.sumsq[i];
+      t += dz_xc + m * dz_sum;
       P[i] = r * gain[c];
-      Q[i] = -k * r;  // completed below with the l2 term
-      t += dz_xc + centre[i] * dz_sum;
+      R[i] = r * (k[c] * st.mu[c] - mean_dz[c]);
     }
     const double u = st.norm[n] > l2_eps ? t / (st.norm[n] * st.norm[n]) : 0.0;
-    for (int64_t c = 0; c < g.C; ++c) Q[n * g.C + c] = r * (Q[n * g.C + c] - u);
+    for (int64_t c = 0; c < C; ++c) Q[n * C + c] = -r * (k[c] * r + u);
   }
   Gradients out;
   out.input = at::empty_like(x);
-  affine_pass(dy, &x, out.input, g, P, &Q, R);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_backward", [&] {
+    AffinePass<scalar_t, true>{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                               out.input.mutable_data_ptr<scalar_t>(), g, P.data(), Q.data(), R.data()}
+        .all();
+  });
   const auto opts = at::TensorOptions().dtype(at::kDouble);
-  if (weight.defined()) out.weight = at::from_blob(grad_w.data(), {g.C}, opts).to(weight.scalar_type(), false, true);
-  out.bias = at::from_blob(grad_b.data(), {g.C}, opts).clone();
+  if (weight.defined()) out.weight = at::from_blob(grad_w.data(), {C}, opts).to(weight.scalar_type(), false, true);
+  out.bias = at::from_blob(grad_b.data(), {C}, opts).clone();
   return out;
 }
 
