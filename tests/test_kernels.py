@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import l2bn
 from l2bn.functional import IMPL_ENV_VAR, IMPLEMENTATIONS, l2_batch_norm, resolve_impl
-from l2bn.kernels import l2_batch_norm_fused, l2_batch_norm_reference
+from l2bn.kernels import cpp, l2_batch_norm_fused, l2_batch_norm_reference
 from l2bn.kernels.fused import sample_channel_moments
 
 F64 = torch.float64
@@ -49,20 +49,27 @@ def assert_close(a: dict, b: dict, **tol) -> None:
 
 
 SHAPES = [(5, 3), (4, 3, 7), (4, 3, 5, 6), (3, 2, 3, 4, 2)]
+NO_COMPILER = pytest.mark.skipif(not cpp.compiler_found(), reason="no C++ compiler: the compiled kernel cannot be built")
+
+
+@pytest.fixture(params=[pytest.param("cpp", marks=NO_COMPILER), "fused"])
+def fast(request):
+    """Each fast path: the compiled CPU kernel and the torch-op fused path (both against the reference)."""
+    return IMPLEMENTATIONS[request.param]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_fused_equals_reference_float64(shape, training):
+def test_fused_equals_reference_float64(shape, training, fast):
     x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(0)) * 2 + 0.5
-    assert_close(run(l2_batch_norm_fused, x, training), run(l2_batch_norm_reference, x, training), rtol=1e-12, atol=1e-12)
+    assert_close(run(fast, x, training), run(l2_batch_norm_reference, x, training), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
-def test_fused_matches_independent_formula(shape):
+def test_fused_matches_independent_formula(shape, fast):
     x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(1)) + 1.0
     w, b = torch.rand(shape[1], dtype=F64) + 0.5, torch.randn(shape[1], dtype=F64)
-    y = l2_batch_norm_fused(x, None, None, w, b, True)
+    y = fast(x, None, None, w, b, True)
     torch.testing.assert_close(y, formula(x, w, b), rtol=1e-12, atol=1e-12)
 
 
@@ -77,20 +84,20 @@ def test_sample_channel_moments_against_float64_loops():
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_channels_last_values_and_memory_format(training):
+def test_channels_last_values_and_memory_format(training, fast):
     x = torch.randn(4, 5, 6, 3, dtype=F64) + 0.3
-    cl = run(l2_batch_norm_fused, x, training, memory_format=torch.channels_last)
+    cl = run(fast, x, training, memory_format=torch.channels_last)
     ref = run(l2_batch_norm_reference, x, training)
     assert_close(cl, ref, rtol=1e-12, atol=1e-12)
     assert cl["y"].is_contiguous(memory_format=torch.channels_last)
     assert cl["dx"].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_non_contiguous_upstream_gradient():
+def test_non_contiguous_upstream_gradient(fast):
     """y.sum() hands backward an expanded (stride-0) gradient: the generic reduction path."""
     x = torch.randn(3, 4, 5, 5, dtype=F64)
     outs = []
-    for fn in (l2_batch_norm_fused, l2_batch_norm_reference):
+    for fn in (fast, l2_batch_norm_reference):
         xx = x.clone().requires_grad_()
         w = torch.linspace(0.5, 2, 4, dtype=F64, requires_grad=True)
         (fn(xx, None, None, w, None, True) ** 2).sum().backward()  # non-trivial dy
@@ -116,11 +123,11 @@ def test_momentum_none_through_the_layer(monkeypatch):
     torch.testing.assert_close(layers["fused"].running_mean, (means[0] + means[1]) / 2, rtol=1e-12, atol=1e-12)
 
 
-def test_batch_of_two_and_all_zero_sample():
+def test_batch_of_two_and_all_zero_sample(fast):
     x = torch.randn(2, 3, 4, 4, dtype=F64)
-    assert_close(run(l2_batch_norm_fused, x, True), run(l2_batch_norm_reference, x, True), rtol=1e-12, atol=1e-12)
+    assert_close(run(fast, x, True), run(l2_batch_norm_reference, x, True), rtol=1e-12, atol=1e-12)
     x[1] = 0.0
-    out = run(l2_batch_norm_fused, x, True)
+    out = run(fast, x, True)
     assert all(torch.isfinite(t).all() for t in out.values())
     assert_close(out, run(l2_batch_norm_reference, x, True), rtol=1e-10, atol=1e-10)
 
@@ -134,20 +141,20 @@ def test_zero_sample_batch():
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_gradcheck(training):
+def test_gradcheck(training, fast):
     x = torch.randn(3, 2, 3, 2, dtype=F64, requires_grad=True)
     w = torch.rand(2, dtype=F64, requires_grad=True)
     b = torch.randn(2, dtype=F64, requires_grad=True)
     rm, rv = torch.randn(2, dtype=F64), torch.rand(2, dtype=F64) + 0.5
-    fn = lambda x, w, b: l2_batch_norm_fused(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)  # noqa: E731
+    fn = lambda x, w, b: fast(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
-def test_float32_large_mean_small_variance_has_no_cancellation():
+def test_float32_large_mean_small_variance_has_no_cancellation(fast):
     """E[x²] − E[x]² in float32 would lose every digit here (mean 1e4, std 1)."""
     x = 1e4 + torch.randn(8, 4, 6, 6, dtype=F64, generator=torch.Generator().manual_seed(3))
     x32 = x.float()
-    fused = run(l2_batch_norm_fused, x32, True, dtype=torch.float32)
+    fused = run(fast, x32, True, dtype=torch.float32)
     ref = run(l2_batch_norm_reference, x32.double(), True)
     torch.testing.assert_close(fused["y"].double(), ref["y"], rtol=0, atol=2e-2)
     torch.testing.assert_close(fused["rv"].double(), ref["rv"], rtol=2e-2, atol=1e-7)
@@ -156,11 +163,11 @@ def test_float32_large_mean_small_variance_has_no_cancellation():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_low_precision_within_tolerance(dtype, tol, channels_last):
+def test_low_precision_within_tolerance(dtype, tol, channels_last, fast):
     x = torch.randn(6, 4, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(4)) * 3 + 1
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    low = run(l2_batch_norm_fused, x.to(dtype).double(), True)  # same input values in float64
-    got = run(l2_batch_norm_fused, x.to(dtype), True, dtype=dtype, memory_format=fmt)
+    low = run(fast, x.to(dtype).double(), True)  # same input values in float64
+    got = run(fast, x.to(dtype), True, dtype=dtype, memory_format=fmt)
     assert got["y"].dtype == dtype and got["dx"].dtype == dtype
     for key in ("y", "dx", "dw", "db"):
         scale = low[key].abs().max()
@@ -175,7 +182,7 @@ def test_dispatch_argument_and_environment(monkeypatch):
     assert resolve_impl(None, x) is IMPLEMENTATIONS["reference"]
     assert resolve_impl("fused", x) is IMPLEMENTATIONS["fused"]  # the argument wins over the variable
     monkeypatch.setenv(IMPL_ENV_VAR, "auto")
-    assert resolve_impl(None, x) is IMPLEMENTATIONS["fused"]
+    assert resolve_impl(None, x) is IMPLEMENTATIONS["cpp" if cpp.available() else "fused"]
     assert resolve_impl(None, torch.randn(0, 3)) is IMPLEMENTATIONS["reference"]
     monkeypatch.setenv(IMPL_ENV_VAR, "nope")
     with pytest.raises(ValueError, match="nope"):
@@ -205,3 +212,131 @@ def test_saved_bytes_match_batchnorm_not_the_composition():
     # x plus per-(n, c) moments and per-sample scales: BatchNorm's x plus O(N·C), never a second activation
     assert fused <= bn + (2 * n * c + 2 * n) * 4
     assert ref >= bn + x.numel() * 4
+
+
+# ------------------------------------------------------------------------------ the compiled CPU kernel
+@NO_COMPILER
+def test_cpp_saves_no_more_than_batchnorm():
+    """Only x and the weight are kept: the per-(n, c) moments are recomputed in backward's read of x."""
+    for shape in [(8, 16, 8, 8), (4, 3, 5), (16, 32)]:
+        x = torch.randn(shape, requires_grad=True)
+        c = shape[1]
+        bn_layer = nn.BatchNorm1d(c) if len(shape) < 4 else nn.BatchNorm2d(c)
+        layer = l2bn.L2BatchNorm1d(c) if len(shape) < 4 else l2bn.L2BatchNorm2d(c)
+        bn = saved_bytes(lambda: bn_layer(x))
+        ours = saved_bytes(lambda: l2_batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, True, impl="cpp"))
+        assert ours <= bn, (shape, ours, bn)
+        assert ours == (x.numel() + c) * 4  # exactly x and the weight
+
+
+@NO_COMPILER
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channels_last_3d", "sliced"])
+@pytest.mark.parametrize("channels", [5, 16, 37])  # partial, exact and mixed 16-wide column tiles
+def test_cpp_layouts_and_channel_tiles(layout, channels):
+    shape = (3, channels, 4, 6, 2) if layout == "channels_last_3d" else (3, channels, 9, 7)
+    x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(5)) * 1.5 - 0.4
+    fmt = {"channels_last": torch.channels_last, "channels_last_3d": torch.channels_last_3d}.get(layout, torch.contiguous_format)
+    got = run(IMPLEMENTATIONS["cpp"], x, True, memory_format=fmt)
+    if layout == "sliced":  # a strided view: the kernel works on a dense copy and returns a dense result
+        wide = torch.randn(shape[0], channels, 9, 14, dtype=F64)
+        wide[..., ::2] = x
+        xs = wide[..., ::2].requires_grad_()
+        assert not xs.is_contiguous()
+        y = l2_batch_norm(xs, None, None, None, None, True, impl="cpp")
+        torch.testing.assert_close(y, l2_batch_norm_reference(x, None, None, None, None, True), rtol=1e-12, atol=1e-12)
+    assert_close(got, run(l2_batch_norm_reference, x, True), rtol=1e-12, atol=1e-12)
+    if layout != "nchw" and layout != "sliced":
+        assert got["y"].is_contiguous(memory_format=fmt) and got["dx"].is_contiguous(memory_format=fmt)
+
+
+@NO_COMPILER
+def test_cpp_long_runs_and_few_samples():
+    """Runs longer than one accumulation chunk, and fewer samples than threads (eval splits each sample)."""
+    x = torch.randn(2, 3, 40, 50, dtype=torch.float32) * 2 + 3
+    for training in (True, False):
+        got = run(IMPLEMENTATIONS["cpp"], x, training, dtype=torch.float32)
+        ref = run(l2_batch_norm_reference, x.double(), training)
+        assert_close(got, ref, rtol=2e-4, atol=2e-4)
+
+
+@NO_COMPILER
+def test_cpp_same_result_for_any_thread_count():
+    x = torch.randn(6, 8, 12, 12)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append([run(IMPLEMENTATIONS["cpp"], x, t, dtype=torch.float32) for t in (True, False)])
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@NO_COMPILER
+def test_cpp_running_stats_in_another_dtype_and_momentum_none(monkeypatch):
+    """bf16 activations with float32 buffers (a layer converted by hand), and the cumulative average."""
+    x = torch.randn(6, 4, 5, 5)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    ref_rm, ref_rv = rm.clone().double(), rv.clone().double()
+    l2_batch_norm(x.bfloat16(), rm, rv, None, None, True, 0.3, impl="cpp")
+    l2_batch_norm(x.bfloat16().double(), ref_rm, ref_rv, None, None, True, 0.3, impl="reference")
+    assert rm.dtype == torch.float32
+    torch.testing.assert_close(rm.double(), ref_rm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rv.double(), ref_rv, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv(IMPL_ENV_VAR, "cpp")
+    layer = l2bn.L2BatchNorm2d(4, momentum=None, dtype=F64)
+    batches = [torch.randn(6, 4, 5, 5, dtype=F64) * (i + 1) for i in range(3)]
+    for b in batches:
+        layer(b)
+    means = [l2bn.kernels.l2_normalize_samples(b).mean(dim=(0, 2, 3)) for b in batches]
+    torch.testing.assert_close(layer.running_mean, sum(means) / 3, rtol=1e-12, atol=1e-12)
+
+
+@NO_COMPILER
+def test_cpp_refuses_double_backward_with_a_pointer():
+    x = torch.randn(4, 3, 5, 5, dtype=F64, requires_grad=True)
+    y = l2_batch_norm(x, None, None, None, None, True, impl="cpp")
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=False)
+    assert g.shape == x.shape
+    y = l2_batch_norm(x, None, None, None, None, True, impl="cpp")
+    with pytest.raises(RuntimeError, match="double backward.*impl='reference'"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
+@NO_COMPILER
+def test_cpp_no_grad_needed_and_only_weight_grad():
+    x = torch.randn(4, 3, 5, 5)
+    w = torch.rand(3, requires_grad=True)
+    y = l2_batch_norm(x, None, None, w, None, True, impl="cpp")  # no bias, x needs no gradient
+    (y * torch.arange(3.0).view(1, 3, 1, 1)).sum().backward()
+    w_ref = w.detach().clone().requires_grad_()
+    (l2_batch_norm(x, None, None, w_ref, None, True, impl="reference") * torch.arange(3.0).view(1, 3, 1, 1)).sum().backward()
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert l2_batch_norm(x, None, None, w, None, True, impl="cpp").grad_fn is None
+
+
+def test_auto_falls_back_to_fused_with_one_warning_when_the_kernel_cannot_build(monkeypatch):
+    monkeypatch.setattr(cpp, "_build", lambda: OSError("no compiler in this test"))
+    cpp.warn_unavailable.cache_clear()
+    cpp._operator.cache_clear()
+    try:
+        x = torch.randn(3, 4, 2, 2)
+        with pytest.warns(RuntimeWarning, match="no compiler in this test"):
+            assert resolve_impl("auto", x) is IMPLEMENTATIONS["fused"]
+        with pytest.raises(RuntimeError, match="compiled CPU kernel is unavailable: no compiler in this test"):
+            l2_batch_norm(x, None, None, training=True, impl="cpp")
+    finally:
+        cpp.warn_unavailable.cache_clear()
+        cpp._operator.cache_clear()
+
+
+def test_compiled_graphs_trace_the_torch_op_path(monkeypatch):
+    """Under torch.compile the dispatcher hands tracing the fused torch-op path, not the opaque kernel."""
+    seen = []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    seen.append(resolve_impl("auto", torch.randn(2, 3)))
+    assert seen == [IMPLEMENTATIONS["fused"]]

@@ -12,10 +12,12 @@ import torch.nn.functional as F
 
 import l2bn
 from l2bn.functional import l2_batch_norm
+from l2bn.kernels import cpp
 
 LAYERS = {2: l2bn.L2BatchNorm1d, 3: l2bn.L2BatchNorm1d, 4: l2bn.L2BatchNorm2d, 5: l2bn.L2BatchNorm3d}
 SHAPES = [(6, 3), (6, 3, 7), (5, 3, 4, 6), (4, 3, 2, 3, 4)]
-IMPLS = ["fused", "reference"]
+NO_COMPILER = pytest.mark.skipif(not cpp.compiler_found(), reason="no C++ compiler: the compiled kernel cannot be built")
+IMPLS = [pytest.param("cpp", marks=NO_COMPILER), "fused", "reference"]
 
 
 def expected(x, running_mean, running_var, weight, bias, training, momentum, eps=1e-5, rescale=True):

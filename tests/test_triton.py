@@ -331,14 +331,15 @@ def test_auto_picks_triton_only_for_triton_devices(monkeypatch):
     monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
     monkeypatch.setattr(functional, "triton_importable", lambda: True)
     assert functional.TRITON_DEVICE_TYPES == ("cuda",)
-    assert resolve_impl(None, x) is IMPLEMENTATIONS["fused"]  # a CPU tensor never goes to Triton
+    cpu_choice = IMPLEMENTATIONS[functional.auto_impl(x)]
+    assert cpu_choice in (IMPLEMENTATIONS["cpp"], IMPLEMENTATIONS["fused"])  # a CPU tensor never goes to Triton
     monkeypatch.setattr(functional, "TRITON_DEVICE_TYPES", ("cpu",))  # pretend CPU were a GPU
     assert resolve_impl(None, x) is IMPLEMENTATIONS["triton"]
     assert resolve_impl("auto", x) is IMPLEMENTATIONS["triton"]
     assert resolve_impl(None, torch.randn(0, 3, 4)) is IMPLEMENTATIONS["reference"]
     assert resolve_impl("fused", x) is IMPLEMENTATIONS["fused"]  # forcing still wins
     monkeypatch.setattr(functional, "triton_importable", lambda: False)
-    assert resolve_impl(None, x) is IMPLEMENTATIONS["fused"]  # no triton installed: the torch fused path
+    assert resolve_impl(None, x) is cpu_choice  # no triton installed: the CPU paths
     monkeypatch.setenv(IMPL_ENV_VAR, "Triton")
     assert resolve_impl(None, x) is IMPLEMENTATIONS["triton"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -64,6 +65,11 @@ def _build() -> Exception | None:
     return None
 
 
+def compiler_found() -> bool:
+    """Whether a C++ compiler (``$CXX``, else ``c++``) is on the PATH: without one the kernel cannot be built."""
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
 def available() -> bool:
     """Whether the compiled CPU kernel is (or can be) loaded in this process."""
     return _build() is None
@@ -105,9 +111,13 @@ def l2_batch_norm_cpp(
         return l2_batch_norm_reference(
             input, running_mean, running_var, weight, bias, training, momentum, eps, rescale=rescale, l2_eps=l2_eps
         )
+    return _operator()(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps, rescale)
+
+
+@functools.cache
+def _operator() -> torch._ops.OpOverload:
+    """The registered ``l2bn_cpu::l2_batch_norm`` (looked up once: attribute lookups cost per call)."""
     error = build_error()
     if error is not None:
         raise RuntimeError(f"l2bn's compiled CPU kernel is unavailable: {error}") from error
-    return torch.ops.l2bn_cpu.l2_batch_norm(
-        input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps, rescale
-    )
+    return torch.ops.l2bn_cpu.l2_batch_norm.default

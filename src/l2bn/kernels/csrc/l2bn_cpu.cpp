@@ -67,10 +67,27 @@ Geometry geometry(const Tensor& x) {
   return {N, C, C == 0 || N == 0 ? 0 : x.numel() / (N * C), is_channels_last(x)};
 }
 
+// A per-channel parameter as float64 (``fill`` where absent), read directly: no tensor temporaries.
 std::vector<double> to_vector(const std::optional<Tensor>& t, int64_t size, double fill) {
-  if (!t.has_value() || !t->defined()) return std::vector<double>(size, fill);
-  Tensor d = t->detach().to(at::kDouble).contiguous();
-  return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + size);
+  std::vector<double> out(size, fill);
+  if (!t.has_value() || !t->defined()) return out;
+  const Tensor c = t->is_contiguous() ? *t : t->contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "l2bn_to_vector", [&] {
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < size; ++i) out[i] = static_cast<double>(p[i]);
+  });
+  return out;
+}
+
+// running ← (1 − momentum)·running + momentum·value, in place, as F.batch_norm updates its statistics.
+void blend_into(Tensor& running, const std::vector<double>& value, double momentum) {
+  Tensor target = running.is_contiguous() ? running : running.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target.scalar_type(), "l2bn_blend", [&] {
+    scalar_t* p = target.mutable_data_ptr<scalar_t>();
+    for (size_t i = 0; i < value.size(); ++i)
+      p[i] = static_cast<scalar_t>((1.0 - momentum) * static_cast<double>(p[i]) + momentum * value[i]);
+  });
+  if (!target.is_same(running)) running.copy_(target);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -116,23 +133,25 @@ RunSums run_sums(const scalar_t* x, const scalar_t* dy, int64_t len, int64_t str
   return out;
 }
 
-// Channels-last: shifted sums of every column of one sample's (M, C) block, into sums[0..C). Columns are
-// taken kTile at a time so the accumulators stay in registers while the rows stream past.
+// Channels-last: shifted sums of every column of one sample's (M, C) block, into sums[0..C). Rows are
+// taken in chunks that stay in cache, and within a chunk the columns kTile at a time, so that the
+// accumulators live in registers while the chunk's rows stream past.
 template <typename scalar_t, bool kGrad>
 void column_run_sums(const scalar_t* x, const scalar_t* dy, int64_t M, int64_t C, RunSums* sums) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t kTile = 16;
-  const int64_t chunk_rows = std::max<int64_t>(1, kChunk / 4);
-  for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-    const int64_t width = std::min(kTile, C - c0);
-    acc_t K[kTile] = {};
-    for (int64_t j = 0; j < width; ++j) {
-      K[j] = static_cast<acc_t>(x[c0 + j]);
-      sums[c0 + j] = RunSums();
-      sums[c0 + j].shift = K[j];
-    }
-    for (int64_t r0 = 0; r0 < M; r0 += chunk_rows) {
-      const int64_t r1 = std::min(M, r0 + chunk_rows);
+  const int64_t chunk_rows = std::clamp<int64_t>(16384 / std::max<int64_t>(C, 1), 1, kChunk);
+  std::vector<acc_t> shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    shift[c] = static_cast<acc_t>(x[c]);
+    sums[c] = RunSums();
+    sums[c].shift = shift[c];
+  }
+  for (int64_t r0 = 0; r0 < M; r0 += chunk_rows) {
+    const int64_t r1 = std::min(M, r0 + chunk_rows);
+    for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+      const int64_t width = std::min(kTile, C - c0);
+      const acc_t* K = shift.data() + c0;
       acc_t s1[kTile] = {}, s2[kTile] = {}, sg[kTile] = {}, sgx[kTile] = {};
       if (width == kTile) {
         for (int64_t r = r0; r < r1; ++r) {
@@ -164,10 +183,11 @@ void column_run_sums(const scalar_t* x, const scalar_t* dy, int64_t M, int64_t C
           }
       }
       for (int64_t j = 0; j < width; ++j) {
-        sums[c0 + j].x += s1[j];
-        sums[c0 + j].xx += s2[j];
-        sums[c0 + j].g += sg[j];
-        sums[c0 + j].gx += sgx[j];
+        RunSums& out = sums[c0 + j];
+        out.x += s1[j];
+        out.xx += s2[j];
+        out.g += sg[j];
+        out.gx += sgx[j];
       }
     }
   }
@@ -370,10 +390,9 @@ void update_running_stats(const std::optional<Tensor>& running_mean, const std::
   const double count = static_cast<double>(g.N * g.M);
   std::vector<double> unbiased(st.var);
   for (double& v : unbiased) v *= count / (count - 1);
-  const auto opts = at::TensorOptions().dtype(at::kDouble);
   Tensor rm = *running_mean, rv = *running_var;
-  rm.lerp_(at::from_blob(const_cast<double*>(st.mu.data()), {g.C}, opts).to(rm.scalar_type()), momentum);
-  rv.lerp_(at::from_blob(unbiased.data(), {g.C}, opts).to(rv.scalar_type()), momentum);
+  blend_into(rm, st.mu, momentum);
+  blend_into(rv, unbiased, momentum);
 }
 
 // Per-channel gain w·invstd and shift b − μ·gain of the output y = r_n·x·gain + shift.
