@@ -100,9 +100,6 @@ void blend_into(Tensor& running, const std::vector<double>& value, double moment
 // Shifted sums of one (n, c): Σ(x − K), Σ(x − K)², and with dy: Σ dy, Σ dy·(x − K).
 struct RunSums {
   double shift = 0, x = 0, xx = 0, g = 0, gx = 0;
-  double mean(int64_t M) const { return shift + x / M; }
-  double centred_squares(int64_t M) const { return std::max(0.0, xx - x * x / M); }
-  double centred_gradient(int64_t M) const { return gx - g * x / M; }  // Σ dy·(x − mean)
 };
 
 template <typename scalar_t, bool kGrad>
@@ -133,88 +130,93 @@ RunSums run_sums(const scalar_t* x, const scalar_t* dy, int64_t len, int64_t str
   return out;
 }
 
-// Channels-last: shifted sums of every column of one sample's (M, C) block, into sums[0..C). Rows are
-// taken in chunks that stay in cache, and within a chunk the columns kTile at a time, so that the
-// accumulators live in registers while the chunk's rows stream past.
+// Channels-last: rows are read in memory order and every column accumulates into small arrays
+// that stay in L1 (BatchNorm's own channels-last kernels do the same). Flushed to float64 every kChunk rows.
 template <typename scalar_t, bool kGrad>
 void column_run_sums(const scalar_t* x, const scalar_t* dy, int64_t M, int64_t C, RunSums* sums) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kTile = 16;
-  const int64_t chunk_rows = std::clamp<int64_t>(16384 / std::max<int64_t>(C, 1), 1, kChunk);
-  std::vector<acc_t> shift(C);
+  std::vector<acc_t> buffer(5 * C);
+  acc_t* __restrict__ K = buffer.data();
+  acc_t* __restrict__ s1 = K + C;
+  acc_t* __restrict__ s2 = s1 + C;
+  acc_t* __restrict__ sg = s2 + C;
+  acc_t* __restrict__ sgx = sg + C;
   for (int64_t c = 0; c < C; ++c) {
-    shift[c] = static_cast<acc_t>(x[c]);
+    K[c] = static_cast<acc_t>(x[c]);
     sums[c] = RunSums();
-    sums[c].shift = shift[c];
+    sums[c].shift = K[c];
   }
-  for (int64_t r0 = 0; r0 < M; r0 += chunk_rows) {
-    const int64_t r1 = std::min(M, r0 + chunk_rows);
-    for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-      const int64_t width = std::min(kTile, C - c0);
-      const acc_t* K = shift.data() + c0;
-      acc_t s1[kTile] = {}, s2[kTile] = {}, sg[kTile] = {}, sgx[kTile] = {};
-      if (width == kTile) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* __restrict__ xr = x + r * C + c0;
-          const scalar_t* __restrict__ gr = kGrad ? dy + r * C + c0 : nullptr;
+  for (int64_t r0 = 0; r0 < M; r0 += kChunk) {
+    const int64_t r1 = std::min(M, r0 + kChunk);
+    std::fill(s1, s1 + 4 * C, acc_t(0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* __restrict__ xr = x + r * C;
+      const scalar_t* __restrict__ gr = kGrad ? dy + r * C : nullptr;
 #pragma omp simd
-          for (int64_t j = 0; j < kTile; ++j) {
-            const acc_t d = static_cast<acc_t>(xr[j]) - K[j];
-            s1[j] += d;
-            s2[j] += d * d;
-            if constexpr (kGrad) {
-              const acc_t gi = static_cast<acc_t>(gr[j]);
-              sg[j] += gi;
-              sgx[j] += gi * d;
-            }
-          }
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t d = static_cast<acc_t>(xr[c]) - K[c];
+        s1[c] += d;
+        s2[c] += d * d;
+        if constexpr (kGrad) {
+          const acc_t gi = static_cast<acc_t>(gr[c]);
+          sg[c] += gi;
+          sgx[c] += gi * d;
         }
-      } else {
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t j = 0; j < width; ++j) {
-            const acc_t d = static_cast<acc_t>(x[r * C + c0 + j]) - K[j];
-            s1[j] += d;
-            s2[j] += d * d;
-            if constexpr (kGrad) {
-              const acc_t gi = static_cast<acc_t>(dy[r * C + c0 + j]);
-              sg[j] += gi;
-              sgx[j] += gi * d;
-            }
-          }
       }
-      for (int64_t j = 0; j < width; ++j) {
-        RunSums& out = sums[c0 + j];
-        out.x += s1[j];
-        out.xx += s2[j];
-        out.g += sg[j];
-        out.gx += sgx[j];
-      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      sums[c].x += s1[c];
+      sums[c].xx += s2[c];
+      sums[c].g += sg[c];
+      sums[c].gx += sgx[c];
     }
   }
 }
 
-// Per-(n, c) shifted sums of x (and dy), (N·C) of them, in one read.
+// Per (n, c), as float64 arrays: the mean m, the centred sum of squares q = Σ (x − m)², and with dy
+// Σ dy and Σ dy·(x − m).
+struct Moments {
+  std::vector<double> mean, sumsq, grad_sum, grad_dot;
+};
+
+void finish(const RunSums& s, double inv_m, Moments& mo, int64_t i, bool grad) {
+  const double mean_shift = s.x * inv_m;  // mean − K
+  mo.mean[i] = s.shift + mean_shift;
+  mo.sumsq[i] = std::max(0.0, s.xx - s.x * mean_shift);
+  if (grad) {
+    mo.grad_sum[i] = s.g;
+    mo.grad_dot[i] = s.gx - s.g * mean_shift;
+  }
+}
+
+// All (n, c) in one read of x (and dy), summed and finished in parallel.
 template <bool kGrad>
-std::vector<RunSums> run_sums_all(const Tensor& x, const Tensor* dy, const Geometry& g) {
-  std::vector<RunSums> sums(g.N * g.C);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_run_sums", [&] {
+Moments moments(const Tensor& x, const Tensor* dy, const Geometry& g) {
+  const int64_t NC = g.N * g.C;
+  Moments mo{std::vector<double>(NC), std::vector<double>(NC), std::vector<double>(kGrad ? NC : 0),
+             std::vector<double>(kGrad ? NC : 0)};
+  const double inv_m = 1.0 / g.M;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_moments", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = kGrad ? dy->const_data_ptr<scalar_t>() : nullptr;
     if (!g.channels_last) {
-      at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 4096 / std::max<int64_t>(g.M, 1)), [&](int64_t b0, int64_t b1) {
+      at::parallel_for(0, NC, std::max<int64_t>(1, 4096 / std::max<int64_t>(g.M, 1)), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b)
-          sums[b] = run_sums<scalar_t, kGrad>(xp + b * g.M, kGrad ? gp + b * g.M : nullptr, g.M);
+          finish(run_sums<scalar_t, kGrad>(xp + b * g.M, kGrad ? gp + b * g.M : nullptr, g.M), inv_m, mo, b, kGrad);
       });
     } else {
       at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+        std::vector<RunSums> sums(g.C);
         for (int64_t n = n0; n < n1; ++n) {
           const int64_t off = n * g.M * g.C;
-          column_run_sums<scalar_t, kGrad>(xp + off, kGrad ? gp + off : nullptr, g.M, g.C, sums.data() + n * g.C);
+          const scalar_t* gn = kGrad ? gp + off : nullptr;
+          column_run_sums<scalar_t, kGrad>(xp + off, gn, g.M, g.C, sums.data());
+          for (int64_t c = 0; c < g.C; ++c) finish(sums[c], inv_m, mo, n * g.C + c, kGrad);
         }
       });
     }
   });
-  return sums;
+  return mo;
 }
 
 // Σ x² of one contiguous run (a whole sample, in either layout), float64 over chunks.
@@ -333,20 +335,6 @@ double target_norm(const Geometry& g, bool rescale) {
 
 double sample_scale(double squares, double target, double l2_eps) {
   return target / std::max(std::sqrt(squares), l2_eps);
-}
-
-// Per (n, c): the mean m and the centred sum of squares q (from the shifted sums).
-struct Moments {
-  std::vector<double> mean, sumsq;
-};
-
-Moments moments_of(const std::vector<RunSums>& sums, int64_t M) {
-  Moments mo{std::vector<double>(sums.size()), std::vector<double>(sums.size())};
-  for (size_t i = 0; i < sums.size(); ++i) {
-    mo.mean[i] = sums[i].mean(M);
-    mo.sumsq[i] = sums[i].centred_squares(M);
-  }
-  return mo;
 }
 
 // ‖x_n‖² = Σ_c (q + M·m²), r_n; with batch statistics also μ_c = mean_n r_n m and
@@ -470,7 +458,7 @@ Tensor l2bn_forward(const Tensor& input, const std::optional<Tensor>& weight, co
     });
     return y;
   }
-  const Statistics st = statistics(moments_of(run_sums_all<false>(x, nullptr, g), g.M), g, rescale, l2_eps, true);
+  const Statistics st = statistics(moments<false>(x, nullptr, g), g, rescale, l2_eps, true);
   channel_affine(st, w, b, eps, gain, shift);
   std::vector<double> A(g.N * g.C), S(g.N * g.C);
   for (int64_t n = 0; n < g.N; ++n)
@@ -499,8 +487,7 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
   const Geometry g = geometry(x);
   const int64_t N = g.N, C = g.C, M = g.M;
   // Per (n, c), in one read of (x, dy): m, q = Σ (x − m)², Σ dy and Σ dy·(x − m).
-  const std::vector<RunSums> sums = run_sums_all<true>(x, &dy, g);
-  const Moments mo = moments_of(sums, M);
+  const Moments mo = moments<true>(x, &dy, g);
   Statistics st = statistics(mo, g, rescale, l2_eps, training);
   if (!training) {
     st.mu = to_vector(running_mean, C, 0.0);
@@ -516,35 +503,37 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
   // Σ dy and Σ dy·ẑ per channel, with ẑ = (r_n x − μ)·invstd and r_n·m − μ the (n, c) mean of z − μ.
   for (int64_t n = 0; n < N; ++n) {
     const double r = st.scale[n];
+    const double *mean = mo.mean.data() + n * C, *dsum = mo.grad_sum.data() + n * C, *dot = mo.grad_dot.data() + n * C;
     for (int64_t c = 0; c < C; ++c) {
-      const int64_t i = n * C + c;
-      const double dsum = sums[i].g;
-      grad_b[c] += dsum;
-      grad_w[c] += invstd[c] * (r * sums[i].centred_gradient(M) + (r * mo.mean[i] - st.mu[c]) * dsum);
+      grad_b[c] += dsum[c];
+      grad_w[c] += r * dot[c] + (r * mean[c] - st.mu[c]) * dsum[c];
     }
   }
+  for (int64_t c = 0; c < C; ++c) grad_w[c] *= invstd[c];
   // With batch statistics dz = gain·(dy − Σdy/count − ẑ·Σdy·ẑ/count), with fixed ones gain·dy; then the
   // l2 step dx = r_n (dz − x·T_n / ‖x_n‖²) with T_n = Σ dz·x (nothing where the norm was clamped).
+  const double inv_count = 1.0 / count;
   if (training)
     for (int64_t c = 0; c < C; ++c) {
-      k[c] = gain[c] * invstd[c] * grad_w[c] / count;
-      mean_dz[c] = gain[c] * grad_b[c] / count;
+      k[c] = gain[c] * invstd[c] * grad_w[c] * inv_count;
+      mean_dz[c] = gain[c] * grad_b[c] * inv_count;
     }
   std::vector<double> P(N * C), Q(N * C), R(N * C);
   for (int64_t n = 0; n < N; ++n) {
     const double r = st.scale[n];
+    const double *mean = mo.mean.data() + n * C, *sumsq = mo.sumsq.data() + n * C;
+    const double *dsum = mo.grad_sum.data() + n * C, *dot = mo.grad_dot.data() + n * C;
+    double *p = P.data() + n * C, *q = Q.data() + n * C, *rr = R.data() + n * C;
     double t = 0;
     for (int64_t c = 0; c < C; ++c) {
-      const int64_t i = n * C + c;
-      const double m = mo.mean[i], dsum = sums[i].g;
-      const double dz_sum = gain[c] * dsum - M * (mean_dz[c] + k[c] * (r * m - st.mu[c]));
-      const double dz_xc = gain[c] * sums[i].centred_gradient(M) - k[c] * r * mo.sumsq[i];
-      t += dz_xc + m * dz_sum;
-      P[i] = r * gain[c];
-      R[i] = r * (k[c] * st.mu[c] - mean_dz[c]);
+      const double dz_sum = gain[c] * dsum[c] - M * (mean_dz[c] + k[c] * (r * mean[c] - st.mu[c]));
+      const double dz_dot = gain[c] * dot[c] - k[c] * r * sumsq[c];
+      t += dz_dot + mean[c] * dz_sum;
+      p[c] = r * gain[c];
+      rr[c] = r * (k[c] * st.mu[c] - mean_dz[c]);
     }
     const double u = st.norm[n] > l2_eps ? t / (st.norm[n] * st.norm[n]) : 0.0;
-    for (int64_t c = 0; c < C; ++c) Q[n * C + c] = -r * (k[c] * r + u);
+    for (int64_t c = 0; c < C; ++c) q[c] = -r * (k[c] * r + u);
   }
   Gradients out;
   out.input = at::empty_like(x);
