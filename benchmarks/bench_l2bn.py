@@ -1,19 +1,21 @@
 """L2BN vs torch BatchNorm, measured in the same run: layer fwd+bwd and eval (NCHW and channels_last),
 bytes saved for backward, and a ResNet-56 CIFAR-shape training step.
 
-    python benchmarks/bench_l2bn.py [--repeats 20] [--threads N]
+    python benchmarks/bench_l2bn.py [--repeats 20] [--threads N] [--impl cpp|fused|...]
 
 Times are the minimum over interleaved repeats (see ``l2bn.bench``); ratios > 1 mean L2BN is slower.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 import torch.nn as nn
 
 from l2bn import L2BatchNorm2d
+from l2bn.functional import IMPL_ENV_VAR, IMPLEMENTATIONS
 from l2bn.bench import DEFAULT_SHAPES, environment_line, format_table, time_layers
 from l2bn.models import create_model
 
@@ -64,7 +66,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--resnet-batch", type=int, default=128)
     parser.add_argument("--resnet-repeats", type=int, default=5)
+    parser.add_argument("--impl", choices=sorted(IMPLEMENTATIONS), help="force an L2BN implementation (default: auto)")
     args = parser.parse_args()
+    if args.impl:
+        os.environ[IMPL_ENV_VAR] = args.impl
     if args.threads:
         torch.set_num_threads(args.threads)
     print(environment_line("cpu"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -10,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from .functional import IMPL_ENV_VAR, IMPLEMENTATIONS, auto_impl
 from .layers import L2BatchNorm2d
 
 DEFAULT_SHAPES: tuple[tuple[int, int, int, int], ...] = ((128, 16, 32, 32), (128, 64, 8, 8), (32, 256, 28, 28))
@@ -43,7 +45,7 @@ def time_layers(
     repeats: int = 20,
     warmup: int = 3,
 ) -> Timing:
-    """Median time of BatchNorm2d and L2BatchNorm2d on one input; ``mode`` is "train" (fwd+bwd) or "eval"."""
+    """Minimum time over interleaved repeats of BatchNorm2d and L2BatchNorm2d on one input; ``mode`` is "train" (fwd+bwd) or "eval"."""
     if mode not in ("train", "eval"):
         raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
     device = torch.device(device)
@@ -102,16 +104,24 @@ def format_table(timings: Sequence[Timing]) -> str:
     return "\n".join(lines)
 
 
+def l2bn_path(device: str | torch.device = "cpu") -> str:
+    """The implementation L2BatchNorm2d runs on ``device`` (``$L2BN_IMPL``, else what ``auto`` picks)."""
+    chosen = os.environ.get(IMPL_ENV_VAR, "auto").lower()
+    return auto_impl(torch.ones(2, 2, 2, 2, device=device)) if chosen == "auto" else chosen
+
+
 def environment_line(device: str | torch.device = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU, {torch.get_num_threads()} threads"
-    return f"device: {name}; torch {torch.__version__}"
+    return f"device: {name}; torch {torch.__version__}; L2BN path: {l2bn_path(device)}"
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.impl:
+        os.environ[IMPL_ENV_VAR] = args.impl
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     timings = []
@@ -135,4 +145,5 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--impl", choices=sorted(IMPLEMENTATIONS), help="force an L2BN implementation (default: auto)")
     p.set_defaults(func=run_bench)
