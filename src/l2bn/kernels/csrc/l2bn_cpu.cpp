@@ -235,8 +235,18 @@ double squares_of(const scalar_t* p, int64_t len) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Elementwise pass: out = u·A[n,c] (+ v·B[n,c]) + S[n,c], with A, B, S of N·C values in float64.
+// Elementwise pass: out = u·A[n,c] (+ v·B[n,c]) + S[n,c], where every coefficient factors into a
+// per-sample and a per-channel part (A = α_n a_c, B = β_n b_c + δ_n, S = σ_n s_c), so the N·C values are
+// formed inside the parallel pass instead of in a serial O(N·C) loop before it.
 // ---------------------------------------------------------------------------------------------------
+
+struct Coefficients {
+  std::vector<double> alpha, beta, delta, sigma;  // per sample (beta, delta only with a second input)
+  std::vector<double> a, b, s;                    // per channel
+  double A(int64_t n, int64_t c) const { return alpha[n] * a[c]; }
+  double B(int64_t n, int64_t c) const { return beta[n] * b[c] + delta[n]; }
+  double S(int64_t n, int64_t c) const { return sigma[n] * s[c]; }
+};
 
 template <typename scalar_t, bool kTwoInputs>
 struct AffinePass {
@@ -245,17 +255,18 @@ struct AffinePass {
   const scalar_t* v;
   scalar_t* out;
   const Geometry& g;
-  const double *A, *B, *S;
+  const Coefficients& k;
 
   // Rows layout: (n, c) runs b0..b1 of M contiguous values.
   void runs(int64_t b0, int64_t b1) const {
     for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / g.C, c = b % g.C;
       const scalar_t* __restrict__ ub = u + b * g.M;
       scalar_t* __restrict__ ob = out + b * g.M;
-      const acc_t ab = A[b], sb = S[b];
+      const acc_t ab = k.A(n, c), sb = k.S(n, c);
       if constexpr (kTwoInputs) {
         const scalar_t* __restrict__ vb = v + b * g.M;
-        const acc_t bb = B[b];
+        const acc_t bb = k.B(n, c);
 #pragma omp simd
         for (int64_t i = 0; i < g.M; ++i)
           ob[i] = static_cast<scalar_t>(static_cast<acc_t>(ub[i]) * ab + static_cast<acc_t>(vb[i]) * bb + sb);
@@ -273,9 +284,9 @@ struct AffinePass {
     acc_t* __restrict__ sn = an + g.C;
     acc_t* __restrict__ bn = kTwoInputs ? sn + g.C : nullptr;
     for (int64_t c = 0; c < g.C; ++c) {
-      an[c] = A[n * g.C + c];
-      sn[c] = S[n * g.C + c];
-      if constexpr (kTwoInputs) bn[c] = B[n * g.C + c];
+      an[c] = k.A(n, c);
+      sn[c] = k.S(n, c);
+      if constexpr (kTwoInputs) bn[c] = k.B(n, c);
     }
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* __restrict__ ur = u + r * g.C;
@@ -317,6 +328,17 @@ struct AffinePass {
                        [&](int64_t b0, int64_t b1) { runs(b0, b1); });
   }
 };
+
+// y = x·r_n·gain_c + shift_c
+Coefficients output_coefficients(const std::vector<double>& scale, const std::vector<double>& gain,
+                                 const std::vector<double>& shift) {
+  Coefficients k;
+  k.alpha = scale;
+  k.sigma.assign(scale.size(), 1.0);
+  k.a = gain;
+  k.s = shift;
+  return k;
+}
 
 // ---------------------------------------------------------------------------------------------------
 // O(N·C) algebra in float64
@@ -401,22 +423,16 @@ void channel_affine(const Statistics& st, const std::vector<double>& w, const st
 
 // Eval: per sample, ‖x_n‖ then the output, while the sample is still in cache (one read from memory).
 template <typename scalar_t>
-void eval_forward(const Tensor& x, Tensor& y, const Geometry& g, const Statistics& st, const std::vector<double>& gain,
+void eval_forward(const Tensor& x, Tensor& y, const Geometry& g, const std::vector<double>& gain,
                   const std::vector<double>& shift, double target, double l2_eps) {
   const int64_t D = g.C * g.M;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  std::vector<double> A(g.N * g.C), S(g.N * g.C);
-  AffinePass<scalar_t, false> pass{xp, nullptr, y.mutable_data_ptr<scalar_t>(), g, A.data(), nullptr, S.data()};
-  auto set_coefficients = [&](int64_t n, double r) {
-    for (int64_t c = 0; c < g.C; ++c) {
-      A[n * g.C + c] = r * gain[c];
-      S[n * g.C + c] = shift[c];
-    }
-  };
+  Coefficients k = output_coefficients(std::vector<double>(g.N), gain, shift);
+  AffinePass<scalar_t, false> pass{xp, nullptr, y.mutable_data_ptr<scalar_t>(), g, k};
   if (g.N >= at::get_num_threads()) {
     at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
-        set_coefficients(n, sample_scale(squares_of(xp + n * D, D), target, l2_eps));
+        k.alpha[n] = sample_scale(squares_of(xp + n * D, D), target, l2_eps);
         pass.samples(n, n + 1);
       }
     });
@@ -435,7 +451,7 @@ void eval_forward(const Tensor& x, Tensor& y, const Geometry& g, const Statistic
   for (int64_t n = 0; n < g.N; ++n) {
     double squares = 0;
     for (int64_t p = 0; p < pieces; ++p) squares += partial[n * pieces + p];
-    set_coefficients(n, sample_scale(squares, target, l2_eps));
+    k.alpha[n] = sample_scale(squares, target, l2_eps);
   }
   pass.all();
 }
@@ -454,22 +470,15 @@ Tensor l2bn_forward(const Tensor& input, const std::optional<Tensor>& weight, co
     st.var = to_vector(running_var, g.C, 1.0);
     channel_affine(st, w, b, eps, gain, shift);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_eval", [&] {
-      eval_forward<scalar_t>(x, y, g, st, gain, shift, target_norm(g, rescale), l2_eps);
+      eval_forward<scalar_t>(x, y, g, gain, shift, target_norm(g, rescale), l2_eps);
     });
     return y;
   }
   const Statistics st = statistics(moments<false>(x, nullptr, g), g, rescale, l2_eps, true);
   channel_affine(st, w, b, eps, gain, shift);
-  std::vector<double> A(g.N * g.C), S(g.N * g.C);
-  for (int64_t n = 0; n < g.N; ++n)
-    for (int64_t c = 0; c < g.C; ++c) {
-      A[n * g.C + c] = st.scale[n] * gain[c];
-      S[n * g.C + c] = shift[c];
-    }
+  const Coefficients k = output_coefficients(st.scale, gain, shift);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_forward", [&] {
-    AffinePass<scalar_t, false>{x.const_data_ptr<scalar_t>(), nullptr, y.mutable_data_ptr<scalar_t>(), g, A.data(),
-                                nullptr, S.data()}
-        .all();
+    AffinePass<scalar_t, false>{x.const_data_ptr<scalar_t>(), nullptr, y.mutable_data_ptr<scalar_t>(), g, k}.all();
   });
   update_running_stats(running_mean, running_var, st, g, momentum);
   return y;
@@ -518,28 +527,40 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
       k[c] = gain[c] * invstd[c] * grad_w[c] * inv_count;
       mean_dz[c] = gain[c] * grad_b[c] * inv_count;
     }
-  std::vector<double> P(N * C), Q(N * C), R(N * C);
-  for (int64_t n = 0; n < N; ++n) {
-    const double r = st.scale[n];
-    const double *mean = mo.mean.data() + n * C, *sumsq = mo.sumsq.data() + n * C;
-    const double *dsum = mo.grad_sum.data() + n * C, *dot = mo.grad_dot.data() + n * C;
-    double *p = P.data() + n * C, *q = Q.data() + n * C, *rr = R.data() + n * C;
-    double t = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      const double dz_sum = gain[c] * dsum[c] - M * (mean_dz[c] + k[c] * (r * mean[c] - st.mu[c]));
-      const double dz_dot = gain[c] * dot[c] - k[c] * r * sumsq[c];
-      t += dz_dot + mean[c] * dz_sum;
-      p[c] = r * gain[c];
-      rr[c] = r * (k[c] * st.mu[c] - mean_dz[c]);
-    }
-    const double u = st.norm[n] > l2_eps ? t / (st.norm[n] * st.norm[n]) : 0.0;
-    for (int64_t c = 0; c < C; ++c) q[c] = -r * (k[c] * r + u);
+  // dx = dy·r_n gain_c + x·(−r_n² k_c − r_n u_n) + r_n (k_c μ_c − mean_dz_c), u_n = T_n / ‖x_n‖².
+  Coefficients coef;
+  coef.alpha = st.scale;
+  coef.sigma = st.scale;
+  coef.beta.resize(N);
+  coef.delta.resize(N);
+  coef.a = gain;
+  coef.b.resize(C);
+  coef.s.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    coef.b[c] = -k[c];
+    coef.s[c] = k[c] * st.mu[c] - mean_dz[c];
   }
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const double r = st.scale[n];
+      const double *mean = mo.mean.data() + n * C, *sumsq = mo.sumsq.data() + n * C;
+      const double *dsum = mo.grad_sum.data() + n * C, *dot = mo.grad_dot.data() + n * C;
+      double t = 0;  // T_n = Σ_c Σ_S dz·x = Σ_c (Σ dz·(x − m) + m Σ dz)
+      for (int64_t c = 0; c < C; ++c) {
+        const double dz_sum = gain[c] * dsum[c] - M * (mean_dz[c] + k[c] * (r * mean[c] - st.mu[c]));
+        const double dz_dot = gain[c] * dot[c] - k[c] * r * sumsq[c];
+        t += dz_dot + mean[c] * dz_sum;
+      }
+      const double u = st.norm[n] > l2_eps ? t / (st.norm[n] * st.norm[n]) : 0.0;
+      coef.beta[n] = r * r;
+      coef.delta[n] = -r * u;
+    }
+  });
   Gradients out;
   out.input = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_backward", [&] {
     AffinePass<scalar_t, true>{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                               out.input.mutable_data_ptr<scalar_t>(), g, P.data(), Q.data(), R.data()}
+                               out.input.mutable_data_ptr<scalar_t>(), g, coef}
         .all();
   });
   const auto opts = at::TensorOptions().dtype(at::kDouble);
