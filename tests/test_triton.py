@@ -175,6 +175,38 @@ def test_moments_and_gradient_sums_against_float64_loops(tk, channels_last):
     torch.testing.assert_close(dy_xc.double(), want_xc, rtol=1e-5, atol=5e-1)  # |x − centre| ≈ 1e4
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_backward_recomputes_the_forward_moments_bit_for_bit(tk, tiny_tiles, channels_last):
+    """Backward's one read of (dy, x) yields the forward's m and q exactly, and Σ dy·(x − m) about them."""
+    gen = torch.Generator().manual_seed(8)
+    x = (50 + 3 * torch.randn(3, 5, 3, 5, dtype=F64, generator=gen)).float()  # rows of 15 = 4 + 4 + 4 + 3
+    dy = torch.randn(3, 5, 3, 5, dtype=F64, generator=gen).float()
+    if channels_last:
+        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    mean, sumsq = tk.sample_channel_moments_triton(dev(x))
+    mean2, sumsq2, dy_sum, dy_xc = tk.moments_and_gradient_sums_triton(dev(dy), dev(x))
+    assert torch.equal(mean.cpu(), mean2.cpu()) and torch.equal(sumsq.cpu(), sumsq2.cpu())
+    want_mean, _ = moments_f64(x)
+    want_xc = (dy.double() * (x.double() - want_mean[:, :, None, None])).sum(dim=(2, 3))
+    torch.testing.assert_close(dy_sum.cpu().double(), dy.double().sum(dim=(2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dy_xc.cpu().double(), want_xc, rtol=1e-4, atol=1e-3)
+
+
+def test_saves_only_x_and_the_weight(tk):
+    """No more than BatchNorm keeps (x plus five C-vectors): x and C weights in training."""
+    x = dev(torch.randn(6, 8, 5, 5)).requires_grad_()
+    w, b = dev(torch.rand(8)).requires_grad_(), dev(torch.randn(8)).requires_grad_()
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        tk.l2_batch_norm_triton(x, None, None, w, b, True)
+    assert sum(storages.values()) == (x.numel() + 8) * 4
+
+
 def test_affine_pass_against_formula(tk):
     gen = torch.Generator().manual_seed(4)
     u, v = torch.randn(2, 3, 4, 5, generator=gen), torch.randn(2, 3, 4, 5, generator=gen)
@@ -409,9 +441,10 @@ for arch, dtypes in ((90, ("fp32", "bf16", "fp16", "fp64")), (80, ("bf16",))):
             triton.compile(ASTSource(m._moments_kernel, sig(names, ptrs, consts), consts), target=target)
         names = m._gradient_sums_kernel.arg_names
         ptrs = {"dy_ptr": "*" + ty, "x_ptr": "*" + ty}
-        ptrs.update({k: "*" + acc for k in ("centre_ptr", "dy_sum_ptr", "dy_xc_ptr")})
-        consts = {"BLOCK_C": 32, "BLOCK_M": 64, "sdm": 0}
-        triton.compile(ASTSource(m._gradient_sums_kernel, sig(names, ptrs, consts), consts), target=target)
+        ptrs.update({k: "*" + acc for k in ("centre_ptr", "dy_sum_ptr", "dy_xc_ptr", "mean_ptr", "sumsq_ptr")})
+        for with_moments in (False, True):
+            consts = {"WITH_MOMENTS": with_moments, "BLOCK_C": 32, "BLOCK_M": 64, "sdm": 0}
+            triton.compile(ASTSource(m._gradient_sums_kernel, sig(names, ptrs, consts), consts), target=target)
         names = m._affine_kernel.arg_names
         ptrs = {"out_ptr": "*" + ty, "u_ptr": "*" + ty, "v_ptr": "*" + ty}
         ptrs.update({k: "*" + acc for k in ("p_ptr", "q_ptr", "r_ptr")})

@@ -7,7 +7,8 @@ any layout whose spatial dims flatten to a view) are read in place. Four kernels
 - ``_moments_kernel``: per (n, c) the mean m and centred sum of squares q = Σ_S (x − m)², one program per
   (n, block of channels). Each chunk of positions is centred on its own mean and merged with the running
   totals by Chan, Golub and LeVeque's pairwise update (1979), so there is no E[x²] − E[x]² cancellation.
-- ``_gradient_sums_kernel``: per (n, c) Σ_S dy and Σ_S dy·(x − m) from one read of (dy, x).
+- ``_gradient_sums_kernel``: per (n, c) Σ_S dy and Σ_S dy·(x − m) from one read of (dy, x); in backward
+  the same read recomputes m and q (bit-identical to the forward's), so only x and the weight are saved.
 - ``_affine_kernel``: out = u·P[n,c] + v·Q[n,c] + R[n,c] (v optional), elementwise; the forward output
   (u = x, no v) and the input gradient (u = dy, v = x) in one pass each.
 
@@ -52,6 +53,19 @@ _MAX_BLOCK_C_CHANNELS_LAST = 32  # channels per tile when C is the contiguous ax
 if TRITON_AVAILABLE:
 
     @triton.jit
+    def _chan_merge(v, mask, m_ok, count, mean, sumsq):
+        """Merge one chunk (rows of ``v``, valid where ``mask``) into per-row (count, mean, Σ(x − mean)²):
+        the chunk is centred on its own mean, then combined pairwise (Chan, Golub & LeVeque 1979)."""
+        chunk_count = tl.sum(m_ok.to(mean.dtype), axis=0)
+        chunk_mean = tl.sum(v, axis=1) / chunk_count
+        centred = tl.where(mask, v - chunk_mean[:, None], 0.0)
+        chunk_sumsq = tl.sum(centred * centred, axis=1)
+        total = count + chunk_count
+        delta = chunk_mean - mean
+        weight = chunk_count / total
+        return total, mean + delta * weight, sumsq + chunk_sumsq + delta * delta * count * weight
+
+    @triton.jit
     def _moments_kernel(
         x_ptr, mean_ptr, sumsq_ptr, C, M, sxn, sxc, sxm,
         BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -70,46 +84,57 @@ if TRITON_AVAILABLE:
             m_ok = offs_m < M
             mask = c_ok[:, None] & m_ok[None, :]
             v = tl.load(base + offs_m[None, :] * sxm, mask=mask, other=0.0).to(acc_ty)
-            chunk_count = tl.sum(m_ok.to(acc_ty), axis=0)
-            chunk_mean = tl.sum(v, axis=1) / chunk_count
-            centred = tl.where(mask, v - chunk_mean[:, None], 0.0)
-            chunk_sumsq = tl.sum(centred * centred, axis=1)
-            total = count + chunk_count
-            delta = chunk_mean - mean
-            weight = chunk_count / total
-            mean = mean + delta * weight
-            sumsq = sumsq + chunk_sumsq + delta * delta * count * weight
-            count = total
+            count, mean, sumsq = _chan_merge(v, mask, m_ok, count, mean, sumsq)
         out = n.to(tl.int64) * C + offs_c
         tl.store(mean_ptr + out, mean, mask=c_ok)
         tl.store(sumsq_ptr + out, sumsq, mask=c_ok)
 
     @triton.jit
     def _gradient_sums_kernel(
-        dy_ptr, x_ptr, centre_ptr, dy_sum_ptr, dy_xc_ptr, C, M,
+        dy_ptr, x_ptr, centre_ptr, dy_sum_ptr, dy_xc_ptr, mean_ptr, sumsq_ptr, C, M,
         sdn, sdc, sdm, sxn, sxc, sxm,
-        BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+        WITH_MOMENTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
-        """Per-(n, c) Σ dy and Σ dy·(x − centre) in one read of (dy, x), accumulated tile-wise."""
+        """Per-(n, c) Σ dy and Σ dy·(x − centre) in one read of (dy, x), accumulated tile-wise.
+
+        WITH_MOMENTS: no centre is given; the same read also yields the mean m and Σ (x − m)² exactly as
+        ``_moments_kernel`` computes them (same chunks, same merge), and the dot product is taken about the
+        row's first value K and moved to the mean at the end: Σ dy·(x − m) = Σ dy·(x − K) − (m − K)·Σ dy.
+        """
         n = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
         acc_ty = dy_sum_ptr.dtype.element_ty
         rows = n.to(tl.int64) * C + offs_c
-        centre = tl.load(centre_ptr + rows, mask=c_ok, other=0.0)
         dy_base = dy_ptr + n.to(tl.int64) * sdn + offs_c[:, None] * sdc
         x_base = x_ptr + n.to(tl.int64) * sxn + offs_c[:, None] * sxc
+        if WITH_MOMENTS:
+            centre = tl.load(x_ptr + n.to(tl.int64) * sxn + offs_c * sxc, mask=c_ok, other=0.0).to(acc_ty)
+        else:
+            centre = tl.load(centre_ptr + rows, mask=c_ok, other=0.0)
+        count = tl.zeros([BLOCK_C], dtype=acc_ty)
+        mean = tl.zeros([BLOCK_C], dtype=acc_ty)
+        sumsq = tl.zeros([BLOCK_C], dtype=acc_ty)
         acc_sum = tl.zeros([BLOCK_C, BLOCK_M], dtype=acc_ty)
         acc_dot = tl.zeros([BLOCK_C, BLOCK_M], dtype=acc_ty)
         for start in range(0, M, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
-            mask = c_ok[:, None] & (offs_m < M)[None, :]
+            m_ok = offs_m < M
+            mask = c_ok[:, None] & m_ok[None, :]
             g = tl.load(dy_base + offs_m[None, :] * sdm, mask=mask, other=0.0).to(acc_ty)
             v = tl.load(x_base + offs_m[None, :] * sxm, mask=mask, other=0.0).to(acc_ty)
             acc_sum += g
             acc_dot += g * (v - centre[:, None])
-        tl.store(dy_sum_ptr + rows, tl.sum(acc_sum, axis=1), mask=c_ok)
-        tl.store(dy_xc_ptr + rows, tl.sum(acc_dot, axis=1), mask=c_ok)
+            if WITH_MOMENTS:
+                count, mean, sumsq = _chan_merge(v, mask, m_ok, count, mean, sumsq)
+        dy_sum = tl.sum(acc_sum, axis=1)
+        dy_dot = tl.sum(acc_dot, axis=1)
+        if WITH_MOMENTS:
+            dy_dot = dy_dot - (mean - centre) * dy_sum
+            tl.store(mean_ptr + rows, mean, mask=c_ok)
+            tl.store(sumsq_ptr + rows, sumsq, mask=c_ok)
+        tl.store(dy_sum_ptr + rows, dy_sum, mask=c_ok)
+        tl.store(dy_xc_ptr + rows, dy_dot, mask=c_ok)
 
     @triton.jit
     def _affine_kernel(
@@ -189,20 +214,33 @@ def sample_channel_moments_triton(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, sumsq
 
 
-def gradient_sums_triton(dy: Tensor, x: Tensor, centre: Tensor) -> tuple[Tensor, Tensor]:
-    """(Σ_S dy, Σ_S dy·(x − centre)) per (n, c), in ``centre``'s dtype, from one read of (dy, x)."""
+def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor | None) -> tuple[Tensor, ...]:
     dy, dy_rows = _row_strides(dy)
     x, x_rows = _row_strides(x)
     n, num_channels, spatial = x_rows.shape
-    centre = centre.contiguous()
+    with_moments = centre is None
+    acc = accumulation_dtype(x.dtype)
+    centre = torch.empty(n, num_channels, dtype=acc, device=x.device) if with_moments else centre.contiguous()
     dy_sum, dy_xc = torch.empty_like(centre), torch.empty_like(centre)
-    block_c, block_m = _tile(x_rows, _REDUCE_TILE)
+    mean, sumsq = (torch.empty_like(centre), torch.empty_like(centre)) if with_moments else (centre, centre)
+    block_c, block_m = _tile(x_rows, _REDUCE_TILE)  # the forward's tiles: the same moments, bit for bit
     with _on_device(x):
         _gradient_sums_kernel[(n, triton.cdiv(num_channels, block_c))](
-            dy_rows, x_rows, centre, dy_sum, dy_xc, num_channels, spatial, *dy_rows.stride(), *x_rows.stride(),
-            BLOCK_C=block_c, BLOCK_M=block_m,
+            dy_rows, x_rows, centre, dy_sum, dy_xc, mean, sumsq, num_channels, spatial,
+            *dy_rows.stride(), *x_rows.stride(), WITH_MOMENTS=with_moments, BLOCK_C=block_c, BLOCK_M=block_m,
         )
-    return dy_sum, dy_xc
+    return (mean, sumsq, dy_sum, dy_xc) if with_moments else (dy_sum, dy_xc)
+
+
+def gradient_sums_triton(dy: Tensor, x: Tensor, centre: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ_S dy, Σ_S dy·(x − centre)) per (n, c), in ``centre``'s dtype, from one read of (dy, x)."""
+    return _gradient_sums(dy, x, centre)
+
+
+def moments_and_gradient_sums_triton(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(m, q, Σ_S dy, Σ_S dy·(x − m)) per (n, c) from one read of (dy, x); m and q equal
+    :func:`sample_channel_moments_triton`'s, so backward need not save them."""
+    return _gradient_sums(dy, x, None)
 
 
 def affine_triton(
@@ -257,16 +295,20 @@ class TritonL2BatchNorm(torch.autograd.Function):
         gain = invstd if weight is None else weight.to(acc) * invstd
         shift = -mu * gain if bias is None else bias.to(acc) - mu * gain
         y = affine_triton(torch.empty_like(x), x, scale[:, None] * gain, shift)
-        ctx.save_for_backward(x, weight, scale, norm, mu, invstd, mean, sumsq)
-        ctx.training, ctx.l2_eps = training, l2_eps
+        # x and the weight (and the fixed statistics in eval) only: backward's read of (dy, x) recomputes
+        # the per-(n, c) moments, so no more is kept than BatchNorm keeps.
+        ctx.save_for_backward(x, weight, *(() if training else (mu, invstd)))
+        ctx.training, ctx.eps, ctx.rescale, ctx.l2_eps = training, eps, rescale, l2_eps
         ctx.mark_non_differentiable(mu, var)
         return y, mu, var
 
     @staticmethod
     def backward(ctx, dy, _dmu, _dvar):
-        x, weight, scale, norm, mu, invstd, mean, sumsq = ctx.saved_tensors
+        x, weight, *fixed = ctx.saved_tensors
         spatial = x[0, 0].numel()
-        dy_sum, dy_xc = gradient_sums_triton(dy, x, mean)  # Σ dy, Σ dy·(x − m)
+        mean, sumsq, dy_sum, dy_xc = moments_and_gradient_sums_triton(dy, x)  # Σ dy, Σ dy·(x − m)
+        scale, norm, mu, var = channel_statistics(mean, sumsq, spatial, rescale=ctx.rescale, l2_eps=ctx.l2_eps)
+        mu, invstd = fixed if fixed else (mu, (var + ctx.eps).rsqrt())
         grad = input_gradient(
             dy_sum, dy_xc, centre=mean, sumsq=sumsq if ctx.training else None, scale=scale, norm=norm, mu=mu,
             invstd=invstd, weight=weight, spatial_size=spatial, count=x.shape[0] * spatial, l2_eps=ctx.l2_eps,
@@ -324,6 +366,7 @@ __all__ = [
     "affine_triton",
     "gradient_sums_triton",
     "INTERPRETED",
+    "moments_and_gradient_sums_triton",
     "l2_batch_norm_triton",
     "sample_channel_moments_triton",
 ]
