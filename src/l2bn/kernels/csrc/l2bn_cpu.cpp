@@ -175,9 +175,19 @@ void column_run_sums(const scalar_t* x, const scalar_t* dy, int64_t M, int64_t C
 
 // Per (n, c), as float64 arrays: the mean m, the centred sum of squares q = Σ (x − m)², and with dy
 // Σ dy and Σ dy·(x − m).
+// The four arrays live in one per-thread workspace that is reused from call to call: fresh multi-page
+// allocations on every call cost page faults (and glibc may trim and re-fault them) that BatchNorm, which
+// keeps only C-vectors, does not pay.
 struct Moments {
-  std::vector<double> mean, sumsq, grad_sum, grad_dot;
+  double *mean, *sumsq, *grad_sum, *grad_dot;
 };
+
+Moments workspace_moments(int64_t NC) {
+  thread_local std::vector<double> workspace;
+  if (workspace.size() < static_cast<size_t>(4 * NC)) workspace.resize(4 * NC);
+  double* w = workspace.data();
+  return {w, w + NC, w + 2 * NC, w + 3 * NC};
+}
 
 void finish(const RunSums& s, double inv_m, Moments& mo, int64_t i, bool grad) {
   const double mean_shift = s.x * inv_m;  // mean − K
@@ -193,8 +203,7 @@ void finish(const RunSums& s, double inv_m, Moments& mo, int64_t i, bool grad) {
 template <bool kGrad>
 Moments moments(const Tensor& x, const Tensor* dy, const Geometry& g) {
   const int64_t NC = g.N * g.C;
-  Moments mo{std::vector<double>(NC), std::vector<double>(NC), std::vector<double>(kGrad ? NC : 0),
-             std::vector<double>(kGrad ? NC : 0)};
+  Moments mo = workspace_moments(NC);
   const double inv_m = 1.0 / g.M;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_moments", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -384,8 +393,8 @@ Statistics statistics(const Moments& mo, const Geometry& g, bool rescale, double
   for (double& mu : st.mu) mu *= inv_n;
   for (int64_t n = 0; n < g.N; ++n) {
     const double r = st.scale[n], r2 = r * r * inv_count;
-    const double* mean = mo.mean.data() + n * g.C;
-    const double* sumsq = mo.sumsq.data() + n * g.C;
+    const double* mean = mo.mean + n * g.C;
+    const double* sumsq = mo.sumsq + n * g.C;
     for (int64_t c = 0; c < g.C; ++c) {
       const double between = r * mean[c] - st.mu[c];
       st.var[c] += r2 * sumsq[c] + between * between * inv_n;
@@ -512,7 +521,7 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
   // Σ dy and Σ dy·ẑ per channel, with ẑ = (r_n x − μ)·invstd and r_n·m − μ the (n, c) mean of z − μ.
   for (int64_t n = 0; n < N; ++n) {
     const double r = st.scale[n];
-    const double *mean = mo.mean.data() + n * C, *dsum = mo.grad_sum.data() + n * C, *dot = mo.grad_dot.data() + n * C;
+    const double *mean = mo.mean + n * C, *dsum = mo.grad_sum + n * C, *dot = mo.grad_dot + n * C;
     for (int64_t c = 0; c < C; ++c) {
       grad_b[c] += dsum[c];
       grad_w[c] += r * dot[c] + (r * mean[c] - st.mu[c]) * dsum[c];
@@ -540,11 +549,11 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
     coef.b[c] = -k[c];
     coef.s[c] = k[c] * st.mu[c] - mean_dz[c];
   }
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
+  {
+    for (int64_t n = 0; n < N; ++n) {
       const double r = st.scale[n];
-      const double *mean = mo.mean.data() + n * C, *sumsq = mo.sumsq.data() + n * C;
-      const double *dsum = mo.grad_sum.data() + n * C, *dot = mo.grad_dot.data() + n * C;
+      const double *mean = mo.mean + n * C, *sumsq = mo.sumsq + n * C;
+      const double *dsum = mo.grad_sum + n * C, *dot = mo.grad_dot + n * C;
       double t = 0;  // T_n = Σ_c Σ_S dz·x = Σ_c (Σ dz·(x − m) + m Σ dz)
       for (int64_t c = 0; c < C; ++c) {
         const double dz_sum = gain[c] * dsum[c] - M * (mean_dz[c] + k[c] * (r * mean[c] - st.mu[c]));
@@ -555,7 +564,7 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
       coef.beta[n] = r * r;
       coef.delta[n] = -r * u;
     }
-  });
+  }
   Gradients out;
   out.input = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_backward", [&] {
