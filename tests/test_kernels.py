@@ -257,6 +257,12 @@ def test_cpp_long_runs_and_few_samples():
         got = run(IMPLEMENTATIONS["cpp"], x, training, dtype=torch.float32)
         ref = run(l2_batch_norm_reference, x.double(), training)
         assert_close(got, ref, rtol=2e-4, atol=2e-4)
+    # channels_last: a small sample (two rows per update, 900 rows = 2 chunks, odd tail) and one over
+    # 256 KiB (one row per update)
+    for shape in [(2, 4, 30, 30), (2, 40, 60, 41)]:
+        x = torch.randn(shape, dtype=torch.float32) * 2 + 3
+        got = run(IMPLEMENTATIONS["cpp"], x, True, dtype=torch.float32, memory_format=torch.channels_last)
+        assert_close(got, run(l2_batch_norm_reference, x.double(), True), rtol=2e-4, atol=2e-4)
 
 
 @NO_COMPILER
