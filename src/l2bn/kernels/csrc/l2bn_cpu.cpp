@@ -338,10 +338,10 @@ struct AffinePass {
     }
   }
 
-  // Channels-last: spatial rows r0..r1 (r = n·M + m) of C contiguous values, all of sample n.
-  void rows_of_sample(int64_t n, int64_t r0, int64_t r1) const {
-    std::vector<acc_t> coef((kTwoInputs ? 3 : 2) * g.C);
-    acc_t* __restrict__ an = coef.data();
+  // Channels-last: spatial rows r0..r1 (r = n·M + m) of C contiguous values, all of sample n; ``coef``
+  // holds room for the sample's 2 or 3 coefficient rows.
+  void rows_of_sample(int64_t n, int64_t r0, int64_t r1, acc_t* coef) const {
+    acc_t* __restrict__ an = coef;
     acc_t* __restrict__ sn = an + g.C;
     acc_t* __restrict__ bn = kTwoInputs ? sn + g.C : nullptr;
     for (int64_t c = 0; c < g.C; ++c) {
@@ -365,9 +365,10 @@ struct AffinePass {
   }
 
   void rows(int64_t r0, int64_t r1) const {
+    std::vector<acc_t> coef((kTwoInputs ? 3 : 2) * g.C);
     while (r0 < r1) {
       const int64_t n = r0 / g.M, end = std::min(r1, (n + 1) * g.M);
-      rows_of_sample(n, r0, end);
+      rows_of_sample(n, r0, end, coef.data());
       r0 = end;
     }
   }
