@@ -346,3 +346,23 @@ def test_compiled_graphs_trace_the_torch_op_path(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     seen.append(resolve_impl("auto", torch.randn(2, 3)))
     assert seen == [IMPLEMENTATIONS["fused"]]
+
+
+@NO_COMPILER
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_cpp_bfloat16_is_the_float32_result_rounded(layout):
+    """bf16 is loaded and stored through its bits (vectorisable); the values must be exactly torch's
+    round-to-nearest-even of the float32 computation on the same inputs, NaN staying NaN."""
+    xb = (torch.randn(6, 5, 7, 3) * 3 + 1).bfloat16().contiguous(memory_format=layout)
+    for training in (True, False):
+        xs = [xb.clone().requires_grad_(), xb.float().requires_grad_()]
+        ys = [l2_batch_norm(x, torch.zeros(5), torch.ones(5), None, None, training, impl="cpp") for x in xs]
+        gy = torch.randn(ys[0].shape).bfloat16()
+        ys[0].backward(gy)
+        ys[1].backward(gy.float())
+        assert torch.equal(ys[0], ys[1].bfloat16())
+        assert torch.equal(xs[0].grad, xs[1].grad.bfloat16())
+    bad = xb.clone()
+    bad[2, 1, 0, 0] = float("nan")
+    y = l2_batch_norm(bad, torch.zeros(5), torch.ones(5), None, None, False, impl="cpp")
+    assert torch.isnan(y[2]).all() and not torch.isinf(y[2]).any() and torch.isfinite(y[[0, 1, 3]]).all()
