@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from l2bn.bench import time_layers
 from l2bn.cli import build_parser, main
 
@@ -35,6 +37,17 @@ def test_bench_prints_ratio_table(capsys):
         # the table rounds ms to 3 decimals and the ratio to 2: allow exactly that rounding
         rounding = 0.005 + (l2_ms / bn_ms) * (0.0005 / bn_ms + 0.0005 / l2_ms) * 1.01
         assert abs(ratio - l2_ms / bn_ms) <= rounding
+
+
+def test_bench_names_and_forces_the_l2bn_path(capsys, monkeypatch):
+    from l2bn.functional import IMPL_ENV_VAR, auto_impl
+
+    monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
+    assert main(["bench", "--shapes", "4x3x4x4", "--repeats", "1", "--modes", "eval"]) == 0
+    assert f"L2BN path: {auto_impl(torch.ones(2, 2, 2, 2))}" in capsys.readouterr().out
+    monkeypatch.setenv(IMPL_ENV_VAR, "auto")  # restored after the test; --impl overrides it
+    assert main(["bench", "--shapes", "4x3x4x4", "--repeats", "1", "--modes", "eval", "--impl", "reference"]) == 0
+    assert "L2BN path: reference" in capsys.readouterr().out
 
 
 def test_time_layers_rejects_bad_mode():
