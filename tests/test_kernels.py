@@ -349,20 +349,61 @@ def test_compiled_graphs_trace_the_torch_op_path(monkeypatch):
 
 
 @NO_COMPILER
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
-def test_cpp_bfloat16_is_the_float32_result_rounded(layout):
-    """bf16 is loaded and stored through its bits (vectorisable); the values must be exactly torch's
-    round-to-nearest-even of the float32 computation on the same inputs, NaN staying NaN."""
-    xb = (torch.randn(6, 5, 7, 3) * 3 + 1).bfloat16().contiguous(memory_format=layout)
+def test_cpp_16_bit_is_the_float32_result_rounded(dtype, layout):
+    """16-bit inputs go through the float32 computation and are rounded once: the outputs are the float32
+    kernel's on the same values, rounded by torch, to one unit in the last place (the 16-bit and float32
+    loops may sum in different orders), and NaN stays NaN."""
+    x16 = (torch.randn(6, 5, 7, 3) * 3 + 1).to(dtype).contiguous(memory_format=layout)
+    ints = {torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
     for training in (True, False):
-        xs = [xb.clone().requires_grad_(), xb.float().requires_grad_()]
+        xs = [x16.clone().requires_grad_(), x16.float().requires_grad_()]
         ys = [l2_batch_norm(x, torch.zeros(5), torch.ones(5), None, None, training, impl="cpp") for x in xs]
-        gy = torch.randn(ys[0].shape).bfloat16()
+        gy = torch.randn(ys[0].shape).to(dtype)
         ys[0].backward(gy)
         ys[1].backward(gy.float())
-        assert torch.equal(ys[0], ys[1].bfloat16())
-        assert torch.equal(xs[0].grad, xs[1].grad.bfloat16())
-    bad = xb.clone()
+        for got, want in ((ys[0], ys[1]), (xs[0].grad, xs[1].grad)):
+            assert got.dtype == dtype
+            ulps = (got.detach().view(ints).int() - want.detach().to(dtype).view(ints).int()).abs()
+            assert ulps.max() <= 1
+    bad = x16.clone()
     bad[2, 1, 0, 0] = float("nan")
     y = l2_batch_norm(bad, torch.zeros(5), torch.ones(5), None, None, False, impl="cpp")
     assert torch.isnan(y[2]).all() and not torch.isinf(y[2]).any() and torch.isfinite(y[[0, 1, 3]]).all()
+
+
+def _float32_probes() -> torch.Tensor:
+    """float32 values that exercise every rounding branch of a 16-bit store: every float16 and bfloat16
+    value, the exact midpoints between neighbours (ties) and one float32 ulp either side, the overflow and
+    subnormal boundaries, signed zeros, infinities, NaN, float32 subnormals and random bit patterns."""
+    bits = torch.arange(0, 65536, dtype=torch.int32).to(torch.int16)
+    values = []
+    for dtype in (torch.float16, torch.bfloat16):
+        exact = bits.view(dtype).double()
+        exact = exact[torch.isfinite(exact)].sort().values.unique()
+        mids = ((exact[1:] + exact[:-1]) / 2).float()  # exactly representable in float32
+        values += [exact.float(), mids, torch.nextafter(mids, torch.full_like(mids, math.inf)),
+                   torch.nextafter(mids, torch.full_like(mids, -math.inf))]
+    special = [0.0, -0.0, math.inf, -math.inf, math.nan, 65504.0, 65519.996, 65520.0, 65536.0, 2.0**-14, 2.0**-24,
+               2.0**-25, 3 * 2.0**-26, 1e-45, -1e-40, 3.4e38]
+    randoms = torch.randint(-(2**31), 2**31 - 1, (200000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    values += [torch.tensor(special, dtype=torch.float32), randoms.to(torch.int32).view(torch.float32)]
+    return torch.cat(values)
+
+
+@NO_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cpp_16_bit_conversions_equal_torchs_on_every_pattern(dtype):
+    assert cpp.available()
+    convert = torch.ops.l2bn_cpu.convert
+    patterns = torch.arange(0, 65536, dtype=torch.int32).to(torch.int16).view(dtype)
+    loaded, want = convert(patterns, torch.float32), patterns.float()
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(loaded), nan)
+    assert torch.equal(loaded[~nan].view(torch.int32), want[~nan].view(torch.int32))  # bitwise, signed zeros too
+    probes = _float32_probes()
+    stored, want = convert(probes, dtype), probes.to(dtype)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(stored), nan)
+    assert torch.equal(stored[~nan].view(torch.int16), want[~nan].view(torch.int16))
