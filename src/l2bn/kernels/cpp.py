@@ -50,7 +50,8 @@ def _build() -> Exception | None:
         build_dir = root / f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}" / name
         build_dir.mkdir(parents=True, exist_ok=True)
         if not (build_dir / f"{name}.so").exists():
-            print(f"l2bn: compiling the CPU kernel into {build_dir} (once; about a minute)", file=sys.stderr)
+            print(f"l2bn: compiling the CPU kernel into {build_dir} (once; about 30 s)", file=sys.stderr)
+        _put_ninja_on_path()
         cpp_extension.load(
             name=name,
             sources=[str(SOURCE)],
@@ -63,6 +64,18 @@ def _build() -> Exception | None:
     except Exception as error:  # no compiler, no ninja, a failed build: the caller decides what to do
         return error
     return None
+
+
+def _put_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; the pip package's binary is not there when a virtual environment's
+    Python is run without activating it, so add its folder (only when no ninja is found)."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
 
 
 def compiler_found() -> bool:
