@@ -33,7 +33,10 @@ def test_bench_prints_ratio_table(capsys):
     assert len(rows) == 2  # NCHW and channels_last
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        bn_ms, l2_ms, ratio = float(cells[3]), float(cells[4]), float(cells[5])
+        bn_ms, l2_ms, ratio, gbps = float(cells[3]), float(cells[4]), float(cells[5]), float(cells[6])
+        # 8 passes over a 4x3x4x4 float32 tensor in l2_ms, to the table's rounding (0.05, and l2_ms to 0.0005)
+        expected = 8 * (4 * 3 * 4 * 4) * 4 / (l2_ms * 1e6)
+        assert abs(gbps - expected) <= 0.05 + expected * (0.0005 / l2_ms) * 1.01
         # the table rounds ms to 3 decimals and the ratio to 2: allow exactly that rounding
         rounding = 0.005 + (l2_ms / bn_ms) * (0.0005 / bn_ms + 0.0005 / l2_ms) * 1.01
         assert abs(ratio - l2_ms / bn_ms) <= rounding

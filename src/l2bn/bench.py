@@ -17,6 +17,11 @@ from .layers import L2BatchNorm2d
 DEFAULT_SHAPES: tuple[tuple[int, int, int, int], ...] = ((128, 16, 32, 32), (128, 64, 8, 8), (32, 256, 28, 28))
 
 
+# Full-tensor passes of the fused algorithm (reads and writes; docs/algorithm.md): training forward reads x
+# twice and writes y, backward reads (x, dy), then (dy, x) and writes dx; eval reads x twice and writes y.
+PASSES = {"train": 8, "eval": 3}
+
+
 @dataclass
 class Timing:
     shape: tuple[int, ...]
@@ -24,10 +29,16 @@ class Timing:
     mode: str
     bn_ms: float
     l2bn_ms: float
+    element_size: int = 4
 
     @property
     def ratio(self) -> float:
         return self.l2bn_ms / self.bn_ms
+
+    @property
+    def l2bn_gbps(self) -> float:
+        """Memory traffic of the fused algorithm over L2BN's time (compare with the device's peak bandwidth)."""
+        return PASSES[self.mode] * math.prod(self.shape) * self.element_size / (self.l2bn_ms * 1e6)
 
 
 def _sync(device: torch.device) -> None:
@@ -69,7 +80,7 @@ def time_layers(
 
         steps.append(step)
     bn_ms, l2bn_ms = _interleaved_min_ms(steps, device, repeats, warmup)
-    return Timing(tuple(shape), channels_last, mode, bn_ms, l2bn_ms)
+    return Timing(tuple(shape), channels_last, mode, bn_ms, l2bn_ms, x.element_size())
 
 
 def _interleaved_min_ms(steps: Sequence[Callable[[], None]], device: torch.device, repeats: int, warmup: int) -> list[float]:
@@ -93,13 +104,14 @@ def _interleaved_min_ms(steps: Sequence[Callable[[], None]], device: torch.devic
 
 def format_table(timings: Sequence[Timing]) -> str:
     lines = [
-        "| shape | layout | mode | BatchNorm2d ms | L2BatchNorm2d ms | ratio |",
-        "|---|---|---|---:|---:|---:|",
+        "| shape | layout | mode | BatchNorm2d ms | L2BatchNorm2d ms | ratio | L2BN GB/s |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for t in timings:
         layout = "channels_last" if t.channels_last else "NCHW"
         lines.append(
-            f"| {'x'.join(map(str, t.shape))} | {layout} | {t.mode} | {t.bn_ms:.3f} | {t.l2bn_ms:.3f} | {t.ratio:.2f} |"
+            f"| {'x'.join(map(str, t.shape))} | {layout} | {t.mode} | {t.bn_ms:.3f} | {t.l2bn_ms:.3f} | {t.ratio:.2f} "
+            f"| {t.l2bn_gbps:.1f} |"
         )
     return "\n".join(lines)
 
