@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import l2bn
 from l2bn.functional import IMPL_ENV_VAR, IMPLEMENTATIONS, l2_batch_norm, resolve_impl
-from l2bn.kernels import cpp, l2_batch_norm_fused, l2_batch_norm_reference
+from l2bn.kernels import cpp, l2_batch_norm_reference
 from l2bn.kernels.fused import sample_channel_moments
 
 F64 = torch.float64
@@ -224,7 +224,8 @@ def test_cpp_saves_no_more_than_batchnorm():
         bn_layer = nn.BatchNorm1d(c) if len(shape) < 4 else nn.BatchNorm2d(c)
         layer = l2bn.L2BatchNorm1d(c) if len(shape) < 4 else l2bn.L2BatchNorm2d(c)
         bn = saved_bytes(lambda: bn_layer(x))
-        ours = saved_bytes(lambda: l2_batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, True, impl="cpp"))
+        stats = (layer.running_mean, layer.running_var, layer.weight, layer.bias)
+        ours = saved_bytes(lambda: l2_batch_norm(x, *stats, True, impl="cpp"))
         assert ours <= bn, (shape, ours, bn)
         assert ours == (x.numel() + c) * 4  # exactly x and the weight
 
