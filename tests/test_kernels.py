@@ -408,3 +408,9 @@ def test_cpp_16_bit_conversions_equal_torchs_on_every_pattern(dtype):
     nan = torch.isnan(want)
     assert torch.equal(torch.isnan(stored), nan)
     assert torch.equal(stored[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+def test_cpp_refuses_other_devices_with_a_pointer():
+    x = torch.empty(2, 3, 4, device="meta")
+    with pytest.raises(RuntimeError, match="impl='cpp' runs on the CPU, got input on meta"):
+        l2_batch_norm(x, None, None, None, None, True, impl="cpp")
