@@ -1,14 +1,13 @@
-// L2BN on the CPU: the whole layer in three passes over memory, like BatchNorm's own kernels.
+// L2BN on the CPU: the whole layer in as many passes over memory as BatchNorm's own kernels make.
 //
 // x has shape (N, C, *S), M = |S|, D = C·M, laid out either as rows (n, c, m) -> (n·C + c)·M + m
 // (contiguous) or channels-last (n, c, m) -> (n·M + m)·C + c. Notation and algebra: docs/algorithm.md.
 //
-//   forward (training)  per (n, c): mean m and centred sum of squares q = Σ_S (x − m)²   (one read of x;
-//                       the second, centred pass re-reads a block that is still in cache)
+//   forward (training)  per (n, c): shifted sums → mean m, Σ_S (x − m)²                  (one read of x)
 //                       O(N·C) algebra in float64: r_n, μ_c, σ²_c (Chan et al.'s pooled variance)
 //                       y = x·a[n,c] + b[c]                                                  (one read, one write)
-//   forward (eval)      per sample ‖x_n‖ (one read), then the same output pass
-//   backward            per (n, c): m, q, Σ dy, Σ dy·(x − m)                                 (one read of x, dy)
+//   forward (eval)      per sample ‖x_n‖, then its output while it is in cache               (one read, one write)
+//   backward            per (n, c): m, Σ (x − m)², Σ dy, Σ dy·(x − m)                       (one read of x, dy)
 //                       dx = dy·P[n,c] + x·Q[n,c] + R[n,c]                                  (one read each, one write)
 //
 // Only x and the weight are saved for backward (the running statistics too in evaluation mode): the
@@ -154,7 +153,7 @@ struct RunSums {
 };
 
 template <typename scalar_t, bool kGrad>
-RunSums run_sums(const scalar_t* x, const scalar_t* dy, int64_t len, int64_t stride = 1) {
+RunSums run_sums(const scalar_t* x, const scalar_t* dy, int64_t len) {
   using acc_t = at::opmath_type<scalar_t>;
   RunSums out;
   const acc_t K = load(x, 0);
@@ -182,10 +181,9 @@ RunSums run_sums(const scalar_t* x, const scalar_t* dy, int64_t len, int64_t str
 }
 
 // Per (n, c), as float64 arrays: the mean m, the centred sum of squares q = Σ (x − m)², and with dy
-// Σ dy and Σ dy·(x − m).
-// The four arrays live in one per-thread workspace that is reused from call to call: fresh multi-page
-// allocations on every call cost page faults (and glibc may trim and re-fault them) that BatchNorm, which
-// keeps only C-vectors, does not pay.
+// Σ dy and Σ dy·(x − m). The arrays live in one per-thread workspace reused from call to call: fresh
+// multi-page allocations on every call cost page faults (glibc may trim and re-fault them) that BatchNorm,
+// which keeps only C-vectors, does not pay.
 struct Moments {
   double *mean, *sumsq, *grad_sum, *grad_dot;
 };
