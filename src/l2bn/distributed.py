@@ -2,14 +2,16 @@
 
 L2BN (Wang et al., eq. 3) first scales every sample to norm sqrt(D), then batch-normalises. A sample lives
 on one rank, so the per-sample norms stay local; only the per-channel statistics of the normalised input
-x̂ need reducing. From the per-(n, c) moments of ``l2bn.kernels.fused`` every rank forms its local
-(count, mean, M2) per channel; one ``all_gather`` of those O(C) numbers and Chan et al.'s parallel
-formula give the global mean and variance without the cancellation of E[x̂²] − E[x̂]². Backward needs
-the global Σdy and Σdy·ẑ per channel: one ``all_reduce``. Works on every backend (gloo on CPU, nccl on
+x̂ need reducing. From the per-(n, c) moments of ``l2bn.kernels.fused`` every rank forms its local count,
+Σx̂ and Σx̂² per channel in float64 (Σx̂² from centred pieces, Σ_n r_n²·(q + M·m²)); one ``all_reduce`` of
+those 2C + 1 numbers gives the global mean and variance. The one subtraction, E[x̂²] − E[x̂]², happens in
+float64 and loses log10(1 + μ²/σ²) of its ~16 digits (still ~10 digits for a channel with μ/σ = 1000).
+An all-reduce keeps the traffic O(C) at any world size, where an all-gather would be O(C × ranks).
+Backward needs the global Σdy and Σdy·ẑ per channel: one more ``all_reduce``. Works on every backend (gloo on CPU, nccl on
 GPU), unlike ``torch.nn.SyncBatchNorm`` which is CUDA-only, and with different (even empty) local batches.
 
 References: Chan, Golub & LeVeque, "Updating formulae and a pairwise algorithm for computing sample
-variances" (1979); torch's ``nn.SyncBatchNorm`` for the contract (local weight/bias gradients, averaged
+variances" (1979), for the local pooling; torch's ``nn.SyncBatchNorm`` for the contract (local weight/bias gradients, averaged
 by DDP like every other parameter).
 """
 from __future__ import annotations
@@ -36,24 +38,21 @@ def _world_size(process_group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(process_group)
 
 
-def _gather_channel_stats(
-    count: Tensor, mean: Tensor, m2: Tensor, process_group: dist.ProcessGroup | None
+def _reduce_channel_stats(
+    count: Tensor, total: Tensor, squares: Tensor, process_group: dist.ProcessGroup | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """All-gather every rank's per-channel (count, mean, M2) in ONE collective, combine with Chan's formula.
+    """All-reduce every rank's per-channel count, Σx̂ and Σx̂² (float64) in ONE collective.
 
-    Returns the global (count, mean, biased variance). Ranks with count 0 contribute nothing.
+    Returns the global (count, mean, biased variance), the last two in float64. Ranks with count 0
+    contribute nothing.
     """
-    packed = torch.cat([count.reshape(1), mean, m2])
-    gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(process_group))]
-    dist.all_gather(gathered, packed, group=process_group)
-    table = torch.stack(gathered)  # (W, 1 + 2C)
-    num_channels = mean.numel()
-    counts, means, m2s = table[:, 0], table[:, 1 : 1 + num_channels], table[:, 1 + num_channels :]
-    total = counts.sum()
-    weights = counts / total.clamp_min(1)
-    global_mean = (weights[:, None] * means).sum(dim=0)
-    global_m2 = m2s.sum(dim=0) + (counts[:, None] * (means - global_mean).square()).sum(dim=0)
-    return total, global_mean, global_m2 / total.clamp_min(1)
+    packed = torch.cat([count.reshape(1), total, squares]).to(torch.float64)
+    dist.all_reduce(packed, group=process_group)
+    num_channels = total.numel()
+    count, total, squares = packed[0], packed[1 : 1 + num_channels], packed[1 + num_channels :]
+    mean = total / count.clamp_min(1)
+    var = (squares / count.clamp_min(1) - mean.square()).clamp_min_(0)
+    return count, mean, var
 
 
 class _SyncL2BatchNormFunction(torch.autograd.Function):
@@ -124,13 +123,14 @@ def sync_l2_batch_norm(
         m, v = sample_channel_moments(x)  # (N, C) mean and biased variance over S, in ≥ float32
         acc = m.dtype
         scale, norm = sample_scales(m, spatial_size * v, spatial_size, rescale=rescale, l2_eps=l2_eps)
-        # local per-channel statistics of x̂ = r_n x: count, mean, M2 (pooled over samples, no cancellation)
+        # local per-channel Σx̂ and Σx̂² of x̂ = r_n x, in float64, Σx̂² from centred pieces: r_n²·M·(v + m²)
         batch = x.shape[0]
-        scaled_mean = scale[:, None] * m
-        local_mean = scaled_mean.sum(dim=0) / max(batch, 1)
-        local_m2 = spatial_size * ((scale * scale)[:, None] * v + (scaled_mean - local_mean).square()).sum(dim=0)
-        local_count = torch.tensor(float(batch * spatial_size), dtype=acc, device=m.device)
-        total, mean, var = _gather_channel_stats(local_count, local_mean, local_m2, process_group)
+        r, m64, v64 = scale.double()[:, None], m.double(), v.double()
+        local_total = spatial_size * (r * m64).sum(dim=0)
+        local_squares = spatial_size * (r * r * (v64 + m64.square())).sum(dim=0)
+        local_count = torch.tensor(float(batch * spatial_size), dtype=torch.float64, device=m.device)
+        total, mean, var = _reduce_channel_stats(local_count, local_total, local_squares, process_group)
+        mean, var = mean.to(acc), var.to(acc)
         if total.device.type == "cpu" and total.item() <= 1:  # on accelerators, checking would stall the stream
             raise ValueError(
                 f"Expected more than 1 value per channel when training across ranks, got {int(total.item())} "
