@@ -56,7 +56,10 @@ def time_layers(
     repeats: int = 20,
     warmup: int = 3,
 ) -> Timing:
-    """Minimum time over interleaved repeats of BatchNorm2d and L2BatchNorm2d on one input; ``mode`` is "train" (fwd+bwd) or "eval"."""
+    """Minimum time over interleaved repeats of BatchNorm2d and L2BatchNorm2d on one input.
+
+    ``mode`` is "train" (forward + backward) or "eval" (forward under no_grad).
+    """
     if mode not in ("train", "eval"):
         raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
     device = torch.device(device)

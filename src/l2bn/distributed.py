@@ -7,12 +7,13 @@ x̂ need reducing. From the per-(n, c) moments of ``l2bn.kernels.fused`` every r
 those 2C + 1 numbers gives the global mean and variance. The one subtraction, E[x̂²] − E[x̂]², happens in
 float64 and loses log10(1 + μ²/σ²) of its ~16 digits (still ~10 digits for a channel with μ/σ = 1000).
 An all-reduce keeps the traffic O(C) at any world size, where an all-gather would be O(C × ranks).
-Backward needs the global Σdy and Σdy·ẑ per channel: one more ``all_reduce``. Works on every backend (gloo on CPU, nccl on
-GPU), unlike ``torch.nn.SyncBatchNorm`` which is CUDA-only, and with different (even empty) local batches.
+Backward needs the global Σdy and Σdy·ẑ per channel: one more ``all_reduce``. Works on every backend
+(gloo on CPU, nccl on GPU), unlike ``torch.nn.SyncBatchNorm`` which is CUDA-only, and with different (even
+empty) local batches.
 
 References: Chan, Golub & LeVeque, "Updating formulae and a pairwise algorithm for computing sample
-variances" (1979), for the local pooling; torch's ``nn.SyncBatchNorm`` for the contract (local weight/bias gradients, averaged
-by DDP like every other parameter).
+variances" (1979), for the local pooling; torch's ``nn.SyncBatchNorm`` for the contract (local weight/bias
+gradients, averaged by DDP like every other parameter).
 """
 from __future__ import annotations
 
