@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .functional import IMPL_ENV_VAR, IMPLEMENTATIONS, auto_impl
+from .functional import IMPL_ENV_VAR, IMPLEMENTATIONS, impl_name
 from .layers import L2BatchNorm2d
 
 DEFAULT_SHAPES: tuple[tuple[int, int, int, int], ...] = ((128, 16, 32, 32), (128, 64, 8, 8), (32, 256, 28, 28))
@@ -121,8 +121,7 @@ def format_table(timings: Sequence[Timing]) -> str:
 
 def l2bn_path(device: str | torch.device = "cpu") -> str:
     """The implementation L2BatchNorm2d runs on ``device`` (``$L2BN_IMPL``, else what ``auto`` picks)."""
-    chosen = os.environ.get(IMPL_ENV_VAR, "auto").lower()
-    return auto_impl(torch.ones(2, 2, 2, 2, device=device)) if chosen == "auto" else chosen
+    return impl_name(None, torch.ones(2, 2, 2, 2, device=device))
 
 
 def environment_line(device: str | torch.device = "cpu") -> str:

@@ -66,8 +66,8 @@ def auto_impl(input: Tensor) -> str:
     return "cpp" if prefers_cpp(input) else "fused"
 
 
-def resolve_impl(impl: str | None, input: Tensor) -> Callable[..., Tensor]:
-    """Pick an implementation: the ``impl`` argument, else ``$L2BN_IMPL``, else the fastest for ``input``."""
+def impl_name(impl: str | None, input: Tensor) -> str:
+    """The implementation's name: the ``impl`` argument, else ``$L2BN_IMPL``, else the fastest for ``input``."""
     name = impl if impl is not None else os.environ.get(IMPL_ENV_VAR, "auto")
     name = name.lower()
     if name == "auto":
@@ -76,7 +76,12 @@ def resolve_impl(impl: str | None, input: Tensor) -> Callable[..., Tensor]:
         raise ValueError(
             f"unknown L2BN implementation {name!r}; expected one of {['auto', *IMPLEMENTATIONS]}"
         )
-    return IMPLEMENTATIONS[name]
+    return name
+
+
+def resolve_impl(impl: str | None, input: Tensor) -> Callable[..., Tensor]:
+    """Pick an implementation: the ``impl`` argument, else ``$L2BN_IMPL``, else the fastest for ``input``."""
+    return IMPLEMENTATIONS[impl_name(impl, input)]
 
 
 def _check_inputs(
