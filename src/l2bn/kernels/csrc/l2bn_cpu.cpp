@@ -195,6 +195,7 @@ Moments workspace_moments(int64_t NC) {
   return {w, w + NC, w + 2 * NC, w + 3 * NC};
 }
 
+// The moments of one (n, c) from its shifted sums, written at index i of ``mo``.
 void finish(const RunSums& s, double inv_m, Moments& mo, int64_t i, bool grad) {
   const double mean_shift = s.x * inv_m;  // mean − K
   mo.mean[i] = s.shift + mean_shift;
@@ -283,21 +284,8 @@ struct ColumnSums {
       for (int64_t i = 0; i < 4 * C; ++i) t[i] += p[i];
     }
     const double *tx = total.data(), *txx = tx + C, *tg = txx + C, *tgx = tg + C;
-    double *mean = mo.mean + n * C, *sumsq = mo.sumsq + n * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const double shift = tx[c] * inv_m;  // mean − K
-      mean[c] = static_cast<double>(K[c]) + shift;
-      sumsq[c] = std::max(0.0, txx[c] - tx[c] * shift);
-    }
-    if constexpr (kGrad) {
-      double *grad_sum = mo.grad_sum + n * C, *grad_dot = mo.grad_dot + n * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        grad_sum[c] = tg[c];
-        grad_dot[c] = tgx[c] - tg[c] * tx[c] * inv_m;
-      }
-    }
+    for (int64_t c = 0; c < C; ++c)
+      finish(RunSums{static_cast<double>(K[c]), tx[c], txx[c], tg[c], tgx[c]}, inv_m, mo, n * C + c, kGrad);
   }
 };
 
