@@ -1,12 +1,29 @@
-"""UBN (reconstruction): condensation measure, threshold-gated running statistics, calibration numerics."""
+"""UBN against a float64 re-derivation written here from the rule (docs/norms.md), step by step and in eval."""
 from __future__ import annotations
 
+import copy
 import itertools
+import math
+import os
+import subprocess
+import types
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
 
-from l2bn.norms import DEFAULT_CONDENSATION_THRESHOLD, UnifiedBatchNorm, create_norm, feature_condensation
+from l2bn.norms import (
+    UnifiedBatchNorm1d,
+    UnifiedBatchNorm2d,
+    UnifiedBatchNorm3d,
+    condensation_summary,
+    create_norm,
+    feature_condensation,
+    get_norm_layer,
+)
 
 D = torch.float64
 EPS = 1e-5
@@ -17,160 +34,413 @@ def _seed():
     torch.manual_seed(0)
 
 
-def brute_force_condensation(x: torch.Tensor) -> float:
-    """Mean cosine similarity over all distinct pairs, one pair at a time (zero vectors: similarity 0)."""
-    flat = x.reshape(x.shape[0], -1).to(D)
-    sims = []
-    for i, j in itertools.permutations(range(flat.shape[0]), 2):
-        a, b = flat[i], flat[j]
-        na, nb = a.norm(), b.norm()
-        sims.append(0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb)))
-    return sum(sims) / len(sims)
+# ---------------------------------------------------------------- the re-derivation
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 4, 4), (7, 5, 3, 2), (6, 9), (5, 4, 6)])
-def test_condensation_matches_pairwise_loop(shape):
-    x = torch.randn(*shape, dtype=D) + 0.3
-    assert float(feature_condensation(x)) == pytest.approx(brute_force_condensation(x), abs=1e-12)
+def pairwise_condensation(x: torch.Tensor, cap: int = 16) -> float:
+    """Mean cosine similarity over ordered pairs of distinct samples among the first ``cap``, one pair at a time."""
+    rows = [row.detach().reshape(-1).to(D) for row in x[:cap]]
+    if len(rows) == 1:
+        return 1.0
+    pairs = list(itertools.permutations(range(len(rows)), 2))
+    total = 0.0
+    for i, j in pairs:
+        a, b = rows[i], rows[j]
+        total += float(a @ b) / (max(float(a.norm()), 1e-8) * max(float(b.norm()), 1e-8))
+    return total / len(pairs)
 
 
-def test_condensation_zero_sample_and_extremes():
-    x = torch.randn(5, 3, 2, 2, dtype=D)
-    x[2] = 0
-    assert float(feature_condensation(x)) == pytest.approx(brute_force_condensation(x), abs=1e-12)
-    same = torch.randn(1, 3, 2, 2).expand(4, -1, -1, -1) * torch.tensor([1.0, 2.0, 3.0, 0.5]).view(4, 1, 1, 1)
-    assert float(feature_condensation(same)) == pytest.approx(1.0, abs=1e-6)
-    assert feature_condensation(torch.randn(1, 3, 2, 2)) is None
+def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Σ over kernel offsets of weight[c, offset] · x shifted by that offset, zero padding k // 2, plus bias."""
+    kernel = weight.shape[2:]
+    positions = x.shape[2:]
+    padded = F.pad(x, [p for k in reversed(kernel) for p in (k // 2, k // 2)])
+    shape = (1, -1) + (1,) * len(positions)
+    out = bias.view(shape).expand_as(x)
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        window = padded[(slice(None), slice(None)) + tuple(slice(o, o + p) for o, p in zip(offset, positions))]
+        out = out + weight[(slice(None), 0) + offset].view(shape) * window
+    return out
 
 
-def test_condensation_half_precision_is_accumulated_in_float32():
-    x = torch.randn(6, 4, 3, 3)
-    value = feature_condensation(x.half())
-    assert value.dtype == torch.float32
-    assert float(value) == pytest.approx(brute_force_condensation(x.half().float()), abs=1e-5)
+class RederivedUBN:
+    """The rule in plain float64 steps with python-side state (m, running mean/var, count) and its own parameters."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.config = {k: getattr(module, k) for k in (
+            "eps", "momentum", "track_running_stats", "condensation_threshold", "condensation_momentum",
+            "condensation_samples")}
+        self.params = {k: v.detach().clone().to(D).requires_grad_(True) for k, v in module.named_parameters()}
+        self.m = 1.0
+        self.mean = torch.zeros(module.num_features, dtype=D)
+        self.var = torch.ones(module.num_features, dtype=D)
+        self.count = 0
+        self.gate_history: list[bool] = []
+
+    def __call__(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        cfg, p = self.config, self.params
+        vector = x.dim() == 2
+        if vector:
+            x = x.unsqueeze(-1)
+        pos = tuple(range(2, x.dim()))
+        shape = (1, -1) + (1,) * len(pos)
+        per_position = math.prod(x.shape[2:])
+        if training:
+            c = pairwise_condensation(x, cfg["condensation_samples"])
+            a = cfg["condensation_momentum"]
+            self.m = (1 - a) * self.m + a * c
+        xc = x + p["center_weight"].view(shape) * (x.sum(pos, keepdim=True) / per_position)
+        rows = xc.transpose(0, 1).reshape(x.shape[1], -1)
+        n = rows.shape[1]
+        batch_mean = rows.sum(1) / n
+        batch_var = ((rows - batch_mean[:, None]) ** 2).sum(1) / n
+        if not cfg["track_running_stats"]:
+            mean, var = batch_mean, batch_var
+        elif not training:
+            mean, var = self.mean, self.var
+        else:
+            self.count += 1
+            open_gate = self.m > cfg["condensation_threshold"]
+            self.gate_history.append(open_gate)
+            if open_gate:
+                f = 1 / self.count if cfg["momentum"] is None else cfg["momentum"]
+                mean, var = batch_mean, batch_var
+                self.mean = (1 - f) * self.mean + f * batch_mean.detach()
+                self.var = (1 - f) * self.var + f * batch_var.detach() * n / (n - 1)
+            else:
+                mean, var = self.mean, self.var
+        xh = (xc - mean.view(shape)) / torch.sqrt(var.view(shape) + cfg["eps"])
+        pooled = xh.sum(pos, keepdim=True) / per_position
+        scale = 1 / (1 + torch.exp(-(p["scale_weight"].view(shape) * pooled + p["scale_bias"].view(shape))))
+        if "affine_conv.weight" in p:
+            xh = depthwise_conv(xh, p["affine_conv.weight"], p["affine_conv.bias"])
+        y = scale * xh
+        return y.squeeze(-1) if vector else y
 
 
-def centered(m: UnifiedBatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """Centering calibration x + w_c * (per-sample, per-channel mean over positions)."""
-    dims = tuple(range(2, x.dim()))
-    pooled = x.sum(dims, keepdim=True) / x[0, 0].numel() if dims else x
-    return x + m.centering_weight.view((1, -1) + (1,) * (x.dim() - 2)) * pooled
-
-
-def ubn_formula(m: UnifiedBatchNorm, x: torch.Tensor, stats=None):
-    """Reference UBN forward in float64; returns output and the batch mean / biased variance / count."""
-    dims = tuple(range(2, x.dim()))
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    xc = centered(m, x)
-    c = x.shape[1]
-    flat = xc.transpose(0, 1).reshape(c, -1)
-    count = flat.shape[1]
-    mean = flat.sum(1) / count
-    var = ((flat - mean[:, None]) ** 2).sum(1) / count
-    use_mean, use_var = (mean, var) if stats is None else stats
-    xh = (xc - use_mean.view(shape)) / torch.sqrt(use_var.view(shape) + EPS)
-    pooled_h = xh.sum(dims, keepdim=True) / x[0, 0].numel() if dims else xh
-    gate = 1 / (1 + torch.exp(-(m.scaling_weight.view(shape) * pooled_h + m.scaling_bias.view(shape))))
-    out = xh * gate * m.weight.view(shape) + m.bias.view(shape)
-    return out, mean, var, count
-
-
-def randomized_ubn(c: int, **kwargs) -> UnifiedBatchNorm:
-    m = UnifiedBatchNorm(c, dtype=D, **kwargs)
+def randomized(cls, c: int, **kwargs) -> nn.Module:
+    m = cls(c, dtype=D, **kwargs)
     with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn_like(p))
+        for name, p in m.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.5 if name.startswith(("center", "affine")) else 1.0))
     return m
 
 
-@pytest.mark.parametrize("shape", [(6, 4, 3, 5), (6, 4, 7), (8, 4)])
-def test_ubn_train_update_and_eval(shape):
-    m = randomized_ubn(shape[1], condensation_threshold=0.99)
-    x = torch.randn(*shape, dtype=D) * 1.5 - 0.4
-    expected, mean, var, count = ubn_formula(m, x)
-    torch.testing.assert_close(m(x), expected)
-    expected_condensation = brute_force_condensation(centered(m, x).detach())
-    assert float(m.last_condensation) == pytest.approx(expected_condensation, abs=1e-10)
-    torch.testing.assert_close(m.running_mean, 0.1 * mean)
-    torch.testing.assert_close(m.running_var, 0.9 + 0.1 * var * count / (count - 1))
-    assert int(m.num_batches_tracked) == 1
-    m.eval()
-    x2 = torch.randn(*shape, dtype=D)
-    expected_eval, *_ = ubn_formula(m, x2, stats=(m.running_mean, m.running_var))
-    measured, stats = m.last_condensation, (m.running_mean.clone(), m.running_var.clone())
-    torch.testing.assert_close(m(x2), expected_eval)
-    assert m.last_condensation is measured  # eval neither measures condensation nor moves the statistics
-    assert torch.equal(m.running_mean, stats[0]) and torch.equal(m.running_var, stats[1])
+def diverse(shape) -> torch.Tensor:
+    return torch.randn(*shape, dtype=D) * 1.3
 
 
-def test_ubn_default_init_is_bn_scaled_by_sigmoid_one():
-    m = UnifiedBatchNorm(3, dtype=D)
-    bn = torch.nn.BatchNorm2d(3, dtype=D)
-    x = torch.randn(4, 3, 5, 5, dtype=D)
-    torch.testing.assert_close(m(x), bn(x) * torch.sigmoid(torch.tensor(1.0, dtype=D)))
-    torch.testing.assert_close(m.running_var, bn.running_var)
-    assert m.condensation_threshold == DEFAULT_CONDENSATION_THRESHOLD
+def condensed(shape) -> torch.Tensor:
+    """Near-copies of one sample: condensation close to 1."""
+    one = torch.randn(1, *shape[1:], dtype=D) + 0.5
+    return one.expand(*shape) + 0.01 * torch.randn(*shape, dtype=D)
 
 
-def test_ubn_running_stats_frozen_above_threshold_updated_below():
-    m = UnifiedBatchNorm(3, dtype=D, condensation_threshold=0.5)
-    base = torch.randn(1, 3, 4, 4, dtype=D)
-    condensed = base + 0.01 * torch.randn(8, 3, 4, 4, dtype=D)
-    out = m(condensed)
-    assert float(m.last_condensation) > 0.99
-    assert torch.equal(m.running_mean, torch.zeros(3, dtype=D))
-    assert torch.equal(m.running_var, torch.ones(3, dtype=D))
-    assert int(m.num_batches_tracked) == 0
-    torch.testing.assert_close(out, ubn_formula(m, condensed)[0])  # still normalised with batch statistics
-
-    diverse = torch.randn(8, 3, 4, 4, dtype=D) + 0.2
-    m(diverse)
-    assert float(m.last_condensation) < 0.5
-    _, mean, var, count = ubn_formula(m, diverse)
-    torch.testing.assert_close(m.running_mean, 0.1 * mean)
-    torch.testing.assert_close(m.running_var, 0.9 + 0.1 * var * count / (count - 1))
-    assert int(m.num_batches_tracked) == 1
+def assert_matches(module: nn.Module, ref: RederivedUBN) -> None:
+    assert float(module.running_condensation) == pytest.approx(ref.m, abs=1e-12)
+    if module.track_running_stats:
+        torch.testing.assert_close(module.running_mean, ref.mean)
+        torch.testing.assert_close(module.running_var, ref.var)
+        assert int(module.num_batches_tracked) == ref.count
 
 
-def test_ubn_cumulative_average_counts_only_updating_batches():
-    m = UnifiedBatchNorm(2, dtype=D, momentum=None, condensation_threshold=0.5)
-    a = torch.randn(6, 2, 3, 3, dtype=D)
-    b = torch.randn(6, 2, 3, 3, dtype=D) * 2 + 1
-    condensed = torch.randn(1, 2, 3, 3, dtype=D).expand(6, -1, -1, -1) + 1e-3 * torch.randn(6, 2, 3, 3, dtype=D)
-    for x in (a, condensed, b):
+CASES = {
+    "2d": (UnifiedBatchNorm2d, (6, 3, 5, 4), {}),
+    "2d-cumulative": (UnifiedBatchNorm2d, (6, 3, 4, 4), {"momentum": None}),
+    "2d-no-affine": (UnifiedBatchNorm2d, (5, 3, 4, 4), {"affine": False}),
+    "2d-k5": (UnifiedBatchNorm2d, (4, 2, 6, 5), {"kernel_size": 5}),
+    "2d-no-running": (UnifiedBatchNorm2d, (6, 3, 4, 4), {"track_running_stats": False}),
+    "1d": (UnifiedBatchNorm1d, (6, 3, 7), {}),
+    "1d-vectors": (UnifiedBatchNorm1d, (8, 4), {}),
+    "3d": (UnifiedBatchNorm3d, (4, 2, 3, 4, 3), {}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_sequence_across_the_bound_then_eval(case):
+    """26 steps: diverse batches pull m below 0.15 (frozen), condensed ones push it back (open), then eval."""
+    cls, shape, kwargs = CASES[case]
+    module = randomized(cls, shape[1], **kwargs)
+    ref = RederivedUBN(module)
+    batches = [diverse(shape) for _ in range(20)] + [condensed(shape) for _ in range(2)]
+    batches += [diverse(shape) for _ in range(4)]
+    for x in batches:
+        x_mod, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        module.zero_grad()
+        y = module(x_mod)
+        y_ref = ref(x_ref, training=True)
+        torch.testing.assert_close(y, y_ref)
+        weights = torch.randn_like(y)
+        (y * weights).sum().backward()
+        (y_ref * weights).sum().backward()
+        torch.testing.assert_close(x_mod.grad, x_ref.grad)
+        for name, p in module.named_parameters():
+            torch.testing.assert_close(p.grad, ref.params[name].grad, msg=f"{case}: gradient of {name}")
+            ref.params[name].grad = None
+        assert_matches(module, ref)
+    if module.track_running_stats:
+        gates = ref.gate_history
+        assert True in gates and False in gates, gates
+        assert any(a and not b for a, b in zip(gates, gates[1:])), "never froze"
+        assert any(b and not a for a, b in zip(gates, gates[1:])), "never reopened"
+    module.eval()
+    before = copy.deepcopy(module.state_dict())
+    x = diverse(shape)
+    torch.testing.assert_close(module(x), ref(x, training=False))
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), f"eval changed {key}"
+
+
+def test_condensation_matches_pairwise_loop():
+    for shape in [(2, 3, 4, 4), (7, 5, 3, 2), (6, 9), (5, 4, 6)]:
+        x = torch.randn(*shape, dtype=D) + 0.3
+        assert float(feature_condensation(x)) == pytest.approx(pairwise_condensation(x), abs=1e-12)
+    assert float(feature_condensation(torch.randn(1, 3, 2, 2))) == 1.0
+    x = torch.randn(5, 3, 2, 2, dtype=D)
+    x[2] = 0  # a zero sample is orthogonal to every other one
+    assert float(feature_condensation(x)) == pytest.approx(pairwise_condensation(x), abs=1e-12)
+    half = feature_condensation(torch.randn(6, 4, 3, 3).half())
+    assert half.dtype == torch.float32
+
+
+def test_condensation_uses_the_first_16_samples():
+    x = torch.randn(20, 3, 4, 4, dtype=D)
+    x[16:] = x[0] * torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=D).view(4, 1, 1, 1)  # parallel to sample 0
+    first, every = pairwise_condensation(x), pairwise_condensation(x, cap=20)
+    assert every - first > 0.01
+    assert float(feature_condensation(x)) == pytest.approx(first, abs=1e-12)
+    assert float(feature_condensation(x, max_samples=20)) == pytest.approx(every, abs=1e-12)
+    # the layer's cap decides its gate: threshold between the two values, moving value = this batch's value
+    threshold = (first + every) / 2
+    for cap, gated in ((16, first <= threshold), (20, every <= threshold)):
+        cap_kwargs = {} if cap == 16 else {"condensation_samples": cap}  # 16: the default
+        m = UnifiedBatchNorm2d(3, dtype=D, condensation_momentum=1.0, condensation_threshold=threshold, **cap_kwargs)
         m(x)
-    assert int(m.num_batches_tracked) == 2
-    means = [ubn_formula(m, x)[1] for x in (a, b)]
-    torch.testing.assert_close(m.running_mean, (means[0] + means[1]) / 2)
+        assert float(m.running_condensation) == pytest.approx(first if cap == 16 else every, abs=1e-12)
+        assert bool(m.gated) is gated
 
 
-def test_ubn_does_not_modify_input_and_backpropagates_to_calibration():
-    m = randomized_ubn(4)
-    x = torch.randn(5, 4, 3, 3, dtype=D, requires_grad=True)
-    before = x.detach().clone()
-    m(x).square().sum().backward()
-    assert torch.equal(x.detach(), before)
-    for p in (m.centering_weight, m.scaling_weight, m.scaling_bias, m.weight, m.bias):
-        assert p.grad is not None and p.grad.abs().sum() > 0
+@pytest.mark.parametrize("threshold, frozen", [(1.0, True), (math.nextafter(1.0, 0.0), False)])
+def test_bound_is_strict(threshold, frozen):
+    """m stays exactly 1 (condensation momentum 0): m ≤ τ = 1 freezes, τ just below 1 does not."""
+    m = randomized(UnifiedBatchNorm2d, 3, condensation_threshold=threshold, condensation_momentum=0.0)
+    x = diverse((6, 3, 4, 4))
+    m(x)
+    assert float(m.running_condensation) == 1.0 and bool(m.gated) is frozen
+    assert torch.equal(m.running_mean, torch.zeros(3, dtype=D)) is frozen
+    assert int(m.num_batches_tracked) == 1
 
 
-def test_ubn_errors_and_registry():
-    with pytest.raises(ValueError, match=r"condensation_threshold .*\[-1, 1\], got 1.5"):
-        UnifiedBatchNorm(3, condensation_threshold=1.5)
+def test_frozen_training_step_is_the_eval_function():
+    """Gated: normalisation with the running statistics (gradient as in eval), statistics untouched."""
+    m = randomized(UnifiedBatchNorm2d, 4)
+    for _ in range(3):
+        m(diverse((6, 4, 3, 3)) + 1)  # running statistics away from their init
+    m.condensation_threshold = 1.0  # m < 1 now: frozen
+    stats = m.running_mean.clone(), m.running_var.clone()
+    x = diverse((6, 4, 3, 3)).requires_grad_(True)
+    frozen = copy.deepcopy(m).eval()
+    y = m(x)
+    (grad,) = torch.autograd.grad(y.square().sum(), x)
+    y_eval = frozen(x)
+    (grad_eval,) = torch.autograd.grad(y_eval.square().sum(), x)
+    torch.testing.assert_close(y, y_eval)
+    torch.testing.assert_close(grad, grad_eval)
+    assert torch.equal(m.running_mean, stats[0]) and torch.equal(m.running_var, stats[1])
+    assert int(m.num_batches_tracked) == 4
+
+
+def test_eval_is_per_sample_and_stateless():
+    m = randomized(UnifiedBatchNorm2d, 3)
+    m(diverse((6, 3, 4, 4)))
+    m.eval()
+    state = copy.deepcopy(m.state_dict())
+    x = diverse((5, 3, 4, 4))
+    together = m(x)
+    alone = torch.cat([m(x[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(together, alone)
+    assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("threshold", [0.15, 1.0])  # open (m = 1 > 0.15) and frozen (m = 1 ≤ 1)
+def test_gradients_match_finite_differences(threshold):
+    m = randomized(UnifiedBatchNorm2d, 3, condensation_threshold=threshold, condensation_momentum=0.0)
+    with torch.no_grad():
+        m.running_mean.copy_(torch.randn(3, dtype=D))
+        m.running_var.copy_(torch.rand(3, dtype=D) + 0.5)
+    x = diverse((3, 3, 3, 3)).requires_grad_(True)
+    params = tuple(m.parameters())
+    assert torch.autograd.gradcheck(lambda inp, *ps: m(inp), (x, *params), eps=1e-6, atol=1e-5)
+
+
+def test_state_dict_round_trip_keeps_the_moving_value():
+    m = randomized(UnifiedBatchNorm2d, 3)
+    for _ in range(20):
+        m(diverse((6, 3, 4, 4)))
+    assert bool(m.gated)
+    assert set(m.state_dict()) == {
+        "center_weight", "scale_weight", "scale_bias", "affine_conv.weight", "affine_conv.bias",
+        "running_mean", "running_var", "num_batches_tracked", "running_condensation"}
+    assert m.running_condensation.shape == (1,)
+    fresh = UnifiedBatchNorm2d(3, dtype=D)
+    fresh.load_state_dict(m.state_dict())
+    assert bool(fresh.gated)
+    x = diverse((6, 3, 4, 4))
+    torch.testing.assert_close(fresh(x), m(x))
+    for key, value in m.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_reset_parameters_restores_the_init():
+    torch.manual_seed(3)
+    m = UnifiedBatchNorm2d(4, dtype=D)
+    init = copy.deepcopy(m.state_dict())
+    assert torch.equal(init["center_weight"], torch.zeros(4, dtype=D))
+    assert torch.equal(init["scale_bias"], torch.ones(4, dtype=D))
+    assert float(init["running_condensation"]) == 1.0
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.5)
+    m(diverse((5, 4, 3, 3)))
+    torch.manual_seed(3)  # the convolution's init is torch's default (random): same draw, same values
+    m.reset_parameters()
+    for key, value in m.state_dict().items():
+        assert torch.equal(value, init[key]), key
+
+
+def test_host_is_never_read_in_a_training_step(monkeypatch):
+    """The gate is a device-side select: no .item() / bool() of a tensor in forward."""
+    m = UnifiedBatchNorm2d(3)
+    m.condensation_threshold = 1.0  # frozen and open paths both run the same ops
+    x = torch.randn(4, 3, 5, 5)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("host read in forward")
+
+    for name in ("item", "__bool__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    m(x)
+    m.condensation_threshold = 0.15
+    m(x)
+
+
+def test_single_value_per_channel():
+    """Batch statistics need two values per channel (error when open); frozen, the running statistics serve."""
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        UnifiedBatchNorm(3)(torch.randn(1, 3))
-    m = create_norm("UBN", 3, condensation_threshold=0.3)
-    assert isinstance(m, UnifiedBatchNorm) and m.condensation_threshold == 0.3
+        UnifiedBatchNorm1d(3)(torch.randn(1, 3))
+    m = UnifiedBatchNorm1d(3, condensation_threshold=1.0, condensation_momentum=0.0)
+    x = torch.randn(1, 3)
+    torch.testing.assert_close(m(x), copy.deepcopy(m).eval()(x))
+    with pytest.raises(ValueError, match="at least one sample"):
+        UnifiedBatchNorm2d(3)(torch.randn(0, 3, 2, 2))
 
 
-def test_ubn_threshold_is_strict_exceeding_freezes_equal_updates():
-    """Freeze only when condensation > τ: at τ equal to the batch's value the statistics still move."""
-    x = torch.randn(6, 3, 4, 4, dtype=D) + 0.5
-    value = float(feature_condensation(x))  # centering weight is 0 at init, so x_c = x exactly
-    assert value == pytest.approx(brute_force_condensation(x), abs=1e-12)
-    at = UnifiedBatchNorm(3, dtype=D, condensation_threshold=value)
-    at(x)
-    assert int(at.num_batches_tracked) == 1 and not torch.equal(at.running_mean, torch.zeros(3, dtype=D))
-    below = UnifiedBatchNorm(3, dtype=D, condensation_threshold=value - 1e-9)
-    below(x)
-    assert int(below.num_batches_tracked) == 0 and torch.equal(below.running_mean, torch.zeros(3, dtype=D))
+def test_constructor_and_input_errors():
+    with pytest.raises(ValueError, match=r"condensation_threshold .*\[-1, 1\], got 1.5"):
+        UnifiedBatchNorm2d(3, condensation_threshold=1.5)
+    with pytest.raises(ValueError, match="condensation_momentum must be in"):
+        UnifiedBatchNorm2d(3, condensation_momentum=-0.1)
+    with pytest.raises(ValueError, match="condensation_samples must be a positive int, got 0"):
+        UnifiedBatchNorm2d(3, condensation_samples=0)
+    with pytest.raises(ValueError, match="kernel_size must be odd .* got 4"):
+        UnifiedBatchNorm2d(3, kernel_size=4)
+    with pytest.raises(ValueError, match=r"expects 4D input .* got 3D"):
+        UnifiedBatchNorm2d(3)(torch.randn(4, 3, 5))
+    with pytest.raises(ValueError, match=r"expects 2D \(N, C\) or 3D"):
+        UnifiedBatchNorm1d(3)(torch.randn(4, 3, 5, 5))
+    with pytest.raises(ValueError, match="expects 5D input"):
+        UnifiedBatchNorm3d(3)(torch.randn(4, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"UnifiedBatchNorm2d\(3\) got input with 4 channels"):
+        UnifiedBatchNorm2d(3)(torch.randn(4, 4, 5, 5))
+
+
+def test_registry_and_conventions():
+    m = create_norm("UBN", 8, condensation_threshold=0.3, kernel_size=5)
+    assert type(m) is UnifiedBatchNorm2d and m.condensation_threshold == 0.3
+    assert m.affine_conv.kernel_size == (5, 5) and m.affine_conv.padding == (2, 2) and m.affine_conv.groups == 8
+    assert type(UnifiedBatchNorm1d(4).affine_conv) is nn.Conv1d and type(UnifiedBatchNorm3d(4).affine_conv) is nn.Conv3d
+    assert UnifiedBatchNorm2d(4, affine=False).affine_conv is None
+    no_stats = UnifiedBatchNorm2d(4, track_running_stats=False)
+    assert no_stats.running_mean is None and no_stats.running_condensation.shape == (1,)
+    x = torch.randn(4, 8, 5, 5)
+    torch.testing.assert_close(m(x), m(x.contiguous(memory_format=torch.channels_last)))
+
+
+def test_torchvision_resnet18_trains_a_step():
+    model = torchvision.models.resnet18(num_classes=4, norm_layer=get_norm_layer("ubn"))
+    ubn = [m for m in model.modules() if isinstance(m, UnifiedBatchNorm2d)]
+    assert len(ubn) == 20
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = model.fc.weight.detach().clone()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and not torch.equal(before, model.fc.weight)
+    for m in ubn:
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+        assert int(m.num_batches_tracked) == 1 and float(m.running_condensation) < 1.0
+    summary = condensation_summary(model)
+    assert set(summary) == {"ubn_condensation", "ubn_gated"} and summary["ubn_gated"] == 0.0
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(x)).all()
+    assert condensation_summary(model) == summary
+
+
+def test_condensation_summary():
+    layers = [UnifiedBatchNorm2d(2), UnifiedBatchNorm1d(2, condensation_threshold=0.5), UnifiedBatchNorm2d(2)]
+    for layer, value in zip(layers, (0.9, 0.5, 0.1)):
+        layer.running_condensation.fill_(value)
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), layers[0], nn.Sequential(layers[1], layers[2]))
+    summary = condensation_summary(model)
+    assert summary["ubn_condensation"] == pytest.approx(0.5)
+    assert summary["ubn_gated"] == pytest.approx(2 / 3)  # 0.5 ≤ 0.5 (strict bound), 0.1 ≤ 0.15
+    assert condensation_summary(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))) == {}
+
+
+# ---------------------------------------------------------------- the public code itself, where it is at hand
+
+REFERENCE_GIT = Path(os.environ.get("L2BN_UBN_REFERENCE_GIT", "/work/.mirror/aHapBean+UBN_mmdectection/repo"))
+
+
+def load_reference() -> types.ModuleType:
+    """``mmdet/models/utils/UBN.py`` of aHapBean/UBN_mmdectection, read from a local git directory if present."""
+    if not REFERENCE_GIT.is_dir():
+        pytest.skip(f"no clone of aHapBean/UBN_mmdectection at {REFERENCE_GIT} (set L2BN_UBN_REFERENCE_GIT)")
+    shown = subprocess.run(["git", f"--git-dir={REFERENCE_GIT}", "show", "HEAD:mmdet/models/utils/UBN.py"],
+                           capture_output=True, text=True)
+    if shown.returncode:
+        pytest.skip(f"mmdet/models/utils/UBN.py not readable in {REFERENCE_GIT}: {shown.stderr.strip()}")
+    module = types.ModuleType("ubn_reference")
+    exec(compile(shown.stdout, "UBN.py", "exec"), module.__dict__)
+    return module
+
+
+def test_matches_the_public_reference_layer():
+    reference = load_reference()
+    ours = randomized(UnifiedBatchNorm2d, 3)
+    theirs = reference.UnifiedBatchNorm2d(3).to(D)
+    with torch.no_grad():
+        for name in ("center_weight", "scale_weight", "scale_bias"):
+            getattr(theirs, name).copy_(getattr(ours, name).view(1, 3, 1, 1))
+        theirs.bnconv.weight.copy_(ours.affine_conv.weight)
+        theirs.bnconv.bias.copy_(ours.affine_conv.bias)
+    shape = (6, 3, 5, 4)
+    for x in [diverse(shape) for _ in range(20)] + [condensed(shape)] + [diverse(shape) for _ in range(3)]:
+        a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ours.zero_grad(), theirs.zero_grad()
+        y_ours, y_theirs = ours(a), theirs(b)
+        torch.testing.assert_close(y_ours, y_theirs)
+        y_ours.square().sum().backward()
+        y_theirs.square().sum().backward()
+        torch.testing.assert_close(a.grad, b.grad)
+        torch.testing.assert_close(ours.affine_conv.weight.grad, theirs.bnconv.weight.grad)
+        torch.testing.assert_close(ours.center_weight.grad, theirs.center_weight.grad.flatten())
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+        torch.testing.assert_close(ours.running_var, theirs.running_var)
+        assert float(ours.running_condensation) == pytest.approx(float(theirs.moving_cos), abs=1e-6)  # theirs: float32
+    ours.eval(), theirs.eval()
+    x = diverse(shape)
+    moving = float(theirs.moving_cos)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert float(theirs.moving_cos) != moving  # the reference measures in eval too; ours does not

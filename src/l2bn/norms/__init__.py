@@ -15,7 +15,13 @@ from .batch_instance import BatchInstanceNorm, clip_gates_, gate_parameters, par
 from .positional import PositionalNorm, positional_norm
 from .registry import create_norm, get_norm_layer, list_norms, register_norm
 from .switchable import SwitchableNorm
-from .unified import DEFAULT_CONDENSATION_THRESHOLD, UnifiedBatchNorm, feature_condensation
+from .unified import (
+    UnifiedBatchNorm1d,
+    UnifiedBatchNorm2d,
+    UnifiedBatchNorm3d,
+    condensation_summary,
+    feature_condensation,
+)
 
 register_norm("bn", nn.BatchNorm2d)
 register_norm("l2bn", L2BatchNorm2d)
@@ -30,10 +36,9 @@ register_norm("pn", PositionalNorm)
 register_norm("lnbn", LNBatchNorm)
 register_norm("inbn", INBatchNorm)
 register_norm("pnbn", PNBatchNorm)
-register_norm("ubn", UnifiedBatchNorm)
+register_norm("ubn", UnifiedBatchNorm2d)
 
 __all__ = [
-    "DEFAULT_CONDENSATION_THRESHOLD",
     "BatchChannelNorm",
     "BatchInstanceNorm",
     "GroupNormCPG",
@@ -44,9 +49,12 @@ __all__ = [
     "PNBatchNorm",
     "PositionalNorm",
     "SwitchableNorm",
-    "UnifiedBatchNorm",
+    "UnifiedBatchNorm1d",
+    "UnifiedBatchNorm2d",
+    "UnifiedBatchNorm3d",
     "bcn_num_groups",
     "clip_gates_",
+    "condensation_summary",
     "create_norm",
     "feature_condensation",
     "gate_parameters",
