@@ -324,6 +324,32 @@ def test_host_is_never_read_in_a_training_step(monkeypatch):
     m(x)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_device_synchronisation_on_cuda():
+    m = UnifiedBatchNorm2d(8, device="cuda")
+    x = torch.randn(32, 8, 6, 6, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(25):  # crosses the bound
+            m(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(m.gated)
+
+
+@pytest.mark.slow
+def test_compiles_as_one_graph_across_the_bound():
+    m = randomized(UnifiedBatchNorm2d, 3).float()
+    eager = copy.deepcopy(m)
+    compiled = torch.compile(m, fullgraph=True)
+    for _ in range(25):
+        x = torch.randn(4, 3, 5, 5)
+        torch.testing.assert_close(compiled(x), eager(x))
+    assert bool(m.gated) and bool(eager.gated)
+    torch.testing.assert_close(m.running_mean, eager.running_mean)
+    torch.testing.assert_close(m.running_condensation, eager.running_condensation)
+
+
 def test_single_value_per_channel():
     """Batch statistics need two values per channel (error when open); frozen, the running statistics serve."""
     with pytest.raises(ValueError, match="more than 1 value per channel"):
