@@ -44,7 +44,8 @@ def feature_condensation(input: Tensor, max_samples: int = 16) -> Tensor:
     flat = input.detach()[:max_samples]
     n = flat.shape[0]
     if n == 0:
-        raise ValueError(f"feature_condensation needs at least one sample, got input of shape {tuple(input.shape)}")
+        raise ValueError("feature_condensation needs at least one sample, got input of shape "
+                         f"{tuple(input.shape)}")
     flat = flat.reshape(n, -1)
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()
@@ -77,13 +78,17 @@ class _UnifiedBatchNorm(nn.Module):
         super().__init__()
         name = type(self).__name__
         if not -1.0 <= condensation_threshold <= 1.0:
-            raise ValueError(f"{name}: condensation_threshold is a cosine similarity in [-1, 1], got {condensation_threshold}")
+            raise ValueError(
+                f"{name}: condensation_threshold is a cosine similarity in [-1, 1], got {condensation_threshold}"
+            )
         if not 0.0 <= condensation_momentum <= 1.0:
             raise ValueError(f"{name}: condensation_momentum must be in [0, 1], got {condensation_momentum}")
         if condensation_samples < 1:
             raise ValueError(f"{name}: condensation_samples must be a positive int, got {condensation_samples}")
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"{name}: kernel_size must be odd and positive (output keeps the input's size), got {kernel_size}")
+            raise ValueError(
+                f"{name}: kernel_size must be odd and positive (the output keeps the input's size), got {kernel_size}"
+            )
         fk = factory_kwargs(device, dtype)
         self.num_features = num_features
         self.eps = eps
@@ -171,7 +176,7 @@ class _UnifiedBatchNorm(nn.Module):
             self._check_count(count, x)
             var, mean = torch.var_mean(x, dim=stat_dims, correction=0)
             return mean, var
-        use_batch = self.running_condensation > self.condensation_threshold  # decided on the device
+        use_batch = ~self.gated  # decided on the device
         if count <= 1:  # batch statistics undefined: only the gated state can proceed (one host read, this case only)
             if bool(use_batch):
                 self._check_count(count, x)
@@ -197,7 +202,9 @@ class _UnifiedBatchNorm(nn.Module):
         shape = (1, -1) + (1,) * len(pos_dims)
         if self.training:
             if x.shape[0] == 0:
-                raise ValueError(f"{type(self).__name__} needs at least one sample in training, got {tuple(input.shape)}")
+                raise ValueError(
+                    f"{type(self).__name__} needs at least one sample in training, got {tuple(input.shape)}"
+                )
             self._update_condensation(x)
         x = x + self.center_weight.view(shape) * x.mean(dim=pos_dims, keepdim=True)
         mean, var = self._statistics(x)
