@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from l2bn.cli import build_parser, main
-from l2bn.train.cli import recipe_from_args
+from l2bn.commands.train import recipe_from_args
 
 torch.set_num_threads(1)
 FAST = ["--threads", "1", "--no-progress"]
@@ -136,8 +136,8 @@ def test_placement_flag_reaches_the_model(tmp_path, capsys):
     argv = ["train", "--norm", "l2bn", "--placement", "stage1", "--epochs", "1", "--out", str(out), *FAST]
     assert main(argv) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["model_kwargs"] == {"placement": "stage1"}
-    model = build_model(config["model"], num_classes=10, in_channels=1, norm=config["norm"], **config["model_kwargs"])
+    assert config["placement"] == "stage1" and config["model_kwargs"] == {}
+    model = build_model(config["model"], num_classes=10, in_channels=1, norm=config["norm"], placement="stage1")
     l2 = [name for name, m in model.named_modules() if isinstance(m, L2BatchNorm2d)]
     bn = [name for name, m in model.named_modules() if type(m) is nn.BatchNorm2d]
     assert l2 and bn
