@@ -654,6 +654,8 @@ def _train(config: TrainConfig, env: DistEnv, model_fn: ModelFn | None, data: Da
     with run.lock() if env.is_main else nullcontext():
         if not config.resume and run.holds_run():  # every rank, so none waits forever
             raise FileExistsError(f"{run.path} already holds a run; pass --resume to continue it or choose another --out")
+        if env.is_main:
+            run.remove_stale_temporaries()
         if config.resume and run.last_path.is_file():
             _restore(state)
         if env.is_main:

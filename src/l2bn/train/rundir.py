@@ -225,6 +225,11 @@ class RunDir:
         finally:
             os.close(fd)
 
+    def remove_stale_temporaries(self) -> None:
+        """Delete temporary files a killed writer left (call while holding :meth:`lock`)."""
+        for path in self.path.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+
     # ------------------------------------------------------------------------------------------ files
     def write_config(self, config: dict) -> None:
         write_atomic(self.config_path, json.dumps(config, indent=2).encode())
