@@ -66,21 +66,21 @@ class Run:
 def load_run(path: str | os.PathLike) -> Run:
     """Read a run folder through :class:`~l2bn.train.rundir.RunDir` (torn or edited files raise, naming them)."""
     run = RunDir(path)
-    if not run.metrics_path.is_file():
+    failure = run.read_failure()
+    if not run.metrics_path.is_file() and failure is None:
         raise FileNotFoundError(f"{run.path} is not a run directory (no metrics.jsonl)")
     records = run.read_records()
-    if not records:
+    if not records and failure is None:
         raise ValueError(f"{run.metrics_path} holds no epoch yet")
-    return Run(run.path, run.stored_config(), records, run.read_summary_if_any(), run.read_failure())
+    return Run(run.path, run.stored_config(), records, run.read_summary_if_any(), failure)
 
 
 def find_runs(root: str | os.PathLike) -> list[Run]:
-    """Every run directory below ``root`` that has logged at least one epoch, sorted by path."""
-    runs = []
-    for metrics in sorted(Path(root).rglob("metrics.jsonl")):
-        if metrics.stat().st_size:
-            runs.append(load_run(metrics.parent))
-    return runs
+    """Every run directory below ``root`` that has logged an epoch or recorded a failure, sorted by path."""
+    root = Path(root)
+    folders = {p.parent for p in root.rglob("metrics.jsonl") if p.stat().st_size} | {
+        p.parent for p in root.rglob("failed.json")}
+    return [load_run(folder) for folder in sorted(folders)]
 
 
 def _experiment(run: Run) -> dict:

@@ -159,7 +159,7 @@ def compare(
     result.seconds = time.perf_counter() - start
     if result.stopped or result.busy or int(os.environ.get("RANK", "0")) != 0:
         return result
-    runs = [report.load_run(p) for p in result.run_dirs if RunDir(p).metrics_path.is_file()]
+    runs = [report.load_run(p) for p in result.run_dirs if RunDir(p).metrics_path.is_file() or RunDir(p).is_failed()]
     result.rows = report.summarize(runs, norms)
     result.paths = report.write_report(runs, out, norms, title=grid_title(base, seeds))
     result.seconds = time.perf_counter() - start
