@@ -37,10 +37,10 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from ..data import DataBundle, DataError, build_data
+from ..data import DataBundle, build_data
 from .ddp import DistEnv, all_reduce_sum, barrier, cleanup_distributed, resolve_device, setup_distributed
 from .recipes import Recipe, default_recipe_name, get_recipe
-from .rundir import ANGLE_KEYS, RunBusyError, RunDir
+from .rundir import ANGLE_KEYS, EPOCH_KEYS, RunDir
 
 __all__ = [
     "IDENTITY_FIELDS",
@@ -597,6 +597,7 @@ def _run_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, Any]:
         channels_last=config.channels_last, max_batches=recipe.metrics_max_batches, feature_model=state.net,
     ))
     eval_seconds = time.perf_counter() - start
+    record = {k: record[k] for k in (*EPOCH_KEYS, *ANGLE_KEYS) if k in record}  # the one key list, in its order
     _check_loss(state, record["train_loss"])
     improved = record["test_acc"] > state.best_acc
     if improved:
