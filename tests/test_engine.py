@@ -486,3 +486,18 @@ def test_two_processes_on_one_out_train_it_once(tmp_path):
     err = next(e for code, e in results if code == 1)
     assert "being trained by another process" in err or "already holds a run" in err
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_ubn_gate_state_is_logged_every_epoch_and_absent_for_other_norms(tmp_path):
+    lines = []
+    config = TrainConfig(out=str(tmp_path / "ubn"), norm="ubn", recipe=quick(), progress=False)
+    train(config, model_fn=tiny, data=DIGITS, log=lines.append)
+    recs = records(tmp_path / "ubn")
+    for r in recs:
+        assert -1.0 <= r["ubn_condensation"] <= 1.0 and r["ubn_gated"] in (0.0, 1.0)  # one UBN layer
+    model = tiny(10, 1, "ubn")
+    model.load_state_dict(torch.load(tmp_path / "ubn" / "last.pt", weights_only=True)["model"])
+    assert recs[-1]["ubn_condensation"] == pytest.approx(model[1].running_condensation.item())
+    assert sum("UBN m " in line for line in lines) == len(recs)
+    _, out = run(tmp_path, "bn", norm="bn")
+    assert all("ubn_condensation" not in r for r in records(out))

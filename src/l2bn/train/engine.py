@@ -38,9 +38,10 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from ..data import DataBundle, build_data
+from ..norms.unified import condensation_summary
 from .ddp import DistEnv, all_reduce_sum, barrier, cleanup_distributed, resolve_device, setup_distributed
 from .recipes import Recipe, default_recipe_name, get_recipe
-from .rundir import ANGLE_KEYS, EPOCH_KEYS, RunBusyError, RunDir
+from .rundir import ANGLE_KEYS, EPOCH_KEYS, NORM_STATE_KEYS, RunBusyError, RunDir
 
 __all__ = [
     "IDENTITY_FIELDS",
@@ -597,7 +598,8 @@ def _run_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, Any]:
         channels_last=config.channels_last, max_batches=recipe.metrics_max_batches, feature_model=state.net,
     ))
     eval_seconds = time.perf_counter() - start
-    record = {k: record[k] for k in (*EPOCH_KEYS, *ANGLE_KEYS) if k in record}  # the one key list, in its order
+    record.update(condensation_summary(state.net))
+    record = {k: record[k] for k in (*EPOCH_KEYS, *ANGLE_KEYS, *NORM_STATE_KEYS) if k in record}  # the key list
     _check_loss(state, record["train_loss"])
     improved = record["test_acc"] > state.best_acc
     if improved:
@@ -610,9 +612,11 @@ def _run_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, Any]:
     barrier()
     angles = (f" intra {record['intra_train']:.2f}/{record['intra_test']:.2f} inter {record['inter']:.2f} "
               f"IIR {record['iir_train']:.3f}/{record['iir_test']:.3f}") if measure else ""
+    gate = (f" UBN m {record['ubn_condensation']:.3f} gated {record['ubn_gated']:.0%}"
+            if "ubn_gated" in record else "")
     state.say(f"[{config.dataset} {config.model} {config.norm} seed {config.seed}] epoch {epoch}/{recipe.epochs} "
               f"loss {record['train_loss']:.4f} train {record['train_acc']:.2f}% test {record['test_acc']:.2f}%"
-              f"{angles} ({trained['seconds']:.1f}s + {eval_seconds:.1f}s)")
+              f"{angles}{gate} ({trained['seconds']:.1f}s + {eval_seconds:.1f}s)")
     return record
 
 

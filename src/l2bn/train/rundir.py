@@ -28,6 +28,7 @@ __all__ = [
     "ANGLE_KEYS",
     "ANGLE_TITLES",
     "EPOCH_KEYS",
+    "NORM_STATE_KEYS",
     "CheckpointError",
     "DiskFullError",
     "RunBusyError",
@@ -38,6 +39,9 @@ __all__ = [
 # The per-epoch record: always these keys, plus ANGLE_KEYS at the epochs that measure the angle metrics.
 EPOCH_KEYS: tuple[str, ...] = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
 ANGLE_KEYS: tuple[str, ...] = ("intra_train", "intra_test", "inter", "iir_train", "iir_test")
+# Per-epoch state of gated norms, present for models that have them (UBN: mean moving condensation of its
+# layers and the fraction of layers whose gate has frozen their statistics; l2bn.norms.unified).
+NORM_STATE_KEYS: tuple[str, ...] = ("ubn_condensation", "ubn_gated")
 ANGLE_TITLES: dict[str, str] = {
     "intra_train": "Intra(train)", "intra_test": "Intra(test)", "inter": "Inter",
     "iir_train": "IIR train", "iir_test": "IIR test",
