@@ -182,7 +182,7 @@ class SyncL2BatchNorm(_L2BatchNorm):
         if not (self.training and _world_size(self.process_group) > 1):
             return super().forward(input)
         self._check_input_dim(input)
-        factor = self._average_factor()
+        factor = self._average_factor(input)
         return sync_l2_batch_norm(
             input,
             self.running_mean if self.track_running_stats else None,

@@ -6,7 +6,6 @@ lives here, once.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -23,7 +22,7 @@ class BatchStatistics(NamedTuple):
 def sample_scales(mean: Tensor, sumsq: Tensor, spatial_size: int, *, rescale: bool, l2_eps: float) -> tuple[Tensor, Tensor]:
     """(r_n, ‖x_n‖) from per-(n, c) means m and centred sums of squares q: ‖x_n‖² = Σ_c (q + M·m²)."""
     norm = (sumsq + spatial_size * mean.square()).sum(dim=1).sqrt_()
-    target = math.sqrt(mean.shape[1] * spatial_size) if rescale else 1.0
+    target = (mean.shape[1] * spatial_size) ** 0.5 if rescale else 1.0  # symbolic under dynamic shapes
     return target / norm.clamp_min(l2_eps), norm
 
 

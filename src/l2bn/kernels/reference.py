@@ -20,8 +20,8 @@ def l2_normalize_samples(input: Tensor, *, rescale: bool = True, l2_eps: float =
     dims = tuple(range(1, input.dim()))
     acc_dtype = torch.promote_types(input.dtype, torch.float32)
     norm = torch.linalg.vector_norm(input, dim=dims, keepdim=True, dtype=acc_dtype).clamp_min(l2_eps)
-    if rescale:
-        norm = norm / math.sqrt(input[0].numel() if input.shape[0] else math.prod(input.shape[1:]))
+    if rescale:  # D from the shape: symbolic under torch.export, a traced value under torch.jit.trace
+        norm = norm / math.prod(input.shape[1:]) ** 0.5
     return (input.to(acc_dtype) / norm).to(input.dtype)
 
 

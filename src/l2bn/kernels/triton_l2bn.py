@@ -29,7 +29,6 @@ from torch import Tensor
 
 from .algebra import channel_statistics, input_gradient, update_running_stats
 from .fused import _rows, _rows_view, accumulation_dtype
-from .reference import l2_batch_norm_reference
 
 try:
     import triton
@@ -349,10 +348,6 @@ def l2_batch_norm_triton(
     l2_eps: float = 1e-12,
 ) -> Tensor:
     """Same contract as :func:`l2bn.kernels.fused.l2_batch_norm_fused`, through Triton kernels (CUDA)."""
-    if input.numel() == 0:
-        return l2_batch_norm_reference(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, rescale=rescale, l2_eps=l2_eps
-        )
     _check_triton_input(input)
     y, mu, var = TritonL2BatchNorm.apply(input, weight, bias, running_mean, running_var, training, eps, rescale, l2_eps)
     if training:
