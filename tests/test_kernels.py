@@ -303,13 +303,13 @@ def test_cpp_running_stats_in_another_dtype_and_momentum_none(monkeypatch):
     torch.testing.assert_close(layer.running_mean, sum(means) / 3, rtol=1e-12, atol=1e-12)
 
 
-@NO_COMPILER
-def test_cpp_refuses_double_backward_with_a_pointer():
+@pytest.mark.parametrize("impl", [pytest.param("cpp", marks=NO_COMPILER), "fused"])
+def test_fast_paths_refuse_double_backward_with_a_pointer(impl):
     x = torch.randn(4, 3, 5, 5, dtype=F64, requires_grad=True)
-    y = l2_batch_norm(x, None, None, None, None, True, impl="cpp")
+    y = l2_batch_norm(x, None, None, None, None, True, impl=impl)
     (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=False)
     assert g.shape == x.shape
-    y = l2_batch_norm(x, None, None, None, None, True, impl="cpp")
+    y = l2_batch_norm(x, None, None, None, None, True, impl=impl)
     with pytest.raises(RuntimeError, match="double backward.*impl='reference'"):
         torch.autograd.grad(y.square().sum(), x, create_graph=True)
 

@@ -1,4 +1,4 @@
-"""Fused L2BN over torch ops: one statistics read, one output pass, x plus O(N·C) saved for backward.
+"""Fused L2BN over torch ops: statistics from two reads of x, one output pass, x plus O(N·C) saved for backward.
 
 Notation: x has shape (N, C, *S), M = |S|, D = C·M. Per (n, c) we take the mean m and the centred sum of
 squares q = Σ_S (x − m)² (a sum, then a centred norm: no E[x²] − E[x]² cancellation). From those:
@@ -208,6 +208,8 @@ class FusedL2BatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmu, _dvar):
         x, weight, scale, norm, mu, invstd, mean, sumsq = ctx.saved_tensors
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (dy, x, weight)):
+            raise RuntimeError("l2bn: the fused path has no double backward; use impl='reference'")
         acc = scale.dtype
         spatial = x[0, 0].numel()
         centre = mean if mean is not None else scale.new_zeros(x.shape[:2])  # eval: Σ dy·x itself

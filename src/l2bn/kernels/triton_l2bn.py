@@ -2,7 +2,7 @@
 
 The algebra is the one of :mod:`l2bn.kernels.fused` (derivation in ``docs/algorithm.md``). The input is
 seen as rows (N, C, M), M = |S|, through its strides, so NCHW-contiguous and channels_last tensors (and
-any layout whose spatial dims flatten to a view) are read in place. Four kernels:
+any layout whose spatial dims flatten to a view) are read in place. Three kernels:
 
 - ``_moments_kernel``: per (n, c) the mean m and centred sum of squares q = Σ_S (x − m)², one program per
   (n, block of channels). Each chunk of positions is centred on its own mean and merged with the running
