@@ -86,8 +86,8 @@ def l2_batch_norm(
         >>> y = l2_batch_norm(x, None, None, training=True)
         >>> y.shape
         torch.Size([4, 3, 5, 5])
-        >>> round(y.mean().item(), 4), round(y.var(unbiased=False).item(), 2)
-        (0.0, 1.0)
+        >>> abs(y.mean().item()) < 1e-6, round(y.var(unbiased=False).item(), 3)  # BatchNorm's standardisation
+        (True, 1.0)
     """
     _check_inputs(input, running_mean, running_var, weight, bias, training, eps)
     fn = resolve_impl(impl, input)
