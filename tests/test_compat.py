@@ -315,3 +315,34 @@ def test_subpackages_load_on_attribute_access():
 
 def test_py_typed_marker_ships():
     assert (Path(l2bn.__file__).parent / "py.typed").exists()
+
+
+# --- numerics at the edges ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("impl", FAST + ["reference"])
+def test_a_non_finite_value_is_confined_to_its_channel(bad, impl):
+    """As in BatchNorm: one inf/NaN in channel 2 leaves the other channels' outputs and running means finite
+    (its sample is scaled to zero there, as an infinitely long sample is)."""
+    x = sample(4, 5, 5)
+    x[1, 2, 0, 0] = bad
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y = l2bn.l2_batch_norm(x, rm, rv, torch.ones(3), torch.zeros(3), True, impl=impl)
+    assert torch.isfinite(y[:, :2]).all() and torch.isfinite(rm[:2]).all() and torch.isfinite(rv[:2]).all()
+    assert torch.isnan(y[:, 2]).any() and torch.isnan(rm[2])
+    finite = x.clone()
+    finite[1] = 0.0  # the sample counted with r_n = 0 contributes zeros, like an all-zero sample
+    want = l2bn.l2_batch_norm(finite.double(), None, None, torch.ones(3, dtype=F64), torch.zeros(3, dtype=F64), True, impl="reference")
+    torch.testing.assert_close(y[:, :2].double(), want[:, :2], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("impl", FAST + ["reference"])
+def test_float64_input_into_float32_layer_errors_like_batchnorm(training, impl, monkeypatch):
+    monkeypatch.setenv(dispatch.IMPL_ENV_VAR, impl)
+    x = sample(4, 3, 3).double()
+    with pytest.raises(RuntimeError, match="mixed dtype"):
+        nn.BatchNorm2d(3).train(training)(x)
+    with pytest.raises(RuntimeError, match=r"mixed dtype: input is torch.float64 but running_mean is torch.float32.*module.to"):
+        l2bn.L2BatchNorm2d(3).train(training)(x)
+    assert l2bn.L2BatchNorm2d(3).train(training)(x.bfloat16()).dtype == torch.bfloat16  # half input, fp32 module

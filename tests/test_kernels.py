@@ -372,7 +372,8 @@ def test_cpp_16_bit_is_the_float32_result_rounded(dtype, layout):
     bad = x16.clone()
     bad[2, 1, 0, 0] = float("nan")
     y = l2_batch_norm(bad, torch.zeros(5), torch.ones(5), None, None, False, impl="cpp")
-    assert torch.isnan(y[2]).all() and not torch.isinf(y[2]).any() and torch.isfinite(y[[0, 1, 3]]).all()
+    # the NaN survives the 16-bit store; its sample is scaled to zero elsewhere (confined, as in BatchNorm)
+    assert torch.isnan(y).sum() == 1 and torch.isnan(y[2, 1, 0, 0]) and not torch.isinf(y).any()
 
 
 def _float32_probes() -> torch.Tensor:

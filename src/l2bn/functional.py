@@ -19,6 +19,9 @@ from .kernels.dispatch import (  # noqa: F401  (the switch's public names, re-ex
 )
 
 
+HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
 def _check_inputs(
     input: Tensor,
     running_mean: Tensor | None,
@@ -34,6 +37,13 @@ def _check_inputs(
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() != num_channels:
             raise RuntimeError(f"{name} should contain {num_channels} elements not {t.numel()}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != input.dtype and not (input.dtype in HALF_TYPES and t.dtype == torch.float32):
+            raise RuntimeError(
+                f"mixed dtype: input is {input.dtype} but {name} is {t.dtype}; like BatchNorm, L2BN takes "
+                f"parameters and buffers of the input's dtype (or float32 ones with float16/bfloat16 input): "
+                f"convert the module (module.to({input.dtype})) or the input"
+            )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
     if training:

@@ -19,9 +19,15 @@ class BatchStatistics(NamedTuple):
     var: Tensor  # biased σ²_c of the normalised input, shape (C,)
 
 
+def nan_as_inf(norm: Tensor) -> Tensor:
+    """Sample norms with NaN (a sample holding inf or NaN, whose moments are inf − inf) read as inf: r_n = 0
+    then, and only that value's channel gets NaN statistics, as in BatchNorm."""
+    return torch.where(norm.isnan(), torch.full_like(norm, float("inf")), norm)
+
+
 def sample_scales(mean: Tensor, sumsq: Tensor, spatial_size: int, *, rescale: bool, l2_eps: float) -> tuple[Tensor, Tensor]:
     """(r_n, ‖x_n‖) from per-(n, c) means m and centred sums of squares q: ‖x_n‖² = Σ_c (q + M·m²)."""
-    norm = (sumsq + spatial_size * mean.square()).sum(dim=1).sqrt_()
+    norm = nan_as_inf((sumsq + spatial_size * mean.square()).sum(dim=1).sqrt_())
     target = (mean.shape[1] * spatial_size) ** 0.5 if rescale else 1.0  # symbolic under dynamic shapes
     return target / norm.clamp_min(l2_eps), norm
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .algebra import channel_statistics, input_gradient, update_running_stats
+from .algebra import channel_statistics, input_gradient, nan_as_inf, update_running_stats
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -123,7 +123,7 @@ def sample_channel_moments(x: Tensor) -> SampleChannelMoments:
 def sample_scale(x: Tensor, *, rescale: bool, l2_eps: float) -> tuple[Tensor, Tensor]:
     """(r_n, ‖x_n‖) from one read of x, accumulated in at least float32."""
     acc = accumulation_dtype(x.dtype)
-    norm = torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), dtype=acc)
+    norm = nan_as_inf(torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), dtype=acc))
     target = math.prod(x.shape[1:]) ** 0.5 if rescale else 1.0  # stays symbolic under dynamic shapes
     return target / norm.clamp_min(l2_eps), norm
 

@@ -11,15 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .algebra import nan_as_inf
+
 
 def l2_normalize_samples(input: Tensor, *, rescale: bool = True, l2_eps: float = 1e-12) -> Tensor:
     """Divide each sample's whole feature (all non-batch dims) by its l2 norm, times sqrt(D) if ``rescale``.
 
-    The norm is accumulated in at least float32, so half-precision inputs cannot overflow.
+    The norm is accumulated in at least float32, so half-precision inputs cannot overflow; a sample holding
+    NaN counts as infinitely long (scaled to zero), so only its NaN's channel turns NaN downstream.
     """
     dims = tuple(range(1, input.dim()))
     acc_dtype = torch.promote_types(input.dtype, torch.float32)
-    norm = torch.linalg.vector_norm(input, dim=dims, keepdim=True, dtype=acc_dtype).clamp_min(l2_eps)
+    norm = nan_as_inf(torch.linalg.vector_norm(input, dim=dims, keepdim=True, dtype=acc_dtype)).clamp_min(l2_eps)
     if rescale:  # D from the shape: symbolic under torch.export, a traced value under torch.jit.trace
         norm = norm / math.prod(input.shape[1:]) ** 0.5
     return (input.to(acc_dtype) / norm).to(input.dtype)

@@ -453,7 +453,10 @@ double target_norm(const Geometry& g, bool rescale) {
   return rescale ? std::sqrt(static_cast<double>(g.C * g.M)) : 1.0;
 }
 
+// r_n; a sample holding an inf or NaN (moments inf or NaN) gets r_n = 0, so only its channel's statistics
+// become NaN, as in BatchNorm.
 double sample_scale(double squares, double target, double l2_eps) {
+  if (std::isnan(squares)) return 0.0;
   return target / std::max(std::sqrt(squares), l2_eps);
 }
 
