@@ -45,6 +45,26 @@ def channel_statistics(mean: Tensor, sumsq: Tensor, spatial_size: int, *, rescal
     return BatchStatistics(scale, norm, mu, var)
 
 
+class OutputCoefficients(NamedTuple):
+    """y = x·scale[n, c] + shift[c]: the forward's single elementwise pass."""
+
+    scale: Tensor  # r_n·γ_c·invstd_c, shape (N, C)
+    shift: Tensor  # β_c − μ_c·γ_c·invstd_c, shape (C,)
+    invstd: Tensor  # 1/sqrt(σ²_c + ε), shape (C,)
+
+
+def output_coefficients(
+    sample_scale: Tensor, mu: Tensor, weight: Tensor | None, bias: Tensor | None, *, var: Tensor | None = None,
+    eps: float = 0.0, invstd: Tensor | None = None,
+) -> OutputCoefficients:
+    """The coefficients of y = γ·(r_n x − μ)·invstd + β, with invstd given or from ``var`` and ``eps``."""
+    if invstd is None:
+        invstd = (var + eps).rsqrt()
+    gain = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mu * gain if bias is None else bias.to(invstd.dtype) - mu * gain
+    return OutputCoefficients(sample_scale[:, None] * gain, shift, invstd)
+
+
 def update_running_stats(
     running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor, count: float | Tensor, momentum: float
 ) -> None:

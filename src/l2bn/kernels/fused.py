@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .algebra import channel_statistics, input_gradient, nan_as_inf, update_running_stats
+from .algebra import channel_statistics, input_gradient, nan_as_inf, output_coefficients, update_running_stats
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -177,10 +177,7 @@ def _forward(x, weight, bias, running_mean, running_var, training, eps, rescale,
         scale, norm = sample_scale(x, rescale=rescale, l2_eps=l2_eps)
         mu, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
         mean = sumsq = None
-    invstd = (var + eps).rsqrt()
-    gain = invstd if weight is None else weight.to(acc) * invstd
-    shift = -mu * gain if bias is None else bias.to(acc) - mu * gain
-    a = scale[:, None] * gain
+    a, shift, invstd = output_coefficients(scale, mu, weight, bias, var=var, eps=eps)
     if training and centred_in_y:  # y = (x − m)·a + (m·a + b)
         affine_rows(y, y, a, shift + mean * a)
     elif training:

@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .algebra import channel_statistics, input_gradient, update_running_stats
+from .algebra import channel_statistics, input_gradient, output_coefficients, update_running_stats
 from .fused import _rows, _rows_view, accumulation_dtype
 
 try:
@@ -290,10 +290,8 @@ class TritonL2BatchNorm(torch.autograd.Function):
         scale, norm, mu, var = channel_statistics(mean, sumsq, spatial, rescale=rescale, l2_eps=l2_eps)
         if not training:
             mu, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
-        invstd = (var + eps).rsqrt()
-        gain = invstd if weight is None else weight.to(acc) * invstd
-        shift = -mu * gain if bias is None else bias.to(acc) - mu * gain
-        y = affine_triton(torch.empty_like(x), x, scale[:, None] * gain, shift)
+        a, shift, invstd = output_coefficients(scale, mu, weight, bias, var=var, eps=eps)
+        y = affine_triton(torch.empty_like(x), x, a, shift)
         # x and the weight (and the fixed statistics in eval) only: backward's read of (dy, x) recomputes
         # the per-(n, c) moments, so no more is kept than BatchNorm keeps.
         ctx.save_for_backward(x, weight, *(() if training else (mu, invstd)))
