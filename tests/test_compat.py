@@ -348,10 +348,10 @@ def test_float64_input_into_float32_layer_errors_like_batchnorm(training, impl, 
     assert l2bn.L2BatchNorm2d(3).train(training)(x.bfloat16()).dtype == torch.bfloat16  # half input, fp32 module
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_reference_norms_do_not_overflow(dtype):
-    """Values whose squares overflow (1e20 in float32/bfloat16, 1e160 in float64) still give eq. (3)."""
-    big = 1e160 if dtype == F64 else 1e20
+    """Values whose squares overflow float32 (1e20; also bfloat16's range) still give eq. (3)."""
+    big = 1e20
     x = sample(4, 3, 3).to(dtype)
     want = l2bn.l2_batch_norm(x, None, None, training=True, impl="reference")
     got = l2bn.l2_batch_norm(x * big, None, None, training=True, impl="reference")
