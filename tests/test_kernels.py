@@ -416,3 +416,49 @@ def test_cpp_refuses_other_devices_with_a_pointer():
     x = torch.empty(2, 3, 4, device="meta")
     with pytest.raises(RuntimeError, match="impl='cpp' runs on the CPU, got input on meta"):
         l2_batch_norm(x, None, None, None, None, True, impl="cpp")
+
+
+def test_build_folder_is_keyed_by_the_source_hash(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    source = tmp_path / "l2bn_cpu.cpp"
+    source.write_text("// one version\n")
+    monkeypatch.setattr(cpp, "SOURCE", source)
+    first = cpp.build_directory()
+    source.write_text("// another version\n")
+    second = cpp.build_directory()
+    assert first != second and first.parent == second.parent and first.parent.parent == tmp_path
+    assert second.name.startswith(f"l2bn_cpu_{cpp._instruction_set()}_")
+
+
+def test_compiling_is_always_announced(tmp_path, monkeypatch, capsys):
+    """Whenever the build folder has no library newer than the source, the loader says it compiles."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    loads = []
+
+    class FakeLoader:
+        @staticmethod
+        def load(**kwargs):
+            loads.append(kwargs["build_directory"])
+
+    monkeypatch.setattr(cpp, "_import_cpp_extension", lambda: FakeLoader)
+    assert cpp._build.__wrapped__() is None
+    assert f"compiling the CPU kernel into {cpp.build_directory()}" in capsys.readouterr().err
+    library = cpp.build_directory() / f"{cpp._extension_name()}.so"
+    library.write_bytes(b"")  # a library newer than the source: no message
+    assert cpp._build.__wrapped__() is None
+    assert capsys.readouterr().err == ""
+    assert loads == [str(cpp.build_directory())] * 2
+
+
+@NO_COMPILER
+def test_a_clean_cpu_run_prints_nothing():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cpp.available()  # built (once) in this process's extension folder
+    code = "import torch, l2bn; l2bn.L2BatchNorm2d(3)(torch.randn(2, 3, 4, 4)).sum().backward()"
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    result = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr == "" and result.stdout == ""
