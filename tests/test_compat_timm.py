@@ -100,3 +100,12 @@ def test_norm_act_layer_is_l2bn_then_drop_then_act(monkeypatch):
     want = F.relu(formula(x, None, None, layer.weight, layer.bias, True, 0.1, 1e-5, rescale=True, l2_eps=1e-12))
     torch.testing.assert_close(layer(x), want)
     assert layer.num_batches_tracked.item() == 1
+
+
+def test_timm_freeze_helper_mistreats_l2bn_as_readme_says():
+    """README's "tools to avoid": freeze_batch_norm_2d skips L2BatchNorm2d and turns the norm-act layer into BN."""
+    from timm.layers import freeze_batch_norm_2d
+
+    frozen = freeze_batch_norm_2d(nn.Sequential(l2bn.L2BatchNorm2d(3), L2BatchNormAct2d(3)))
+    assert type(frozen[0]) is l2bn.L2BatchNorm2d and frozen[0].weight.requires_grad
+    assert type(frozen[1]).__name__ == "FrozenBatchNormAct2d"

@@ -114,7 +114,7 @@ def test_intra_class_vectors_diverge_under_bn_not_l2bn():
     members = direction * torch.tensor([[0.1], [1.0], [7.0]], dtype=torch.float64)
     others = torch.rand(5, 6, generator=g, dtype=torch.float64)
     assert intra_class_spread(members, others, 2, "bn")[1] > 1.0
-    assert max(intra_class_spread(members, others, 2, "l2bn")) < 1e-6
+    assert max(intra_class_spread(members, others, 2, "l2bn")) <= 2 * floor  # parallel to rounding
 
 
 def test_bad_arguments():

@@ -7,9 +7,9 @@ and importing this module registers L2BN with timm's norm factories, so that
 norm-act layers with each model's own activation. :func:`l2bn.convert_to_l2bn` converts existing
 ``BatchNormAct2d`` layers (keeping their drop and activation modules).
 
-timm has no public registry for norm layers; the registration adds entries to the name and type tables of
-``timm.layers.create_norm`` and ``timm.layers.create_norm_act`` (checked by the tests on every timm the
-project supports).
+timm has no public registry for norm layers; the registration adds entries to the (private) name and type
+tables of ``timm.layers.create_norm`` and ``timm.layers.create_norm_act``, which tests/test_compat_timm.py
+checks against the installed timm.
 """
 from __future__ import annotations
 
