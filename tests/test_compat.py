@@ -66,10 +66,11 @@ def sample(n: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, h, w, generator=g) * (torch.rand(n, 1, 1, 1, generator=g) * 4 + 0.2)
 
 
-def gradients(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def gradients(model: nn.Module, x: torch.Tensor, call=None) -> dict[str, torch.Tensor]:
+    """Output, input and parameter gradients of ``model`` (run through ``call``, default the model)."""
     x = x.detach().clone().requires_grad_()
     model.zero_grad()
-    out = model(x)
+    out = (model if call is None else call)(x)
     out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
     grads = {name: p.grad for name, p in model.named_parameters()}
     grads["input"] = x.grad
@@ -357,3 +358,25 @@ def test_reference_norms_do_not_overflow(dtype):
     got = l2bn.l2_batch_norm(x * big, None, None, training=True, impl="reference")
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), want.double(), rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_dynamic_shapes_recompile_no_more_than_batchnorm():
+    """torch.compile(dynamic=True): new N/H/W recompile no more often than the same model with BatchNorm,
+    and values and gradients match eager."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    frames = {}
+    for kind in ("bn", "l2bn"):
+        torch._dynamo.reset()
+        model = ConvL2BN() if kind == "l2bn" else l2bn.convert_to_bn(ConvL2BN())
+        eager = copy.deepcopy(model)
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+        for n, h, w in ((4, 8, 8), (3, 10, 12), (5, 7, 9), (2, 6, 11)):
+            want, got = gradients(eager, sample(n, h, w, seed=h)), gradients(model, sample(n, h, w, seed=h), compiled)
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+        frames[kind] = counter.frame_count
+    assert frames["l2bn"] <= frames["bn"], frames
