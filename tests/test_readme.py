@@ -23,7 +23,7 @@ def test_readme_snippet_runs(code):
     exec(compile(code, str(README), "exec"), {"__name__": "readme_snippet"})
 
 
-@pytest.mark.parametrize("module", ["l2bn.layers", "l2bn.functional", "l2bn.convert", "l2bn.norm_act"])
+@pytest.mark.parametrize("module", ["l2bn.layers", "l2bn.functional", "l2bn.convert", "l2bn.distributed", "l2bn.norm_act"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib

@@ -150,6 +150,19 @@ class SyncL2BatchNorm(_L2BatchNorm):
     l2-normalised input (and their gradients) are reduced across ranks: same output, input gradients and
     running statistics as one process on the concatenated batch. Otherwise (eval, one process) it is
     exactly :class:`l2bn.L2BatchNorm2d` and friends. Accepts any (N, C, *) input. Same state_dict as BN.
+
+    Shape:
+        input (N, C, *); output the same shape.
+
+    Example::
+
+        >>> model = convert_sync_l2bn(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), L2BatchNorm2d(8)))
+        >>> type(model[1]).__name__
+        'SyncL2BatchNorm'
+        >>> model(torch.randn(4, 3, 6, 6)).shape  # one process: plain L2BN
+        torch.Size([4, 8, 4, 4])
+        >>> type(revert_sync_l2bn(model)[1]).__name__
+        'L2BatchNorm2d'
     """
 
     def __init__(
