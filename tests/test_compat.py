@@ -333,7 +333,8 @@ def test_a_non_finite_value_is_confined_to_its_channel(bad, impl):
     assert torch.isnan(y[:, 2]).any() and torch.isnan(rm[2])
     finite = x.clone()
     finite[1] = 0.0  # the sample counted with r_n = 0 contributes zeros, like an all-zero sample
-    want = l2bn.l2_batch_norm(finite.double(), None, None, torch.ones(3, dtype=F64), torch.zeros(3, dtype=F64), True, impl="reference")
+    ones, zeros = torch.ones(3, dtype=F64), torch.zeros(3, dtype=F64)
+    want = l2bn.l2_batch_norm(finite.double(), None, None, ones, zeros, True, impl="reference")
     torch.testing.assert_close(y[:, :2].double(), want[:, :2], rtol=1e-4, atol=1e-4)
 
 
@@ -344,7 +345,8 @@ def test_float64_input_into_float32_layer_errors_like_batchnorm(training, impl, 
     x = sample(4, 3, 3).double()
     with pytest.raises(RuntimeError, match="mixed dtype"):
         nn.BatchNorm2d(3).train(training)(x)
-    with pytest.raises(RuntimeError, match=r"mixed dtype: input is torch.float64 but running_mean is torch.float32.*module.to"):
+    message = r"mixed dtype: input is torch.float64 but running_mean is torch.float32.*module.to"
+    with pytest.raises(RuntimeError, match=message):
         l2bn.L2BatchNorm2d(3).train(training)(x)
     assert l2bn.L2BatchNorm2d(3).train(training)(x.bfloat16()).dtype == torch.bfloat16  # half input, fp32 module
 
@@ -357,7 +359,8 @@ def test_reference_norms_do_not_overflow(dtype):
     want = l2bn.l2_batch_norm(x, None, None, training=True, impl="reference")
     got = l2bn.l2_batch_norm(x * big, None, None, training=True, impl="reference")
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got.double(), want.double(), rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
 
 
 @pytest.mark.slow

@@ -36,7 +36,8 @@ def formula(input, running_mean, running_var, weight, bias, training, momentum, 
 
 
 def plain_bn(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and not isinstance(m, l2bn.layers._L2BatchNorm)]
+    is_plain = lambda m: isinstance(m, _BatchNorm) and not isinstance(m, l2bn.layers._L2BatchNorm)  # noqa: E731
+    return [name for name, m in model.named_modules() if is_plain(m)]
 
 
 def check_against_formula(model: nn.Module, monkeypatch, size: int = 64) -> None:

@@ -177,7 +177,8 @@ def convert_to_l2bn(
 
     module = swap_modules(module, replace)
     if skipped:
-        warnings.warn(f"convert_to_l2bn left {len(skipped)} BatchNorm layer(s) unconverted: {', '.join(skipped)}", stacklevel=2)
+        names = ", ".join(skipped)
+        warnings.warn(f"convert_to_l2bn left {len(skipped)} BatchNorm layer(s) unconverted: {names}", stacklevel=2)
     return module
 
 

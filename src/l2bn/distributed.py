@@ -239,7 +239,8 @@ def convert_sync_l2bn(module: nn.Module, process_group: dist.ProcessGroup | None
 
     module = swap_modules(module, replace)
     if skipped:
-        warnings.warn(f"convert_sync_l2bn left {len(skipped)} L2BN layer(s) unsynchronized: {', '.join(skipped)}", stacklevel=2)
+        names = ", ".join(skipped)
+        warnings.warn(f"convert_sync_l2bn left {len(skipped)} L2BN layer(s) unsynchronized: {names}", stacklevel=2)
     return module
 
 
@@ -251,6 +252,8 @@ def revert_sync_l2bn(module: nn.Module, default: type[_L2BatchNorm] = L2BatchNor
     """
     if default not in _LOCAL_TYPES:
         raise ValueError(f"default must be one of {[c.__name__ for c in _LOCAL_TYPES]}; got {default!r}")
-    return swap_modules(
-        module, lambda name, child: _rebuild(child, child.local_cls or default) if isinstance(child, SyncL2BatchNorm) else None
-    )
+
+    def replace(name: str, child: nn.Module) -> nn.Module | None:
+        return _rebuild(child, child.local_cls or default) if isinstance(child, SyncL2BatchNorm) else None
+
+    return swap_modules(module, replace)

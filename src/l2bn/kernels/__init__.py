@@ -4,4 +4,11 @@ from .dispatch import IMPLEMENTATIONS, impl_name, resolve_impl
 from .fused import l2_batch_norm_fused
 from .reference import l2_batch_norm_reference, l2_normalize_samples
 
-__all__ = ["IMPLEMENTATIONS", "impl_name", "l2_batch_norm_fused", "l2_batch_norm_reference", "l2_normalize_samples", "resolve_impl"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "impl_name",
+    "l2_batch_norm_fused",
+    "l2_batch_norm_reference",
+    "l2_normalize_samples",
+    "resolve_impl",
+]

@@ -2,7 +2,8 @@
 
 The package installs without a compiler; the kernel is compiled (about 30 s, once per machine, Python, torch
 and source version, cached under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, in a folder
-named by the source's hash) the first time a CPU tensor asks for it, always with a line on stderr saying so. Where it cannot be built (no C++ compiler or ninja), ``impl="auto"`` falls back to the
+named by the source's hash) the first time a CPU tensor asks for it, always with a line on stderr saying so.
+Where it cannot be built (no C++ compiler or ninja), ``impl="auto"`` falls back to the
 torch-op fused path with one warning, and ``impl="cpp"`` raises with the build error.
 """
 from __future__ import annotations
