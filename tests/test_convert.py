@@ -1,6 +1,9 @@
 """BatchNorm ↔ L2BN conversion keeps state, mode, device and dtype, and round-trips."""
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 import torch.nn as nn
 import torchvision
@@ -74,3 +77,71 @@ def test_torch_sync_converter_would_drop_l2bn():
     model = l2bn.convert_to_l2bn(nn.Sequential(nn.BatchNorm2d(3)))
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     assert type(synced[0]) is nn.SyncBatchNorm
+
+
+def test_sync_batchnorm_converts_to_sync_l2bn_and_back():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4, eps=1e-3, momentum=0.3))
+    with torch.no_grad():
+        model[1].running_mean.uniform_()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    l2bn.convert_to_l2bn(model)
+    assert type(model[1]) is l2bn.SyncL2BatchNorm and (model[1].eps, model[1].momentum) == (1e-3, 0.3)
+    l2bn.convert_to_bn(model)
+    assert type(model[1]) is nn.SyncBatchNorm
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_bias_false_round_trips():
+    model = nn.Sequential(nn.BatchNorm2d(4, bias=False), nn.BatchNorm1d(3, bias=False))
+    l2bn.convert_to_l2bn(model)
+    assert model[0].bias is None and model[1].bias is None and model[0].weight is not None
+    l2bn.convert_to_bn(model)
+    assert type(model[0]) is nn.BatchNorm2d and model[0].bias is None
+
+
+def test_lazy_batchnorm_converts_once_initialised_and_warns_by_name_before():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
+    with pytest.warns(UserWarning, match=r"'1' \(LazyBatchNorm2d is not initialised yet: run one forward pass first\)"):
+        l2bn.convert_to_l2bn(model)
+    model(torch.randn(2, 3, 4, 4))  # materialises: it becomes a BatchNorm2d
+    l2bn.convert_to_l2bn(model)
+    assert type(model[1]) is l2bn.L2BatchNorm2d and model[1].num_features == 4
+
+
+def test_unknown_batchnorm_subclass_is_named_in_a_warning():
+    class MyBatchNorm(nn.BatchNorm2d):
+        pass
+
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Sequential(MyBatchNorm(3)))
+    with pytest.warns(UserWarning, match=r"left 1 BatchNorm layer\(s\) unconverted: '1.0' \(MyBatchNorm is a BatchNorm subclass"):
+        l2bn.convert_to_l2bn(model)
+    assert type(model[0]) is l2bn.L2BatchNorm2d and type(model[1][0]) is MyBatchNorm
+
+
+def test_composite_zoo_norms_keep_their_inner_batchnorm_without_warning():
+    model = nn.Sequential(l2bn.norms.get_norm_layer("lnbn")(4), nn.BatchNorm2d(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        l2bn.convert_to_l2bn(model)
+    assert type(model[1]) is l2bn.L2BatchNorm2d
+
+
+def test_swap_modules_replaces_by_qualified_name_and_the_root():
+    model = nn.Sequential(nn.ReLU(), nn.Sequential(nn.ReLU(), nn.Tanh()))
+    seen = []
+    swapped = l2bn.swap_modules(model, lambda name, m: seen.append(name) or (nn.GELU() if isinstance(m, nn.ReLU) else None))
+    assert seen == ["", "0", "1", "1.0", "1.1"]
+    assert [type(m) for m in (swapped[0], swapped[1][0], swapped[1][1])] == [nn.GELU, nn.GELU, nn.Tanh]
+    assert type(l2bn.swap_modules(nn.ReLU(), lambda name, m: nn.Tanh())) is nn.Tanh
+
+
+def test_fuse_conv_bn_eval_would_fold_l2bn_wrongly():
+    """Why README lists it among the tools to avoid: fusion treats L2BN as BN, and the result is wrong."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    conv, norm = nn.Conv2d(3, 4, 3).eval(), l2bn.L2BatchNorm2d(4).eval()
+    x = torch.randn(2, 3, 8, 8) * torch.tensor([1.0, 9.0]).view(2, 1, 1, 1)
+    fused = fuse_conv_bn_eval(conv, norm)
+    assert not torch.allclose(fused(x), norm(conv(x)), rtol=1e-2, atol=1e-2)
+    folded = fuse_conv_bn_eval(conv, l2bn.convert_to_bn(norm))  # what fusion really computes: plain BN
+    torch.testing.assert_close(fused(x), folded(x))

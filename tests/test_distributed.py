@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+import l2bn
 from l2bn.distributed import SyncL2BatchNorm, convert_sync_l2bn, revert_sync_l2bn
 from l2bn.layers import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d
 
@@ -391,3 +392,18 @@ def test_torch_convert_sync_batchnorm_would_drop_l2bn():
     converted = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(L2BatchNorm2d(3)))
     assert type(converted[0]) is nn.SyncBatchNorm
     assert type(convert_sync_l2bn(nn.Sequential(L2BatchNorm2d(3)))[0]) is SyncL2BatchNorm
+
+
+def test_convert_sync_round_trip_keeps_bias_false():
+    model = l2bn.convert_sync_l2bn(nn.Sequential(l2bn.L2BatchNorm2d(4, bias=False)))
+    assert type(model[0]) is l2bn.SyncL2BatchNorm and model[0].bias is None
+    model = l2bn.revert_sync_l2bn(model)
+    assert type(model[0]) is l2bn.L2BatchNorm2d and model[0].bias is None
+
+
+def test_convert_sync_names_l2bn_layers_it_cannot_synchronize():
+    class CustomL2BN(l2bn.L2BatchNorm2d):
+        pass
+
+    with pytest.warns(UserWarning, match=r"left 1 L2BN layer\(s\) unsynchronized: '1' \(CustomL2BN\)"):
+        l2bn.convert_sync_l2bn(nn.Sequential(l2bn.L2BatchNorm2d(4), CustomL2BN(4)))

@@ -303,13 +303,13 @@ def test_cpp_running_stats_in_another_dtype_and_momentum_none(monkeypatch):
     torch.testing.assert_close(layer.running_mean, sum(means) / 3, rtol=1e-12, atol=1e-12)
 
 
-@NO_COMPILER
-def test_cpp_refuses_double_backward_with_a_pointer():
+@pytest.mark.parametrize("impl", [pytest.param("cpp", marks=NO_COMPILER), "fused"])
+def test_fast_paths_refuse_double_backward_with_a_pointer(impl):
     x = torch.randn(4, 3, 5, 5, dtype=F64, requires_grad=True)
-    y = l2_batch_norm(x, None, None, None, None, True, impl="cpp")
+    y = l2_batch_norm(x, None, None, None, None, True, impl=impl)
     (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=False)
     assert g.shape == x.shape
-    y = l2_batch_norm(x, None, None, None, None, True, impl="cpp")
+    y = l2_batch_norm(x, None, None, None, None, True, impl=impl)
     with pytest.raises(RuntimeError, match="double backward.*impl='reference'"):
         torch.autograd.grad(y.square().sum(), x, create_graph=True)
 
@@ -372,7 +372,8 @@ def test_cpp_16_bit_is_the_float32_result_rounded(dtype, layout):
     bad = x16.clone()
     bad[2, 1, 0, 0] = float("nan")
     y = l2_batch_norm(bad, torch.zeros(5), torch.ones(5), None, None, False, impl="cpp")
-    assert torch.isnan(y[2]).all() and not torch.isinf(y[2]).any() and torch.isfinite(y[[0, 1, 3]]).all()
+    # the NaN survives the 16-bit store; its sample is scaled to zero elsewhere (confined, as in BatchNorm)
+    assert torch.isnan(y).sum() == 1 and torch.isnan(y[2, 1, 0, 0]) and not torch.isinf(y).any()
 
 
 def _float32_probes() -> torch.Tensor:
@@ -415,3 +416,49 @@ def test_cpp_refuses_other_devices_with_a_pointer():
     x = torch.empty(2, 3, 4, device="meta")
     with pytest.raises(RuntimeError, match="impl='cpp' runs on the CPU, got input on meta"):
         l2_batch_norm(x, None, None, None, None, True, impl="cpp")
+
+
+def test_build_folder_is_keyed_by_the_source_hash(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    source = tmp_path / "l2bn_cpu.cpp"
+    source.write_text("// one version\n")
+    monkeypatch.setattr(cpp, "SOURCE", source)
+    first = cpp.build_directory()
+    source.write_text("// another version\n")
+    second = cpp.build_directory()
+    assert first != second and first.parent == second.parent and first.parent.parent == tmp_path
+    assert second.name.startswith(f"l2bn_cpu_{cpp._instruction_set()}_")
+
+
+def test_compiling_is_always_announced(tmp_path, monkeypatch, capsys):
+    """Whenever the build folder has no library newer than the source, the loader says it compiles."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    loads = []
+
+    class FakeLoader:
+        @staticmethod
+        def load(**kwargs):
+            loads.append(kwargs["build_directory"])
+
+    monkeypatch.setattr(cpp, "_import_cpp_extension", lambda: FakeLoader)
+    assert cpp._build.__wrapped__() is None
+    assert f"compiling the CPU kernel into {cpp.build_directory()}" in capsys.readouterr().err
+    library = cpp.build_directory() / f"{cpp._extension_name()}.so"
+    library.write_bytes(b"")  # a library newer than the source: no message
+    assert cpp._build.__wrapped__() is None
+    assert capsys.readouterr().err == ""
+    assert loads == [str(cpp.build_directory())] * 2
+
+
+@NO_COMPILER
+def test_a_clean_cpu_run_prints_nothing():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cpp.available()  # built (once) in this process's extension folder
+    code = "import torch, l2bn; l2bn.L2BatchNorm2d(3)(torch.randn(2, 3, 4, 4)).sum().backward()"
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    result = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr == "" and result.stdout == ""

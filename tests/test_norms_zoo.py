@@ -211,3 +211,27 @@ def test_every_norm_trains_inside_a_resnet(name):
     net.eval()
     with torch.no_grad():
         assert torch.isfinite(net(x)).all()
+
+
+def test_ablation_layers_take_batchnorms_bias_keyword():
+    from l2bn.norms import INBatchNorm, LNBatchNorm, PNBatchNorm
+
+    for cls in (LNBatchNorm, INBatchNorm, PNBatchNorm):
+        layer = cls(4, bias=False)
+        assert layer.bias is None and layer.weight is not None
+        assert set(layer.state_dict()) == set(torch.nn.BatchNorm2d(4, bias=False).state_dict())
+        assert layer(torch.randn(3, 4, 5, 5)).shape == (3, 4, 5, 5)
+
+
+def test_switchable_norm_builds_on_norm_base():
+    from torch.nn.modules.batchnorm import _NormBase
+
+    from l2bn.norms import SwitchableNorm
+
+    layer = SwitchableNorm(6)
+    assert isinstance(layer, _NormBase)
+    assert set(layer.state_dict()) == set(torch.nn.BatchNorm2d(6).state_dict()) | {"mean_weight", "var_weight"}
+    layer(torch.randn(4, 6, 3, 3))
+    layer.reset_parameters()
+    assert int(layer.num_batches_tracked) == 0 and torch.equal(layer.mean_weight, torch.ones(3))
+    assert not SwitchableNorm(6, using_bn=False).track_running_stats

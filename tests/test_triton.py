@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import l2bn
-from l2bn import functional
+from l2bn.kernels import dispatch
 from l2bn.functional import IMPL_ENV_VAR, IMPLEMENTATIONS, l2_batch_norm, resolve_impl
 from l2bn.kernels import l2_batch_norm_fused, l2_batch_norm_reference
 
@@ -341,7 +341,7 @@ def test_layer_through_the_environment_switch(tk, monkeypatch):
 
 def test_zero_sample_batch_uses_reference(tk):
     x = dev(torch.randn(0, 3, 4, 4)).requires_grad_()
-    y = tk.l2_batch_norm_triton(x, dev(torch.zeros(3)), dev(torch.ones(3)), None, None, False)
+    y = l2_batch_norm(x, dev(torch.zeros(3)), dev(torch.ones(3)), None, None, False, impl="triton")
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad.shape == x.shape
@@ -361,16 +361,16 @@ def test_errors_name_the_device_and_dtype(tk, monkeypatch):
 def test_auto_picks_triton_only_for_triton_devices(monkeypatch):
     x = torch.randn(2, 3, 4)
     monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
-    monkeypatch.setattr(functional, "triton_importable", lambda: True)
-    assert functional.TRITON_DEVICE_TYPES == ("cuda",)
-    cpu_choice = IMPLEMENTATIONS[functional.auto_impl(x)]
+    monkeypatch.setattr(dispatch, "triton_importable", lambda: True)
+    assert dispatch.TRITON_DEVICE_TYPES == ("cuda",)
+    cpu_choice = IMPLEMENTATIONS[dispatch.auto_impl(x)]
     assert cpu_choice in (IMPLEMENTATIONS["cpp"], IMPLEMENTATIONS["fused"])  # a CPU tensor never goes to Triton
-    monkeypatch.setattr(functional, "TRITON_DEVICE_TYPES", ("cpu",))  # pretend CPU were a GPU
+    monkeypatch.setattr(dispatch, "TRITON_DEVICE_TYPES", ("cpu",))  # pretend CPU were a GPU
     assert resolve_impl(None, x) is IMPLEMENTATIONS["triton"]
     assert resolve_impl("auto", x) is IMPLEMENTATIONS["triton"]
     assert resolve_impl(None, torch.randn(0, 3, 4)) is IMPLEMENTATIONS["reference"]
     assert resolve_impl("fused", x) is IMPLEMENTATIONS["fused"]  # forcing still wins
-    monkeypatch.setattr(functional, "triton_importable", lambda: False)
+    monkeypatch.setattr(dispatch, "triton_importable", lambda: False)
     assert resolve_impl(None, x) is cpu_choice  # no triton installed: the CPU paths
     monkeypatch.setenv(IMPL_ENV_VAR, "Triton")
     assert resolve_impl(None, x) is IMPLEMENTATIONS["triton"]
@@ -378,8 +378,8 @@ def test_auto_picks_triton_only_for_triton_devices(monkeypatch):
 
 def test_auto_runs_the_triton_kernels_when_selected(tk, monkeypatch):
     monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
-    monkeypatch.setattr(functional, "TRITON_DEVICE_TYPES", (DEVICE,))
-    monkeypatch.setattr(functional, "triton_importable", lambda: True)
+    monkeypatch.setattr(dispatch, "TRITON_DEVICE_TYPES", (DEVICE,))
+    monkeypatch.setattr(dispatch, "triton_importable", lambda: True)
     calls = []
     original = tk.TritonL2BatchNorm.apply
     monkeypatch.setattr(tk.TritonL2BatchNorm, "apply", lambda *a: calls.append(1) or original(*a))

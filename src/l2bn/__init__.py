@@ -1,5 +1,15 @@
-"""l2bn: L2BN (Wang et al.) — batch normalization on per-sample l2-equalised features."""
-from .convert import convert_to_bn, convert_to_l2bn
+"""l2bn: L2BN (Wang et al.) — batch normalization on per-sample l2-equalised features.
+
+The layers, converters and the functional op are imported here; the subpackages (``l2bn.norms``,
+``l2bn.models``, ``l2bn.metrics``, ``l2bn.data``, ``l2bn.train``, …) and the timm layer
+``l2bn.L2BatchNormAct2d`` load on first attribute access.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .convert import convert_to_bn, convert_to_l2bn, swap_modules
 from .distributed import SyncL2BatchNorm, convert_sync_l2bn, revert_sync_l2bn
 from .functional import l2_batch_norm
 from .layers import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d
@@ -16,4 +26,23 @@ __all__ = [
     "convert_to_bn",
     "convert_to_l2bn",
     "l2_batch_norm",
+    "swap_modules",
 ]
+
+_SUBMODULES = (
+    "bench", "cli", "data", "functional", "geometry", "kernels", "metrics", "models", "norm_act", "norms",
+    "report", "train",
+)
+
+
+def __getattr__(name: str) -> Any:
+    """Import subpackages (and ``L2BatchNormAct2d``, which needs timm) on first use."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name == "L2BatchNormAct2d":
+        return importlib.import_module(".norm_act", __name__).L2BatchNormAct2d
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *_SUBMODULES})

@@ -18,6 +18,7 @@ gradients, averaged by DDP like every other parameter).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -25,9 +26,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from .kernels.algebra import input_gradient, sample_scales, update_running_stats
+from .kernels.algebra import input_gradient, output_coefficients, sample_scales, update_running_stats
 from .kernels.fused import affine_rows, gradient_sums, per_channel, sample_channel_moments
-from .convert import rebuild_norm
+from .convert import rebuild_norm, swap_modules
 from .layers import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d, _L2BatchNorm
 
 __all__ = ["SyncL2BatchNorm", "convert_sync_l2bn", "revert_sync_l2bn", "sync_l2_batch_norm"]
@@ -61,10 +62,8 @@ class _SyncL2BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, norm, mean, invstd, centre, sumsq, total, l2_eps, process_group):
-        acc = scale.dtype
-        gain = invstd if weight is None else weight.to(acc) * invstd
-        shift = -mean * gain if bias is None else bias.to(acc) - mean * gain
-        y = affine_rows(torch.empty_like(x), x, scale[:, None] * gain, shift)
+        a, shift, _ = output_coefficients(scale, mean, weight, bias, invstd=invstd)
+        y = affine_rows(torch.empty_like(x), x, a, shift)
         ctx.save_for_backward(x, weight, scale, norm, mean, invstd, centre, sumsq, total)
         ctx.l2_eps = l2_eps
         ctx.process_group = process_group
@@ -151,6 +150,19 @@ class SyncL2BatchNorm(_L2BatchNorm):
     l2-normalised input (and their gradients) are reduced across ranks: same output, input gradients and
     running statistics as one process on the concatenated batch. Otherwise (eval, one process) it is
     exactly :class:`l2bn.L2BatchNorm2d` and friends. Accepts any (N, C, *) input. Same state_dict as BN.
+
+    Shape:
+        input (N, C, *); output the same shape.
+
+    Example::
+
+        >>> model = convert_sync_l2bn(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), L2BatchNorm2d(8)))
+        >>> type(model[1]).__name__
+        'SyncL2BatchNorm'
+        >>> model(torch.randn(4, 3, 6, 6)).shape  # one process: plain L2BN
+        torch.Size([4, 8, 4, 4])
+        >>> type(revert_sync_l2bn(model)[1]).__name__
+        'L2BatchNorm2d'
     """
 
     def __init__(
@@ -164,12 +176,13 @@ class SyncL2BatchNorm(_L2BatchNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         rescale: bool = True,
         l2_eps: float = 1e-12,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
-            rescale=rescale, l2_eps=l2_eps,
+            bias=bias, rescale=rescale, l2_eps=l2_eps,
         )
         self.process_group = process_group
         self.local_cls: type[_L2BatchNorm] | None = None  # the layer it was converted from, for revert
@@ -182,7 +195,7 @@ class SyncL2BatchNorm(_L2BatchNorm):
         if not (self.training and _world_size(self.process_group) > 1):
             return super().forward(input)
         self._check_input_dim(input)
-        factor = self._average_factor()
+        factor = self._average_factor(input)
         return sync_l2_batch_norm(
             input,
             self.running_mean if self.track_running_stats else None,
@@ -212,14 +225,22 @@ def convert_sync_l2bn(module: nn.Module, process_group: dist.ProcessGroup | None
     (subclasses of ``_BatchNorm``) into plain SyncBatchNorm. Parameters are shared, not copied, so an
     optimizer built before conversion still updates them. Returns the module (a new one if the root is L2BN).
     """
-    if type(module) in _LOCAL_TYPES:
-        new = _rebuild(module, SyncL2BatchNorm, process_group=process_group)
-        new.local_cls = type(module)
+
+    skipped: list[str] = []
+
+    def replace(name: str, child: nn.Module) -> nn.Module | None:
+        if type(child) not in _LOCAL_TYPES:
+            if isinstance(child, _L2BatchNorm) and not isinstance(child, SyncL2BatchNorm):
+                skipped.append(f"{name or '<root>'!r} ({type(child).__name__})")
+            return None
+        new = _rebuild(child, SyncL2BatchNorm, process_group=process_group)
+        new.local_cls = type(child)
         return new
-    for name, child in module.named_children():
-        converted = convert_sync_l2bn(child, process_group)
-        if converted is not child:
-            setattr(module, name, converted)
+
+    module = swap_modules(module, replace)
+    if skipped:
+        names = ", ".join(skipped)
+        warnings.warn(f"convert_sync_l2bn left {len(skipped)} L2BN layer(s) unsynchronized: {names}", stacklevel=2)
     return module
 
 
@@ -231,10 +252,8 @@ def revert_sync_l2bn(module: nn.Module, default: type[_L2BatchNorm] = L2BatchNor
     """
     if default not in _LOCAL_TYPES:
         raise ValueError(f"default must be one of {[c.__name__ for c in _LOCAL_TYPES]}; got {default!r}")
-    if isinstance(module, SyncL2BatchNorm):
-        return _rebuild(module, module.local_cls or default)
-    for name, child in module.named_children():
-        converted = revert_sync_l2bn(child, default)
-        if converted is not child:
-            setattr(module, name, converted)
-    return module
+
+    def replace(name: str, child: nn.Module) -> nn.Module | None:
+        return _rebuild(child, child.local_cls or default) if isinstance(child, SyncL2BatchNorm) else None
+
+    return swap_modules(module, replace)

@@ -5,83 +5,21 @@ sqrt(D), x̂_n = sqrt(D)·x_n / max(‖x_n‖₂, ε_l2), and ordinary batch nor
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-from typing import Callable
-
 import torch
 from torch import Tensor
 
-from .kernels import cpp, l2_batch_norm_fused, l2_batch_norm_reference
-
-IMPL_ENV_VAR = "L2BN_IMPL"
-TRITON_DEVICE_TYPES: tuple[str, ...] = ("cuda",)  # device types ``auto`` sends to the Triton kernels
-
-
-def _l2_batch_norm_triton(*args, **kwargs) -> Tensor:
-    """:func:`l2bn.kernels.triton_l2bn.l2_batch_norm_triton`, imported on first use (Triton decorates its
-    kernels at import, reading ``TRITON_INTERPRET`` then; importing l2bn should not pay for it)."""
-    from .kernels.triton_l2bn import l2_batch_norm_triton
-
-    return l2_batch_norm_triton(*args, **kwargs)
+from .kernels.dispatch import (  # noqa: F401  (the switch's public names, re-exported here)
+    IMPL_ENV_VAR,
+    IMPLEMENTATIONS,
+    TRITON_DEVICE_TYPES,
+    aten_tracer,
+    auto_impl,
+    impl_name,
+    resolve_impl,
+)
 
 
-IMPLEMENTATIONS: dict[str, Callable[..., Tensor]] = {
-    "cpp": cpp.l2_batch_norm_cpp,
-    "fused": l2_batch_norm_fused,
-    "reference": l2_batch_norm_reference,
-    "triton": _l2_batch_norm_triton,
-}
-
-
-@functools.cache
-def triton_importable() -> bool:
-    """Whether the ``triton`` package is installed (checked once, without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def prefers_triton(input: Tensor) -> bool:
-    """``auto`` uses the Triton kernels for tensors on ``TRITON_DEVICE_TYPES`` when triton is installed."""
-    return input.device.type in TRITON_DEVICE_TYPES and triton_importable()
-
-
-def prefers_cpp(input: Tensor) -> bool:
-    """``auto`` uses the compiled kernel for CPU tensors outside torch.compile/export tracing (which trace the
-    torch-op fused path instead), when it builds; if it does not, it warns once and takes the fused path."""
-    if input.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    if cpp.available():
-        return True
-    cpp.warn_unavailable()
-    return False
-
-
-def auto_impl(input: Tensor) -> str:
-    """The implementation ``auto`` picks for ``input``."""
-    if input.numel() == 0:
-        return "reference"
-    if prefers_triton(input):
-        return "triton"
-    return "cpp" if prefers_cpp(input) else "fused"
-
-
-def impl_name(impl: str | None, input: Tensor) -> str:
-    """The implementation's name: the ``impl`` argument, else ``$L2BN_IMPL``, else the fastest for ``input``."""
-    name = impl if impl is not None else os.environ.get(IMPL_ENV_VAR, "auto")
-    name = name.lower()
-    if name == "auto":
-        name = auto_impl(input)
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"unknown L2BN implementation {name!r}; expected one of {['auto', *IMPLEMENTATIONS]}"
-        )
-    return name
-
-
-def resolve_impl(impl: str | None, input: Tensor) -> Callable[..., Tensor]:
-    """Pick an implementation: the ``impl`` argument, else ``$L2BN_IMPL``, else the fastest for ``input``."""
-    return IMPLEMENTATIONS[impl_name(impl, input)]
+HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
 def _check_inputs(
@@ -91,6 +29,7 @@ def _check_inputs(
     weight: Tensor | None,
     bias: Tensor | None,
     training: bool,
+    eps: float,
 ) -> None:
     if input.dim() < 2:
         raise ValueError(f"expected input of shape (N, C, *), got {input.dim()}D input of shape {tuple(input.shape)}")
@@ -98,6 +37,13 @@ def _check_inputs(
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() != num_channels:
             raise RuntimeError(f"{name} should contain {num_channels} elements not {t.numel()}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != input.dtype and not (input.dtype in HALF_TYPES and t.dtype == torch.float32):
+            raise RuntimeError(
+                f"mixed dtype: input is {input.dtype} but {name} is {t.dtype}; like BatchNorm, L2BN takes "
+                f"parameters and buffers of the input's dtype (or float32 ones with float16/bfloat16 input): "
+                f"convert the module (module.to({input.dtype})) or the input"
+            )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
     if training:
@@ -108,6 +54,10 @@ def _check_inputs(
             )
     elif running_mean is None:
         raise ValueError("running_mean and running_var must be defined in evaluation mode (training=False)")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def l2_batch_norm(
@@ -124,16 +74,36 @@ def l2_batch_norm(
     l2_eps: float = 1e-12,
     impl: str | None = None,
 ) -> Tensor:
-    """L2BN of ``input`` (N, C, *): per-sample l2 normalisation to norm sqrt(D) (if ``rescale``), then BN.
+    """L2BN of ``input``: each sample scaled to norm sqrt(D) (if ``rescale``), then batch normalization.
 
     Arguments and the in-place running-statistics update follow ``torch.nn.functional.batch_norm``.
-    ``impl`` forces ``"cpp"``, ``"fused"``, ``"triton"`` or ``"reference"`` (also settable with the ``L2BN_IMPL``
-    environment variable); ``"auto"`` takes Triton for CUDA tensors when triton is installed, the compiled
-    kernel for CPU tensors (``"fused"`` while torch.compile traces, or where the kernel cannot be built), else
-    ``"fused"``.
+
+    Args:
+        rescale: multiply the unit-norm sample by sqrt(D), D = C·|S| (the paper's eq. 3); ``False`` gives
+            plain l2 normalisation.
+        l2_eps: lower bound on a sample's norm (an all-zero sample stays zero).
+        impl: ``"cpp"``, ``"fused"``, ``"triton"``, ``"reference"`` or ``"auto"`` (default: ``$L2BN_IMPL``,
+            else ``"auto"``): Triton for CUDA tensors when triton is installed, the compiled kernel for CPU
+            tensors (where it builds), else ``"fused"``. Empty inputs, ``torch.export``, ``torch.jit.trace``
+            (and the legacy ONNX exporter), ``torch.fx`` and ``torch.func`` always take ``"reference"``.
+
+    Shape:
+        input (N, C, *), output the same shape; the other tensors (C,).
+
+    Example::
+
+        >>> x = torch.randn(4, 3, 5, 5)
+        >>> y = l2_batch_norm(x, None, None, training=True)
+        >>> y.shape
+        torch.Size([4, 3, 5, 5])
+        >>> abs(y.mean().item()) < 1e-6, round(y.var(unbiased=False).item(), 3)  # BatchNorm's standardisation
+        (True, 1.0)
     """
-    _check_inputs(input, running_mean, running_var, weight, bias, training)
+    _check_inputs(input, running_mean, running_var, weight, bias, training, eps)
     fn = resolve_impl(impl, input)
     return fn(
         input, running_mean, running_var, weight, bias, training, momentum, eps, rescale=rescale, l2_eps=l2_eps
     )
+
+
+torch.fx.wrap("l2_batch_norm")  # fx symbolic tracing records calls through this module as one node

@@ -56,7 +56,7 @@ def identity_layer(x: Tensor, norm: str, *, eps: float = 1e-5) -> Tensor:
         raise ValueError(f"expected a (k, d) batch with k >= 2 rows, got shape {tuple(x.shape)}")
     if norm == "bn":
         return F.batch_norm(x, None, None, training=True, eps=eps)
-    return l2_batch_norm(x, None, None, training=True, eps=eps)
+    return l2_batch_norm(x, None, None, training=True, eps=eps, impl="reference")  # tiny batches: the literal formula
 
 
 def propagate(x: Tensor, num_layers: int, norm: str, *, eps: float = 1e-5) -> list[Tensor]:
@@ -116,14 +116,12 @@ def _shown_layers(num_layers: int, max_columns: int = 6) -> list[int]:
 
 
 def _arrow_grid(rows: dict[str, list[Tensor]], colors: Sequence[str], path: Path, title: str, label) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the user's backend (a notebook's) is left alone
 
     num_layers = len(next(iter(rows.values()))) - 1
     shown = _shown_layers(num_layers)
-    fig, axes = plt.subplots(len(rows), len(shown), figsize=(2.3 * len(shown), 2.8 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(2.3 * len(shown), 2.8 * len(rows)))
+    axes = fig.subplots(len(rows), len(shown), squeeze=False)
     for r, (name, states) in enumerate(rows.items()):
         for c, layer in enumerate(shown):
             ax, x = axes[r][c], states[layer]
@@ -144,16 +142,13 @@ def _arrow_grid(rows: dict[str, list[Tensor]], colors: Sequence[str], path: Path
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _curves(curves: dict[str, list[float]], path: Path, ylabel: str, title: str, target: float | None) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the user's backend (a notebook's) is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    fig = Figure(figsize=(5.0, 3.4))
+    ax = fig.subplots()
     for name, values in curves.items():
         ax.plot(range(len(values)), values, marker="o", ms=3.5, label=name.upper())
     if target is not None:
@@ -165,7 +160,6 @@ def _curves(curves: dict[str, list[float]], path: Path, ylabel: str, title: str,
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def equiangular_limit(k: int, d: int) -> float | None:

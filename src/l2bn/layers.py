@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -10,12 +11,24 @@ from .functional import l2_batch_norm
 __all__ = ["L2BatchNorm1d", "L2BatchNorm2d", "L2BatchNorm3d"]
 
 
+def batch_average_factor(num_batches_tracked: Tensor | None, momentum: float | None, counting: bool) -> float:
+    """BatchNorm's running-statistics factor: ``momentum``, or 1/batches counted when it is None; ``counting``
+    adds this batch to ``num_batches_tracked`` first (a function, so fx tracing records it rather than runs it)."""
+    if counting and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            return 1.0 / float(num_batches_tracked)
+    return 0.0 if momentum is None else momentum
+
+
 class _L2BatchNorm(_BatchNorm):
     """Shared implementation; subclasses only check the input rank.
 
     Subclassing ``_BatchNorm`` keeps every attribute, buffer and state_dict key of torch's BatchNorm, so
-    checkpoints load both ways. It also means torch's ``SyncBatchNorm.convert_sync_batchnorm`` (and timm's
-    freeze helpers) would treat these layers as plain BatchNorm: use :func:`l2bn.convert_sync_l2bn`.
+    checkpoints load both ways. It also means tools that handle "any BatchNorm" treat these layers as plain
+    BatchNorm — ``nn.SyncBatchNorm.convert_sync_batchnorm`` turns them into SyncBatchNorm (use
+    :func:`l2bn.convert_sync_l2bn`) and ``torch.nn.utils.fusion.fuse_conv_bn_eval`` folds them into a wrong
+    convolution (the per-sample norm depends on the input: L2BN cannot be folded).
     """
 
     _expected_dims: tuple[int, ...] = ()
@@ -30,10 +43,12 @@ class _L2BatchNorm(_BatchNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         rescale: bool = True,
         l2_eps: float = 1e-12,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        extra = {} if bias else {"bias": False}  # torch's own keyword; older torch raises for it, as it should
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **extra)
         self.rescale = rescale
         self.l2_eps = l2_eps
 
@@ -42,17 +57,17 @@ class _L2BatchNorm(_BatchNorm):
             wanted = " or ".join(f"{d}D" for d in self._expected_dims)
             raise ValueError(f"expected {wanted} input (got {input.dim()}D input)")
 
-    def _average_factor(self) -> float:
-        """Momentum of this step's running-statistics update (cumulative average when momentum is None)."""
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                return 1.0 / float(self.num_batches_tracked)
-        return 0.0 if self.momentum is None else self.momentum
+    def _average_factor(self, input: Tensor) -> float:
+        """Momentum of this step's running-statistics update; counts the batch when training."""
+        counter = self.num_batches_tracked
+        if isinstance(input, torch.fx.Proxy) and counter is not None:  # record the count, do not run it
+            counter = torch.fx.Proxy(input.tracer.create_arg(counter), input.tracer)
+        return batch_average_factor(counter, self.momentum, self.training and self.track_running_stats)
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        factor = self._average_factor()
+        if not isinstance(input, torch.fx.Proxy):  # fx symbolic tracing: checked when the graph runs
+            self._check_input_dim(input)
+        factor = self._average_factor(input)
         use_batch_stats = self.training or self.running_mean is None
         keep_running = not self.training or self.track_running_stats
         return l2_batch_norm(
@@ -68,23 +83,77 @@ class _L2BatchNorm(_BatchNorm):
             l2_eps=self.l2_eps,
         )
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise RuntimeError(
+            f"{type(self).__name__} does not support torch.jit.script (its forward picks a kernel in Python); "
+            "use torch.jit.trace or torch.export.export, which record the plain-aten reference composition"
+        )
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rescale={self.rescale}, l2_eps={self.l2_eps}"
 
 
 class L2BatchNorm1d(_L2BatchNorm):
-    """L2BN over (N, C) or (N, C, L) input, like :class:`torch.nn.BatchNorm1d`."""
+    """L2BN over (N, C) or (N, C, L) input: :class:`torch.nn.BatchNorm1d` after scaling each sample to norm sqrt(D).
+
+    Same arguments as BatchNorm1d (``num_features``, ``eps``, ``momentum``, ``affine``,
+    ``track_running_stats``, ``device``, ``dtype``, ``bias=``), plus ``rescale`` (multiply the unit-norm
+    sample by sqrt(D), D = C·L; the paper's eq. 3) and ``l2_eps`` (lower bound on a sample's norm).
+
+    Shape:
+        input (N, C) or (N, C, L); output the same shape.
+
+    Example::
+
+        >>> layer = L2BatchNorm1d(16)
+        >>> layer(torch.randn(8, 16, 20)).shape
+        torch.Size([8, 16, 20])
+    """
 
     _expected_dims = (2, 3)
 
 
 class L2BatchNorm2d(_L2BatchNorm):
-    """L2BN over (N, C, H, W) input, like :class:`torch.nn.BatchNorm2d`."""
+    """L2BN over (N, C, H, W) input: :class:`torch.nn.BatchNorm2d` after scaling each sample to norm sqrt(D).
+
+    Same arguments, parameters, buffers and state_dict keys as BatchNorm2d, plus ``rescale`` (multiply the
+    unit-norm sample by sqrt(D), D = C·H·W) and ``l2_eps`` (lower bound on a sample's norm).
+
+    Shape:
+        input (N, C, H, W); output the same shape.
+
+    Example::
+
+        >>> layer = L2BatchNorm2d(3)
+        >>> x = torch.randn(4, 3, 5, 5) * torch.tensor([1.0, 10.0, 100.0, 1000.0]).view(4, 1, 1, 1)
+        >>> y = layer(x)  # the four samples' scales no longer matter
+        >>> torch.allclose(y, layer(x / x.flatten(1).norm(dim=1).view(4, 1, 1, 1)), atol=1e-4)
+        True
+        >>> layer.load_state_dict(torch.nn.BatchNorm2d(3).state_dict())  # BatchNorm checkpoints load
+        <All keys matched successfully>
+    """
 
     _expected_dims = (4,)
 
 
 class L2BatchNorm3d(_L2BatchNorm):
-    """L2BN over (N, C, D, H, W) input, like :class:`torch.nn.BatchNorm3d`."""
+    """L2BN over (N, C, D, H, W) input: :class:`torch.nn.BatchNorm3d` after scaling each sample to norm sqrt(D).
+
+    Same arguments as BatchNorm3d, plus ``rescale`` and ``l2_eps`` (see :class:`L2BatchNorm2d`).
+
+    Shape:
+        input (N, C, D, H, W); output the same shape.
+
+    Example::
+
+        >>> L2BatchNorm3d(4)(torch.randn(2, 4, 3, 5, 5)).shape
+        torch.Size([2, 4, 3, 5, 5])
+    """
 
     _expected_dims = (5,)
+
+
+# fx symbolic tracing (feature extractors, fx passes) records these calls as graph nodes; the layer's mode is
+# fixed at trace time, as for every module fx traces through
+torch.fx.wrap("l2_batch_norm")
+torch.fx.wrap("batch_average_factor")

@@ -6,7 +6,6 @@ lives here, once.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -20,10 +19,16 @@ class BatchStatistics(NamedTuple):
     var: Tensor  # biased σ²_c of the normalised input, shape (C,)
 
 
+def nan_as_inf(norm: Tensor) -> Tensor:
+    """Sample norms with NaN (a sample holding inf or NaN, whose moments are inf − inf) read as inf: r_n = 0
+    then, and only that value's channel gets NaN statistics, as in BatchNorm."""
+    return torch.where(norm.isnan(), torch.full_like(norm, float("inf")), norm)
+
+
 def sample_scales(mean: Tensor, sumsq: Tensor, spatial_size: int, *, rescale: bool, l2_eps: float) -> tuple[Tensor, Tensor]:
     """(r_n, ‖x_n‖) from per-(n, c) means m and centred sums of squares q: ‖x_n‖² = Σ_c (q + M·m²)."""
-    norm = (sumsq + spatial_size * mean.square()).sum(dim=1).sqrt_()
-    target = math.sqrt(mean.shape[1] * spatial_size) if rescale else 1.0
+    norm = nan_as_inf((sumsq + spatial_size * mean.square()).sum(dim=1).sqrt_())
+    target = (mean.shape[1] * spatial_size) ** 0.5 if rescale else 1.0  # symbolic under dynamic shapes
     return target / norm.clamp_min(l2_eps), norm
 
 
@@ -38,6 +43,26 @@ def channel_statistics(mean: Tensor, sumsq: Tensor, spatial_size: int, *, rescal
     within = (scale.square() @ sumsq) / (mean.shape[0] * spatial_size)
     var = within + (scaled_mean - mu).square_().mean(dim=0)
     return BatchStatistics(scale, norm, mu, var)
+
+
+class OutputCoefficients(NamedTuple):
+    """y = x·scale[n, c] + shift[c]: the forward's single elementwise pass."""
+
+    scale: Tensor  # r_n·γ_c·invstd_c, shape (N, C)
+    shift: Tensor  # β_c − μ_c·γ_c·invstd_c, shape (C,)
+    invstd: Tensor  # 1/sqrt(σ²_c + ε), shape (C,)
+
+
+def output_coefficients(
+    sample_scale: Tensor, mu: Tensor, weight: Tensor | None, bias: Tensor | None, *, var: Tensor | None = None,
+    eps: float = 0.0, invstd: Tensor | None = None,
+) -> OutputCoefficients:
+    """The coefficients of y = γ·(r_n x − μ)·invstd + β, with invstd given or from ``var`` and ``eps``."""
+    if invstd is None:
+        invstd = (var + eps).rsqrt()
+    gain = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mu * gain if bias is None else bias.to(invstd.dtype) - mu * gain
+    return OutputCoefficients(sample_scale[:, None] * gain, shift, invstd)
 
 
 def update_running_stats(

@@ -1,13 +1,16 @@
 """The compiled CPU kernel (``csrc/l2bn_cpu.cpp``): built on first use with torch's C++ extension loader.
 
-The package installs without a compiler; the kernel is compiled (about a minute, once per machine and source
-version, cached under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) the first time a CPU
-tensor asks for it. Where it cannot be built (no C++ compiler or ninja), ``impl="auto"`` falls back to the
+The package installs without a compiler; the kernel is compiled (about 30 s, once per machine, Python, torch
+and source version, cached under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, in a folder
+named by the source's hash) the first time a CPU tensor asks for it, always with a line on stderr saying so.
+Where it cannot be built (no C++ compiler or ninja), ``impl="auto"`` falls back to the
 torch-op fused path with one warning, and ``impl="cpp"`` raises with the build error.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
 import os
 import shutil
 import sys
@@ -17,7 +20,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .reference import l2_batch_norm_reference
 
 SOURCE = Path(__file__).with_name("csrc") / "l2bn_cpu.cpp"
 
@@ -39,17 +41,45 @@ def _instruction_set() -> str:
     return "avx2" if capability.startswith("avx") else "default"
 
 
-@functools.cache
-def _build() -> Exception | None:
-    """Compile and load the extension once per process; the exception if that failed, else None."""
+def build_directory() -> Path:
+    """Where the kernel is built: keyed by Python, torch, instruction set and the source's hash, so checkouts
+    and environments sharing a cache never rebuild each other's kernel."""
+    from torch.utils import cpp_extension
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_compile_flags()).encode()).hexdigest()[:12]
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return root / f"{python}_torch{torch.__version__}" / f"{_extension_name()}_{digest}"
+
+
+def _extension_name() -> str:
+    return f"l2bn_cpu_{_instruction_set()}"
+
+
+def _import_cpp_extension():
+    """``torch.utils.cpp_extension``, imported without its "No CUDA runtime is found" log line (this kernel
+    is CPU-only; the line would be the only warning of a clean CPU run)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
         from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
 
-        name = f"l2bn_cpu_{_instruction_set()}"
-        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
-        build_dir = root / f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}" / name
+
+@functools.cache
+def _build() -> Exception | None:
+    """Compile (when the build folder has no up-to-date library: always said on stderr) and load the
+    extension, once per process; the exception if that failed, else None."""
+    try:
+        cpp_extension = _import_cpp_extension()
+        name = _extension_name()
+        build_dir = build_directory()
         build_dir.mkdir(parents=True, exist_ok=True)
-        if not (build_dir / f"{name}.so").exists():
+        library = build_dir / f"{name}.so"
+        if not library.exists() or library.stat().st_mtime < SOURCE.stat().st_mtime:
             print(f"l2bn: compiling the CPU kernel into {build_dir} (once; about 30 s)", file=sys.stderr)
         _put_ninja_on_path()
         cpp_extension.load(
@@ -120,10 +150,6 @@ def l2_batch_norm_cpp(
     """Same contract as :func:`l2bn.kernels.reference.l2_batch_norm_reference`, on the compiled CPU kernel."""
     if input.device.type != "cpu":
         raise RuntimeError(f"impl='cpp' runs on the CPU, got input on {input.device}; use impl='auto'")
-    if input.numel() == 0:
-        return l2_batch_norm_reference(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, rescale=rescale, l2_eps=l2_eps
-        )
     return _operator()(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps, rescale)
 
 

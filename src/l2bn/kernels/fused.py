@@ -1,4 +1,4 @@
-"""Fused L2BN over torch ops: one statistics read, one output pass, x plus O(N·C) saved for backward.
+"""Fused L2BN over torch ops: statistics from two reads of x, one output pass, x plus O(N·C) saved for backward.
 
 Notation: x has shape (N, C, *S), M = |S|, D = C·M. Per (n, c) we take the mean m and the centred sum of
 squares q = Σ_S (x − m)² (a sum, then a centred norm: no E[x²] − E[x]² cancellation). From those:
@@ -24,13 +24,20 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .algebra import channel_statistics, input_gradient, update_running_stats
-from .reference import l2_batch_norm_reference
+from .algebra import channel_statistics, input_gradient, nan_as_inf, output_coefficients, update_running_stats
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half types, the input's own type otherwise (float64 stays float64)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def is_batched(t: Tensor) -> bool:
+    """Whether ``t`` is a vmap-batched tensor (torch.func's or autograd's ``is_grads_batched``), which the
+    out= and view-based fast ops below cannot take."""
+    if torch.compiler.is_compiling():  # dynamo traces backward on plain (fake) tensors
+        return False
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -116,8 +123,8 @@ def sample_channel_moments(x: Tensor) -> SampleChannelMoments:
 def sample_scale(x: Tensor, *, rescale: bool, l2_eps: float) -> tuple[Tensor, Tensor]:
     """(r_n, ‖x_n‖) from one read of x, accumulated in at least float32."""
     acc = accumulation_dtype(x.dtype)
-    norm = torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), dtype=acc)
-    target = math.sqrt(x[0].numel()) if rescale else 1.0
+    norm = nan_as_inf(torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), dtype=acc))
+    target = math.prod(x.shape[1:]) ** 0.5 if rescale else 1.0  # stays symbolic under dynamic shapes
     return target / norm.clamp_min(l2_eps), norm
 
 
@@ -125,6 +132,10 @@ def gradient_sums(dy: Tensor, x: Tensor, centre: Tensor) -> tuple[Tensor, Tensor
     """(Σ_S dy, Σ_S dy·(x − centre)) per (n, c), from one read of (dy, x) on the NCHW fast path
     (BatchNorm's backward reduction on the row view); elsewhere through a temporary dy·x."""
     acc = centre.dtype
+    if is_batched(dy):  # batched gradients (vmap over backward)
+        dims = tuple(range(2, x.dim()))
+        product = dy.to(acc) * (x.to(acc) - per_channel(centre, x.dim()))
+        return (dy.to(acc).sum(dims), product.sum(dims)) if dims else (dy.to(acc), product)
     flat_dy, flat_x = _flat_channels(dy, acc), _flat_channels(x, acc)
     if flat_dy is not None and flat_x is not None:
         ones = centre.new_ones(centre.numel())
@@ -166,10 +177,7 @@ def _forward(x, weight, bias, running_mean, running_var, training, eps, rescale,
         scale, norm = sample_scale(x, rescale=rescale, l2_eps=l2_eps)
         mu, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
         mean = sumsq = None
-    invstd = (var + eps).rsqrt()
-    gain = invstd if weight is None else weight.to(acc) * invstd
-    shift = -mu * gain if bias is None else bias.to(acc) - mu * gain
-    a = scale[:, None] * gain
+    a, shift, invstd = output_coefficients(scale, mu, weight, bias, var=var, eps=eps)
     if training and centred_in_y:  # y = (x − m)·a + (m·a + b)
         affine_rows(y, y, a, shift + mean * a)
     elif training:
@@ -197,6 +205,8 @@ class FusedL2BatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmu, _dvar):
         x, weight, scale, norm, mu, invstd, mean, sumsq = ctx.saved_tensors
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (dy, x, weight)):
+            raise RuntimeError("l2bn: the fused path has no double backward; use impl='reference'")
         acc = scale.dtype
         spatial = x[0, 0].numel()
         centre = mean if mean is not None else scale.new_zeros(x.shape[:2])  # eval: Σ dy·x itself
@@ -205,8 +215,12 @@ class FusedL2BatchNorm(torch.autograd.Function):
             dy_sum, dy_xc, centre=centre, sumsq=sumsq, scale=scale, norm=norm, mu=mu, invstd=invstd,
             weight=weight, spatial_size=spatial, count=x.shape[0] * spatial, l2_eps=ctx.l2_eps,
         )
-        dx = affine_rows(torch.empty_like(x), dy, grad.dy_coef, grad.shift)
-        dx.addcmul_(x, per_channel(grad.x_coef, x.dim()))
+        if is_batched(dy):  # batched gradients: out-of-place ops only
+            coef = [per_channel(t, x.dim()) for t in (grad.dy_coef, grad.shift, grad.x_coef)]
+            dx = (dy * coef[0] + coef[1] + x * coef[2]).to(x.dtype)
+        else:
+            dx = affine_rows(torch.empty_like(x), dy, grad.dy_coef, grad.shift)
+            dx.addcmul_(x, per_channel(grad.x_coef, x.dim()))
         param_dtype = weight.dtype if weight is not None else acc
         return (
             dx,
@@ -229,11 +243,8 @@ def l2_batch_norm_fused(
     rescale: bool = True,
     l2_eps: float = 1e-12,
 ) -> Tensor:
-    """Same contract as :func:`l2bn.kernels.reference.l2_batch_norm_reference`, fused (CPU or any device)."""
-    if input.numel() == 0:
-        return l2_batch_norm_reference(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, rescale=rescale, l2_eps=l2_eps
-        )
+    """Same contract as :func:`l2bn.kernels.reference.l2_batch_norm_reference`, fused (CPU or any device);
+    non-empty input (the dispatcher sends empty input to the reference)."""
     needs_graph = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias)
     )

@@ -11,17 +11,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .algebra import nan_as_inf
+
+
+def sample_norms(input: Tensor) -> Tensor:
+    """‖x_n‖ (shape (N, 1, ..., 1)): accumulated in float64 for float32 and 16-bit input, where no finite
+    value's square overflows, in float64 for float64 input (which overflows only beyond ~1e154)."""
+    dims = tuple(range(1, input.dim()))
+    return torch.linalg.vector_norm(input, dim=dims, keepdim=True, dtype=torch.float64)
+
 
 def l2_normalize_samples(input: Tensor, *, rescale: bool = True, l2_eps: float = 1e-12) -> Tensor:
     """Divide each sample's whole feature (all non-batch dims) by its l2 norm, times sqrt(D) if ``rescale``.
 
-    The norm is accumulated in at least float32, so half-precision inputs cannot overflow.
+    The norm is accumulated in float64, so no float32 or 16-bit input overflows it (values near 1e38
+    included), and the division happens in at least float32; a sample holding inf or NaN counts as
+    infinitely long (scaled to zero), so only that value's channel turns NaN downstream.
     """
     dims = tuple(range(1, input.dim()))
     acc_dtype = torch.promote_types(input.dtype, torch.float32)
-    norm = torch.linalg.vector_norm(input, dim=dims, keepdim=True, dtype=acc_dtype).clamp_min(l2_eps)
-    if rescale:
-        norm = norm / math.sqrt(input[0].numel() if input.shape[0] else math.prod(input.shape[1:]))
+    norm = nan_as_inf(sample_norms(input).to(acc_dtype)).clamp_min(l2_eps)
+    if rescale:  # D from the shape: symbolic under torch.export, a traced value under torch.jit.trace
+        norm = norm / math.prod(input.shape[1:]) ** 0.5
     return (input.to(acc_dtype) / norm).to(input.dtype)
 
 

@@ -2,7 +2,7 @@
 
 The algebra is the one of :mod:`l2bn.kernels.fused` (derivation in ``docs/algorithm.md``). The input is
 seen as rows (N, C, M), M = |S|, through its strides, so NCHW-contiguous and channels_last tensors (and
-any layout whose spatial dims flatten to a view) are read in place. Four kernels:
+any layout whose spatial dims flatten to a view) are read in place. Three kernels:
 
 - ``_moments_kernel``: per (n, c) the mean m and centred sum of squares q = Σ_S (x − m)², one program per
   (n, block of channels). Each chunk of positions is centred on its own mean and merged with the running
@@ -27,9 +27,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .algebra import channel_statistics, input_gradient, update_running_stats
+from .algebra import channel_statistics, input_gradient, output_coefficients, update_running_stats
 from .fused import _rows, _rows_view, accumulation_dtype
-from .reference import l2_batch_norm_reference
 
 try:
     import triton
@@ -291,10 +290,8 @@ class TritonL2BatchNorm(torch.autograd.Function):
         scale, norm, mu, var = channel_statistics(mean, sumsq, spatial, rescale=rescale, l2_eps=l2_eps)
         if not training:
             mu, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
-        invstd = (var + eps).rsqrt()
-        gain = invstd if weight is None else weight.to(acc) * invstd
-        shift = -mu * gain if bias is None else bias.to(acc) - mu * gain
-        y = affine_triton(torch.empty_like(x), x, scale[:, None] * gain, shift)
+        a, shift, invstd = output_coefficients(scale, mu, weight, bias, var=var, eps=eps)
+        y = affine_triton(torch.empty_like(x), x, a, shift)
         # x and the weight (and the fixed statistics in eval) only: backward's read of (dy, x) recomputes
         # the per-(n, c) moments, so no more is kept than BatchNorm keeps.
         ctx.save_for_backward(x, weight, *(() if training else (mu, invstd)))
@@ -349,10 +346,6 @@ def l2_batch_norm_triton(
     l2_eps: float = 1e-12,
 ) -> Tensor:
     """Same contract as :func:`l2bn.kernels.fused.l2_batch_norm_fused`, through Triton kernels (CUDA)."""
-    if input.numel() == 0:
-        return l2_batch_norm_reference(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, rescale=rescale, l2_eps=l2_eps
-        )
     _check_triton_input(input)
     y, mu, var = TritonL2BatchNorm.apply(input, weight, bias, running_mean, running_var, training, eps, rescale, l2_eps)
     if training:

@@ -6,6 +6,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from ..convert import swap_modules
 from ..norms import get_norm_layer
 
 NormLayer = Callable[..., nn.Module]
@@ -81,14 +82,19 @@ def replace_norms(
     New layers are reset and moved to the old layer's device and dtype. Returns the replaced names.
     """
     channels = {id(module): num for module, num in recorder.created}
-    targets = [(n, m) for n, m in model.named_modules() if id(m) in channels and _matches(n, prefixes)]
-    for name, old in targets:
+    replaced: list[str] = []
+
+    def replace(name: str, old: nn.Module) -> nn.Module | None:
+        if id(old) not in channels or not _matches(name, prefixes):
+            return None
         new = norm_layer(channels[id(old)])
         tensor = next(iter(old.parameters()), None)
         if tensor is not None:
             new = new.to(device=tensor.device, dtype=tensor.dtype)
         new.train(old.training)
         reset_norm(new)
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, new)
-    return [name for name, _ in targets]
+        replaced.append(name)
+        return new
+
+    swap_modules(model, replace)
+    return replaced

@@ -37,8 +37,10 @@ class _PreNormBatchNorm(_BatchNorm):
         pre_eps: float = 1e-5,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        extra = {} if bias else {"bias": False}  # torch's BatchNorm keyword (older torch raises for it)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **extra)
         self.pre_eps = pre_eps
 
     def _check_input_dim(self, input: Tensor) -> None:

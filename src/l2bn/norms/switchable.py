@@ -21,14 +21,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.modules.batchnorm import _NormBase
 
-from ._utils import check_rank, check_spatial_size, factory_kwargs
+from ._utils import check_rank, check_spatial_size
 
 __all__ = ["SwitchableNorm"]
 
 
-class SwitchableNorm(nn.Module):
-    """Switchable Norm over (N, C, L), (N, C, H, W), ... input; ``using_bn=False`` mixes only IN and LN."""
+class SwitchableNorm(_NormBase):
+    """Switchable Norm over (N, C, L), (N, C, H, W), ... input; ``using_bn=False`` mixes only IN and LN.
+
+    Built on torch's ``_NormBase``: BatchNorm's ``weight``/``bias``/running-statistics attributes, buffers,
+    ``reset_running_stats`` and state_dict handling, plus the mixing weights ``mean_weight``/``var_weight``.
+    """
 
     def __init__(
         self,
@@ -42,46 +47,19 @@ class SwitchableNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        fk = factory_kwargs(device, dtype)
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
         self.using_bn = using_bn
-        self.track_running_stats = track_running_stats and using_bn
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats and using_bn, device=device, dtype=dtype
+        )
         num_terms = 3 if using_bn else 2
-        self.mean_weight = nn.Parameter(torch.empty(num_terms, **fk))
-        self.var_weight = nn.Parameter(torch.empty(num_terms, **fk))
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **fk))
-            self.bias = nn.Parameter(torch.empty(num_features, **fk))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if self.track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **fk))
-            self.register_buffer("running_var", torch.ones(num_features, **fk))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
+        self.mean_weight = nn.Parameter(torch.ones(num_terms, device=device, dtype=dtype))
+        self.var_weight = nn.Parameter(torch.ones(num_terms, device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        nn.init.ones_(self.mean_weight)
-        nn.init.ones_(self.var_weight)
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        super().reset_parameters()  # running statistics, weight = 1, bias = 0
+        if hasattr(self, "mean_weight"):  # not yet during _NormBase.__init__
+            nn.init.ones_(self.mean_weight)
+            nn.init.ones_(self.var_weight)
 
     @torch.no_grad()
     def _update_running_stats(self, mean_bn: Tensor, var_bn: Tensor) -> None:

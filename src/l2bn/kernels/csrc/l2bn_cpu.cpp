@@ -453,7 +453,10 @@ double target_norm(const Geometry& g, bool rescale) {
   return rescale ? std::sqrt(static_cast<double>(g.C * g.M)) : 1.0;
 }
 
+// r_n; a sample holding an inf or NaN (moments inf or NaN) gets r_n = 0, so only its channel's statistics
+// become NaN, as in BatchNorm.
 double sample_scale(double squares, double target, double l2_eps) {
+  if (std::isnan(squares)) return 0.0;
   return target / std::max(std::sqrt(squares), l2_eps);
 }
 
@@ -696,6 +699,9 @@ struct L2BatchNormFunction : public torch::autograd::Function<L2BatchNormFunctio
     TORCH_CHECK(!at::GradMode::is_enabled() || !(dy.requires_grad() || saved[0].requires_grad() ||
                                                  (saved[1].defined() && saved[1].requires_grad())),
                 "l2bn: the compiled CPU kernel has no double backward; use impl='reference'");
+    TORCH_CHECK(dy.has_storage(),
+                "l2bn: the compiled CPU kernel cannot compute batched gradients (vmap over backward, gradcheck's "
+                "check_batched_grad); use impl='fused' or impl='reference'");
     Gradients grads = l2bn_backward(dy, saved[0], saved[1], saved[2], saved[3], ctx->saved_data["training"].toBool(),
                                  ctx->saved_data["eps"].toDouble(), ctx->saved_data["l2_eps"].toDouble(),
                                  ctx->saved_data["rescale"].toBool());

@@ -1,0 +1,104 @@
+"""The implementation switch: which L2BN path runs for a given input, argument and environment.
+
+``auto`` takes the Triton kernels for CUDA tensors (when triton is installed), the compiled kernel for CPU
+tensors (when it builds), else the torch-op fused path. Two situations override every choice:
+
+- **an empty input** runs the reference composition (nothing to fuse; BatchNorm's own empty handling);
+- **a graph tracer whose artifact must be plain, differentiable aten ops** — ``torch.export`` (the
+  exported module is trained with autograd, and saved programs must load without l2bn),
+  ``torch.jit.trace`` (also the legacy ``torch.onnx.export(dynamo=False)``), ``torch.fx`` symbolic
+  tracing and the ``torch.func`` transforms — runs the reference composition, which keeps D = C·|S|
+  symbolic. ``torch.compile`` is not one of them: it traces the fused path's autograd.Function.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import cpp
+from .fused import l2_batch_norm_fused
+from .reference import l2_batch_norm_reference
+
+IMPL_ENV_VAR = "L2BN_IMPL"
+TRITON_DEVICE_TYPES: tuple[str, ...] = ("cuda",)  # device types ``auto`` sends to the Triton kernels
+
+
+def _l2_batch_norm_triton(*args, **kwargs) -> Tensor:
+    """:func:`l2bn.kernels.triton_l2bn.l2_batch_norm_triton`, imported on first use (Triton decorates its
+    kernels at import, reading ``TRITON_INTERPRET`` then; importing l2bn should not pay for it)."""
+    from .triton_l2bn import l2_batch_norm_triton
+
+    return l2_batch_norm_triton(*args, **kwargs)
+
+
+IMPLEMENTATIONS: dict[str, Callable[..., Tensor]] = {
+    "cpp": cpp.l2_batch_norm_cpp,
+    "fused": l2_batch_norm_fused,
+    "reference": l2_batch_norm_reference,
+    "triton": _l2_batch_norm_triton,
+}
+
+
+@functools.cache
+def triton_importable() -> bool:
+    """Whether the ``triton`` package is installed (checked once, without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def prefers_triton(input: Tensor) -> bool:
+    """``auto`` uses the Triton kernels for tensors on ``TRITON_DEVICE_TYPES`` when triton is installed."""
+    return input.device.type in TRITON_DEVICE_TYPES and triton_importable()
+
+
+def prefers_cpp(input: Tensor) -> bool:
+    """``auto`` uses the compiled kernel for CPU tensors outside torch.compile (which traces the torch-op
+    fused path instead), when it builds; if it does not, it warns once and takes the fused path."""
+    if input.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if cpp.available():
+        return True
+    cpp.warn_unavailable()
+    return False
+
+
+def aten_tracer(input: Tensor) -> str | None:
+    """The name of the active tracer that needs the reference composition (see the module docstring), or None."""
+    if torch.jit.is_tracing():
+        return "torch.jit.trace"
+    if torch.compiler.is_exporting():
+        return "torch.export"
+    if torch.compiler.is_compiling():  # torch.compile traces the fused path (and handles torch.func itself)
+        return None
+    if isinstance(input, torch.fx.Proxy):
+        return "torch.fx"
+    if torch._C._functorch.is_functorch_wrapped_tensor(input):
+        return "torch.func"
+    return None
+
+
+def auto_impl(input: Tensor) -> str:
+    """The implementation ``auto`` picks for ``input``."""
+    if prefers_triton(input):
+        return "triton"
+    return "cpp" if prefers_cpp(input) else "fused"
+
+
+def impl_name(impl: str | None, input: Tensor) -> str:
+    """The implementation that runs: the reference for empty inputs and under aten tracers, else the
+    ``impl`` argument, else ``$L2BN_IMPL``, else the fastest for ``input`` (``auto``)."""
+    name = (impl if impl is not None else os.environ.get(IMPL_ENV_VAR, "auto")).lower()
+    if name != "auto" and name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown L2BN implementation {name!r}; expected one of {['auto', *IMPLEMENTATIONS]}")
+    if aten_tracer(input) is not None or input.numel() == 0:
+        return "reference"
+    return auto_impl(input) if name == "auto" else name
+
+
+def resolve_impl(impl: str | None, input: Tensor) -> Callable[..., Tensor]:
+    """The function :func:`impl_name` names."""
+    return IMPLEMENTATIONS[impl_name(impl, input)]

@@ -1,0 +1,385 @@
+"""Wherever BatchNorm works, L2BN works (or says clearly why not): export, ONNX, tracing, fx, torch.func.
+
+Every check compares against an independent float64 formula or against the module run eagerly; each backs
+a row of README's compatibility table.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.export import Dim
+
+import l2bn
+from l2bn.kernels import cpp, dispatch
+
+F64 = torch.float64
+NO_COMPILER = pytest.mark.skipif(not cpp.compiler_found(), reason="no C++ compiler: the compiled kernel cannot be built")
+FAST = [pytest.param("cpp", marks=NO_COMPILER), "fused"]
+
+
+def formula(x: torch.Tensor, layer: nn.Module, training: bool) -> torch.Tensor:
+    """Eq. (3) then BatchNorm, in float64, with the layer's parameters (batch or running statistics)."""
+    x = x.to(F64)
+    flat = x.reshape(x.shape[0], -1)
+    xhat = (flat * math.sqrt(flat.shape[1]) / flat.norm(dim=1, keepdim=True)).reshape(x.shape)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if training:
+        dims = [0, *range(2, x.dim())]
+        mean, var = xhat.mean(dim=dims, keepdim=True), xhat.var(dim=dims, unbiased=False, keepdim=True)
+    else:
+        mean, var = layer.running_mean.to(F64).view(shape), layer.running_var.to(F64).view(shape)
+    bias = 0.0 if layer.bias is None else layer.bias.to(F64).view(shape)
+    return (xhat - mean) / torch.sqrt(var + layer.eps) * layer.weight.to(F64).view(shape) + bias
+
+
+class ConvL2BN(nn.Module):
+    """conv → L2BN → ReLU → conv → L2BN: gradients must reach every parameter and the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.norm1 = nn.Conv2d(3, 6, 3, padding=1), l2bn.L2BatchNorm2d(6)
+        self.conv2, self.norm2 = nn.Conv2d(6, 4, 3, padding=1), l2bn.L2BatchNorm2d(4)
+        with torch.no_grad():
+            for norm in (self.norm1, self.norm2):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+                norm.running_mean.uniform_(-0.2, 0.2)
+                norm.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm2(self.conv2(F.relu(self.norm1(self.conv1(x)))))
+
+
+def sample(n: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, h, w, generator=g) * (torch.rand(n, 1, 1, 1, generator=g) * 4 + 0.2)
+
+
+def gradients(model: nn.Module, x: torch.Tensor, call=None) -> dict[str, torch.Tensor]:
+    """Output, input and parameter gradients of ``model`` (run through ``call``, default the model)."""
+    x = x.detach().clone().requires_grad_()
+    model.zero_grad()
+    out = (model if call is None else call)(x)
+    out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    grads["input"] = x.grad
+    grads["output"] = out.detach()
+    return grads
+
+
+DYNAMIC = {"x": {0: Dim("N", min=2, max=64), 2: Dim("H", min=4, max=64), 3: Dim("W", min=4, max=64)}}
+
+
+# --- torch.export ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", FAST + ["reference"])
+def test_export_training_gives_every_gradient(impl, monkeypatch):
+    """Backward through ``torch.export(...).module()`` equals eager backward, for any forced impl."""
+    monkeypatch.setenv(dispatch.IMPL_ENV_VAR, impl)
+    eager, model = ConvL2BN(), ConvL2BN()
+    exported = torch.export.export(model, (sample(4, 8, 8),)).module()
+    want, got = gradients(eager, sample(4, 8, 8, seed=2)), gradients(exported, sample(4, 8, 8, seed=2))
+    assert set(got) == set(want) and all(g is not None for g in got.values())
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+    for norm_e, norm_x in ((eager.norm1, model.norm1), (eager.norm2, model.norm2)):
+        torch.testing.assert_close(norm_x.running_mean, norm_e.running_mean)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_export_dynamic_batch_and_spatial_sizes(training):
+    """D is read from the input's shape inside the graph: other N, H, W give the right answer."""
+    model = ConvL2BN().train(training)
+    program = torch.export.export(copy.deepcopy(model), (sample(2, 16, 16),), dynamic_shapes=DYNAMIC)
+    exported = program.module()
+    for n, h, w in ((2, 16, 16), (5, 24, 20), (3, 7, 9)):
+        x = sample(n, h, w, seed=n)
+        torch.testing.assert_close(exported(x), copy.deepcopy(model)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_exported_program_holds_only_aten_ops_and_loads_without_l2bn(tmp_path):
+    """A saved ExportedProgram (eval) reloads and runs in a process that never imports l2bn."""
+    model = ConvL2BN().eval()
+    program = torch.export.export(model, (sample(2, 8, 8),), dynamic_shapes=DYNAMIC)
+    assert all(
+        not str(node.target).startswith("l2bn") for node in program.graph.nodes if node.op == "call_function"
+    )
+    path, x = tmp_path / "model.pt2", sample(3, 10, 12)
+    torch.export.save(program, path)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(model(x).detach(), tmp_path / "y.pt")
+    code = (
+        "import torch\n"
+        f"m = torch.export.load({str(path)!r}).module()\n"
+        f"x, y = torch.load({str(tmp_path / 'x.pt')!r}), torch.load({str(tmp_path / 'y.pt')!r})\n"
+        "torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)\n"
+    )
+    run_clean(code)
+
+
+def run_clean(code: str) -> None:
+    """Run ``code`` in a fresh interpreter where importing l2bn raises (``sys.modules['l2bn'] = None``)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['l2bn'] = None\n" + code],
+        cwd="/", env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# --- torch.jit ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_jit_trace_is_portable_and_shape_generic(training, tmp_path):
+    model = ConvL2BN().train(training)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(copy.deepcopy(model), sample(2, 8, 8))
+    assert "l2bn_cpu" not in str(traced.inlined_graph)
+    x = sample(4, 12, 10, seed=3)
+    torch.testing.assert_close(traced(x), copy.deepcopy(model)(x), rtol=1e-4, atol=1e-5)
+    path = tmp_path / "traced.pt"
+    traced.save(str(path))
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(copy.deepcopy(model)(x).detach(), tmp_path / "y.pt")
+    run_clean(
+        "import torch\n"
+        f"m = torch.jit.load({str(path)!r})\n"
+        f"x, y = torch.load({str(tmp_path / 'x.pt')!r}), torch.load({str(tmp_path / 'y.pt')!r})\n"
+        "torch.testing.assert_close(m(x), y, rtol=1e-4, atol=1e-5)\n"
+    )
+
+
+def test_jit_script_refuses_naming_trace_and_export():
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.script.*torch\.jit\.trace or torch\.export"):
+        torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 1), l2bn.L2BatchNorm2d(4)))
+
+
+# --- ONNX ----------------------------------------------------------------------------------------------------
+
+try:
+    import onnx  # noqa: F401
+    import onnxruntime
+    import onnxscript  # noqa: F401
+except ImportError:  # pragma: no cover - the onnx extra is not installed
+    onnxruntime = None
+NEEDS_ONNX = pytest.mark.skipif(onnxruntime is None, reason="needs the onnx extra (onnx, onnxruntime, onnxscript)")
+
+
+@NEEDS_ONNX
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_onnx_export_matches_pytorch_at_traced_and_other_sizes(dynamo, tmp_path):
+    model = ConvL2BN().eval()
+    path = tmp_path / "model.onnx"
+    if dynamo:
+        torch.onnx.export(model, (sample(2, 16, 16),), str(path), dynamo=True, dynamic_shapes=DYNAMIC)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (sample(2, 16, 16),), str(path), dynamo=False, input_names=["x"],
+                dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}},
+            )
+    session = onnxruntime.InferenceSession(str(path))
+    name = session.get_inputs()[0].name
+    for n, h, w in ((2, 16, 16), (5, 24, 20), (1, 9, 13)):
+        x = sample(n, h, w, seed=h)
+        (got,) = session.run(None, {name: x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(got).double(), formula_model(model, x), rtol=1e-4, atol=1e-4)
+
+
+def formula_model(model: ConvL2BN, x: torch.Tensor) -> torch.Tensor:
+    """ConvL2BN in eval mode with every L2BN replaced by :func:`formula` (float64)."""
+    with torch.no_grad():
+        h = F.relu(formula(model.conv1.double()(x.double()), model.norm1, False))
+        out = formula(model.conv2.double()(h), model.norm2, False)
+    model.float()
+    return out
+
+
+# --- torch.fx --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fx_symbolic_trace_records_the_layer(momentum):
+    model = ConvL2BN()
+    model.norm1.momentum = model.norm2.momentum = momentum
+    graph_module = torch.fx.symbolic_trace(model)
+    assert int(model.norm1.num_batches_tracked) == 0  # tracing ran nothing
+    eager = copy.deepcopy(model)
+    for step in range(3):
+        x = sample(4, 6, 6, seed=step)
+        torch.testing.assert_close(graph_module(x), eager(x))
+    torch.testing.assert_close(model.norm2.running_var, eager.norm2.running_var)
+    assert int(model.norm2.num_batches_tracked) == int(eager.norm2.num_batches_tracked) == 3
+
+
+def test_torchvision_feature_extractor_on_converted_resnet():
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = l2bn.convert_to_l2bn(torchvision.models.resnet18(num_classes=10)).eval()
+    extractor = create_feature_extractor(model, {"layer2": "mid", "fc": "logits"})
+    x = torch.randn(2, 3, 48, 48)
+    out = extractor(x)
+    torch.testing.assert_close(out["logits"], model(x))
+    assert out["mid"].shape == (2, 128, 6, 6)
+
+
+# --- torch.func and batched gradients --------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", FAST + ["reference"])
+def test_torch_func_grad_jacrev_vmap(impl, monkeypatch):
+    """As with BatchNorm, running-statistics updates cannot run under a transform: the layer is patched
+    with ``replace_all_batch_norm_modules_`` (or used in eval mode)."""
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    monkeypatch.setenv(dispatch.IMPL_ENV_VAR, impl)
+    layer = l2bn.L2BatchNorm2d(3, dtype=F64)
+    torch.func.replace_all_batch_norm_modules_(layer)
+    x = sample(4, 3, 3).double()
+    params = dict(layer.named_parameters())
+
+    def loss(x):
+        return functional_call(layer, params, (x,)).sin().sum()
+
+    want_x = x.clone().requires_grad_()
+    formula(want_x, layer, True).sin().sum().backward()
+    torch.testing.assert_close(grad(loss)(x), want_x.grad)
+    jac = jacrev(lambda x: layer(x))(x)
+    want_jac = torch.autograd.functional.jacobian(lambda x: formula(x, layer, True), x)
+    torch.testing.assert_close(jac, want_jac)
+    batch = torch.stack([x, 2 * x + 1])
+    torch.testing.assert_close(vmap(layer)(batch), torch.stack([formula(b, layer, True) for b in batch]))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_gradcheck_batched_grad(training, impl):
+    x = sample(3, 2, 3).double().requires_grad_()
+    w = torch.rand(3, dtype=F64, requires_grad=True)
+    rm, rv = torch.randn(3, dtype=F64), torch.rand(3, dtype=F64) + 0.5
+
+    def fn(x, w):
+        return l2bn.l2_batch_norm(x, rm.clone(), rv.clone(), w, None, training, impl=impl)
+
+    assert torch.autograd.gradcheck(fn, (x, w), check_batched_grad=True)
+
+
+@NO_COMPILER
+def test_compiled_kernel_refuses_batched_gradients_with_a_pointer():
+    x = sample(3, 2, 3).double().requires_grad_()
+    y = l2bn.l2_batch_norm(x, None, None, training=True, impl="cpp")
+    with pytest.raises(RuntimeError, match="cannot compute batched gradients.*impl='fused'"):
+        torch.autograd.grad(y, x, torch.randn(2, *y.shape, dtype=F64), is_grads_batched=True)
+
+
+# --- layer API -------------------------------------------------------------------------------------------
+
+def test_bias_false_like_batchnorm_and_round_trip():
+    layer = l2bn.L2BatchNorm2d(5, bias=False)
+    bn = nn.BatchNorm2d(5, bias=False)
+    assert layer.bias is None and set(layer.state_dict()) == set(bn.state_dict())
+    back = l2bn.convert_to_bn(l2bn.convert_to_l2bn(nn.Sequential(bn)))
+    assert type(back[0]) is nn.BatchNorm2d and back[0].bias is None
+    x = sample(4, 3, 3).repeat(1, 2, 1, 1)[:, :5]
+    torch.testing.assert_close(layer(x).double(), formula(x, layer, True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", FAST + ["reference"])
+def test_eps_must_be_positive_in_training_like_batchnorm(impl):
+    x = sample(4, 3, 3)
+    with pytest.raises(ValueError, match="eps must be positive during training, but got 0"):
+        l2bn.l2_batch_norm(x, None, None, training=True, eps=0.0, impl=impl)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        l2bn.l2_batch_norm(x, torch.zeros(3), torch.ones(3), training=False, eps=-1.0, impl=impl)
+
+
+def test_subpackages_load_on_attribute_access():
+    code = "import l2bn; print(type(l2bn.norms.get_norm_layer('gn-cpg4')(8)).__name__, l2bn.models.__name__)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["GroupNormCPG", "l2bn.models"]
+
+
+def test_py_typed_marker_ships():
+    assert (Path(l2bn.__file__).parent / "py.typed").exists()
+
+
+# --- numerics at the edges ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("impl", FAST + ["reference"])
+def test_a_non_finite_value_is_confined_to_its_channel(bad, impl):
+    """As in BatchNorm: one inf/NaN in channel 2 leaves the other channels' outputs and running means finite
+    (its sample is scaled to zero there, as an infinitely long sample is)."""
+    x = sample(4, 5, 5)
+    x[1, 2, 0, 0] = bad
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y = l2bn.l2_batch_norm(x, rm, rv, torch.ones(3), torch.zeros(3), True, impl=impl)
+    assert torch.isfinite(y[:, :2]).all() and torch.isfinite(rm[:2]).all() and torch.isfinite(rv[:2]).all()
+    assert torch.isnan(y[:, 2]).any() and torch.isnan(rm[2])
+    finite = x.clone()
+    finite[1] = 0.0  # the sample counted with r_n = 0 contributes zeros, like an all-zero sample
+    ones, zeros = torch.ones(3, dtype=F64), torch.zeros(3, dtype=F64)
+    want = l2bn.l2_batch_norm(finite.double(), None, None, ones, zeros, True, impl="reference")
+    torch.testing.assert_close(y[:, :2].double(), want[:, :2], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("impl", FAST + ["reference"])
+def test_float64_input_into_float32_layer_errors_like_batchnorm(training, impl, monkeypatch):
+    monkeypatch.setenv(dispatch.IMPL_ENV_VAR, impl)
+    x = sample(4, 3, 3).double()
+    with pytest.raises(RuntimeError, match="mixed dtype"):
+        nn.BatchNorm2d(3).train(training)(x)
+    message = r"mixed dtype: input is torch.float64 but running_mean is torch.float32.*module.to"
+    with pytest.raises(RuntimeError, match=message):
+        l2bn.L2BatchNorm2d(3).train(training)(x)
+    assert l2bn.L2BatchNorm2d(3).train(training)(x.bfloat16()).dtype == torch.bfloat16  # half input, fp32 module
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reference_norms_do_not_overflow(dtype):
+    """Values whose squares overflow float32 (1e20; also bfloat16's range) still give eq. (3)."""
+    big = 1e20
+    x = sample(4, 3, 3).to(dtype)
+    want = l2bn.l2_batch_norm(x, None, None, training=True, impl="reference")
+    got = l2bn.l2_batch_norm(x * big, None, None, training=True, impl="reference")
+    assert torch.isfinite(got).all()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.slow
+def test_torch_compile_dynamic_shapes_recompile_no_more_than_batchnorm():
+    """torch.compile(dynamic=True): new N/H/W recompile no more often than the same model with BatchNorm,
+    and values and gradients match eager."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    frames = {}
+    for kind in ("bn", "l2bn"):
+        torch._dynamo.reset()
+        model = ConvL2BN() if kind == "l2bn" else l2bn.convert_to_bn(ConvL2BN())
+        eager = copy.deepcopy(model)
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+        for n, h, w in ((4, 8, 8), (3, 10, 12), (5, 7, 9), (2, 6, 11)):
+            want, got = gradients(eager, sample(n, h, w, seed=h)), gradients(model, sample(n, h, w, seed=h), compiled)
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+        frames[kind] = counter.frame_count
+    assert frames["l2bn"] <= frames["bn"], frames
