@@ -501,3 +501,12 @@ def test_ubn_gate_state_is_logged_every_epoch_and_absent_for_other_norms(tmp_pat
     assert sum("UBN m " in line for line in lines) == len(recs)
     _, out = run(tmp_path, "bn", norm="bn")
     assert all("ubn_condensation" not in r for r in records(out))
+
+
+def test_sync_conversion_of_plain_bn_leaves_l2bn_alone():
+    from l2bn import L2BatchNorm2d
+    from l2bn.train.engine import _convert_plain_bn_to_sync
+
+    net = nn.Sequential(nn.BatchNorm2d(4), nn.Sequential(L2BatchNorm2d(4), nn.BatchNorm1d(3)))
+    net = _convert_plain_bn_to_sync(net)
+    assert [type(m) for m in (net[0], net[1][0], net[1][1])] == [nn.SyncBatchNorm, L2BatchNorm2d, nn.SyncBatchNorm]

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from ..convert import swap_modules
 from ..data import DataBundle, build_data
 from ..norms.unified import condensation_summary
 from .ddp import DistEnv, all_reduce_sum, barrier, cleanup_distributed, resolve_device, setup_distributed
@@ -200,23 +201,21 @@ def build_model(name: str, *, num_classes: int, in_channels: int, norm: str, **k
     return create_model(name, num_classes=num_classes, in_channels=in_channels, norm_layer=norm, **kwargs)
 
 
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 def _convert_plain_bn_to_sync(module: nn.Module, process_group=None) -> nn.Module:
     """torch SyncBatchNorm for exactly ``nn.BatchNorm{1,2,3}d`` (torch's own converter would also swallow
     L2BN and other ``_BatchNorm`` subclasses)."""
-    if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
-    for name, child in module.named_children():
-        new = _convert_plain_bn_to_sync(child, process_group)
-        if new is not child:
-            setattr(module, name, new)
-    return module
+    return swap_modules(module, lambda name, m: nn.SyncBatchNorm.convert_sync_batchnorm(m, process_group)
+                        if type(m) in _PLAIN_BN else None)
 
 
 def _sync_norms(model: nn.Module, device: torch.device) -> nn.Module:
     from .. import distributed as l2dist
 
     model = l2dist.convert_sync_l2bn(model)
-    plain = [n for n, m in model.named_modules() if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)]
+    plain = [n for n, m in model.named_modules() if type(m) in _PLAIN_BN]
     if plain:
         if device.type != "cuda":
             raise ValueError(
