@@ -1,0 +1,261 @@
+"""TAU 2020 Mobile on a miniature set in the real layout: parsing, features, the cache, and bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from l2bn.data import DataError, build_data
+from l2bn.data import audio
+
+# Scaled-down extraction: 0.5 s at 8 kHz, n_fft 256, hop 64 → 1 + 62 = 63 STFT frames, 55 after the trims.
+SMALL = audio.FeatureParams(sample_rate=8000, duration=0.5, n_fft=256, hop_length=64, n_mels=32)
+TRAIN_DEVICES, TEST_DEVICES = ("a", "b", "s1"), ("a", "s2", "s4")
+
+
+def _clip(scene: int, device: int, rate: int = 8000, seconds: float = 0.5) -> np.ndarray:
+    """A tone per scene (distinct frequencies) with a device-dependent gain and a little noise."""
+    t = np.arange(int(rate * seconds)) / rate
+    rng = np.random.default_rng(100 * scene + device)
+    return (0.3 + 0.1 * device) * np.sin(2 * np.pi * 150 * (scene + 1) * t) + 0.01 * rng.standard_normal(t.size)
+
+
+def write_tau2020(base: Path, *, rate: int = 8000, seconds: float = 0.5, crlf_train: bool = True) -> Path:
+    """A miniature development set one folder down: audio/, meta.csv, evaluation_setup/ (train CSV in CRLF)."""
+    root = base / audio.SUBFOLDER
+    (root / "audio").mkdir(parents=True)
+    (root / "evaluation_setup").mkdir()
+    rows = {"train": [], "evaluate": []}
+    for k, scene in enumerate(audio.SCENES):
+        for split, devices in (("train", TRAIN_DEVICES), ("evaluate", TEST_DEVICES)):
+            for d, device in enumerate(devices):
+                name = f"audio/{scene}-lyon-{k}-{d}{split[0]}-{device}.wav"
+                soundfile.write(root / name, _clip(k, d + (3 if split == "evaluate" else 0), rate, seconds), rate)
+                rows[split].append((name, scene))
+    meta = ["filename\tscene_label\tidentifier\tsource_label"]
+    meta += [f"{n}\t{s}\tlyon-0\t{n.rsplit('-', 1)[1][:-4]}" for split in rows.values() for n, s in split]
+    (root / "meta.csv").write_text("\n".join(meta) + "\n")
+    for split, lines in rows.items():
+        text = "\n".join(["filename\tscene_label"] + [f"{n}\t{s}" for n, s in lines]) + "\n"
+        path = root / "evaluation_setup" / audio.SPLIT_FILES[split]
+        path.write_bytes(text.replace("\n", "\r\n").encode() if split == "train" and crlf_train else text.encode())
+    return root
+
+
+@pytest.fixture()
+def tau(tmp_path):
+    return write_tau2020(tmp_path / "data")
+
+
+# ------------------------------------------------------------------------------------------- features
+def _independent_features(y: np.ndarray, sr: int) -> np.ndarray:
+    """The issue's recipe from librosa's STFT and filterbank, with explicit loops for Δ (float64)."""
+    import librosa
+
+    spec = np.abs(librosa.stft(y, n_fft=2048, hop_length=1024, window="hann", center=True, pad_mode="reflect")) ** 2
+    basis = librosa.filters.mel(sr=sr, n_fft=2048, n_mels=128, fmin=0.0, fmax=sr / 2, htk=True, norm=None)
+    logmel = np.log(basis @ spec + 1e-8)
+    logmel = (logmel - logmel.min()) / (logmel.max() - logmel.min())
+
+    def delta(x):
+        return np.stack([(x[:, t + 1] - x[:, t - 1]) / 10 + (x[:, t + 2] - x[:, t - 2]) / 5
+                         for t in range(2, x.shape[1] - 2)], axis=1)
+
+    d1 = delta(logmel)
+    d2 = delta(d1)
+    return np.stack([logmel[:, 4:-4], d1[:, 2:-2], d2])
+
+
+def test_extract_features_matches_independent_librosa_on_10s_44k():
+    rng = np.random.default_rng(0)
+    t = np.arange(441_000) / 44_100
+    y = 0.2 * np.sin(2 * np.pi * 440 * t) * (1 + np.sin(2 * np.pi * 0.5 * t)) + 0.05 * rng.standard_normal(t.size)
+    features = audio.extract_features(y)
+    assert features.shape == (3, 128, 423) and features.dtype == torch.float32
+    expected = _independent_features(y, 44_100)
+    assert np.allclose(features.numpy(), expected, atol=2e-6, rtol=0)
+    assert float(features[0].min()) == 0.0 and float(features[0].max()) == 1.0
+
+
+def test_extract_features_mono_padding_and_truncation():
+    rng = np.random.default_rng(1)
+    y = rng.standard_normal(SMALL.samples + 500)
+    base = audio.extract_features(y, 8000, SMALL)  # the first 0.5 s only
+    assert base.shape == SMALL.shape == (3, 32, 55)
+    assert torch.equal(base, audio.extract_features(y[: SMALL.samples], 8000, SMALL))
+    stereo = np.stack([y + 0.1, y - 0.1], axis=1)  # (samples, channels), mean = y
+    assert torch.allclose(audio.extract_features(stereo, 8000, SMALL), base, atol=1e-6)
+    assert torch.allclose(audio.extract_features(torch.from_numpy(stereo.T), 8000, SMALL), base, atol=1e-6)
+    short = y[:1000]
+    padded = np.concatenate([short, np.zeros(SMALL.samples - 1000)])
+    assert torch.equal(audio.extract_features(short, 8000, SMALL), audio.extract_features(padded, 8000, SMALL))
+    with pytest.raises(ValueError, match="sample_rate 16000 differs"):
+        audio.extract_features(y, 16000, SMALL)
+
+
+def test_real_recording_when_dcase_util_is_installed():
+    dcase_util = pytest.importorskip("dcase_util")
+    path = Path(dcase_util.__file__).parent / "utils" / "example_data" / "acoustic_scene.wav"
+    if not path.is_file():
+        pytest.skip(f"dcase_util has no {path}")
+    waveform, rate = soundfile.read(path)
+    features = audio.extract_features(waveform, rate, audio.FeatureParams(sample_rate=rate))
+    assert features.shape[:2] == (3, 128) and torch.isfinite(features).all()
+    assert float(features[0].min()) >= 0.0 and float(features[0].max()) <= 1.0
+
+
+# --------------------------------------------------------------------------------------------- layout
+def test_layout_one_level_down_and_crlf_csv(tau):
+    root = audio.find_root(tau.parent)
+    assert root == tau and b"\r\n" in (tau / "evaluation_setup" / "fold1_train.csv").read_bytes()
+    train = audio.read_split(root, "train")
+    assert len(train.files) == 30 and train.files[0] == "audio/airport-lyon-0-0t-a.wav"  # no stray \r
+    assert train.labels[:3] == (0, 0, 0) and train.labels[-1] == audio.SCENES.index("tram") == 9
+    assert set(train.devices) == set(TRAIN_DEVICES) and audio.device_of("audio/x-y-1-2-s5.wav") == "s5"
+    assert set(audio.read_split(root, "evaluate").devices) == set(TEST_DEVICES)
+    assert audio.SCENES == tuple(sorted(audio.SCENES))
+
+
+def test_bundle_shapes_crop_devices_and_cache(tau, tmp_path):
+    cache = tmp_path / "cache"
+    data = audio.tau2020(tau.parent, params=SMALL, cache_dir=cache, workers=0)
+    assert (data.name, data.num_classes, data.in_channels, data.image_size) == ("tau2020", 10, 3, 32)
+    assert (len(data.train), len(data.train_eval), len(data.test)) == (30, 30, 30)
+    crop = round(400 * 55 / 423)
+    x, y = data.train[4]
+    assert x.shape == (3, 32, crop) and y == 1
+    whole, _ = data.train_eval[4]
+    assert whole.shape == (3, 32, 55)
+    starts = {s for s in range(55 - crop) if torch.equal(whole[..., s : s + crop], x)}
+    assert starts  # the crop is a window of the clip, never starting at the last position
+    test_x, test_y = data.test[7]
+    clip = tau / data.test.files[7]
+    assert torch.equal(test_x, audio.extract_features(soundfile.read(clip)[0], 8000, SMALL))
+    assert test_y == 2 and data.test.devices[7] == "s2" and data.test.devices[8] == "s4"
+    folder = cache / SMALL.key()
+    assert sorted(p.name for p in folder.iterdir()) == ["evaluate", "train"]
+    assert np.load(folder / "train" / "features.npy", mmap_mode="r").shape == (30, 3, 32, 55)
+    assert json.loads((folder / "train" / "index.json").read_text())["devices"][:3] == ["a", "b", "s1"]
+
+
+def test_cache_is_reused_and_parameters_change_re_extracts(tau, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = audio.tau2020(tau, params=SMALL, cache_dir=cache, workers=0)
+    reads = []
+    real = audio._read_clip
+    monkeypatch.setattr(audio, "_read_clip", lambda path, params: reads.append(path) or real(path, params))
+    again = audio.tau2020(tau, params=SMALL, cache_dir=cache, workers=0)
+    assert reads == [] and torch.equal(again.test[3][0], first.test[3][0])
+    other = audio.FeatureParams(sample_rate=8000, duration=0.5, n_fft=256, hop_length=64, n_mels=24)
+    changed = audio.tau2020(tau, params=other, cache_dir=cache, workers=0)
+    assert len(reads) == 60 and changed.test[3][0].shape == (3, 24, 55) and other.key() != SMALL.key()
+
+
+class _Killed(BaseException):
+    """Stands for an interruption (KeyboardInterrupt, SIGTERM) in the middle of an extraction."""
+
+
+def test_interrupted_extraction_resumes_with_the_missing_clips(tau, tmp_path, monkeypatch):
+    cache, calls, killed = tmp_path / "cache", [], []
+    real = audio._read_clip
+
+    def flaky(path, params):
+        calls.append(path)
+        if len(calls) == 7 and not killed:
+            killed.append(True)
+            raise _Killed
+        return real(path, params)
+
+    monkeypatch.setattr(audio, "_read_clip", flaky)
+    split = audio.read_split(tau, "train")
+    with pytest.raises(_Killed):
+        audio.extract_split(split, SMALL, cache, workers=0, chunk=3)
+    folder = cache / SMALL.key() / "train"
+    assert not (folder / "index.json").exists()  # not marked complete
+    assert np.load(folder / "done.npy").sum() == 6  # two chunks of three were flushed and marked
+    calls.clear()
+    audio.extract_split(split, SMALL, cache, workers=0, chunk=3)
+    assert len(calls) == 30 - 6
+    features = np.load(folder / "features.npy")
+    for i in (0, 5, 6, 29):
+        assert np.array_equal(features[i], real(tau / split.files[i], SMALL).numpy())
+
+
+def test_parallel_extraction_equals_serial(tau, tmp_path):
+    split = audio.read_split(tau, "evaluate")
+    serial = audio.extract_split(split, SMALL, tmp_path / "serial", workers=0)
+    parallel = audio.extract_split(split, SMALL, tmp_path / "parallel", workers=2, chunk=4)
+    assert np.array_equal(np.load(serial / "features.npy"), np.load(parallel / "features.npy"))
+
+
+def test_spec_masks_and_scaling():
+    torch.manual_seed(0)
+    masks = audio.SpecAugment(freq_width=5, time_width=7)
+    x = torch.ones(3, 32, 55)
+    widths = set()
+    for _ in range(50):
+        out = masks(x)
+        for c in range(3):
+            zero = out[c] == 0
+            rows, cols = zero.all(1), zero.all(0)
+            assert int(rows.sum()) <= 4 and int(cols.sum()) <= 6
+            assert torch.equal(zero, rows[:, None] | cols[None, :])  # only whole bands and whole frames
+            widths.add((int(rows.sum()), int(cols.sum())))
+    assert len(widths) > 10 and torch.equal(x, torch.ones(3, 32, 55))  # input untouched
+    full = audio.SpecAugment()
+    assert (full.freq_width, full.time_width) == (13, 40)  # ≤ 12 bins and ≤ 39 frames, as the reference
+
+
+def test_masked_training_split(tau, tmp_path):
+    data = audio.tau2020(tau, params=SMALL, cache_dir=tmp_path / "c", workers=0, spec_masks=True)
+    assert data.train.augment.freq_width == round(13 * 32 / 128) and data.train.augment.time_width == 5
+    assert data.test.augment is None and data.train_eval.crop is None
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_missing_data_dir_and_setup(tmp_path):
+    with pytest.raises(DataError, match="pass --data-dir"):
+        audio.find_root(None)
+    with pytest.raises(DataError, match="no evaluation_setup/"):
+        build_data("tau2020", tmp_path)
+
+
+def test_missing_csv(tau):
+    (tau / "evaluation_setup" / "fold1_evaluate.csv").unlink()
+    with pytest.raises(DataError, match="missing .*fold1_evaluate.csv"):
+        audio.tau2020(tau, params=SMALL, workers=0)
+
+
+def test_csv_without_expected_columns(tau):
+    (tau / "evaluation_setup" / "fold1_train.csv").write_text("file,label\naudio/a.wav,park\n")
+    with pytest.raises(DataError, match=r"fold1_train.csv has columns \['file,label'\]; expected .*scene_label"):
+        audio.read_split(tau, "train")
+
+
+def test_unknown_scene_label(tau):
+    path = tau / "evaluation_setup" / "fold1_evaluate.csv"
+    path.write_text(path.read_text().replace("\tpark\n", "\tbeach\n", 1))
+    with pytest.raises(DataError, match=r"fold1_evaluate.csv line \d+: unknown scene label 'beach'"):
+        audio.read_split(tau, "evaluate")
+
+
+def test_missing_wav(tau):
+    (tau / "audio" / "bus-lyon-1-1t-b.wav").unlink()
+    with pytest.raises(DataError, match="missing under .*bus-lyon-1-1t-b.wav"):
+        audio.read_split(tau, "train")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_wav(tau, tmp_path, workers):
+    (tau / "audio" / "tram-lyon-9-2e-s4.wav").write_bytes(b"RIFF\x00\x00not a wave file")
+    with pytest.raises(DataError, match="cannot read .*tram-lyon-9-2e-s4.wav"):
+        audio.tau2020(tau, params=SMALL, cache_dir=tmp_path / "c", workers=workers)
+
+
+def test_wrong_sample_rate_names_the_file(tau, tmp_path):
+    with pytest.raises(DataError, match=r"airport-lyon-0-0t-a.wav is sampled at 8000 Hz, expected 44100 Hz"):
+        audio.tau2020(tau, cache_dir=tmp_path / "c", workers=0)
