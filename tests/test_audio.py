@@ -24,8 +24,9 @@ def _clip(scene: int, device: int, rate: int = 8000, seconds: float = 0.5) -> np
     return (0.3 + 0.1 * device) * np.sin(2 * np.pi * 150 * (scene + 1) * t) + 0.01 * rng.standard_normal(t.size)
 
 
-def write_tau2020(base: Path, *, rate: int = 8000, seconds: float = 0.5, crlf_train: bool = True) -> Path:
-    """A miniature development set one folder down: audio/, meta.csv, evaluation_setup/ (train CSV in CRLF)."""
+def write_tau2020(base: Path, *, rate: int = 8000, seconds: float = 0.5) -> Path:
+    """A miniature development set one folder down: audio/, meta.csv, evaluation_setup/ (the evaluate list in
+    CRLF, as the official fold1_evaluate.csv)."""
     root = base / audio.SUBFOLDER
     (root / "audio").mkdir(parents=True)
     (root / "evaluation_setup").mkdir()
@@ -42,7 +43,7 @@ def write_tau2020(base: Path, *, rate: int = 8000, seconds: float = 0.5, crlf_tr
     for split, lines in rows.items():
         text = "\n".join(["filename\tscene_label"] + [f"{n}\t{s}" for n, s in lines]) + "\n"
         path = root / "evaluation_setup" / audio.SPLIT_FILES[split]
-        path.write_bytes(text.replace("\n", "\r\n").encode() if split == "train" and crlf_train else text.encode())
+        path.write_bytes(text.replace("\n", "\r\n").encode() if split == "evaluate" else text.encode())
     return root
 
 
@@ -111,12 +112,14 @@ def test_real_recording_when_dcase_util_is_installed():
 # --------------------------------------------------------------------------------------------- layout
 def test_layout_one_level_down_and_crlf_csv(tau):
     root = audio.find_root(tau.parent)
-    assert root == tau and b"\r\n" in (tau / "evaluation_setup" / "fold1_train.csv").read_bytes()
+    assert root == tau and b"\r\n" in (tau / "evaluation_setup" / "fold1_evaluate.csv").read_bytes()
     train = audio.read_split(root, "train")
     assert len(train.files) == 30 and train.files[0] == "audio/airport-lyon-0-0t-a.wav"  # no stray \r
     assert train.labels[:3] == (0, 0, 0) and train.labels[-1] == audio.SCENES.index("tram") == 9
     assert set(train.devices) == set(TRAIN_DEVICES) and audio.device_of("audio/x-y-1-2-s5.wav") == "s5"
-    assert set(audio.read_split(root, "evaluate").devices) == set(TEST_DEVICES)
+    evaluate = audio.read_split(root, "evaluate")
+    assert set(evaluate.devices) == set(TEST_DEVICES) and evaluate.labels[-1] == 9  # no "tram\r"
+    assert all(not f.endswith("\r") for f in evaluate.files)
     assert audio.SCENES == tuple(sorted(audio.SCENES))
 
 
