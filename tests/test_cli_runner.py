@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from l2bn.cli import build_parser, main
-from l2bn.train.cli import recipe_from_args
+from l2bn.commands.train import recipe_from_args
 
 torch.set_num_threads(1)
 FAST = ["--threads", "1", "--no-progress"]
@@ -136,8 +136,8 @@ def test_placement_flag_reaches_the_model(tmp_path, capsys):
     argv = ["train", "--norm", "l2bn", "--placement", "stage1", "--epochs", "1", "--out", str(out), *FAST]
     assert main(argv) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["model_kwargs"] == {"placement": "stage1"}
-    model = build_model(config["model"], num_classes=10, in_channels=1, norm=config["norm"], **config["model_kwargs"])
+    assert config["placement"] == "stage1" and config["model_kwargs"] == {}
+    model = build_model(config["model"], num_classes=10, in_channels=1, norm=config["norm"], placement="stage1")
     l2 = [name for name, m in model.named_modules() if isinstance(m, L2BatchNorm2d)]
     bn = [name for name, m in model.named_modules() if type(m) is nn.BatchNorm2d]
     assert l2 and bn
@@ -145,3 +145,103 @@ def test_placement_flag_reaches_the_model(tmp_path, capsys):
     assert all(not name.startswith("layer1.") for name in bn)
     assert main(["train", "--placement", "stage9", "--epochs", "1", "--out", str(tmp_path / "bad"), *FAST]) == 1
     assert "stage9" in capsys.readouterr().err
+
+
+def _listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--lr", "nan"], "lr must be a finite number, got nan"),
+        (["train", "--lr", "inf"], "lr must be a finite number, got inf"),
+        (["train", "--weight-decay", "nan"], "weight_decay must be a finite number"),
+        (["compare", "--mixup-alpha", "inf"], "mixup_alpha must be a finite number"),
+        (["train", "--gamma", "-0.5"], "gamma (the step schedule's factor) must be > 0, got -0.5"),
+        (["compare", "--metrics-max-batches", "0"], "metrics_max_batches must be >= 1"),
+        (["train", "--device", "bogus"], "unknown device 'bogus'; accepted: auto, cpu, cuda, cuda:N, mps"),
+        (["compare", "--device", "cuda:7"], "cuda:7"),
+        (["train", "--out", "{tmp}/file"], "is a file; pass a folder"),
+        (["compare", "--out", "{tmp}/file/below"], "lies under {tmp}/file, which is a file"),
+        (["train", "--data-dir", "{tmp}/file"], "--data-dir {tmp}/file is a file"),
+        (["train", "--train-subset", "0"], "train_subset must be >= 1"),
+        (["compare", "--train-subset", "5"], "train_subset must be between the number of classes (10)"),
+        (["compare", "--jobs", "0"], "jobs must be >= 1, got 0"),
+        (["bench", "--shapes", "4x3x4"], "--shapes wants NxCxHxW with four positive integers"),
+        (["bench", "--shapes", "4x3xax4"], "got '4x3xax4'"),
+        (["bench", "--shapes", "1x3x1x1"], "BatchNorm needs at least 2"),
+        (["bench", "--repeats", "0"], "--repeats must be >= 1, got 0"),
+        (["bench", "--device", "bogus"], "unknown device 'bogus'"),
+        (["analyze", "{tmp}/run/last.pt", "--metrics-max-batches", "0"], "max_batches must be >= 1"),
+    ],
+)
+def test_bad_values_are_refused_before_any_work(tmp_path, monkeypatch, capsys, argv, message):
+    """One `error:` line, exit 1, no traceback, and nothing left on disk (run in an empty working folder)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("not a folder")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    before = _listing(tmp_path)
+    extra = [] if argv[0] in ("analyze", "bench") else ["--epochs", "1", *FAST]
+    if argv[0] == "bench":
+        extra = ["--repeats", "1"] if "--repeats" not in argv else []
+    assert main([*argv, *extra]) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err
+    assert message.replace("{tmp}", str(tmp_path)) in lines[0]
+    assert _listing(tmp_path) == before  # no runs/ folder, no empty folders
+
+
+def test_read_only_out_is_refused(tmp_path, monkeypatch, capsys):
+    import os
+
+    from l2bn.train import engine
+
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(engine.os, "access", lambda p, mode: False if str(p) == str(locked) else real(p, mode))
+    assert main(["train", "--out", str(locked / "run"), "--epochs", "1", *FAST]) == 1
+    assert f"{locked} is read-only" in capsys.readouterr().err and list(locked.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_bench_triton_without_cuda_is_refused(capsys):
+    assert main(["bench", "--impl", "triton", "--repeats", "1", "--shapes", "4x3x4x4"]) == 1
+    assert "--impl triton needs a CUDA device" in capsys.readouterr().err
+
+
+def test_analyze_refuses_a_crafted_checkpoint_without_running_it(tmp_path, capsys):
+    from pathlib import Path
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Payload(), "config": {}}, path)
+    assert main(["analyze", str(path), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} is not a readable l2bn checkpoint") and "only files you trust" in err
+    assert not (tmp_path / "pwned").exists()
+    torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+    assert main(["analyze", str(path), "--device", "cpu"]) == 1
+    assert "is not an l2bn checkpoint (it holds a dict without model" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "t"
+    cmd = [sys.executable, "-m", "l2bn", "train", "--epochs", "40", "--out", str(out), *FAST]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"continue with the same command plus --resume --out {out}" in err and "Traceback" not in err
+    assert main(["train", "--epochs", "40", "--out", str(out), "--resume", "--stop-after", "2", *FAST]) == 0

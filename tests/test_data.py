@@ -121,10 +121,21 @@ def test_fashion_mnist_uses_the_system_directory(tmp_path, monkeypatch):
 
 def test_fashion_mnist_missing_says_where_and_how(tmp_path, no_system_fashion):
     with pytest.raises(DataError) as err:
+        build_data("fashion-mnist")
+    msg = str(err.value)
+    assert "no-system-copy" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "--download" in msg
+
+
+def test_fashion_mnist_data_dir_without_the_files_is_an_error_not_the_system_copy(tmp_path, monkeypatch):
+    """A --data-dir is where the user says the data is: no silent fall-back to the system copy."""
+    system = tmp_path / "usr-share"
+    _write_fashion(system, gz=True, n_train=10, n_test=4)
+    monkeypatch.setattr(vision, "FASHION_MNIST_SYSTEM_DIR", system)
+    with pytest.raises(DataError) as err:
         build_data("fashion-mnist", tmp_path / "empty")
     msg = str(err.value)
-    assert str(tmp_path / "empty" / "FashionMNIST" / "raw") in msg and "no-system-copy" in msg
-    assert "apt-get install dataset-fashion-mnist" in msg and "--download" in msg
+    assert str(tmp_path / "empty" / "FashionMNIST" / "raw") in msg and str(system) not in msg
 
 
 def test_fashion_mnist_corrupt_file(tmp_path, no_system_fashion):

@@ -264,3 +264,182 @@ def test_compiled_model_trains_the_same_and_the_feature_hook_still_fires(tmp_pat
     assert config["compile"] is True
     for key in ("train_loss", "test_acc", "intra_train", "intra_test", "inter"):
         assert got[key] == pytest.approx(plain[key], rel=1e-5), key
+
+
+# ------------------------------------------------------------------------------------------------ faults
+def test_diverged_run_is_recorded_as_failed_in_its_folder(tmp_path):
+    config = TrainConfig(out=str(tmp_path / "nan"), norm="l2bn", seed=7, recipe=quick(), progress=False)
+    make = lambda **kw: NaNAfter(tiny(**kw), 21 + 3)  # noqa: E731 - step 3 of epoch 2
+    with pytest.raises(NonFiniteLossError, match=r"^\[l2bn seed 7\] non-finite"):
+        train(config, model_fn=make, data=DIGITS, log=lambda m: None)
+    failure = json.loads((tmp_path / "nan" / "failed.json").read_text())
+    assert {k: failure[k] for k in ("norm", "seed", "epoch", "step")} == {"norm": "l2bn", "seed": 7, "epoch": 2, "step": 3}
+    assert "non-finite training loss" in failure["reason"]
+    # a retry (resume) clears the record and starts from the last good checkpoint
+    config.resume = True
+    train(config, model_fn=lambda **kw: NaNAfter(tiny(**kw), 10**9), data=DIGITS, log=lambda m: None)
+    assert not (tmp_path / "nan" / "failed.json").exists() and [r["epoch"] for r in records(tmp_path / "nan")] == [1, 2, 3]
+
+
+class Collapse(nn.Module):
+    """The tiny model with its classifier input multiplied by zero: no feature has a direction."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner[-1](self.inner[:-1](x) * 0.0)
+
+
+def test_collapsed_features_give_nan_angles_with_a_warning_and_the_epoch_is_checkpointed(tmp_path):
+    config = TrainConfig(out=str(tmp_path / "zero"), norm="bn", recipe=quick(epochs=1, metrics_every=1), progress=False)
+    with pytest.warns(RuntimeWarning, match="angle metrics undefined, logged as NaN"):
+        train(config, model_fn=lambda **kw: Collapse(tiny(**kw)), data=DIGITS, log=lambda m: None)
+    (rec,) = records(tmp_path / "zero")
+    assert all(math.isnan(rec[k]) for k in ("intra_train", "intra_test", "inter", "iir_train", "iir_test"))
+    assert math.isfinite(rec["test_acc"]) and (tmp_path / "zero" / "last.pt").is_file()
+    assert (tmp_path / "zero" / "summary.json").is_file()
+
+
+class BlowUp(nn.Module):
+    """Logits scaled by ``factor`` from the second epoch on: a finite but absurd loss."""
+
+    def __init__(self, inner: nn.Module, factor: float) -> None:
+        super().__init__()
+        self.inner, self.factor, self.calls = inner, factor, 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.calls > 21:
+                return out * self.factor
+        return out
+
+
+def test_absurd_but_finite_loss_warns_once(tmp_path):
+    import warnings
+
+    config = TrainConfig(out=str(tmp_path / "big"), norm="bn", recipe=quick(epochs=3, metrics_every=5), progress=False)
+    logged = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config, model_fn=lambda **kw: BlowUp(tiny(**kw), 1e12), data=DIGITS, log=logged.append)
+    absurd = [w for w in caught if "times the first epoch's" in str(w.message)]
+    assert len(absurd) == 1 and "[bn seed 121] training loss" in str(absurd[0].message)
+    assert sum("warning:" in m for m in logged) == 1
+    recs = records(tmp_path / "big")
+    assert all(math.isfinite(r["train_loss"]) for r in recs) and recs[1]["train_loss"] > 1e6 * recs[0]["train_loss"]
+
+
+def test_resume_under_another_l2bn_impl_warns(tmp_path, monkeypatch):
+    monkeypatch.setenv("L2BN_IMPL", "reference")
+    run(tmp_path, stop_after=1)
+    monkeypatch.setenv("L2BN_IMPL", "fused")
+    config = TrainConfig(out=str(tmp_path / "run"), norm="l2bn", recipe=quick(), progress=False, resume=True)
+    with pytest.warns(RuntimeWarning, match=r"L2BN_IMPL='fused', but it started with 'reference'"):
+        train(config, model_fn=tiny, data=DIGITS, log=lambda m: None)
+
+
+def test_resume_refuses_a_foreign_last_checkpoint(tmp_path):
+    from l2bn.train.rundir import CheckpointError
+
+    _, out = run(tmp_path, stop_after=1)
+    torch.save(tiny(10, 1, "bn").state_dict(), out / "last.pt")
+    config = TrainConfig(out=str(out), norm="l2bn", recipe=quick(), progress=False, resume=True)
+    with pytest.raises(CheckpointError, match=rf"{out / 'last.pt'} is not an l2bn resume checkpoint"):
+        train(config, model_fn=tiny, data=DIGITS, log=lambda m: None)
+
+
+def test_data_loaders_are_built_once_per_run_with_persistent_workers(tmp_path, monkeypatch):
+    from l2bn.train import engine
+
+    built = []
+    real = engine.DataLoader
+    monkeypatch.setattr(engine, "DataLoader", lambda *a, **kw: (built.append(kw), real(*a, **kw))[1])
+    run(tmp_path, recipe=quick(epochs=3, metrics_every=1))
+    assert len(built) == 3 and all(not kw["persistent_workers"] for kw in built)  # train, test, train-eval
+    built.clear()
+    config = TrainConfig(out=str(tmp_path / "w"), norm="bn", recipe=quick(epochs=2), progress=False, workers=1)
+    state = engine.setup(config, engine.DistEnv(), engine.RunDir(config.out), tiny, DIGITS, print)
+    assert len(built) == 3 and all(kw["persistent_workers"] for kw in built)
+    assert state.train_loader.persistent_workers and not (tmp_path / "w").exists()  # set-up writes nothing
+
+
+def test_a_busy_run_folder_is_refused(tmp_path):
+    from l2bn.train.rundir import RunBusyError, RunDir
+
+    (tmp_path / "run").mkdir()
+    with RunDir(tmp_path / "run").lock():
+        with pytest.raises(RunBusyError, match="being trained by another process"):
+            run(tmp_path)
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_interrupt_mid_epoch_then_resume_is_identical(tmp_path):
+    """Ctrl-C (KeyboardInterrupt) in the middle of epoch 3: resuming gives the uninterrupted records."""
+
+    class Interrupt(nn.Module):
+        def __init__(self, inner, at):
+            super().__init__()
+            self.inner, self.at, self.calls = inner, at, 0
+
+        def forward(self, x):
+            if self.training:
+                self.calls += 1
+                if self.calls == self.at:
+                    raise KeyboardInterrupt
+            return self.inner(x)
+
+    recipe = quick(epochs=4)
+    _, full = run(tmp_path, "full", recipe)
+    config = TrainConfig(out=str(tmp_path / "part"), norm="l2bn", recipe=recipe, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, model_fn=lambda **kw: Interrupt(tiny(**kw), 2 * 21 + 5), data=DIGITS, log=lambda m: None)
+    assert [r["epoch"] for r in records(tmp_path / "part")] == [1, 2]
+    config.resume = True
+    train(config, model_fn=lambda **kw: Interrupt(tiny(**kw), -1), data=DIGITS, log=lambda m: None)
+    assert (tmp_path / "part" / "metrics.jsonl").read_bytes() == (full / "metrics.jsonl").read_bytes()
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+import torch
+from l2bn.train import rundir
+sys.path.insert(0, {tests!r})
+import test_engine as t
+
+real, calls = rundir._write_fully, {{}}
+def dying_writer(fd, data):
+    name = os.readlink(f"/proc/self/fd/{{fd}}").rsplit("/", 1)[-1]
+    name = "last.pt" if name.startswith(".last.pt.") else name
+    calls[name] = calls.get(name, 0) + 1
+    if (name, calls[name]) == ({target!r}, 3):  # epoch 3: half of this write, then SIGKILL
+        os.write(fd, data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(fd, data)
+rundir._write_fully = dying_writer
+from pathlib import Path
+t.run(Path({root!r}), "part", t.quick(epochs=4))
+"""
+
+
+@pytest.mark.parametrize("target", ["last.pt", "metrics.jsonl"])
+def test_sigkill_during_a_write_then_resume_is_identical(tmp_path, target):
+    """SIGKILL half-way through epoch 3's last.pt (a torn temporary) or its metrics line (a torn log tail)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    script = _KILL_SCRIPT.format(tests=tests, target=target, root=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == -9, done.stderr
+    part = tmp_path / "part"
+    assert torch.load(part / "last.pt", weights_only=True)["epoch"] == 2
+    config = TrainConfig(out=str(part), norm="l2bn", recipe=quick(epochs=4), progress=False, resume=True)
+    train(config, model_fn=tiny, data=DIGITS, log=lambda m: None)
+    _, full = run(tmp_path, "full", quick(epochs=4))
+    assert (part / "metrics.jsonl").read_bytes() == (full / "metrics.jsonl").read_bytes()
+    assert not [p.name for p in part.iterdir() if p.name.endswith(".tmp")]

@@ -1,6 +1,7 @@
 """Recipes: the paper's supplementary Table 1 values, overrides, validation, and the learning-rate schedule."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -110,6 +111,37 @@ def test_schedule_drives_a_real_optimizer_per_step():
     expected = [0.2 * 0.5 * (1 + math.cos(math.pi * s / 20)) for s in range(20)]
     assert seen == pytest.approx(expected)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_default_recipe_comes_from_the_registry_family(monkeypatch):
+    """The family is the model registry's, not a guess from the name; a family without a preset is an error."""
+    from l2bn.models import registry
+
+    entry = registry.get_model_entry("resnet20")
+    monkeypatch.setitem(registry._MODELS, "vggish_resnet", dataclasses.replace(entry, name="vggish_resnet"))
+    assert default_recipe_name("cifar100", "vggish_resnet") == "cifar-resnet"  # the name says vgg, the family resnet
+    monkeypatch.setitem(registry._MODELS, "mystery", dataclasses.replace(entry, name="mystery", family=None))
+    with pytest.raises(ValueError, match=r"no cifar recipe for model 'mystery' \(family None\); pass --recipe"):
+        default_recipe_name("cifar10", "mystery")
+    assert default_recipe_name("digits", "mystery") == "digits-quick"  # quick presets fit every model
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        default_recipe_name("cifar10", "nope")
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
+        default_recipe_name("svhn", "resnet20")
+
+
+@pytest.mark.parametrize("field", ["lr", "weight_decay", "mixup_alpha", "gamma", "label_smoothing", "momentum"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_values_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a finite number, got {value}"):
+        get_recipe("cifar-resnet", **{field: value})
+
+
+def test_gamma_and_metrics_max_batches_ranges():
+    with pytest.raises(ValueError, match=r"gamma .* must be > 0, got -0.1"):
+        get_recipe("cifar-densenet", gamma=-0.1)
+    with pytest.raises(ValueError, match="metrics_max_batches must be >= 1"):
+        get_recipe("cifar-resnet", metrics_max_batches=0)
 
 
 def _keras_warm_restart_lrs(epochs: int, nbatch: int, max_lr: float, min_lr: float) -> list[float]:

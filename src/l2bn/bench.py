@@ -1,9 +1,7 @@
-"""Layer benchmark: L2BN against torch's BatchNorm measured in the same run (``l2bn bench``)."""
+"""Layer benchmark: L2BN against torch's BatchNorm measured in the same run (the ``l2bn bench`` command)."""
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -11,7 +9,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .functional import IMPL_ENV_VAR, IMPLEMENTATIONS, impl_name
+from .functional import impl_name
 from .layers import L2BatchNorm2d
 
 DEFAULT_SHAPES: tuple[tuple[int, int, int, int], ...] = ((128, 16, 32, 32), (128, 64, 8, 8), (32, 256, 28, 28))
@@ -131,33 +129,3 @@ def environment_line(device: str | torch.device = "cpu") -> str:
     else:
         name = f"CPU, {torch.get_num_threads()} threads"
     return f"device: {name}; torch {torch.__version__}; L2BN path: {l2bn_path(device)}"
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    if args.impl:
-        os.environ[IMPL_ENV_VAR] = args.impl
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    timings = []
-    for shape in shapes:
-        if len(shape) != 4:
-            raise SystemExit(f"--shapes wants NxCxHxW, got {'x'.join(map(str, shape))}")
-        for channels_last in (False, True):
-            for mode in args.modes:
-                timings.append(
-                    time_layers(shape, mode=mode, channels_last=channels_last, device=args.device, dtype=dtype, repeats=args.repeats)
-                )
-    print(environment_line(args.device))
-    print(format_table(timings))
-    return 0
-
-
-def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="time L2BatchNorm2d against torch's BatchNorm2d (ratios)")
-    p.add_argument("--shapes", nargs="*", metavar="NxCxHxW", help="input shapes (default: the CIFAR-scale set)")
-    p.add_argument("--modes", nargs="+", choices=("train", "eval"), default=["train", "eval"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--impl", choices=sorted(IMPLEMENTATIONS), help="force an L2BN implementation (default: auto)")
-    p.set_defaults(func=run_bench)

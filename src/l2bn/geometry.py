@@ -13,9 +13,7 @@ those k rows. Stacking such layers shows the geometry that the normalization its
 """
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +29,6 @@ __all__ = [
     "DEFAULT_INTRA_CLASS",
     "DEFAULT_OTHERS",
     "NORMS",
-    "add_geometry_command",
     "equiangular_limit",
     "identity_layer",
     "intra_class_spread",
@@ -219,66 +216,3 @@ def write_figures(
                     lambda x: f"max ∠ in class {float(pairwise_angles(x[:m]).max()):.1f}°")
         written.append(path)
     return written
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-def _parse_matrix(text: str) -> Tensor:
-    try:
-        rows = [[float(v) for v in row.split(",")] for row in text.split(";") if row.strip()]
-        matrix = torch.tensor(rows, dtype=torch.float64)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected rows like '1,0.2;0.8,1;3,2.5', got {text!r} ({err})") from None
-    if matrix.dim() != 2 or matrix.shape[0] < 2:
-        raise argparse.ArgumentTypeError(f"expected at least 2 rows of equal length, got {text!r}")
-    if not bool(torch.isfinite(matrix).all()) or bool((matrix == 0).all(dim=1).any()):
-        raise argparse.ArgumentTypeError(f"every center must be finite and non-zero (it needs a direction), got {text!r}")
-    return matrix
-
-
-def _num_layers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _table(title: str, curves: dict[str, list[float]]) -> str:
-    lines = [title, "layer " + "".join(f"{n.upper():>10}" for n in curves)]
-    for i, values in enumerate(zip(*curves.values())):
-        lines.append(f"{i:>5} " + "".join(f"{v:>10.2f}" for v in values))
-    return "\n".join(lines)
-
-
-def run_geometry(args: argparse.Namespace) -> int:
-    """``l2bn geometry``: print the per-layer tables and write the figures."""
-    centers = args.centers if args.centers is not None else DEFAULT_CENTERS
-    try:
-        curves = {n: min_center_angles(centers, args.num_layers, n) for n in NORMS}
-    except ValueError as exc:  # e.g. a layer maps a center to zero, so its direction is undefined
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(_table("Minimum angle between class centers (degrees) after identity layers", curves))
-    intra = {n: intra_class_spread(DEFAULT_INTRA_CLASS, DEFAULT_OTHERS, args.num_layers, n) for n in NORMS}
-    print()
-    print(_table("Largest angle within one class of same-direction vectors (degrees)", intra))
-    print()
-    for path in write_figures(args.out, centers, args.num_layers):
-        print(f"wrote {path}")
-    return 0
-
-
-def add_geometry_command(subparsers) -> None:
-    """Register ``geometry`` on the CLI's sub-parsers."""
-    p = subparsers.add_parser(
-        "geometry",
-        help="identity-layer experiments of the paper (Fig. 2, 4, 5): tables and PNG figures",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("--out", type=Path, required=True, help="directory for the PNG figures")
-    p.add_argument("--num-layers", type=_num_layers, default=12, help="identity layers to stack (default: 12)")
-    p.add_argument("--centers", type=_parse_matrix, default=None,
-                   help="class centers as 'x,y;x,y;...' (default: three 2-D centers of unequal norms)")
-    p.set_defaults(func=run_geometry)

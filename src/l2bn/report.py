@@ -3,7 +3,10 @@
 Table columns (Wang et al., Table 1): per norm, test accuracy as mean ± std over seeds (the best epoch of
 each run, as the paper reports), then Intra(train), Intra(test), Inter, IIR train and IIR test of the final
 model (the last epoch at which the angles were measured), averaged over seeds. Standard deviations are the
-sample standard deviation (ddof = 1; 0 for a single seed). Figures: test accuracy and training loss over
+sample standard deviation (ddof = 1; 0 for a single seed). Runs that diverged (``failed.json``) are left
+out of the means and marked in their row, which states how many runs it averages over. Runs are grouped by
+the experiment identity stored in their summary or checkpoint (not by the editable ``config.json``): one
+row per experiment, labelled by its norm. Figures: test accuracy and training loss over
 epochs (paper Fig. 6) and intra-angle / inter-angle / IIR over training (Fig. 1 and 7), each as the mean
 over seeds with a ± std band.
 """
@@ -18,16 +21,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .train.rundir import ANGLE_KEYS, ANGLE_TITLES, RunDir
+
 __all__ = ["Run", "load_run", "find_runs", "summarize", "write_table", "plot_curves", "write_report", "TABLE_METRICS"]
 
-# (key in metrics.jsonl, column title)
-TABLE_METRICS: tuple[tuple[str, str], ...] = (
-    ("intra_train", "Intra(train)"),
-    ("intra_test", "Intra(test)"),
-    ("inter", "Inter"),
-    ("iir_train", "IIR train"),
-    ("iir_test", "IIR test"),
-)
+# (key in metrics.jsonl, column title), in the paper's column order
+TABLE_METRICS: tuple[tuple[str, str], ...] = tuple((key, ANGLE_TITLES[key]) for key in ANGLE_KEYS)
 
 
 @dataclass
@@ -38,6 +37,11 @@ class Run:
     config: dict
     records: list[dict]
     summary: dict | None
+    failure: dict | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None
 
     @property
     def norm(self) -> str:
@@ -60,32 +64,49 @@ class Run:
 
 
 def load_run(path: str | os.PathLike) -> Run:
-    """Read ``config.json``, ``metrics.jsonl`` and (if present) ``summary.json`` from a run directory."""
-    path = Path(path)
-    metrics = path / "metrics.jsonl"
-    if not metrics.is_file():
-        raise FileNotFoundError(f"{path} is not a run directory (no metrics.jsonl)")
-    records = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
-    if not records:
-        raise ValueError(f"{metrics} holds no epoch yet")
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    summary_path = path / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    return Run(path, config, records, summary)
+    """Read a run folder through :class:`~l2bn.train.rundir.RunDir` (torn or edited files raise, naming them)."""
+    run = RunDir(path)
+    failure = run.read_failure()
+    if not run.metrics_path.is_file() and failure is None:
+        raise FileNotFoundError(f"{run.path} is not a run directory (no metrics.jsonl)")
+    records = run.read_records()
+    if not records and failure is None:
+        raise ValueError(f"{run.metrics_path} holds no epoch yet")
+    return Run(run.path, run.stored_config(), records, run.read_summary_if_any(), failure)
 
 
 def find_runs(root: str | os.PathLike) -> list[Run]:
-    """Every run directory below ``root`` that has logged at least one epoch, sorted by path."""
-    runs = []
-    for metrics in sorted(Path(root).rglob("metrics.jsonl")):
-        if metrics.stat().st_size:
-            runs.append(load_run(metrics.parent))
-    return runs
+    """Every run directory below ``root`` that has logged an epoch or recorded a failure, sorted by path."""
+    root = Path(root)
+    folders = {p.parent for p in root.rglob("metrics.jsonl") if p.stat().st_size} | {
+        p.parent for p in root.rglob("failed.json")}
+    return [load_run(folder) for folder in sorted(folders)]
+
+
+def _experiment(run: Run) -> dict:
+    """The run's experiment identity without its seed (runs of one experiment differ only in the seed)."""
+    from .train.engine import TrainConfig
+
+    try:
+        identity = TrainConfig.from_dict(run.config).identity()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{run.path}: its stored configuration is not readable ({exc})") from None
+    identity.pop("seed")
+    return identity
 
 
 def _group(runs: Iterable[Run], norms: Sequence[str] | None) -> dict[str, list[Run]]:
+    """Runs by experiment, labelled by norm; two experiments with one norm (another recipe, say) are refused."""
     groups: dict[str, list[Run]] = {}
+    identities: dict[str, tuple[dict, Path]] = {}
     for run in runs:
+        identity = _experiment(run)
+        if run.norm in identities and identities[run.norm][0] != identity:
+            other, where = identities[run.norm]
+            diff = ", ".join(k for k in identity if identity[k] != other[k])
+            raise ValueError(f"runs {where} and {run.path} are both {run.norm!r} but differ in {diff}; report "
+                             "them separately")
+        identities.setdefault(run.norm, (identity, run.path))
         groups.setdefault(run.norm, []).append(run)
     order = list(norms) if norms is not None else list(groups)
     return {n: sorted(groups[n], key=lambda r: r.seed) for n in order if n in groups}
@@ -96,18 +117,21 @@ def _std(values: Sequence[float]) -> float:
 
 
 def summarize(runs: Iterable[Run], norms: Sequence[str] | None = None) -> list[dict]:
-    """One row per norm: seeds, accuracy mean/std, and mean/std of every angle metric of the final models."""
+    """One row per norm: the seeds averaged over (failed runs left out and listed), accuracy mean/std, and
+    mean/std of every angle metric of the final models."""
     rows = []
     for norm, group in _group(runs, norms).items():
-        accs = [r.best_acc for r in group]
+        ok = [r for r in group if not r.failed]
+        accs = [r.best_acc for r in ok]
         row: dict = {
             "norm": norm,
-            "seeds": " ".join(str(r.seed) for r in group),
-            "n": len(group),
-            "acc_mean": float(np.mean(accs)),
-            "acc_std": _std(accs),
+            "seeds": " ".join(str(r.seed) for r in ok),
+            "n": len(ok),
+            "failed": " ".join(str(r.seed) for r in group if r.failed),
+            "acc_mean": float(np.mean(accs)) if accs else float("nan"),
+            "acc_std": _std(accs) if accs else float("nan"),
         }
-        finals = [r.final_angles() for r in group]
+        finals = [r.final_angles() for r in ok]
         for key, _ in TABLE_METRICS:
             values = [f[key] for f in finals if key in f]
             row[f"{key}_mean"] = float(np.mean(values)) if values else float("nan")
@@ -124,7 +148,9 @@ def write_table(rows: Sequence[dict], out_dir: str | os.PathLike, *, title: str 
     lines = [f"## {title}", ""] if title else []
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for row in rows:
-        cells = [row["norm"], str(row["n"]), f"{row['acc_mean']:.2f} ± {row['acc_std']:.2f}"]
+        failed = row["failed"].split()
+        seeds = f"{row['n']} ({len(failed)} failed: seed {', '.join(failed)})" if failed else str(row["n"])
+        cells = [row["norm"], seeds, f"{row['acc_mean']:.2f} ± {row['acc_std']:.2f}"]
         for key, _ in TABLE_METRICS:
             digits = 3 if key.startswith("iir") else 2
             cells.append(f"{row[f'{key}_mean']:.{digits}f}")
@@ -132,7 +158,7 @@ def write_table(rows: Sequence[dict], out_dir: str | os.PathLike, *, title: str 
     md = out / "results.md"
     md.write_text("\n".join(lines) + "\n")
     csv_path = out / "results.csv"
-    fields = ["norm", "n", "seeds", "acc_mean", "acc_std"] + [f"{k}_{s}" for k, _ in TABLE_METRICS for s in ("mean", "std")]
+    fields = ["norm", "n", "seeds", "failed", "acc_mean", "acc_std"] + [f"{k}_{s}" for k, _ in TABLE_METRICS for s in ("mean", "std")]
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -185,7 +211,7 @@ def plot_curves(runs: Iterable[Run], out_dir: str | os.PathLike, norms: Sequence
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    groups = _group(runs, norms)
+    groups = {n: [r for r in g if not r.failed] for n, g in _group(runs, norms).items()}
     colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(groups)}
     written = []
 
@@ -220,8 +246,11 @@ def write_report(runs: Sequence[Run], out_dir: str | os.PathLike, norms: Sequenc
     rows = summarize(runs, norms)
     md, csv_path = write_table(rows, out_dir, title=title)
     curves, angles = plot_curves(runs, out_dir, norms, title=title)
+    failed = sum(len(r["failed"].split()) for r in rows)
+    note = (f" {failed} run(s) diverged and are left out of the means (see their failed.json); the Seeds column "
+            "counts the runs each row averages over." if failed else "")
     with open(md, "a") as f:
         f.write(f"\nAccuracy: best test accuracy of each run, mean ± sample std over seeds. Angles (degrees) and "
-                f"IIR: final model, mean over seeds; test intra-angles use the train class centers.\n\n"
+                f"IIR: final model, mean over seeds; test intra-angles use the train class centers.{note}\n\n"
                 f"![accuracy and loss]({curves.name})\n\n![angles]({angles.name})\n")
     return {"markdown": md, "csv": csv_path, "curves": curves, "angles": angles}

@@ -136,8 +136,7 @@ def _find_fashion_files(candidates: Sequence[Path]) -> tuple[Path, dict[str, Pat
 
 def _fashion_raw_root(data_dir: Path | None, cache_dir: Path | None) -> Path:
     """A root with ``FashionMNIST/raw/*-ubyte`` (torchvision's layout), decompressing ``.gz`` files if needed."""
-    bases = [data_dir] if data_dir is not None else []
-    bases.append(FASHION_MNIST_SYSTEM_DIR)
+    bases = [data_dir] if data_dir is not None else [FASHION_MNIST_SYSTEM_DIR]  # a given --data-dir is the only place
     candidates = [p for b in bases for p in (b / "FashionMNIST" / "raw", b / "raw", b)]
     hit = _find_fashion_files(candidates)
     if hit is None:

@@ -8,18 +8,20 @@ from . import asc, cifar, imagenet
 from ._utils import NormRecorder, init_weights, replace_norms, reset_norm
 from .registry import ModelEntry, create_model, get_model_entry, list_models, register_model, resolve_placement
 
-for _name in ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnext29_8x64d"):
-    register_model(_name, getattr(cifar, _name), cifar.cifar_resnet_parts, "cifar")
+for _name in ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110"):
+    register_model(_name, getattr(cifar, _name), cifar.cifar_resnet_parts, "cifar", family="resnet")
+register_model("resnext29_8x64d", cifar.resnext29_8x64d, cifar.cifar_resnet_parts, "cifar", family="resnext")
 for _name in ("densenet40_12", "densenet_bc100_12"):
-    register_model(_name, getattr(cifar, _name), cifar.densenet_parts, "cifar")
+    register_model(_name, getattr(cifar, _name), cifar.densenet_parts, "cifar", family="densenet")
 for _name in ("vgg16_bn", "vgg19_bn"):
-    register_model(_name, getattr(cifar, _name), cifar.vgg_parts, "cifar")
+    register_model(_name, getattr(cifar, _name), cifar.vgg_parts, "cifar", family="vgg")
 for _name in ("regnetx_200mf", "regnety_400mf"):
-    register_model(_name, getattr(cifar, _name), cifar.regnet_parts, "cifar")
+    register_model(_name, getattr(cifar, _name), cifar.regnet_parts, "cifar", family="regnet")
 for _name in imagenet.IMAGENET_CONFIGS:
-    register_model(_name, getattr(imagenet, _name), imagenet.imagenet_resnet_parts, "imagenet")
-for _name in ("asc_resnet17", "fcnn", "fsfcnn"):
-    register_model(_name, getattr(asc, _name), asc.asc_parts, "asc")
+    _family = "resnext" if _name.startswith("resnext") else "resnet"
+    register_model(_name, getattr(imagenet, _name), imagenet.imagenet_resnet_parts, "imagenet", family=_family)
+for _name, _family in (("asc_resnet17", "asc-resnet"), ("fcnn", "fcnn"), ("fsfcnn", "fcnn")):
+    register_model(_name, getattr(asc, _name), asc.asc_parts, "asc", family=_family)
 
 __all__ = [
     "ModelEntry",

@@ -18,27 +18,32 @@ Parts = Mapping[str, tuple[str, ...]]
 @dataclass(frozen=True)
 class ModelEntry:
     """A registered model: ``builder(num_classes=, in_channels=, norm_layer=, **kwargs)``, the function
-    naming its placement parts (part name → qualified module-name prefixes) and its input kind."""
+    naming its placement parts (part name → qualified module-name prefixes), its input kind and its
+    architecture family (which training recipe it takes, e.g. ``"resnet"``; ``None``: no preset)."""
 
     name: str
     builder: Callable[..., nn.Module]
     parts: Callable[[nn.Module], Parts]
     kind: str
+    family: str | None = None
 
 
 _MODELS: dict[str, ModelEntry] = {}
 _KINDS = ("cifar", "imagenet", "asc")
 
 
-def register_model(name: str, builder: Callable[..., nn.Module], parts: Callable[[nn.Module], Parts], kind: str) -> None:
+def register_model(
+    name: str, builder: Callable[..., nn.Module], parts: Callable[[nn.Module], Parts], kind: str,
+    family: str | None = None,
+) -> None:
     """Register ``builder`` under a case-insensitive ``name``; ``kind`` is ``"cifar"``, ``"imagenet"`` or
-    ``"asc"`` (acoustic scenes)."""
+    ``"asc"`` (acoustic scenes); ``family`` names its recipe family (``l2bn.train.recipes.default_recipe_name``)."""
     key = name.lower()
     if key in _MODELS:
         raise ValueError(f"model {name!r} is already registered")
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-    _MODELS[key] = ModelEntry(key, builder, parts, kind)
+    _MODELS[key] = ModelEntry(key, builder, parts, kind, family)
 
 
 def list_models(kind: str | None = None) -> list[str]:

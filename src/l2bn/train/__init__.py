@@ -1,13 +1,26 @@
-"""Experiment runner: recipes (paper's supplementary Table 1), the training engine and DDP set-up."""
-from .engine import NonFiniteLossError, TrainConfig, analyze_checkpoint, evaluate, is_complete, train
+"""Experiment runner: recipes (paper's supplementary Table 1), one run (:func:`train`), a grid of runs
+(:func:`compare`), run folders (:class:`RunDir`) and DDP set-up."""
+from .compare import GridReport, compare
+from .engine import IDENTITY_FIELDS, NonFiniteLossError, TrainConfig, analyze_checkpoint, evaluate, is_complete, train
 from .recipes import RECIPES, Recipe, default_recipe_name, get_recipe, list_recipes
+from .rundir import ANGLE_KEYS, EPOCH_KEYS, CheckpointError, DiskFullError, RunBusyError, RunDir, RunFileError
 
 __all__ = [
+    "ANGLE_KEYS",
+    "EPOCH_KEYS",
+    "IDENTITY_FIELDS",
     "RECIPES",
+    "CheckpointError",
+    "DiskFullError",
+    "GridReport",
     "NonFiniteLossError",
     "Recipe",
+    "RunBusyError",
+    "RunDir",
+    "RunFileError",
     "TrainConfig",
     "analyze_checkpoint",
+    "compare",
     "default_recipe_name",
     "evaluate",
     "get_recipe",

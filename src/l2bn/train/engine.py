@@ -1,14 +1,19 @@
 """The training loop: one run of (dataset, model, norm, seed, recipe) with checkpoints, resume and metrics.
 
-A plain loop in the manner of torchvision's ``references/classification/train.py``. Each epoch logs the
-training loss/accuracy, test loss/accuracy and — every ``recipe.metrics_every`` epochs and at the last one —
-the paper's angle metrics of the classifier-input features (supplementary A): intra-angle of the training
-data against train centers, intra-angle of the test data against the same train centers, inter-angle of
-the train centers, IIR train = intra_train / inter and IIR test = intra_test / inter.
+Split the way torchvision's ``references/classification/train.py`` is: :func:`setup` (data, model,
+optimiser, loaders, resume), :func:`train_one_epoch`, :func:`evaluate` (test loss/accuracy and the paper's
+angle metrics of the classifier-input features, supplementary A), :func:`save_checkpoint` and
+:func:`write_summary`; :func:`train` is the epoch loop over them. Every file goes through
+:class:`~l2bn.train.rundir.RunDir`.
 
-Reproducibility: the global RNG and the shuffling generator are re-seeded from (seed, epoch) at the start
+Angle metrics, every ``recipe.metrics_every`` epochs and at the last one: intra-angle of the training data
+against train centers, intra-angle of the test data against the same train centers, inter-angle of the
+train centers, IIR train = intra_train / inter and IIR test = intra_test / inter.
+
+Reproducibility: the global RNG and the shuffling generators are re-seeded from (seed, epoch) at the start
 of every epoch, and the model, optimiser, scheduler and scaler states are checkpointed after every epoch,
-so a resumed run continues bit-for-bit like an uninterrupted one on a deterministic device (CPU).
+so a resumed run continues bit-for-bit like an uninterrupted one on a deterministic device (CPU, with
+``workers=0``: worker processes persist over a run and keep their own augmentation RNG).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,34 +37,51 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from ..data import DataBundle, build_data
-from .ddp import DistEnv, all_reduce_sum, barrier, cleanup_distributed, setup_distributed
+from ..data import DataBundle, DataError, build_data
+from .ddp import DistEnv, all_reduce_sum, barrier, cleanup_distributed, resolve_device, setup_distributed
 from .recipes import Recipe, default_recipe_name, get_recipe
+from .rundir import ANGLE_KEYS, RunBusyError, RunDir
 
 __all__ = [
-    "TrainConfig",
+    "IDENTITY_FIELDS",
     "NonFiniteLossError",
-    "train",
-    "evaluate",
+    "TrainConfig",
     "analyze_checkpoint",
     "build_model",
-    "lr_factor",
+    "evaluate",
     "is_complete",
+    "lr_factor",
+    "train",
 ]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ModelFn = Callable[..., nn.Module]
-# Config fields that define the experiment: resuming with any of them changed is refused.
-_IDENTITY_FIELDS = ("dataset", "model", "norm", "seed", "recipe", "model_kwargs", "amp", "channels_last")
+# Config fields that define the experiment: resuming with any of them changed is refused, and a finished
+# run counts as done for a grid only if they all match.
+IDENTITY_FIELDS = ("dataset", "model", "norm", "seed", "recipe", "placement", "train_subset", "model_kwargs", "amp",
+                   "channels_last")
+ABSURD_LOSS_FACTOR = 1e6  # a finite loss this many times the first epoch's warns (once a run)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; the message names the epoch and step."""
+    """Training produced a NaN or infinite loss; the message and ``failure`` name the run, epoch and step."""
+
+    def __init__(self, message: str, failure: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.failure = failure
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x))
 
 
 @dataclass
 class TrainConfig:
-    """Everything one run needs; ``recipe`` defaults to the preset for (dataset, model)."""
+    """Everything one run needs; ``recipe`` defaults to the preset for (dataset, model family).
+
+    ``placement`` puts the norm into named model parts only (the paper's Table 4); ``train_subset=N`` trains
+    on a stratified N-sample subset of the training set (the same one for every seed and norm).
+    """
 
     dataset: str = "digits"
     model: str = "resnet20"
@@ -66,6 +89,8 @@ class TrainConfig:
     seed: int = 121
     out: str = "runs/train"
     recipe: Recipe | None = None
+    placement: str = "all"
+    train_subset: int | None = None
     data_dir: str | None = None
     download: bool = False
     device: str = "auto"
@@ -73,6 +98,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     workers: int = 0
+    threads: int | None = None
     progress: bool | None = None
     sync_bn: bool = False
     resume: bool = False
@@ -87,16 +113,66 @@ class TrainConfig:
             raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {self.amp!r}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise ValueError(f"train_subset must be >= 1 (or None: the whole training set), got {self.train_subset}")
+        if "placement" in self.model_kwargs:
+            raise ValueError("placement is a TrainConfig field, not a model_kwargs entry")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["recipe"] = self.recipe.to_dict()
         return d
 
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the experiment (:data:`IDENTITY_FIELDS`), as JSON values."""
+        d = self.to_dict()
+        return {k: _jsonable(d[k]) for k in IDENTITY_FIELDS}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """A config from :meth:`to_dict` (also reads older runs that kept placement in ``model_kwargs``)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        d = {k: v for k, v in d.items() if k in known}
+        kwargs = dict(d.get("model_kwargs") or {})
+        if "placement" in kwargs:
+            d["placement"], d["model_kwargs"] = kwargs.pop("placement"), kwargs
+        return cls(**d)
+
+    def validate(self) -> None:
+        """Check what only matters before running (device, folders); raises ``ValueError`` naming the value."""
+        check_device(self.device)
+        check_out_dir(self.out)
+        if self.data_dir is not None and Path(self.data_dir).exists() and not Path(self.data_dir).is_dir():
+            raise ValueError(f"--data-dir {self.data_dir} is a file; pass the folder holding the dataset")
+
+
+def check_device(device: str) -> torch.device:
+    """The device ``device`` names, if it exists on this machine; else ``ValueError`` naming what is accepted."""
+    try:
+        dev = resolve_device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N, mps ({exc})") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} is not available: this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} is not available on this machine; use 'cpu' or 'auto'")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r} is not supported; accepted: auto, cpu, cuda, cuda:N, mps")
+    return dev
+
+
+def check_out_dir(out: str | os.PathLike) -> None:
+    """Refuse an output folder that is a file, lies under a file, or cannot be written — before any work."""
+    path = Path(out).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is" if existing == path else f"lies under {existing}, which is"
+        raise ValueError(f"--out {out} {where} a file; pass a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is read-only; pass a writable folder")
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -167,19 +243,6 @@ def _gate_clipper(model: nn.Module) -> Callable[[], None]:
     return lambda: clip_gates_(model)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` (never a torn file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
 
@@ -197,7 +260,7 @@ def _loader(dataset: Dataset, batch_size: int, workers: int, device: torch.devic
         batch_size=batch_size,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
+        persistent_workers=workers > 0,
         **kw,
     )
 
@@ -278,14 +341,7 @@ def evaluate(
         result["test_acc"] = float(100.0 * sums[1] / sums[2])
         if hook is not None:
             intra_test.all_reduce()
-            train_stats, test_stats = intra_train.compute(), intra_test.compute()
-            result.update(
-                intra_train=train_stats.intra,
-                intra_test=test_stats.intra,
-                inter=train_stats.inter,
-                iir_train=train_stats.iir,
-                iir_test=test_stats.intra / train_stats.inter,
-            )
+            result.update(_angle_metrics(intra_train, intra_test))
     finally:
         if hook is not None:
             hook.remove()
@@ -293,43 +349,270 @@ def evaluate(
     return result
 
 
+
+
+def _angle_metrics(intra_train, intra_test) -> dict[str, float]:
+    """The five angle metrics; NaN with a warning where they are undefined (e.g. features collapsed to zero)."""
+    try:
+        train_stats, test_stats = intra_train.compute(), intra_test.compute()
+        values = (train_stats.intra, test_stats.intra, train_stats.inter, train_stats.iir,
+                  test_stats.intra / train_stats.inter)
+    except (ValueError, ZeroDivisionError) as exc:
+        warnings.warn(f"angle metrics undefined, logged as NaN: {exc}", RuntimeWarning, stacklevel=3)
+        values = (math.nan,) * len(ANGLE_KEYS)
+    return dict(zip(ANGLE_KEYS, values))
 # ------------------------------------------------------------------------------------------------ training
 def is_complete(out: str | os.PathLike, config: TrainConfig | None = None) -> bool:
-    """Whether ``out`` holds a finished run (``summary.json``), of the same experiment if ``config`` is given."""
-    path = Path(out) / "summary.json"
-    if not path.is_file():
-        return False
-    if config is None:
-        return True
-    saved = json.loads(path.read_text()).get("config", {})
-    mine = config.to_dict()
-    return all(_jsonable(saved.get(k)) == _jsonable(mine.get(k)) for k in _IDENTITY_FIELDS)
-
-
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x))
+    """Whether ``out`` holds a finished run, of the same experiment if ``config`` is given."""
+    return RunDir(out).is_complete(config.identity() if config is not None else None)
 
 
 def _check_resume(saved: dict, config: TrainConfig, path: Path) -> None:
-    mine = config.to_dict()
-    diff = [k for k in _IDENTITY_FIELDS if _jsonable(saved.get(k)) != _jsonable(mine.get(k))]
+    theirs, mine = TrainConfig.from_dict(saved).identity(), config.identity()
+    diff = [k for k in IDENTITY_FIELDS if theirs[k] != mine[k]]
     if diff:
-        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine.get(k)!r}" for k in diff)
+        details = "; ".join(f"{k}: checkpoint {theirs[k]!r} vs now {mine[k]!r}" for k in diff)
         raise ValueError(f"cannot resume {path}: the experiment changed ({details})")
 
 
-def _truncate_jsonl(path: Path, keep_epochs: int) -> None:
-    """Keep the records of epochs 1..keep_epochs (a killed run may have logged an epoch it did not save)."""
-    if not path.is_file():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= keep_epochs]
-    _atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+def _impl_setting() -> str:
+    from ..functional import IMPL_ENV_VAR
+
+    return os.environ.get(IMPL_ENV_VAR) or "auto"
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+@dataclass
+class RunState:
+    """What :func:`setup` builds for one run and the epoch functions share."""
+
+    config: TrainConfig
+    env: DistEnv
+    run: RunDir
+    data: DataBundle
+    net: nn.Module  # the bare model (its state is checkpointed)
+    model: nn.Module  # what is called: ``net``, possibly wrapped in DDP and compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    train_loader: DataLoader
+    test_loader: DataLoader
+    train_eval_loader: DataLoader
+    shuffle_generators: tuple[torch.Generator, torch.Generator]
+    steps_per_epoch: int
+    say: Callable[[str], None]
+    start_epoch: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    first_loss: float | None = None
+    warned_absurd_loss: bool = False
+
+
+def _prepare_data(config: TrainConfig, data: DataBundle | None, env: DistEnv) -> DataBundle:
+    from ..data.subset import stratified_subset
+
+    data = data or build_data(config.dataset, config.data_dir, download=config.download and env.is_main)
+    if config.train_subset is not None:
+        train, train_eval = stratified_subset((data.train, data.train_eval), config.train_subset)
+        data = dataclasses.replace(data, train=train, train_eval=train_eval)
+    return data
+
+
+def setup(config: TrainConfig, env: DistEnv, run: RunDir, model_fn: ModelFn | None, data: DataBundle | None,
+          say: Callable[[str], None]) -> RunState:
+    """Data, model, optimiser, schedule and loaders of a run (nothing is written: the folder may not exist yet)."""
+    recipe, device = config.recipe, env.device
+    if recipe.batch_size % env.world_size:
+        raise ValueError(f"batch size {recipe.batch_size} is not divisible by the world size {env.world_size}")
+    local_batch = recipe.batch_size // env.world_size
+    data = _prepare_data(config, data, env)
+    if len(data.train) < recipe.batch_size:
+        raise ValueError(f"batch size {recipe.batch_size} exceeds the {len(data.train)} training samples")
+    torch.manual_seed(config.seed)
+    make = model_fn or (lambda **kw: build_model(config.model, **kw, placement=config.placement, **config.model_kwargs))
+    net = make(num_classes=data.num_classes, in_channels=data.in_channels, norm=config.norm)
+    if env.distributed and config.sync_bn:
+        net = _sync_norms(net, device)
+    net.to(device)
+    if config.channels_last:
+        net.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(_param_groups(net, recipe), lr=recipe.lr, momentum=recipe.momentum,
+                                nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    steps_per_epoch = len(data.train) // recipe.batch_size
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe, step / steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+
+    generators = (torch.Generator(), torch.Generator())  # sample order, loader base seed: re-seeded every epoch
+    if env.distributed:
+        sampler = DistributedSampler(data.train, env.world_size, env.rank, shuffle=True, seed=0, drop_last=True)
+    else:
+        sampler = RandomSampler(data.train, generator=generators[0])
+    eval_batch = max(local_batch, 256)
+    model: nn.Module = net
+    if env.distributed:
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        model = torch.compile(model)
+    state = RunState(
+        config, env, run, data, net, model, optimizer, scheduler, scaler,
+        train_loader=_loader(data.train, local_batch, config.workers, device, sampler=sampler, drop_last=True,
+                             generator=generators[1]),
+        test_loader=_loader(_shard(data.test, env), eval_batch, config.workers, device),
+        train_eval_loader=_loader(_shard(data.train_eval, env), eval_batch, config.workers, device),
+        shuffle_generators=generators, steps_per_epoch=steps_per_epoch, say=say,
+    )
+    return state
+
+
+def _restore(state: RunState) -> None:
+    """Load ``last.pt`` into the state (same experiment only); drop log lines of epochs it did not save."""
+    run, config = state.run, state.config
+    ckpt = run.load_checkpoint(run.last_path, map_location=state.env.device, for_resume=True)
+    _check_resume(ckpt["config"], config, run.last_path)
+    if ckpt.get("l2bn_impl", "auto") != _impl_setting():
+        warnings.warn(f"resuming {run.path} with L2BN_IMPL={_impl_setting()!r}, but it started with "
+                      f"{ckpt.get('l2bn_impl', 'auto')!r}: the records will not be byte-identical to an "
+                      "uninterrupted run", RuntimeWarning, stacklevel=2)
+    state.net.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.scaler.load_state_dict(ckpt["scaler"])
+    state.start_epoch, state.best_acc, state.best_epoch = ckpt["epoch"], ckpt["best_acc"], ckpt["best_epoch"]
+    state.say(f"resuming {run.path} after epoch {state.start_epoch}")
+    if state.env.is_main:
+        run.keep_epochs(state.start_epoch)
+        records = run.read_records()
+        state.first_loss = records[0]["train_loss"] if records else None
+
+
+def _forward_loss(state: RunState, x: Tensor, y: Tensor, criterion: nn.Module, mixup) -> tuple[Tensor, Tensor]:
+    if mixup is None:
+        logits = state.model(x)
+        return logits, criterion(logits, y)
+    lam = float(mixup.sample())
+    perm = torch.randperm(x.shape[0], device=x.device)
+    logits = state.model(lam * x + (1.0 - lam) * x[perm])
+    return logits, lam * criterion(logits, y) + (1.0 - lam) * criterion(logits, y[perm])
+
+
+def train_one_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, float]:
+    """One pass over the training set; returns the loss/accuracy (global over ranks), images and seconds."""
+    config, env, recipe, device = state.config, state.env, state.config.recipe, state.env.device
+    shuffle_seed = _epoch_seed(config.seed, epoch)
+    torch.manual_seed(shuffle_seed + env.rank)
+    state.shuffle_generators[0].manual_seed(shuffle_seed)
+    state.shuffle_generators[1].manual_seed(shuffle_seed + 1 + env.rank)
+    if isinstance(state.train_loader.sampler, DistributedSampler):
+        state.train_loader.sampler.set_epoch(shuffle_seed)
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    mixup = torch.distributions.Beta(recipe.mixup_alpha, recipe.mixup_alpha) if recipe.mixup_alpha > 0 else None
+    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[config.amp]) if config.amp else nullcontext()
+    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+    clip_gates = _gate_clipper(state.net)
+    state.model.train()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count (global over ranks)
+    start = time.perf_counter()
+    bar = tqdm(total=state.steps_per_epoch * recipe.batch_size, unit="img", unit_scale=True, disable=not progress,
+               desc=f"{config.norm} s{config.seed} epoch {epoch}/{recipe.epochs}", leave=False, file=sys.stderr)
+    for step, (x, y) in enumerate(state.train_loader, start=1):
+        x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        y = y.to(device, non_blocking=True)
+        with autocast:
+            logits, loss = _forward_loss(state, x, y, criterion, mixup)
+        stats = torch.stack([loss.detach().double() * y.numel(), (logits.argmax(1) == y).sum().double(),
+                             torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
+        stats = all_reduce_sum(stats).cpu()
+        if not math.isfinite(float(stats[0])):
+            bar.close()
+            raise _diverged(state, epoch, step, float(stats[0] / stats[2]))
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.scheduler.step()
+        clip_gates()
+        sums += stats
+        bar.update(int(stats[2]))
+        if step % 10 == 0 or step == state.steps_per_epoch:
+            bar.set_postfix(loss=f"{float(sums[0] / sums[2]):.4f}", lr=f"{state.scheduler.get_last_lr()[0]:.4g}")
+    bar.close()
+    return {"train_loss": float(sums[0] / sums[2]), "train_acc": float(100.0 * sums[1] / sums[2]),
+            "images": float(sums[2]), "seconds": time.perf_counter() - start}
+
+
+def _diverged(state: RunState, epoch: int, step: int, loss: float) -> NonFiniteLossError:
+    config = state.config
+    kept = (f"the last good checkpoint is {state.run.last_path} (epoch {epoch - 1})" if epoch > 1
+            else "no checkpoint was written yet")
+    failure = {"norm": config.norm, "seed": config.seed, "epoch": epoch, "step": step,
+               "reason": f"non-finite training loss ({loss})"}
+    return NonFiniteLossError(
+        f"[{config.norm} seed {config.seed}] non-finite training loss ({loss}) at epoch {epoch}, step {step} of "
+        f"{state.steps_per_epoch}; training stopped, {kept}", failure)
+
+
+def _check_loss(state: RunState, loss: float) -> None:
+    """Warn once a run when a finite loss is absurdly larger than the first epoch's."""
+    if state.first_loss is None:
+        state.first_loss = loss
+    elif not state.warned_absurd_loss and loss > ABSURD_LOSS_FACTOR * max(state.first_loss, 1e-12):
+        state.warned_absurd_loss = True
+        message = (f"[{state.config.norm} seed {state.config.seed}] training loss {loss:.4g} is over "
+                   f"{ABSURD_LOSS_FACTOR:.0e} times the first epoch's ({state.first_loss:.4g}): the run is diverging")
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        state.say(f"warning: {message}")
+
+
+def save_checkpoint(state: RunState, epoch: int, improved: bool) -> None:
+    """``best.pt`` (model) when the test accuracy improved, then ``last.pt`` (everything resume needs)."""
+    saved = {"model": state.net.state_dict(), "epoch": epoch, "best_acc": state.best_acc,
+             "best_epoch": state.best_epoch, "config": state.config.to_dict(), "num_classes": state.data.num_classes,
+             "in_channels": state.data.in_channels, "l2bn_impl": _impl_setting()}
+    if improved:
+        state.run.save_checkpoint(saved, best=True)
+    state.run.save_checkpoint({**saved, "optimizer": state.optimizer.state_dict(),
+                               "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict()})
+
+
+def write_summary(state: RunState) -> dict[str, Any]:
+    records = state.run.read_records() if state.env.is_main else []
+    summary = {"best_test_acc": state.best_acc, "best_epoch": state.best_epoch, "final": records[-1] if records else {},
+               "epochs": state.config.recipe.epochs, "world_size": state.env.world_size,
+               "config": state.config.to_dict()}
+    if state.env.is_main:
+        state.run.write_summary(summary)
+    return summary
+
+
+def _run_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, Any]:
+    """Train one epoch, evaluate, log and checkpoint it; returns the logged record."""
+    config, recipe = state.config, state.config.recipe
+    trained = train_one_epoch(state, epoch, progress)
+    start = time.perf_counter()
+    measure = epoch % recipe.metrics_every == 0 or epoch == recipe.epochs
+    record: dict[str, Any] = {"epoch": epoch, "lr": state.optimizer.param_groups[0]["lr"],
+                              "train_loss": trained["train_loss"], "train_acc": trained["train_acc"]}
+    record.update(evaluate(
+        state.model, state.test_loader, state.train_eval_loader if measure else None,
+        num_classes=state.data.num_classes, device=state.env.device, amp=config.amp,
+        channels_last=config.channels_last, max_batches=recipe.metrics_max_batches, feature_model=state.net,
+    ))
+    eval_seconds = time.perf_counter() - start
+    _check_loss(state, record["train_loss"])
+    improved = record["test_acc"] > state.best_acc
+    if improved:
+        state.best_acc, state.best_epoch = record["test_acc"], epoch
+    if state.env.is_main:
+        state.run.append_record(record)
+        state.run.append_timing({"epoch": epoch, "train_seconds": trained["seconds"], "eval_seconds": eval_seconds,
+                                 "train_images_per_second": trained["images"] / trained["seconds"]})
+        save_checkpoint(state, epoch, improved)
+    barrier()
+    angles = (f" intra {record['intra_train']:.2f}/{record['intra_test']:.2f} inter {record['inter']:.2f} "
+              f"IIR {record['iir_train']:.3f}/{record['iir_test']:.3f}") if measure else ""
+    state.say(f"[{config.dataset} {config.model} {config.norm} seed {config.seed}] epoch {epoch}/{recipe.epochs} "
+              f"loss {record['train_loss']:.4f} train {record['train_acc']:.2f}% test {record['test_acc']:.2f}%"
+              f"{angles} ({trained['seconds']:.1f}s + {eval_seconds:.1f}s)")
+    return record
 
 
 def train(
@@ -345,8 +628,13 @@ def train(
     ``model_fn(num_classes=, in_channels=, norm=)`` overrides :func:`build_model`; ``data`` overrides
     :func:`l2bn.data.build_data`. ``stop_after=k`` ends the call after epoch k as if the run were killed
     there (for time-sliced jobs; continue with ``resume=True``); the returned dict then has ``stopped_after``.
-    Under torchrun every rank calls this; only rank 0 writes files.
+    A diverged run raises :class:`NonFiniteLossError` after recording ``failed.json``; a folder that another
+    process trains raises :class:`~l2bn.train.rundir.RunBusyError`. Under torchrun every rank calls this;
+    only rank 0 writes files.
     """
+    config.validate()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     env = setup_distributed(config.device)
     try:
         return _train(config, env, model_fn, data, log, stop_after)
@@ -354,193 +642,39 @@ def train(
         cleanup_distributed(env)
 
 
-def _train(
-    config: TrainConfig, env: DistEnv, model_fn: ModelFn | None, data: DataBundle | None, log, stop_after: int | None
-) -> dict[str, Any]:
-    recipe, device = config.recipe, env.device
-    out = Path(config.out)
+def _train(config: TrainConfig, env: DistEnv, model_fn: ModelFn | None, data: DataBundle | None, log,
+           stop_after: int | None) -> dict[str, Any]:
+    run = RunDir(config.out)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     say = log if env.is_main else (lambda msg: None)
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    metrics_path, timing_path = out / "metrics.jsonl", out / "timing.jsonl"
-
-    if not config.resume and (metrics_path.exists() or last_path.exists()):  # every rank, so none waits forever
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    state = setup(config, env, run, model_fn, data, say)  # before any folder exists: a failure leaves nothing
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    if recipe.batch_size % env.world_size:
-        raise ValueError(f"batch size {recipe.batch_size} is not divisible by the world size {env.world_size}")
-    local_batch = recipe.batch_size // env.world_size
-
-    data = data or build_data(config.dataset, config.data_dir, download=config.download and env.is_main)
-    torch.manual_seed(config.seed)
-    make = model_fn or (lambda **kw: build_model(config.model, **kw, **config.model_kwargs))
-    net = make(num_classes=data.num_classes, in_channels=data.in_channels, norm=config.norm)
-    if env.distributed and config.sync_bn:
-        net = _sync_norms(net, device)
-    net.to(device)
-    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
-    if config.channels_last:
-        net.to(memory_format=torch.channels_last)
-
-    optimizer = torch.optim.SGD(
-        _param_groups(net, recipe),
-        lr=recipe.lr,
-        momentum=recipe.momentum,
-        nesterov=recipe.nesterov,
-        weight_decay=recipe.weight_decay,
-    )
-    train_set = data.train
-    if len(train_set) < local_batch * env.world_size:
-        raise ValueError(f"batch size {recipe.batch_size} exceeds the {len(train_set)} training samples")
-    steps_per_epoch = len(train_set) // (local_batch * env.world_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe, step / steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    clip_gates = _gate_clipper(net)
-
-    start_epoch, best_acc, best_epoch = 0, -1.0, 0
-    if config.resume and last_path.is_file():
-        ckpt = torch.load(last_path, map_location=device, weights_only=False)
-        _check_resume(ckpt["config"], config, last_path)
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best_acc, best_epoch = ckpt["epoch"], ckpt["best_acc"], ckpt["best_epoch"]
-        say(f"resuming {out} after epoch {start_epoch}")
-        if env.is_main:
-            _truncate_jsonl(metrics_path, start_epoch)
-            _truncate_jsonl(timing_path, start_epoch)
-    elif env.is_main:
-        for p in (metrics_path, timing_path):
-            p.unlink(missing_ok=True)
-    if env.is_main:
-        _atomic_write_text(out / "config.json", json.dumps({**config.to_dict(), "world_size": env.world_size}, indent=2))
+        run.path.mkdir(parents=True, exist_ok=True)
     barrier()
-
-    model: nn.Module = net
-    if env.distributed:
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
-        model = torch.compile(model)
-
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[config.amp]) if config.amp else nullcontext()
-    progress = (sys.stderr.isatty() if config.progress is None else config.progress) and env.is_main
-    eval_batch = max(local_batch, 256)
-    test_loader = _loader(_shard(data.test, env), eval_batch, config.workers, device)
-    train_eval_loader = _loader(_shard(data.train_eval, env), eval_batch, config.workers, device)
-    mixup = torch.distributions.Beta(recipe.mixup_alpha, recipe.mixup_alpha) if recipe.mixup_alpha > 0 else None
-
-    for epoch in range(start_epoch + 1, recipe.epochs + 1):
-        if stop_after is not None and epoch > stop_after:
-            return {"stopped_after": epoch - 1, "best_test_acc": best_acc, "best_epoch": best_epoch}
-        torch.manual_seed(_epoch_seed(config.seed, epoch) + env.rank)
-        shuffle_seed = _epoch_seed(config.seed, epoch)
-        if env.distributed:
-            sampler = DistributedSampler(train_set, env.world_size, env.rank, shuffle=True, seed=shuffle_seed, drop_last=True)
-        else:
-            sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(shuffle_seed))
-        loader = _loader(
-            train_set, local_batch, config.workers, device, sampler=sampler, drop_last=True,
-            generator=torch.Generator().manual_seed(shuffle_seed + 1 + env.rank),
-        )
-        model.train()
-        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count (global over ranks)
-        t0 = time.perf_counter()
-        bar = tqdm(
-            total=steps_per_epoch * recipe.batch_size, unit="img", unit_scale=True, disable=not progress,
-            desc=f"{config.norm} s{config.seed} epoch {epoch}/{recipe.epochs}", leave=False, file=sys.stderr,
-        )
-        for step, (x, y) in enumerate(loader, start=1):
-            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
-            y = y.to(device, non_blocking=True)
-            with autocast:
-                if mixup is not None:
-                    lam = float(mixup.sample())
-                    perm = torch.randperm(x.shape[0], device=device)
-                    logits = model(lam * x + (1.0 - lam) * x[perm])
-                    loss = lam * criterion(logits, y) + (1.0 - lam) * criterion(logits, y[perm])
-                else:
-                    logits = model(x)
-                    loss = criterion(logits, y)
-            stats = torch.stack([loss.detach().double() * y.numel(), (logits.argmax(1) == y).sum().double(),
-                                 torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
-            all_reduce_sum(stats)
-            stats = stats.cpu()
-            if not math.isfinite(float(stats[0])):
-                bar.close()
-                kept = (f"the last good checkpoint is {last_path} (epoch {epoch - 1})" if epoch > 1
-                        else "no checkpoint was written yet")
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({float(stats[0] / stats[2])}) at epoch {epoch}, step {step} of "
-                    f"{steps_per_epoch}; training stopped, {kept}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            clip_gates()
-            sums += stats
-            bar.update(int(stats[2]))
-            if step % 10 == 0 or step == steps_per_epoch:
-                bar.set_postfix(loss=f"{float(sums[0] / sums[2]):.4f}", lr=f"{scheduler.get_last_lr()[0]:.4g}")
-        bar.close()
-        train_seconds = time.perf_counter() - t0
-
-        t1 = time.perf_counter()
-        measure = epoch % recipe.metrics_every == 0 or epoch == recipe.epochs
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": float(sums[0] / sums[2]),
-            "train_acc": float(100.0 * sums[1] / sums[2]),
-        }
-        record.update(
-            evaluate(
-                model, test_loader, train_eval_loader if measure else None, num_classes=data.num_classes,
-                device=device, amp=config.amp, channels_last=config.channels_last,
-                max_batches=recipe.metrics_max_batches, feature_model=net,
-            )
-        )
-        eval_seconds = time.perf_counter() - t1
-        improved = record["test_acc"] > best_acc
-        if improved:
-            best_acc, best_epoch = record["test_acc"], epoch
+    with run.lock() if env.is_main else nullcontext():
+        if not config.resume and run.holds_run():  # every rank, so none waits forever
+            raise FileExistsError(f"{run.path} already holds a run; pass --resume to continue it or choose another --out")
         if env.is_main:
-            _append_jsonl(metrics_path, record)
-            _append_jsonl(timing_path, {
-                "epoch": epoch, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-                "train_images_per_second": float(sums[2]) / train_seconds,
-            })
-            state = {
-                "model": net.state_dict(), "epoch": epoch, "best_acc": best_acc, "best_epoch": best_epoch,
-                "config": config.to_dict(), "num_classes": data.num_classes, "in_channels": data.in_channels,
-            }
-            if improved:
-                _atomic_save(state, best_path)
-            _atomic_save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "scaler": scaler.state_dict()}, last_path)
+            run.remove_stale_temporaries()
+        if config.resume and run.last_path.is_file():
+            _restore(state)
+        if env.is_main:
+            if state.start_epoch == 0:
+                run.clear_logs()
+            run.clear_failure()
+            run.write_config({**config.to_dict(), "world_size": env.world_size})
         barrier()
-        angles = (f" intra {record['intra_train']:.2f}/{record['intra_test']:.2f} inter {record['inter']:.2f} "
-                  f"IIR {record['iir_train']:.3f}/{record['iir_test']:.3f}") if measure else ""
-        say(f"[{config.dataset} {config.model} {config.norm} seed {config.seed}] epoch {epoch}/{recipe.epochs} "
-            f"loss {record['train_loss']:.4f} train {record['train_acc']:.2f}% test {record['test_acc']:.2f}%"
-            f"{angles} ({train_seconds:.1f}s + {eval_seconds:.1f}s)")
-
-    records = [json.loads(ln) for ln in metrics_path.read_text().splitlines()] if env.is_main else []
-    final = records[-1] if records else {}
-    summary = {
-        "best_test_acc": best_acc,
-        "best_epoch": best_epoch,
-        "final": final,
-        "epochs": recipe.epochs,
-        "world_size": env.world_size,
-        "config": config.to_dict(),
-    }
-    if env.is_main:
-        _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        progress = (sys.stderr.isatty() if config.progress is None else config.progress) and env.is_main
+        for epoch in range(state.start_epoch + 1, config.recipe.epochs + 1):
+            if stop_after is not None and epoch > stop_after:
+                return {"stopped_after": epoch - 1, "best_test_acc": state.best_acc, "best_epoch": state.best_epoch}
+            try:
+                _run_epoch(state, epoch, progress)
+            except NonFiniteLossError as exc:
+                if env.is_main:
+                    run.record_failure(exc.failure)
+                raise
+        summary = write_summary(state)
     barrier()
     return summary
 
@@ -555,25 +689,28 @@ def analyze_checkpoint(
     model_fn: ModelFn | None = None,
     data: DataBundle | None = None,
 ) -> dict[str, Any]:
-    """Test accuracy and angle metrics of a saved model (``last.pt``/``best.pt``); ``dataset`` defaults to
-    the one it was trained on."""
-    from .ddp import resolve_device
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """Test accuracy and angle metrics of a saved model (``last.pt``/``best.pt``, loaded with
+    ``weights_only=True``); ``dataset`` defaults to the one it was trained on (and its training subset)."""
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 (or None: every batch), got {max_batches}")
+    dev = check_device(device)
+    ckpt = RunDir.load_checkpoint(path)
     config = TrainConfig.from_dict(ckpt["config"])
-    dev = resolve_device(device)
-    data = data or build_data(dataset or config.dataset, data_dir or config.data_dir, augment=False)
+    if dataset is None:
+        data = _prepare_data(dataclasses.replace(config, data_dir=data_dir or config.data_dir, download=False), data, DistEnv())
+    data = data or build_data(dataset, data_dir, augment=False)
     if data.num_classes != ckpt["num_classes"] or data.in_channels != ckpt["in_channels"]:
         raise ValueError(
             f"{path} was trained for {ckpt['num_classes']} classes / {ckpt['in_channels']} channels, dataset "
             f"{data.name!r} has {data.num_classes} / {data.in_channels}"
         )
-    make = model_fn or (lambda **kw: build_model(config.model, **kw, **config.model_kwargs))
+    make = model_fn or (lambda **kw: build_model(config.model, **kw, placement=config.placement, **config.model_kwargs))
     net = make(num_classes=data.num_classes, in_channels=data.in_channels, norm=config.norm)
-    net.load_state_dict(ckpt["model"])
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: its weights do not fit model {config.model!r} with norm {config.norm!r} "
+                         f"({str(exc).splitlines()[0]}); was the file edited or taken from another run?") from None
     net.to(dev)
     batch = max(config.recipe.batch_size, 256)
     result = evaluate(

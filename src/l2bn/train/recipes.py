@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = [
     "Recipe", "RECIPES", "get_recipe", "list_recipes", "default_recipe_name", "PAPER_SEEDS", "warm_restart_factor",
@@ -57,6 +57,9 @@ class Recipe:
     spec_masks: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay", "gamma", "momentum", "mixup_alpha", "label_smoothing"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         for name in ("epochs", "batch_size", "metrics_every"):
@@ -83,6 +86,10 @@ class Recipe:
             raise ValueError(f"min_lr must be in [0, lr={self.lr}), got {self.min_lr}")
         if self.weight_decay_scope not in WEIGHT_DECAY_SCOPES:
             raise ValueError(f"weight_decay_scope must be one of {WEIGHT_DECAY_SCOPES}, got {self.weight_decay_scope!r}")
+        if self.gamma <= 0:
+            raise ValueError(f"gamma (the step schedule's factor) must be > 0, got {self.gamma}")
+        if self.metrics_max_batches is not None and self.metrics_max_batches < 1:
+            raise ValueError(f"metrics_max_batches must be >= 1 (or unset: every batch), got {self.metrics_max_batches}")
 
     def replace(self, **overrides) -> "Recipe":
         """A copy with ``overrides`` applied; ``None`` values are ignored (unset CLI flags)."""
@@ -146,7 +153,20 @@ RECIPES: dict[str, Recipe] = {
         metrics_max_batches=40,
     ),
 }
-_FAMILIES = ("resnext", "densenet", "regnet", "vgg", "resnet")
+# Presets by dataset for every model (quick CPU presets), and by (dataset kind, model family) for the paper's.
+_DATASET_RECIPES = {"digits": "digits-quick", "fashion-mnist": "fashion-mnist-quick"}
+_FAMILY_RECIPES = {
+    ("cifar", "resnet"): "cifar-resnet",
+    ("cifar", "vgg"): "cifar-vgg",
+    ("cifar", "densenet"): "cifar-densenet",
+    ("cifar", "regnet"): "cifar-regnet",
+    ("cifar", "resnext"): "cifar-resnext",
+    ("imagenet", "resnet"): "imagenet-resnet",
+    ("imagenet", "resnext"): "imagenet-resnet",
+    ("asc", "asc-resnet"): "tau2020-resnet",
+    ("asc", "fcnn"): "tau2020-fcnn",
+}
+_DATASET_KINDS = {"cifar10": "cifar", "cifar100": "cifar", "imagenet": "imagenet", "tau2020": "asc"}
 
 
 def list_recipes() -> list[str]:
@@ -157,19 +177,26 @@ def list_recipes() -> list[str]:
 def default_recipe_name(dataset: str, model: str) -> str:
     """The preset the paper used for ``model`` on ``dataset`` (quick presets for digits / Fashion-MNIST).
 
-    Families are matched by name prefix (``resnext29`` → resnext); unknown CIFAR models get the ResNet recipe.
+    The model's family comes from the model registry (``l2bn.models``); a family without a preset for the
+    dataset is an error naming the way out (``--recipe``), never silently another family's recipe.
     """
-    dataset, model = dataset.lower(), model.lower()
-    if dataset == "digits":
-        return "digits-quick"
-    if dataset in ("fashion-mnist", "fashionmnist"):
-        return "fashion-mnist-quick"
-    if dataset == "imagenet":
-        return "imagenet-resnet"
-    if dataset == "tau2020":
-        return "tau2020-resnet" if "resnet" in model else "tau2020-fcnn"
-    family = next((f for f in _FAMILIES if model.startswith(f) or f in model), "resnet")
-    return f"cifar-{family}"
+    from ..data import list_datasets
+    from ..models import get_model_entry
+
+    key = dataset.lower().replace("_", "-").replace("fashionmnist", "fashion-mnist")
+    if key not in list_datasets():
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(list_datasets())}")
+    if key in _DATASET_RECIPES:
+        return _DATASET_RECIPES[key]
+    entry = get_model_entry(model)
+    kind = _DATASET_KINDS.get(key)
+    if kind is None:
+        raise ValueError(f"no default recipe for dataset {dataset!r}; pass --recipe (one of {', '.join(list_recipes())})")
+    name = _FAMILY_RECIPES.get((kind, entry.family))
+    if name is None:
+        raise ValueError(f"no {kind} recipe for model {entry.name!r} (family {entry.family!r}); pass --recipe "
+                         f"(one of {', '.join(list_recipes())})")
+    return name
 
 
 def get_recipe(name: str, **overrides) -> Recipe:

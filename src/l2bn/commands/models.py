@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
-from .registry import create_model, get_model_entry, list_models
+from ..models import create_model, get_model_entry, list_models
 
 
-def add_models_command(subparsers: argparse._SubParsersAction) -> None:
+def add_command(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``models`` sub-command."""
     parser = subparsers.add_parser(
         "models",
@@ -26,15 +25,7 @@ def add_models_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    """Print the model list or one model's norm layout; bad names print one error line and return 1."""
-    try:
-        return _run_models(args)
-    except ValueError as exc:  # unknown model, norm or placement, or a norm that rejects a width
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
-def _run_models(args: argparse.Namespace) -> int:
+    """Print the model list or one model's norm layout (bad names raise ``ValueError``)."""
     if args.name is None:
         for name in list_models():
             kind = get_model_entry(name).kind

@@ -1,0 +1,240 @@
+"""The comparison grid as a library function: every (norm, seed) of one experiment, then the paper's report.
+
+``compare(config, norms, seeds, out, jobs=1)`` trains each run into ``out/runs/<norm>-s<seed>/`` — skipping
+finished runs of the same experiment, resuming interrupted ones, not retrying recorded failures unless
+``retry_failed`` — and writes the report (``l2bn.report``) into ``out``. ``jobs > 1`` runs that many runs at
+once as separate (spawned) processes with the CPU threads split between them, one progress bar for the grid;
+each run's records are the same as in a sequential grid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .engine import NonFiniteLossError, TrainConfig, check_device, train
+from .rundir import RunBusyError, RunDir
+
+__all__ = ["GridReport", "compare", "grid_title"]
+
+
+@dataclass
+class GridReport:
+    """What :func:`compare` did: the runs it trained, skipped, found failed or busy, and the report it wrote."""
+
+    out: Path
+    run_dirs: list[Path]
+    trained: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)  # the failure records (norm, seed, epoch, step, reason)
+    busy: list[Path] = field(default_factory=list)
+    stopped: bool = False  # ``stop_after`` ended the grid early: no report yet
+    rows: list[dict] = field(default_factory=list)
+    paths: dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        """Whether every run finished or failed and the report was written."""
+        return bool(self.paths)
+
+
+def grid_title(config: TrainConfig, seeds: Sequence[int]) -> str:
+    """The report's title: dataset, model, placement and subset when not the default, epochs and seeds."""
+    parts = [config.dataset, config.model]
+    if config.placement != "all":
+        parts.append(f"placement {config.placement}")
+    if config.train_subset is not None:
+        parts.append(f"{config.train_subset}-sample training subset")
+    return f"{' / '.join(parts)} ({config.recipe.epochs} epochs, seeds {','.join(map(str, seeds))})"
+
+
+def _check_grid(config: TrainConfig, norms: Sequence[str], seeds: Sequence[int], jobs: int) -> None:
+    from ..norms import get_norm_layer
+
+    for what, values in (("norms", norms), ("seeds", seeds)):
+        if not values:
+            raise ValueError(f"{what} must not be empty")
+        repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if repeated:
+            raise ValueError(f"repeated {what}: {', '.join(repeated)}")
+    for norm in norms:
+        get_norm_layer(norm)
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("jobs > 1 runs separate processes; under torchrun use jobs=1 (DDP spreads each run)")
+    config.validate()
+
+
+def _plan(config: TrainConfig, norms: Sequence[str], seeds: Sequence[int], out: Path) -> list[TrainConfig]:
+    """One config per (norm, seed); a folder holding another experiment is refused before any work."""
+    configs = []
+    for norm in norms:
+        for seed in seeds:
+            run = RunDir(out / "runs" / f"{norm}-s{seed}")
+            run_config = dataclasses.replace(config, norm=norm, seed=seed, out=str(run.path))
+            stored = run.stored_identity() if run.holds_run() else None
+            if stored is not None and stored != run_config.identity():
+                mine = run_config.identity()
+                diff = "; ".join(f"{k}: stored {stored[k]!r} vs now {mine[k]!r}" for k in mine if stored[k] != mine[k])
+                raise ValueError(f"{run.path} holds another experiment ({diff}); choose another out folder")
+            configs.append(run_config)
+    return configs
+
+
+def _run_one(config: TrainConfig, stop_after: int | None, log: Callable[[str], None] | None) -> dict[str, Any]:
+    """Train one run; a divergence or a busy folder is an outcome, not an exception."""
+    try:
+        result = train(config, log=log, stop_after=stop_after)
+    except NonFiniteLossError as exc:
+        return {"status": "failed", "failure": exc.failure, "message": str(exc)}
+    except RunBusyError as exc:
+        return {"status": "busy", "message": str(exc)}
+    return {"status": "stopped" if "stopped_after" in result else "done"}
+
+
+def compare(
+    config: TrainConfig,
+    norms: Sequence[str],
+    seeds: Sequence[int] | None = None,
+    out: str | os.PathLike | None = None,
+    *,
+    jobs: int = 1,
+    retry_failed: bool = False,
+    stop_after: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> GridReport:
+    """Train every (norm, seed) of ``config``'s experiment into ``out/runs/`` and write the report into ``out``.
+
+    ``config`` gives everything but the norm and seed (its ``out`` is ignored); ``seeds`` default to the
+    recipe's. Returns a :class:`GridReport`; the report is written once every run has finished or failed.
+    Example: ``compare(TrainConfig(dataset="digits"), ["bn", "l2bn"], out="runs/cmp", jobs=2)``.
+    """
+    from .. import report
+
+    start = time.perf_counter()
+    seeds = list(seeds) if seeds is not None else list(config.recipe.seeds)
+    out = Path(out if out is not None else config.out)
+    base = dataclasses.replace(config, out=str(out), resume=False)
+    _check_grid(base, norms, seeds, jobs)
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    configs = _plan(base, norms, seeds, out)
+    result = GridReport(out, [Path(c.out) for c in configs])
+    pending = []
+    for run_config in configs:
+        run = RunDir(run_config.out)
+        if run.is_complete(run_config.identity()):
+            log(f"skip {run.path} (complete)")
+            result.skipped.append(run.path)
+        elif run.is_failed() and not retry_failed:
+            failure = run.read_failure()
+            log(f"skip {run.path} (failed at epoch {failure.get('epoch')}: {failure.get('reason')}; "
+                "retry with --retry-failed)")
+            result.failed.append(failure)
+        else:
+            pending.append(dataclasses.replace(run_config, resume=run.holds_run()))
+    outcomes = _run_parallel(pending, jobs, stop_after, log) if jobs > 1 else [
+        _run_one(c, stop_after, log) for c in pending]
+    for run_config, outcome in zip(pending, outcomes):
+        status = outcome["status"]
+        if status == "failed":
+            log(f"run failed: {outcome['message']}")
+            result.failed.append(outcome["failure"])
+        elif status == "busy":
+            log(outcome["message"])
+            result.busy.append(Path(run_config.out))
+        else:
+            result.trained.append(Path(run_config.out))
+            result.stopped |= status == "stopped"
+    result.seconds = time.perf_counter() - start
+    if result.stopped or result.busy or int(os.environ.get("RANK", "0")) != 0:
+        return result
+    runs = [report.load_run(p) for p in result.run_dirs if RunDir(p).metrics_path.is_file() or RunDir(p).is_failed()]
+    result.rows = report.summarize(runs, norms)
+    result.paths = report.write_report(runs, out, norms, title=grid_title(base, seeds))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- parallel
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(messages, slots, threads: int) -> None:
+    """Per worker process: its log queue, its slot (for one GPU each) and its share of the CPU threads."""
+    with slots.get_lock():
+        slot = slots.value
+        slots.value += 1
+    torch.set_num_threads(threads)
+    _WORKER.update(messages=messages, slot=slot, threads=threads)
+
+
+def _worker_run(config: TrainConfig, stop_after: int | None) -> dict[str, Any]:
+    count = torch.cuda.device_count() if check_device(config.device).type == "cuda" else 0
+    if count > 1 and config.device in ("auto", "cuda"):
+        config = dataclasses.replace(config, device=f"cuda:{_WORKER['slot'] % count}")
+    config = dataclasses.replace(config, threads=_WORKER["threads"], progress=False)
+    return _run_one(config, stop_after, _WORKER["messages"].put)
+
+
+def _epochs_logged(configs: Sequence[TrainConfig]) -> int:
+    total = 0
+    for c in configs:
+        path = RunDir(c.out).metrics_path
+        total += path.read_bytes().count(b"\n") if path.is_file() else 0
+    return total
+
+
+def _run_parallel(configs: Sequence[TrainConfig], jobs: int, stop_after: int | None,
+                  log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run ``configs`` in ``jobs`` spawned processes; one bar counts the grid's epochs, run logs print above it."""
+    import multiprocessing
+
+    if not configs:
+        return []
+    jobs = min(jobs, len(configs))
+    threads = max(1, (configs[0].threads or torch.get_num_threads()) // jobs)
+    ctx = multiprocessing.get_context("spawn")
+    messages, slots = ctx.Queue(), ctx.Value("i", 0)
+    last = configs[0].recipe.epochs if stop_after is None else min(stop_after, configs[0].recipe.epochs)
+    done_before = _epochs_logged(configs)
+    total = len(configs) * last
+    show = sys.stderr.isatty() if configs[0].progress is None else configs[0].progress
+    bar = tqdm(total=total, initial=min(done_before, total), unit="epoch", desc=f"grid ({jobs} jobs)",
+               file=sys.stderr, disable=not show)
+
+    def drain() -> None:
+        while True:
+            try:
+                message = messages.get_nowait()
+            except queue.Empty:
+                break
+            bar.write(message, file=sys.stderr) if show else log(message)
+        bar.n = min(_epochs_logged(configs), total)
+        bar.refresh()
+
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(messages, slots, threads))
+    try:
+        futures = [pool.submit(_worker_run, c, stop_after) for c in configs]
+        remaining = set(futures)
+        while remaining:
+            _, remaining = wait(remaining, timeout=0.5, return_when=FIRST_COMPLETED)
+            drain()
+        pool.shutdown(wait=True)  # the workers exit, flushing what they logged
+        drain()
+        return [f.result() for f in futures]
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        bar.close()
