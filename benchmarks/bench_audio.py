@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from l2bn import L2BatchNorm2d
-from l2bn.bench import environment_line
+from l2bn.bench import _interleaved_min_ms, environment_line
 from l2bn.data import audio
 from l2bn.models import create_model
 
@@ -74,19 +74,10 @@ def step_seconds(name: str, batch: int, repeats: int, device: torch.device) -> t
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x), target).backward()
             opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
 
         steps.append(step)
-    for step in steps:
-        step()
-    best = [float("inf")] * 2
-    for _ in range(repeats):
-        for i, step in enumerate(steps):
-            start = time.perf_counter()
-            step()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best[0], best[1]
+    bn_ms, l2_ms = _interleaved_min_ms(steps, device, repeats, warmup=1)
+    return bn_ms / 1e3, l2_ms / 1e3
 
 
 def main() -> None:

@@ -1,8 +1,14 @@
 """TAU 2020 Mobile on a miniature set in the real layout: parsing, features, the cache, and bad input."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 import numpy as np
 import pytest
@@ -24,7 +30,8 @@ def _clip(scene: int, device: int, rate: int = 8000, seconds: float = 0.5) -> np
     return (0.3 + 0.1 * device) * np.sin(2 * np.pi * 150 * (scene + 1) * t) + 0.01 * rng.standard_normal(t.size)
 
 
-def write_tau2020(base: Path, *, rate: int = 8000, seconds: float = 0.5) -> Path:
+def write_tau2020(base: Path, *, rate: int = 8000, seconds: float = 0.5, train_devices=TRAIN_DEVICES,
+                  test_devices=TEST_DEVICES) -> Path:
     """A miniature development set one folder down: audio/, meta.csv, evaluation_setup/ (the evaluate list in
     CRLF, as the official fold1_evaluate.csv)."""
     root = base / audio.SUBFOLDER
@@ -32,7 +39,7 @@ def write_tau2020(base: Path, *, rate: int = 8000, seconds: float = 0.5) -> Path
     (root / "evaluation_setup").mkdir()
     rows = {"train": [], "evaluate": []}
     for k, scene in enumerate(audio.SCENES):
-        for split, devices in (("train", TRAIN_DEVICES), ("evaluate", TEST_DEVICES)):
+        for split, devices in (("train", train_devices), ("evaluate", test_devices)):
             for d, device in enumerate(devices):
                 name = f"audio/{scene}-lyon-{k}-{d}{split[0]}-{device}.wav"
                 soundfile.write(root / name, _clip(k, d + (3 if split == "evaluate" else 0), rate, seconds), rate)
@@ -141,7 +148,7 @@ def test_bundle_shapes_crop_devices_and_cache(tau, tmp_path):
     assert test_y == 2 and data.test.devices[7] == "s2" and data.test.devices[8] == "s4"
     folder = cache / SMALL.key()
     assert sorted(p.name for p in folder.iterdir()) == ["evaluate", "train"]
-    assert np.load(folder / "train" / "features.npy", mmap_mode="r").shape == (30, 3, 32, 55)
+    assert np.load(folder / "train" / "logmel.npy", mmap_mode="r").shape == (30, 32, 63)  # Δ on loading
     assert json.loads((folder / "train" / "index.json").read_text())["devices"][:3] == ["a", "b", "s1"]
 
 
@@ -183,16 +190,16 @@ def test_interrupted_extraction_resumes_with_the_missing_clips(tau, tmp_path, mo
     calls.clear()
     audio.extract_split(split, SMALL, cache, workers=0, chunk=3)
     assert len(calls) == 30 - 6
-    features = np.load(folder / "features.npy")
+    features = np.load(folder / "logmel.npy")
     for i in (0, 5, 6, 29):
-        assert np.array_equal(features[i], real(tau / split.files[i], SMALL).numpy())
+        assert np.array_equal(features[i], real(tau / split.files[i], SMALL))
 
 
 def test_parallel_extraction_equals_serial(tau, tmp_path):
     split = audio.read_split(tau, "evaluate")
     serial = audio.extract_split(split, SMALL, tmp_path / "serial", workers=0)
     parallel = audio.extract_split(split, SMALL, tmp_path / "parallel", workers=2, chunk=4)
-    assert np.array_equal(np.load(serial / "features.npy"), np.load(parallel / "features.npy"))
+    assert np.array_equal(np.load(serial / "logmel.npy"), np.load(parallel / "logmel.npy"))
 
 
 def test_spec_masks_and_scaling():
@@ -262,3 +269,65 @@ def test_unreadable_wav(tau, tmp_path, workers):
 def test_wrong_sample_rate_names_the_file(tau, tmp_path):
     with pytest.raises(DataError, match=r"airport-lyon-0-0t-a.wav is sampled at 8000 Hz, expected 44100 Hz"):
         audio.tau2020(tau, cache_dir=tmp_path / "c", workers=0)
+
+
+# ------------------------------------------------------------------------------------- end to end
+def test_compare_one_epoch_end_to_end_with_device_table_and_confusion(tmp_path, monkeypatch, capsys):
+    from l2bn.cli import main
+
+    tiny = audio.FeatureParams(sample_rate=8000, duration=0.25, n_fft=256, hop_length=64, n_mels=16)
+    monkeypatch.setattr(audio, "DEFAULT_PARAMS", tiny)  # what build_data("tau2020") extracts with
+    write_tau2020(tmp_path / "data", train_devices=("a", "b"), test_devices=("a", "b", "s1", "s2", "s3", "s5"))
+    out = tmp_path / "cmp"
+    argv = ["compare", "--dataset", "tau2020", "--model", "fcnn", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
+            "--batch-size", "10", "--seeds", "121", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    run = json.loads((out / "runs" / "l2bn-s121" / "summary.json").read_text())
+    assert run["config"]["recipe"]["schedule"] == "cosine-restarts" and run["config"]["recipe"]["spec_masks"]
+    record = json.loads((out / "runs" / "l2bn-s121" / "metrics.jsonl").read_text().splitlines()[0])
+    confusion = record["test_confusion"]
+    assert confusion["groups"] == ["a", "b", "s1", "s2", "s3", "s5"] and confusion["classes"] == list(audio.SCENES)
+    counts = np.asarray(confusion["counts"])
+    assert counts.shape == (6, 10, 10) and (counts.sum(axis=2) == 1).all()  # one clip per (device, scene)
+    assert np.trace(counts.sum(0)) / 60 * 100 == pytest.approx(record["test_acc"])
+    assert "intra_train" in record  # angle metrics on the pooled class maps (10-dimensional)
+    markdown = (out / "results.md").read_text()
+    assert "### Accuracy per device (%)" in markdown and "| Norm | Seeds | a | b | s1 | s2 | s3 | s5 | s1-s3 |" in markdown
+    assert "| s4-s6 |" not in markdown  # a group is reported only when all its devices are present
+    rows = list(csv.DictReader(open(out / "devices.csv")))
+    assert [r["norm"] for r in rows] == ["bn", "l2bn"]
+    s1_s3 = np.trace(counts[2:5].sum(0)) / 30 * 100
+    assert float(rows[1]["s1-s3_mean"]) == pytest.approx(s1_s3)
+    image = plt.imread(out / "confusion.png")
+    assert image.shape[0] > 300 and image.shape[1] > 600  # two panels
+    capsys.readouterr()
+    assert main(["analyze", str(out / "runs" / "l2bn-s121" / "best.pt"), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "acc s5" in printed and f"test_acc     {record['test_acc']:.4f}" in printed
+
+
+def test_tau2020_run_resumes_exactly_under_bf16_and_channels_last(tmp_path, monkeypatch):
+    from l2bn.models import create_model
+    from l2bn.train.engine import TrainConfig, train
+    from l2bn.train.recipes import get_recipe
+
+    tiny = audio.FeatureParams(sample_rate=8000, duration=0.25, n_fft=256, hop_length=64, n_mels=16)
+    monkeypatch.setattr(audio, "DEFAULT_PARAMS", tiny)
+    write_tau2020(tmp_path / "data")
+    recipe = get_recipe("tau2020-fcnn", epochs=2, batch_size=10, metrics_every=1)
+
+    def small(num_classes, in_channels, norm):
+        return create_model("fcnn", num_classes=num_classes, in_channels=in_channels, norm_layer=norm, widths=(8, 8, 16))
+
+    def run(name, **kw):
+        config = TrainConfig(dataset="tau2020", model="fcnn", norm="l2bn", data_dir=str(tmp_path / "data"),
+                             out=str(tmp_path / name), recipe=recipe, amp="bf16", channels_last=True, progress=False,
+                             resume=kw.pop("resume", False))
+        return train(config, model_fn=small, log=lambda m: None, **kw)
+
+    run("full")
+    assert run("part", stop_after=1)["stopped_after"] == 1
+    run("part", resume=True)
+    full = (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert full == (tmp_path / "part" / "metrics.jsonl").read_text()
+    assert all(np.isfinite(json.loads(line)["train_loss"]) for line in full.splitlines())

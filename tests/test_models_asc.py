@@ -167,3 +167,15 @@ def test_he_normal_init_and_recorded_norms():
     conv = model.block3[0]
     std = math.sqrt(2.0 / conv.weight[0].numel())
     assert conv.weight.abs().max() <= 2 * std + 1e-7 and abs(conv.weight.std().item() - 0.88 * std) < 0.05 * std
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
+def test_angle_features_are_the_pooled_class_maps(name):
+    from l2bn.metrics import FeatureHook
+
+    model = create_model(name, num_classes=10, widths=SMALL[name]).eval()
+    x = torch.randn(3, 3, 32, 40)
+    with FeatureHook(model) as hook, torch.no_grad():
+        logits = model(x)
+    assert hook.layer_name == "pooled" and hook.features.shape == (3, 10)
+    assert torch.equal(hook.features, logits)  # the attention MLP's nn.Linear is not mistaken for the head

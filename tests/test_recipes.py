@@ -190,3 +190,10 @@ def test_recipe_validation_names_the_bad_value():
     with pytest.raises(ValueError, match="restart_cycles must be positive"):
         get_recipe("tau2020-fcnn", restart_cycles=(2, 0))
     assert get_recipe("tau2020-fcnn", restart_cycles=[1, 2]).restart_cycles == (1, 2)
+
+
+def test_lr_factor_runs_the_warm_restarts():
+    recipe = get_recipe("tau2020-fcnn")
+    for t in (0.0, 1.3, 2.0, 5.99, 100.25, 253.9):
+        assert lr_factor(recipe, t) == warm_restart_factor(recipe, t)
+    assert lr_factor(recipe, 2.0) == 1.0 and lr_factor(recipe, 1.999) < 0.01

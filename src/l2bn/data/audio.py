@@ -6,8 +6,9 @@ tab-separated ``evaluation_setup/fold1_train.csv`` / ``fold1_evaluate.csv`` (hea
 CRLF line endings tolerated). Features follow Hu et al.'s DCASE 2020 pipeline (MihawkHu/DCASE2020_task1,
 ``task1a/10class/extr_feat_2020_nodelta_scaled.py`` and ``utils.py:deltas``): see :func:`extract_features`.
 
-Every clip is extracted once, in parallel, into one memory-mapped ``.npy`` per split plus an index, under a
-folder named by a hash of the extraction parameters; an interrupted extraction resumes where it stopped.
+Every clip's scaled log-mel spectrogram is extracted once, in parallel, into one memory-mapped ``.npy`` per
+split plus an index, under a folder named by a hash of the extraction parameters (Δ and ΔΔ are computed on
+loading, as the reference does: a third of the disk); an interrupted extraction resumes where it stopped.
 Training samples are random crops of 400 of the 423 frames (after one frequency and one time mask per channel
 when ``spec_masks`` is on, as Hu et al. do for FCNN / fsFCNN); evaluation uses the whole clip.
 """
@@ -40,7 +41,10 @@ __all__ = [
     "extract_features",
     "extract_split",
     "read_split",
+    "scaled_logmel",
+    "stack_deltas",
     "tau2020",
+    "with_spec_masks",
 ]
 
 SCENES: tuple[str, ...] = (
@@ -52,7 +56,7 @@ DEVICES: tuple[str, ...] = ("a", "b", "c", "s1", "s2", "s3", "s4", "s5", "s6")
 DEVICE_GROUPS: dict[str, tuple[str, ...]] = {"s1-s3": ("s1", "s2", "s3"), "s4-s6": ("s4", "s5", "s6")}
 SUBFOLDER = "TAU-urban-acoustic-scenes-2020-mobile-development"
 SPLIT_FILES = {"train": "fold1_train.csv", "evaluate": "fold1_evaluate.csv"}
-_FEATURE_VERSION = 1  # bump when the feature computation changes, so old caches are not reused
+_FEATURE_VERSION = 2  # bump when the feature computation changes, so old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,13 @@ class FeatureParams:
         return 1 + self.samples // self.hop_length - 8
 
     @property
+    def stft_frames(self) -> int:
+        """Centred STFT frames of a clip: the cached log-mel is (n_mels, stft_frames)."""
+        return 1 + self.samples // self.hop_length
+
+    @property
     def shape(self) -> tuple[int, int, int]:
+        """Shape of :func:`extract_features`' output."""
         return (3, self.n_mels, self.frames)
 
     def key(self) -> str:
@@ -100,9 +110,15 @@ class FeatureParams:
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def _deltas(x: np.ndarray) -> np.ndarray:
+def _deltas(x: Tensor) -> Tensor:
     """Δ[t] = (x[t+1] − x[t−1]) / 10 + (x[t+2] − x[t−2]) / 5 along the last axis, valid region (T − 4)."""
     return (x[..., 3:-1] - x[..., 1:-3]) / 10.0 + (x[..., 4:] - x[..., :-4]) / 5.0
+
+
+def stack_deltas(logmel: Tensor) -> Tensor:
+    """(n_mels, T) scaled log-mel → (3, n_mels, T − 8): [static[4:-4], Δ[2:-2], ΔΔ], in the input's dtype."""
+    delta = _deltas(logmel)
+    return torch.stack([logmel[:, 4:-4], delta[:, 2:-2], _deltas(delta)])
 
 
 def _to_mono(waveform: np.ndarray) -> np.ndarray:
@@ -121,11 +137,20 @@ def extract_features(
 
     Mono (channel mean); the first ``params.duration`` s (zero-padded); librosa power mel spectrogram (n_fft
     2048, hop 1024, Hann, centred frames with reflect padding as librosa < 0.10 did, 128 HTK bands from 0 to
-    sr/2, no filter normalisation); ln(mel + 1e-8); min–max scaling of the clip to [0, 1]; Δ along time and
-    ΔΔ = Δ(Δ); channels [static[4:-4], Δ[2:-2], ΔΔ]. Computed in float64, returned as float32.
+    sr/2, no filter normalisation); ln(mel + 1e-8); min–max scaling of the clip to [0, 1] (float64, then
+    float32 as the reference stores it); Δ along time and ΔΔ = Δ(Δ) in float32; channels [static[4:-4],
+    Δ[2:-2], ΔΔ].
 
     Example: ``extract_features(soundfile.read("clip.wav")[0])``.
     """
+    return stack_deltas(torch.from_numpy(scaled_logmel(waveform, sample_rate, params)))
+
+
+def scaled_logmel(
+    waveform: np.ndarray | Tensor, sample_rate: int = 44100, params: FeatureParams | None = None
+) -> np.ndarray:
+    """The min–max-scaled log-mel spectrogram (n_mels, stft_frames) float32 of :func:`extract_features`
+    (what the cache stores)."""
     import librosa
 
     params = params or FeatureParams(sample_rate=sample_rate)
@@ -143,10 +168,7 @@ def extract_features(
     logmel = np.log(mel + params.log_offset)
     low, high = logmel.min(), logmel.max()
     logmel = (logmel - low) / (high - low) if high > low else np.zeros_like(logmel)
-    delta = _deltas(logmel)
-    delta2 = _deltas(delta)
-    out = np.stack([logmel[:, 4:-4], delta[:, 2:-2], delta2]).astype(np.float32)
-    return torch.from_numpy(out)
+    return logmel.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -223,8 +245,9 @@ def read_split(root: str | os.PathLike, split: str) -> Split:
 
 
 # ------------------------------------------------------------------------------------------------ cache
-def _read_clip(path: Path, params: FeatureParams) -> Tensor:
-    """Read one wav with soundfile and extract it; any failure is a DataError naming the file."""
+def _read_clip(path: Path, params: FeatureParams) -> np.ndarray:
+    """Read one wav with soundfile and return its :func:`scaled_logmel`; any failure is a DataError naming
+    the file."""
     import soundfile
 
     try:
@@ -235,7 +258,7 @@ def _read_clip(path: Path, params: FeatureParams) -> Tensor:
         raise DataError(f"tau2020: {path} is sampled at {rate} Hz, expected {params.sample_rate} Hz")
     if waveform.shape[0] == 0:
         raise DataError(f"tau2020: {path} holds no samples")
-    return extract_features(waveform.mean(axis=1), rate, params)
+    return scaled_logmel(waveform.mean(axis=1), rate, params)
 
 
 _WORKER: dict = {}
@@ -249,7 +272,7 @@ def _worker_init(features_path: str, root: str, files: Sequence[str], params: Fe
 def _worker_run(indices: Sequence[int]) -> list[int]:
     out, root, files, params = _WORKER["out"], _WORKER["root"], _WORKER["files"], _WORKER["params"]
     for i in indices:
-        out[i] = _read_clip(root / files[i], params).numpy()
+        out[i] = _read_clip(root / files[i], params)
     out.flush()
     return list(indices)
 
@@ -277,7 +300,8 @@ def extract_split(
     chunk: int = 8,
     progress: bool | None = None,
 ) -> Path:
-    """Extract every clip of ``split`` into ``<cache>/<params.key()>/<split>/features.npy`` (N, 3, F, T) once.
+    """Extract every clip of ``split`` into ``<cache>/<params.key()>/<split>/logmel.npy`` (N, n_mels, stft
+    frames), float32, once.
 
     Clips are written in place into a memory-mapped ``.npy`` and marked in ``done.npy`` after they are
     flushed, so an interrupted run resumes with the missing clips only; ``index.json`` (file names, labels,
@@ -286,12 +310,12 @@ def extract_split(
     """
     folder = Path(cache_dir or default_cache_dir(split.root)) / params.key() / split.name
     index = {"files": list(split.files), "labels": list(split.labels), "devices": list(split.devices),
-             "params": dataclasses.asdict(params), "shape": [len(split.files), *params.shape]}
+             "params": dataclasses.asdict(params), "shape": [len(split.files), params.n_mels, params.stft_frames]}
     index_path, manifest_path = folder / "index.json", folder / "manifest.json"
     if index_path.is_file() and json.loads(index_path.read_text()) == index:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    features_path, done_path = folder / "features.npy", folder / "done.npy"
+    features_path, done_path = folder / "logmel.npy", folder / "done.npy"
     manifest = {k: index[k] for k in ("files", "params", "shape")}
     fresh = not (manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest
                  and features_path.is_file() and done_path.is_file())
@@ -357,7 +381,8 @@ class SpecAugment:
 
 
 class AudioFeatureDataset(Dataset):
-    """Cached features of one split (memory-mapped, opened lazily in each process) with labels and devices.
+    """Features (3, n_mels, frames) of one cached split — log-mel memory-mapped and opened lazily in each
+    process, Δ / ΔΔ computed per item — with labels (``targets``), ``devices`` and ``classes``.
 
     ``crop``: frames of a random crop (training) or ``None`` for the whole clip; ``augment`` runs before it.
     """
@@ -368,10 +393,12 @@ class AudioFeatureDataset(Dataset):
         self.files: list[str] = index["files"]
         self.targets: list[int] = index["labels"]
         self.devices: list[str] = index["devices"]
-        self.shape = tuple(index["shape"])
+        count, n_mels, stft_frames = index["shape"]
+        self.shape = (count, 3, n_mels, stft_frames - 8)
         if crop is not None and not 1 <= crop <= self.shape[-1]:
             raise ValueError(f"crop must be in [1, {self.shape[-1]}] frames, got {crop}")
         self.crop, self.augment = crop, augment
+        self.classes = SCENES
         self._array: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -382,14 +409,33 @@ class AudioFeatureDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         if self._array is None:
-            self._array = np.load(self.folder / "features.npy", mmap_mode="r")
-        x = torch.from_numpy(np.array(self._array[index]))
+            self._array = np.load(self.folder / "logmel.npy", mmap_mode="r")
+        x = stack_deltas(torch.from_numpy(np.array(self._array[index])))
         if self.augment is not None:
             x = self.augment(x)
         if self.crop is not None and self.crop < x.shape[-1]:
             start = int(torch.randint(0, x.shape[-1] - self.crop, ()))  # as the reference: never the last start
             x = x[..., start : start + self.crop]
         return x, self.targets[index]
+
+
+def _scaled_masks(n_mels: int, frames: int) -> SpecAugment:
+    """The reference's mask widths (13 of 128 bins, 40 of 423 frames, exclusive) scaled to these features."""
+    return SpecAugment(max(1, round(13 * n_mels / 128)), max(1, round(40 * frames / 423)))
+
+
+def with_spec_masks(data: DataBundle) -> DataBundle:
+    """``data`` with :class:`SpecAugment` (widths scaled to its features) on the training split, applied to
+    the whole clip before the random crop — the FCNN / fsFCNN recipes' masks. Only for audio bundles."""
+    if not isinstance(data.train, AudioFeatureDataset):
+        raise ValueError(f"spec_masks needs an acoustic-scene dataset (tau2020), got {data.name!r}")
+    _, _, n_mels, frames = data.train.shape
+    train = AudioFeatureDataset(data.train.folder, crop=data.train.crop, augment=_scaled_masks(n_mels, frames))
+    return dataclasses.replace(data, train=train)
+
+
+#: Extraction parameters of ``build_data("tau2020")`` (tests substitute scaled-down ones).
+DEFAULT_PARAMS = FeatureParams()
 
 
 def tau2020(
@@ -408,12 +454,12 @@ def tau2020(
     ``crop`` defaults to 400 frames scaled by ``params.frames / 423`` (400 of 423 at the reference setting);
     ``spec_masks`` adds :class:`SpecAugment` with the reference's widths scaled the same way.
     """
-    params = params or FeatureParams()
+    params = params or DEFAULT_PARAMS
     root = find_root(data_dir)
     folders = {s: extract_split(read_split(root, s), params, cache_dir, workers=workers) for s in SPLIT_FILES}
     scale = params.frames / 423
     crop = crop or max(1, min(params.frames, round(400 * scale)))
-    masks = SpecAugment(max(1, round(13 * params.n_mels / 128)), max(1, round(40 * scale))) if spec_masks else None
+    masks = _scaled_masks(params.n_mels, params.frames) if spec_masks else None
     return DataBundle(
         name="tau2020",
         train=AudioFeatureDataset(folders["train"], crop=crop, augment=masks) if augment else
