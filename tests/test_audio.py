@@ -331,3 +331,45 @@ def test_tau2020_run_resumes_exactly_under_bf16_and_channels_last(tmp_path, monk
     full = (tmp_path / "full" / "metrics.jsonl").read_text()
     assert full == (tmp_path / "part" / "metrics.jsonl").read_text()
     assert all(np.isfinite(json.loads(line)["train_loss"]) for line in full.splitlines())
+
+
+TINY = audio.FeatureParams(sample_rate=8000, duration=0.25, n_fft=256, hop_length=64, n_mels=16)
+
+
+def _ddp_worker(rank: int, port: int, data_dir: str, out: str) -> None:
+    import os
+
+    from l2bn.train.engine import TrainConfig, train
+    from l2bn.train.recipes import get_recipe
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    audio.DEFAULT_PARAMS = TINY
+    config = TrainConfig(dataset="tau2020", model="fcnn", norm="l2bn", data_dir=data_dir, out=out, device="cpu",
+                         recipe=get_recipe("tau2020-fcnn", epochs=1, batch_size=10, metrics_every=1), sync_bn=True,
+                         progress=False, model_kwargs={"widths": [8, 8, 16]})
+    train(config, log=lambda m: None)
+
+
+@pytest.mark.slow  # two spawned processes: ~45 s on 2 busy cores (the fast suite covers Subset shards)
+def test_ddp_two_ranks_extract_once_and_reduce_the_device_confusion(tmp_path, monkeypatch):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from l2bn.train.engine import analyze_checkpoint
+
+    write_tau2020(tmp_path / "data")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    mp.start_processes(_ddp_worker, args=(port, str(tmp_path / "data"), str(out)), nprocs=2, start_method="spawn")
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    counts = np.asarray(record["test_confusion"]["counts"])
+    assert counts.sum() == 30 and (counts.sum(axis=2) == 1).all()  # both shards, every clip once
+    monkeypatch.setattr(audio, "DEFAULT_PARAMS", TINY)
+    single = analyze_checkpoint(out / "last.pt", device="cpu")  # one process, the whole test set
+    assert single["test_confusion"] == record["test_confusion"]
+    assert single["test_acc"] == pytest.approx(record["test_acc"])

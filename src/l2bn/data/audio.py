@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -337,7 +338,7 @@ def extract_split(
             results = map(_worker_run, chunks)
             _mark(results, done, bar)
         else:
-            with ProcessPoolExecutor(workers, initializer=_worker_init,
+            with ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_worker_init,
                                      initargs=(str(features_path), str(split.root), split.files, params)) as pool:
                 _mark(pool.map(_worker_run, chunks), done, bar)
     finally:
@@ -345,6 +346,15 @@ def extract_split(
         _WORKER.clear()
     _atomic_json(index_path, index)
     return folder
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """``fork`` (fast) unless this process holds CUDA or a process group, where only ``spawn`` is safe."""
+    dist = torch.distributed
+    busy = torch.cuda.is_initialized() or (dist.is_available() and dist.is_initialized())
+    if busy or "fork" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    return multiprocessing.get_context("fork")
 
 
 def _mark(results, done: np.ndarray, bar) -> None:
@@ -419,6 +429,18 @@ class AudioFeatureDataset(Dataset):
         return x, self.targets[index]
 
 
+def _extract_on_rank0(splits: dict[str, Split], params: FeatureParams, cache_dir, workers) -> dict[str, Path]:
+    """Extract on rank 0 only under ``torch.distributed`` (the other ranks wait, then find the cache complete)."""
+    dist = torch.distributed
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        folders = {s: extract_split(split, params, cache_dir, workers=workers) for s, split in splits.items()}
+    if distributed:
+        dist.barrier()
+        folders = {s: extract_split(split, params, cache_dir, workers=0) for s, split in splits.items()}
+    return folders
+
+
 def _scaled_masks(n_mels: int, frames: int) -> SpecAugment:
     """The reference's mask widths (13 of 128 bins, 40 of 423 frames, exclusive) scaled to these features."""
     return SpecAugment(max(1, round(13 * n_mels / 128)), max(1, round(40 * frames / 423)))
@@ -456,7 +478,8 @@ def tau2020(
     """
     params = params or DEFAULT_PARAMS
     root = find_root(data_dir)
-    folders = {s: extract_split(read_split(root, s), params, cache_dir, workers=workers) for s in SPLIT_FILES}
+    splits = {s: read_split(root, s) for s in SPLIT_FILES}
+    folders = _extract_on_rank0(splits, params, cache_dir, workers)
     scale = params.frames / 423
     crop = crop or max(1, min(params.frames, round(400 * scale)))
     masks = _scaled_masks(params.n_mels, params.frames) if spec_masks else None
