@@ -265,9 +265,13 @@ def _read_clip(path: Path, params: FeatureParams) -> np.ndarray:
 _WORKER: dict = {}
 
 
-def _worker_init(features_path: str, root: str, files: Sequence[str], params: FeatureParams) -> None:
-    torch.set_num_threads(1)
+def _open_output(features_path: str, root: str, files: Sequence[str], params: FeatureParams) -> None:
     _WORKER.update(out=np.load(features_path, mmap_mode="r+"), root=Path(root), files=files, params=params)
+
+
+def _worker_init(*args) -> None:
+    torch.set_num_threads(1)  # one clip per process at a time: the parallelism is across processes
+    _open_output(*args)
 
 
 def _worker_run(indices: Sequence[int]) -> list[int]:
@@ -334,9 +338,8 @@ def extract_split(
                desc=f"tau2020 {split.name} features")
     try:
         if workers <= 0:
-            _worker_init(str(features_path), str(split.root), split.files, params)
-            results = map(_worker_run, chunks)
-            _mark(results, done, bar)
+            _open_output(str(features_path), str(split.root), split.files, params)
+            _mark(map(_worker_run, chunks), done, bar)
         else:
             with ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_worker_init,
                                      initargs=(str(features_path), str(split.root), split.files, params)) as pool:
