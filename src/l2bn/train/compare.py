@@ -83,7 +83,7 @@ def _plan(config: TrainConfig, norms: Sequence[str], seeds: Sequence[int], out: 
         for seed in seeds:
             run = RunDir(out / "runs" / f"{norm}-s{seed}")
             run_config = dataclasses.replace(config, norm=norm, seed=seed, out=str(run.path))
-            stored = run.stored_identity() if run.holds_run() else None
+            stored = run.stored_identity() if run.holds_run() or run.is_failed() else None
             if stored is not None and stored != run_config.identity():
                 mine = run_config.identity()
                 diff = "; ".join(f"{k}: stored {stored[k]!r} vs now {mine[k]!r}" for k in mine if stored[k] != mine[k])

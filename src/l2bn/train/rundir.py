@@ -1,8 +1,9 @@
 """One run folder and every file in it: the only place that spells a run file's name or format.
 
 A run folder holds ``config.json`` (what was asked), ``metrics.jsonl`` (one record per epoch, keys
-:data:`EPOCH_KEYS` and, when measured, :data:`ANGLE_KEYS`), ``timing.jsonl``, ``last.pt`` / ``best.pt``
-(checkpoints), ``summary.json`` when finished and ``failed.json`` when the run diverged.
+:data:`EPOCH_KEYS`, when measured :data:`ANGLE_KEYS`, and :data:`DEVICE_KEYS` for test sets with devices),
+``timing.jsonl``, ``last.pt`` / ``best.pt`` (checkpoints), ``summary.json`` when finished and ``failed.json``
+when the run diverged.
 
 Writes are crash- and fault-safe: whole files go to a uniquely named temporary file in the same folder,
 are fsync'ed and renamed over the target; log lines are appended whole or not at all; a full disk raises
@@ -27,6 +28,7 @@ import torch
 __all__ = [
     "ANGLE_KEYS",
     "ANGLE_TITLES",
+    "DEVICE_KEYS",
     "EPOCH_KEYS",
     "CheckpointError",
     "DiskFullError",
@@ -38,6 +40,8 @@ __all__ = [
 # The per-epoch record: always these keys, plus ANGLE_KEYS at the epochs that measure the angle metrics.
 EPOCH_KEYS: tuple[str, ...] = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
 ANGLE_KEYS: tuple[str, ...] = ("intra_train", "intra_test", "inter", "iir_train", "iir_test")
+# ... and, when the test set records a device per clip (tau2020), the per-device confusion (l2bn.train.confusion).
+DEVICE_KEYS: tuple[str, ...] = ("test_confusion",)
 ANGLE_TITLES: dict[str, str] = {
     "intra_train": "Intra(train)", "intra_test": "Intra(test)", "inter": "Inter",
     "iir_train": "IIR train", "iir_test": "IIR test",
