@@ -10,6 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from l2bn import L2BatchNorm2d
 from l2bn.models import NormRecorder, asc, create_model, get_model_entry, list_models
+from l2bn.norms import list_norms
 
 # Trainable parameters of the Keras reference models (issue 12; Keras's summary of the same layers).
 REFERENCE_PARAMS = {"asc_resnet17": 12_966_444, "fcnn": 11_780_329, "fsfcnn": 16_531_913}
@@ -179,3 +180,28 @@ def test_angle_features_are_the_pooled_class_maps(name):
         logits = model(x)
     assert hook.layer_name == "pooled" and hook.features.shape == (3, 10)
     assert torch.equal(hook.features, logits)  # the attention MLP's nn.Linear is not mistaken for the head
+
+
+# norms that cannot fill these models: BCN has no affine keyword; group norms need channel counts divisible by
+# their group size, and the input norm has 3 channels (the class-map norms 10)
+UNFIT = {"bcn": "does not accept it", "gn-cpg4": "not divisible", "gn-cpg8": "not divisible"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", list_norms())
+@pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
+def test_every_norm_in_every_asc_model_trains_one_step(name, norm):
+    def build():
+        return create_model(name, num_classes=10, norm_layer=norm, widths=SMALL[name])
+
+    if norm in UNFIT:
+        with pytest.raises(ValueError, match=UNFIT[norm]):
+            build()
+        return
+    torch.manual_seed(0)
+    model = build().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 40)), torch.randint(0, 10, (4,)))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters())
