@@ -16,7 +16,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -143,8 +143,10 @@ def compare(
             result.failed.append(failure)
         else:
             pending.append(dataclasses.replace(run_config, resume=run.holds_run()))
-    outcomes = _run_parallel(pending, jobs, stop_after, log) if jobs > 1 else [
-        _run_one(c, stop_after, log) for c in pending]
+    if jobs > 1:
+        outcomes: Iterable[dict[str, Any]] = _run_parallel(pending, jobs, stop_after, log)
+    else:  # lazily: each outcome is reported as soon as its run ends
+        outcomes = (_run_one(c, stop_after, log) for c in pending)
     for run_config, outcome in zip(pending, outcomes):
         status = outcome["status"]
         if status == "failed":
