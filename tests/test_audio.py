@@ -152,6 +152,17 @@ def test_bundle_shapes_crop_devices_and_cache(tau, tmp_path):
     assert json.loads((folder / "train" / "index.json").read_text())["devices"][:3] == ["a", "b", "s1"]
 
 
+def test_loader_workers_open_the_memory_map_themselves(tau, tmp_path):
+    import pickle
+
+    data = audio.tau2020(tau, params=SMALL, cache_dir=tmp_path / "cache", workers=0)
+    data.test[0]  # opens the map in this process
+    assert pickle.loads(pickle.dumps(data.test))._array is None  # workers never receive the mapped data
+    loader = torch.utils.data.DataLoader(data.test, batch_size=7, num_workers=2)
+    x, y = next(iter(loader))
+    assert torch.equal(x, torch.stack([data.test[i][0] for i in range(7)])) and y.tolist() == data.test.targets[:7]
+
+
 def test_cache_is_reused_and_parameters_change_re_extracts(tau, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first = audio.tau2020(tau, params=SMALL, cache_dir=cache, workers=0)
