@@ -206,6 +206,34 @@ def test_interrupted_extraction_resumes_with_the_missing_clips(tau, tmp_path, mo
         assert np.array_equal(features[i], real(tau / split.files[i], SMALL))
 
 
+def _extract_counting(root: Path, cache: Path, log: Path) -> None:
+    real = audio._read_clip
+
+    def counting(path, params):
+        with open(log, "a") as f:
+            f.write(f"{path.name}\n")
+        return real(path, params)
+
+    audio._read_clip = counting  # in this forked child only
+    audio.extract_split(audio.read_split(root, "train"), SMALL, cache, workers=0)
+
+
+def test_two_processes_extract_a_split_once(tau, tmp_path):
+    import multiprocessing
+
+    ctx, log = multiprocessing.get_context("fork"), tmp_path / "reads.log"
+    procs = [ctx.Process(target=_extract_counting, args=(tau, tmp_path / "cache", log)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    assert len(log.read_text().splitlines()) == 30  # the second waited for the lock and found the split done
+    split = audio.read_split(tau, "train")
+    folder = audio.extract_split(split, SMALL, tmp_path / "cache", workers=0)
+    assert np.array_equal(np.load(folder / "logmel.npy")[3], audio._read_clip(tau / split.files[3], SMALL))
+
+
 def test_parallel_extraction_equals_serial(tau, tmp_path):
     split = audio.read_split(tau, "evaluate")
     serial = audio.extract_split(split, SMALL, tmp_path / "serial", workers=0)
@@ -303,7 +331,8 @@ def test_compare_one_epoch_end_to_end_with_device_table_and_confusion(tmp_path, 
     assert np.trace(counts.sum(0)) / 60 * 100 == pytest.approx(record["test_acc"])
     assert "intra_train" in record  # angle metrics on the pooled class maps (10-dimensional)
     markdown = (out / "results.md").read_text()
-    assert "### Accuracy per device (%)" in markdown and "| Norm | Seeds | a | b | s1 | s2 | s3 | s5 | s1-s3 |" in markdown
+    assert "### Accuracy per device (%)" in markdown
+    assert "| Norm | Seeds | a | b | s1 | s2 | s3 | s5 | s1-s3 |" in markdown
     assert "| s4-s6 |" not in markdown  # a group is reported only when all its devices are present
     rows = list(csv.DictReader(open(out / "devices.csv")))
     assert [r["norm"] for r in rows] == ["bn", "l2bn"]
@@ -328,7 +357,8 @@ def test_tau2020_run_resumes_exactly_under_bf16_and_channels_last(tmp_path, monk
     recipe = get_recipe("tau2020-fcnn", epochs=2, batch_size=10, metrics_every=1)
 
     def small(num_classes, in_channels, norm):
-        return create_model("fcnn", num_classes=num_classes, in_channels=in_channels, norm_layer=norm, widths=(8, 8, 16))
+        return create_model("fcnn", num_classes=num_classes, in_channels=in_channels, norm_layer=norm,
+                            widths=(8, 8, 16))
 
     def run(name, **kw):
         config = TrainConfig(dataset="tau2020", model="fcnn", norm="l2bn", data_dir=str(tmp_path / "data"),

@@ -267,7 +267,8 @@ def _device_columns(confusions: Sequence[dict]) -> list[tuple[str, tuple[str, ..
 def device_rows(runs: Iterable[Run], norms: Sequence[str] | None = None) -> list[dict]:
     """Per norm: accuracy (%) per device and device group at each run's best epoch, mean and std over seeds
     (empty when no run recorded a confusion matrix)."""
-    groups = {n: [r for r in g if not r.failed and r.best_confusion() is not None] for n, g in _group(runs, norms).items()}
+    groups = {n: [r for r in g if not r.failed and r.best_confusion() is not None]
+              for n, g in _group(runs, norms).items()}
     confusions = [r.best_confusion() for g in groups.values() for r in g]
     if not confusions:
         return []

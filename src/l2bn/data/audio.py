@@ -14,7 +14,9 @@ when ``spec_masks`` is on, as Hu et al. do for FCNN / fsFCNN); evaluation uses t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -22,7 +24,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -83,7 +85,9 @@ class FeatureParams:
         if self.duration <= 0 or self.log_offset <= 0:
             raise ValueError(f"duration and log_offset must be > 0, got {self.duration}, {self.log_offset}")
         if self.frames < 1:
-            raise ValueError(f"{self.duration} s at hop {self.hop_length} gives {self.frames} frames after the delta trims")
+            raise ValueError(
+                f"{self.duration} s at hop {self.hop_length} gives {self.frames} frames after the delta trims"
+            )
 
     @property
     def samples(self) -> int:
@@ -290,6 +294,17 @@ def default_cache_dir(root: Path) -> Path:
     return base / "tau2020" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:8]
 
 
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` (blocking): one extraction of a split at a time."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _atomic_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj))
@@ -316,16 +331,29 @@ def extract_split(
     folder = Path(cache_dir or default_cache_dir(split.root)) / params.key() / split.name
     index = {"files": list(split.files), "labels": list(split.labels), "devices": list(split.devices),
              "params": dataclasses.asdict(params), "shape": [len(split.files), params.n_mels, params.stft_frames]}
-    index_path, manifest_path = folder / "index.json", folder / "manifest.json"
-    if index_path.is_file() and json.loads(index_path.read_text()) == index:
+    if _complete(folder, index):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    features_path, done_path = folder / "logmel.npy", folder / "done.npy"
+    with _exclusive(folder):  # another process (compare --jobs, a second run) waits, then finds it done
+        if not _complete(folder, index):
+            _extract_missing(folder, split, params, index, workers, chunk, progress)
+    return folder
+
+
+def _complete(folder: Path, index: dict) -> bool:
+    path = folder / "index.json"
+    return path.is_file() and json.loads(path.read_text()) == index
+
+
+def _extract_missing(folder: Path, split: Split, params: FeatureParams, index: dict, workers: int | None,
+                     chunk: int, progress: bool | None) -> None:
+    """Extract the clips ``done.npy`` does not mark (all of them for a new manifest), then write the index."""
+    features_path, done_path, manifest_path = folder / "logmel.npy", folder / "done.npy", folder / "manifest.json"
     manifest = {k: index[k] for k in ("files", "params", "shape")}
     fresh = not (manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest
                  and features_path.is_file() and done_path.is_file())
     if fresh:
-        index_path.unlink(missing_ok=True)
+        (folder / "index.json").unlink(missing_ok=True)
         np.lib.format.open_memmap(features_path, mode="w+", dtype=np.float32, shape=tuple(index["shape"])).flush()
         np.save(done_path, np.zeros(len(split.files), dtype=np.uint8))
         _atomic_json(manifest_path, manifest)
@@ -336,19 +364,19 @@ def extract_split(
     show = (os.isatty(2) if progress is None else progress) and bool(todo)
     bar = tqdm(total=len(split.files), initial=len(split.files) - len(todo), unit="clip", disable=not show,
                desc=f"tau2020 {split.name} features")
+    args = (str(features_path), str(split.root), split.files, params)
     try:
         if workers <= 0:
-            _open_output(str(features_path), str(split.root), split.files, params)
+            _open_output(*args)
             _mark(map(_worker_run, chunks), done, bar)
         else:
             with ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_worker_init,
-                                     initargs=(str(features_path), str(split.root), split.files, params)) as pool:
+                                     initargs=args) as pool:
                 _mark(pool.map(_worker_run, chunks), done, bar)
     finally:
         bar.close()
         _WORKER.clear()
-    _atomic_json(index_path, index)
-    return folder
+    _atomic_json(folder / "index.json", index)
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:

@@ -71,7 +71,8 @@ class SamePool2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "max":
-            return F.max_pool2d(_pad_same(x, self.kernel_size, self.stride, float("-inf")), self.kernel_size, self.stride)
+            padded = _pad_same(x, self.kernel_size, self.stride, float("-inf"))
+            return F.max_pool2d(padded, self.kernel_size, self.stride)
         sums = F.avg_pool2d(_pad_same(x, self.kernel_size, self.stride), self.kernel_size, self.stride)
         ones = torch.ones_like(x[:1, :1])
         counts = F.avg_pool2d(_pad_same(ones, self.kernel_size, self.stride), self.kernel_size, self.stride)

@@ -2,8 +2,8 @@
 
 A test set that has a ``devices`` attribute (one name per sample, as ``l2bn.data.audio`` datasets do) gets
 one confusion matrix per device at every evaluation, stored in the epoch record as ``test_confusion``:
-``{"groups": [names], "classes": [names], "counts": [group][true class][predicted class]}``, summed over DDP ranks. Reports
-derive per-device accuracy and the confusion figure from it.
+``{"groups": [names], "classes": [names], "counts": [group][true class][predicted class]}``, summed over DDP
+ranks. Reports derive per-device accuracy and the confusion figure from it.
 """
 from __future__ import annotations
 

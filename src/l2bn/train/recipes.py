@@ -85,7 +85,9 @@ class Recipe:
         if not 0 <= self.min_lr < self.lr:
             raise ValueError(f"min_lr must be in [0, lr={self.lr}), got {self.min_lr}")
         if self.weight_decay_scope not in WEIGHT_DECAY_SCOPES:
-            raise ValueError(f"weight_decay_scope must be one of {WEIGHT_DECAY_SCOPES}, got {self.weight_decay_scope!r}")
+            raise ValueError(
+                f"weight_decay_scope must be one of {WEIGHT_DECAY_SCOPES}, got {self.weight_decay_scope!r}"
+            )
         if self.gamma <= 0:
             raise ValueError(f"gamma (the step schedule's factor) must be > 0, got {self.gamma}")
         if self.metrics_max_batches is not None and self.metrics_max_batches < 1:
