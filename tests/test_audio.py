@@ -106,14 +106,22 @@ def test_extract_features_mono_padding_and_truncation():
 
 
 def test_real_recording_when_dcase_util_is_installed():
-    dcase_util = pytest.importorskip("dcase_util")
-    path = Path(dcase_util.__file__).parent / "utils" / "example_data" / "acoustic_scene.wav"
+    """dcase_util (PyPI) ships a real 10-s stereo 44.1 kHz street recording; found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("dcase_util")
+    if spec is None or spec.origin is None:
+        pytest.skip("dcase_util is not installed (pip install dcase_util) for its example recording")
+    path = Path(spec.origin).parent / "utils" / "example_data" / "acoustic_scene.wav"
     if not path.is_file():
         pytest.skip(f"dcase_util has no {path}")
     waveform, rate = soundfile.read(path)
-    features = audio.extract_features(waveform, rate, audio.FeatureParams(sample_rate=rate))
-    assert features.shape[:2] == (3, 128) and torch.isfinite(features).all()
-    assert float(features[0].min()) >= 0.0 and float(features[0].max()) <= 1.0
+    assert rate == 44_100 and waveform.ndim == 2
+    features = audio.extract_features(waveform, rate)
+    assert features.shape == (3, 128, 423) and torch.isfinite(features).all()
+    assert waveform.shape[0] == 441_001  # one sample over 10 s: the features keep the first 441 000, as the reference
+    expected = _independent_features(waveform[:441_000].mean(axis=1), rate)
+    assert np.allclose(features.numpy(), expected, atol=2e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------- layout
