@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from l2bn import L2BatchNorm2d
-from l2bn.bench import _interleaved_min_ms, environment_line
+from l2bn.bench import environment_line, training_step_ms
 from l2bn.data import audio
 from l2bn.models import create_model
 
@@ -64,19 +64,11 @@ def step_seconds(name: str, batch: int, repeats: int, device: torch.device) -> t
     """Minimum time of one SGD step of ``name`` with BN and with L2BN (interleaved repeats)."""
     x = torch.rand(batch, 3, 128, 400, device=device)
     target = torch.randint(0, 10, (batch,), device=device)
-    steps = []
+    models = []
     for norm in (nn.BatchNorm2d, L2BatchNorm2d):
         torch.manual_seed(0)
-        model = create_model(name, num_classes=10, norm_layer=norm).to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-        def step(model=model, opt=opt) -> None:
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), target).backward()
-            opt.step()
-
-        steps.append(step)
-    bn_ms, l2_ms = _interleaved_min_ms(steps, device, repeats, warmup=1)
+        models.append(create_model(name, num_classes=10, norm_layer=norm).to(device))
+    bn_ms, l2_ms = training_step_ms(models, x, target, repeats=repeats)
     return bn_ms / 1e3, l2_ms / 1e3
 
 
