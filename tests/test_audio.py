@@ -422,3 +422,30 @@ def test_ddp_two_ranks_extract_once_and_reduce_the_device_confusion(tmp_path, mo
     single = analyze_checkpoint(out / "last.pt", device="cpu")  # one process, the whole test set
     assert single["test_confusion"] == record["test_confusion"]
     assert single["test_acc"] == pytest.approx(record["test_acc"])
+
+
+def _ddp_bad_clip_worker(rank: int, port: int, data_dir: str, out: str) -> None:
+    try:
+        _ddp_worker(rank, port, data_dir, out)
+    except DataError as exc:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"rank{rank}.err").write_text(str(exc))
+
+
+@pytest.mark.slow  # two spawned processes
+def test_ddp_bad_clip_fails_every_rank_with_the_file_name(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    root = write_tau2020(tmp_path / "data")
+    (root / "audio" / "park-lyon-4-1t-b.wav").write_bytes(b"RIFF\x00\x00broken")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    mp.start_processes(_ddp_bad_clip_worker, args=(port, str(tmp_path / "data"), str(out)), nprocs=2,
+                       start_method="spawn")
+    for rank in (0, 1):  # rank 1 did not wait forever for rank 0's extraction
+        assert "cannot read" in (out / f"rank{rank}.err").read_text()
+        assert "park-lyon-4-1t-b.wav" in (out / f"rank{rank}.err").read_text()

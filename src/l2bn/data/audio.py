@@ -461,15 +461,22 @@ class AudioFeatureDataset(Dataset):
 
 
 def _extract_on_rank0(splits: dict[str, Split], params: FeatureParams, cache_dir, workers) -> dict[str, Path]:
-    """Extract on rank 0 only under ``torch.distributed`` (the other ranks wait, then find the cache complete)."""
+    """Extract on rank 0 only under ``torch.distributed``: the other ranks wait for its outcome (a bad clip
+    raises the same DataError on every rank, none is left waiting), then find the cache complete."""
     dist = torch.distributed
-    distributed = dist.is_available() and dist.is_initialized()
-    if not distributed or dist.get_rank() == 0:
-        folders = {s: extract_split(split, params, cache_dir, workers=workers) for s, split in splits.items()}
-    if distributed:
-        dist.barrier()
-        folders = {s: extract_split(split, params, cache_dir, workers=0) for s, split in splits.items()}
-    return folders
+    if not (dist.is_available() and dist.is_initialized()):
+        return {s: extract_split(split, params, cache_dir, workers=workers) for s, split in splits.items()}
+    outcome: list[str | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            for split in splits.values():
+                extract_split(split, params, cache_dir, workers=workers)
+        except DataError as exc:
+            outcome = [str(exc)]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise DataError(outcome[0])
+    return {s: extract_split(split, params, cache_dir, workers=0) for s, split in splits.items()}
 
 
 def _scaled_masks(n_mels: int, frames: int) -> SpecAugment:
