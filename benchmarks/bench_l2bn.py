@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 import torch.nn as nn
 
 from l2bn import L2BatchNorm2d
 from l2bn.functional import IMPL_ENV_VAR, IMPLEMENTATIONS
-from l2bn.bench import DEFAULT_SHAPES, environment_line, format_table, time_layers
+from l2bn.bench import DEFAULT_SHAPES, environment_line, format_table, time_layers, training_step_ms
 from l2bn.models import create_model
 
 
@@ -37,27 +36,12 @@ def resnet56_step_ms(repeats: int, batch: int) -> tuple[float, float]:
     """Minimum time of one SGD step of ResNet-56 (CIFAR-100 head, 32×32 input) with BN and with L2BN."""
     x = torch.randn(batch, 3, 32, 32)
     target = torch.randint(0, 100, (batch,))
-    steps = []
+    models = []
     for norm in (nn.BatchNorm2d, L2BatchNorm2d):
         torch.manual_seed(0)
-        model = create_model("resnet56", num_classes=100, norm_layer=norm)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-        def step(model=model, opt=opt) -> None:
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), target).backward()
-            opt.step()
-
-        steps.append(step)
-    for step in steps:
-        step()
-    best = [float("inf")] * 2
-    for _ in range(repeats):
-        for i, step in enumerate(steps):
-            start = time.perf_counter()
-            step()
-            best[i] = min(best[i], (time.perf_counter() - start) * 1e3)
-    return best[0], best[1]
+        models.append(create_model("resnet56", num_classes=100, norm_layer=norm))
+    bn_ms, l2_ms = training_step_ms(models, x, target, repeats=repeats)
+    return bn_ms, l2_ms
 
 
 def main() -> None:

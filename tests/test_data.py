@@ -50,7 +50,7 @@ def test_digits_fixed_stratified_split_and_standardisation():
 def test_unknown_dataset_lists_the_known_ones():
     with pytest.raises(ValueError, match="expected one of digits, fashion-mnist, cifar10"):
         build_data("mnist-xl")
-    assert set(list_datasets()) == {"digits", "fashion-mnist", "cifar10", "cifar100", "imagenet"}
+    assert set(list_datasets()) == {"digits", "fashion-mnist", "cifar10", "cifar100", "imagenet", "tau2020"}
 
 
 # ------------------------------------------------------------------------------------------ Fashion-MNIST

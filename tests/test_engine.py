@@ -510,3 +510,48 @@ def test_sync_conversion_of_plain_bn_leaves_l2bn_alone():
     net = nn.Sequential(nn.BatchNorm2d(4), nn.Sequential(L2BatchNorm2d(4), nn.BatchNorm1d(3)))
     net = _convert_plain_bn_to_sync(net)
     assert [type(m) for m in (net[0], net[1][0], net[1][1])] == [nn.SyncBatchNorm, L2BatchNorm2d, nn.SyncBatchNorm]
+
+
+# ------------------------------------------------------------------------ acoustic-scene recipe pieces
+def test_conv_only_weight_decay_groups_and_sgd_step():
+    from l2bn.models import create_model
+    from l2bn.train.engine import conv_weight_decay_groups
+
+    model = create_model("fcnn", num_classes=10, widths=(4, 8, 8))
+    groups = conv_weight_decay_groups(model, 2e-3)
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [len(g["params"]) for g in groups] == [len(convs), len(list(model.parameters())) - len(convs)]
+    assert (groups[0]["weight_decay"], groups[1]["weight_decay"]) == (2e-3, 0.0)
+    opt = torch.optim.SGD(groups, lr=0.5, momentum=0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, p in model.named_parameters():  # zero gradient: only the decay moves a parameter
+        shrink = 1 - 0.5 * 2e-3 if any(p is c for c in convs) else 1.0
+        assert torch.allclose(p, before[name] * shrink), name
+
+
+def test_mixup_per_sample_matches_the_formula():
+    from l2bn.train.engine import _mixup_per_sample
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5)).double()
+    x, y = torch.randn(6, 3, 2, 2, dtype=torch.float64), torch.randint(0, 5, (6,))
+    beta = torch.distributions.Beta(0.4, 0.4)
+    torch.manual_seed(7)
+    logits, loss = _mixup_per_sample(model, x, y, nn.CrossEntropyLoss(), beta)
+    torch.manual_seed(7)
+    lam, perm = beta.sample((6,)).double(), torch.randperm(6)
+    assert len(set(lam.tolist())) == 6  # one λ per sample
+    mixed = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[perm]
+    expected_logits = model(mixed)
+    log_p = torch.log_softmax(expected_logits, 1)
+    expected = -(lam * log_p[range(6), y] + (1 - lam) * log_p[range(6), y[perm]]).mean()
+    assert torch.allclose(logits, expected_logits) and torch.allclose(loss, expected)
+
+
+def test_spec_masks_need_an_audio_dataset(tmp_path):
+    config = TrainConfig(out=str(tmp_path / "r"), recipe=quick(spec_masks=True), progress=False)
+    with pytest.raises(ValueError, match="spec_masks needs an acoustic-scene dataset"):
+        train(config, model_fn=tiny, data=DIGITS, log=lambda m: None)

@@ -42,7 +42,7 @@ def bn_names(model: nn.Module) -> list[str]:
 
 # ---------------------------------------------------------------- registry and errors
 def test_list_models_names_and_kinds():
-    assert set(M.list_models()) == set(CIFAR_MODELS) | set(IMAGENET_MODELS)
+    assert set(M.list_models()) == set(CIFAR_MODELS) | set(IMAGENET_MODELS) | {"asc_resnet17", "fcnn", "fsfcnn"}
     assert M.list_models("cifar") == sorted(CIFAR_MODELS)
     assert M.list_models("imagenet") == sorted(IMAGENET_MODELS)
     with pytest.raises(ValueError, match="kind"):

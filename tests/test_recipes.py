@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from l2bn.train.engine import lr_factor
-from l2bn.train.recipes import PAPER_SEEDS, RECIPES, default_recipe_name, get_recipe, list_recipes
+from l2bn.train.recipes import PAPER_SEEDS, RECIPES, default_recipe_name, get_recipe, list_recipes, warm_restart_factor
 
 
 @pytest.mark.parametrize(
@@ -142,3 +142,58 @@ def test_gamma_and_metrics_max_batches_ranges():
         get_recipe("cifar-densenet", gamma=-0.1)
     with pytest.raises(ValueError, match="metrics_max_batches must be >= 1"):
         get_recipe("cifar-resnet", metrics_max_batches=0)
+
+
+def _keras_warm_restart_lrs(epochs: int, nbatch: int, max_lr: float, min_lr: float) -> list[float]:
+    """The learning rate before every batch, replaying Hu et al.'s ``LR_WarmRestart`` callback
+    (MihawkHu/DCASE2020_task1, task1a/10class/fcnn/DCASE_training_functions.py) step by step."""
+    restarts, tmult, start, lrs = [3.0, 7.0, 15.0, 31.0, 63.0, 127.0, 255.0], 2, 0, []
+    for epoch in range(epochs):
+        current = epoch if epoch + 1 < restarts[0] else epoch + 1
+        if current in restarts:
+            start, tmult = current, 2 * tmult
+        for batch in range(nbatch):
+            pts = current + batch / nbatch - start
+            lrs.append(min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(pts / tmult * math.pi)))
+    return lrs
+
+
+@pytest.mark.parametrize("preset, model", [("tau2020-fcnn", "fcnn"), ("tau2020-resnet", "asc_resnet17")])
+def test_warm_restarts_match_the_keras_callback(preset, model):
+    recipe = get_recipe(preset)
+    assert default_recipe_name("tau2020", model) == preset
+    nbatch = 7
+    expected = _keras_warm_restart_lrs(recipe.epochs, nbatch, 0.1, 1e-5)
+    ours = [recipe.lr * warm_restart_factor(recipe, step / nbatch) for step in range(recipe.epochs * nbatch)]
+    assert max(abs(a - b) for a, b in zip(ours, expected)) < 1e-12
+    # restarts after epochs 2, 6, 14, 30, 62, 126: the rate jumps back to the maximum there
+    for epoch in (2, 6, 14, 30, 62) + ((126,) if recipe.epochs > 126 else ()):
+        assert ours[epoch * nbatch] == pytest.approx(0.1) and ours[epoch * nbatch - 1] < 0.002
+
+
+def test_tau2020_presets():
+    resnet, fcnn = get_recipe("tau2020-resnet"), get_recipe("tau2020-fcnn")
+    for r in (resnet, fcnn):
+        assert (r.batch_size, r.lr, r.min_lr, r.momentum, r.nesterov) == (32, 0.1, 1e-5, 0.9, False)
+        assert (r.schedule, r.mixup_alpha, r.mixup_per_sample, r.seeds) == ("cosine-restarts", 0.4, True, PAPER_SEEDS)
+    assert (resnet.epochs, resnet.weight_decay, resnet.weight_decay_scope, resnet.spec_masks) == (126, 2e-3, "conv", False)
+    assert (fcnn.epochs, fcnn.weight_decay, fcnn.spec_masks) == (254, 0.0, True)
+    assert default_recipe_name("tau2020", "fsfcnn") == "tau2020-fcnn"
+    assert warm_restart_factor(fcnn, 254.5) == pytest.approx(1e-4)  # past the last cycle: min_lr
+
+
+def test_recipe_validation_names_the_bad_value():
+    with pytest.raises(ValueError, match="weight_decay_scope must be one of"):
+        get_recipe("tau2020-resnet", weight_decay_scope="norms")
+    with pytest.raises(ValueError, match=r"min_lr must be in \[0, lr=0.1\), got 0.5"):
+        get_recipe("tau2020-fcnn", min_lr=0.5)
+    with pytest.raises(ValueError, match="restart_cycles must be positive"):
+        get_recipe("tau2020-fcnn", restart_cycles=(2, 0))
+    assert get_recipe("tau2020-fcnn", restart_cycles=[1, 2]).restart_cycles == (1, 2)
+
+
+def test_lr_factor_runs_the_warm_restarts():
+    recipe = get_recipe("tau2020-fcnn")
+    for t in (0.0, 1.3, 2.0, 5.99, 100.25, 253.9):
+        assert lr_factor(recipe, t) == warm_restart_factor(recipe, t)
+    assert lr_factor(recipe, 2.0) == 1.0 and lr_factor(recipe, 1.999) < 0.01

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 from .functional import impl_name
 from .layers import L2BatchNorm2d
@@ -101,6 +102,23 @@ def _interleaved_min_ms(steps: Sequence[Callable[[], None]], device: torch.devic
             _sync(device)
             best[i] = min(best[i], (time.perf_counter() - start) * 1e3)
     return best
+
+
+def training_step_ms(models: Sequence[nn.Module], x: Tensor, target: Tensor, *, repeats: int,
+                     warmup: int = 1) -> list[float]:
+    """Minimum time (ms) of one SGD step (cross-entropy, backward, update) of each model on ``(x, target)``,
+    interleaved so all see the same load (for BN-vs-L2BN model benchmarks)."""
+    steps = []
+    for model in models:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model=model, opt=opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), target).backward()
+            opt.step()
+
+        steps.append(step)
+    return _interleaved_min_ms(steps, x.device, repeats, warmup)
 
 
 def format_table(timings: Sequence[Timing]) -> str:

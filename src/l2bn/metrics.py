@@ -340,6 +340,8 @@ class IntraAngleAccumulator:
 # ---------------------------------------------------------------------------------- feature extraction
 def _find_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Module]:
     if layer is None:
+        layer = getattr(model, "feature_layer", None)  # models without a linear head name their feature layer
+    if layer is None:
         linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
         if not linears:
             raise ValueError(
@@ -354,7 +356,9 @@ def _find_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Module]:
 
 
 class FeatureHook:
-    """Context manager capturing the input of one layer of ``model`` (default: the last ``nn.Linear``).
+    """Context manager capturing the input of one layer of ``model`` (default: the module named by the model's
+    ``feature_layer`` attribute if it has one, e.g. the pooled class maps of the acoustic-scene FCNs, else the
+    last ``nn.Linear``).
 
     After each forward pass inside the ``with`` block, :attr:`features` holds that layer's input
     (detached, flattened to (N, d)); the hook is removed on exit. ``layer`` is a qualified module name.

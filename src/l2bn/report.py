@@ -9,6 +9,11 @@ the experiment identity stored in their summary or checkpoint (not by the editab
 row per experiment, labelled by its norm. Figures: test accuracy and training loss over
 epochs (paper Fig. 6) and intra-angle / inter-angle / IIR over training (Fig. 1 and 7), each as the mean
 over seeds with a ± std band.
+
+Test sets that record a device per sample (TAU 2020 Mobile) add, from the confusion matrices of each run's
+best epoch (``test_confusion``, :mod:`l2bn.train.confusion`): a per-device accuracy table (every device, the
+groups s1–s3 and s4–s6, mean ± std over seeds; ``devices.csv``) and ``confusion.png``, the confusion
+matrix of each norm summed over seeds and devices, rows normalised to the true class.
 """
 from __future__ import annotations
 
@@ -23,7 +28,10 @@ import numpy as np
 
 from .train.rundir import ANGLE_KEYS, ANGLE_TITLES, RunDir
 
-__all__ = ["Run", "load_run", "find_runs", "summarize", "write_table", "plot_curves", "write_report", "TABLE_METRICS"]
+__all__ = [
+    "Run", "load_run", "find_runs", "summarize", "write_table", "plot_curves", "write_report", "TABLE_METRICS",
+    "device_rows", "write_device_table", "plot_confusion",
+]
 
 # (key in metrics.jsonl, column title), in the paper's column order
 TABLE_METRICS: tuple[tuple[str, str], ...] = tuple((key, ANGLE_TITLES[key]) for key in ANGLE_KEYS)
@@ -56,6 +64,13 @@ class Run:
         if self.summary is not None:
             return float(self.summary["best_test_acc"])
         return max(r["test_acc"] for r in self.records)
+
+    def best_confusion(self) -> dict | None:
+        """The ``test_confusion`` of the best epoch (the summary's, else the best logged one), if recorded."""
+        if not any("test_confusion" in r for r in self.records):
+            return None
+        best = (self.summary or {}).get("best_epoch") or max(self.records, key=lambda r: r["test_acc"])["epoch"]
+        return self.records[int(best) - 1].get("test_confusion") if 1 <= int(best) <= len(self.records) else None
 
     def final_angles(self) -> dict[str, float]:
         """Angle metrics of the last epoch that measured them (empty if none did)."""
@@ -239,6 +254,92 @@ def plot_curves(runs: Iterable[Run], out_dir: str | os.PathLike, norms: Sequence
     return written
 
 
+def _device_columns(confusions: Sequence[dict]) -> list[tuple[str, tuple[str, ...]]]:
+    """(column, devices) pairs: each device seen, then the DCASE groups whose devices are all present."""
+    from .data.audio import DEVICE_GROUPS
+
+    names = sorted({g for c in confusions for g in c["groups"]})
+    columns = [(name, (name,)) for name in names]
+    columns += [(group, members) for group, members in DEVICE_GROUPS.items() if set(members) <= set(names)]
+    return columns
+
+
+def device_rows(runs: Iterable[Run], norms: Sequence[str] | None = None) -> list[dict]:
+    """Per norm: accuracy (%) per device and device group at each run's best epoch, mean and std over seeds
+    (empty when no run recorded a confusion matrix)."""
+    groups = {n: [r for r in g if not r.failed and r.best_confusion() is not None]
+              for n, g in _group(runs, norms).items()}
+    confusions = [r.best_confusion() for g in groups.values() for r in g]
+    if not confusions:
+        return []
+    columns = _device_columns(confusions)
+    rows = []
+    from .train.confusion import group_accuracy
+
+    for norm, group in groups.items():
+        row: dict = {"norm": norm, "n": len(group)}
+        for column, members in columns:
+            values = [group_accuracy(r.best_confusion(), members) for r in group]
+            values = [v for v in values if np.isfinite(v)]
+            row[f"{column}_mean"] = float(np.mean(values)) if values else float("nan")
+            row[f"{column}_std"] = _std(values) if values else float("nan")
+        rows.append(row)
+    return rows
+
+
+def write_device_table(rows: Sequence[dict], out_dir: str | os.PathLike) -> tuple[str, Path]:
+    """The per-device accuracy table as Markdown (returned) and ``devices.csv`` in ``out_dir``."""
+    columns = [k[: -len("_mean")] for k in rows[0] if k.endswith("_mean")]
+    lines = ["| Norm | Seeds | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
+    for row in rows:
+        cells = [f"{row[f'{c}_mean']:.2f} ± {row[f'{c}_std']:.2f}" for c in columns]
+        lines.append(f"| {row['norm']} | {row['n']} | " + " | ".join(cells) + " |")
+    csv_path = Path(out_dir) / "devices.csv"
+    fields = ["norm", "n"] + [f"{c}_{s}" for c in columns for s in ("mean", "std")]
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row[k] for k in fields})
+    return "\n".join(lines), csv_path
+
+
+def plot_confusion(runs: Iterable[Run], out_dir: str | os.PathLike, norms: Sequence[str] | None = None,
+                   *, title: str | None = None) -> Path | None:
+    """``confusion.png``: per norm, the best-epoch confusion matrices summed over seeds and devices, each row
+    divided by its true-class count (``None`` when no run recorded one)."""
+    groups = {n: [r.best_confusion() for r in g if not r.failed and r.best_confusion() is not None]
+              for n, g in _group(runs, norms).items()}
+    groups = {n: c for n, c in groups.items() if c}
+    if not groups:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    classes = next(iter(groups.values()))[0]["classes"]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 5), constrained_layout=True, squeeze=False)
+    for ax, (norm, confusions) in zip(axes[0], groups.items()):
+        counts = sum(np.asarray(c["counts"], dtype=np.float64).sum(axis=0) for c in confusions)
+        rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        image = ax.imshow(rates, vmin=0, vmax=1, cmap="Blues")
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if rates[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+        ax.set(xlabel="predicted", ylabel="true", title=f"{norm} ({len(confusions)} seed(s))")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    if title:
+        fig.suptitle(f"{title}: confusion at the best epoch")
+    path = Path(out_dir) / "confusion.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(runs: Sequence[Run], out_dir: str | os.PathLike, norms: Sequence[str] | None = None,
                  *, title: str | None = None) -> dict[str, Path]:
     """Table (Markdown + CSV) and figures for ``runs`` in ``out_dir``; returns the written paths by kind."""
@@ -254,4 +355,13 @@ def write_report(runs: Sequence[Run], out_dir: str | os.PathLike, norms: Sequenc
         f.write(f"\nAccuracy: best test accuracy of each run, mean ± sample std over seeds. Angles (degrees) and "
                 f"IIR: final model, mean over seeds; test intra-angles use the train class centers.{note}\n\n"
                 f"![accuracy and loss]({curves.name})\n\n![angles]({angles.name})\n")
-    return {"markdown": md, "csv": csv_path, "curves": curves, "angles": angles}
+    paths = {"markdown": md, "csv": csv_path, "curves": curves, "angles": angles}
+    devices = device_rows(runs, norms)
+    if devices:
+        table, paths["devices"] = write_device_table(devices, out_dir)
+        paths["confusion"] = plot_confusion(runs, out_dir, norms, title=title)
+        with open(md, "a") as f:
+            f.write(f"\n### Accuracy per device (%)\n\nBest epoch of each run, mean ± sample std over seeds; "
+                    f"s1-s3 and s4-s6 pool their devices' clips.\n\n{table}\n\n"
+                    f"![confusion]({paths['confusion'].name})\n")
+    return paths

@@ -11,7 +11,7 @@ import torch
 from ..data import list_datasets
 from ..train.compare import compare
 from ..train.engine import AMP_DTYPES, TrainConfig, analyze_checkpoint, train
-from ..train.recipes import SCHEDULES, Recipe, default_recipe_name, get_recipe, list_recipes
+from ..train.recipes import SCHEDULES, WEIGHT_DECAY_SCOPES, Recipe, default_recipe_name, get_recipe, list_recipes
 from ..train.rundir import ANGLE_KEYS
 
 __all__ = ["DEFAULT_JOBS", "add_command", "config_from_args", "recipe_from_args"]
@@ -21,7 +21,8 @@ DEFAULT_JOBS = 1
 # CLI flag dest → Recipe field (every recipe value can be overridden).
 _RECIPE_FLAGS = (
     "epochs", "batch_size", "lr", "weight_decay", "schedule", "milestones", "gamma", "warmup_epochs", "momentum",
-    "nesterov", "mixup_alpha", "label_smoothing", "metrics_every", "metrics_max_batches",
+    "nesterov", "mixup_alpha", "label_smoothing", "metrics_every", "metrics_max_batches", "restart_cycles", "min_lr",
+    "weight_decay_scope", "mixup_per_sample", "spec_masks",
 )
 
 
@@ -41,6 +42,17 @@ def _int_list(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     return _unique(values, text)
+
+
+def _cycle_list(text: str) -> list[int]:
+    """Comma-separated epoch counts; repeats allowed (cycles of equal length)."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a non-empty comma-separated list, got {text!r}")
+    return values
 
 
 def _str_list(text: str) -> list[str]:
@@ -81,6 +93,13 @@ def _add_experiment_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--label-smoothing", type=float)
     r.add_argument("--metrics-every", type=int, help="epochs between angle-metric evaluations")
     r.add_argument("--metrics-max-batches", type=int, help="train batches a rank uses for the class centers")
+    r.add_argument("--restart-cycles", type=_cycle_list, help="epochs of each cosine-restarts cycle, e.g. 2,4,8")
+    r.add_argument("--min-lr", type=float, help="floor of the cosine-restarts schedule")
+    r.add_argument("--weight-decay-scope", choices=WEIGHT_DECAY_SCOPES, help="all parameters or conv weights only")
+    r.add_argument("--mixup-per-sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="one mixup λ per sample instead of per batch")
+    r.add_argument("--spec-masks", action=argparse.BooleanOptionalAction, default=None,
+                   help="frequency and time masks on the training spectrograms (tau2020)")
 
     e = p.add_argument_group("execution")
     e.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...")
@@ -179,6 +198,11 @@ def run_analyze(args: argparse.Namespace) -> int:
               f"on {result['dataset']}:")
         for key in ("test_acc", "test_loss", *ANGLE_KEYS):
             print(f"  {key:12s} {result[key]:.4f}")
+        if "test_confusion" in result:
+            from ..train.confusion import group_accuracy
+
+            for device in result["test_confusion"]["groups"]:
+                print(f"  acc {device:8s} {group_accuracy(result['test_confusion'], [device]):.4f}")
     return 0
 
 

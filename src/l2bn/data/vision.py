@@ -346,12 +346,20 @@ class _CheckedImages(Dataset):
             raise DataError(f"imagenet: cannot read image {path} ({type(exc).__name__}: {exc})") from exc
 
 
+def _tau2020(data_dir=None, download=False, augment=True) -> DataBundle:
+    """TAU Urban Acoustic Scenes 2020 Mobile (``l2bn.data.audio``; imported lazily, it needs librosa)."""
+    from . import audio
+
+    return audio.tau2020(data_dir, augment=augment)
+
+
 _BUILDERS: dict[str, Callable[..., DataBundle]] = {
     "digits": lambda data_dir=None, download=False, augment=True: digits(augment=augment),
     "fashion-mnist": lambda data_dir=None, download=False, augment=True: fashion_mnist(data_dir, download, augment),
     "cifar10": lambda data_dir=None, download=False, augment=True: cifar("cifar10", data_dir, download, augment),
     "cifar100": lambda data_dir=None, download=False, augment=True: cifar("cifar100", data_dir, download, augment),
     "imagenet": lambda data_dir=None, download=False, augment=True: imagenet(data_dir, augment),
+    "tau2020": _tau2020,
 }
 
 

@@ -24,10 +24,12 @@ class NormRecorder:
     def __init__(self, norm_layer: NormLayer) -> None:
         self.norm_layer = norm_layer
         self.created: list[tuple[nn.Module, int]] = []
+        self.keywords: dict[int, dict] = {}  # id(module) -> the keywords it was built with (e.g. affine=False)
 
     def __call__(self, num_features: int, *args, **kwargs) -> nn.Module:
         module = self.norm_layer(num_features, *args, **kwargs)
         self.created.append((module, num_features))
+        self.keywords[id(module)] = dict(kwargs)
         return module
 
     @property
@@ -79,7 +81,8 @@ def replace_norms(
 ) -> list[str]:
     """Swap the recorded norm layers that live under any of ``prefixes`` for fresh ``norm_layer`` ones.
 
-    New layers are reset and moved to the old layer's device and dtype. Returns the replaced names.
+    New layers are built with the old one's keywords (e.g. ``affine=False``), take its ``eps`` and
+    ``momentum`` where both have them, are reset and moved to its device and dtype. Returns the replaced names.
     """
     channels = {id(module): num for module, num in recorder.created}
     replaced: list[str] = []
@@ -87,7 +90,10 @@ def replace_norms(
     def replace(name: str, old: nn.Module) -> nn.Module | None:
         if id(old) not in channels or not _matches(name, prefixes):
             return None
-        new = norm_layer(channels[id(old)])
+        new = norm_layer(channels[id(old)], **recorder.keywords.get(id(old), {}))
+        for attr in ("eps", "momentum"):
+            if isinstance(getattr(old, attr, None), float) and isinstance(getattr(new, attr, None), float):
+                setattr(new, attr, getattr(old, attr))
         tensor = next(iter(old.parameters()), None)
         if tensor is not None:
             new = new.to(device=tensor.device, dtype=tensor.dtype)

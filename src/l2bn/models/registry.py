@@ -29,15 +29,15 @@ class ModelEntry:
 
 
 _MODELS: dict[str, ModelEntry] = {}
-_KINDS = ("cifar", "imagenet")
+_KINDS = ("cifar", "imagenet", "asc")
 
 
 def register_model(
     name: str, builder: Callable[..., nn.Module], parts: Callable[[nn.Module], Parts], kind: str,
     family: str | None = None,
 ) -> None:
-    """Register ``builder`` under a case-insensitive ``name``; ``kind`` is ``"cifar"`` or ``"imagenet"``;
-    ``family`` names its recipe family (``l2bn.train.recipes.default_recipe_name``)."""
+    """Register ``builder`` under a case-insensitive ``name``; ``kind`` is ``"cifar"``, ``"imagenet"`` or
+    ``"asc"`` (acoustic scenes); ``family`` names its recipe family (``l2bn.train.recipes.default_recipe_name``)."""
     key = name.lower()
     if key in _MODELS:
         raise ValueError(f"model {name!r} is already registered")
@@ -47,7 +47,7 @@ def register_model(
 
 
 def list_models(kind: str | None = None) -> list[str]:
-    """Registered model names, sorted; ``kind`` (``"cifar"`` / ``"imagenet"``) filters them."""
+    """Registered model names, sorted; ``kind`` (``"cifar"`` / ``"imagenet"`` / ``"asc"``) filters them."""
     if kind is not None and kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS} or None, got {kind!r}")
     return sorted(name for name, entry in _MODELS.items() if kind is None or entry.kind == kind)

@@ -41,8 +41,8 @@ from ..convert import swap_modules
 from ..data import DataBundle, build_data
 from ..norms.unified import condensation_summary
 from .ddp import DistEnv, all_reduce_sum, barrier, cleanup_distributed, resolve_device, setup_distributed
-from .recipes import Recipe, default_recipe_name, get_recipe
-from .rundir import ANGLE_KEYS, EPOCH_KEYS, NORM_STATE_KEYS, RunBusyError, RunDir
+from .recipes import Recipe, default_recipe_name, get_recipe, warm_restart_factor
+from .rundir import ANGLE_KEYS, DEVICE_KEYS, EPOCH_KEYS, NORM_STATE_KEYS, RunBusyError, RunDir
 
 __all__ = [
     "IDENTITY_FIELDS",
@@ -181,11 +181,14 @@ def check_out_dir(out: str | os.PathLike) -> None:
 def lr_factor(recipe: Recipe, epoch_progress: float) -> float:
     """Multiplier of ``recipe.lr`` after ``epoch_progress`` epochs (fractional: the schedule steps per batch).
 
-    Linear warm-up over ``warmup_epochs``; then cosine to 0 at ``epochs``, or ``gamma`` per passed milestone.
+    Linear warm-up over ``warmup_epochs``; then cosine to 0 at ``epochs``, or ``gamma`` per passed milestone,
+    or cosine cycles with warm restarts (:func:`~l2bn.train.recipes.warm_restart_factor`).
     """
     t = epoch_progress
     if t < recipe.warmup_epochs:
         return (t + 1e-8) / recipe.warmup_epochs
+    if recipe.schedule == "cosine-restarts":
+        return warm_restart_factor(recipe, t - recipe.warmup_epochs)
     if recipe.schedule == "cosine":
         span = recipe.epochs - recipe.warmup_epochs
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - recipe.warmup_epochs) / span)))
@@ -227,12 +230,24 @@ def _sync_norms(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _param_groups(model: nn.Module, recipe: Recipe) -> list[dict] | Any:
-    """The norm zoo's parameter groups (e.g. BIN gates without weight decay) when it provides them."""
+    """The norm zoo's parameter groups (e.g. BIN gates without weight decay) when it provides them, or
+    weight decay on convolution weights only (``weight_decay_scope="conv"``)."""
+    if recipe.weight_decay_scope == "conv":
+        return conv_weight_decay_groups(model, recipe.weight_decay)
     try:
         from ..norms import param_groups
     except ImportError:
         return model.parameters()
     return param_groups(model, recipe.lr, recipe.weight_decay)
+
+
+def conv_weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two SGD groups: convolution weights with ``weight_decay``, every other parameter without (the Keras
+    references' ``kernel_regularizer=l2(c)`` on convolutions: a penalty c·Σw² is weight decay 2c)."""
+    conv = [m.weight for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    chosen = {id(p) for p in conv}
+    rest = [p for p in model.parameters() if id(p) not in chosen]
+    return [{"params": conv, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
 def _gate_clipper(model: nn.Module) -> Callable[[], None]:
@@ -283,15 +298,20 @@ def evaluate(
     channels_last: bool = False,
     max_batches: int | None = None,
     feature_model: nn.Module | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Test loss/accuracy and, with ``train_loader``, the angle metrics (summed over ranks under DDP).
 
     The train pass (at most ``max_batches`` batches a rank) gives the class centers and intra(train); the
     test pass (always complete) gives accuracy and intra(test) against those train centers.
-    ``feature_model`` is the unwrapped module whose last ``nn.Linear`` input is captured.
+    ``feature_model`` is the unwrapped module whose classifier input is captured (its ``feature_layer``'s
+    input, else its last ``nn.Linear``'s). A test set with ``devices`` also gets ``test_confusion`` per device
+    (:mod:`l2bn.train.confusion`).
     """
     from ..metrics import AngleAccumulator, FeatureHook, IntraAngleAccumulator
+    from .confusion import ConfusionByGroup, device_groups
 
+    groups = device_groups(test_loader.dataset)
+    confusion = ConfusionByGroup(*groups, num_classes, device) if groups is not None else None
     was_training = model.training
     model.eval()
     autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
@@ -334,11 +354,15 @@ def evaluate(
             sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
             sums[1] += (logits.argmax(1) == y).sum()
             sums[2] += y.numel()
+            if confusion is not None:
+                confusion.update(logits.argmax(1), y)
             if hook is not None:
                 intra_test.update(hook.features.float(), y)
         all_reduce_sum(sums)
         result["test_loss"] = float(sums[0] / sums[2])
         result["test_acc"] = float(100.0 * sums[1] / sums[2])
+        if confusion is not None:
+            result["test_confusion"] = confusion.record()
         if hook is not None:
             intra_test.all_reduce()
             result.update(_angle_metrics(intra_train, intra_test))
@@ -411,6 +435,10 @@ def _prepare_data(config: TrainConfig, data: DataBundle | None, env: DistEnv) ->
     from ..data.subset import stratified_subset
 
     data = data or build_data(config.dataset, config.data_dir, download=config.download and env.is_main)
+    if config.recipe.spec_masks:
+        from ..data.audio import with_spec_masks
+
+        data = with_spec_masks(data)
     if config.train_subset is not None:
         train, train_eval = stratified_subset((data.train, data.train_eval), config.train_subset)
         data = dataclasses.replace(data, train=train, train_eval=train_eval)
@@ -488,10 +516,24 @@ def _forward_loss(state: RunState, x: Tensor, y: Tensor, criterion: nn.Module, m
     if mixup is None:
         logits = state.model(x)
         return logits, criterion(logits, y)
+    if state.config.recipe.mixup_per_sample:
+        return _mixup_per_sample(state.model, x, y, criterion, mixup)
     lam = float(mixup.sample())
     perm = torch.randperm(x.shape[0], device=x.device)
     logits = state.model(lam * x + (1.0 - lam) * x[perm])
     return logits, lam * criterion(logits, y) + (1.0 - lam) * criterion(logits, y[perm])
+
+
+def _mixup_per_sample(model: nn.Module, x: Tensor, y: Tensor, criterion: nn.Module, mixup) -> tuple[Tensor, Tensor]:
+    """Mixup with one λ per sample (Hu et al.'s generator): x_i ← λ_i x_i + (1 − λ_i) x_π(i) and the loss
+    λ_i CE(y_i) + (1 − λ_i) CE(y_π(i)) averaged over the batch (cross-entropy with the mixed one-hot labels)."""
+    lam = mixup.sample((x.shape[0],)).to(x.device)
+    perm = torch.randperm(x.shape[0], device=x.device)
+    mixed = lam.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    logits = model(mixed * x + (1.0 - mixed) * x[perm])
+    per_sample = criterion.__class__(reduction="none", label_smoothing=criterion.label_smoothing)
+    loss = lam * per_sample(logits, y) + (1.0 - lam) * per_sample(logits, y[perm])
+    return logits, loss.mean()
 
 
 def train_one_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, float]:
@@ -598,7 +640,7 @@ def _run_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, Any]:
     ))
     eval_seconds = time.perf_counter() - start
     record.update(condensation_summary(state.net))
-    record = {k: record[k] for k in (*EPOCH_KEYS, *ANGLE_KEYS, *NORM_STATE_KEYS) if k in record}  # the key list
+    record = {k: record[k] for k in (*EPOCH_KEYS, *ANGLE_KEYS, *NORM_STATE_KEYS, *DEVICE_KEYS) if k in record}
     _check_loss(state, record["train_loss"])
     improved = record["test_acc"] > state.best_acc
     if improved:

@@ -2,7 +2,9 @@
 
 Every preset is a frozen :class:`Recipe`; ``get_recipe(name, **overrides)`` returns a copy with any field
 replaced (the CLI maps each ``--flag`` to a field). All paper recipes use SGD with Nesterov momentum 0.9;
-CIFAR runs use seeds 121–125.
+CIFAR runs use seeds 121–125. The ``tau2020-*`` presets are the acoustic-scene recipes of Hu et al. and
+McDonnell & Gao (the paper's Table 6): SGD without Nesterov, cosine with warm restarts stepped every batch,
+per-sample mixup, conv-weights-only weight decay and, for FCNN / fsFCNN, spectrogram masks.
 """
 from __future__ import annotations
 
@@ -10,10 +12,13 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-__all__ = ["Recipe", "RECIPES", "get_recipe", "list_recipes", "default_recipe_name", "PAPER_SEEDS"]
+__all__ = [
+    "Recipe", "RECIPES", "get_recipe", "list_recipes", "default_recipe_name", "PAPER_SEEDS", "warm_restart_factor",
+]
 
 PAPER_SEEDS: tuple[int, ...] = (121, 122, 123, 124, 125)
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "constant", "cosine-restarts")
+WEIGHT_DECAY_SCOPES = ("all", "conv")
 
 
 @dataclass(frozen=True)
@@ -21,8 +26,13 @@ class Recipe:
     """Optimiser, schedule and regularisation of one training run (SGD with (Nesterov) momentum).
 
     ``schedule``: ``cosine`` decays to 0 at the last epoch after ``warmup_epochs`` of linear warm-up;
-    ``step`` multiplies by ``gamma`` at each epoch in ``milestones``; ``constant`` keeps ``lr``.
+    ``step`` multiplies by ``gamma`` at each epoch in ``milestones``; ``constant`` keeps ``lr``;
+    ``cosine-restarts`` (SGDR, Loshchilov & Hutter 2017) runs cosine cycles of ``restart_cycles`` epochs
+    from ``lr`` down to ``min_lr`` (see :func:`warm_restart_factor`).
     ``metrics_every``: epochs between angle-metric evaluations (the last epoch is always measured).
+    ``weight_decay_scope``: ``all`` parameters (as the norm zoo's groups say) or ``conv`` weights only (the
+    Keras references' L2 kernel regulariser: a penalty c·Σw² is weight decay 2c). ``mixup_per_sample`` draws
+    one λ per sample instead of one per batch; ``spec_masks`` turns on the dataset's spectrogram masks.
     """
 
     epochs: int
@@ -40,6 +50,11 @@ class Recipe:
     seeds: tuple[int, ...] = PAPER_SEEDS
     metrics_every: int = 10
     metrics_max_batches: int | None = None
+    restart_cycles: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128)
+    min_lr: float = 0.0
+    weight_decay_scope: str = "all"
+    mixup_per_sample: bool = False
+    spec_masks: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lr", "weight_decay", "gamma", "momentum", "mixup_alpha", "label_smoothing"):
@@ -65,6 +80,14 @@ class Recipe:
             raise ValueError("nesterov needs momentum > 0")
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must be increasing, got {self.milestones}")
+        if not self.restart_cycles or min(self.restart_cycles) < 1:
+            raise ValueError(f"restart_cycles must be positive epoch counts, got {self.restart_cycles}")
+        if not 0 <= self.min_lr < self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}), got {self.min_lr}")
+        if self.weight_decay_scope not in WEIGHT_DECAY_SCOPES:
+            raise ValueError(
+                f"weight_decay_scope must be one of {WEIGHT_DECAY_SCOPES}, got {self.weight_decay_scope!r}"
+            )
         if self.gamma <= 0:
             raise ValueError(f"gamma (the step schedule's factor) must be > 0, got {self.gamma}")
         if self.metrics_max_batches is not None and self.metrics_max_batches < 1:
@@ -78,7 +101,7 @@ class Recipe:
         if bad:
             raise ValueError(f"unknown recipe field(s) {bad}; fields: {sorted(known)}")
         given = {k: v for k, v in overrides.items() if v is not None}
-        for key in ("milestones", "seeds"):
+        for key in ("milestones", "seeds", "restart_cycles"):
             if key in given:
                 given[key] = tuple(int(v) for v in given[key])
         return dataclasses.replace(self, **given)
@@ -87,7 +110,27 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+def warm_restart_factor(recipe: Recipe, epoch_progress: float) -> float:
+    """Multiplier of ``recipe.lr`` for ``cosine-restarts`` after ``epoch_progress`` (fractional) epochs.
+
+    Within a cycle of T epochs started at epoch s: lr = min_lr + (lr − min_lr)·(1 + cos(π (t − s) / T)) / 2,
+    as Hu et al.'s ``LR_WarmRestart`` (restarts after epochs 2, 6, 14, ... for cycles 2, 4, 8, ...); after
+    the last cycle the rate stays at ``min_lr``.
+    """
+    start = 0.0
+    for length in recipe.restart_cycles:
+        if epoch_progress < start + length:
+            cosine = 0.5 * (1.0 + math.cos(math.pi * (epoch_progress - start) / length))
+            return (recipe.min_lr + (recipe.lr - recipe.min_lr) * cosine) / recipe.lr
+        start += length
+    return recipe.min_lr / recipe.lr
+
+
 _CIFAR_RESNET = Recipe(epochs=200, batch_size=128, lr=0.1, weight_decay=5e-4)
+_TAU2020 = dict(
+    batch_size=32, lr=0.1, min_lr=1e-5, schedule="cosine-restarts", momentum=0.9, nesterov=False,
+    mixup_alpha=0.4, mixup_per_sample=True,
+)
 RECIPES: dict[str, Recipe] = {
     # supplementary Table 1, CIFAR-100
     "cifar-resnet": _CIFAR_RESNET,
@@ -103,6 +146,9 @@ RECIPES: dict[str, Recipe] = {
     "imagenet-resnet": Recipe(
         epochs=100, batch_size=256, lr=0.2, weight_decay=5e-5, seeds=(121,), metrics_every=10, metrics_max_batches=50
     ),
+    # the paper's Table 6 (TAU 2020 Mobile): McDonnell & Gao's ResNet-17, Hu et al.'s FCNN / fsFCNN
+    "tau2020-resnet": Recipe(epochs=126, weight_decay=2e-3, weight_decay_scope="conv", **_TAU2020),
+    "tau2020-fcnn": Recipe(epochs=254, weight_decay=0.0, spec_masks=True, **_TAU2020),
     # quick CPU presets (not in the paper): sized so BN vs L2BN differences show in minutes
     "digits-quick": Recipe(epochs=15, batch_size=64, lr=0.05, weight_decay=5e-4, seeds=(121, 122, 123), metrics_every=1),
     "fashion-mnist-quick": Recipe(
@@ -120,8 +166,10 @@ _FAMILY_RECIPES = {
     ("cifar", "resnext"): "cifar-resnext",
     ("imagenet", "resnet"): "imagenet-resnet",
     ("imagenet", "resnext"): "imagenet-resnet",
+    ("asc", "asc-resnet"): "tau2020-resnet",
+    ("asc", "fcnn"): "tau2020-fcnn",
 }
-_DATASET_KINDS = {"cifar10": "cifar", "cifar100": "cifar", "imagenet": "imagenet"}
+_DATASET_KINDS = {"cifar10": "cifar", "cifar100": "cifar", "imagenet": "imagenet", "tau2020": "asc"}
 
 
 def list_recipes() -> list[str]:

@@ -1,8 +1,9 @@
 """One run folder and every file in it: the only place that spells a run file's name or format.
 
 A run folder holds ``config.json`` (what was asked), ``metrics.jsonl`` (one record per epoch, keys
-:data:`EPOCH_KEYS` and, when measured, :data:`ANGLE_KEYS`), ``timing.jsonl``, ``last.pt`` / ``best.pt``
-(checkpoints), ``summary.json`` when finished and ``failed.json`` when the run diverged.
+:data:`EPOCH_KEYS`, when measured :data:`ANGLE_KEYS`, and :data:`DEVICE_KEYS` for test sets with devices),
+``timing.jsonl``, ``last.pt`` / ``best.pt`` (checkpoints), ``summary.json`` when finished and ``failed.json``
+when the run diverged.
 
 Writes are crash- and fault-safe: whole files go to a uniquely named temporary file in the same folder,
 are fsync'ed and renamed over the target; log lines are appended whole or not at all; a full disk raises
@@ -27,6 +28,7 @@ import torch
 __all__ = [
     "ANGLE_KEYS",
     "ANGLE_TITLES",
+    "DEVICE_KEYS",
     "EPOCH_KEYS",
     "NORM_STATE_KEYS",
     "CheckpointError",
@@ -42,6 +44,8 @@ ANGLE_KEYS: tuple[str, ...] = ("intra_train", "intra_test", "inter", "iir_train"
 # Per-epoch state of gated norms, present for models that have them (UBN: mean moving condensation of its
 # layers and the fraction of layers whose gate has frozen their statistics; l2bn.norms.unified).
 NORM_STATE_KEYS: tuple[str, ...] = ("ubn_condensation", "ubn_gated")
+# Per-device confusion, present when the test set records a device per clip (tau2020; l2bn.train.confusion).
+DEVICE_KEYS: tuple[str, ...] = ("test_confusion",)
 ANGLE_TITLES: dict[str, str] = {
     "intra_train": "Intra(train)", "intra_test": "Intra(test)", "inter": "Inter",
     "iir_train": "IIR train", "iir_test": "IIR test",
