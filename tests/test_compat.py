@@ -445,6 +445,48 @@ def test_fast_paths_huge_and_non_finite_samples(impl):
     torch.testing.assert_close(y[:, [0, 2]], want[:, [0, 2]], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+@pytest.mark.parametrize("impl", FAST + [TRITON])
+def test_fast_paths_huge_single_sample_eval(impl):
+    """Eval with fewer samples than threads (the compiled kernel then splits each sample's norm): a lone
+    1e30-scale sample gives the float64 reference's output and input gradient."""
+    device = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
+    x = huge_sample_batch(torch.float32)[1:2]
+    running = torch.zeros(3), torch.ones(3)
+    outputs = {}
+    for name, xx in ((impl, x.to(device)), ("reference", x.to(F64))):
+        xx = xx.clone().requires_grad_()
+        y = l2bn.l2_batch_norm(xx, *(t.to(xx.device, xx.dtype) for t in running), training=False, impl=name)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype, device=y.device)).view_as(y))
+        outputs[name] = (y.to("cpu", F64), xx.grad.to("cpu", F64) * 1e30)
+    for got, want in zip(outputs[impl], outputs["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_rescale_huge_samples_is_an_exact_power_of_two():
+    """Only finite samples with max |x| ≥ 2^32 change, each by a power of two to max |x| in [2^15, 2^16);
+    the gradient through the rescale is the factor; the usual input goes through untouched."""
+    from l2bn.kernels.overflow import rescale_huge_samples
+
+    x = huge_sample_batch(torch.float32)
+    x[2, 0, 0, 0] = float("nan")
+    x[0] *= 1e-20  # tiny: must not be scaled up (l2_eps clamping would change)
+    xx = x.clone().requires_grad_()
+    scaled = rescale_huge_samples(xx)
+    for n in range(x.shape[0]):
+        amax = x[n].abs().max()
+        if n in (1, 3, 4):
+            factor = scaled[n].flatten()[0] / x[n].flatten()[0]
+            assert torch.frexp(factor).mantissa == 0.5  # a power of two
+            assert torch.equal(scaled[n], x[n] * factor)
+            assert 2.0**15 <= scaled[n].abs().max() < 2.0**16, amax
+        else:
+            assert torch.equal(scaled[n], x[n]) or (n == 2 and torch.equal(scaled[n].isnan(), x[n].isnan()))
+    scaled.sum().backward()
+    factors = (scaled.detach() / x)[:, 0, 0, 1].view(-1, 1, 1, 1)  # x[:, 0, 0, 1] is finite and non-zero
+    assert torch.equal(xx.grad, factors.expand_as(x))
+
+
 @pytest.mark.slow
 def test_torch_compile_dynamic_shapes_recompile_no_more_than_batchnorm():
     """torch.compile(dynamic=True): new N/H/W recompile no more often than the same model with BatchNorm,
