@@ -47,7 +47,8 @@ def rescale_huge_samples(x: Tensor) -> Tensor:
     """x with every finite sample of max |x_n| ≥ 2^32 multiplied by the power of two that brings its max into
     [2^15, 2^16) (exact, so only values below the rescaled type's range change); other samples as they are."""
     with torch.no_grad():
-        amax = torch.amax(x.detach().abs(), dim=tuple(range(1, x.dim()))).to(torch.promote_types(x.dtype, torch.float32))
+        acc = torch.promote_types(x.dtype, torch.float32)
+        amax = torch.amax(x.detach().abs(), dim=tuple(range(1, x.dim()))).to(acc)
         exponent = torch.frexp(amax).exponent  # amax = mantissa·2^exponent, mantissa in [0.5, 1)
         huge = torch.isfinite(amax) & (amax >= _RESCALE_FROM)
         one = torch.ones_like(amax)
