@@ -30,10 +30,10 @@ class SampleOverflow(RuntimeError):
 def check_sample_norms(x: Tensor, norm: Tensor) -> None:
     """Raise :class:`SampleOverflow` if a sample of ``x`` (N, C, *S) is finite but its norm (N,) is not.
 
-    Skipped while torch.compile traces (the check is data-dependent); the second, rare check reads only the
-    samples whose norm is not finite.
+    Skipped while torch.compile traces (the check is data-dependent) and for meta tensors (no data); the
+    second, rare check reads only the samples whose norm is not finite.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or norm.is_meta:
         return
     finite_norm = torch.isfinite(norm)
     if bool(finite_norm.all()):
