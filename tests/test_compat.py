@@ -363,6 +363,133 @@ def test_reference_norms_do_not_overflow(dtype):
     torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
 
 
+def _triton_runnable() -> bool:
+    """Whether the Triton path runs here: on CUDA, or on the CPU through the interpreter (conftest sets it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from l2bn.kernels import triton_l2bn
+
+    return torch.cuda.is_available() or triton_l2bn.INTERPRETED
+
+
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(not _triton_runnable(), reason="triton cannot run here"))
+
+
+def huge_sample_batch(dtype: torch.dtype, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """A batch with a 1e30-scale sample, a 1e20 one and a 3e38 one (near float32's largest) between normal samples."""
+    x = sample(5, 4, 3, seed=3).to(F64)
+    x[1] *= 1e30
+    x[3] *= 1e20
+    x[4] *= 3e38 / x[4].abs().max()
+    return x.to(dtype).contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+# Triton's interpreter warns on the first, overflowing try
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+@pytest.mark.parametrize("impl", FAST + [TRITON])
+def test_fast_paths_huge_samples_against_float64(impl, dtype, training, memory_format):
+    """Finite samples whose squares overflow float32 (1e20, 1e30, 3e38 next to normal ones) give eq. (3) on
+    every fast path: outputs, running statistics and input gradients, against the float64 formula."""
+    device = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
+    x = huge_sample_batch(dtype, memory_format)
+    g = torch.Generator().manual_seed(5)
+    weight, bias = torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g)
+    running = torch.randn(3, generator=g) * 0.1, torch.rand(3, generator=g) + 0.5
+    dy = torch.randn(x.shape, generator=g, dtype=F64)
+
+    def run(x, dtype, device, impl):
+        xx = x.to(device, copy=True).requires_grad_()
+        w, b = (t.to(device, dtype, copy=True).requires_grad_() for t in (weight, bias))
+        rm, rv = (t.to(device, dtype, copy=True) for t in running)
+        y = l2bn.l2_batch_norm(xx, rm, rv, w, b, training, 0.1, 1e-5, impl=impl)
+        y.backward(dy.to(device, y.dtype))
+        return {"y": y, "dx": xx.grad, "dw": w.grad, "db": b.grad, "rm": rm, "rv": rv}
+
+    got = run(x, dtype, device, impl)
+    want = run(x.to(F64), F64, "cpu", "reference")  # the rounded input, in float64
+    # a sample's input gradient scales as r_n = sqrt(D)/‖x_n‖ (1e-30 for the 1e30 sample): compare dx_n / r_n
+    r = want["y"][0].numel() ** 0.5 / x.to(F64).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    got["dx"], want["dx"] = got["dx"].to("cpu", F64) / r, want["dx"] / r
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    for key in want:
+        assert torch.isfinite(got[key]).all(), key
+        torch.testing.assert_close(got[key].to("cpu", F64), want[key], rtol=tol, atol=tol, msg=lambda m: f"{key}: {m}")
+    independent = formula(x, _layer_with(weight, bias, running), training)  # eq. (3) then BN, in float64
+    torch.testing.assert_close(want["y"], independent, rtol=1e-9, atol=1e-9)
+
+
+def _layer_with(weight, bias, running) -> nn.Module:
+    layer = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+        layer.running_mean.copy_(running[0])
+        layer.running_var.copy_(running[1])
+    return layer
+
+
+# Triton's interpreter warns on the first, overflowing try
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+@pytest.mark.parametrize("impl", FAST + [TRITON])
+def test_fast_paths_huge_and_non_finite_samples(impl):
+    """A sample holding inf next to a 1e30-scale one: the huge one is rescaled, the inf one keeps BatchNorm's
+    semantics (only its channel turns NaN)."""
+    device = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
+    x = huge_sample_batch(torch.float32)
+    x[2, 1, 0, 0] = float("inf")
+    y = l2bn.l2_batch_norm(x.to(device), None, None, training=True, impl=impl).cpu()
+    want = l2bn.l2_batch_norm(x, None, None, training=True, impl="reference")
+    assert y[:, 1].isnan().all() and torch.isfinite(y[:, [0, 2]]).all()
+    torch.testing.assert_close(y[:, [0, 2]], want[:, [0, 2]], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+@pytest.mark.parametrize("impl", FAST + [TRITON])
+def test_fast_paths_huge_single_sample_eval(impl):
+    """Eval with fewer samples than threads (the compiled kernel then splits each sample's norm): a lone
+    1e30-scale sample gives the float64 reference's output and input gradient."""
+    device = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
+    x = huge_sample_batch(torch.float32)[1:2]
+    running = torch.zeros(3), torch.ones(3)
+    outputs = {}
+    for name, xx in ((impl, x.to(device)), ("reference", x.to(F64))):
+        xx = xx.clone().requires_grad_()
+        y = l2bn.l2_batch_norm(xx, *(t.to(xx.device, xx.dtype) for t in running), training=False, impl=name)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype, device=y.device)).view_as(y))
+        outputs[name] = (y.to("cpu", F64), xx.grad.to("cpu", F64) * 1e30)
+    for got, want in zip(outputs[impl], outputs["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_rescale_huge_samples_is_an_exact_power_of_two():
+    """Only finite samples with max |x| ≥ 2^32 change, each by a power of two to max |x| in [2^15, 2^16);
+    the gradient through the rescale is the factor; the usual input goes through untouched."""
+    from l2bn.kernels.overflow import rescale_huge_samples
+
+    x = huge_sample_batch(torch.float32)
+    x[2, 0, 0, 0] = float("nan")
+    x[0] *= 1e-20  # tiny: must not be scaled up (l2_eps clamping would change)
+    xx = x.clone().requires_grad_()
+    scaled = rescale_huge_samples(xx)
+    for n in range(x.shape[0]):
+        amax = x[n].abs().max()
+        if n in (1, 3, 4):
+            factor = scaled[n].flatten()[0] / x[n].flatten()[0]
+            assert torch.frexp(factor).mantissa == 0.5  # a power of two
+            assert torch.equal(scaled[n], x[n] * factor)
+            assert 2.0**15 <= scaled[n].abs().max() < 2.0**16, amax
+        else:
+            assert torch.equal(scaled[n], x[n]) or (n == 2 and torch.equal(scaled[n].isnan(), x[n].isnan()))
+    scaled.sum().backward()
+    factors = (scaled.detach() / x)[:, 0, 0, 1].view(-1, 1, 1, 1)  # x[:, 0, 0, 1] is finite and non-zero
+    assert torch.equal(xx.grad, factors.expand_as(x))
+
+
 @pytest.mark.slow
 def test_torch_compile_dynamic_shapes_recompile_no_more_than_batchnorm():
     """torch.compile(dynamic=True): new N/H/W recompile no more often than the same model with BatchNorm,

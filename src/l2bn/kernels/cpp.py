@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .overflow import rerun_rescaled_on_overflow
+
 
 SOURCE = Path(__file__).with_name("csrc") / "l2bn_cpu.cpp"
 
@@ -134,6 +136,7 @@ def warn_unavailable() -> None:
     )
 
 
+@rerun_rescaled_on_overflow
 def l2_batch_norm_cpp(
     input: Tensor,
     running_mean: Tensor | None,

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .algebra import channel_statistics, input_gradient, nan_as_inf, output_coefficients, update_running_stats
+from .overflow import check_sample_norms, rerun_rescaled_on_overflow
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -177,6 +178,7 @@ def _forward(x, weight, bias, running_mean, running_var, training, eps, rescale,
         scale, norm = sample_scale(x, rescale=rescale, l2_eps=l2_eps)
         mu, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
         mean = sumsq = None
+    check_sample_norms(x, norm)  # before anything is written: huge samples rerun rescaled
     a, shift, invstd = output_coefficients(scale, mu, weight, bias, var=var, eps=eps)
     if training and centred_in_y:  # y = (x − m)·a + (m·a + b)
         affine_rows(y, y, a, shift + mean * a)
@@ -230,6 +232,7 @@ class FusedL2BatchNorm(torch.autograd.Function):
         )
 
 
+@rerun_rescaled_on_overflow
 def l2_batch_norm_fused(
     input: Tensor,
     running_mean: Tensor | None,

@@ -24,16 +24,16 @@ def sample_norms(input: Tensor) -> Tensor:
 def l2_normalize_samples(input: Tensor, *, rescale: bool = True, l2_eps: float = 1e-12) -> Tensor:
     """Divide each sample's whole feature (all non-batch dims) by its l2 norm, times sqrt(D) if ``rescale``.
 
-    The norm is accumulated in float64, so no float32 or 16-bit input overflows it (values near 1e38
-    included), and the division happens in at least float32; a sample holding inf or NaN counts as
+    The norm is accumulated and divided by sqrt(D) in float64, so no float32 or 16-bit input overflows it
+    (values near 3e38 included), and the division happens in at least float32; a sample holding inf or NaN counts as
     infinitely long (scaled to zero), so only that value's channel turns NaN downstream.
     """
-    dims = tuple(range(1, input.dim()))
     acc_dtype = torch.promote_types(input.dtype, torch.float32)
-    norm = nan_as_inf(sample_norms(input).to(acc_dtype)).clamp_min(l2_eps)
+    norm = nan_as_inf(sample_norms(input)).clamp_min(l2_eps)
     if rescale:  # D from the shape: symbolic under torch.export, a traced value under torch.jit.trace
         norm = norm / math.prod(input.shape[1:]) ** 0.5
-    return (input.to(acc_dtype) / norm).to(input.dtype)
+    # ‖x_n‖/sqrt(D) ≤ max |x_n| fits the input's type, where ‖x_n‖ itself may not (values near 3e38)
+    return (input.to(acc_dtype) / norm.to(acc_dtype)).to(input.dtype)
 
 
 def l2_batch_norm_reference(

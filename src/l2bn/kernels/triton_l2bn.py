@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .algebra import channel_statistics, input_gradient, output_coefficients, update_running_stats
 from .fused import _rows, _rows_view, accumulation_dtype
+from .overflow import check_sample_norms, rerun_rescaled_on_overflow
 
 try:
     import triton
@@ -288,6 +289,7 @@ class TritonL2BatchNorm(torch.autograd.Function):
         x, _ = _row_strides(x)  # a dense copy only if the spatial dims do not flatten to a view
         mean, sumsq = sample_channel_moments_triton(x)  # one read of x; the norms follow in eval too
         scale, norm, mu, var = channel_statistics(mean, sumsq, spatial, rescale=rescale, l2_eps=l2_eps)
+        check_sample_norms(x, norm)  # before anything is written: huge samples rerun rescaled
         if not training:
             mu, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
         a, shift, invstd = output_coefficients(scale, mu, weight, bias, var=var, eps=eps)
@@ -332,6 +334,7 @@ def _check_triton_input(input: Tensor) -> None:
         raise TypeError(f"the Triton L2BN path supports dtypes {SUPPORTED_DTYPES}, got {input.dtype}")
 
 
+@rerun_rescaled_on_overflow
 def l2_batch_norm_triton(
     input: Tensor,
     running_mean: Tensor | None,

@@ -495,6 +495,17 @@ Statistics statistics(const Moments& mo, const Geometry& g, bool rescale, double
   return st;
 }
 
+// A finite sample whose sum of squares overflowed (values beyond ~1e19 summed in float): refuse with the
+// message kernels/overflow.py catches, before anything is written; it reruns on the sample rescaled by a
+// power of two. Samples holding inf or NaN are not refused (r_n = 0, their channel turns NaN). The usual
+// case costs one pass over N values; only samples with a non-finite norm are read again.
+void check_no_overflow(const Tensor& x, const std::vector<double>& squares) {  // ‖x_n‖² or ‖x_n‖
+  for (int64_t n = 0; n < x.size(0); ++n) {
+    TORCH_CHECK(std::isfinite(squares[n]) || !at::isfinite(x[n]).all().item<bool>(),
+                "l2bn: a finite sample's sum of squares overflows (sample ", n, ")");
+  }
+}
+
 void update_running_stats(const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
                           const Statistics& st, const Geometry& g, double momentum) {
   if (!running_mean.has_value() || !running_mean->defined()) return;
@@ -530,13 +541,16 @@ void eval_forward(const Tensor& x, Tensor& y, const Geometry& g, const std::vect
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   Coefficients k = output_coefficients(std::vector<double>(g.N), gain, shift);
   AffinePass<scalar_t, false> pass{xp, nullptr, y.mutable_data_ptr<scalar_t>(), g, k};
+  std::vector<double> squares(g.N, 0.0);
   if (g.N >= at::get_num_threads()) {
     at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
-        k.alpha[n] = sample_scale(squares_of(xp + n * D, D), target, l2_eps);
+        squares[n] = squares_of(xp + n * D, D);
+        k.alpha[n] = sample_scale(squares[n], target, l2_eps);
         pass.samples(n, n + 1);
       }
     });
+    check_no_overflow(x, squares);  // y is discarded when this refuses
     return;
   }
   // Fewer samples than threads: split each sample's norm, then the output pass over all threads.
@@ -550,10 +564,10 @@ void eval_forward(const Tensor& x, Tensor& y, const Geometry& g, const std::vect
     }
   });
   for (int64_t n = 0; n < g.N; ++n) {
-    double squares = 0;
-    for (int64_t p = 0; p < pieces; ++p) squares += partial[n * pieces + p];
-    k.alpha[n] = sample_scale(squares, target, l2_eps);
+    for (int64_t p = 0; p < pieces; ++p) squares[n] += partial[n * pieces + p];
+    k.alpha[n] = sample_scale(squares[n], target, l2_eps);
   }
+  check_no_overflow(x, squares);
   pass.all();
 }
 
@@ -576,6 +590,7 @@ Tensor l2bn_forward(const Tensor& input, const std::optional<Tensor>& weight, co
     return y;
   }
   const Statistics st = statistics(moments<false>(x, nullptr, g), g, rescale, l2_eps, true);
+  check_no_overflow(x, st.norm);
   channel_affine(st, w, b, eps, gain, shift);
   const Coefficients k = output_coefficients(st.scale, gain, shift);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_forward", [&] {

@@ -1,0 +1,79 @@
+"""Huge inputs on the fast paths: a sample whose sum of squares overflows is rerun rescaled by a power of two.
+
+The fast paths accumulate per-(n, c) sums in float32 for float32 and 16-bit input, so a finite sample with
+values beyond ~1e19 has an infinite sum of squares. L2BN is invariant to a positive scale of each sample
+(x̂_n = k·x_n / ‖x_n‖ above the ε_l2 floor), so such a sample gives the same output once multiplied by an
+exact power of two 2^-e that brings max |x_n| into [2^15, 2^16); its input gradient is the rescaled input's
+gradient times 2^-e, which autograd applies through the multiplication. Each path detects the case from its
+O(N·C) statistics — a non-finite norm of a finite sample — before writing anything (output or running
+statistics) and raises :class:`SampleOverflow`; :func:`rerun_rescaled_on_overflow` then reruns it on the
+rescaled input. The usual case pays one check of N norms. Samples holding inf or NaN are left as they are
+(their channel turns NaN, as in BatchNorm).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+MESSAGE = "l2bn: a finite sample's sum of squares overflows"  # also raised by csrc/l2bn_cpu.cpp
+_RESCALE_FROM = 2.0**32  # samples with max |x| below this cannot overflow a float32 sum of squares
+_RESCALE_TO_EXPONENT = 16  # rescaled samples have max |x| in [2^15, 2^16)
+
+
+class SampleOverflow(RuntimeError):
+    """A finite sample's norm overflowed the accumulation type (caught by :func:`rerun_rescaled_on_overflow`)."""
+
+
+def check_sample_norms(x: Tensor, norm: Tensor) -> None:
+    """Raise :class:`SampleOverflow` if a sample of ``x`` (N, C, *S) is finite but its norm (N,) is not.
+
+    Skipped while torch.compile traces (the check is data-dependent) and for meta tensors (no data); the
+    second, rare check reads only the samples whose norm is not finite.
+    """
+    if torch.compiler.is_compiling() or norm.is_meta:
+        return
+    finite_norm = torch.isfinite(norm)
+    if bool(finite_norm.all()):
+        return
+    suspects = x.detach()[~finite_norm.to(x.device)]
+    if bool(torch.isfinite(suspects).flatten(1).all(dim=1).any()):
+        raise SampleOverflow(MESSAGE)
+
+
+def rescale_huge_samples(x: Tensor) -> Tensor:
+    """x with every finite sample of max |x_n| ≥ 2^32 multiplied by the power of two that brings its max into
+    [2^15, 2^16) (exact, so only values below the rescaled type's range change); other samples as they are."""
+    with torch.no_grad():
+        acc = torch.promote_types(x.dtype, torch.float32)
+        amax = torch.amax(x.detach().abs(), dim=tuple(range(1, x.dim()))).to(acc)
+        exponent = torch.frexp(amax).exponent  # amax = mantissa·2^exponent, mantissa in [0.5, 1)
+        huge = torch.isfinite(amax) & (amax >= _RESCALE_FROM)
+        one = torch.ones_like(amax)
+        factor = torch.where(huge, torch.ldexp(one, _RESCALE_TO_EXPONENT - exponent), one)
+    return x * factor.to(x.dtype).view((-1,) + (1,) * (x.dim() - 1))
+
+
+def is_sample_overflow(error: BaseException) -> bool:
+    """Whether ``error`` is a path's overflow signal (Python's :class:`SampleOverflow` or the C++ kernel's)."""
+    return isinstance(error, SampleOverflow) or (isinstance(error, RuntimeError) and MESSAGE in str(error))
+
+
+def rerun_rescaled_on_overflow(path: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Wrap an L2BN path ``path(input, *args, **kwargs)``: on a sample overflow, run it again on
+    :func:`rescale_huge_samples` (input); the rescaled input cannot overflow, so that run is final."""
+
+    @functools.wraps(path)
+    def run(input: Tensor, *args, **kwargs) -> Tensor:
+        if torch.compiler.is_compiling():
+            return path(input, *args, **kwargs)
+        try:
+            return path(input, *args, **kwargs)
+        except RuntimeError as error:
+            if not is_sample_overflow(error):
+                raise
+        return path(rescale_huge_samples(input), *args, **kwargs)
+
+    return run
