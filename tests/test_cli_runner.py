@@ -246,3 +246,12 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     assert proc.returncode == 130, err
     assert f"continue with the same command plus --resume --out {out}" in err and "Traceback" not in err
     assert main(["train", "--epochs", "40", "--out", str(out), "--resume", "--stop-after", "2", *FAST]) == 0
+
+
+def test_compare_jobs_default_is_two_on_a_multicore_cpu(monkeypatch):
+    from l2bn.commands.train import default_jobs
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert default_jobs("cpu") == 2
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert default_jobs("cpu") == 1
