@@ -9,7 +9,7 @@ from scipy import stats as scipy_stats
 from l2bn.cli import main
 from l2bn.data import vision
 from l2bn.studies import (SECTIONS, STUDIES, StudyOverrides, bootstrap_interval, compare_groups,
-                          estimate_seconds, get_study, run_study, study_command, welch_t_test)
+                          estimate_seconds, get_study, load_study_runs, run_study, study_command, welch_t_test)
 from l2bn.studies.catalog import ZOO
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -159,6 +159,11 @@ def test_the_command_rebuilds_a_page_without_training(mini_fashion, tmp_path, ca
     page.unlink()
     assert main(args + ["--report-only"]) == 0
     assert "0 run(s) trained" in capsys.readouterr().out and "**all** against BN everywhere" in page.read_text()
+    # the page reads only runs of its own experiment: another recipe in the same folders is not mixed in
+    same = StudyOverrides(epochs=1, train_subset=128, seeds=(121,), only=("none", "all"))
+    assert [len(v) for v in load_study_runs(get_study("placement").apply(same), tmp_path)[0].values()] == [1, 1]
+    longer = StudyOverrides(epochs=2, train_subset=128, seeds=(121,), only=("none", "all"))
+    assert load_study_runs(get_study("placement").apply(longer), tmp_path) == ({}, 2)
 
 
 def test_the_command_refuses_unknown_names_before_any_work(tmp_path, capsys):
