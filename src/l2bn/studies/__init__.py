@@ -11,6 +11,7 @@ from .stats import Difference, bootstrap_interval, compare_groups, welch_t_test
 
 __all__ = [
     "DEFAULT_ROOT", "SECTIONS", "STUDIES", "Difference", "Grid", "Study", "StudyOverrides", "StudyResult",
-    "bootstrap_interval", "build_index", "build_page", "compare_groups", "estimate_seconds", "get_study", "list_studies",
+    "bootstrap_interval", "build_index", "build_page", "compare_groups", "estimate_seconds", "get_study",
+    "list_studies",
     "load_study_runs", "run_study", "study_command", "welch_t_test",
 ]

@@ -14,8 +14,8 @@ from typing import Sequence
 from ..train.engine import TrainConfig
 from ..train.recipes import PAPER_SEEDS, Recipe, get_recipe
 
-__all__ = ["CONTENDED_TIMING", "EPOCH_SECONDS", "STEP_RATIO", "Grid", "STUDIES", "Study", "StudyOverrides", "estimate_seconds", "get_study",
-           "list_studies"]
+__all__ = ["CONTENDED_TIMING", "EPOCH_SECONDS", "STEP_RATIO", "Grid", "STUDIES", "Study", "StudyOverrides",
+           "estimate_seconds", "get_study", "list_studies"]
 
 DATASET, MODEL, RECIPE = "fashion-mnist", "resnet20", "fashion-mnist-quick"
 ZOO = ("bn", "l2bn", "ln", "in", "gn-cpg4", "gn-cpg8", "sn", "bcn", "bin", "lnbn", "inbn", "pnbn", "ubn")
