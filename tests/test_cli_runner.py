@@ -238,7 +238,8 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     cmd = [sys.executable, "-m", "l2bn", "train", "--epochs", "40", "--out", str(out), *FAST]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()):
+    metrics = out / "metrics.jsonl"
+    while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text()):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 
 def base(**kw) -> TrainConfig:
     recipe = get_recipe("digits-quick", epochs=kw.pop("epochs", 1), batch_size=128, metrics_every=1)
-    return TrainConfig(recipe=recipe, device="cpu", threads=1, progress=False, **kw)
+    return TrainConfig(recipe=recipe, device="cpu", threads=1, **{"progress": False, **kw})
 
 
 def quiet(msg: str) -> None:
@@ -86,11 +86,13 @@ def test_a_folder_holding_another_experiment_is_refused_before_any_work(tmp_path
     assert (out / "runs" / "bn-s121" / "last.pt").stat().st_mtime_ns == stamp
 
 
-def test_parallel_jobs_give_the_sequential_records(tmp_path):
-    """--jobs 2: separate spawned processes, the same metrics.jsonl bytes as the sequential grid."""
+def test_parallel_jobs_give_the_sequential_records(tmp_path, capsys):
+    """--jobs 2: separate spawned processes, the same metrics.jsonl bytes as the sequential grid, one bar."""
     seq = compare(base(), ["bn", "l2bn"], [121], tmp_path / "seq", log=quiet)
-    par = compare(base(), ["bn", "l2bn"], [121], tmp_path / "par", jobs=2, log=quiet)
+    par = compare(base(progress=True), ["bn", "l2bn"], [121], tmp_path / "par", jobs=2, log=quiet)
     assert seq.complete and par.complete and len(par.trained) == 2
+    err = capsys.readouterr().err
+    assert "grid (2 jobs)" in err and "2/2" in err and err.count("] epoch 1/1") == 2  # the runs' lines, relayed
     for name in ("bn-s121", "l2bn-s121"):
         a = (tmp_path / "seq" / "runs" / name / "metrics.jsonl").read_bytes()
         b = (tmp_path / "par" / "runs" / name / "metrics.jsonl").read_bytes()
@@ -138,7 +140,7 @@ def test_stratified_indices_keep_class_shares_and_are_seeded():
     assert list(stratified_indices(labels, 50, seed=1)) != list(chosen)
     assert list(stratified_indices(labels, 200)) == list(range(200))
     for bad in (3, 201):
-        with pytest.raises(ValueError, match=rf"between the number of classes \(4\) and the training set size \(200\), got {bad}"):
+        with pytest.raises(ValueError, match=rf"number of classes \(4\) and the training set size \(200\), got {bad}"):
             stratified_indices(labels, bad)
 
 

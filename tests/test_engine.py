@@ -443,3 +443,46 @@ def test_sigkill_during_a_write_then_resume_is_identical(tmp_path, target):
     _, full = run(tmp_path, "full", quick(epochs=4))
     assert (part / "metrics.jsonl").read_bytes() == (full / "metrics.jsonl").read_bytes()
     assert not [p.name for p in part.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_disk_full_mid_run_then_resume_after_freeing_space_is_identical(tmp_path, monkeypatch):
+    from l2bn.train import rundir
+    from l2bn.train.rundir import DiskFullError
+
+    real, seen = rundir._write_fully, {"last": 0}
+
+    def full_at_second_last_pt(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith(".last.pt."):
+            seen["last"] += 1
+            if seen["last"] == 2:
+                os.write(fd, data[:1000])
+                raise OSError(28, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(rundir, "_write_fully", full_at_second_last_pt)
+    recipe = quick(epochs=3)
+    with pytest.raises(DiskFullError, match=f"^no space left on device: {tmp_path / 'run'}$"):
+        run(tmp_path, recipe=recipe)
+    part = tmp_path / "run"
+    assert torch.load(part / "last.pt", weights_only=True)["epoch"] == 1
+    assert not [p for p in part.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()  # space freed
+    config = TrainConfig(out=str(part), norm="l2bn", recipe=recipe, progress=False, resume=True)
+    train(config, model_fn=tiny, data=DIGITS, log=lambda m: None)
+    _, full = run(tmp_path, "full", recipe)
+    assert (part / "metrics.jsonl").read_bytes() == (full / "metrics.jsonl").read_bytes()
+
+
+def test_two_processes_on_one_out_train_it_once(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "same"
+    cmd = [sys.executable, "-m", "l2bn", "train", "--epochs", "3", "--batch-size", "128", "--metrics-every", "3",
+           "--out", str(out), "--threads", "1", "--no-progress"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    err = next(e for code, e in results if code == 1)
+    assert "being trained by another process" in err or "already holds a run" in err
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

@@ -32,6 +32,10 @@ def test_atomic_writes_use_unique_fsynced_temporaries(tmp_path, monkeypatch):
     assert len(synced) >= 6  # each file and the folder after each rename
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "summary.json"]
     assert RunDir.load_checkpoint(run.last_path)["epoch"] == 2
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert run.last_path.stat().st_mode == run.summary_path.stat().st_mode == plain.stat().st_mode  # not 0600
+    plain.unlink()
 
 
 def _full_disk_after(monkeypatch, good_calls: int, partial: bool = True):

@@ -158,7 +158,8 @@ def write_table(rows: Sequence[dict], out_dir: str | os.PathLike, *, title: str 
     md = out / "results.md"
     md.write_text("\n".join(lines) + "\n")
     csv_path = out / "results.csv"
-    fields = ["norm", "n", "seeds", "failed", "acc_mean", "acc_std"] + [f"{k}_{s}" for k, _ in TABLE_METRICS for s in ("mean", "std")]
+    fields = ["norm", "n", "seeds", "failed", "acc_mean", "acc_std"]
+    fields += [f"{k}_{s}" for k, _ in TABLE_METRICS for s in ("mean", "std")]
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()

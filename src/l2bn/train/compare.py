@@ -16,7 +16,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -83,7 +83,7 @@ def _plan(config: TrainConfig, norms: Sequence[str], seeds: Sequence[int], out: 
         for seed in seeds:
             run = RunDir(out / "runs" / f"{norm}-s{seed}")
             run_config = dataclasses.replace(config, norm=norm, seed=seed, out=str(run.path))
-            stored = run.stored_identity() if run.holds_run() else None
+            stored = run.stored_identity() if run.holds_run() or run.is_failed() else None
             if stored is not None and stored != run_config.identity():
                 mine = run_config.identity()
                 diff = "; ".join(f"{k}: stored {stored[k]!r} vs now {mine[k]!r}" for k in mine if stored[k] != mine[k])
@@ -143,8 +143,10 @@ def compare(
             result.failed.append(failure)
         else:
             pending.append(dataclasses.replace(run_config, resume=run.holds_run()))
-    outcomes = _run_parallel(pending, jobs, stop_after, log) if jobs > 1 else [
-        _run_one(c, stop_after, log) for c in pending]
+    if jobs > 1:
+        outcomes: Iterable[dict[str, Any]] = _run_parallel(pending, jobs, stop_after, log)
+    else:  # lazily: each outcome is reported as soon as its run ends
+        outcomes = (_run_one(c, stop_after, log) for c in pending)
     for run_config, outcome in zip(pending, outcomes):
         status = outcome["status"]
         if status == "failed":

@@ -17,6 +17,7 @@ so a resumed run continues bit-for-bit like an uninterrupted one on a determinis
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,10 +25,9 @@ import os
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -37,10 +37,10 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from ..data import DataBundle, DataError, build_data
+from ..data import DataBundle, build_data
 from .ddp import DistEnv, all_reduce_sum, barrier, cleanup_distributed, resolve_device, setup_distributed
 from .recipes import Recipe, default_recipe_name, get_recipe
-from .rundir import ANGLE_KEYS, RunBusyError, RunDir
+from .rundir import ANGLE_KEYS, EPOCH_KEYS, RunBusyError, RunDir
 
 __all__ = [
     "IDENTITY_FIELDS",
@@ -294,7 +294,7 @@ def evaluate(
 
     was_training = model.training
     model.eval()
-    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else nullcontext()
+    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
     hook = FeatureHook(feature_model or _unwrap(model)) if train_loader is not None else None
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -505,7 +505,7 @@ def train_one_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, fl
         state.train_loader.sampler.set_epoch(shuffle_seed)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     mixup = torch.distributions.Beta(recipe.mixup_alpha, recipe.mixup_alpha) if recipe.mixup_alpha > 0 else None
-    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[config.amp]) if config.amp else nullcontext()
+    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[config.amp]) if config.amp else contextlib.nullcontext()
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     clip_gates = _gate_clipper(state.net)
     state.model.train()
@@ -597,6 +597,7 @@ def _run_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, Any]:
         channels_last=config.channels_last, max_batches=recipe.metrics_max_batches, feature_model=state.net,
     ))
     eval_seconds = time.perf_counter() - start
+    record = {k: record[k] for k in (*EPOCH_KEYS, *ANGLE_KEYS) if k in record}  # the one key list, in its order
     _check_loss(state, record["train_loss"])
     improved = record["test_acc"] > state.best_acc
     if improved:
@@ -642,6 +643,22 @@ def train(
         cleanup_distributed(env)
 
 
+@contextlib.contextmanager
+def _locked(run: RunDir, env: DistEnv) -> Iterator[None]:
+    """Rank 0 holds the run folder's lock; if another process has it, every rank raises (none waits forever)."""
+    with contextlib.ExitStack() as stack:
+        busy = torch.zeros(1, device=env.device)
+        if env.is_main:
+            try:
+                stack.enter_context(run.lock())
+            except RunBusyError as exc:
+                busy += 1
+                error = exc
+        if float(all_reduce_sum(busy)):
+            raise error if env.is_main else RunBusyError(f"{run.path} is being trained by another process")
+        yield
+
+
 def _train(config: TrainConfig, env: DistEnv, model_fn: ModelFn | None, data: DataBundle | None, log,
            stop_after: int | None) -> dict[str, Any]:
     run = RunDir(config.out)
@@ -651,9 +668,10 @@ def _train(config: TrainConfig, env: DistEnv, model_fn: ModelFn | None, data: Da
     if env.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
     barrier()
-    with run.lock() if env.is_main else nullcontext():
+    with _locked(run, env):
         if not config.resume and run.holds_run():  # every rank, so none waits forever
-            raise FileExistsError(f"{run.path} already holds a run; pass --resume to continue it or choose another --out")
+            raise FileExistsError(f"{run.path} already holds a run; pass --resume to continue it or choose another "
+                                  "--out")
         if env.is_main:
             run.remove_stale_temporaries()
         if config.resume and run.last_path.is_file():
@@ -697,7 +715,8 @@ def analyze_checkpoint(
     ckpt = RunDir.load_checkpoint(path)
     config = TrainConfig.from_dict(ckpt["config"])
     if dataset is None:
-        data = _prepare_data(dataclasses.replace(config, data_dir=data_dir or config.data_dir, download=False), data, DistEnv())
+        trained_on = dataclasses.replace(config, data_dir=data_dir or config.data_dir, download=False)
+        data = _prepare_data(trained_on, data, DistEnv())
     data = data or build_data(dataset, data_dir, augment=False)
     if data.num_classes != ckpt["num_classes"] or data.in_channels != ckpt["in_channels"]:
         raise ValueError(

@@ -68,7 +68,8 @@ class Recipe:
         if self.gamma <= 0:
             raise ValueError(f"gamma (the step schedule's factor) must be > 0, got {self.gamma}")
         if self.metrics_max_batches is not None and self.metrics_max_batches < 1:
-            raise ValueError(f"metrics_max_batches must be >= 1 (or unset: every batch), got {self.metrics_max_batches}")
+            raise ValueError(
+                f"metrics_max_batches must be >= 1 (or unset: every batch), got {self.metrics_max_batches}")
 
     def replace(self, **overrides) -> "Recipe":
         """A copy with ``overrides`` applied; ``None`` values are ignored (unset CLI flags)."""
@@ -145,7 +146,8 @@ def default_recipe_name(dataset: str, model: str) -> str:
     entry = get_model_entry(model)
     kind = _DATASET_KINDS.get(key)
     if kind is None:
-        raise ValueError(f"no default recipe for dataset {dataset!r}; pass --recipe (one of {', '.join(list_recipes())})")
+        raise ValueError(
+            f"no default recipe for dataset {dataset!r}; pass --recipe (one of {', '.join(list_recipes())})")
     name = _FAMILY_RECIPES.get((kind, entry.family))
     if name is None:
         raise ValueError(f"no {kind} recipe for model {entry.name!r} (family {entry.family!r}); pass --recipe "

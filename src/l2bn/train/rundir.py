@@ -86,11 +86,21 @@ def _disk_full(exc: OSError, folder: Path) -> OSError:
     return full
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's temporaries are 0600
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a unique temporary file: fsync, rename, fsync the folder."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         try:
+            os.fchmod(fd, _FILE_MODE)
             _write_fully(fd, data)
             os.fsync(fd)
         finally:
