@@ -108,6 +108,16 @@ def mini_fashion(tmp_path_factory):
     return root
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """The studies pin one thread a run (torch.set_num_threads in-process with jobs=1); restore it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 MINIATURES = {"table1": ("bn", "l2bn"), "norms": ("bn", "gn-cpg4"), "placement": ("none", "stage1"),
               "curves": ("bn", "l2bn")}
 
@@ -120,12 +130,12 @@ def _mini(name: str, only) -> StudyOverrides:
 @pytest.mark.parametrize("name", list(MINIATURES))
 def test_each_study_command_reruns_byte_identically_and_builds_its_page(name, mini_fashion, tmp_path):
     only = MINIATURES[name]
-    first = run_study(name, tmp_path / "a", data_dir=str(mini_fashion), overrides=_mini(name, only), progress=False)
+    kw = dict(data_dir=str(mini_fashion), jobs=1, progress=False)
+    first = run_study(name, tmp_path / "a", overrides=_mini(name, only), **kw)
     assert len(first.trained) == 2 and not first.failed
-    again = run_study(name, tmp_path / "a", data_dir=str(mini_fashion), overrides=_mini(name, only), progress=False)
+    again = run_study(name, tmp_path / "a", overrides=_mini(name, only), **kw)
     assert not again.trained and len(again.skipped) == 2  # a later invocation skips finished runs
-    second = run_study(name, tmp_path / "b", data_dir=str(mini_fashion), overrides=_mini(name, only[1:]),
-                       progress=False)
+    second = run_study(name, tmp_path / "b", overrides=_mini(name, only[1:]), **kw)
     assert len(second.trained) == 1
     rel = first.trained[1].relative_to(tmp_path / "a")
     metrics = [(tmp_path / side / rel / "metrics.jsonl").read_bytes() for side in ("a", "b")]
@@ -153,10 +163,15 @@ def test_each_study_command_reruns_byte_identically_and_builds_its_page(name, mi
 
 
 @needs_fashion
-def test_the_command_rebuilds_a_page_without_training(mini_fashion, tmp_path, capsys):
+def test_the_command_runs_two_jobs_with_the_records_of_one_and_rebuilds_a_page_without_training(
+        mini_fashion, tmp_path, capsys):
     args = ["study", "placement", "--root", str(tmp_path), "--data-dir", str(mini_fashion), "--epochs", "1",
             "--train-subset", "128", "--seeds", "121", "--only", "none,all", "--no-progress"]
-    assert main(args) == 0
+    assert main(args) == 0  # --jobs 2 (the default): two single-thread processes
+    alone = run_study("placement", tmp_path / "one-job", data_dir=str(mini_fashion), jobs=1, progress=False,
+                      overrides=StudyOverrides(epochs=1, train_subset=128, seeds=(121,), only=("all",)))
+    rel = alone.trained[0].relative_to(tmp_path / "one-job")
+    assert (tmp_path / rel / "metrics.jsonl").read_bytes() == (tmp_path / "one-job" / rel / "metrics.jsonl").read_bytes()
     page = tmp_path / "placement.md"
     page.unlink()
     assert main(args + ["--report-only"]) == 0

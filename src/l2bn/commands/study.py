@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..studies import DEFAULT_ROOT, StudyOverrides, get_study, list_studies, run_study
+from ..studies.catalog import STUDY_JOBS
 from .train import _int_list, _str_list
 
 __all__ = ["add_command"]
@@ -17,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
                                only=tuple(args.only) if args.only else None)
     get_study(args.name).apply(overrides)  # unknown names refused before any work
     try:
-        result = run_study(args.name, args.root, jobs=args.jobs, threads=args.threads, data_dir=args.data_dir,
+        result = run_study(args.name, args.root, jobs=args.jobs, data_dir=args.data_dir,
                            overrides=overrides if overrides != StudyOverrides() else None,
                            report_only=args.report_only, progress=args.progress)
     except KeyboardInterrupt:
@@ -40,8 +41,8 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("name", choices=names, help="the study")
     p.add_argument("--root", default=str(DEFAULT_ROOT), help=f"results folder (default: {DEFAULT_ROOT})")
     p.add_argument("--report-only", action="store_true", help="rebuild the page from the run folders; train nothing")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once as separate processes (default: 1)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (split between --jobs)")
+    p.add_argument("--jobs", type=int, default=STUDY_JOBS,
+                   help=f"runs at once, one CPU thread each; the records do not depend on it (default: {STUDY_JOBS})")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the system copy)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     m = p.add_argument_group("a smaller version (miniatures, tests): changes the experiment and the page")

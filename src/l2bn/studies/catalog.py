@@ -14,7 +14,7 @@ from typing import Sequence
 from ..train.engine import TrainConfig
 from ..train.recipes import PAPER_SEEDS, Recipe, get_recipe
 
-__all__ = ["CONTENDED_TIMING", "EPOCH_SECONDS", "STEP_RATIO", "Grid", "STUDIES", "Study", "StudyOverrides",
+__all__ = ["CONTENDED_TIMING", "EPOCH_SECONDS", "STEP_RATIO", "STUDY_JOBS", "THREADS_PER_RUN", "Grid", "STUDIES", "Study", "StudyOverrides",
            "estimate_seconds", "get_study", "list_studies"]
 
 DATASET, MODEL, RECIPE = "fashion-mnist", "resnet20", "fashion-mnist-quick"
@@ -35,6 +35,12 @@ TEST_PASS_SECONDS = 15.4 * 10_000 / 20_240
 # the uncontended basis above, and each page reports the time its runs really took.
 CONTENDED_TIMING = ("2026-12-01, load average 6 on 2 cores: full-set epoch unfinished after 15 min; "
                     "10000-sample subset 245.8 s training + 83.2 s evaluation")
+# Every run of a study computes with one CPU thread: the sums of a 1-thread and a 2-thread run differ in order,
+# so their records differ (docs/performance.md, "compare --jobs"); with the threads fixed, a run's records are
+# the same whether the grid runs with --jobs 1 or 2. Two single-thread runs at once (STUDY_JOBS) use the two
+# cores; they were measured 4.5x faster than one 2-thread run on the shared machine.
+THREADS_PER_RUN = 1
+STUDY_JOBS = 2
 # Training-step time of ResNet-20 (batch 128, 28x28, one thread) with each norm relative to BN, measured
 # interleaved on 2026-12-01 (min of two rounds of 2 steps): the comparison zoo's non-BN layers are
 # composed of torch ops and cost up to 2.4x.
@@ -119,12 +125,11 @@ class Study:
     def recipe(self) -> Recipe:
         return get_recipe(RECIPE, epochs=self.epochs, metrics_every=self.metrics_every, seeds=self.seeds)
 
-    def config(self, grid: Grid, *, threads: int | None = None, data_dir: str | None = None,
-               progress: bool | None = None) -> TrainConfig:
-        """The :class:`TrainConfig` of ``grid`` (norm and seed are set per run by ``compare``)."""
+    def config(self, grid: Grid, *, data_dir: str | None = None, progress: bool | None = None) -> TrainConfig:
+        """The :class:`TrainConfig` of ``grid`` (norm and seed are set per run by ``compare``), one thread a run."""
         return TrainConfig(dataset=DATASET, model=MODEL, norm=grid.norms[0], recipe=self.recipe(),
                            placement=grid.placement, train_subset=self.train_subset, data_dir=data_dir,
-                           device="cpu", threads=threads, progress=progress)
+                           device="cpu", threads=THREADS_PER_RUN, progress=progress)
 
     def run_count(self) -> int:
         return sum(len(g.norms) for g in self.grids) * len(self.seeds)

@@ -21,7 +21,7 @@ import torch
 
 from ..train.compare import compare
 from ..train.rundir import RunFileError, append_line
-from .catalog import Study, StudyOverrides, get_study
+from .catalog import STUDY_JOBS, THREADS_PER_RUN, Study, StudyOverrides, get_study
 
 __all__ = ["DEFAULT_ROOT", "StudyResult", "environment_records", "grid_dir", "run_study", "study_command"]
 
@@ -68,12 +68,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _environment(command: str, jobs: int, threads: int | None, trained: int, seconds: float) -> dict:
+def _environment(command: str, jobs: int, trained: int, seconds: float) -> dict:
     from ..functional import IMPL_ENV_VAR
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command, "jobs": jobs, "threads": threads or torch.get_num_threads(),
+        "command": command, "jobs": jobs, "threads": THREADS_PER_RUN,
         "cpu": _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
         "python": platform.python_version(), "l2bn_impl": os.environ.get(IMPL_ENV_VAR) or "auto",
         "runs_trained": trained, "wall_seconds": round(seconds, 1),
@@ -98,8 +98,7 @@ def run_study(
     name: str,
     root: str | os.PathLike = DEFAULT_ROOT,
     *,
-    jobs: int = 1,
-    threads: int | None = None,
+    jobs: int = STUDY_JOBS,
     data_dir: str | None = None,
     overrides: StudyOverrides | None = None,
     report_only: bool = False,
@@ -108,8 +107,9 @@ def run_study(
 ) -> StudyResult:
     """Train (or resume) study ``name`` under ``root`` and rebuild its page; ``report_only`` only rebuilds.
 
-    ``overrides`` makes a smaller version (fewer epochs, seeds or norms). Example:
-    ``run_study("table1", jobs=1)`` then read ``docs/results/table1.md``.
+    ``jobs`` runs that many single-thread runs at once (the records do not depend on it); ``overrides`` makes
+    a smaller version (fewer epochs, seeds or norms). Example: ``run_study("table1")``, then read
+    ``docs/results/table1.md``.
     """
     from .page import build_index, build_page
 
@@ -120,7 +120,7 @@ def run_study(
     if not report_only:
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         for index, grid in enumerate(study.grids):
-            config = study.config(grid, threads=threads, data_dir=data_dir, progress=progress)
+            config = study.config(grid, data_dir=data_dir, progress=progress)
             done = compare(config, grid.norms, study.seeds, grid_dir(study, index, root), jobs=jobs, log=log)
             result.trained += done.trained
             result.skipped += done.skipped
@@ -128,7 +128,7 @@ def run_study(
             result.busy += done.busy
         result.seconds = time.perf_counter() - start
         if result.trained:
-            record = _environment(command, jobs, threads, len(result.trained), result.seconds)
+            record = _environment(command, jobs, len(result.trained), result.seconds)
             append_line(Path(root) / study.folder / ENVIRONMENT_FILE, record)
     build_page(study, root, command)
     build_index(root)
