@@ -146,7 +146,7 @@ def _sizing_section(study: Study) -> list[str]:
         "such times say nothing about the cost of an uncontended run, so the estimate uses the basis. "
         f"The studies run one thread a run, {STUDY_JOBS} runs at once (the records then do not depend on "
         "`--jobs`); the estimate assumes the two cores together train as fast as one 2-thread run. "
-        f"This study: {study.run_count()} runs × {study.epochs} epochs on {subset}, angle metrics every "
+        f"This study: {study.run_count()} runs × {study.epochs} epoch(s) on {subset}, angle metrics every "
         f"{study.metrics_every} epoch(s)" + (f", training-step cost relative to BN: {ratios}" if study.train_subset
                                              else "")
         + f" — estimated {_hours(estimate_seconds(study))} of the 2-core machine (`l2bn.studies.catalog.estimate_seconds`)"
