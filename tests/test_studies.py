@@ -176,6 +176,9 @@ def test_the_command_runs_two_jobs_with_the_records_of_one_and_rebuilds_a_page_w
     page.unlink()
     assert main(args + ["--report-only"]) == 0
     assert "0 run(s) trained" in capsys.readouterr().out and "**all** against BN everywhere" in page.read_text()
+    for checkpoint in tmp_path.rglob("*.pt"):  # what a checkout of the committed files holds: no checkpoints
+        checkpoint.unlink()
+    assert main(args) == 0 and "0 run(s) trained, 2 skipped" in capsys.readouterr().out
     # the page reads only runs of its own experiment: another recipe in the same folders is not mixed in
     same = StudyOverrides(epochs=1, train_subset=128, seeds=(121,), only=("none", "all"))
     assert [len(v) for v in load_study_runs(get_study("placement").apply(same), tmp_path)[0].values()] == [1, 1]
