@@ -61,6 +61,8 @@ def _add_experiment_options(p: argparse.ArgumentParser) -> None:
                    "/usr/share/datasets/fashion-mnist)")
     g.add_argument("--download", action="store_true", help="download the dataset with torchvision if missing")
     g.add_argument("--out", default=None, help="output folder")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                   "(compare always resumes unfinished runs)")
 
     r = p.add_argument_group("recipe (default: the paper's preset for dataset and model family; every value "
                              "overridable)")
@@ -113,7 +115,7 @@ def config_from_args(args: argparse.Namespace, norm: str, seed: int, out: str) -
         placement=args.placement, train_subset=args.train_subset, data_dir=args.data_dir, download=args.download,
         device=args.device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
         workers=args.workers, threads=threads, progress=args.progress, sync_bn=args.sync_bn,
-        resume=getattr(args, "resume", False),
+        resume=args.resume,
     )
 
 
@@ -187,7 +189,6 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     _add_experiment_options(p)
     p.add_argument("--norm", default="bn", help="norm layer name from l2bn.norms (default: bn)")
     p.add_argument("--seed", type=int, default=121)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.set_defaults(func=run_train)
 
     p = subparsers.add_parser(
