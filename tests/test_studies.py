@@ -67,6 +67,13 @@ def test_the_catalog_has_the_issues_four_studies_within_about_six_hours():
     assert 5.0 <= total <= 7.0, total
 
 
+def test_the_estimate_is_the_documented_formula():
+    one = get_study("norms").apply(StudyOverrides(epochs=2, seeds=(121,), only=("sn",)))  # angles at epoch 2 only
+    test_pass = 15.4 * 10_000 / 20_240
+    expected = 1.99 * (2 * (132.2 * 5_000 / 60_000 + test_pass) + (15.4 - test_pass) * 5_000 / 10_240)
+    assert estimate_seconds(one) == pytest.approx(expected, rel=1e-12)
+
+
 def test_overrides_make_a_miniature_and_unknown_names_are_refused():
     mini = get_study("norms").apply(StudyOverrides(epochs=1, train_subset=128, seeds=(121,), only=("bn", "ubn")))
     assert mini.grids[0].norms == ("bn", "ubn") and mini.epochs == 1 and mini.metrics_every == 1
