@@ -4,9 +4,9 @@ Every module has ``add_command(subparsers)``, which registers its sub-command(s)
 Expected errors (bad values, missing data, unreadable files) are raised, not printed: ``l2bn.cli.main`` is
 the one place that turns them into a one-line ``error: …`` and exit code 1.
 """
-from . import bench, geometry, models, train
+from . import bench, geometry, models, study, train
 
 # Registration order is the order of ``l2bn --help``; add new command modules here.
-COMMAND_MODULES = (bench, geometry, train, models)
+COMMAND_MODULES = (bench, geometry, train, models, study)
 
 __all__ = ["COMMAND_MODULES"]

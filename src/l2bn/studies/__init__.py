@@ -1,0 +1,17 @@
+"""The paper's tables rerun on Fashion-MNIST: four studies, each one command, each a page under docs/results/.
+
+``run_study(name)`` trains a study's grids (skipping finished runs) and rebuilds its page from the run
+folders; ``python -m l2bn study NAME`` is its command. Studies: :data:`STUDIES` (``table1``, ``norms``,
+``placement``, ``curves``).
+"""
+from .catalog import STUDIES, Grid, Study, StudyOverrides, estimate_seconds, get_study, list_studies
+from .page import SECTIONS, build_index, build_page, load_study_runs
+from .run import DEFAULT_ROOT, StudyResult, run_study, study_command
+from .stats import Difference, bootstrap_interval, compare_groups, welch_t_test
+
+__all__ = [
+    "DEFAULT_ROOT", "SECTIONS", "STUDIES", "Difference", "Grid", "Study", "StudyOverrides", "StudyResult",
+    "bootstrap_interval", "build_index", "build_page", "compare_groups", "estimate_seconds", "get_study",
+    "list_studies",
+    "load_study_runs", "run_study", "study_command", "welch_t_test",
+]
