@@ -327,7 +327,8 @@ def test_compare_one_epoch_end_to_end_with_device_table_and_confusion(tmp_path, 
     write_tau2020(tmp_path / "data", train_devices=("a", "b"), test_devices=("a", "b", "s1", "s2", "s3", "s5"))
     out = tmp_path / "cmp"
     argv = ["compare", "--dataset", "tau2020", "--model", "fcnn", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
-            "--batch-size", "10", "--seeds", "121", "--out", str(out), "--no-progress"]
+            "--batch-size", "10", "--seeds", "121", "--out", str(out), "--no-progress",
+            "--jobs", "1"]  # in this process: spawned jobs would not see the patched parameters
     assert main(argv) == 0
     run = json.loads((out / "runs" / "l2bn-s121" / "summary.json").read_text())
     assert run["config"]["recipe"]["schedule"] == "cosine-restarts" and run["config"]["recipe"]["spec_masks"]
