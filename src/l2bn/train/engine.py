@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from ..convert import swap_modules
+from ..convert import BN_TO_L2BN, swap_modules
 from ..data import DataBundle, build_data
 from ..norms.unified import condensation_summary
 from .ddp import DistEnv, all_reduce_sum, barrier, cleanup_distributed, resolve_device, setup_distributed
@@ -204,7 +204,7 @@ def build_model(name: str, *, num_classes: int, in_channels: int, norm: str, **k
     return create_model(name, num_classes=num_classes, in_channels=in_channels, norm_layer=norm, **kwargs)
 
 
-_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_PLAIN_BN = tuple(BN_TO_L2BN)  # exactly nn.BatchNorm{1,2,3}d, the classes the converters know
 
 
 def _convert_plain_bn_to_sync(module: nn.Module, process_group=None) -> nn.Module:
