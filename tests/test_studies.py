@@ -11,6 +11,7 @@ from l2bn.data import vision
 from l2bn.studies import (SECTIONS, STUDIES, StudyOverrides, bootstrap_interval, compare_groups,
                           estimate_seconds, get_study, load_study_runs, run_study, study_command, welch_t_test)
 from l2bn.studies.catalog import ZOO
+from l2bn.studies.run import environment_records
 
 # ------------------------------------------------------------------------------------------- statistics
 
@@ -175,6 +176,8 @@ def test_the_command_runs_two_jobs_with_the_records_of_one_and_rebuilds_a_page_w
     args = ["study", "placement", "--root", str(tmp_path), "--data-dir", str(mini_fashion), "--epochs", "1",
             "--train-subset", "128", "--seeds", "121", "--only", "none,all", "--no-progress"]
     assert main(args) == 0  # --jobs 2 (the default): two single-thread processes
+    [record] = environment_records(get_study("placement"), tmp_path)  # kept current as each parallel run ended
+    assert record["runs_trained"] == 2 and record["status"] == "finished" and record["jobs"] == 2
     alone = run_study("placement", tmp_path / "one-job", data_dir=str(mini_fashion), jobs=1, progress=False,
                       overrides=StudyOverrides(epochs=1, train_subset=128, seeds=(121,), only=("all",)))
     rel = alone.trained[0].relative_to(tmp_path / "one-job")
@@ -191,6 +194,38 @@ def test_the_command_runs_two_jobs_with_the_records_of_one_and_rebuilds_a_page_w
     assert [len(v) for v in load_study_runs(get_study("placement").apply(same), tmp_path)[0].values()] == [1, 1]
     longer = StudyOverrides(epochs=2, train_subset=128, seeds=(121,), only=("none", "all"))
     assert load_study_runs(get_study("placement").apply(longer), tmp_path) == ({}, 2)
+
+
+@needs_fashion
+def test_an_interrupted_invocation_keeps_its_record_of_the_runs_it_finished(mini_fashion, tmp_path, monkeypatch):
+    from l2bn.studies import run as study_run
+
+    real_compare, ended = study_run.compare, []
+
+    def compare_interrupted_after_one_run(*args, on_run_end, **kwargs):
+        def end(path, status):
+            on_run_end(path, status)
+            ended.append(path)
+            raise KeyboardInterrupt  # Ctrl-C just after the first run finished
+        return real_compare(*args, on_run_end=end, **kwargs)
+
+    monkeypatch.setattr(study_run, "compare", compare_interrupted_after_one_run)
+    overrides = StudyOverrides(epochs=1, train_subset=128, seeds=(121,), only=("none", "all"))
+    kw = dict(data_dir=str(mini_fashion), jobs=1, progress=False, overrides=overrides)
+    with pytest.raises(KeyboardInterrupt):
+        run_study("placement", tmp_path, **kw)
+    [record] = environment_records(get_study("placement"), tmp_path)
+    assert len(ended) == 1 and record["runs_trained"] == 1 and record["status"] == "interrupted"
+    assert record["wall_seconds"] > 0 and record["command"].startswith("python -m l2bn study placement")
+
+    monkeypatch.setattr(study_run, "compare", real_compare)
+    result = run_study("placement", tmp_path, **kw)  # resumes: the other run, a second record
+    first, second = environment_records(get_study("placement"), tmp_path)
+    assert first == record and len(result.trained) == 1 and len(result.skipped) == 1
+    assert second["runs_trained"] == 1 and second["status"] == "finished"
+    assert second["invocation"] != first["invocation"]
+    page = result.page.read_text()
+    assert "interrupted (Ctrl-C)" in page and "Runs finished: 2 of 2 planned" in page
 
 
 def test_the_command_refuses_unknown_names_before_any_work(tmp_path, capsys):

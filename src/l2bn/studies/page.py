@@ -105,7 +105,7 @@ def _machine_section(study: Study, runs: dict[str, list[report.Run]], planned: i
         lines.append("|---|---|---|---:|---:|---:|---|---|---:|---:|")
         for e in envs:
             lines.append(f"| {e['date']} | `{e['command']}` | {e['cpu']} | {e['cores']} | {e['threads']} | {e['jobs']} "
-                         f"| {e['torch']} | {e['l2bn_impl']} | {e['runs_trained']} | {_hours(e['wall_seconds'])} |")
+                         f"| {e['torch']} | {e['l2bn_impl']} | {e['runs_trained']} | {_wall(e)} |")
         lines.append("")
     else:
         lines += ["No invocation recorded its machine yet (`environment.jsonl` is written when runs are trained).", ""]
@@ -120,6 +120,16 @@ def _machine_section(study: Study, runs: dict[str, list[report.Run]], planned: i
                      f"({_hours(sum(seconds) / len(seconds))} a run on average).")
     lines.append("")
     return lines
+
+
+def _wall(record: dict) -> str:
+    """An invocation's wall time; one that did not finish says so (and how far its record got)."""
+    status = record.get("status", "finished")  # records written before statuses were kept were final
+    if status == "finished":
+        return _hours(record["wall_seconds"])
+    ended = {"running": "ended without a final record (killed?)", "interrupted": "interrupted (Ctrl-C)",
+             "error": "stopped by an error"}.get(status, status)
+    return f"≥ {_hours(record['wall_seconds'])}, {ended}"
 
 
 def _run_seconds(run: report.Run) -> float:

@@ -2,8 +2,9 @@
 
 ``run_study("table1")`` trains every (norm, seed) of each of the study's grids with
 :func:`l2bn.train.compare` into ``<root>/<study>/[<grid>/]runs/<norm>-s<seed>/``, appends one line about
-the machine and the invocation to ``<root>/<study>/environment.jsonl`` when it trained anything, and
-rebuilds ``<root>/<study>.md`` from the run folders (:func:`l2bn.studies.page.build_page`).
+the machine and the invocation to ``<root>/<study>/environment.jsonl`` as soon as its first run finishes
+(updated as each later run ends, so an invocation that is killed keeps its record: ``status`` stays
+``running``), and rebuilds ``<root>/<study>.md`` from the run folders (:func:`l2bn.studies.page.build_page`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import platform
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +22,7 @@ from typing import Callable
 import torch
 
 from ..train.compare import compare
-from ..train.rundir import RunFileError, append_line
+from ..train.rundir import RunFileError, append_line, write_atomic
 from .catalog import STUDY_JOBS, THREADS_PER_RUN, Study, StudyOverrides, get_study
 
 __all__ = ["DEFAULT_ROOT", "StudyResult", "environment_records", "grid_dir", "run_study", "study_command"]
@@ -68,16 +70,42 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _environment(command: str, jobs: int, trained: int, seconds: float) -> dict:
+def _environment(command: str, jobs: int) -> dict:
     from ..functional import IMPL_ENV_VAR
 
     return {
+        "invocation": uuid.uuid4().hex[:12],
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command, "jobs": jobs, "threads": THREADS_PER_RUN,
         "cpu": _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
         "python": platform.python_version(), "l2bn_impl": os.environ.get(IMPL_ENV_VAR) or "auto",
-        "runs_trained": trained, "wall_seconds": round(seconds, 1),
+        "runs_trained": 0, "wall_seconds": 0.0, "status": "running",
     }
+
+
+class _InvocationRecord:
+    """This invocation's line of ``environment.jsonl``: written when its first run finishes, then kept current."""
+
+    def __init__(self, path: Path, record: dict, start: float) -> None:
+        self.path, self.record, self.start = path, record, start
+        self.written = False
+
+    def update(self, *, trained: int = 0, status: str | None = None) -> None:
+        self.record["runs_trained"] += trained
+        self.record["wall_seconds"] = round(time.perf_counter() - self.start, 1)
+        if status is not None:
+            self.record["status"] = status
+        if not self.record["runs_trained"]:
+            return
+        if not self.written:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            append_line(self.path, self.record)
+            self.written = True
+            return
+        lines = self.path.read_text().splitlines()
+        key = f'"invocation": "{self.record["invocation"]}"'
+        lines = [json.dumps(self.record) if key in line else line for line in lines]
+        write_atomic(self.path, ("\n".join(lines) + "\n").encode())
 
 
 def environment_records(study: Study, root: str | os.PathLike = DEFAULT_ROOT) -> list[dict]:
@@ -119,17 +147,24 @@ def run_study(
     start = time.perf_counter()
     if not report_only:
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        for index, grid in enumerate(study.grids):
-            config = study.config(grid, data_dir=data_dir, progress=progress)
-            done = compare(config, grid.norms, study.seeds, grid_dir(study, index, root), jobs=jobs, log=log)
-            result.trained += done.trained
-            result.skipped += done.skipped
-            result.failed += done.failed
-            result.busy += done.busy
+        invocation = _InvocationRecord(Path(root) / study.folder / ENVIRONMENT_FILE, _environment(command, jobs), start)
+        status = "error"
+        try:
+            for index, grid in enumerate(study.grids):
+                config = study.config(grid, data_dir=data_dir, progress=progress)
+                done = compare(config, grid.norms, study.seeds, grid_dir(study, index, root), jobs=jobs, log=log,
+                               on_run_end=lambda path, how: invocation.update(trained=how == "done"))
+                result.trained += done.trained
+                result.skipped += done.skipped
+                result.failed += done.failed
+                result.busy += done.busy
+            status = "finished"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            invocation.update(status=status)
         result.seconds = time.perf_counter() - start
-        if result.trained:
-            record = _environment(command, jobs, len(result.trained), result.seconds)
-            append_line(Path(root) / study.folder / ENVIRONMENT_FILE, record)
     build_page(study, root, command)
     build_index(root)
     return result

@@ -113,11 +113,14 @@ def compare(
     retry_failed: bool = False,
     stop_after: int | None = None,
     log: Callable[[str], None] | None = None,
+    on_run_end: Callable[[Path, str], None] | None = None,
 ) -> GridReport:
     """Train every (norm, seed) of ``config``'s experiment into ``out/runs/`` and write the report into ``out``.
 
     ``config`` gives everything but the norm and seed (its ``out`` is ignored); ``seeds`` default to the
     recipe's. Returns a :class:`GridReport`; the report is written once every run has finished or failed.
+    ``on_run_end(run_folder, status)`` is called as each run ends (status ``done``, ``stopped``, ``failed`` or
+    ``busy``), in the order they end.
     Example: ``compare(TrainConfig(dataset="digits"), ["bn", "l2bn"], out="runs/cmp", jobs=2)``.
     """
     from .. import report
@@ -143,10 +146,12 @@ def compare(
             result.failed.append(failure)
         else:
             pending.append(dataclasses.replace(run_config, resume=run.holds_run()))
+    notify = on_run_end or (lambda path, status: None)
     if jobs > 1:
-        outcomes: Iterable[dict[str, Any]] = _run_parallel(pending, jobs, stop_after, log)
+        outcomes: Iterable[dict[str, Any]] = _run_parallel(
+            pending, jobs, stop_after, log, lambda i, outcome: notify(Path(pending[i].out), outcome["status"]))
     else:  # lazily: each outcome is reported as soon as its run ends
-        outcomes = (_run_one(c, stop_after, log) for c in pending)
+        outcomes = (_notified(notify, c, _run_one(c, stop_after, log)) for c in pending)
     for run_config, outcome in zip(pending, outcomes):
         status = outcome["status"]
         if status == "failed":
@@ -166,6 +171,11 @@ def compare(
     result.paths = report.write_report(runs, out, norms, title=grid_title(base, seeds))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _notified(notify: Callable[[Path, str], None], config: TrainConfig, outcome: dict[str, Any]) -> dict[str, Any]:
+    notify(Path(config.out), outcome["status"])
+    return outcome
 
 
 # ---------------------------------------------------------------------------------------------- parallel
@@ -197,9 +207,12 @@ def _epochs_logged(configs: Sequence[TrainConfig]) -> int:
     return total
 
 
-def _run_parallel(configs: Sequence[TrainConfig], jobs: int, stop_after: int | None,
-                  log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Run ``configs`` in ``jobs`` spawned processes; one bar counts the grid's epochs, run logs print above it."""
+def _run_parallel(configs: Sequence[TrainConfig], jobs: int, stop_after: int | None, log: Callable[[str], None],
+                  on_done: Callable[[int, dict[str, Any]], None]) -> list[dict[str, Any]]:
+    """Run ``configs`` in ``jobs`` spawned processes; one bar counts the grid's epochs, run logs print above it.
+
+    ``on_done(index, outcome)`` is called in the parent as each run ends.
+    """
     import multiprocessing
 
     if not configs:
@@ -228,10 +241,13 @@ def _run_parallel(configs: Sequence[TrainConfig], jobs: int, stop_after: int | N
     pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(messages, slots, threads))
     try:
         futures = [pool.submit(_worker_run, c, stop_after) for c in configs]
+        index = {future: i for i, future in enumerate(futures)}
         remaining = set(futures)
         while remaining:
-            _, remaining = wait(remaining, timeout=0.5, return_when=FIRST_COMPLETED)
+            finished, remaining = wait(remaining, timeout=0.5, return_when=FIRST_COMPLETED)
             drain()
+            for future in sorted(finished, key=index.get):
+                on_done(index[future], future.result())
         pool.shutdown(wait=True)  # the workers exit, flushing what they logged
         drain()
         return [f.result() for f in futures]
