@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.export import Dim
@@ -391,11 +392,25 @@ def huge_sample_batch(dtype: torch.dtype, memory_format=torch.contiguous_format)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 # Triton's interpreter warns on the first, overflowing try
 @pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
-@pytest.mark.parametrize("impl", FAST + [TRITON])
-def test_fast_paths_huge_samples_against_float64(impl, dtype, training, memory_format):
+@pytest.mark.parametrize("impl", FAST + ["fused-device-mode", TRITON, "compile"])
+def test_fast_paths_huge_samples_against_float64(impl, dtype, training, memory_format, monkeypatch):
     """Finite samples whose squares overflow float32 (1e20, 1e30, 3e38 next to normal ones) give eq. (3) on
-    every fast path: outputs, running statistics and input gradients, against the float64 formula."""
+    every fast path: outputs, running statistics and input gradients, against the float64 formula.
+
+    ``fused-device-mode`` runs the torch-op path as it runs on accelerators (float64 statistics, no host
+    check: a rerun would fail the test); ``compile`` is torch.compile(fullgraph=True) of the layer's function.
+    """
     device = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
+    layer_fn = l2bn.l2_batch_norm
+    if impl == "fused-device-mode":
+        from l2bn.kernels import fused, overflow
+
+        monkeypatch.setattr(fused, "statistics_dtype", lambda t: torch.float64 if t.dtype != F64 else F64)
+        monkeypatch.setattr(overflow, "rescale_huge_samples", _no_rerun)
+        impl = "fused"
+    elif impl == "compile":
+        torch._dynamo.reset()
+        layer_fn, impl = torch.compile(l2bn.l2_batch_norm, fullgraph=True, backend="aot_eager"), None
     x = huge_sample_batch(dtype, memory_format)
     g = torch.Generator().manual_seed(5)
     weight, bias = torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g)
@@ -406,7 +421,7 @@ def test_fast_paths_huge_samples_against_float64(impl, dtype, training, memory_f
         xx = x.to(device, copy=True).requires_grad_()
         w, b = (t.to(device, dtype, copy=True).requires_grad_() for t in (weight, bias))
         rm, rv = (t.to(device, dtype, copy=True) for t in running)
-        y = l2bn.l2_batch_norm(xx, rm, rv, w, b, training, 0.1, 1e-5, impl=impl)
+        y = (layer_fn if impl != "reference" else l2bn.l2_batch_norm)(xx, rm, rv, w, b, training, 0.1, 1e-5, impl=impl)
         y.backward(dy.to(device, y.dtype))
         return {"y": y, "dx": xx.grad, "dw": w.grad, "db": b.grad, "rm": rm, "rv": rv}
 
@@ -421,6 +436,10 @@ def test_fast_paths_huge_samples_against_float64(impl, dtype, training, memory_f
         torch.testing.assert_close(got[key].to("cpu", F64), want[key], rtol=tol, atol=tol, msg=lambda m: f"{key}: {m}")
     independent = formula(x, _layer_with(weight, bias, running), training)  # eq. (3) then BN, in float64
     torch.testing.assert_close(want["y"], independent, rtol=1e-9, atol=1e-9)
+
+
+def _no_rerun(x):
+    raise AssertionError("the path reran on a rescaled input: its own statistics overflowed")
 
 
 def _layer_with(weight, bias, running) -> nn.Module:

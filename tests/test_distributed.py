@@ -106,6 +106,16 @@ def _offset_batch() -> torch.Tensor:
     return x
 
 
+def _huge_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """(6, 3, 4, 3) float32 with samples of scale 1e30 (rank 0), 1e20 and 3e38 (rank 1) between normal ones; dy."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(6, 3, 4, 3, generator=g, dtype=DT)
+    x[1] *= 1e30
+    x[3] *= 1e20
+    x[5] *= 3e38 / x[5].abs().max()
+    return x.float(), torch.randn(6, 3, 4, 3, generator=g)
+
+
 def _worker(rank: int, root: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=WORLD)
@@ -126,6 +136,15 @@ def _worker(rank: int, root: str) -> None:
     # float32 with a channel whose mean dwarfs its spread: the pooled variance must not cancel
     x32 = torch.load(f"{root}/offset.pt")[rank * 6 : (rank + 1) * 6]
     out["offset_f32"] = SyncL2BatchNorm(2, eps=1e-12)(x32).detach()
+
+    # huge finite samples (1e30, 1e20, 3e38) on both ranks: rescaled locally, before the collectives
+    xh, dyh = torch.load(f"{root}/huge.pt")
+    lo, hi = (0, 2) if rank == 0 else (2, 6)
+    layer = SyncL2BatchNorm(3)
+    xr = xh[lo:hi].clone().requires_grad_(True)
+    yh = layer(xr)
+    yh.backward(dyh[lo:hi])
+    out["huge"] = (yh.detach(), xr.grad, layer.running_mean.clone(), layer.running_var.clone())
 
     # bfloat16 input, float32 parameters (autocast-style): statistics accumulate in float32
     data = torch.load(f"{root}/uneven_2d.pt")
@@ -194,6 +213,7 @@ def results(tmp_path_factory) -> list[dict]:
     for name in SCENARIOS:
         torch.save(_scenario_data(name), root / f"{name}.pt")
     torch.save(_offset_batch(), root / "offset.pt")
+    torch.save(_huge_batch(), root / "huge.pt")
     mp.spawn(_worker, args=(str(root),), nprocs=WORLD, join=True)
     return [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
 
@@ -298,6 +318,24 @@ def test_bfloat16_input_close_to_float64(results):
     torch.testing.assert_close(torch.cat(dxs).to(DT), ref["dx"][0], rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(sum(dws).to(DT), ref["dw"][0], rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(rvs[0].to(DT), ref["rv"][0], rtol=1e-2, atol=1e-3)
+
+
+def test_huge_samples_are_rescaled_on_each_rank(results):
+    """Finite samples whose squares overflow float32, split over the ranks: output, input gradient (relative
+    to each sample's r_n) and running statistics of one float64 process on the whole batch."""
+    x, dy = _huge_batch()
+    xx = x.to(DT).requires_grad_(True)
+    rm, rv = torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT)
+    y = l2bn.l2_batch_norm(xx, rm, rv, torch.ones(3, dtype=DT), torch.zeros(3, dtype=DT), True, 0.1, 1e-5, impl="reference")
+    y.backward(dy.to(DT))
+    r = math.sqrt(36) / x.to(DT).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    got_y, got_dx = (torch.cat([res["huge"][i] for res in results]).to(DT) for i in (0, 1))
+    assert torch.isfinite(got_y).all() and torch.isfinite(got_dx).all()
+    torch.testing.assert_close(got_y, y.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_dx / r, xx.grad / r, rtol=1e-4, atol=1e-4)
+    for res in results:
+        torch.testing.assert_close(res["huge"][2].to(DT), rm, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(res["huge"][3].to(DT), rv, rtol=1e-5, atol=1e-6)
 
 
 def test_float32_offset_channel_no_cancellation(results):

@@ -27,7 +27,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .kernels.algebra import input_gradient, output_coefficients, sample_scales, update_running_stats
-from .kernels.fused import affine_rows, gradient_sums, per_channel, sample_channel_moments
+from .kernels.fused import affine_rows, gradient_sums, per_channel, sample_channel_moments, statistics_dtype
+from .kernels.overflow import check_sample_norms, rerun_rescaled_on_overflow
 from .convert import rebuild_norm, swap_modules
 from .layers import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d, _L2BatchNorm
 
@@ -73,7 +74,7 @@ class _SyncL2BatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, scale, norm, mean, invstd, centre, sumsq, total = ctx.saved_tensors
         acc = scale.dtype
-        dy_sum, dy_xc = gradient_sums(dy, x, centre)  # (N, C): Σ_S dy and Σ_S dy·(x − m)
+        dy_sum, dy_xc = gradient_sums(dy, x, centre.to(statistics_dtype(x)))  # (N, C): Σ_S dy, Σ_S dy·(x − m)
 
         def all_reduce(packed: Tensor) -> Tensor:
             dist.all_reduce(packed, group=ctx.process_group)
@@ -93,6 +94,7 @@ class _SyncL2BatchNormFunction(torch.autograd.Function):
         return dx, weight_grad, bias_grad, *([None] * 9)
 
 
+@rerun_rescaled_on_overflow
 def sync_l2_batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -109,7 +111,9 @@ def sync_l2_batch_norm(
     """Training-mode L2BN whose batch statistics span all ranks of ``process_group`` (an initialised group).
 
     Every rank must call it (with the same C); local batch sizes may differ, including 0. Running
-    statistics, if given, are updated in place with the global mean and unbiased variance.
+    statistics, if given, are updated in place with the global mean and unbiased variance. A huge finite
+    sample (values beyond ~1e19) is handled locally, before any collective: rerun rescaled on the CPU,
+    float64 statistics on accelerators (docs/algorithm.md).
     """
     if input.dim() < 2:
         raise ValueError(f"expected input of shape (N, C, *), got {input.dim()}D input of shape {tuple(input.shape)}")
@@ -123,6 +127,7 @@ def sync_l2_batch_norm(
         m, v = sample_channel_moments(x)  # (N, C) mean and biased variance over S, in ≥ float32
         acc = m.dtype
         scale, norm = sample_scales(m, spatial_size * v, spatial_size, rescale=rescale, l2_eps=l2_eps)
+        check_sample_norms(x, norm)  # local, before the collectives: huge samples rerun rescaled
         # local per-channel Σx̂ and Σx̂² of x̂ = r_n x, in float64, Σx̂² from centred pieces: r_n²·M·(v + m²)
         batch = x.shape[0]
         r, m64, v64 = scale.double()[:, None], m.double(), v.double()

@@ -27,7 +27,7 @@ def nan_as_inf(norm: Tensor) -> Tensor:
 
 def sample_scales(mean: Tensor, sumsq: Tensor, spatial_size: int, *, rescale: bool, l2_eps: float) -> tuple[Tensor, Tensor]:
     """(r_n, ‖x_n‖) from per-(n, c) means m and centred sums of squares q: ‖x_n‖² = Σ_c (q + M·m²)."""
-    norm = nan_as_inf((sumsq + spatial_size * mean.square()).sum(dim=1).sqrt_())
+    norm = nan_as_inf((sumsq + spatial_size * mean.to(sumsq.dtype).square()).sum(dim=1).sqrt_())
     target = (mean.shape[1] * spatial_size) ** 0.5 if rescale else 1.0  # symbolic under dynamic shapes
     return target / norm.clamp_min(l2_eps), norm
 

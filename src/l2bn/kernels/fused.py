@@ -33,6 +33,21 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def statistics_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the per-(n, c) sums of squares and the O(N·C) algebra after them.
+
+    The input's accumulation dtype on the CPU outside torch.compile, where a cheap host check catches the
+    rare overflowing sample and reruns it rescaled (:mod:`l2bn.kernels.overflow`); float64 where no such
+    check can run without stalling — under torch.compile (data-dependent) and on accelerators (a host sync
+    per layer call) — so that no finite float32 or 16-bit sample overflows there (the cast fuses into the
+    reductions under torch.compile; docs/algorithm.md).
+    """
+    acc = accumulation_dtype(x.dtype)
+    if acc == torch.float32 and (torch.compiler.is_compiling() or x.device.type != "cpu"):
+        return torch.float64
+    return acc
+
+
 def is_batched(t: Tensor) -> bool:
     """Whether ``t`` is a vmap-batched tensor (torch.func's or autograd's ``is_grads_batched``), which the
     out= and view-based fast ops below cannot take."""
@@ -78,7 +93,9 @@ def affine_rows(out: Tensor, src: Tensor, scale: Tensor, shift: Tensor) -> Tenso
     which vectorises along the channels. Returns ``out``.
     """
     out_rows = _rows_view(out)
-    if out_rows is None:  # spatial dims that do not flatten in place (rare permutations): go through a copy
+    # spatial dims that do not flatten in place (rare permutations), and torch.compile (which refuses out= views
+    # that are not contiguous, and fuses the ops anyway): go through one out-of-place op
+    if out_rows is None or torch.compiler.is_compiling():
         return out.copy_(torch.addcmul(per_channel(shift, src.dim()), src, per_channel(scale, src.dim())))
     src_rows = _rows(src)
     scale = scale.unsqueeze(-1)
@@ -98,16 +115,19 @@ class SampleChannelMoments(NamedTuple):
 
 
 def _mean_and_centred_sumsq(x: Tensor, workspace: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(m, q): per-(n, c) mean and Σ_S (x − m)², in at least float32, from two reads of x.
+    """(m, q): per-(n, c) mean (accumulation dtype) and Σ_S (x − m)² (:func:`statistics_dtype`), from two
+    reads of x.
 
     ``workspace`` (x's shape, layout and the accumulation dtype) receives x − m; by default a temporary.
     """
-    acc = accumulation_dtype(x.dtype)
+    acc, stats = accumulation_dtype(x.dtype), statistics_dtype(x)
     rows = _rows(x)
-    mean = rows.mean(dim=-1, dtype=acc)
+    mean = rows.mean(dim=-1, dtype=stats).to(acc)  # |m| ≤ max |x|: fits acc once summed in stats
     centred = torch.sub(rows, mean.unsqueeze(-1), out=_rows_view(workspace))
     if rows.shape[-1] == 1:
-        return mean, torch.zeros_like(mean)
+        return mean, torch.zeros_like(mean, dtype=stats)
+    if stats != acc:  # float64 squares: no finite float32 value overflows them
+        return mean, torch.linalg.vector_norm(centred, dim=-1, dtype=stats).square_()
     if centred.stride(-1) == 1:  # contiguous rows: the norm kernel is the fastest single read
         return mean, torch.linalg.vector_norm(centred, dim=-1).square_()
     # strided rows (channels_last): norm kernels do not vectorise; square a private temporary in place
@@ -122,9 +142,8 @@ def sample_channel_moments(x: Tensor) -> SampleChannelMoments:
 
 
 def sample_scale(x: Tensor, *, rescale: bool, l2_eps: float) -> tuple[Tensor, Tensor]:
-    """(r_n, ‖x_n‖) from one read of x, accumulated in at least float32."""
-    acc = accumulation_dtype(x.dtype)
-    norm = nan_as_inf(torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), dtype=acc))
+    """(r_n, ‖x_n‖) from one read of x, accumulated in :func:`statistics_dtype`."""
+    norm = nan_as_inf(torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), dtype=statistics_dtype(x)))
     target = math.prod(x.shape[1:]) ** 0.5 if rescale else 1.0  # stays symbolic under dynamic shapes
     return target / norm.clamp_min(l2_eps), norm
 
@@ -171,7 +190,8 @@ def _forward(x, weight, bias, running_mean, running_var, training, eps, rescale,
     spatial = math.prod(x.shape[2:])
     if training:
         y = torch.empty_like(x)
-        centred_in_y = x.dtype == acc and _rows_view(y) is not None  # y holds x − m until overwritten
+        # y holds x − m until overwritten (not under torch.compile, which refuses strided out= views)
+        centred_in_y = x.dtype == acc and _rows_view(y) is not None and not torch.compiler.is_compiling()
         mean, sumsq = _mean_and_centred_sumsq(x, workspace=y if centred_in_y else None)
         scale, norm, mu, var = channel_statistics(mean, sumsq, spatial, rescale=rescale, l2_eps=l2_eps)
     else:
@@ -209,9 +229,9 @@ class FusedL2BatchNorm(torch.autograd.Function):
         x, weight, scale, norm, mu, invstd, mean, sumsq = ctx.saved_tensors
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (dy, x, weight)):
             raise RuntimeError("l2bn: the fused path has no double backward; use impl='reference'")
-        acc = scale.dtype
+        acc = statistics_dtype(x)  # Σ dy·(x − m) of a huge sample overflows float32 too
         spatial = x[0, 0].numel()
-        centre = mean if mean is not None else scale.new_zeros(x.shape[:2])  # eval: Σ dy·x itself
+        centre = mean.to(acc) if mean is not None else x.new_zeros(x.shape[:2], dtype=acc)  # eval: Σ dy·x itself
         dy_sum, dy_xc = gradient_sums(dy, x, centre)  # Σ dy, Σ dy·(x − centre)
         grad = input_gradient(
             dy_sum, dy_xc, centre=centre, sumsq=sumsq, scale=scale, norm=norm, mu=mu, invstd=invstd,
