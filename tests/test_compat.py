@@ -398,10 +398,15 @@ def test_fast_paths_huge_samples_against_float64(impl, dtype, training, memory_f
     every fast path: outputs, running statistics and input gradients, against the float64 formula.
 
     ``fused-device-mode`` runs the torch-op path as it runs on accelerators (float64 statistics, no host
-    check: a rerun would fail the test); ``compile`` is torch.compile(fullgraph=True) of the layer's function.
+    check: a rerun would fail the test), as Triton does (scaled in its kernels); ``compile`` is
+    torch.compile(fullgraph=True) of the layer's function.
     """
     device = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
     layer_fn = l2bn.l2_batch_norm
+    if impl == "triton":  # scaled in its kernels, on the device: never a rerun
+        from l2bn.kernels import overflow
+
+        monkeypatch.setattr(overflow, "rescale_huge_samples", _no_rerun)
     if impl == "fused-device-mode":
         from l2bn.kernels import fused, overflow
 
@@ -430,6 +435,11 @@ def test_fast_paths_huge_samples_against_float64(impl, dtype, training, memory_f
     # a sample's input gradient scales as r_n = sqrt(D)/‖x_n‖ (1e-30 for the 1e30 sample): compare dx_n / r_n
     r = want["y"][0].numel() ** 0.5 / x.to(F64).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     got["dx"], want["dx"] = got["dx"].to("cpu", F64) / r, want["dx"] / r
+    if impl == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        # Triton's interpreter rounds float32 subnormals to bfloat16 wrongly (_convert_float in
+        # triton/runtime/interpreter.py; a GPU's cvt does not): leave out the 3e38 sample's input gradient,
+        # ~1e-39 and so subnormal in bfloat16. On a GPU every sample is compared.
+        got["dx"], want["dx"] = got["dx"][:4], want["dx"][:4]
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
     for key in want:
         assert torch.isfinite(got[key]).all(), key

@@ -164,7 +164,7 @@ def test_moments_and_gradient_sums_against_float64_loops(tk, channels_last):
         x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
     mean, sumsq = (t.cpu() for t in tk.sample_channel_moments_triton(dev(x)))
     want_mean, want_sumsq = moments_f64(x)
-    assert mean.dtype == sumsq.dtype == torch.float32
+    assert mean.dtype == sumsq.dtype == torch.float64  # float32 chunks, merged in float64
     torch.testing.assert_close(mean.double(), want_mean, rtol=5e-7, atol=0)  # a few float32 ulps
     torch.testing.assert_close(sumsq.double(), want_sumsq, rtol=1e-3, atol=0)
     centre = torch.randn(3, 4, generator=gen)
@@ -435,21 +435,23 @@ for arch, dtypes in ((90, ("fp32", "bf16", "fp16", "fp64")), (80, ("bf16",))):
     target = GPUTarget("cuda", arch, 32)
     for ty in dtypes:
         acc = "fp64" if ty == "fp64" else "fp32"
+        scaled = ty != "fp64"
         for consts in ({"BLOCK_C": 4, "BLOCK_M": 1024}, {"M": 1, "sxc": 1, "BLOCK_C": 256, "BLOCK_M": 1}):
+            consts["SCALED"] = scaled
             names = m._moments_kernel.arg_names
-            ptrs = {"x_ptr": "*" + ty, "mean_ptr": "*" + acc, "sumsq_ptr": "*" + acc}
+            ptrs = {"x_ptr": "*" + ty, "mean_ptr": "*fp64", "sumsq_ptr": "*fp64"}
             triton.compile(ASTSource(m._moments_kernel, sig(names, ptrs, consts), consts), target=target)
         names = m._gradient_sums_kernel.arg_names
         ptrs = {"dy_ptr": "*" + ty, "x_ptr": "*" + ty}
-        ptrs.update({k: "*" + acc for k in ("centre_ptr", "dy_sum_ptr", "dy_xc_ptr", "mean_ptr", "sumsq_ptr")})
+        ptrs.update({k: "*fp64" for k in ("centre_ptr", "dy_sum_ptr", "dy_xc_ptr", "mean_ptr", "sumsq_ptr")})
         for with_moments in (False, True):
-            consts = {"WITH_MOMENTS": with_moments, "BLOCK_C": 32, "BLOCK_M": 64, "sdm": 0}
+            consts = {"WITH_MOMENTS": with_moments, "SCALED": scaled, "BLOCK_C": 32, "BLOCK_M": 64, "sdm": 0}
             triton.compile(ASTSource(m._gradient_sums_kernel, sig(names, ptrs, consts), consts), target=target)
         names = m._affine_kernel.arg_names
         ptrs = {"out_ptr": "*" + ty, "u_ptr": "*" + ty, "v_ptr": "*" + ty}
-        ptrs.update({k: "*" + acc for k in ("p_ptr", "q_ptr", "r_ptr")})
-        for has_v in (False, True):
-            consts = {"HAS_V": has_v, "BLOCK_C": 8, "BLOCK_M": 512}
+        ptrs.update({k: "*" + acc for k in ("p_ptr", "q_ptr", "r_ptr", "vf_ptr")})
+        for has_v, has_vf in ((False, False), (True, False), (True, True)):
+            consts = {"HAS_V": has_v, "HAS_VF": has_vf, "BLOCK_C": 8, "BLOCK_M": 512}
             kernel = triton.compile(ASTSource(m._affine_kernel, sig(names, ptrs, consts), consts), target=target)
             assert "cubin" in kernel.asm
 print("compiled")

@@ -1,4 +1,4 @@
-"""Huge inputs on the fast paths: a sample whose sum of squares overflows is rerun rescaled by a power of two.
+"""Huge inputs on the CPU fast paths: a sample whose sum of squares overflows is rerun rescaled by a power of two.
 
 The fast paths accumulate per-(n, c) sums in float32 for float32 and 16-bit input, so a finite sample with
 values beyond ~1e19 has an infinite sum of squares. L2BN is invariant to a positive scale of each sample
@@ -8,7 +8,8 @@ gradient times 2^-e, which autograd applies through the multiplication. Each pat
 O(N·C) statistics — a non-finite norm of a finite sample — before writing anything (output or running
 statistics) and raises :class:`SampleOverflow`; :func:`rerun_rescaled_on_overflow` then reruns it on the
 rescaled input. The usual case pays one check of N norms. Samples holding inf or NaN are left as they are
-(their channel turns NaN, as in BatchNorm).
+(their channel turns NaN, as in BatchNorm). Where no host check can run — torch.compile, accelerators — the
+paths keep their statistics in range instead (float64 sums, or the Triton kernels' per-chunk scaling).
 """
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ def check_sample_norms(x: Tensor, norm: Tensor) -> None:
     """Raise :class:`SampleOverflow` if a sample of ``x`` (N, C, *S) is finite but its norm (N,) is not.
 
     Skipped while torch.compile traces (the check is data-dependent), for meta tensors (no data) and on
-    accelerators: reading the result on the host would synchronise every layer call with the device, so
-    there huge samples still give NaN (docs/algorithm.md). The second, rare check reads only the samples
-    whose norm is not finite.
+    accelerators (reading the result on the host would synchronise every layer call with the device); there
+    the statistics stay in range by themselves (docs/algorithm.md). The second, rare check reads only the
+    samples whose norm is not finite.
     """
     if torch.compiler.is_compiling() or norm.device.type != "cpu":
         return

@@ -12,8 +12,12 @@ any layout whose spatial dims flatten to a view) are read in place. Three kernel
 - ``_affine_kernel``: out = u·P[n,c] + v·Q[n,c] + R[n,c] (v optional), elementwise; the forward output
   (u = x, no v) and the input gradient (u = dy, v = x) in one pass each.
 
-Statistics accumulate in the dtype of the statistics buffers: float32 for float16/bfloat16/float32 input,
-float64 for float64 input. The O(N·C) algebra between the kernels is ordinary torch ops.
+Values are read into float32 (float64 for float64 input). The per-(n, c) statistics and the O(N·C) algebra
+between the kernels (ordinary torch ops) are float64. Huge finite inputs — values beyond ~1e19, whose squares
+overflow float32 — are handled on the device, without a host check: every chunk of a row is multiplied by the
+power of two that brings its max |x| into [1, 4) before it is squared (exact, so the usual input's chunk
+moments are unchanged), and its moments are scaled back in float64; the gradient read does the same for
+x − K, and the input gradient's x-term takes a per-sample power of two (docs/algorithm.md).
 
 The module imports without Triton (``TRITON_AVAILABLE`` is then False and calling raises). With
 ``TRITON_INTERPRET=1`` set before Triton is first imported, the kernels run on CPU tensors through
@@ -29,7 +33,6 @@ from torch import Tensor
 
 from .algebra import channel_statistics, input_gradient, output_coefficients, update_running_stats
 from .fused import _rows, _rows_view, accumulation_dtype
-from .overflow import check_sample_norms, rerun_rescaled_on_overflow
 
 try:
     import triton
@@ -53,13 +56,46 @@ _MAX_BLOCK_C_CHANNELS_LAST = 32  # channels per tile when C is the contiguous ax
 if TRITON_AVAILABLE:
 
     @triton.jit
-    def _chan_merge(v, mask, m_ok, count, mean, sumsq):
-        """Merge one chunk (rows of ``v``, valid where ``mask``) into per-row (count, mean, Σ(x − mean)²):
-        the chunk is centred on its own mean, then combined pairwise (Chan, Golub & LeVeque 1979)."""
-        chunk_count = tl.sum(m_ok.to(mean.dtype), axis=0)
-        chunk_mean = tl.sum(v, axis=1) / chunk_count
+    def _pow2_scale(amax):
+        """Per row, powers of two s and 1/s with amax·s in [1, 4) (float32 amax ≥ 0): s = 2^(127 − e) for amax's
+        biased exponent e clamped to [1, 253], so s and 1/s are normal floats and products by them exact."""
+        e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        e = tl.minimum(tl.maximum(e, 1), 253)
+        s = ((254 - e) << 23).to(tl.float32, bitcast=True)
+        inv = (e << 23).to(tl.float32, bitcast=True)
+        return s, inv
+
+    @triton.jit
+    def _to_compute(t, SCALED: tl.constexpr):
+        """t in the dtype the kernels compute with: float32 (SCALED: float32 and 16-bit input) or float64."""
+        if SCALED:
+            t = t.to(tl.float32)
+        else:
+            t = t.to(tl.float64)
+        return t
+
+    @triton.jit
+    def _load_values(ptrs, mask, SCALED: tl.constexpr):
+        return _to_compute(tl.load(ptrs, mask=mask, other=0.0), SCALED)
+
+    @triton.jit
+    def _chan_merge(v, mask, m_ok, count, mean, sumsq, SCALED: tl.constexpr):
+        """Merge one chunk (rows of ``v``, valid where ``mask``) into per-row float64 (count, mean, Σ(x − mean)²):
+        the chunk is centred on its own mean, then combined pairwise (Chan, Golub & LeVeque 1979). SCALED: each
+        row of the chunk is first multiplied by the power of two bringing its max |x| into [1, 4), so no finite
+        value's square overflows float32, and the chunk's moments are scaled back in float64."""
+        chunk_count = tl.sum(m_ok.to(tl.float64), axis=0)
+        if SCALED:
+            s, inv = _pow2_scale(tl.max(tl.abs(v), axis=1))
+            v = v * s[:, None]
+        chunk_mean = tl.sum(v, axis=1) / chunk_count.to(v.dtype)
         centred = tl.where(mask, v - chunk_mean[:, None], 0.0)
-        chunk_sumsq = tl.sum(centred * centred, axis=1)
+        chunk_sumsq = tl.sum(centred * centred, axis=1).to(tl.float64)
+        chunk_mean = chunk_mean.to(tl.float64)
+        if SCALED:
+            inv64 = inv.to(tl.float64)
+            chunk_mean = chunk_mean * inv64
+            chunk_sumsq = chunk_sumsq * inv64 * inv64
         total = count + chunk_count
         delta = chunk_mean - mean
         weight = chunk_count / total
@@ -68,23 +104,22 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _moments_kernel(
         x_ptr, mean_ptr, sumsq_ptr, C, M, sxn, sxc, sxm,
-        BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+        SCALED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
-        """Per-(n, c) mean and Σ (x − mean)², chunks of BLOCK_M positions merged pairwise (Chan et al.)."""
+        """Per-(n, c) mean and Σ (x − mean)² (float64), chunks of BLOCK_M positions merged pairwise (Chan et al.)."""
         n = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
-        acc_ty = mean_ptr.dtype.element_ty
         base = x_ptr + n.to(tl.int64) * sxn + offs_c[:, None] * sxc
-        count = tl.zeros([BLOCK_C], dtype=acc_ty)
-        mean = tl.zeros([BLOCK_C], dtype=acc_ty)
-        sumsq = tl.zeros([BLOCK_C], dtype=acc_ty)
+        count = tl.zeros([BLOCK_C], dtype=tl.float64)
+        mean = tl.zeros([BLOCK_C], dtype=tl.float64)
+        sumsq = tl.zeros([BLOCK_C], dtype=tl.float64)
         for start in range(0, M, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
             m_ok = offs_m < M
             mask = c_ok[:, None] & m_ok[None, :]
-            v = tl.load(base + offs_m[None, :] * sxm, mask=mask, other=0.0).to(acc_ty)
-            count, mean, sumsq = _chan_merge(v, mask, m_ok, count, mean, sumsq)
+            v = _load_values(base + offs_m[None, :] * sxm, mask, SCALED)
+            count, mean, sumsq = _chan_merge(v, mask, m_ok, count, mean, sumsq, SCALED)
         out = n.to(tl.int64) * C + offs_c
         tl.store(mean_ptr + out, mean, mask=c_ok)
         tl.store(sumsq_ptr + out, sumsq, mask=c_ok)
@@ -93,56 +128,63 @@ if TRITON_AVAILABLE:
     def _gradient_sums_kernel(
         dy_ptr, x_ptr, centre_ptr, dy_sum_ptr, dy_xc_ptr, mean_ptr, sumsq_ptr, C, M,
         sdn, sdc, sdm, sxn, sxc, sxm,
-        WITH_MOMENTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+        WITH_MOMENTS: tl.constexpr, SCALED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
-        """Per-(n, c) Σ dy and Σ dy·(x − centre) in one read of (dy, x), accumulated tile-wise.
+        """Per-(n, c) Σ dy and Σ dy·(x − centre) (float64) in one read of (dy, x).
 
-        WITH_MOMENTS: no centre is given; the same read also yields the mean m and Σ (x − m)² exactly as
-        ``_moments_kernel`` computes them (same chunks, same merge), and the dot product is taken about the
-        row's first value K and moved to the mean at the end: Σ dy·(x − m) = Σ dy·(x − K) − (m − K)·Σ dy.
+        The dot product is taken about K — the row's first value (WITH_MOMENTS) or the given centre rounded to
+        the compute dtype — chunk by chunk, x and K first scaled like ``_chan_merge``'s values (SCALED, by the
+        power of two of the larger of max |x| and |K|), and moved to the centre at the end: Σ dy·(x − c) = Σ dy·(x − K) − (c − K)·Σ dy. WITH_MOMENTS: no
+        centre is given; the same read also yields the mean m (the centre) and Σ (x − m)² exactly as
+        ``_moments_kernel`` computes them (same chunks, same merge).
         """
         n = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
-        acc_ty = dy_sum_ptr.dtype.element_ty
         rows = n.to(tl.int64) * C + offs_c
         dy_base = dy_ptr + n.to(tl.int64) * sdn + offs_c[:, None] * sdc
         x_base = x_ptr + n.to(tl.int64) * sxn + offs_c[:, None] * sxc
         if WITH_MOMENTS:
-            centre = tl.load(x_ptr + n.to(tl.int64) * sxn + offs_c * sxc, mask=c_ok, other=0.0).to(acc_ty)
+            anchor = _load_values(x_ptr + n.to(tl.int64) * sxn + offs_c * sxc, c_ok, SCALED)
         else:
             centre = tl.load(centre_ptr + rows, mask=c_ok, other=0.0)
-        count = tl.zeros([BLOCK_C], dtype=acc_ty)
-        mean = tl.zeros([BLOCK_C], dtype=acc_ty)
-        sumsq = tl.zeros([BLOCK_C], dtype=acc_ty)
-        acc_sum = tl.zeros([BLOCK_C, BLOCK_M], dtype=acc_ty)
-        acc_dot = tl.zeros([BLOCK_C, BLOCK_M], dtype=acc_ty)
+            anchor = _to_compute(centre, SCALED)
+        count = tl.zeros([BLOCK_C], dtype=tl.float64)
+        mean = tl.zeros([BLOCK_C], dtype=tl.float64)
+        sumsq = tl.zeros([BLOCK_C], dtype=tl.float64)
+        dy_sum = tl.zeros([BLOCK_C], dtype=tl.float64)
+        dy_dot = tl.zeros([BLOCK_C], dtype=tl.float64)
         for start in range(0, M, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
             m_ok = offs_m < M
             mask = c_ok[:, None] & m_ok[None, :]
-            g = tl.load(dy_base + offs_m[None, :] * sdm, mask=mask, other=0.0).to(acc_ty)
-            v = tl.load(x_base + offs_m[None, :] * sxm, mask=mask, other=0.0).to(acc_ty)
-            acc_sum += g
-            acc_dot += g * (v - centre[:, None])
+            g = _load_values(dy_base + offs_m[None, :] * sdm, mask, SCALED)
+            v = _load_values(x_base + offs_m[None, :] * sxm, mask, SCALED)
+            if SCALED:  # scaled before subtracting: x − K of values near float32's largest would overflow
+                s, inv = _pow2_scale(tl.maximum(tl.max(tl.abs(v), axis=1), tl.abs(anchor)))
+                d = tl.where(mask, v * s[:, None] - (anchor * s)[:, None], 0.0)
+                dy_dot += tl.sum(g * d, axis=1).to(tl.float64) * inv.to(tl.float64)
+            else:
+                dy_dot += tl.sum(g * tl.where(mask, v - anchor[:, None], 0.0), axis=1)
+            dy_sum += tl.sum(g, axis=1).to(tl.float64)
             if WITH_MOMENTS:
-                count, mean, sumsq = _chan_merge(v, mask, m_ok, count, mean, sumsq)
-        dy_sum = tl.sum(acc_sum, axis=1)
-        dy_dot = tl.sum(acc_dot, axis=1)
+                count, mean, sumsq = _chan_merge(v, mask, m_ok, count, mean, sumsq, SCALED)
         if WITH_MOMENTS:
-            dy_dot = dy_dot - (mean - centre) * dy_sum
+            centre = mean
             tl.store(mean_ptr + rows, mean, mask=c_ok)
             tl.store(sumsq_ptr + rows, sumsq, mask=c_ok)
+        dy_dot = dy_dot - (centre - anchor.to(tl.float64)) * dy_sum
         tl.store(dy_sum_ptr + rows, dy_sum, mask=c_ok)
         tl.store(dy_xc_ptr + rows, dy_dot, mask=c_ok)
 
     @triton.jit
     def _affine_kernel(
-        out_ptr, u_ptr, v_ptr, p_ptr, q_ptr, r_ptr, C, M, num_m_blocks,
+        out_ptr, u_ptr, v_ptr, p_ptr, q_ptr, r_ptr, vf_ptr, C, M, num_m_blocks,
         son, soc, som, sun, suc, sum_, svn, svc, svm,
-        HAS_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+        HAS_V: tl.constexpr, HAS_VF: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
-        """out = u·P[n,c] + v·Q[n,c] + R[n,c] (the v term only if HAS_V), computed in P's dtype."""
+        """out = u·P[n,c] + (v·F[n])·Q[n,c] + R[n,c] (the v term only if HAS_V, F = 1 unless HAS_VF), computed
+        in P's dtype."""
         pid = tl.program_id(0)
         n = pid // num_m_blocks
         offs_m = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -159,7 +201,10 @@ if TRITON_AVAILABLE:
         if HAS_V:
             q = tl.load(q_ptr + rows, mask=c_ok, other=0.0)
             v = tl.load(v_ptr + n64 * svn + offs_c[:, None] * svc + offs_m[None, :] * svm, mask=mask, other=0.0)
-            res += v.to(acc_ty) * q[:, None]
+            v = v.to(acc_ty)
+            if HAS_VF:
+                v = v * tl.load(vf_ptr + n)
+            res += v * q[:, None]
         out = out_ptr + n64 * son + offs_c[:, None] * soc + offs_m[None, :] * som
         tl.store(out, res.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -199,17 +244,22 @@ def _on_device(t: Tensor) -> Iterator[None]:
         yield
 
 
+def _scaled(x: Tensor) -> bool:
+    """Whether the kernels compute with x in float32 with per-chunk power-of-two scaling (all but float64)."""
+    return x.dtype != torch.float64
+
+
 def sample_channel_moments_triton(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(m, q): per-(n, c) mean and Σ_S (x − m)² of an (N, C, *S) tensor, (N, C) each, one read of x."""
+    """(m, q): per-(n, c) mean and Σ_S (x − m)² of an (N, C, *S) tensor, (N, C) float64 each, one read of x."""
     x, rows = _row_strides(x)
     n, num_channels, spatial = rows.shape
-    acc = accumulation_dtype(x.dtype)
-    mean = torch.empty(n, num_channels, dtype=acc, device=x.device)
+    mean = torch.empty(n, num_channels, dtype=torch.float64, device=x.device)
     sumsq = torch.empty_like(mean)
     block_c, block_m = _tile(rows, _REDUCE_TILE)
     with _on_device(x):
         _moments_kernel[(n, triton.cdiv(num_channels, block_c))](
-            rows, mean, sumsq, num_channels, spatial, *rows.stride(), BLOCK_C=block_c, BLOCK_M=block_m
+            rows, mean, sumsq, num_channels, spatial, *rows.stride(),
+            SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
         )
     return mean, sumsq
 
@@ -219,40 +269,44 @@ def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor | None) -> tuple[Tensor
     x, x_rows = _row_strides(x)
     n, num_channels, spatial = x_rows.shape
     with_moments = centre is None
-    acc = accumulation_dtype(x.dtype)
-    centre = torch.empty(n, num_channels, dtype=acc, device=x.device) if with_moments else centre.contiguous()
+    stats = dict(dtype=torch.float64, device=x.device)
+    centre = torch.empty(n, num_channels, **stats) if with_moments else centre.to(torch.float64).contiguous()
     dy_sum, dy_xc = torch.empty_like(centre), torch.empty_like(centre)
     mean, sumsq = (torch.empty_like(centre), torch.empty_like(centre)) if with_moments else (centre, centre)
     block_c, block_m = _tile(x_rows, _REDUCE_TILE)  # the forward's tiles: the same moments, bit for bit
     with _on_device(x):
         _gradient_sums_kernel[(n, triton.cdiv(num_channels, block_c))](
             dy_rows, x_rows, centre, dy_sum, dy_xc, mean, sumsq, num_channels, spatial,
-            *dy_rows.stride(), *x_rows.stride(), WITH_MOMENTS=with_moments, BLOCK_C=block_c, BLOCK_M=block_m,
+            *dy_rows.stride(), *x_rows.stride(),
+            WITH_MOMENTS=with_moments, SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
         )
     return (mean, sumsq, dy_sum, dy_xc) if with_moments else (dy_sum, dy_xc)
 
 
 def gradient_sums_triton(dy: Tensor, x: Tensor, centre: Tensor) -> tuple[Tensor, Tensor]:
-    """(Σ_S dy, Σ_S dy·(x − centre)) per (n, c), in ``centre``'s dtype, from one read of (dy, x)."""
+    """(Σ_S dy, Σ_S dy·(x − centre)) per (n, c), float64, from one read of (dy, x)."""
     return _gradient_sums(dy, x, centre)
 
 
 def moments_and_gradient_sums_triton(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(m, q, Σ_S dy, Σ_S dy·(x − m)) per (n, c) from one read of (dy, x); m and q equal
+    """(m, q, Σ_S dy, Σ_S dy·(x − m)) per (n, c), float64, from one read of (dy, x); m and q equal
     :func:`sample_channel_moments_triton`'s, so backward need not save them."""
     return _gradient_sums(dy, x, None)
 
 
 def affine_triton(
-    out: Tensor, u: Tensor, p: Tensor, r: Tensor, v: Tensor | None = None, q: Tensor | None = None
+    out: Tensor, u: Tensor, p: Tensor, r: Tensor, v: Tensor | None = None, q: Tensor | None = None,
+    v_factor: Tensor | None = None,
 ) -> Tensor:
-    """out = u·p[n,c] + r[(n,) c] (+ v·q[n,c]) elementwise over (N, C, *S), written into ``out`` in one pass.
+    """out = u·p[n,c] + r[(n,) c] (+ (v·v_factor[n])·q[n,c]) elementwise over (N, C, *S), into ``out`` in one pass.
 
-    p, q are (N, C) and r broadcasts to (N, C), all in the accumulation dtype; ``out`` must be dense
-    (e.g. ``torch.empty_like(x)``).
+    p, q are (N, C), r broadcasts to (N, C) and ``v_factor`` is (N,), all in the compute dtype (p's);
+    ``out`` must be dense (e.g. ``torch.empty_like(x)``).
     """
     if (v is None) != (q is None):
         raise ValueError("v and q must be given together")
+    if v_factor is not None and v is None:
+        raise ValueError("v_factor scales v: give v and q too")
     out_rows = _rows_view(out)
     if out_rows is None:
         raise ValueError(
@@ -267,15 +321,25 @@ def affine_triton(
         q = q.contiguous()
     else:
         v_rows, q = u_rows, p
+    has_vf = v_factor is not None
+    v_factor = v_factor.to(p.dtype).contiguous() if has_vf else p
     block_c, block_m = _tile(out_rows, _ELEMENTWISE_TILE)
     num_m_blocks = triton.cdiv(spatial, block_m)
     with _on_device(out):
         _affine_kernel[(n * num_m_blocks, triton.cdiv(num_channels, block_c))](
-            out_rows, u_rows, v_rows, p, q, r, num_channels, spatial, num_m_blocks,
+            out_rows, u_rows, v_rows, p, q, r, v_factor, num_channels, spatial, num_m_blocks,
             *out_rows.stride(), *u_rows.stride(), *v_rows.stride(),
-            HAS_V=has_v, BLOCK_C=block_c, BLOCK_M=block_m,
+            HAS_V=has_v, HAS_VF=has_vf, BLOCK_C=block_c, BLOCK_M=block_m,
         )
     return out
+
+
+def huge_sample_factor(norm: Tensor) -> Tensor:
+    """Per sample, 2^-e for a finite ‖x_n‖ = m·2^e ≥ 2^32 (m in [0.5, 1)), else 1: x_n·2^-e has norm below 1,
+    so the input gradient's x-term, (x_n·2^-e)·(Q·2^e), stays in float32's range where Q (~1/‖x_n‖²) would not."""
+    one = torch.ones_like(norm)
+    huge = torch.isfinite(norm) & (norm >= 2.0**32)
+    return torch.where(huge, torch.ldexp(one, -torch.frexp(norm).exponent), one)
 
 
 class TritonL2BatchNorm(torch.autograd.Function):
@@ -287,13 +351,12 @@ class TritonL2BatchNorm(torch.autograd.Function):
         acc = accumulation_dtype(x.dtype)
         spatial = x[0, 0].numel()
         x, _ = _row_strides(x)  # a dense copy only if the spatial dims do not flatten to a view
-        mean, sumsq = sample_channel_moments_triton(x)  # one read of x; the norms follow in eval too
+        mean, sumsq = sample_channel_moments_triton(x)  # one read of x; the norms follow in eval too (float64)
         scale, norm, mu, var = channel_statistics(mean, sumsq, spatial, rescale=rescale, l2_eps=l2_eps)
-        check_sample_norms(x, norm)  # before anything is written: huge samples rerun rescaled
         if not training:
-            mu, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+            mu, var = running_mean.to(torch.float64, copy=True), running_var.to(torch.float64, copy=True)
         a, shift, invstd = output_coefficients(scale, mu, weight, bias, var=var, eps=eps)
-        y = affine_triton(torch.empty_like(x), x, a, shift)
+        y = affine_triton(torch.empty_like(x), x, a.to(acc), shift.to(acc))
         # x and the weight (and the fixed statistics in eval) only: backward's read of (dy, x) recomputes
         # the per-(n, c) moments, so no more is kept than BatchNorm keeps.
         ctx.save_for_backward(x, weight, *(() if training else (mu, invstd)))
@@ -312,8 +375,11 @@ class TritonL2BatchNorm(torch.autograd.Function):
             dy_sum, dy_xc, centre=mean, sumsq=sumsq if ctx.training else None, scale=scale, norm=norm, mu=mu,
             invstd=invstd, weight=weight, spatial_size=spatial, count=x.shape[0] * spatial, l2_eps=ctx.l2_eps,
         )
-        dx = affine_triton(torch.empty_like(x), dy, grad.dy_coef, grad.shift, v=x, q=grad.x_coef)
-        param_dtype = weight.dtype if weight is not None else scale.dtype
+        acc = accumulation_dtype(x.dtype)
+        factor = huge_sample_factor(norm)  # 1 but for huge samples: keeps the x-term in range
+        dx = affine_triton(torch.empty_like(x), dy, grad.dy_coef.to(acc), grad.shift.to(acc), v=x,
+                           q=(grad.x_coef / factor[:, None]).to(acc), v_factor=factor.to(acc))
+        param_dtype = weight.dtype if weight is not None else acc
         return (
             dx,
             grad.grad_weight.to(param_dtype) if ctx.needs_input_grad[1] else None,
@@ -334,7 +400,6 @@ def _check_triton_input(input: Tensor) -> None:
         raise TypeError(f"the Triton L2BN path supports dtypes {SUPPORTED_DTYPES}, got {input.dtype}")
 
 
-@rerun_rescaled_on_overflow
 def l2_batch_norm_triton(
     input: Tensor,
     running_mean: Tensor | None,
@@ -361,6 +426,7 @@ __all__ = [
     "TritonL2BatchNorm",
     "affine_triton",
     "gradient_sums_triton",
+    "huge_sample_factor",
     "INTERPRETED",
     "moments_and_gradient_sums_triton",
     "l2_batch_norm_triton",
