@@ -23,15 +23,17 @@ def test_readme_snippet_runs(code):
     exec(compile(code, str(README), "exec"), {"__name__": "readme_snippet"})
 
 
-@pytest.mark.parametrize("module", ["l2bn.layers", "l2bn.functional", "l2bn.convert", "l2bn.distributed", "l2bn.norm_act"])
+@pytest.mark.parametrize("module", ["l2bn.layers", "l2bn.functional", "l2bn.convert", "l2bn.distributed", "l2bn.norm_act",
+                                    "l2bn.lightning_sync"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib
 
     import torch
 
-    if module == "l2bn.norm_act" and importlib.util.find_spec("timm") is None:
-        pytest.skip("l2bn.norm_act needs timm")
+    needs = {"l2bn.norm_act": "timm", "l2bn.lightning_sync": "lightning"}.get(module)
+    if needs and importlib.util.find_spec(needs) is None:
+        pytest.skip(f"{module} needs {needs}")
     torch.manual_seed(0)
     result = doctest.testmod(importlib.import_module(module), extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

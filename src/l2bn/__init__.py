@@ -1,8 +1,8 @@
 """l2bn: L2BN (Wang et al.) — batch normalization on per-sample l2-equalised features.
 
 The layers, converters and the functional op are imported here; the subpackages (``l2bn.norms``,
-``l2bn.models``, ``l2bn.metrics``, ``l2bn.data``, ``l2bn.train``, …) and the timm layer
-``l2bn.L2BatchNormAct2d`` load on first attribute access.
+``l2bn.models``, ``l2bn.metrics``, ``l2bn.data``, ``l2bn.train``, ``l2bn.lightning_sync`` (needs lightning), …) and
+the timm layer ``l2bn.L2BatchNormAct2d`` load on first attribute access.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ __all__ = [
 ]
 
 _SUBMODULES = (
-    "bench", "cli", "data", "functional", "geometry", "kernels", "metrics", "models", "norm_act", "norms",
-    "report", "train",
+    "bench", "cli", "data", "functional", "geometry", "kernels", "lightning_sync", "metrics", "models", "norm_act",
+    "norms", "report", "train",
 )
 
 
