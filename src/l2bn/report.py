@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -203,23 +204,83 @@ def _plot_band(ax, group: Sequence[Run], key: str, label: str, color, linestyle:
     ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
 
 
-def _save_figure(fig, axes, title: str | None, path: Path) -> Path:
-    """Grid and legend on every panel, the common title, then write the PNG and free the figure."""
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(f"{title} (mean ± std over seeds)")
+def _colors(names: Sequence[str]) -> dict[str, tuple]:
+    """One distinct colour a norm: tab10 up to ten norms, tab20 up to twenty (cycling beyond)."""
     import matplotlib.pyplot as plt
 
+    cmap, size = (plt.get_cmap("tab10"), 10) if len(names) <= 10 else (plt.get_cmap("tab20"), 20)
+    return {n: cmap(i % size) for i, n in enumerate(names)}
+
+
+def _save_figure(fig, axes, title: str | None, path: Path, extra_handles: Sequence = ()) -> Path:
+    """Grid on every panel, one legend for the figure (outside, right; its norms, plus ``extra_handles``
+    such as the train/test styles), the common title; then write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import MaxNLocator
+
+    labels: dict[str, object] = {}
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_xlabel() == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    handles = list(extra_handles) + list(labels.values())
+    if handles:
+        fig.legend(handles=handles, loc="outside right center", fontsize="small")
+    if title:  # wrapped to the figure's width (about eleven characters an inch at this size)
+        fig.suptitle(textwrap.fill(f"{title} (mean ± std over seeds)", width=int(fig.get_figwidth() * 11)))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
+_ANGLE_PANELS = (  # (keys drawn solid for train and dashed or hollow for test, y label, title)
+    (("intra_train", "intra_test"), "degrees", "Intra-class angle (smaller is better)"),
+    (("inter",), "degrees", "Inter-class angle (larger is better)"),
+    (("iir_train", "iir_test"), "intra / inter", "IIR (smaller is better)"),
+)
+
+
+def _train_test_handles(dots: bool) -> list:
+    from matplotlib.lines import Line2D
+
+    if dots:
+        return [Line2D([], [], color="k", marker="o", linestyle="", label="train"),
+                Line2D([], [], color="k", marker="s", markerfacecolor="none", linestyle="", label="test")]
+    return [Line2D([], [], color="k", label="train"), Line2D([], [], color="k", linestyle="--", label="test")]
+
+
+def _plot_angle_dots(axes, groups: dict[str, list[Run]], colors: dict[str, tuple]) -> None:
+    """Angles measured at one epoch only: per norm, the mean ± std over seeds as points (train filled,
+    test hollow), the norms along the x axis."""
+    names = [n for n, g in groups.items() if g]
+    for ax, (keys, ylabel, title) in zip(axes, _ANGLE_PANELS):
+        for i, norm in enumerate(names):
+            for key, offset in zip(keys, (-0.15, 0.15) if len(keys) == 2 else (0.0,)):
+                curve = _curve(groups[norm], key)
+                if curve is None:
+                    continue
+                _, mean, std = curve
+                hollow = key.endswith("_test")
+                ax.errorbar(i + offset, mean[-1], yerr=std[-1], color=colors[norm], capsize=3,
+                            marker="s" if hollow else "o", markerfacecolor="none" if hollow else colors[norm])
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set(ylabel=ylabel, title=title)
+
+
+def _angle_epochs(groups: dict[str, list[Run]]) -> set[int]:
+    return {r["epoch"] for g in groups.values() for run in g for r in run.records if "inter" in r}
+
+
 def plot_curves(runs: Iterable[Run], out_dir: str | os.PathLike, norms: Sequence[str] | None = None,
                 *, title: str | None = None) -> list[Path]:
-    """``curves.png`` (test accuracy, training loss) and ``angles.png`` (intra, inter, IIR) in ``out_dir``."""
+    """``curves.png`` (test accuracy, training loss) and ``angles.png`` (intra, inter, IIR) in ``out_dir``.
+
+    The angles are curves over the epochs they were measured at, or — measured at one epoch only — points
+    per norm.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -228,10 +289,10 @@ def plot_curves(runs: Iterable[Run], out_dir: str | os.PathLike, norms: Sequence
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups = {n: [r for r in g if not r.failed] for n, g in _group(runs, norms).items()}
-    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(groups)}
+    colors = _colors(list(groups))
     written = []
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     for norm, group in groups.items():
         _plot_band(axes[0], group, "test_acc", norm, colors[norm])
         _plot_band(axes[1], group, "train_loss", norm, colors[norm])
@@ -239,18 +300,18 @@ def plot_curves(runs: Iterable[Run], out_dir: str | os.PathLike, norms: Sequence
     axes[1].set(xlabel="epoch", ylabel="training loss", title="Training loss", yscale="log")
     written.append(_save_figure(fig, axes, title, out / "curves.png"))
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
-    for norm, group in groups.items():
-        c = colors[norm]
-        _plot_band(axes[0], group, "intra_train", f"{norm} train", c)
-        _plot_band(axes[0], group, "intra_test", f"{norm} test", c, "--")
-        _plot_band(axes[1], group, "inter", norm, c)
-        _plot_band(axes[2], group, "iir_train", f"{norm} train", c)
-        _plot_band(axes[2], group, "iir_test", f"{norm} test", c, "--")
-    axes[0].set(xlabel="epoch", ylabel="degrees", title="Intra-class angle (smaller is better)")
-    axes[1].set(xlabel="epoch", ylabel="degrees", title="Inter-class angle (larger is better)")
-    axes[2].set(xlabel="epoch", ylabel="intra / inter", title="IIR (smaller is better)")
-    written.append(_save_figure(fig, axes, title, out / "angles.png"))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
+    dots = len(_angle_epochs(groups)) <= 1
+    if dots:
+        _plot_angle_dots(axes, groups, colors)
+    else:
+        for norm, group in groups.items():
+            for ax, (keys, _, _) in zip(axes, _ANGLE_PANELS):
+                for key in keys:
+                    _plot_band(ax, group, key, norm, colors[norm], "--" if key.endswith("_test") else "-")
+        for ax, (_, ylabel, panel_title) in zip(axes, _ANGLE_PANELS):
+            ax.set(xlabel="epoch", ylabel=ylabel, title=panel_title)
+    written.append(_save_figure(fig, axes, title, out / "angles.png", _train_test_handles(dots)))
     return written
 
 
