@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The one GPU check of docs/performance.md, for a session lent a CUDA machine (≤ 10 minutes on one H100/H200):
+# the CUDA and Triton tests on the real device, then the layer benchmarks (fp32 and bf16, ResNet-50 shapes,
+# training and eval, achieved bandwidth; Triton against the torch-op path). Each step has its own time limit and
+# a failure does not stop the next; everything is logged to $OUT/gpu_check.log (or ./gpu_check.log).
+#
+#     bash benchmarks/gpu_check.sh            # from the repository root, with a CUDA torch and triton installed
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+log="${OUT:-.}/gpu_check.log"
+py=$(command -v python3 || command -v python)
+shapes="128x64x56x56 128x256x56x56 128x512x28x28 128x2048x7x7"  # ResNet-50 BN inputs at batch 128
+
+step() {  # step SECONDS TITLE COMMAND...
+  local limit=$1 title=$2
+  shift 2
+  echo "=== $title ($(date -u +%H:%M:%S), limit ${limit}s): $*" | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  echo "=== exit ${PIPESTATUS[0]}" | tee -a "$log"
+}
+
+step 30 "device" nvidia-smi -L
+step 30 "versions" "$py" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+step 240 "CUDA and Triton tests" "$py" -m pytest -q -x -p no:cacheprovider tests/test_triton.py \
+  tests/test_compat.py -k "triton or cuda or huge" tests/test_metrics.py tests/test_norms_ubn.py
+for dtype in fp32 bf16; do
+  step 90 "bench triton $dtype" "$py" -m l2bn bench --device cuda --dtype "$dtype" --repeats 20 --shapes $shapes
+done
+step 90 "bench fused (torch ops) fp32, for comparison" "$py" -m l2bn bench --device cuda --dtype fp32 \
+  --repeats 20 --impl fused --shapes $shapes
+echo "log: $log"
