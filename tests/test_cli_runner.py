@@ -236,7 +236,10 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
 
     out = tmp_path / "t"
     cmd = [sys.executable, "-m", "l2bn", "train", "--epochs", "40", "--out", str(out), *FAST]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell that runs the suite in the background starts it with SIGINT ignored, and Python then raises no
+    # KeyboardInterrupt: give the child the default handler, as a terminal would
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     metrics = out / "metrics.jsonl"
     while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text()):
