@@ -18,7 +18,6 @@ matrix of each norm summed over seeds and devices, rows normalised to the true c
 from __future__ import annotations
 
 import csv
-import json
 import os
 import textwrap
 from dataclasses import dataclass
