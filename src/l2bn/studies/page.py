@@ -127,7 +127,7 @@ def _wall(record: dict) -> str:
     status = record.get("status", "finished")  # records written before statuses were kept were final
     if status == "finished":
         return _hours(record["wall_seconds"])
-    ended = {"running": "ended without a final record (killed?)", "interrupted": "interrupted (Ctrl-C)",
+    ended = {"running": "no final record: still running, or killed", "interrupted": "interrupted (Ctrl-C)",
              "error": "stopped by an error"}.get(status, status)
     return f"≥ {_hours(record['wall_seconds'])}, {ended}"
 
