@@ -1,6 +1,7 @@
 """The studies of docs/results/: statistics against independent formulas, the catalog's sizing, and a one-epoch
 miniature of every study's command on real Fashion-MNIST images (skipped where the data set is absent)."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from l2bn.data import vision
 from l2bn.studies import (SECTIONS, STUDIES, StudyOverrides, bootstrap_interval, compare_groups,
                           estimate_seconds, get_study, load_study_runs, run_study, study_command, welch_t_test)
 from l2bn.studies.catalog import ZOO
-from l2bn.studies.run import environment_records
+from l2bn.studies.run import code_version, environment_records
 
 # ------------------------------------------------------------------------------------------- statistics
 
@@ -178,6 +179,7 @@ def test_the_command_runs_two_jobs_with_the_records_of_one_and_rebuilds_a_page_w
     assert main(args) == 0  # --jobs 2 (the default): two single-thread processes
     [record] = environment_records(get_study("placement"), tmp_path)  # kept current as each parallel run ended
     assert record["runs_trained"] == 2 and record["status"] == "finished" and record["jobs"] == 2
+    assert record["code"] == code_version() and record["code"]  # the commit (or version) that trained them
     alone = run_study("placement", tmp_path / "one-job", data_dir=str(mini_fashion), jobs=1, progress=False,
                       overrides=StudyOverrides(epochs=1, train_subset=128, seeds=(121,), only=("all",)))
     rel = alone.trained[0].relative_to(tmp_path / "one-job")
@@ -226,6 +228,23 @@ def test_an_interrupted_invocation_keeps_its_record_of_the_runs_it_finished(mini
     assert second["invocation"] != first["invocation"]
     page = result.page.read_text()
     assert "interrupted (Ctrl-C)" in page and "Runs finished: 2 of 2 planned" in page
+
+
+def test_code_version_names_the_commit_and_local_changes(tmp_path, monkeypatch):
+    import subprocess
+
+    import l2bn
+    from l2bn import __version__
+
+    version = code_version()
+    root = Path(l2bn.__file__).resolve().parents[2]  # src/l2bn/__init__.py -> the checkout
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI's clone, a developer's): the commit, and whether src/ differs
+        assert version.split("+")[0] == head.stdout.strip()
+    else:
+        assert version == f"l2bn {__version__}"
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("git")))
+    assert code_version() == f"l2bn {__version__}"  # no git: the package version
 
 
 def test_the_command_refuses_unknown_names_before_any_work(tmp_path, capsys):

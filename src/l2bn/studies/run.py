@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import uuid
@@ -70,6 +71,24 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def code_version() -> str:
+    """The code that trains: the git commit of the checkout l2bn runs from, with ``+changes`` when its ``src/``
+    differs from that commit; the package version when it is not a git checkout."""
+    from .. import __version__
+
+    root = Path(__file__).resolve().parents[3]
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+
+        commit = git("rev-parse", "--short=12", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "src")
+    except (OSError, subprocess.SubprocessError):
+        return f"l2bn {__version__}"
+    return commit + ("+changes" if changed else "")
+
+
 def _environment(command: str, jobs: int) -> dict:
     from ..functional import IMPL_ENV_VAR
 
@@ -79,7 +98,7 @@ def _environment(command: str, jobs: int) -> dict:
         "command": command, "jobs": jobs, "threads": THREADS_PER_RUN,
         "cpu": _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
         "python": platform.python_version(), "l2bn_impl": os.environ.get(IMPL_ENV_VAR) or "auto",
-        "runs_trained": 0, "wall_seconds": 0.0, "status": "running",
+        "runs_trained": 0, "wall_seconds": 0.0, "status": "running", "code": code_version(),
     }
 
 
