@@ -12,13 +12,10 @@ import torch.distributed as dist
 from lightning.pytorch.plugins import LayerSync
 from torch import nn
 
-from .convert import rebuild_norm, swap_modules
+from .convert import BN_TO_L2BN, rebuild_norm, swap_modules
 from .distributed import convert_sync_l2bn, revert_sync_l2bn
 
 __all__ = ["SyncL2BN"]
-
-_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
 
 class SyncL2BN(LayerSync):
     """Synchronise L2BN (as :class:`l2bn.SyncL2BatchNorm`) and plain BatchNorm (as ``nn.SyncBatchNorm``) layers
@@ -51,7 +48,7 @@ class SyncL2BN(LayerSync):
         model = convert_sync_l2bn(model, self.process_group)
 
         def plain_bn(name: str, child: nn.Module) -> nn.Module | None:
-            if type(child) not in _PLAIN_BN:
+            if type(child) not in BN_TO_L2BN:  # exactly nn.BatchNorm{1,2,3}d
                 return None
             self._plain_types[name] = type(child)
             return nn.SyncBatchNorm.convert_sync_batchnorm(child, self.process_group)

@@ -126,10 +126,10 @@ def _mean_and_centred_sumsq(x: Tensor, workspace: Tensor | None = None) -> tuple
     centred = torch.sub(rows, mean.unsqueeze(-1), out=_rows_view(workspace))
     if rows.shape[-1] == 1:
         return mean, torch.zeros_like(mean, dtype=stats)
-    if stats != acc:  # float64 squares: no finite float32 value overflows them
+    # contiguous rows: the norm kernel is the fastest single read; float64 statistics: its squares, taken in
+    # float64, cannot overflow for any finite float32 value
+    if centred.stride(-1) == 1 or stats != acc:
         return mean, torch.linalg.vector_norm(centred, dim=-1, dtype=stats).square_()
-    if centred.stride(-1) == 1:  # contiguous rows: the norm kernel is the fastest single read
-        return mean, torch.linalg.vector_norm(centred, dim=-1).square_()
     # strided rows (channels_last): norm kernels do not vectorise; square a private temporary in place
     squares = centred.square() if workspace is not None else centred.square_()
     return mean, squares.sum(dim=-1)

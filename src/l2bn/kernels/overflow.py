@@ -46,16 +46,22 @@ def check_sample_norms(x: Tensor, norm: Tensor) -> None:
         raise SampleOverflow(MESSAGE)
 
 
+def huge_sample_factors(magnitude: Tensor, to_exponent: int) -> Tensor:
+    """Per sample, 1 where ``magnitude`` (N,) is below 2^32 or not finite; else the power of two that brings it
+    into [2^(to_exponent − 1), 2^to_exponent) — an exact factor, which no sample below 2^32 ever gets."""
+    exponent = torch.frexp(magnitude).exponent  # magnitude = mantissa·2^exponent, mantissa in [0.5, 1)
+    huge = torch.isfinite(magnitude) & (magnitude >= _RESCALE_FROM)
+    one = torch.ones_like(magnitude)
+    return torch.where(huge, torch.ldexp(one, to_exponent - exponent), one)
+
+
 def rescale_huge_samples(x: Tensor) -> Tensor:
     """x with every finite sample of max |x_n| ≥ 2^32 multiplied by the power of two that brings its max into
     [2^15, 2^16) (exact, so only values below the rescaled type's range change); other samples as they are."""
     with torch.no_grad():
         acc = torch.promote_types(x.dtype, torch.float32)
         amax = torch.amax(x.detach().abs(), dim=tuple(range(1, x.dim()))).to(acc)
-        exponent = torch.frexp(amax).exponent  # amax = mantissa·2^exponent, mantissa in [0.5, 1)
-        huge = torch.isfinite(amax) & (amax >= _RESCALE_FROM)
-        one = torch.ones_like(amax)
-        factor = torch.where(huge, torch.ldexp(one, _RESCALE_TO_EXPONENT - exponent), one)
+        factor = huge_sample_factors(amax, _RESCALE_TO_EXPONENT)
     return x * factor.to(x.dtype).view((-1,) + (1,) * (x.dim() - 1))
 
 

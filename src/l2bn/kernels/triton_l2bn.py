@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .algebra import channel_statistics, input_gradient, output_coefficients, update_running_stats
 from .fused import _rows, _rows_view, accumulation_dtype
+from .overflow import huge_sample_factors
 
 try:
     import triton
@@ -134,9 +135,10 @@ if TRITON_AVAILABLE:
 
         The dot product is taken about K — the row's first value (WITH_MOMENTS) or the given centre rounded to
         the compute dtype — chunk by chunk, x and K first scaled like ``_chan_merge``'s values (SCALED, by the
-        power of two of the larger of max |x| and |K|), and moved to the centre at the end: Σ dy·(x − c) = Σ dy·(x − K) − (c − K)·Σ dy. WITH_MOMENTS: no
-        centre is given; the same read also yields the mean m (the centre) and Σ (x − m)² exactly as
-        ``_moments_kernel`` computes them (same chunks, same merge).
+        power of two of the larger of max |x| and |K|), and moved to the centre at the end:
+        Σ dy·(x − c) = Σ dy·(x − K) − (c − K)·Σ dy. WITH_MOMENTS: no centre is given; the same read also yields
+        the mean m (the centre) and Σ (x − m)² exactly as ``_moments_kernel`` computes them (same chunks, same
+        merge).
         """
         n = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -334,14 +336,6 @@ def affine_triton(
     return out
 
 
-def huge_sample_factor(norm: Tensor) -> Tensor:
-    """Per sample, 2^-e for a finite ‖x_n‖ = m·2^e ≥ 2^32 (m in [0.5, 1)), else 1: x_n·2^-e has norm below 1,
-    so the input gradient's x-term, (x_n·2^-e)·(Q·2^e), stays in float32's range where Q (~1/‖x_n‖²) would not."""
-    one = torch.ones_like(norm)
-    huge = torch.isfinite(norm) & (norm >= 2.0**32)
-    return torch.where(huge, torch.ldexp(one, -torch.frexp(norm).exponent), one)
-
-
 class TritonL2BatchNorm(torch.autograd.Function):
     """L2BN through the Triton kernels; returns (y, μ, σ²) like :class:`l2bn.kernels.fused.FusedL2BatchNorm`
     (μ, σ² for the running-statistics update, not differentiable; the running ones in evaluation mode)."""
@@ -376,7 +370,9 @@ class TritonL2BatchNorm(torch.autograd.Function):
             invstd=invstd, weight=weight, spatial_size=spatial, count=x.shape[0] * spatial, l2_eps=ctx.l2_eps,
         )
         acc = accumulation_dtype(x.dtype)
-        factor = huge_sample_factor(norm)  # 1 but for huge samples: keeps the x-term in range
+        # 1 but for huge samples, whose x·factor has norm in [0.5, 1): the x-term (x·factor)·(Q/factor) stays in
+        # float32's range where Q (~1/‖x_n‖²) itself would underflow
+        factor = huge_sample_factors(norm, 0)
         dx = affine_triton(torch.empty_like(x), dy, grad.dy_coef.to(acc), grad.shift.to(acc), v=x,
                            q=(grad.x_coef / factor[:, None]).to(acc), v_factor=factor.to(acc))
         param_dtype = weight.dtype if weight is not None else acc
@@ -426,7 +422,6 @@ __all__ = [
     "TritonL2BatchNorm",
     "affine_triton",
     "gradient_sums_triton",
-    "huge_sample_factor",
     "INTERPRETED",
     "moments_and_gradient_sums_triton",
     "l2_batch_norm_triton",
