@@ -85,6 +85,23 @@ def test_resume_after_interruption_is_identical(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_loader_workers_is_identical(tmp_path):
+    """Worker processes draw the augmentation (random crops here): a resumed run's workers must draw what an
+    uninterrupted run's would, so they are seeded from (seed, epoch) every epoch."""
+    recipe = quick(epochs=3, metrics_every=3)
+
+    def go(name, resume=False, stop_after=None):
+        config = TrainConfig(out=str(tmp_path / name), norm="l2bn", recipe=recipe, progress=False, workers=2,
+                             resume=resume)
+        train(config, model_fn=tiny, data=DIGITS, log=lambda m: None, stop_after=stop_after)
+        return tmp_path / name
+
+    full = go("full")
+    go("part", stop_after=1)
+    part = go("part", resume=True)
+    assert (part / "metrics.jsonl").read_bytes() == (full / "metrics.jsonl").read_bytes()
+
+
 def test_existing_run_needs_resume_and_same_experiment(tmp_path):
     run(tmp_path, stop_after=1)
     with pytest.raises(FileExistsError, match="--resume"):
@@ -352,7 +369,7 @@ def test_resume_refuses_a_foreign_last_checkpoint(tmp_path):
         train(config, model_fn=tiny, data=DIGITS, log=lambda m: None)
 
 
-def test_data_loaders_are_built_once_per_run_with_persistent_workers(tmp_path, monkeypatch):
+def test_data_loaders_are_built_once_per_run_with_epoch_seeded_training_workers(tmp_path, monkeypatch):
     from l2bn.train import engine
 
     built = []
@@ -363,8 +380,10 @@ def test_data_loaders_are_built_once_per_run_with_persistent_workers(tmp_path, m
     built.clear()
     config = TrainConfig(out=str(tmp_path / "w"), norm="bn", recipe=quick(epochs=2), progress=False, workers=1)
     state = engine.setup(config, engine.DistEnv(), engine.RunDir(config.out), tiny, DIGITS, print)
-    assert len(built) == 3 and all(kw["persistent_workers"] for kw in built)
-    assert state.train_loader.persistent_workers and not (tmp_path / "w").exists()  # set-up writes nothing
+    # the training loader's workers restart each epoch (seeded from it); the evaluation loaders' persist
+    assert len(built) == 3 and [kw["persistent_workers"] for kw in built] == [False, True, True]
+    assert state.train_loader.generator is state.shuffle_generators[1]
+    assert state.test_loader.persistent_workers and not (tmp_path / "w").exists()  # set-up writes nothing
 
 
 def test_a_busy_run_folder_is_refused(tmp_path):

@@ -113,7 +113,7 @@ def _add_experiment_options(p: argparse.ArgumentParser) -> None:
     e.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None, help="autocast dtype")
     e.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     e.add_argument("--compile", action="store_true", help="torch.compile the model")
-    e.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (persistent over a run)")
+    e.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (training: started each epoch, seeded from it)")
     e.add_argument("--threads", type=int, default=None,
                    help="intra-op CPU threads (torch.set_num_threads); default: 1 for digits on CPU, else torch's "
                    "default (compare --jobs N splits them between the jobs)")

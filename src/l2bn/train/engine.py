@@ -12,8 +12,9 @@ train centers, IIR train = intra_train / inter and IIR test = intra_test / inter
 
 Reproducibility: the global RNG and the shuffling generators are re-seeded from (seed, epoch) at the start
 of every epoch, and the model, optimiser, scheduler and scaler states are checkpointed after every epoch,
-so a resumed run continues bit-for-bit like an uninterrupted one on a deterministic device (CPU, with
-``workers=0``: worker processes persist over a run and keep their own augmentation RNG).
+so a resumed run continues bit-for-bit like an uninterrupted one on a deterministic device (CPU), with any
+``workers``: the training loader's worker processes, which draw the augmentation, start afresh each epoch
+seeded from that epoch's loader generator (the evaluation loaders, which draw nothing, keep theirs).
 """
 from __future__ import annotations
 
@@ -269,13 +270,14 @@ def _shard(dataset: Dataset, env: DistEnv) -> Dataset:
     return Subset(dataset, range(env.rank, len(dataset), env.world_size))
 
 
-def _loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device, **kw) -> DataLoader:
+def _loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device, persistent: bool = True,
+            **kw) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
+        persistent_workers=persistent and workers > 0,
         **kw,
     )
 
@@ -482,8 +484,9 @@ def setup(config: TrainConfig, env: DistEnv, run: RunDir, model_fn: ModelFn | No
         model = torch.compile(model)
     state = RunState(
         config, env, run, data, net, model, optimizer, scheduler, scaler,
-        train_loader=_loader(data.train, local_batch, config.workers, device, sampler=sampler, drop_last=True,
-                             generator=generators[1]),
+        # not persistent: each epoch's workers take their RNG seeds from generators[1], re-seeded per epoch
+        train_loader=_loader(data.train, local_batch, config.workers, device, persistent=False, sampler=sampler,
+                             drop_last=True, generator=generators[1]),
         test_loader=_loader(_shard(data.test, env), eval_batch, config.workers, device),
         train_eval_loader=_loader(_shard(data.train_eval, env), eval_batch, config.workers, device),
         shuffle_generators=generators, steps_per_epoch=steps_per_epoch, say=say,
