@@ -288,6 +288,7 @@ def test_compiled_kernel_refuses_batched_gradients_with_a_pointer():
 
 # --- layer API -------------------------------------------------------------------------------------------
 
+@pytest.mark.needs_batchnorm_bias
 def test_bias_false_like_batchnorm_and_round_trip():
     layer = l2bn.L2BatchNorm2d(5, bias=False)
     bn = nn.BatchNorm2d(5, bias=False)

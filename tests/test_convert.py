@@ -91,6 +91,7 @@ def test_sync_batchnorm_converts_to_sync_l2bn_and_back():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.needs_batchnorm_bias
 def test_bias_false_round_trips():
     model = nn.Sequential(nn.BatchNorm2d(4, bias=False), nn.BatchNorm1d(3, bias=False))
     l2bn.convert_to_l2bn(model)

@@ -432,6 +432,7 @@ def test_torch_convert_sync_batchnorm_would_drop_l2bn():
     assert type(convert_sync_l2bn(nn.Sequential(L2BatchNorm2d(3)))[0]) is SyncL2BatchNorm
 
 
+@pytest.mark.needs_batchnorm_bias
 def test_convert_sync_round_trip_keeps_bias_false():
     model = l2bn.convert_sync_l2bn(nn.Sequential(l2bn.L2BatchNorm2d(4, bias=False)))
     assert type(model[0]) is l2bn.SyncL2BatchNorm and model[0].bias is None

@@ -213,6 +213,7 @@ def test_every_norm_trains_inside_a_resnet(name):
         assert torch.isfinite(net(x)).all()
 
 
+@pytest.mark.needs_batchnorm_bias
 def test_ablation_layers_take_batchnorms_bias_keyword():
     from l2bn.norms import INBatchNorm, LNBatchNorm, PNBatchNorm
 

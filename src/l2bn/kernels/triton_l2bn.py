@@ -156,6 +156,11 @@ if TRITON_AVAILABLE:
         sumsq = tl.zeros([BLOCK_C], dtype=tl.float64)
         dy_sum = tl.zeros([BLOCK_C], dtype=tl.float64)
         dy_dot = tl.zeros([BLOCK_C], dtype=tl.float64)
+        # Float64 input (not SCALED) adds whole tiles and reduces them once after the loop: a per-chunk sum
+        # added straight into a float64 accumulator that is read twice after the loop fails an assertion
+        # (loopResult.hasOneUse) in the OptimizeThreadLocality pass of Triton 3.4-3.6.
+        dy_tile = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
+        dot_tile = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
         for start in range(0, M, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
             m_ok = offs_m < M
@@ -166,11 +171,15 @@ if TRITON_AVAILABLE:
                 s, inv = _pow2_scale(tl.maximum(tl.max(tl.abs(v), axis=1), tl.abs(anchor)))
                 d = tl.where(mask, v * s[:, None] - (anchor * s)[:, None], 0.0)
                 dy_dot += tl.sum(g * d, axis=1).to(tl.float64) * inv.to(tl.float64)
+                dy_sum += tl.sum(g, axis=1).to(tl.float64)
             else:
-                dy_dot += tl.sum(g * tl.where(mask, v - anchor[:, None], 0.0), axis=1)
-            dy_sum += tl.sum(g, axis=1).to(tl.float64)
+                dot_tile += g * tl.where(mask, v - anchor[:, None], 0.0)
+                dy_tile += g
             if WITH_MOMENTS:
                 count, mean, sumsq = _chan_merge(v, mask, m_ok, count, mean, sumsq, SCALED)
+        if not SCALED:
+            dy_dot = tl.sum(dot_tile, axis=1)
+            dy_sum = tl.sum(dy_tile, axis=1)
         if WITH_MOMENTS:
             centre = mean
             tl.store(mean_ptr + rows, mean, mask=c_ok)
