@@ -188,6 +188,23 @@ class _Killed(BaseException):
     """Stands for an interruption (KeyboardInterrupt, SIGTERM) in the middle of an extraction."""
 
 
+def test_extraction_workers_use_one_blas_thread(tau, tmp_path, monkeypatch):
+    """Each worker process computes one clip at a time: numpy's BLAS must not add threads of its own (two
+    2-thread workers on 2 cores ran slower than one serial process). The forked workers write what they see."""
+    from threadpoolctl import threadpool_info
+
+    split = audio.read_split(tau, "train")
+    shape = audio._read_clip(tau / split.files[0], SMALL).shape
+
+    def blas_threads(path, params):
+        threads = max((p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"), default=1)
+        return np.full(shape, threads, dtype=np.float32)
+
+    monkeypatch.setattr(audio, "_read_clip", blas_threads)
+    folder = audio.extract_split(split, SMALL, tmp_path / "cache", workers=2, chunk=3)
+    assert np.all(np.load(folder / "logmel.npy") == 1)
+
+
 def test_interrupted_extraction_resumes_with_the_missing_clips(tau, tmp_path, monkeypatch):
     cache, calls, killed = tmp_path / "cache", [], []
     real = audio._read_clip
