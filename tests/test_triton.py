@@ -422,6 +422,19 @@ def test_sqrt_d_rescaling_off(tk):
         torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_interpreter_flag_read_without_triton_knobs(monkeypatch):
+    """Triton before 3.4 has no ``triton.knobs`` (torch 2.7 ships 3.3): the module must still import and read
+    TRITON_INTERPRET, as those releases' ``triton.jit`` does."""
+    module = importlib.import_module(MODULE)
+    monkeypatch.delattr(module.triton, "knobs", raising=False)
+    for value, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert module._interpret_requested() is expected
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert module._interpret_requested() is False
+
+
 AOT_COMPILE = """
 import triton
 from triton.backends.compiler import GPUTarget

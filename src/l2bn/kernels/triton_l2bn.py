@@ -26,6 +26,7 @@ Triton's interpreter (``INTERPRETED``); that is how the tests exercise them on m
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import torch
@@ -43,8 +44,19 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = None
 
 TRITON_AVAILABLE = triton is not None
+
+
+def _interpret_requested() -> bool:
+    """Whether ``triton.jit`` builds interpreted kernels: its ``knobs`` (triton >= 3.4), else the environment
+    variable older releases read."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 # Triton fixes compiled vs interpreted when it decorates a kernel, i.e. when this module is imported.
-INTERPRETED = TRITON_AVAILABLE and bool(triton.knobs.runtime.interpret)
+INTERPRETED = TRITON_AVAILABLE and _interpret_requested()
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Elements per program tile: reductions keep two accumulators per element, so they use smaller tiles.
