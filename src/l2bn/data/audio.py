@@ -276,7 +276,7 @@ def _open_output(features_path: str, root: str, files: Sequence[str], params: Fe
 
 def _worker_init(*args) -> None:
     # One clip per process at a time: the parallelism is across processes. numpy's BLAS threads too (librosa's
-    # mel projection): two 2-thread workers on 2 cores ran 30 % slower than one serial process.
+    # mel projection): two 2-thread workers on 2 cores ran slower than one serial process.
     torch.set_num_threads(1)
     threadpoolctl.threadpool_limits(1)
     _open_output(*args)
