@@ -374,7 +374,7 @@ def test_compare_one_epoch_end_to_end_with_device_table_and_confusion(tmp_path, 
 
 def test_tau2020_run_resumes_exactly_under_bf16_and_channels_last(tmp_path, monkeypatch):
     from l2bn.models import create_model
-    from l2bn.train.engine import TrainConfig, train
+    from l2bn.train import TrainConfig, train
     from l2bn.train.recipes import get_recipe
 
     tiny = audio.FeatureParams(sample_rate=8000, duration=0.25, n_fft=256, hop_length=64, n_mels=16)
@@ -406,7 +406,7 @@ TINY = audio.FeatureParams(sample_rate=8000, duration=0.25, n_fft=256, hop_lengt
 def _ddp_worker(rank: int, port: int, data_dir: str, out: str) -> None:
     import os
 
-    from l2bn.train.engine import TrainConfig, train
+    from l2bn.train import TrainConfig, train
     from l2bn.train.recipes import get_recipe
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
@@ -425,7 +425,7 @@ def test_ddp_two_ranks_extract_once_and_reduce_the_device_confusion(tmp_path, mo
 
     import torch.multiprocessing as mp
 
-    from l2bn.train.engine import analyze_checkpoint
+    from l2bn.train import analyze_checkpoint
 
     write_tau2020(tmp_path / "data")
     with socket.socket() as s:

@@ -130,7 +130,7 @@ def test_placement_flag_reaches_the_model(tmp_path, capsys):
     import torch.nn as nn
 
     from l2bn import L2BatchNorm2d
-    from l2bn.train.engine import build_model
+    from l2bn.train.model import build_model
 
     out = tmp_path / "p"
     argv = ["train", "--norm", "l2bn", "--placement", "stage1", "--epochs", "1", "--out", str(out), *FAST]
@@ -196,12 +196,12 @@ def test_bad_values_are_refused_before_any_work(tmp_path, monkeypatch, capsys, a
 def test_read_only_out_is_refused(tmp_path, monkeypatch, capsys):
     import os
 
-    from l2bn.train import engine
+    from l2bn.train import rundir
 
     locked = tmp_path / "ro"
     locked.mkdir()
     real = os.access
-    monkeypatch.setattr(engine.os, "access", lambda p, mode: False if str(p) == str(locked) else real(p, mode))
+    monkeypatch.setattr(rundir.os, "access", lambda p, mode: False if str(p) == str(locked) else real(p, mode))
     assert main(["train", "--out", str(locked / "run"), "--epochs", "1", *FAST]) == 1
     assert f"{locked} is read-only" in capsys.readouterr().err and list(locked.iterdir()) == []
 

@@ -1,4 +1,4 @@
-"""l2bn.train.compare: the grid as a library call — failures recorded and skipped, busy runs, another
+"""l2bn.train.compare (l2bn.train.grid): the grid as a library call — failures recorded and skipped, busy runs, another
 experiment in the folder, --jobs giving the sequential records, --train-subset, identity-based reports."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from l2bn import report
 from l2bn.data import build_data
 from l2bn.data.subset import stratified_indices, stratified_subset
-from l2bn.train import RunDir, TrainConfig, compare, engine
+from l2bn.train import RunDir, TrainConfig, compare, engine, report
 from l2bn.train.recipes import get_recipe
+from nan_injection import NaNAfter
 
 torch.set_num_threads(1)
 
@@ -29,15 +29,14 @@ def quiet(msg: str) -> None:
 
 def _diverge(monkeypatch, norm: str, seed: int) -> None:
     """Make exactly the (norm, seed) run produce a NaN loss at epoch 1, step 2."""
-    real = engine._forward_loss
+    real = engine.train_one_epoch
 
-    def forward_loss(state, x, y, criterion, mixup):
-        logits, loss = real(state, x, y, criterion, mixup)
-        if (state.config.norm, state.config.seed) == (norm, seed) and state.scheduler.last_epoch == 1:
-            loss = loss * float("nan")
-        return logits, loss
+    def train_one_epoch(state, epoch, progress):
+        if (state.config.norm, state.config.seed, epoch) == (norm, seed, 1):
+            state.model = NaNAfter(state.model, 2)  # NaN from the first epoch's second step on
+        return real(state, epoch, progress)
 
-    monkeypatch.setattr(engine, "_forward_loss", forward_loss)
+    monkeypatch.setattr(engine, "train_one_epoch", train_one_epoch)
 
 
 def test_a_failed_run_does_not_stop_the_grid_and_is_not_retried_unless_asked(tmp_path, monkeypatch):

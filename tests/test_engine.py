@@ -14,8 +14,9 @@ import torch.nn as nn
 
 from l2bn.data import build_data
 from l2bn.norms import get_norm_layer
-from l2bn.train.engine import NonFiniteLossError, TrainConfig, analyze_checkpoint, evaluate, train
+from l2bn.train import NonFiniteLossError, TrainConfig, analyze_checkpoint, evaluate, train
 from l2bn.train.recipes import get_recipe
+from nan_injection import NaNAfter
 
 torch.set_num_threads(1)
 DIGITS = build_data("digits")
@@ -109,22 +110,6 @@ def test_existing_run_needs_resume_and_same_experiment(tmp_path):
     config = TrainConfig(out=str(tmp_path / "run"), norm="bn", recipe=quick(), progress=False, resume=True)
     with pytest.raises(ValueError, match="norm: checkpoint 'l2bn' vs now 'bn'"):
         train(config, model_fn=tiny, data=DIGITS, log=lambda m: None)
-
-
-class NaNAfter(nn.Module):
-    """Wraps a model and returns NaN logits from the ``k``-th training forward on."""
-
-    def __init__(self, inner: nn.Module, k: int) -> None:
-        super().__init__()
-        self.inner, self.k, self.calls = inner, k, 0
-
-    def forward(self, x):
-        out = self.inner(x)
-        if self.training:
-            self.calls += 1
-            if self.calls >= self.k:
-                return out * float("nan")
-        return out
 
 
 def test_nonfinite_loss_stops_naming_epoch_and_step(tmp_path):
@@ -370,11 +355,11 @@ def test_resume_refuses_a_foreign_last_checkpoint(tmp_path):
 
 
 def test_data_loaders_are_built_once_per_run_with_epoch_seeded_training_workers(tmp_path, monkeypatch):
-    from l2bn.train import engine
+    from l2bn.train import engine, loaders
 
     built = []
-    real = engine.DataLoader
-    monkeypatch.setattr(engine, "DataLoader", lambda *a, **kw: (built.append(kw), real(*a, **kw))[1])
+    real = loaders.DataLoader
+    monkeypatch.setattr(loaders, "DataLoader", lambda *a, **kw: (built.append(kw), real(*a, **kw))[1])
     run(tmp_path, recipe=quick(epochs=3, metrics_every=1))
     assert len(built) == 3 and all(not kw["persistent_workers"] for kw in built)  # train, test, train-eval
     built.clear()
@@ -517,24 +502,24 @@ def test_ubn_gate_state_is_logged_every_epoch_and_absent_for_other_norms(tmp_pat
     model = tiny(10, 1, "ubn")
     model.load_state_dict(torch.load(tmp_path / "ubn" / "last.pt", weights_only=True)["model"])
     assert recs[-1]["ubn_condensation"] == pytest.approx(model[1].running_condensation.item())
-    assert sum("UBN m " in line for line in lines) == len(recs)
+    assert sum(" ubn_condensation " in line and " ubn_gated " in line for line in lines) == len(recs)
     _, out = run(tmp_path, "bn", norm="bn")
     assert all("ubn_condensation" not in r for r in records(out))
 
 
 def test_sync_conversion_of_plain_bn_leaves_l2bn_alone():
     from l2bn import L2BatchNorm2d
-    from l2bn.train.engine import _convert_plain_bn_to_sync
+    from l2bn.train.ddp import convert_plain_bn_to_sync
 
     net = nn.Sequential(nn.BatchNorm2d(4), nn.Sequential(L2BatchNorm2d(4), nn.BatchNorm1d(3)))
-    net = _convert_plain_bn_to_sync(net)
+    net = convert_plain_bn_to_sync(net)
     assert [type(m) for m in (net[0], net[1][0], net[1][1])] == [nn.SyncBatchNorm, L2BatchNorm2d, nn.SyncBatchNorm]
 
 
 # ------------------------------------------------------------------------ acoustic-scene recipe pieces
 def test_conv_only_weight_decay_groups_and_sgd_step():
     from l2bn.models import create_model
-    from l2bn.train.engine import conv_weight_decay_groups
+    from l2bn.train.optim import conv_weight_decay_groups
 
     model = create_model("fcnn", num_classes=10, widths=(4, 8, 8))
     groups = conv_weight_decay_groups(model, 2e-3)
@@ -552,14 +537,14 @@ def test_conv_only_weight_decay_groups_and_sgd_step():
 
 
 def test_mixup_per_sample_matches_the_formula():
-    from l2bn.train.engine import _mixup_per_sample
+    from l2bn.train.mixup import mixup_per_sample
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5)).double()
     x, y = torch.randn(6, 3, 2, 2, dtype=torch.float64), torch.randint(0, 5, (6,))
     beta = torch.distributions.Beta(0.4, 0.4)
     torch.manual_seed(7)
-    logits, loss = _mixup_per_sample(model, x, y, nn.CrossEntropyLoss(), beta)
+    logits, loss = mixup_per_sample(model, x, y, nn.CrossEntropyLoss(), beta)
     torch.manual_seed(7)
     lam, perm = beta.sample((6,)).double(), torch.randperm(6)
     assert len(set(lam.tolist())) == 6  # one λ per sample

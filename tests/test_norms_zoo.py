@@ -160,7 +160,7 @@ def test_trainer_uses_gate_groups_and_clips_gates(tmp_path, monkeypatch):
     torch.set_num_threads(1)  # a tiny model: one thread is many times faster on a shared CPU
     try:
         ckpt = run("clipped")
-        monkeypatch.setattr(engine, "_gate_clipper", lambda model: (lambda: None))
+        monkeypatch.setattr(engine, "gate_clipper", lambda model: (lambda: None))
         unclipped = run("unclipped")["model"]["1.gate"]
     finally:
         torch.set_num_threads(threads)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from l2bn.train.engine import lr_factor
+from l2bn.train.optim import lr_factor
 from l2bn.train.recipes import PAPER_SEEDS, RECIPES, default_recipe_name, get_recipe, list_recipes, warm_restart_factor
 
 

@@ -8,7 +8,7 @@ import statistics
 import pytest
 from PIL import Image
 
-from l2bn import report
+from l2bn.train import report
 
 KEYS = ("intra_train", "intra_test", "inter", "iir_train", "iir_test")
 

@@ -10,8 +10,11 @@ import sys
 import torch
 
 from ..data import list_datasets
-from ..train.compare import compare
-from ..train.engine import AMP_DTYPES, TrainConfig, analyze_checkpoint, check_device, train
+from ..train.analyze import analyze_checkpoint
+from ..train.config import AMP_DTYPES, TrainConfig
+from ..train.ddp import check_device
+from ..train.engine import train
+from ..train.grid import compare
 from ..train.recipes import SCHEDULES, WEIGHT_DECAY_SCOPES, Recipe, default_recipe_name, get_recipe, list_recipes
 from ..train.rundir import ANGLE_KEYS
 

@@ -88,10 +88,15 @@ def auto_impl(input: Tensor) -> str:
     return "cpp" if prefers_cpp(input) else "fused"
 
 
+def impl_setting() -> str:
+    """The implementation chosen from the environment: ``$L2BN_IMPL`` as set (unset or empty: ``"auto"``)."""
+    return os.environ.get(IMPL_ENV_VAR) or "auto"
+
+
 def impl_name(impl: str | None, input: Tensor) -> str:
     """The implementation that runs: the reference for empty inputs and under aten tracers, else the
     ``impl`` argument, else ``$L2BN_IMPL``, else the fastest for ``input`` (``auto``)."""
-    name = (impl if impl is not None else os.environ.get(IMPL_ENV_VAR, "auto")).lower()
+    name = (impl if impl is not None else impl_setting()).lower()
     if name != "auto" and name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown L2BN implementation {name!r}; expected one of {['auto', *IMPLEMENTATIONS]}")
     if aten_tracer(input) is not None or input.numel() == 0:

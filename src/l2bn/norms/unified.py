@@ -17,6 +17,8 @@ DWConv_k is a depthwise k×k convolution with bias (``affine_conv``); with ``aff
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -141,6 +143,16 @@ class _UnifiedBatchNorm(nn.Module):
 
     def _check_input_dim(self, input: Tensor) -> None:
         raise NotImplementedError
+
+    @staticmethod
+    def epoch_summary(layers: Sequence[_UnifiedBatchNorm]) -> dict[str, float]:
+        """The per-epoch state of a model's UBN ``layers`` (the protocol a training loop collects: one call for
+        all layers sharing this function): mean moving condensation and the fraction of layers gated."""
+        device = layers[0].running_condensation.device
+        values = torch.stack([m.running_condensation.detach().reshape(()).to(device, torch.float64) for m in layers])
+        gated = torch.stack([m.gated.to(device) for m in layers])
+        mean, fraction = torch.stack([values.mean(), gated.double().mean()]).tolist()
+        return {"ubn_condensation": mean, "ubn_gated": fraction}
 
     @property
     def gated(self) -> Tensor:
@@ -272,10 +284,4 @@ def condensation_summary(model: nn.Module) -> dict[str, float]:
     read for all layers, so it suits a per-epoch log.
     """
     layers = [m for m in model.modules() if isinstance(m, _UnifiedBatchNorm)]
-    if not layers:
-        return {}
-    device = layers[0].running_condensation.device
-    values = torch.stack([m.running_condensation.detach().reshape(()).to(device, torch.float64) for m in layers])
-    gated = torch.stack([m.gated.to(device) for m in layers])
-    mean, fraction = torch.stack([values.mean(), gated.double().mean()]).tolist()
-    return {"ubn_condensation": mean, "ubn_gated": fraction}
+    return _UnifiedBatchNorm.epoch_summary(layers) if layers else {}

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..train.engine import TrainConfig
+from ..train.config import TrainConfig
 from ..train.recipes import PAPER_SEEDS, Recipe, get_recipe
 
 __all__ = ["CONTENDED_TIMING", "EPOCH_SECONDS", "STEP_RATIO", "STUDY_JOBS", "THREADS_PER_RUN", "Grid", "STUDIES", "Study", "StudyOverrides",

@@ -18,9 +18,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import report
-from ..train.compare import grid_title
-from ..train.engine import TrainConfig
+from ..train import report
+from ..train.config import TrainConfig
+from ..train.report import grid_title
 from ..train.rundir import ANGLE_KEYS, ANGLE_TITLES, RunDir, read_jsonl
 from .catalog import CONTENDED_TIMING, EPOCH_SECONDS, STEP_RATIO, STUDY_JOBS, Study, estimate_seconds
 from .paper import PAPER_CLAIM, PAPER_ROWS, PAPER_SOURCE

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..train.compare import compare
+from ..train.grid import compare
 from ..train.rundir import RunFileError, append_line, write_atomic
 from .catalog import STUDY_JOBS, THREADS_PER_RUN, Study, StudyOverrides, get_study
 

@@ -1,4 +1,5 @@
-"""torch.distributed set-up for ``torchrun … -m l2bn train``: process group, device, rank-0 helpers.
+"""torch.distributed set-up for ``torchrun … -m l2bn train``: process group, device checks, rank-0 helpers and
+the run's ``--sync-bn`` conversion.
 
 Reads the environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``);
 without it everything runs as a single process. NCCL on CUDA, gloo otherwise (so CPU DDP works too).
@@ -10,9 +11,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["DistEnv", "setup_distributed", "cleanup_distributed", "resolve_device", "all_reduce_sum", "barrier"]
+from ..convert import BN_TO_L2BN, swap_modules
+
+__all__ = ["DistEnv", "all_reduce_sum", "barrier", "check_device", "cleanup_distributed", "resolve_device",
+           "setup_distributed", "sync_norms"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,22 @@ def resolve_device(device: str | torch.device | None = "auto", local_rank: int =
     return dev
 
 
+def check_device(device: str) -> torch.device:
+    """The device ``device`` names, if it exists on this machine; else ``ValueError`` naming what is accepted."""
+    try:
+        dev = resolve_device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N, mps ({exc})") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} is not available: this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} is not available on this machine; use 'cpu' or 'auto'")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r} is not supported; accepted: auto, cpu, cuda, cuda:N, mps")
+    return dev
+
+
 def setup_distributed(device: str | torch.device | None = "auto") -> DistEnv:
     """Join the process group described by torchrun's environment (if any) and pick this rank's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -85,3 +106,30 @@ def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+_PLAIN_BN = tuple(BN_TO_L2BN)  # exactly nn.BatchNorm{1,2,3}d, the classes the converters know
+
+
+def convert_plain_bn_to_sync(module: nn.Module, process_group=None) -> nn.Module:
+    """torch SyncBatchNorm for exactly ``nn.BatchNorm{1,2,3}d`` (torch's own converter would also swallow
+    L2BN and other ``_BatchNorm`` subclasses)."""
+    return swap_modules(module, lambda name, m: nn.SyncBatchNorm.convert_sync_batchnorm(m, process_group)
+                        if type(m) in _PLAIN_BN else None)
+
+
+def sync_norms(model: nn.Module, device: torch.device) -> nn.Module:
+    """A run's ``--sync-bn``: L2BN layers become :class:`~l2bn.distributed.SyncL2BatchNorm` (any backend),
+    plain BN layers torch's SyncBatchNorm (CUDA only; elsewhere ``ValueError`` names the first one)."""
+    from ..distributed import convert_sync_l2bn
+
+    model = convert_sync_l2bn(model)
+    plain = [n for n, m in model.named_modules() if type(m) in _PLAIN_BN]
+    if plain:
+        if device.type != "cuda":
+            raise ValueError(
+                f"--sync-bn: torch's SyncBatchNorm (for plain BN layers such as {plain[0]!r}) needs CUDA, got "
+                f"device {device}; L2BN layers synchronise on any backend"
+            )
+        model = convert_plain_bn_to_sync(model)
+    return model

@@ -1,10 +1,10 @@
 """The training loop: one run of (dataset, model, norm, seed, recipe) with checkpoints, resume and metrics.
 
 Split the way torchvision's ``references/classification/train.py`` is: :func:`setup` (data, model,
-optimiser, loaders, resume), :func:`train_one_epoch`, :func:`evaluate` (test loss/accuracy and the paper's
-angle metrics of the classifier-input features, supplementary A), :func:`save_checkpoint` and
-:func:`write_summary`; :func:`train` is the epoch loop over them. Every file goes through
-:class:`~l2bn.train.rundir.RunDir`.
+optimiser, loaders, resume), :func:`train_one_epoch`, :func:`~l2bn.train.evaluate.evaluate` (test
+loss/accuracy and the paper's angle metrics of the classifier-input features, supplementary A),
+:func:`save_checkpoint` and :func:`write_summary`; :func:`train` is the epoch loop over them. Every file goes
+through :class:`~l2bn.train.rundir.RunDir`.
 
 Angle metrics, every ``recipe.metrics_every`` epochs and at the last one: intra-angle of the training data
 against train centers, intra-angle of the test data against the same train centers, inter-angle of the
@@ -19,50 +19,33 @@ seeded from that epoch's loader generator (the evaluation loaders, which draw no
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
-import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from ..convert import BN_TO_L2BN, swap_modules
-from ..data import DataBundle, build_data
-from ..norms.unified import condensation_summary
-from .ddp import DistEnv, all_reduce_sum, barrier, cleanup_distributed, resolve_device, setup_distributed
-from .recipes import Recipe, default_recipe_name, get_recipe, warm_restart_factor
+from ..data import DataBundle
+from ..kernels.dispatch import impl_setting
+from .config import AMP_DTYPES, TrainConfig, check_same_experiment
+from .ddp import DistEnv, all_reduce_sum, barrier, cleanup_distributed, setup_distributed, sync_norms
+from .evaluate import evaluate
+from .loaders import make_loader, prepare_data, shard
+from .mixup import forward_loss
+from .model import ModelFn, build_model, run_model_fn
+from .optim import build_optimizer, gate_clipper
 from .rundir import ANGLE_KEYS, DEVICE_KEYS, EPOCH_KEYS, NORM_STATE_KEYS, RunBusyError, RunDir
 
-__all__ = [
-    "IDENTITY_FIELDS",
-    "NonFiniteLossError",
-    "TrainConfig",
-    "analyze_checkpoint",
-    "build_model",
-    "evaluate",
-    "is_complete",
-    "lr_factor",
-    "train",
-]
+__all__ = ["NonFiniteLossError", "RunState", "build_model", "norm_epoch_state", "save_checkpoint", "setup", "train",
+           "train_one_epoch", "write_summary"]
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-ModelFn = Callable[..., nn.Module]
-# Config fields that define the experiment: resuming with any of them changed is refused, and a finished
-# run counts as done for a grid only if they all match.
-IDENTITY_FIELDS = ("dataset", "model", "norm", "seed", "recipe", "placement", "train_subset", "model_kwargs", "amp",
-                   "channels_last")
 ABSURD_LOSS_FACTOR = 1e6  # a finite loss this many times the first epoch's warns (once a run)
 
 
@@ -74,337 +57,8 @@ class NonFiniteLossError(RuntimeError):
         self.failure = failure
 
 
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x))
-
-
-@dataclass
-class TrainConfig:
-    """Everything one run needs; ``recipe`` defaults to the preset for (dataset, model family).
-
-    ``placement`` puts the norm into named model parts only (the paper's Table 4); ``train_subset=N`` trains
-    on a stratified N-sample subset of the training set (the same one for every seed and norm).
-    """
-
-    dataset: str = "digits"
-    model: str = "resnet20"
-    norm: str = "bn"
-    seed: int = 121
-    out: str = "runs/train"
-    recipe: Recipe | None = None
-    placement: str = "all"
-    train_subset: int | None = None
-    data_dir: str | None = None
-    download: bool = False
-    device: str = "auto"
-    amp: str | None = None
-    channels_last: bool = False
-    compile: bool = False
-    workers: int = 0
-    threads: int | None = None
-    progress: bool | None = None
-    sync_bn: bool = False
-    resume: bool = False
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.recipe is None:
-            self.recipe = get_recipe(default_recipe_name(self.dataset, self.model))
-        elif isinstance(self.recipe, dict):
-            self.recipe = Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.recipe.items()})
-        if self.amp is not None and self.amp not in AMP_DTYPES:
-            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {self.amp!r}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.train_subset is not None and self.train_subset < 1:
-            raise ValueError(f"train_subset must be >= 1 (or None: the whole training set), got {self.train_subset}")
-        if "placement" in self.model_kwargs:
-            raise ValueError("placement is a TrainConfig field, not a model_kwargs entry")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["recipe"] = self.recipe.to_dict()
-        return d
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that define the experiment (:data:`IDENTITY_FIELDS`), as JSON values."""
-        d = self.to_dict()
-        return {k: _jsonable(d[k]) for k in IDENTITY_FIELDS}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """A config from :meth:`to_dict` (also reads older runs that kept placement in ``model_kwargs``)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        kwargs = dict(d.get("model_kwargs") or {})
-        if "placement" in kwargs:
-            d["placement"], d["model_kwargs"] = kwargs.pop("placement"), kwargs
-        return cls(**d)
-
-    def validate(self) -> None:
-        """Check what only matters before running (device, folders); raises ``ValueError`` naming the value."""
-        check_device(self.device)
-        check_out_dir(self.out)
-        if self.data_dir is not None and Path(self.data_dir).exists() and not Path(self.data_dir).is_dir():
-            raise ValueError(f"--data-dir {self.data_dir} is a file; pass the folder holding the dataset")
-
-
-def check_device(device: str) -> torch.device:
-    """The device ``device`` names, if it exists on this machine; else ``ValueError`` naming what is accepted."""
-    try:
-        dev = resolve_device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N, mps ({exc})") from None
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} is not available: this machine has {torch.cuda.device_count()} CUDA "
-                         "device(s)")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"device {device!r} is not available on this machine; use 'cpu' or 'auto'")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {device!r} is not supported; accepted: auto, cpu, cuda, cuda:N, mps")
-    return dev
-
-
-def check_out_dir(out: str | os.PathLike) -> None:
-    """Refuse an output folder that is a file, lies under a file, or cannot be written — before any work."""
-    path = Path(out).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        where = "is" if existing == path else f"lies under {existing}, which is"
-        raise ValueError(f"--out {out} {where} a file; pass a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {existing} is read-only; pass a writable folder")
-
-
-# ------------------------------------------------------------------------------------------------ pieces
-def lr_factor(recipe: Recipe, epoch_progress: float) -> float:
-    """Multiplier of ``recipe.lr`` after ``epoch_progress`` epochs (fractional: the schedule steps per batch).
-
-    Linear warm-up over ``warmup_epochs``; then cosine to 0 at ``epochs``, or ``gamma`` per passed milestone,
-    or cosine cycles with warm restarts (:func:`~l2bn.train.recipes.warm_restart_factor`).
-    """
-    t = epoch_progress
-    if t < recipe.warmup_epochs:
-        return (t + 1e-8) / recipe.warmup_epochs
-    if recipe.schedule == "cosine-restarts":
-        return warm_restart_factor(recipe, t - recipe.warmup_epochs)
-    if recipe.schedule == "cosine":
-        span = recipe.epochs - recipe.warmup_epochs
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - recipe.warmup_epochs) / span)))
-    if recipe.schedule == "step":
-        return recipe.gamma ** sum(1 for m in recipe.milestones if math.floor(t + 1e-9) >= m)
-    return 1.0
-
-
-def build_model(name: str, *, num_classes: int, in_channels: int, norm: str, **kwargs) -> nn.Module:
-    """``l2bn.models.create_model`` with the norm resolved by name through the norm registry."""
-    from ..models import create_model
-
-    return create_model(name, num_classes=num_classes, in_channels=in_channels, norm_layer=norm, **kwargs)
-
-
-_PLAIN_BN = tuple(BN_TO_L2BN)  # exactly nn.BatchNorm{1,2,3}d, the classes the converters know
-
-
-def _convert_plain_bn_to_sync(module: nn.Module, process_group=None) -> nn.Module:
-    """torch SyncBatchNorm for exactly ``nn.BatchNorm{1,2,3}d`` (torch's own converter would also swallow
-    L2BN and other ``_BatchNorm`` subclasses)."""
-    return swap_modules(module, lambda name, m: nn.SyncBatchNorm.convert_sync_batchnorm(m, process_group)
-                        if type(m) in _PLAIN_BN else None)
-
-
-def _sync_norms(model: nn.Module, device: torch.device) -> nn.Module:
-    from .. import distributed as l2dist
-
-    model = l2dist.convert_sync_l2bn(model)
-    plain = [n for n, m in model.named_modules() if type(m) in _PLAIN_BN]
-    if plain:
-        if device.type != "cuda":
-            raise ValueError(
-                f"--sync-bn: torch's SyncBatchNorm (for plain BN layers such as {plain[0]!r}) needs CUDA, got "
-                f"device {device}; L2BN layers synchronise on any backend"
-            )
-        model = _convert_plain_bn_to_sync(model)
-    return model
-
-
-def _param_groups(model: nn.Module, recipe: Recipe) -> list[dict] | Any:
-    """The norm zoo's parameter groups (e.g. BIN gates without weight decay) when it provides them, or
-    weight decay on convolution weights only (``weight_decay_scope="conv"``)."""
-    if recipe.weight_decay_scope == "conv":
-        return conv_weight_decay_groups(model, recipe.weight_decay)
-    try:
-        from ..norms import param_groups
-    except ImportError:
-        return model.parameters()
-    return param_groups(model, recipe.lr, recipe.weight_decay)
-
-
-def conv_weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two SGD groups: convolution weights with ``weight_decay``, every other parameter without (the Keras
-    references' ``kernel_regularizer=l2(c)`` on convolutions: a penalty c·Σw² is weight decay 2c)."""
-    conv = [m.weight for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    chosen = {id(p) for p in conv}
-    rest = [p for p in model.parameters() if id(p) not in chosen]
-    return [{"params": conv, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
-def _gate_clipper(model: nn.Module) -> Callable[[], None]:
-    try:
-        from ..norms import clip_gates_
-    except ImportError:
-        return lambda: None
-    return lambda: clip_gates_(model)
-
-
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
-
-
-def _shard(dataset: Dataset, env: DistEnv) -> Dataset:
-    """Every ``world_size``-th sample from ``rank``: disjoint shards that cover the set exactly once."""
-    if not env.distributed:
-        return dataset
-    return Subset(dataset, range(env.rank, len(dataset), env.world_size))
-
-
-def _loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device, persistent: bool = True,
-            **kw) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=persistent and workers > 0,
-        **kw,
-    )
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    test_loader: DataLoader,
-    train_loader: DataLoader | None = None,
-    *,
-    num_classes: int,
-    device: torch.device,
-    amp: str | None = None,
-    channels_last: bool = False,
-    max_batches: int | None = None,
-    feature_model: nn.Module | None = None,
-) -> dict[str, Any]:
-    """Test loss/accuracy and, with ``train_loader``, the angle metrics (summed over ranks under DDP).
-
-    The train pass (at most ``max_batches`` batches a rank) gives the class centers and intra(train); the
-    test pass (always complete) gives accuracy and intra(test) against those train centers.
-    ``feature_model`` is the unwrapped module whose classifier input is captured (its ``feature_layer``'s
-    input, else its last ``nn.Linear``'s). A test set with ``devices`` also gets ``test_confusion`` per device
-    (:mod:`l2bn.train.confusion`).
-    """
-    from ..metrics import AngleAccumulator, FeatureHook, IntraAngleAccumulator
-    from .confusion import ConfusionByGroup, device_groups
-
-    groups = device_groups(test_loader.dataset)
-    confusion = ConfusionByGroup(*groups, num_classes, device) if groups is not None else None
-    was_training = model.training
-    model.eval()
-    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
-    hook = FeatureHook(feature_model or _unwrap(model)) if train_loader is not None else None
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-
-    def forward(x: Tensor) -> Tensor:
-        x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
-        with autocast:
-            return model(x).float()
-
-    result: dict[str, float] = {}
-    try:
-        if hook is not None:
-            hook.__enter__()
-            stored: list[tuple[Tensor, Tensor]] = []
-            for i, (x, y) in enumerate(train_loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                forward(x)
-                stored.append((hook.features.float(), y.to(device)))
-            dim = torch.tensor([stored[0][0].shape[1] if stored else 0], device=device)
-            if torch.distributed.is_initialized():
-                torch.distributed.all_reduce(dim, op=torch.distributed.ReduceOp.MAX)
-            centers_acc = AngleAccumulator(num_classes, dim=int(dim), device=device)
-            for f, y in stored:
-                centers_acc.update(f, y)
-            centers_acc.all_reduce()
-            centers = centers_acc.centers()
-            intra_train = IntraAngleAccumulator(centers, device=device)
-            for f, y in stored:
-                intra_train.update(f, y)
-            intra_train.all_reduce()
-            del stored
-            intra_test = IntraAngleAccumulator(centers, device=device)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-        for x, y in test_loader:
-            y = y.to(device, non_blocking=True)
-            logits = forward(x)
-            sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
-            sums[1] += (logits.argmax(1) == y).sum()
-            sums[2] += y.numel()
-            if confusion is not None:
-                confusion.update(logits.argmax(1), y)
-            if hook is not None:
-                intra_test.update(hook.features.float(), y)
-        all_reduce_sum(sums)
-        result["test_loss"] = float(sums[0] / sums[2])
-        result["test_acc"] = float(100.0 * sums[1] / sums[2])
-        if confusion is not None:
-            result["test_confusion"] = confusion.record()
-        if hook is not None:
-            intra_test.all_reduce()
-            result.update(_angle_metrics(intra_train, intra_test))
-    finally:
-        if hook is not None:
-            hook.remove()
-        model.train(was_training)
-    return result
-
-
-
-
-def _angle_metrics(intra_train, intra_test) -> dict[str, float]:
-    """The five angle metrics; NaN with a warning where they are undefined (e.g. features collapsed to zero)."""
-    try:
-        train_stats, test_stats = intra_train.compute(), intra_test.compute()
-        values = (train_stats.intra, test_stats.intra, train_stats.inter, train_stats.iir,
-                  test_stats.intra / train_stats.inter)
-    except (ValueError, ZeroDivisionError) as exc:
-        warnings.warn(f"angle metrics undefined, logged as NaN: {exc}", RuntimeWarning, stacklevel=3)
-        values = (math.nan,) * len(ANGLE_KEYS)
-    return dict(zip(ANGLE_KEYS, values))
-# ------------------------------------------------------------------------------------------------ training
-def is_complete(out: str | os.PathLike, config: TrainConfig | None = None) -> bool:
-    """Whether ``out`` holds a finished run, of the same experiment if ``config`` is given."""
-    return RunDir(out).is_complete(config.identity() if config is not None else None)
-
-
-def _check_resume(saved: dict, config: TrainConfig, path: Path) -> None:
-    theirs, mine = TrainConfig.from_dict(saved).identity(), config.identity()
-    diff = [k for k in IDENTITY_FIELDS if theirs[k] != mine[k]]
-    if diff:
-        details = "; ".join(f"{k}: checkpoint {theirs[k]!r} vs now {mine[k]!r}" for k in diff)
-        raise ValueError(f"cannot resume {path}: the experiment changed ({details})")
-
-
-def _impl_setting() -> str:
-    from ..functional import IMPL_ENV_VAR
-
-    return os.environ.get(IMPL_ENV_VAR) or "auto"
 
 
 @dataclass
@@ -433,20 +87,6 @@ class RunState:
     warned_absurd_loss: bool = False
 
 
-def _prepare_data(config: TrainConfig, data: DataBundle | None, env: DistEnv) -> DataBundle:
-    from ..data.subset import stratified_subset
-
-    data = data or build_data(config.dataset, config.data_dir, download=config.download and env.is_main)
-    if config.recipe.spec_masks:
-        from ..data.audio import with_spec_masks
-
-        data = with_spec_masks(data)
-    if config.train_subset is not None:
-        train, train_eval = stratified_subset((data.train, data.train_eval), config.train_subset)
-        data = dataclasses.replace(data, train=train, train_eval=train_eval)
-    return data
-
-
 def setup(config: TrainConfig, env: DistEnv, run: RunDir, model_fn: ModelFn | None, data: DataBundle | None,
           say: Callable[[str], None]) -> RunState:
     """Data, model, optimiser, schedule and loaders of a run (nothing is written: the folder may not exist yet)."""
@@ -454,21 +94,18 @@ def setup(config: TrainConfig, env: DistEnv, run: RunDir, model_fn: ModelFn | No
     if recipe.batch_size % env.world_size:
         raise ValueError(f"batch size {recipe.batch_size} is not divisible by the world size {env.world_size}")
     local_batch = recipe.batch_size // env.world_size
-    data = _prepare_data(config, data, env)
+    data = prepare_data(config, data, env)
     if len(data.train) < recipe.batch_size:
         raise ValueError(f"batch size {recipe.batch_size} exceeds the {len(data.train)} training samples")
     torch.manual_seed(config.seed)
-    make = model_fn or (lambda **kw: build_model(config.model, **kw, placement=config.placement, **config.model_kwargs))
-    net = make(num_classes=data.num_classes, in_channels=data.in_channels, norm=config.norm)
+    net = run_model_fn(config, model_fn)(num_classes=data.num_classes, in_channels=data.in_channels, norm=config.norm)
     if env.distributed and config.sync_bn:
-        net = _sync_norms(net, device)
+        net = sync_norms(net, device)
     net.to(device)
     if config.channels_last:
         net.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(_param_groups(net, recipe), lr=recipe.lr, momentum=recipe.momentum,
-                                nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
     steps_per_epoch = len(data.train) // recipe.batch_size
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe, step / steps_per_epoch))
+    optimizer, scheduler = build_optimizer(net, recipe, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
 
     generators = (torch.Generator(), torch.Generator())  # sample order, loader base seed: re-seeded every epoch
@@ -485,10 +122,10 @@ def setup(config: TrainConfig, env: DistEnv, run: RunDir, model_fn: ModelFn | No
     state = RunState(
         config, env, run, data, net, model, optimizer, scheduler, scaler,
         # not persistent: each epoch's workers take their RNG seeds from generators[1], re-seeded per epoch
-        train_loader=_loader(data.train, local_batch, config.workers, device, persistent=False, sampler=sampler,
+        train_loader=make_loader(data.train, local_batch, config.workers, device, persistent=False, sampler=sampler,
                              drop_last=True, generator=generators[1]),
-        test_loader=_loader(_shard(data.test, env), eval_batch, config.workers, device),
-        train_eval_loader=_loader(_shard(data.train_eval, env), eval_batch, config.workers, device),
+        test_loader=make_loader(shard(data.test, env), eval_batch, config.workers, device),
+        train_eval_loader=make_loader(shard(data.train_eval, env), eval_batch, config.workers, device),
         shuffle_generators=generators, steps_per_epoch=steps_per_epoch, say=say,
     )
     return state
@@ -498,9 +135,9 @@ def _restore(state: RunState) -> None:
     """Load ``last.pt`` into the state (same experiment only); drop log lines of epochs it did not save."""
     run, config = state.run, state.config
     ckpt = run.load_checkpoint(run.last_path, map_location=state.env.device, for_resume=True)
-    _check_resume(ckpt["config"], config, run.last_path)
-    if ckpt.get("l2bn_impl", "auto") != _impl_setting():
-        warnings.warn(f"resuming {run.path} with L2BN_IMPL={_impl_setting()!r}, but it started with "
+    check_same_experiment(ckpt["config"], config, run.last_path)
+    if ckpt.get("l2bn_impl", "auto") != impl_setting():
+        warnings.warn(f"resuming {run.path} with L2BN_IMPL={impl_setting()!r}, but it started with "
                       f"{ckpt.get('l2bn_impl', 'auto')!r}: the records will not be byte-identical to an "
                       "uninterrupted run", RuntimeWarning, stacklevel=2)
     state.net.load_state_dict(ckpt["model"])
@@ -513,30 +150,6 @@ def _restore(state: RunState) -> None:
         run.keep_epochs(state.start_epoch)
         records = run.read_records()
         state.first_loss = records[0]["train_loss"] if records else None
-
-
-def _forward_loss(state: RunState, x: Tensor, y: Tensor, criterion: nn.Module, mixup) -> tuple[Tensor, Tensor]:
-    if mixup is None:
-        logits = state.model(x)
-        return logits, criterion(logits, y)
-    if state.config.recipe.mixup_per_sample:
-        return _mixup_per_sample(state.model, x, y, criterion, mixup)
-    lam = float(mixup.sample())
-    perm = torch.randperm(x.shape[0], device=x.device)
-    logits = state.model(lam * x + (1.0 - lam) * x[perm])
-    return logits, lam * criterion(logits, y) + (1.0 - lam) * criterion(logits, y[perm])
-
-
-def _mixup_per_sample(model: nn.Module, x: Tensor, y: Tensor, criterion: nn.Module, mixup) -> tuple[Tensor, Tensor]:
-    """Mixup with one λ per sample (Hu et al.'s generator): x_i ← λ_i x_i + (1 − λ_i) x_π(i) and the loss
-    λ_i CE(y_i) + (1 − λ_i) CE(y_π(i)) averaged over the batch (cross-entropy with the mixed one-hot labels)."""
-    lam = mixup.sample((x.shape[0],)).to(x.device)
-    perm = torch.randperm(x.shape[0], device=x.device)
-    mixed = lam.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
-    logits = model(mixed * x + (1.0 - mixed) * x[perm])
-    per_sample = criterion.__class__(reduction="none", label_smoothing=criterion.label_smoothing)
-    loss = lam * per_sample(logits, y) + (1.0 - lam) * per_sample(logits, y[perm])
-    return logits, loss.mean()
 
 
 def train_one_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, float]:
@@ -552,7 +165,7 @@ def train_one_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, fl
     mixup = torch.distributions.Beta(recipe.mixup_alpha, recipe.mixup_alpha) if recipe.mixup_alpha > 0 else None
     autocast = torch.autocast(device.type, dtype=AMP_DTYPES[config.amp]) if config.amp else contextlib.nullcontext()
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
-    clip_gates = _gate_clipper(state.net)
+    clip_gates = gate_clipper(state.net)
     state.model.train()
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count (global over ranks)
     start = time.perf_counter()
@@ -562,7 +175,7 @@ def train_one_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, fl
         x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
         y = y.to(device, non_blocking=True)
         with autocast:
-            logits, loss = _forward_loss(state, x, y, criterion, mixup)
+            logits, loss = forward_loss(state.model, x, y, criterion, mixup, recipe.mixup_per_sample)
         stats = torch.stack([loss.detach().double() * y.numel(), (logits.argmax(1) == y).sum().double(),
                              torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
         stats = all_reduce_sum(stats).cpu()
@@ -607,11 +220,22 @@ def _check_loss(state: RunState, loss: float) -> None:
         state.say(f"warning: {message}")
 
 
+def norm_epoch_state(model: nn.Module) -> dict[str, float]:
+    """The per-epoch state the model's norm layers report: every module class with a static
+    ``epoch_summary(layers) -> dict`` (e.g. UBN's condensation) is called once with all its layers."""
+    layers: dict[Callable, list[nn.Module]] = {}
+    for m in model.modules():
+        summary = getattr(type(m), "epoch_summary", None)
+        if callable(summary):
+            layers.setdefault(summary, []).append(m)
+    return {k: v for summary, found in layers.items() for k, v in summary(found).items()}
+
+
 def save_checkpoint(state: RunState, epoch: int, improved: bool) -> None:
     """``best.pt`` (model) when the test accuracy improved, then ``last.pt`` (everything resume needs)."""
     saved = {"model": state.net.state_dict(), "epoch": epoch, "best_acc": state.best_acc,
              "best_epoch": state.best_epoch, "config": state.config.to_dict(), "num_classes": state.data.num_classes,
-             "in_channels": state.data.in_channels, "l2bn_impl": _impl_setting()}
+             "in_channels": state.data.in_channels, "l2bn_impl": impl_setting()}
     if improved:
         state.run.save_checkpoint(saved, best=True)
     state.run.save_checkpoint({**saved, "optimizer": state.optimizer.state_dict(),
@@ -642,7 +266,7 @@ def _run_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, Any]:
         channels_last=config.channels_last, max_batches=recipe.metrics_max_batches, feature_model=state.net,
     ))
     eval_seconds = time.perf_counter() - start
-    record.update(condensation_summary(state.net))
+    record.update(norm_epoch_state(state.net))
     record = {k: record[k] for k in (*EPOCH_KEYS, *ANGLE_KEYS, *NORM_STATE_KEYS, *DEVICE_KEYS) if k in record}
     _check_loss(state, record["train_loss"])
     improved = record["test_acc"] > state.best_acc
@@ -656,8 +280,7 @@ def _run_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, Any]:
     barrier()
     angles = (f" intra {record['intra_train']:.2f}/{record['intra_test']:.2f} inter {record['inter']:.2f} "
               f"IIR {record['iir_train']:.3f}/{record['iir_test']:.3f}") if measure else ""
-    gate = (f" UBN m {record['ubn_condensation']:.3f} gated {record['ubn_gated']:.0%}"
-            if "ubn_gated" in record else "")
+    gate = "".join(f" {k} {record[k]:.3f}" for k in NORM_STATE_KEYS if k in record)
     state.say(f"[{config.dataset} {config.model} {config.norm} seed {config.seed}] epoch {epoch}/{recipe.epochs} "
               f"loss {record['train_loss']:.4f} train {record['train_acc']:.2f}% test {record['test_acc']:.2f}%"
               f"{angles}{gate} ({trained['seconds']:.1f}s + {eval_seconds:.1f}s)")
@@ -743,46 +366,3 @@ def _train(config: TrainConfig, env: DistEnv, model_fn: ModelFn | None, data: Da
         summary = write_summary(state)
     barrier()
     return summary
-
-
-def analyze_checkpoint(
-    path: str | os.PathLike,
-    *,
-    dataset: str | None = None,
-    data_dir: str | None = None,
-    device: str = "auto",
-    max_batches: int | None = None,
-    model_fn: ModelFn | None = None,
-    data: DataBundle | None = None,
-) -> dict[str, Any]:
-    """Test accuracy and angle metrics of a saved model (``last.pt``/``best.pt``, loaded with
-    ``weights_only=True``); ``dataset`` defaults to the one it was trained on (and its training subset)."""
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 (or None: every batch), got {max_batches}")
-    dev = check_device(device)
-    ckpt = RunDir.load_checkpoint(path)
-    config = TrainConfig.from_dict(ckpt["config"])
-    if dataset is None:
-        trained_on = dataclasses.replace(config, data_dir=data_dir or config.data_dir, download=False)
-        data = _prepare_data(trained_on, data, DistEnv())
-    data = data or build_data(dataset, data_dir, augment=False)
-    if data.num_classes != ckpt["num_classes"] or data.in_channels != ckpt["in_channels"]:
-        raise ValueError(
-            f"{path} was trained for {ckpt['num_classes']} classes / {ckpt['in_channels']} channels, dataset "
-            f"{data.name!r} has {data.num_classes} / {data.in_channels}"
-        )
-    make = model_fn or (lambda **kw: build_model(config.model, **kw, placement=config.placement, **config.model_kwargs))
-    net = make(num_classes=data.num_classes, in_channels=data.in_channels, norm=config.norm)
-    try:
-        net.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: its weights do not fit model {config.model!r} with norm {config.norm!r} "
-                         f"({str(exc).splitlines()[0]}); was the file edited or taken from another run?") from None
-    net.to(dev)
-    batch = max(config.recipe.batch_size, 256)
-    result = evaluate(
-        net, _loader(data.test, batch, 0, dev), _loader(data.train_eval, batch, 0, dev),
-        num_classes=data.num_classes, device=dev, max_batches=max_batches,
-    )
-    return {"checkpoint": str(path), "epoch": ckpt["epoch"], "dataset": data.name, "model": config.model,
-            "norm": config.norm, **result}

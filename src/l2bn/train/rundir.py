@@ -103,6 +103,17 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's temporaries are 0600
 
 
+def check_out_dir(out: str | os.PathLike) -> None:
+    """Refuse an output folder that is a file, lies under a file, or cannot be written — before any work."""
+    path = Path(out).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is" if existing == path else f"lies under {existing}, which is"
+        raise ValueError(f"--out {out} {where} a file; pass a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is read-only; pass a writable folder")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a unique temporary file: fsync, rename, fsync the folder."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -204,11 +215,10 @@ class RunDir:
         """Whether a run has started here (it logged or checkpointed an epoch)."""
         return self.metrics_path.is_file() or self.last_path.is_file()
 
-    def is_complete(self, identity: dict | None = None) -> bool:
-        """Whether a finished run is here (``summary.json``), of experiment ``identity`` if given."""
-        if not self.summary_path.is_file():
-            return False
-        return identity is None or self.stored_identity() == identity
+    def is_complete(self) -> bool:
+        """Whether a finished run is here (``summary.json``); :func:`l2bn.train.config.is_complete` also checks
+        that it is of a given experiment."""
+        return self.summary_path.is_file()
 
     def is_failed(self) -> bool:
         return self.failure_path.is_file()
@@ -222,13 +232,6 @@ class RunDir:
         if self.last_path.is_file():
             return self.load_checkpoint(self.last_path)["config"]
         return read_json(self.config_path) if self.config_path.is_file() else {}
-
-    def stored_identity(self) -> dict | None:
-        """The experiment identity of the stored run (see ``TrainConfig.identity``), ``None`` if nothing is stored."""
-        from .engine import TrainConfig
-
-        config = self.stored_config()
-        return TrainConfig.from_dict(config).identity() if config else None
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

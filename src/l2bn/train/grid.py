@@ -2,7 +2,7 @@
 
 ``compare(config, norms, seeds, out, jobs=1)`` trains each run into ``out/runs/<norm>-s<seed>/`` — skipping
 finished runs of the same experiment, resuming interrupted ones, not retrying recorded failures unless
-``retry_failed`` — and writes the report (``l2bn.report``) into ``out``. ``jobs > 1`` runs that many runs at
+``retry_failed`` — and writes the report (:mod:`l2bn.train.report`) into ``out``. ``jobs > 1`` runs that many runs at
 once as separate (spawned) processes with the CPU threads split between them, one progress bar for the grid;
 each run's records are the same as in a sequential grid.
 """
@@ -21,10 +21,13 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .engine import NonFiniteLossError, TrainConfig, check_device, train
+from . import report
+from .config import TrainConfig, stored_identity
+from .ddp import check_device
+from .engine import NonFiniteLossError, train
 from .rundir import RunBusyError, RunDir
 
-__all__ = ["GridReport", "compare", "grid_title"]
+__all__ = ["GridReport", "compare"]
 
 
 @dataclass
@@ -46,16 +49,6 @@ class GridReport:
     def complete(self) -> bool:
         """Whether every run finished or failed and the report was written."""
         return bool(self.paths)
-
-
-def grid_title(config: TrainConfig, seeds: Sequence[int]) -> str:
-    """The report's title: dataset, model, placement and subset when not the default, epochs and seeds."""
-    parts = [config.dataset, config.model]
-    if config.placement != "all":
-        parts.append(f"placement {config.placement}")
-    if config.train_subset is not None:
-        parts.append(f"{config.train_subset}-sample training subset")
-    return f"{' / '.join(parts)} ({config.recipe.epochs} epochs, seeds {','.join(map(str, seeds))})"
 
 
 def _check_grid(config: TrainConfig, norms: Sequence[str], seeds: Sequence[int], jobs: int) -> None:
@@ -83,7 +76,7 @@ def _plan(config: TrainConfig, norms: Sequence[str], seeds: Sequence[int], out: 
         for seed in seeds:
             run = RunDir(out / "runs" / f"{norm}-s{seed}")
             run_config = dataclasses.replace(config, norm=norm, seed=seed, out=str(run.path))
-            stored = run.stored_identity() if run.holds_run() or run.is_failed() else None
+            stored = stored_identity(run) if run.holds_run() or run.is_failed() else None
             if stored is not None and stored != run_config.identity():
                 mine = run_config.identity()
                 diff = "; ".join(f"{k}: stored {stored[k]!r} vs now {mine[k]!r}" for k in mine if stored[k] != mine[k])
@@ -123,8 +116,6 @@ def compare(
     ``busy``), in the order they end.
     Example: ``compare(TrainConfig(dataset="digits"), ["bn", "l2bn"], out="runs/cmp", jobs=2)``.
     """
-    from .. import report
-
     start = time.perf_counter()
     seeds = list(seeds) if seeds is not None else list(config.recipe.seeds)
     out = Path(out if out is not None else config.out)
@@ -133,19 +124,7 @@ def compare(
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     configs = _plan(base, norms, seeds, out)
     result = GridReport(out, [Path(c.out) for c in configs])
-    pending = []
-    for run_config in configs:
-        run = RunDir(run_config.out)
-        if run.is_complete(run_config.identity()):
-            log(f"skip {run.path} (complete)")
-            result.skipped.append(run.path)
-        elif run.is_failed() and not retry_failed:
-            failure = run.read_failure()
-            log(f"skip {run.path} (failed at epoch {failure.get('epoch')}: {failure.get('reason')}; "
-                "retry with --retry-failed)")
-            result.failed.append(failure)
-        else:
-            pending.append(dataclasses.replace(run_config, resume=run.holds_run()))
+    pending = _pending(configs, result, retry_failed, log)
     notify = on_run_end or (lambda path, status: None)
     if jobs > 1:
         outcomes: Iterable[dict[str, Any]] = _run_parallel(
@@ -168,9 +147,29 @@ def compare(
         return result
     runs = [report.load_run(p) for p in result.run_dirs if RunDir(p).metrics_path.is_file() or RunDir(p).is_failed()]
     result.rows = report.summarize(runs, norms)
-    result.paths = report.write_report(runs, out, norms, title=grid_title(base, seeds))
+    result.paths = report.write_report(runs, out, norms, title=report.grid_title(base, seeds))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _pending(configs: Sequence[TrainConfig], result: GridReport, retry_failed: bool,
+             log: Callable[[str], None]) -> list[TrainConfig]:
+    """The runs still to train (resuming those begun); finished runs of the same experiment and, unless
+    ``retry_failed``, recorded failures are logged and noted in ``result`` instead."""
+    pending = []
+    for run_config in configs:
+        run = RunDir(run_config.out)
+        if run.is_complete() and stored_identity(run) == run_config.identity():
+            log(f"skip {run.path} (complete)")
+            result.skipped.append(run.path)
+        elif run.is_failed() and not retry_failed:
+            failure = run.read_failure()
+            log(f"skip {run.path} (failed at epoch {failure.get('epoch')}: {failure.get('reason')}; "
+                "retry with --retry-failed)")
+            result.failed.append(failure)
+        else:
+            pending.append(dataclasses.replace(run_config, resume=run.holds_run()))
+    return pending
 
 
 def _notified(notify: Callable[[Path, str], None], config: TrainConfig, outcome: dict[str, Any]) -> dict[str, Any]:
