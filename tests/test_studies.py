@@ -12,7 +12,7 @@ from l2bn.data import vision
 from l2bn.studies import (SECTIONS, STUDIES, StudyOverrides, bootstrap_interval, compare_groups,
                           estimate_seconds, get_study, load_study_runs, run_study, study_command, welch_t_test)
 from l2bn.studies.catalog import ZOO
-from l2bn.studies.run import code_version, environment_records
+from l2bn.studies.folder import code_version, environment_records
 
 # ------------------------------------------------------------------------------------------- statistics
 

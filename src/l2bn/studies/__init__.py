@@ -5,8 +5,9 @@ folders; ``python -m l2bn study NAME`` is its command. Studies: :data:`STUDIES` 
 ``placement``, ``curves``).
 """
 from .catalog import STUDIES, Grid, Study, StudyOverrides, estimate_seconds, get_study, list_studies
+from .folder import DEFAULT_ROOT, study_command
 from .page import SECTIONS, build_index, build_page, load_study_runs
-from .run import DEFAULT_ROOT, StudyResult, run_study, study_command
+from .run import StudyResult, run_study
 from .stats import Difference, bootstrap_interval, compare_groups, welch_t_test
 
 __all__ = [

@@ -24,7 +24,7 @@ from ..train.report import grid_title
 from ..train.rundir import ANGLE_KEYS, ANGLE_TITLES, RunDir, read_jsonl
 from .catalog import CONTENDED_TIMING, EPOCH_SECONDS, STEP_RATIO, STUDY_JOBS, Study, estimate_seconds
 from .paper import PAPER_CLAIM, PAPER_ROWS, PAPER_SOURCE
-from .run import environment_records, grid_dir
+from .folder import environment_records, grid_dir
 from .stats import Difference, compare_groups
 
 __all__ = ["SECTIONS", "build_index", "build_page", "load_study_runs"]
@@ -335,7 +335,7 @@ def build_page(study: Study, root: str | os.PathLike, command: str) -> Path:
 def build_index(root: str | os.PathLike) -> Path:
     """Write ``<root>/README.md``: every study with its command, page, progress and time (from its run folders)."""
     from .catalog import STUDIES
-    from .run import study_command
+    from .folder import study_command
 
     root = Path(root)
     lines = ["# Studies on real data", "",
