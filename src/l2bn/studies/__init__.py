@@ -7,11 +7,10 @@ folders; ``python -m l2bn study NAME`` is its command. Studies: :data:`STUDIES` 
 from .catalog import STUDIES, Grid, Study, StudyOverrides, estimate_seconds, get_study, list_studies
 from .page import SECTIONS, build_index, build_page, load_study_runs
 from .run import DEFAULT_ROOT, StudyResult, run_study, study_command
-from .stats import Difference, bootstrap_interval, compare_groups, welch_t_test
+from .stats import Difference, compare_groups, detectable_difference, holm
 
 __all__ = [
     "DEFAULT_ROOT", "SECTIONS", "STUDIES", "Difference", "Grid", "Study", "StudyOverrides", "StudyResult",
-    "bootstrap_interval", "build_index", "build_page", "compare_groups", "estimate_seconds", "get_study",
-    "list_studies",
-    "load_study_runs", "run_study", "study_command", "welch_t_test",
+    "build_index", "build_page", "compare_groups", "detectable_difference", "estimate_seconds", "get_study",
+    "holm", "list_studies", "load_study_runs", "run_study", "study_command",
 ]
