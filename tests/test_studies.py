@@ -300,3 +300,24 @@ def test_code_version_names_the_commit_and_local_changes(tmp_path, monkeypatch):
 def test_the_command_refuses_unknown_names_before_any_work(tmp_path, capsys):
     assert main(["study", "norms", "--root", str(tmp_path), "--only", "bogus"]) == 1
     assert "has no norm 'bogus'" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_pages_never_overwrite_a_file_the_project_did_not_write(tmp_path):
+    from l2bn.studies.page import PAGE_MARKER, ForeignFileError, build_index, build_page, check_pages
+
+    (tmp_path / "README.md").write_text("MINE\n")
+    with pytest.raises(ForeignFileError, match=r"README.md exists and was not written by l2bn.*--overwrite"):
+        check_pages(tmp_path, "table1")
+    with pytest.raises(ForeignFileError):
+        build_index(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "MINE\n"
+    (tmp_path / "table1.md").write_text("my notes\n")
+    with pytest.raises(ForeignFileError, match="table1.md"):
+        build_page(get_study("table1"), tmp_path, "python -m l2bn study table1")
+    assert (tmp_path / "table1.md").read_text() == "my notes\n"
+    page = build_page(get_study("table1"), tmp_path, "cmd", overwrite=True)
+    assert page.read_text().startswith(PAGE_MARKER)
+    build_page(get_study("table1"), tmp_path, "cmd")  # its own page: rebuilt without asking
+    (tmp_path / "README.md").unlink()
+    assert build_index(tmp_path).read_text().startswith(PAGE_MARKER)
+    check_pages(tmp_path, "table1")
