@@ -76,6 +76,27 @@ def test_matches_brute_force_uneven_classes_and_norms(seed):
         np.testing.assert_allclose(stats.centers[c].numpy(), center, rtol=1e-12, atol=1e-14)
     assert stats.counts.tolist() == [3, 17, 8, 30, 1]
     assert stats.num_skipped == 0
+    # the cone angle: each feature against the mean of the class centers (every class weighs the same)
+    mean_center = sum(centers.values()) / len(centers)
+    x64 = x.numpy()
+    cone = sum(_angle(row, mean_center) for row in x64) / len(x64)
+    assert stats.cone == pytest.approx(cone, rel=1e-10)
+
+
+def test_cone_angle_tells_a_contracting_cone_from_separating_classes():
+    """Two classes at ±θ from one axis: shrinking θ shrinks intra, inter and the cone together (a contracting
+    cone); the cone angle of features that all point one way is 0, and undefined where the centers cancel."""
+    def two_classes(theta: float) -> AngleStats:
+        a = torch.tensor([[math.cos(theta), math.sin(theta) + s, 0.0] for s in (-0.05, 0.05)], dtype=torch.float64)
+        b = a * torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
+        return angle_stats(torch.cat([a, b]), torch.tensor([0, 0, 1, 1]))
+
+    wide, narrow = two_classes(0.6), two_classes(0.2)
+    assert narrow.inter < wide.inter and narrow.cone < wide.cone
+    same = angle_stats(torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 1]))
+    assert same.cone == 0.0
+    opposite = angle_stats(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), torch.tensor([0, 1]))
+    assert math.isnan(opposite.cone)
 
 
 def test_float32_input_accumulates_in_float64():

@@ -9,8 +9,9 @@ from scipy import stats as scipy_stats
 
 from l2bn.cli import main
 from l2bn.data import vision
-from l2bn.studies import (SECTIONS, STUDIES, StudyOverrides, bootstrap_interval, compare_groups,
-                          estimate_seconds, get_study, load_study_runs, run_study, study_command, welch_t_test)
+from l2bn.studies import (SECTIONS, STUDIES, Difference, StudyOverrides, compare_groups, detectable_difference,
+                          estimate_seconds, get_study, holm, load_study_runs, run_study, study_command)
+from l2bn.studies.stats import paired_seeds
 from l2bn.studies.catalog import ZOO
 from l2bn.studies.folder import code_version, environment_records
 
@@ -19,35 +20,80 @@ from l2bn.studies.folder import code_version, environment_records
 
 @pytest.mark.parametrize("a,b", [([91.2, 91.5, 90.9, 91.8, 91.1], [90.7, 91.0, 90.8]),
                                  ([1.0, 2.0, 4.0], [1.5, 1.6, 1.7, 1.8]), ([5.0, 5.1], [4.0, 7.0, 9.5])])
-def test_welch_matches_scipy_and_the_textbook_formula(a, b):
-    t, df, p = welch_t_test(a, b)
-    ref = scipy_stats.ttest_ind(a, b, equal_var=False)
-    assert t == pytest.approx(ref.statistic, rel=1e-12) and p == pytest.approx(ref.pvalue, rel=1e-10)
-    # Welch–Satterthwaite in float64, written out independently
+def test_welch_matches_the_textbook_formula(a, b):
+    d = compare_groups(a, b)
+    # Welch–Satterthwaite and the t-interval in float64, written out independently of scipy's ttest_ind
     x, y = np.array(a, np.float64), np.array(b, np.float64)
     sa, sb = ((x - x.mean()) ** 2).sum() / (len(x) - 1) / len(x), ((y - y.mean()) ** 2).sum() / (len(y) - 1) / len(y)
-    assert df == pytest.approx((sa + sb) ** 2 / (sa * sa / (len(x) - 1) + sb * sb / (len(y) - 1)), rel=1e-12)
+    df = (sa + sb) ** 2 / (sa * sa / (len(x) - 1) + sb * sb / (len(y) - 1))
+    t = (x.mean() - y.mean()) / math.sqrt(sa + sb)
+    half = scipy_stats.t.ppf(0.975, df) * math.sqrt(sa + sb)
+    assert d.df == pytest.approx(df, rel=1e-12) and d.t == pytest.approx(t, rel=1e-12) and not d.paired
+    assert d.p == pytest.approx(2 * scipy_stats.t.sf(abs(t), df), rel=1e-10)
+    assert (d.low, d.high) == pytest.approx((x.mean() - y.mean() - half, x.mean() - y.mean() + half), rel=1e-10)
 
 
-def test_welch_is_undefined_without_two_seeds_or_without_spread():
-    assert all(math.isnan(v) for v in welch_t_test([1.0], [1.0, 2.0]))
-    assert all(math.isnan(v) for v in welch_t_test([1.0, 1.0], [2.0, 2.0]))
+def test_paired_matches_the_one_sample_test_of_the_differences():
+    a, b = [93.4, 93.6, 93.5, 93.3, 93.7], [93.3, 93.5, 93.6, 93.1, 93.5]
+    d = compare_groups(a, b, paired=True)
+    diff = np.subtract(a, b)
+    se = diff.std(ddof=1) / math.sqrt(len(diff))
+    assert d.paired and d.df == 4 and d.t == pytest.approx(diff.mean() / se, rel=1e-12)
+    half = scipy_stats.t.ppf(0.975, 4) * se
+    assert (d.low, d.high) == pytest.approx((diff.mean() - half, diff.mean() + half), rel=1e-10)
+    with pytest.raises(ValueError, match="equal length"):
+        compare_groups([1.0, 2.0], [1.0, 2.0, 3.0], paired=True)
+
+
+def test_arms_pair_only_when_they_ran_the_same_seeds():
+    assert paired_seeds({122: 2.0, 121: 1.0}, {121: 3.0, 122: 4.0}) == ([1.0, 2.0], [3.0, 4.0], True)
+    assert paired_seeds({121: 1.0, 122: 2.0}, {121: 3.0, 123: 4.0})[2] is False
+
+
+def test_undefined_without_two_seeds_or_without_spread():
+    assert math.isnan(compare_groups([1.0], [1.0, 2.0]).p)
+    assert math.isnan(compare_groups([1.0, 1.0], [2.0, 2.0]).p)
     d = compare_groups([90.0], [89.0, 89.5])
-    assert not d.testable and not d.beyond_spread and d.diff == pytest.approx(0.75)
+    assert not d.testable and not d.beyond_spread and d.diff == pytest.approx(0.75) and math.isnan(d.detectable)
 
 
-def test_bootstrap_interval_is_seeded_and_close_to_the_normal_interval_for_large_groups():
-    rng = np.random.default_rng(1)
-    a, b = rng.normal(1.0, 1.0, 400), rng.normal(0.0, 2.0, 500)
-    low, high = bootstrap_interval(a, b)
-    assert (low, high) == bootstrap_interval(a, b)
-    se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
-    center = a.mean() - b.mean()
-    z = scipy_stats.norm.ppf(0.975)
-    assert low == pytest.approx(center - z * se, abs=0.05) and high == pytest.approx(center + z * se, abs=0.05)
-    assert bootstrap_interval([3.0, 3.0], [1.0, 1.0, 1.0]) == (2.0, 2.0)  # no spread: the exact difference
-    with pytest.raises(ValueError, match="level must be in"):
-        bootstrap_interval(a, b, level=1.5)
+@pytest.mark.parametrize("n", [3, 5, 10])
+@pytest.mark.parametrize("paired", [False, True])
+def test_the_95_percent_interval_covers_95_percent_by_simulation(n, paired):
+    """Normal seeds with unequal spreads (Welch) or correlated pairs: the printed 95 % interval must cover the
+    true difference 95 % of the time (the percentile bootstrap it replaces covered 81 % at n = 3)."""
+    rng = np.random.default_rng(n + 100 * paired)
+    trials, true = 600, 0.7
+    covered = 0
+    for _ in range(trials):
+        shared = rng.normal(0.0, 1.0, n) if paired else 0.0
+        a = true + shared + rng.normal(0.0, 0.5, n)
+        b = shared + rng.normal(0.0, 1.5 if not paired else 0.5, n)
+        d = compare_groups(a, b, paired=paired)
+        covered += d.low <= true <= d.high
+    assert 0.92 <= covered / trials <= 0.98
+
+
+def test_the_detectable_difference_has_80_percent_power_by_simulation():
+    """At the difference detectable_difference() names, a simulated paired t-test with that true effect and
+    standard error rejects at 5 % in 80 % of experiments (noncentral t, checked independently)."""
+    n, sd = 5, 1.0
+    delta = detectable_difference(sd / math.sqrt(n), n - 1)
+    rng = np.random.default_rng(7)
+    diffs = rng.normal(delta, sd, (20_000, n))
+    p = scipy_stats.ttest_1samp(diffs, 0.0, axis=1).pvalue
+    assert (p < 0.05).mean() == pytest.approx(0.80, abs=0.015)
+    assert detectable_difference(1.0, 1e6) == pytest.approx(1.96 + 0.8416, abs=1e-3)  # the normal limit
+    assert math.isnan(detectable_difference(0.0, 4)) and math.isnan(detectable_difference(1.0, math.nan))
+
+
+def test_holm_matches_the_step_down_definition():
+    ps = [0.01, 0.04, 0.03, 0.005, math.nan]
+    family = [Difference(0, 0, 0, 1.0, 4.0, p, 0, 0, 3, 3) for p in ps]
+    adjusted = [d.p_holm for d in holm(family)]
+    # independent: sorted p (0.005, 0.01, 0.03, 0.04), m = 4 -> 0.02, 0.03, max(0.06, 0.03), max(0.04, 0.06)
+    assert adjusted[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02]) and math.isnan(adjusted[4])
+    assert holm(family)[0].beyond_spread and not holm(family)[1].beyond_spread
 
 
 def test_a_clear_difference_is_beyond_the_spread_and_a_null_one_is_not():
@@ -160,11 +206,15 @@ def test_each_study_command_reruns_byte_identically_and_builds_its_page(name, mi
     assert table and all(line in page for line in table)  # the report's own table, verbatim
     assert (folder / "curves.png").is_file() and (folder / "angles.png").is_file()
     assert f"]({get_study(name).folder}/curves.png)" in page
-    assert "not available" in page and "Wang et al., arXiv:2207.02625" in page
+    assert "Wang et al., arXiv:2207.02625" in page and "Paper vs here:" in page
+    first_row = {"table1": "Table 1, row “ResNet-20 BN”", "curves": "Table 1, row “ResNet-20 BN”",
+                 "norms": "Table 3, row “BN (baseline)”", "placement": "Table 4, row “None (baseline)”"}[name]
+    assert f"paper, {first_row}" in page and f"| {only[0]} | here |" in page
+    assert page.splitlines()[4].startswith("**Not fitted**")  # one epoch on a few images fits nothing
     assert "Runs finished: 2 of 2 planned" in page and "| date | command | CPU |" in page
     baseline = only[0].upper() if name != "placement" else "BN everywhere (placement none)"
     assert f"**{only[1]}** against {baseline}: accuracy" in page
-    assert "not testable: fewer than two seeds in a group" in page
+    assert "not testable: fewer than two seeds in an arm" in page
     if name in ("table1", "curves"):
         assert "The paper reports, for L2BN against BN" in page
     if name == "curves":
@@ -250,3 +300,24 @@ def test_code_version_names_the_commit_and_local_changes(tmp_path, monkeypatch):
 def test_the_command_refuses_unknown_names_before_any_work(tmp_path, capsys):
     assert main(["study", "norms", "--root", str(tmp_path), "--only", "bogus"]) == 1
     assert "has no norm 'bogus'" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_pages_never_overwrite_a_file_the_project_did_not_write(tmp_path):
+    from l2bn.studies.page import PAGE_MARKER, ForeignFileError, build_index, build_page, check_pages
+
+    (tmp_path / "README.md").write_text("MINE\n")
+    with pytest.raises(ForeignFileError, match=r"README.md exists and was not written by l2bn.*--overwrite"):
+        check_pages(tmp_path, "table1")
+    with pytest.raises(ForeignFileError):
+        build_index(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "MINE\n"
+    (tmp_path / "table1.md").write_text("my notes\n")
+    with pytest.raises(ForeignFileError, match="table1.md"):
+        build_page(get_study("table1"), tmp_path, "python -m l2bn study table1")
+    assert (tmp_path / "table1.md").read_text() == "my notes\n"
+    page = build_page(get_study("table1"), tmp_path, "cmd", overwrite=True)
+    assert page.read_text().startswith(PAGE_MARKER)
+    build_page(get_study("table1"), tmp_path, "cmd")  # its own page: rebuilt without asking
+    (tmp_path / "README.md").unlink()
+    assert build_index(tmp_path).read_text().startswith(PAGE_MARKER)
+    check_pages(tmp_path, "table1")

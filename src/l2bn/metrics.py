@@ -7,6 +7,9 @@ taken at the input of the classification layer and ``u_n = x_n / ‖x_n‖₂``:
 * intra-class angle ``mean_n ∠(u_n, c_{y_n})`` — a mean over all samples            (eq. 2)
 * inter-class angle ``mean_i min_{j≠i} ∠(c_i, c_j)`` over classes that have a center  (eq. 3)
 * IIR               ``intra / inter`` — smaller means more discriminative features   (eq. 4)
+* cone angle        ``mean_n ∠(u_n, g)``, ``g`` the mean of the class centers — how wide the cone of all
+  features is; not in the paper: it tells a contracting cone (intra and inter both smaller) from classes
+  that separate (smaller intra, larger inter)
 
 Angles are in degrees. All sums run in float64. Conventions for the edge cases (see ``docs/metrics.md``):
 zero feature vectors have no direction and are skipped (and counted); a class with no sample has no
@@ -45,7 +48,8 @@ class AngleStats:
 
     ``centers`` (k × d, float64) are the means of the l2-normalised features (zero rows for classes without
     samples); pass them as ``centers=`` to measure another set (e.g. the test set) against them.
-    ``counts`` holds the number of samples used per class, ``num_skipped`` the zero vectors left out.
+    ``counts`` holds the number of samples used per class, ``num_skipped`` the zero vectors left out, ``cone``
+    the mean angle (degrees) of the features to the mean of the class centers.
     """
 
     intra: float
@@ -54,6 +58,7 @@ class AngleStats:
     centers: Tensor = field(repr=False)
     counts: Tensor = field(repr=False)
     num_skipped: int = 0
+    cone: float = math.nan
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -291,7 +296,8 @@ class AngleAccumulator:
 
 
 class IntraAngleAccumulator:
-    """Streaming second pass: sum and count of the angles between features and given class ``centers``.
+    """Streaming second pass: sum and count of the angles between features and given class ``centers``, and of
+    their angles to the mean of those centers (the cone angle).
 
     :meth:`compute` returns :class:`AngleStats` with the inter-class angle of ``centers``.
     """
@@ -301,7 +307,10 @@ class IntraAngleAccumulator:
         self.center_units, self.center_valid = _center_directions(centers.to(device))
         self._centers = centers.to(device=device, dtype=_ACC)
         self.device = device
+        self.cone_unit, cone_valid = _unit_rows(self._centers[self.center_valid].sum(0, keepdim=True))
+        self._cone_defined = bool(cone_valid.all())  # the centers' mean has a direction
         self.angle_sum = torch.zeros((), dtype=_ACC, device=device)
+        self.cone_sum = torch.zeros((), dtype=_ACC, device=device)
         self.counts = torch.zeros(centers.shape[0], dtype=torch.long, device=device)
         self.skipped = torch.zeros((), dtype=torch.long, device=device)
 
@@ -311,6 +320,7 @@ class IntraAngleAccumulator:
         if units.shape[1] != self.center_units.shape[1]:
             raise ValueError(f"features have dimension {units.shape[1]} but centers have {self.center_units.shape[1]}")
         self.angle_sum += _intra_sum(units, labels, self.center_units, self.center_valid)
+        self.cone_sum += _angle_deg(units, self.cone_unit.expand_as(units)).sum()
         self.counts += torch.bincount(labels, minlength=self.counts.numel())
         self.skipped += skipped
 
@@ -321,7 +331,7 @@ class IntraAngleAccumulator:
 
     def all_reduce(self, group: dist.ProcessGroup | None = None) -> None:
         """Sum the state over the ranks of ``group`` (no-op unless torch.distributed is initialised)."""
-        _all_reduce_((self.angle_sum, self.counts, self.skipped), group)
+        _all_reduce_((self.angle_sum, self.cone_sum, self.counts, self.skipped), group)
 
     def intra(self) -> float:
         """Mean intra-class angle (degrees) of the samples seen."""
@@ -334,7 +344,8 @@ class IntraAngleAccumulator:
         """``AngleStats`` of the samples seen, with the inter-class angle of the centers."""
         intra, inter = self.intra(), inter_angle(self._centers)
         iir = intra / inter if inter > 0 else math.inf
-        return AngleStats(intra, inter, iir, self._centers, self.counts.clone(), self.num_skipped)
+        cone = float(self.cone_sum) / int(self.counts.sum()) if self._cone_defined else math.nan
+        return AngleStats(intra, inter, iir, self._centers, self.counts.clone(), self.num_skipped, cone)
 
 
 # ---------------------------------------------------------------------------------- feature extraction

@@ -9,7 +9,10 @@ __all__ = ["dataset_labels", "stratified_indices", "stratified_subset"]
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:
-    """Integer labels of every sample: ``labels`` / ``targets`` when the dataset has them, else read one by one."""
+    """Integer labels of every sample: ``labels`` / ``targets`` when the dataset (or the one a ``Subset`` views)
+    has them, else read one by one."""
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
     for attr in ("labels", "targets"):
         labels = getattr(dataset, attr, None)
         if labels is not None:

@@ -8,11 +8,10 @@ from .catalog import STUDIES, Grid, Study, StudyOverrides, estimate_seconds, get
 from .folder import DEFAULT_ROOT, study_command
 from .page import SECTIONS, build_index, build_page, load_study_runs
 from .run import StudyResult, run_study
-from .stats import Difference, bootstrap_interval, compare_groups, welch_t_test
+from .stats import Difference, compare_groups, detectable_difference, holm
 
 __all__ = [
     "DEFAULT_ROOT", "SECTIONS", "STUDIES", "Difference", "Grid", "Study", "StudyOverrides", "StudyResult",
-    "bootstrap_interval", "build_index", "build_page", "compare_groups", "estimate_seconds", "get_study",
-    "list_studies",
-    "load_study_runs", "run_study", "study_command", "welch_t_test",
+    "build_index", "build_page", "compare_groups", "detectable_difference", "estimate_seconds", "get_study",
+    "holm", "list_studies", "load_study_runs", "run_study", "study_command",
 ]

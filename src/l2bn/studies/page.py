@@ -2,14 +2,17 @@
 
 Sections (:data:`SECTIONS`): the command; machine, versions and time (from ``environment.jsonl`` and the
 runs' ``timing.jsonl``); the sizing; the report's table exactly as :func:`l2bn.report.write_report` writes
-it; the paper's corresponding CIFAR-100 rows (labelled as the paper's; "not available" where we have no
-number); the report's figures; and a reading generated from the numbers — each effect's direction against
-BN (or the study's baseline) and the paper's, with Welch's t-test and a bootstrap interval on every
-difference (:mod:`l2bn.studies.stats`). No sentence states more than those numbers.
+it; the paper's corresponding rows (:mod:`l2bn.studies.paper`, labelled as the paper's) beside ours and a
+"paper vs here" table of the protocols; the report's figures; and a reading generated from the numbers — each
+effect's direction against BN (or the study's baseline) and the paper's, with a t-test (paired where the arms
+share seeds), its interval, Holm's correction over the page and the difference detectable at 80 % power
+(:mod:`l2bn.studies.stats`). The first line names the rows that did not fit their training data. No sentence
+states more than those numbers.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -23,14 +26,14 @@ from ..train.config import TrainConfig
 from ..train.report import grid_title
 from ..train.rundir import ANGLE_KEYS, ANGLE_TITLES, RunDir, read_jsonl
 from .catalog import CONTENDED_TIMING, EPOCH_SECONDS, STEP_RATIO, STUDY_JOBS, Study, estimate_seconds
-from .paper import PAPER_CLAIM, PAPER_ROWS, PAPER_SOURCE
 from .folder import environment_records, grid_dir
-from .stats import Difference, compare_groups
+from .paper import PAPER_CLAIM, PAPER_PROTOCOL, PAPER_SOURCE, paper_rows
+from .stats import Difference, compare_groups, holm, paired_seeds
 
 __all__ = ["SECTIONS", "build_index", "build_page", "load_study_runs"]
 
 SECTIONS = ("## Command", "## Machine, versions and time", "## Sizing", "## Results",
-            "## The paper's numbers (CIFAR-100, different data)", "## Figures", "## Reading")
+            "## The paper's numbers beside ours", "## Figures", "## Reading")
 METRICS = ("acc", *ANGLE_KEYS)
 TITLES = {"acc": "accuracy", **ANGLE_TITLES}
 UNITS = {"acc": " points", "intra_train": "°", "intra_test": "°", "inter": "°", "iir_train": "", "iir_test": ""}
@@ -69,10 +72,7 @@ def _key(identity: dict) -> str:
 
 
 def _values(runs: Sequence[report.Run], metric: str) -> list[float]:
-    ok = [r for r in runs if not r.failed]
-    if metric == "acc":
-        return [r.best_acc for r in ok]
-    return [v for v in (r.final_angles().get(metric) for r in ok) if v is not None and math.isfinite(v)]
+    return list(_by_seed(runs, metric).values())
 
 
 def _title(study: Study) -> str:
@@ -174,7 +174,7 @@ def _results_section(study: Study, runs: dict[str, list[report.Run]], root: Path
     table = [line for line in text if line.startswith("|")]
     notes = [line for line in text if line.startswith("Accuracy:")]
     lines = [f"The report (`{paths['markdown']}`, also `{paths['csv'].name}`), as `l2bn.report` writes it:", "",
-             *table, "", *notes, ""]
+             *table, "", *notes, "", *_repeated_line(study, runs, root)]
     if study.runs_of:
         lines += _per_epoch_table(runs)
     return lines, paths
@@ -204,16 +204,65 @@ def _epoch_means(group: Sequence[report.Run], key: str) -> dict[int, float]:
     return {} if curve is None else {int(e): float(m) for e, m in zip(curve[0], curve[1])}
 
 
-def _paper_section(study: Study) -> list[str]:
-    head = ["Paper's row (CIFAR-100)", "Accuracy (%)"] + [ANGLE_TITLES[k] for k in ANGLE_KEYS]
-    lines = [f"From {PAPER_SOURCE}, for reference only: another data set (CIFAR-100), other models and "
-             "200–300-epoch recipes, so no number here is expected to match ours. Cells read \"not available\" where "
-             "the paper's table could not be read on this machine (see `l2bn/studies/paper.py`); nothing is "
-             "guessed.", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for label, values in PAPER_ROWS.get(study.name, []):
-        cells = [label] + ["not available" if values[m] is None else f"{values[m]:.2f}" for m in METRICS]
+def _ours(runs: Sequence[report.Run], metric: str) -> str:
+    values = _values(runs, metric)
+    if not values:
+        return ""
+    digits = 3 if metric.startswith("iir") else 2
+    spread = f" ± {np.std(values, ddof=1):.{digits}f}" if metric == "acc" and len(values) > 1 else ""
+    return f"{np.mean(values):.{digits}f}{spread}"
+
+
+def _paper_section(study: Study, runs: dict[str, list[report.Run]]) -> list[str]:
+    rows = paper_rows(study.name, study.config(study.grids[0]).model)
+    if not rows:
+        return ["The paper has no table this study corresponds to.", ""]
+    head = ["Row", "Source", "Accuracy (%)"] + [ANGLE_TITLES[k] for k in ANGLE_KEYS]
+    lines = [f"The paper's rows ({PAPER_SOURCE}; CIFAR-100, ResNet-56 for Tables 3–5, 200-epoch recipes: other "
+             "data, models and budgets, so no number is expected to match) beside this study's (Fashion-MNIST, "
+             "the model and budget of the table below). Cells the paper's table does not report are empty.", "",
+             "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for row in rows:
+        cells = [row.norm, f"paper, {row.citation}"]
+        acc = row.values.get("acc")
+        cells.append("" if acc is None else f"{acc:.2f}" + (f" ± {row.values['acc_std']:.2f}" if "acc_std" in
+                                                             row.values else ""))
+        cells += [_paper_cell(row.values.get(k), k) for k in ANGLE_KEYS]
         lines.append("| " + " | ".join(cells) + " |")
-    return lines + [""]
+        if row.norm in runs and not any(r.norm == row.norm for r in rows[:rows.index(row)]):
+            lines.append("| " + " | ".join([row.norm, "here"] + [_ours(runs[row.norm], m) for m in METRICS]) + " |")
+    return lines + ["", *_protocol_table(study)]
+
+
+def _paper_cell(value: float | None, metric: str) -> str:
+    return "" if value is None else f"{value:.{3 if metric.startswith('iir') else 2}f}"
+
+
+def _protocol_table(study: Study) -> list[str]:
+    """The paper's protocol against this study's, one line an aspect."""
+    config = study.config(study.grids[0])
+    recipe = config.recipe
+    subset = (f"a stratified {study.train_subset}-image subset (the same for every seed and norm)"
+              if study.train_subset else "the whole training set (60 000 images)")
+    centers = ("the whole training subset" if recipe.metrics_max_batches is None
+               else f"the first {recipe.metrics_max_batches * 256} training images (in order)")
+    here = {
+        "data": "Fashion-MNIST (28×28 grey, 10 classes, 60 000 training / 10 000 test images)",
+        "model": config.model,
+        "epochs": f"{study.epochs}",
+        "schedule": f"SGD, {'Nesterov ' if recipe.nesterov else ''}momentum {recipe.momentum}, lr {recipe.lr}, "
+                    f"{recipe.schedule}; weight decay {recipe.weight_decay}",
+        "augmentation": "random crop (padding 2) and horizontal flip",
+        "batch": f"{recipe.batch_size}",
+        "training subset": subset,
+        "angle sample": f"{centers} for the class centers and Intra(train); the test set for Intra(test)",
+        "epoch selection": "accuracy: best test accuracy over epochs (selected on the test set: optimistic); "
+                           "angles: final model",
+    }
+    paper = {**PAPER_PROTOCOL, "model": "ResNet-56 (Tables 3–5), the models of Table 1"}
+    lines = ["| | paper | here |", "|---|---|---|"]
+    lines += [f"| {aspect} | {paper.get(aspect, '')} | {value} |" for aspect, value in here.items()]
+    return ["Paper vs here:", "", *lines, ""]
 
 
 def _figures_section(study: Study, paths: dict, root: Path) -> list[str]:
@@ -230,15 +279,14 @@ def _figures_section(study: Study, paths: dict, root: Path) -> list[str]:
 def _describe(metric: str, d: Difference) -> str:
     digits = 3 if metric.startswith("iir") else 2
     unit = UNITS[metric]
-    text = (f"{TITLES[metric]} {d.mean_a:.{digits}f} vs {d.mean_b:.{digits}f} "
-            f"({d.diff:+.{digits}f}{unit}")
+    text = f"{TITLES[metric]} {d.mean_a:.{digits}f} vs {d.mean_b:.{digits}f} ({d.diff:+.{digits}f}{unit}"
     if not d.testable:
-        why = "fewer than two seeds in a group" if min(d.n_a, d.n_b) < 2 else "no seed-to-seed spread"
+        why = "fewer than two seeds in an arm" if min(d.n_a, d.n_b) < 2 else "no seed-to-seed spread"
         return text + f"; not testable: {why})"
-    verdict = ("larger than the seed-to-seed spread" if d.beyond_spread
-               else "not distinguishable from the seed-to-seed spread")
-    return (text + f"; Welch t = {d.t:.2f}, df = {d.df:.1f}, p = {d.p:.3g}; {int(d.level * 100)} % bootstrap "
-            f"interval [{d.low:+.{digits}f}, {d.high:+.{digits}f}]: {verdict})")
+    verdict = "larger than the seed-to-seed spread" if d.beyond_spread else "not distinguishable"
+    return (text + f"; {d.test_name} = {d.t:.2f}, df = {d.df:.1f}, p = {d.p:.3g}, Holm p = {d.p_holm:.3g}; "
+            f"{int(d.level * 100)} % interval [{d.low:+.{digits}f}, {d.high:+.{digits}f}]; detectable at 80 % power: "
+            f"±{d.detectable:.{digits}f}{unit}: {verdict})")
 
 
 def _direction(diff: float) -> int:
@@ -257,23 +305,47 @@ def _paper_comparison(diffs: dict[str, Difference]) -> str:
     return text + "; no agreeing difference is larger than the seed-to-seed spread."
 
 
+def _family(study: Study, runs: dict[str, list[report.Run]], baseline: str) -> dict[str, dict[str, Difference]]:
+    """Every row against the baseline on every metric — the page's family of tests, Holm-corrected together.
+    Arms that ran the same seeds are compared paired (seed by seed), others with Welch's test."""
+    raw = {}
+    for label, group in runs.items():
+        if label == baseline:
+            continue
+        raw[label] = {}
+        for metric in METRICS:
+            a, b, paired = paired_seeds(_by_seed(group, metric), _by_seed(runs[baseline], metric))
+            raw[label][metric] = compare_groups(a, b, paired=paired)
+    flat = holm([d for row in raw.values() for d in row.values()])
+    it = iter(flat)
+    return {label: {metric: next(it) for metric in row} for label, row in raw.items()}
+
+
+def _by_seed(runs: Sequence[report.Run], metric: str) -> dict[int, float]:
+    ok = [r for r in runs if not r.failed]
+    values = {r.seed: (r.best_acc if metric == "acc" else r.final_angles().get(metric)) for r in ok}
+    return {s: float(v) for s, v in values.items() if v is not None and math.isfinite(v)}
+
+
 def _reading_section(study: Study, runs: dict[str, list[report.Run]]) -> list[str]:
     baseline = study.baseline if len(study.grids) == 1 else study.grids[0].label
     if baseline not in runs or len(runs) < 2:
         return [f"Not enough finished runs to compare with {baseline!r} yet.", ""]
     base_name = "BN everywhere (placement none)" if len(study.grids) > 1 else baseline.upper()
+    family = _family(study, runs, baseline)
+    size = sum(d.testable for row in family.values() for d in row.values())
     lines = [f"Every row against {base_name}, over the seeds that finished (best test accuracy of each run; "
-             "angles of the final model). \"Larger than the seed-to-seed spread\" means Welch's two-sided "
-             "p < 0.05 and a 95 % bootstrap interval of the difference that excludes 0; with three to five "
-             "seeds a group, both are coarse.", ""]
+             "angles of the final model). Arms that ran the same seeds are compared seed by seed (paired t-test), "
+             "others with Welch's t-test; the intervals are the tests' 95 % t-intervals of the difference. "
+             f"This page's {size} tests form one family, corrected with Holm's method: \"larger than the "
+             "seed-to-seed spread\" means a Holm-adjusted p < 0.05. \"Detectable\" is the difference the same "
+             "test would find with 80 % power at this spread and seed count, so a \"not distinguishable\" rules "
+             "out differences about that large, not smaller ones.", ""]
     ranked = sorted(runs, key=lambda k: -np.mean(_values(runs[k], "acc") or [-math.inf]))
     lines.append("Accuracy order: " + " > ".join(
         f"{k} ({np.mean(_values(runs[k], 'acc')):.2f} %)" for k in ranked if _values(runs[k], "acc")) + ".")
     lines.append("")
-    for label, group in runs.items():
-        if label == baseline:
-            continue
-        diffs = {m: compare_groups(_values(group, m), _values(runs[baseline], m)) for m in METRICS}
+    for label, diffs in family.items():
         lines.append(f"- **{label}** against {base_name}: " + "; ".join(
             _describe(m, d) for m, d in diffs.items()) + ".")
         if label in ("l2bn", "all"):
@@ -304,35 +376,111 @@ def _curves_reading(runs: dict[str, list[report.Run]], baseline: str) -> list[st
     return lines
 
 
-def build_page(study: Study, root: str | os.PathLike, command: str) -> Path:
+def _repeated_line(study: Study, runs: dict[str, list[report.Run]], root: Path) -> list[str]:
+    """Name the rows whose runs repeat another study's byte for byte (the same computation, so no new evidence)."""
+    own = (root / study.folder).resolve()
+    elsewhere = {}
+    for path in root.glob("*/**/metrics.jsonl"):
+        if own not in path.resolve().parents:
+            elsewhere.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), path.parent.relative_to(root))
+    repeated = []
+    for label, group in runs.items():
+        same = [elsewhere.get(hashlib.sha256((r.path / "metrics.jsonl").read_bytes()).hexdigest()) for r in group]
+        if same and all(same):
+            repeated.append(f"{label} (= `{same[0].parent}/…`)")
+    if not repeated:
+        return []
+    return [f"Rows that repeat another study's runs byte for byte (the same computation: not new evidence): "
+            f"{', '.join(repeated)}.", ""]
+
+
+FIT_ACCURACY = 98.0  # train accuracy (%) at the last epoch from which a network counts as fitting its data
+
+
+def _fit_line(study: Study, runs: dict[str, list[report.Run]]) -> list[str]:
+    """The page's first line: which rows did not fit their training data (last-epoch train accuracy below
+    :data:`FIT_ACCURACY`, mean over seeds) — their angles are those of unconverged networks."""
+    final = {label: [r.records[-1]["train_acc"] for r in group if not r.failed and r.records]
+             for label, group in runs.items()}
+    under = {label: float(np.mean(v)) for label, v in final.items() if v and np.mean(v) < FIT_ACCURACY}
+    if not final:
+        return ["No run has finished yet."]
+    if not under:
+        return [f"Every row fits its training data (last-epoch train accuracy ≥ {FIT_ACCURACY:.0f} %)."]
+    names = ", ".join(f"{label} ({acc:.1f} %)" for label, acc in under.items())
+    return [f"**Not fitted** (last-epoch train accuracy below {FIT_ACCURACY:.0f} %, mean over seeds): {names}. "
+            "Their rows measure early training, not converged networks."]
+
+
+# The first line of every file this module writes; a file without it (or the legacy sentence below, which the
+# pages written before the marker carry) is someone else's and is never overwritten unless asked.
+PAGE_MARKER = "<!-- written by l2bn.studies.page from the run folders: edits are lost when it is rebuilt -->"
+_LEGACY_MARKERS = ("Generated by `l2bn.studies.page", )
+
+
+class ForeignFileError(FileExistsError):
+    """A page would overwrite a file that this project did not write."""
+
+
+def ours(path: Path) -> bool:
+    """Whether ``path`` is absent or a file that :mod:`l2bn.studies.page` wrote."""
+    if not path.exists():
+        return True
+    if not path.is_file():
+        return False
+    head = path.read_text(errors="replace")
+    return head.startswith(PAGE_MARKER) or any(marker in head for marker in _LEGACY_MARKERS)
+
+
+def check_pages(root: str | os.PathLike, name: str, *, overwrite: bool = False) -> None:
+    """Refuse, before any work, to write a study's page or the index over files the project did not write."""
+    if overwrite:
+        return
+    for path in (Path(root) / f"{name}.md", Path(root) / "README.md"):
+        _refuse_foreign(path)
+
+
+def _refuse_foreign(path: Path) -> None:
+    if not ours(path):
+        raise ForeignFileError(f"{path} exists and was not written by l2bn; move it away, choose another --root, "
+                               "or pass --overwrite to replace it")
+
+
+def _write_generated(path: Path, lines: list[str], overwrite: bool) -> Path:
+    if not overwrite:
+        _refuse_foreign(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([PAGE_MARKER, "", *lines]).rstrip() + "\n")
+    return path
+
+
+def build_page(study: Study, root: str | os.PathLike, command: str, *, overwrite: bool = False) -> Path:
     """Write ``<root>/<study.name>.md`` from the study's run folders (and its report into its folder)."""
     root = Path(root)
     runs, planned = load_study_runs(study, root)
     results, paths = _results_section(study, runs, root)
-    body = [f"# {study.title}", "",
-            f"Reproduces the paper's {study.reproduces} on Fashion-MNIST (28×28 grey images, 10 classes, 60000 "
-            "training and 10000 test images), with the paper's protocol: seeds from 121, best test accuracy "
-            "mean ± std over seeds, intra/inter-class angles and IIR of the classifier-input features of train "
-            "and test data (test intra-angles against train class centers). Generated by "
-            "`l2bn.studies.page` from the run folders; no number is edited by hand.", ""]
+    body = [f"# {study.title}", "", *_fit_line(study, runs), "",
+            f"Tests the claims of the paper's {study.reproduces} on Fashion-MNIST (28×28 grey images, 10 classes, "
+            "60000 training and 10000 test images) — not the paper's protocol, whose data, models and budgets differ "
+            "(\"Paper vs here\" below): seeds from 121, best test accuracy mean ± std over seeds, intra/inter-class "
+            "angles and IIR of the classifier-input features of train and test data (test intra-angles against "
+            "train class centers). Generated by `l2bn.studies.page` from the run folders; no number is edited by "
+            "hand.", ""]
     sections = {
         "## Command": _command_section(study, command, root),
         "## Machine, versions and time": _machine_section(study, runs, planned, root),
         "## Sizing": _sizing_section(study),
         "## Results": results,
-        "## The paper's numbers (CIFAR-100, different data)": _paper_section(study),
+        "## The paper's numbers beside ours": _paper_section(study, runs),
         "## Figures": _figures_section(study, paths, root),
         "## Reading": _reading_section(study, runs),
     }
     for heading in SECTIONS:
         body += [heading, "", *sections[heading]]
-    page = root / f"{study.name}.md"
-    page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text("\n".join(body).rstrip() + "\n")
-    return page
+    return _write_generated(root / f"{study.name}.md", body, overwrite)
 
 
-def build_index(root: str | os.PathLike) -> Path:
+def build_index(root: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``<root>/README.md``: every study with its command, page, progress and time (from its run folders)."""
     from .catalog import STUDIES
     from .folder import study_command
@@ -356,7 +504,4 @@ def build_index(root: str | os.PathLike) -> Path:
     lines += ["", f"Estimated total: {_hours(total)} of this 2-core machine (sizing on each page). Run them in the "
               "background, e.g. `nohup python -m l2bn study table1 &`; an interrupted study continues where it "
               "stopped when its command is run again, and `--report-only` rebuilds a page without training.", ""]
-    index = root / "README.md"
-    index.parent.mkdir(parents=True, exist_ok=True)
-    index.write_text("\n".join(lines))
-    return index
+    return _write_generated(root / "README.md", lines, overwrite)
