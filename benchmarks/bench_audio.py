@@ -24,38 +24,39 @@ import torch.nn as nn
 
 from l2bn import L2BatchNorm2d
 from l2bn.bench import environment_line, training_step_ms
-from l2bn.data import audio
+from l2bn.data import tau2020
+from l2bn.data.tau2020 import cache as tau2020_cache
 from l2bn.models import create_model
 
 FOLD1_TRAIN_CLIPS = 13_964
 
 
-def write_clips(root: Path, count: int) -> audio.Split:
+def write_clips(root: Path, count: int) -> tau2020.Split:
     """``count`` 10-s noise-plus-tone wavs under ``root/audio`` and the matching split."""
     (root / "audio").mkdir(parents=True)
     rng = np.random.default_rng(0)
     t = np.arange(441_000) / 44_100
     files, labels = [], []
     for i in range(count):
-        scene = audio.SCENES[i % len(audio.SCENES)]
+        scene = tau2020.SCENES[i % len(tau2020.SCENES)]
         name = f"audio/{scene}-bench-{i}-0-a.wav"
         y = 0.2 * np.sin(2 * np.pi * 100 * (i % 10 + 1) * t) + 0.05 * rng.standard_normal(t.size)
         soundfile.write(root / name, y, 44_100)
         files.append(name)
-        labels.append(i % len(audio.SCENES))
-    return audio.Split(root, "train", tuple(files), tuple(labels), ("a",) * count)
+        labels.append(i % len(tau2020.SCENES))
+    return tau2020.Split(root, "train", tuple(files), tuple(labels), ("a",) * count)
 
 
 def extraction_rates(count: int, workers: int) -> tuple[float, float]:
-    """Clips per second of :func:`l2bn.data.audio.extract_split`, serial and with ``workers`` processes."""
-    params = audio.FeatureParams()
+    """Clips per second of :func:`l2bn.data.tau2020.extract_split`, serial and with ``workers`` processes."""
+    params = tau2020.FeatureParams()
     with tempfile.TemporaryDirectory() as tmp:
         split = write_clips(Path(tmp) / "data", count)
-        audio._read_clip(split.root / split.files[0], params)  # librosa's lazy imports and caches
+        tau2020_cache._read_clip(split.root / split.files[0], params)  # librosa's lazy imports and caches
         rates = []
         for name, n in (("serial", 0), ("parallel", workers)):
             start = time.perf_counter()
-            audio.extract_split(split, params, Path(tmp) / name, workers=n, progress=False)
+            tau2020.extract_split(split, params, Path(tmp) / name, workers=n, progress=False)
             rates.append(count / (time.perf_counter() - start))
     return rates[0], rates[1]
 

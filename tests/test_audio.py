@@ -16,10 +16,12 @@ import soundfile
 import torch
 
 from l2bn.data import DataError, build_data
-from l2bn.data import audio
+from l2bn.data import tau2020
+from l2bn.data.tau2020 import cache as tau2020_cache
+from l2bn.data.tau2020 import dataset as tau2020_dataset
 
 # Scaled-down extraction: 0.5 s at 8 kHz, n_fft 256, hop 64 → 1 + 62 = 63 STFT frames, 55 after the trims.
-SMALL = audio.FeatureParams(sample_rate=8000, duration=0.5, n_fft=256, hop_length=64, n_mels=32)
+SMALL = tau2020.FeatureParams(sample_rate=8000, duration=0.5, n_fft=256, hop_length=64, n_mels=32)
 TRAIN_DEVICES, TEST_DEVICES = ("a", "b", "s1"), ("a", "s2", "s4")
 
 
@@ -34,11 +36,11 @@ def write_tau2020(base: Path, *, rate: int = 8000, seconds: float = 0.5, train_d
                   test_devices=TEST_DEVICES) -> Path:
     """A miniature development set one folder down: audio/, meta.csv, evaluation_setup/ (the evaluate list in
     CRLF, as the official fold1_evaluate.csv)."""
-    root = base / audio.SUBFOLDER
+    root = base / tau2020.SUBFOLDER
     (root / "audio").mkdir(parents=True)
     (root / "evaluation_setup").mkdir()
     rows = {"train": [], "evaluate": []}
-    for k, scene in enumerate(audio.SCENES):
+    for k, scene in enumerate(tau2020.SCENES):
         for split, devices in (("train", train_devices), ("evaluate", test_devices)):
             for d, device in enumerate(devices):
                 name = f"audio/{scene}-lyon-{k}-{d}{split[0]}-{device}.wav"
@@ -49,7 +51,7 @@ def write_tau2020(base: Path, *, rate: int = 8000, seconds: float = 0.5, train_d
     (root / "meta.csv").write_text("\n".join(meta) + "\n")
     for split, lines in rows.items():
         text = "\n".join(["filename\tscene_label"] + [f"{n}\t{s}" for n, s in lines]) + "\n"
-        path = root / "evaluation_setup" / audio.SPLIT_FILES[split]
+        path = root / "evaluation_setup" / tau2020.SPLIT_FILES[split]
         path.write_bytes(text.replace("\n", "\r\n").encode() if split == "evaluate" else text.encode())
     return root
 
@@ -82,7 +84,7 @@ def test_extract_features_matches_independent_librosa_on_10s_44k():
     rng = np.random.default_rng(0)
     t = np.arange(441_000) / 44_100
     y = 0.2 * np.sin(2 * np.pi * 440 * t) * (1 + np.sin(2 * np.pi * 0.5 * t)) + 0.05 * rng.standard_normal(t.size)
-    features = audio.extract_features(y)
+    features = tau2020.logmel_features(y)
     assert features.shape == (3, 128, 423) and features.dtype == torch.float32
     expected = _independent_features(y, 44_100)
     assert np.allclose(features.numpy(), expected, atol=2e-6, rtol=0)
@@ -92,17 +94,17 @@ def test_extract_features_matches_independent_librosa_on_10s_44k():
 def test_extract_features_mono_padding_and_truncation():
     rng = np.random.default_rng(1)
     y = rng.standard_normal(SMALL.samples + 500)
-    base = audio.extract_features(y, 8000, SMALL)  # the first 0.5 s only
+    base = tau2020.logmel_features(y, 8000, SMALL)  # the first 0.5 s only
     assert base.shape == SMALL.shape == (3, 32, 55)
-    assert torch.equal(base, audio.extract_features(y[: SMALL.samples], 8000, SMALL))
+    assert torch.equal(base, tau2020.logmel_features(y[: SMALL.samples], 8000, SMALL))
     stereo = np.stack([y + 0.1, y - 0.1], axis=1)  # (samples, channels), mean = y
-    assert torch.allclose(audio.extract_features(stereo, 8000, SMALL), base, atol=1e-6)
-    assert torch.allclose(audio.extract_features(torch.from_numpy(stereo.T), 8000, SMALL), base, atol=1e-6)
+    assert torch.allclose(tau2020.logmel_features(stereo, 8000, SMALL), base, atol=1e-6)
+    assert torch.allclose(tau2020.logmel_features(torch.from_numpy(stereo.T), 8000, SMALL), base, atol=1e-6)
     short = y[:1000]
     padded = np.concatenate([short, np.zeros(SMALL.samples - 1000)])
-    assert torch.equal(audio.extract_features(short, 8000, SMALL), audio.extract_features(padded, 8000, SMALL))
+    assert torch.equal(tau2020.logmel_features(short, 8000, SMALL), tau2020.logmel_features(padded, 8000, SMALL))
     with pytest.raises(ValueError, match="sample_rate 16000 differs"):
-        audio.extract_features(y, 16000, SMALL)
+        tau2020.logmel_features(y, 16000, SMALL)
 
 
 def test_real_recording_when_dcase_util_is_installed():
@@ -117,7 +119,7 @@ def test_real_recording_when_dcase_util_is_installed():
         pytest.skip(f"dcase_util has no {path}")
     waveform, rate = soundfile.read(path)
     assert rate == 44_100 and waveform.ndim == 2
-    features = audio.extract_features(waveform, rate)
+    features = tau2020.logmel_features(waveform, rate)
     assert features.shape == (3, 128, 423) and torch.isfinite(features).all()
     assert waveform.shape[0] == 441_001  # one sample over 10 s: the features keep the first 441 000, as the reference
     expected = _independent_features(waveform[:441_000].mean(axis=1), rate)
@@ -126,21 +128,21 @@ def test_real_recording_when_dcase_util_is_installed():
 
 # --------------------------------------------------------------------------------------------- layout
 def test_layout_one_level_down_and_crlf_csv(tau):
-    root = audio.find_root(tau.parent)
+    root = tau2020.find_root(tau.parent)
     assert root == tau and b"\r\n" in (tau / "evaluation_setup" / "fold1_evaluate.csv").read_bytes()
-    train = audio.read_split(root, "train")
+    train = tau2020.read_split(root, "train")
     assert len(train.files) == 30 and train.files[0] == "audio/airport-lyon-0-0t-a.wav"  # no stray \r
-    assert train.labels[:3] == (0, 0, 0) and train.labels[-1] == audio.SCENES.index("tram") == 9
-    assert set(train.devices) == set(TRAIN_DEVICES) and audio.device_of("audio/x-y-1-2-s5.wav") == "s5"
-    evaluate = audio.read_split(root, "evaluate")
+    assert train.labels[:3] == (0, 0, 0) and train.labels[-1] == tau2020.SCENES.index("tram") == 9
+    assert set(train.devices) == set(TRAIN_DEVICES) and tau2020.device_of("audio/x-y-1-2-s5.wav") == "s5"
+    evaluate = tau2020.read_split(root, "evaluate")
     assert set(evaluate.devices) == set(TEST_DEVICES) and evaluate.labels[-1] == 9  # no "tram\r"
     assert all(not f.endswith("\r") for f in evaluate.files)
-    assert audio.SCENES == tuple(sorted(audio.SCENES))
+    assert tau2020.SCENES == tuple(sorted(tau2020.SCENES))
 
 
 def test_bundle_shapes_crop_devices_and_cache(tau, tmp_path):
     cache = tmp_path / "cache"
-    data = audio.tau2020(tau.parent, params=SMALL, cache_dir=cache, workers=0)
+    data = tau2020.tau2020(tau.parent, params=SMALL, cache_dir=cache, workers=0)
     assert (data.name, data.num_classes, data.in_channels, data.image_size) == ("tau2020", 10, 3, 32)
     assert (len(data.train), len(data.train_eval), len(data.test)) == (30, 30, 30)
     crop = round(400 * 55 / 423)
@@ -152,7 +154,7 @@ def test_bundle_shapes_crop_devices_and_cache(tau, tmp_path):
     assert starts  # the crop is a window of the clip, never starting at the last position
     test_x, test_y = data.test[7]
     clip = tau / data.test.files[7]
-    assert torch.equal(test_x, audio.extract_features(soundfile.read(clip)[0], 8000, SMALL))
+    assert torch.equal(test_x, tau2020.logmel_features(soundfile.read(clip)[0], 8000, SMALL))
     assert test_y == 2 and data.test.devices[7] == "s2" and data.test.devices[8] == "s4"
     folder = cache / SMALL.key()
     assert sorted(p.name for p in folder.iterdir()) == ["evaluate", "train"]
@@ -163,7 +165,7 @@ def test_bundle_shapes_crop_devices_and_cache(tau, tmp_path):
 def test_loader_workers_open_the_memory_map_themselves(tau, tmp_path):
     import pickle
 
-    data = audio.tau2020(tau, params=SMALL, cache_dir=tmp_path / "cache", workers=0)
+    data = tau2020.tau2020(tau, params=SMALL, cache_dir=tmp_path / "cache", workers=0)
     data.test[0]  # opens the map in this process
     assert pickle.loads(pickle.dumps(data.test))._array is None  # workers never receive the mapped data
     loader = torch.utils.data.DataLoader(data.test, batch_size=7, num_workers=2)
@@ -173,14 +175,14 @@ def test_loader_workers_open_the_memory_map_themselves(tau, tmp_path):
 
 def test_cache_is_reused_and_parameters_change_re_extracts(tau, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    first = audio.tau2020(tau, params=SMALL, cache_dir=cache, workers=0)
+    first = tau2020.tau2020(tau, params=SMALL, cache_dir=cache, workers=0)
     reads = []
-    real = audio._read_clip
-    monkeypatch.setattr(audio, "_read_clip", lambda path, params: reads.append(path) or real(path, params))
-    again = audio.tau2020(tau, params=SMALL, cache_dir=cache, workers=0)
+    real = tau2020_cache._read_clip
+    monkeypatch.setattr(tau2020_cache, "_read_clip", lambda path, params: reads.append(path) or real(path, params))
+    again = tau2020.tau2020(tau, params=SMALL, cache_dir=cache, workers=0)
     assert reads == [] and torch.equal(again.test[3][0], first.test[3][0])
-    other = audio.FeatureParams(sample_rate=8000, duration=0.5, n_fft=256, hop_length=64, n_mels=24)
-    changed = audio.tau2020(tau, params=other, cache_dir=cache, workers=0)
+    other = tau2020.FeatureParams(sample_rate=8000, duration=0.5, n_fft=256, hop_length=64, n_mels=24)
+    changed = tau2020.tau2020(tau, params=other, cache_dir=cache, workers=0)
     assert len(reads) == 60 and changed.test[3][0].shape == (3, 24, 55) and other.key() != SMALL.key()
 
 
@@ -193,21 +195,21 @@ def test_extraction_workers_use_one_blas_thread(tau, tmp_path, monkeypatch):
     2-thread workers on 2 cores ran slower than one serial process). The forked workers write what they see."""
     from threadpoolctl import threadpool_info
 
-    split = audio.read_split(tau, "train")
-    shape = audio._read_clip(tau / split.files[0], SMALL).shape
+    split = tau2020.read_split(tau, "train")
+    shape = tau2020_cache._read_clip(tau / split.files[0], SMALL).shape
 
     def blas_threads(path, params):
         threads = max((p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"), default=1)
         return np.full(shape, threads, dtype=np.float32)
 
-    monkeypatch.setattr(audio, "_read_clip", blas_threads)
-    folder = audio.extract_split(split, SMALL, tmp_path / "cache", workers=2, chunk=3)
+    monkeypatch.setattr(tau2020_cache, "_read_clip", blas_threads)
+    folder = tau2020.extract_split(split, SMALL, tmp_path / "cache", workers=2, chunk=3)
     assert np.all(np.load(folder / "logmel.npy") == 1)
 
 
 def test_interrupted_extraction_resumes_with_the_missing_clips(tau, tmp_path, monkeypatch):
     cache, calls, killed = tmp_path / "cache", [], []
-    real = audio._read_clip
+    real = tau2020_cache._read_clip
 
     def flaky(path, params):
         calls.append(path)
@@ -216,15 +218,15 @@ def test_interrupted_extraction_resumes_with_the_missing_clips(tau, tmp_path, mo
             raise _Killed
         return real(path, params)
 
-    monkeypatch.setattr(audio, "_read_clip", flaky)
-    split = audio.read_split(tau, "train")
+    monkeypatch.setattr(tau2020_cache, "_read_clip", flaky)
+    split = tau2020.read_split(tau, "train")
     with pytest.raises(_Killed):
-        audio.extract_split(split, SMALL, cache, workers=0, chunk=3)
+        tau2020.extract_split(split, SMALL, cache, workers=0, chunk=3)
     folder = cache / SMALL.key() / "train"
     assert not (folder / "index.json").exists()  # not marked complete
     assert np.load(folder / "done.npy").sum() == 6  # two chunks of three were flushed and marked
     calls.clear()
-    audio.extract_split(split, SMALL, cache, workers=0, chunk=3)
+    tau2020.extract_split(split, SMALL, cache, workers=0, chunk=3)
     assert len(calls) == 30 - 6
     features = np.load(folder / "logmel.npy")
     for i in (0, 5, 6, 29):
@@ -232,15 +234,15 @@ def test_interrupted_extraction_resumes_with_the_missing_clips(tau, tmp_path, mo
 
 
 def _extract_counting(root: Path, cache: Path, log: Path) -> None:
-    real = audio._read_clip
+    real = tau2020_cache._read_clip
 
     def counting(path, params):
         with open(log, "a") as f:
             f.write(f"{path.name}\n")
         return real(path, params)
 
-    audio._read_clip = counting  # in this forked child only
-    audio.extract_split(audio.read_split(root, "train"), SMALL, cache, workers=0)
+    tau2020_cache._read_clip = counting  # in this forked child only
+    tau2020.extract_split(tau2020.read_split(root, "train"), SMALL, cache, workers=0)
 
 
 def test_two_processes_extract_a_split_once(tau, tmp_path):
@@ -254,21 +256,21 @@ def test_two_processes_extract_a_split_once(tau, tmp_path):
         proc.join(60)
     assert [proc.exitcode for proc in procs] == [0, 0]
     assert len(log.read_text().splitlines()) == 30  # the second waited for the lock and found the split done
-    split = audio.read_split(tau, "train")
-    folder = audio.extract_split(split, SMALL, tmp_path / "cache", workers=0)
-    assert np.array_equal(np.load(folder / "logmel.npy")[3], audio._read_clip(tau / split.files[3], SMALL))
+    split = tau2020.read_split(tau, "train")
+    folder = tau2020.extract_split(split, SMALL, tmp_path / "cache", workers=0)
+    assert np.array_equal(np.load(folder / "logmel.npy")[3], tau2020_cache._read_clip(tau / split.files[3], SMALL))
 
 
 def test_parallel_extraction_equals_serial(tau, tmp_path):
-    split = audio.read_split(tau, "evaluate")
-    serial = audio.extract_split(split, SMALL, tmp_path / "serial", workers=0)
-    parallel = audio.extract_split(split, SMALL, tmp_path / "parallel", workers=2, chunk=4)
+    split = tau2020.read_split(tau, "evaluate")
+    serial = tau2020.extract_split(split, SMALL, tmp_path / "serial", workers=0)
+    parallel = tau2020.extract_split(split, SMALL, tmp_path / "parallel", workers=2, chunk=4)
     assert np.array_equal(np.load(serial / "logmel.npy"), np.load(parallel / "logmel.npy"))
 
 
 def test_spec_masks_and_scaling():
     torch.manual_seed(0)
-    masks = audio.SpecAugment(freq_width=5, time_width=7)
+    masks = tau2020.SpecAugment(freq_width=5, time_width=7)
     x = torch.ones(3, 32, 55)
     widths = set()
     for _ in range(50):
@@ -280,12 +282,12 @@ def test_spec_masks_and_scaling():
             assert torch.equal(zero, rows[:, None] | cols[None, :])  # only whole bands and whole frames
             widths.add((int(rows.sum()), int(cols.sum())))
     assert len(widths) > 10 and torch.equal(x, torch.ones(3, 32, 55))  # input untouched
-    full = audio.SpecAugment()
+    full = tau2020.SpecAugment()
     assert (full.freq_width, full.time_width) == (13, 40)  # ≤ 12 bins and ≤ 39 frames, as the reference
 
 
 def test_masked_training_split(tau, tmp_path):
-    data = audio.tau2020(tau, params=SMALL, cache_dir=tmp_path / "c", workers=0, spec_masks=True)
+    data = tau2020.tau2020(tau, params=SMALL, cache_dir=tmp_path / "c", workers=0, spec_masks=True)
     assert data.train.augment.freq_width == round(13 * 32 / 128) and data.train.augment.time_width == 5
     assert data.test.augment is None and data.train_eval.crop is None
 
@@ -293,7 +295,7 @@ def test_masked_training_split(tau, tmp_path):
 # ------------------------------------------------------------------------------------------ bad input
 def test_missing_data_dir_and_setup(tmp_path):
     with pytest.raises(DataError, match="pass --data-dir"):
-        audio.find_root(None)
+        tau2020.find_root(None)
     with pytest.raises(DataError, match="no evaluation_setup/"):
         build_data("tau2020", tmp_path)
 
@@ -301,46 +303,46 @@ def test_missing_data_dir_and_setup(tmp_path):
 def test_missing_csv(tau):
     (tau / "evaluation_setup" / "fold1_evaluate.csv").unlink()
     with pytest.raises(DataError, match="missing .*fold1_evaluate.csv"):
-        audio.tau2020(tau, params=SMALL, workers=0)
+        tau2020.tau2020(tau, params=SMALL, workers=0)
 
 
 def test_csv_without_expected_columns(tau):
     (tau / "evaluation_setup" / "fold1_train.csv").write_text("file,label\naudio/a.wav,park\n")
     with pytest.raises(DataError, match=r"fold1_train.csv has columns \['file,label'\]; expected .*scene_label"):
-        audio.read_split(tau, "train")
+        tau2020.read_split(tau, "train")
 
 
 def test_unknown_scene_label(tau):
     path = tau / "evaluation_setup" / "fold1_evaluate.csv"
     path.write_text(path.read_text().replace("\tpark\n", "\tbeach\n", 1))
     with pytest.raises(DataError, match=r"fold1_evaluate.csv line \d+: unknown scene label 'beach'"):
-        audio.read_split(tau, "evaluate")
+        tau2020.read_split(tau, "evaluate")
 
 
 def test_missing_wav(tau):
     (tau / "audio" / "bus-lyon-1-1t-b.wav").unlink()
     with pytest.raises(DataError, match="missing under .*bus-lyon-1-1t-b.wav"):
-        audio.read_split(tau, "train")
+        tau2020.read_split(tau, "train")
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_unreadable_wav(tau, tmp_path, workers):
     (tau / "audio" / "tram-lyon-9-2e-s4.wav").write_bytes(b"RIFF\x00\x00not a wave file")
     with pytest.raises(DataError, match="cannot read .*tram-lyon-9-2e-s4.wav"):
-        audio.tau2020(tau, params=SMALL, cache_dir=tmp_path / "c", workers=workers)
+        tau2020.tau2020(tau, params=SMALL, cache_dir=tmp_path / "c", workers=workers)
 
 
 def test_wrong_sample_rate_names_the_file(tau, tmp_path):
     with pytest.raises(DataError, match=r"airport-lyon-0-0t-a.wav is sampled at 8000 Hz, expected 44100 Hz"):
-        audio.tau2020(tau, cache_dir=tmp_path / "c", workers=0)
+        tau2020.tau2020(tau, cache_dir=tmp_path / "c", workers=0)
 
 
 # ------------------------------------------------------------------------------------- end to end
 def test_compare_one_epoch_end_to_end_with_device_table_and_confusion(tmp_path, monkeypatch, capsys):
     from l2bn.cli import main
 
-    tiny = audio.FeatureParams(sample_rate=8000, duration=0.25, n_fft=256, hop_length=64, n_mels=16)
-    monkeypatch.setattr(audio, "DEFAULT_PARAMS", tiny)  # what build_data("tau2020") extracts with
+    tiny = tau2020.FeatureParams(sample_rate=8000, duration=0.25, n_fft=256, hop_length=64, n_mels=16)
+    monkeypatch.setattr(tau2020_dataset, "DEFAULT_PARAMS", tiny)  # what build_data("tau2020") extracts with
     write_tau2020(tmp_path / "data", train_devices=("a", "b"), test_devices=("a", "b", "s1", "s2", "s3", "s5"))
     out = tmp_path / "cmp"
     argv = ["compare", "--dataset", "tau2020", "--model", "fcnn", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
@@ -351,7 +353,7 @@ def test_compare_one_epoch_end_to_end_with_device_table_and_confusion(tmp_path, 
     assert run["config"]["recipe"]["schedule"] == "cosine-restarts" and run["config"]["recipe"]["spec_masks"]
     record = json.loads((out / "runs" / "l2bn-s121" / "metrics.jsonl").read_text().splitlines()[0])
     confusion = record["test_confusion"]
-    assert confusion["groups"] == ["a", "b", "s1", "s2", "s3", "s5"] and confusion["classes"] == list(audio.SCENES)
+    assert confusion["groups"] == ["a", "b", "s1", "s2", "s3", "s5"] and confusion["classes"] == list(tau2020.SCENES)
     counts = np.asarray(confusion["counts"])
     assert counts.shape == (6, 10, 10) and (counts.sum(axis=2) == 1).all()  # one clip per (device, scene)
     assert np.trace(counts.sum(0)) / 60 * 100 == pytest.approx(record["test_acc"])
@@ -377,8 +379,8 @@ def test_tau2020_run_resumes_exactly_under_bf16_and_channels_last(tmp_path, monk
     from l2bn.train import TrainConfig, train
     from l2bn.train.recipes import get_recipe
 
-    tiny = audio.FeatureParams(sample_rate=8000, duration=0.25, n_fft=256, hop_length=64, n_mels=16)
-    monkeypatch.setattr(audio, "DEFAULT_PARAMS", tiny)
+    tiny = tau2020.FeatureParams(sample_rate=8000, duration=0.25, n_fft=256, hop_length=64, n_mels=16)
+    monkeypatch.setattr(tau2020_dataset, "DEFAULT_PARAMS", tiny)
     write_tau2020(tmp_path / "data")
     recipe = get_recipe("tau2020-fcnn", epochs=2, batch_size=10, metrics_every=1)
 
@@ -400,7 +402,7 @@ def test_tau2020_run_resumes_exactly_under_bf16_and_channels_last(tmp_path, monk
     assert all(np.isfinite(json.loads(line)["train_loss"]) for line in full.splitlines())
 
 
-TINY = audio.FeatureParams(sample_rate=8000, duration=0.25, n_fft=256, hop_length=64, n_mels=16)
+TINY = tau2020.FeatureParams(sample_rate=8000, duration=0.25, n_fft=256, hop_length=64, n_mels=16)
 
 
 def _ddp_worker(rank: int, port: int, data_dir: str, out: str) -> None:
@@ -412,7 +414,7 @@ def _ddp_worker(rank: int, port: int, data_dir: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    audio.DEFAULT_PARAMS = TINY
+    tau2020_dataset.DEFAULT_PARAMS = TINY
     config = TrainConfig(dataset="tau2020", model="fcnn", norm="l2bn", data_dir=data_dir, out=out, device="cpu",
                          recipe=get_recipe("tau2020-fcnn", epochs=1, batch_size=10, metrics_every=1), sync_bn=True,
                          progress=False, model_kwargs={"widths": [8, 8, 16]})
@@ -436,7 +438,7 @@ def test_ddp_two_ranks_extract_once_and_reduce_the_device_confusion(tmp_path, mo
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     counts = np.asarray(record["test_confusion"]["counts"])
     assert counts.sum() == 30 and (counts.sum(axis=2) == 1).all()  # both shards, every clip once
-    monkeypatch.setattr(audio, "DEFAULT_PARAMS", TINY)
+    monkeypatch.setattr(tau2020_dataset, "DEFAULT_PARAMS", TINY)
     single = analyze_checkpoint(out / "last.pt", device="cpu")  # one process, the whole test set
     assert single["test_confusion"] == record["test_confusion"]
     assert single["test_acc"] == pytest.approx(record["test_acc"])

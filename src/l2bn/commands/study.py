@@ -7,7 +7,7 @@ import sys
 
 from ..studies import DEFAULT_ROOT, StudyOverrides, get_study, list_studies, run_study
 from ..studies.catalog import STUDY_JOBS
-from .train import _int_list, _str_list
+from ._args import int_list, str_list
 
 __all__ = ["add_command"]
 
@@ -48,7 +48,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     m = p.add_argument_group("a smaller version (miniatures, tests): changes the experiment and the page")
     m.add_argument("--epochs", type=int, default=None)
     m.add_argument("--train-subset", type=int, default=None, metavar="N")
-    m.add_argument("--seeds", type=_int_list, default=None, help="comma-separated")
-    m.add_argument("--only", type=_str_list, default=None,
+    m.add_argument("--seeds", type=int_list, default=None, help="comma-separated")
+    m.add_argument("--only", type=str_list, default=None,
                    help="comma-separated norms (table1, norms, curves) or placements (placement) to keep")
     p.set_defaults(func=run)

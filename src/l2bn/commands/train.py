@@ -17,6 +17,7 @@ from ..train.engine import train
 from ..train.grid import compare
 from ..train.recipes import SCHEDULES, WEIGHT_DECAY_SCOPES, Recipe, default_recipe_name, get_recipe, list_recipes
 from ..train.rundir import ANGLE_KEYS
+from ._args import cycle_list, int_list, str_list
 
 __all__ = ["add_command", "default_jobs", "config_from_args", "recipe_from_args"]
 
@@ -34,39 +35,6 @@ _RECIPE_FLAGS = (
     "nesterov", "mixup_alpha", "label_smoothing", "metrics_every", "metrics_max_batches", "restart_cycles", "min_lr",
     "weight_decay_scope", "mixup_per_sample", "spec_masks",
 )
-
-
-def _unique(values: list, text: str) -> list:
-    """Reject an empty list (an empty flag must not silently fall back to defaults) and repeated entries."""
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected a non-empty comma-separated list, got {text!r}")
-    repeated = sorted({str(v) for v in values if values.count(v) > 1})
-    if repeated:
-        raise argparse.ArgumentTypeError(f"repeated entries {', '.join(repeated)} in {text!r}")
-    return values
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    return _unique(values, text)
-
-
-def _cycle_list(text: str) -> list[int]:
-    """Comma-separated epoch counts; repeats allowed (cycles of equal length)."""
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected a non-empty comma-separated list, got {text!r}")
-    return values
-
-
-def _str_list(text: str) -> list[str]:
-    return _unique([v.strip() for v in text.split(",") if v.strip()], text)
 
 
 def _add_experiment_options(p: argparse.ArgumentParser) -> None:
@@ -94,7 +62,7 @@ def _add_experiment_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--lr", type=float)
     r.add_argument("--weight-decay", type=float)
     r.add_argument("--schedule", choices=SCHEDULES)
-    r.add_argument("--milestones", type=_int_list, help="epochs of the step schedule, e.g. 150,225")
+    r.add_argument("--milestones", type=int_list, help="epochs of the step schedule, e.g. 150,225")
     r.add_argument("--gamma", type=float, help="step schedule factor")
     r.add_argument("--warmup-epochs", type=int)
     r.add_argument("--momentum", type=float)
@@ -103,7 +71,7 @@ def _add_experiment_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--label-smoothing", type=float)
     r.add_argument("--metrics-every", type=int, help="epochs between angle-metric evaluations")
     r.add_argument("--metrics-max-batches", type=int, help="train batches a rank uses for the class centers")
-    r.add_argument("--restart-cycles", type=_cycle_list, help="epochs of each cosine-restarts cycle, e.g. 2,4,8")
+    r.add_argument("--restart-cycles", type=cycle_list, help="epochs of each cosine-restarts cycle, e.g. 2,4,8")
     r.add_argument("--min-lr", type=float, help="floor of the cosine-restarts schedule")
     r.add_argument("--weight-decay-scope", choices=WEIGHT_DECAY_SCOPES, help="all parameters or conv weights only")
     r.add_argument("--mixup-per-sample", action=argparse.BooleanOptionalAction, default=None,
@@ -233,8 +201,8 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
                     "3 seeds (a few CPU minutes).",
     )
     _add_experiment_options(p)
-    p.add_argument("--norms", type=_str_list, default=["bn", "l2bn"], help="comma-separated (default: bn,l2bn)")
-    p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated (default: the recipe's seeds)")
+    p.add_argument("--norms", type=str_list, default=["bn", "l2bn"], help="comma-separated (default: bn,l2bn)")
+    p.add_argument("--seeds", type=int_list, default=None, help="comma-separated (default: the recipe's seeds)")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs at once, as separate processes sharing the CPU threads (default: one per GPU on "
                    "CUDA, else 2 — or 1 on a single-core machine)")

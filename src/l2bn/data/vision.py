@@ -10,7 +10,6 @@ import gzip
 import os
 import pickle
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,14 +20,9 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-__all__ = [
-    "DataBundle",
-    "DataError",
-    "TensorImageDataset",
-    "build_data",
-    "list_datasets",
-    "FASHION_MNIST_SYSTEM_DIR",
-]
+from .base import DataBundle, DataError, TensorImageDataset
+
+__all__ = ["FASHION_MNIST_SYSTEM_DIR", "cifar", "digits", "fashion_mnist", "imagenet"]
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 _FASHION_FILES = (
@@ -44,45 +38,6 @@ _CIFAR_STATS = {
 }
 _FASHION_STATS = ((0.2860,), (0.3530,))
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-class DataError(RuntimeError):
-    """Data missing or unreadable; the message says where we looked and how to get the data."""
-
-
-@dataclass
-class DataBundle:
-    """Splits of one dataset plus what a model needs to know about it."""
-
-    name: str
-    train: Dataset
-    train_eval: Dataset
-    test: Dataset
-    num_classes: int
-    in_channels: int
-    image_size: int
-
-
-class TensorImageDataset(Dataset):
-    """In-memory images ``(N, C, H, W)`` (uint8 or float) and int64 labels, with a per-sample transform."""
-
-    def __init__(self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Tensor] | None = None) -> None:
-        if images.dim() != 4 or images.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"expected images (N, C, H, W) and N labels, got {tuple(images.shape)} and {tuple(labels.shape)}"
-            )
-        self.images = images
-        self.labels = labels.long()
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = self.images[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[index])
 
 
 def _tensor_transform(mean: Sequence[float], std: Sequence[float], augment: Sequence[v2.Transform] = ()) -> v2.Compose:
@@ -344,37 +299,3 @@ class _CheckedImages(Dataset):
         except Exception as exc:
             path = self.folder.samples[index][0]
             raise DataError(f"imagenet: cannot read image {path} ({type(exc).__name__}: {exc})") from exc
-
-
-def _tau2020(data_dir=None, download=False, augment=True) -> DataBundle:
-    """TAU Urban Acoustic Scenes 2020 Mobile (``l2bn.data.audio``; imported lazily, it needs librosa)."""
-    from . import audio
-
-    return audio.tau2020(data_dir, augment=augment)
-
-
-_BUILDERS: dict[str, Callable[..., DataBundle]] = {
-    "digits": lambda data_dir=None, download=False, augment=True: digits(augment=augment),
-    "fashion-mnist": lambda data_dir=None, download=False, augment=True: fashion_mnist(data_dir, download, augment),
-    "cifar10": lambda data_dir=None, download=False, augment=True: cifar("cifar10", data_dir, download, augment),
-    "cifar100": lambda data_dir=None, download=False, augment=True: cifar("cifar100", data_dir, download, augment),
-    "imagenet": lambda data_dir=None, download=False, augment=True: imagenet(data_dir, augment),
-    "tau2020": _tau2020,
-}
-
-
-def list_datasets() -> list[str]:
-    """Names accepted by :func:`build_data`."""
-    return list(_BUILDERS)
-
-
-def build_data(
-    name: str, data_dir: str | os.PathLike | None = None, *, download: bool = False, augment: bool = True
-) -> DataBundle:
-    """Build the named dataset (see :func:`list_datasets`)."""
-    key = name.lower().replace("_", "-")
-    if key == "fashionmnist":
-        key = "fashion-mnist"
-    if key not in _BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(_BUILDERS)}")
-    return _BUILDERS[key](data_dir=data_dir, download=download, augment=augment)

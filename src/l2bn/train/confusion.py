@@ -1,6 +1,6 @@
 """Test-set confusion matrices per recording device (or any per-sample group a test set declares).
 
-A test set that has a ``devices`` attribute (one name per sample, as ``l2bn.data.audio`` datasets do) gets
+A test set that has a ``devices`` attribute (one name per sample, as ``l2bn.data.tau2020`` datasets do) gets
 one confusion matrix per device at every evaluation, stored in the epoch record as ``test_confusion``:
 ``{"groups": [names], "classes": [names], "counts": [group][true class][predicted class]}``, summed over DDP
 ranks. Reports derive per-device accuracy and the confusion figure from it.

@@ -39,11 +39,11 @@ from .ddp import DistEnv, all_reduce_sum, barrier, cleanup_distributed, setup_di
 from .evaluate import evaluate
 from .loaders import make_loader, prepare_data, shard
 from .mixup import forward_loss
-from .model import ModelFn, build_model, run_model_fn
+from .model import ModelFn, run_model_fn
 from .optim import build_optimizer, gate_clipper
 from .rundir import ANGLE_KEYS, DEVICE_KEYS, EPOCH_KEYS, NORM_STATE_KEYS, RunBusyError, RunDir
 
-__all__ = ["NonFiniteLossError", "RunState", "build_model", "norm_epoch_state", "save_checkpoint", "setup", "train",
+__all__ = ["NonFiniteLossError", "RunState", "norm_epoch_state", "save_checkpoint", "setup", "train",
            "train_one_epoch", "write_summary"]
 
 ABSURD_LOSS_FACTOR = 1e6  # a finite loss this many times the first epoch's warns (once a run)
@@ -297,7 +297,7 @@ def train(
 ) -> dict[str, Any]:
     """Run (or resume) one training run and return its summary (also written to ``summary.json``).
 
-    ``model_fn(num_classes=, in_channels=, norm=)`` overrides :func:`build_model`; ``data`` overrides
+    ``model_fn(num_classes=, in_channels=, norm=)`` overrides :func:`~l2bn.train.model.build_model`; ``data`` overrides
     :func:`l2bn.data.build_data`. ``stop_after=k`` ends the call after epoch k as if the run were killed
     there (for time-sliced jobs; continue with ``resume=True``); the returned dict then has ``stopped_after``.
     A diverged run raises :class:`NonFiniteLossError` after recording ``failed.json``; a folder that another

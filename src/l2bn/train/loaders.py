@@ -20,7 +20,7 @@ def prepare_data(config: TrainConfig, data: DataBundle | None, env: DistEnv) -> 
 
     data = data or build_data(config.dataset, config.data_dir, download=config.download and env.is_main)
     if config.recipe.spec_masks:
-        from ..data.audio import with_spec_masks
+        from ..data.tau2020 import with_spec_masks
 
         data = with_spec_masks(data)
     if config.train_subset is not None:

@@ -325,7 +325,7 @@ def plot_curves(runs: Iterable[Run], out_dir: str | os.PathLike, norms: Sequence
 
 def _device_columns(confusions: Sequence[dict]) -> list[tuple[str, tuple[str, ...]]]:
     """(column, devices) pairs: each device seen, then the DCASE groups whose devices are all present."""
-    from ..data.audio import DEVICE_GROUPS
+    from ..data.tau2020 import DEVICE_GROUPS
 
     names = sorted({g for c in confusions for g in c["groups"]})
     columns = [(name, (name,)) for name in names]
