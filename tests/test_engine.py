@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from l2bn.data import build_data
+from l2bn.train.report import load_run
 from l2bn.norms import get_norm_layer
 from l2bn.train import NonFiniteLossError, TrainConfig, analyze_checkpoint, evaluate, train
 from l2bn.train.recipes import get_recipe
@@ -559,3 +560,33 @@ def test_spec_masks_need_an_audio_dataset(tmp_path):
     config = TrainConfig(out=str(tmp_path / "r"), recipe=quick(spec_masks=True), progress=False)
     with pytest.raises(ValueError, match="spec_masks needs an acoustic-scene dataset"):
         train(config, model_fn=tiny, data=DIGITS, log=lambda m: None)
+
+
+def test_validation_split_imbalance_noise_and_norm_spread_in_a_run(tmp_path):
+    """A run that holds out a validation split, trains on a long-tailed, noisy-labelled training set and logs the
+    norm spread: the records carry val_acc, per-class test accuracy, cone angles and norm_cv; the epoch is
+    selected on the validation split; resuming gives the uninterrupted records byte for byte."""
+    recipe = quick(epochs=3, metrics_every=3, norm_spread=True)
+    flags = dict(val_size=200, imbalance=5.0, label_noise=0.3)
+
+    def go(name, **kw):
+        config = TrainConfig(out=str(tmp_path / name), norm="l2bn", recipe=recipe, progress=False, **flags, **kw)
+        return train(config, model_fn=tiny, data=DIGITS, log=lambda m: None,
+                     **({"stop_after": 1} if name == "part" and not kw else {}))
+
+    summary = go("full")
+    recs = records(tmp_path / "full")
+    assert all({"val_loss", "val_acc", "test_class_acc", "norm_cv"} <= set(r) for r in recs)
+    assert len(recs[0]["test_class_acc"]) == 10 and set(recs[0]["norm_cv"]) == {"1"}  # tiny's one norm layer
+    assert {"cone_train", "cone_test"} <= set(recs[-1]) and "cone_train" not in recs[0]
+    chosen = max(recs, key=lambda r: (r["val_acc"], -r["epoch"]))
+    assert summary["best_epoch"] == chosen["epoch"] and summary["best_val_acc"] == chosen["val_acc"]
+    assert summary["selected_test_acc"] == chosen["test_acc"]
+    assert load_run(tmp_path / "full").selected_acc == chosen["test_acc"]
+    go("part")
+    go("part", resume=True)
+    assert (tmp_path / "part" / "metrics.jsonl").read_bytes() == (tmp_path / "full" / "metrics.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="label_noise must be in"):
+        TrainConfig(label_noise=1.5)
+    with pytest.raises(ValueError, match="imbalance must be >= 1"):
+        TrainConfig(imbalance=0.5)

@@ -1,5 +1,6 @@
 """The studies of docs/results/: statistics against independent formulas, the catalog's sizing, and a one-epoch
 miniature of every study's command on real Fashion-MNIST images (skipped where the data set is absent)."""
+import json
 import math
 from pathlib import Path
 
@@ -103,16 +104,25 @@ def test_a_clear_difference_is_beyond_the_spread_and_a_null_one_is_not():
 # ---------------------------------------------------------------------------------------------- catalog
 
 
-def test_the_catalog_has_the_issues_four_studies_within_about_six_hours():
-    assert list(STUDIES) == ["table1", "norms", "placement", "curves"]
+def test_the_catalog_has_the_first_four_studies_within_about_six_hours_and_the_evidence_studies():
+    assert list(STUDIES) == ["table1", "norms", "placement", "curves", "converged", "smallbatch", "mechanism"]
     assert ZOO == ("bn", "l2bn", "ln", "in", "gn-cpg4", "gn-cpg8", "sn", "bcn", "bin", "lnbn", "inbn", "pnbn", "ubn")
     table1 = get_study("table1")
     assert table1.seeds == (121, 122, 123, 124, 125) and table1.train_subset is None and table1.epochs >= 10
     assert get_study("norms").grids[0].norms == ZOO and len(get_study("norms").seeds) >= 3
     assert [g.placement for g in get_study("placement").grids] == ["none", "classifier", "stage1", "stage2-3", "all"]
     assert get_study("curves").runs_of == "table1" and estimate_seconds(get_study("curves")) == 0
-    total = sum(estimate_seconds(s) for s in STUDIES.values()) / 3600
+    total = sum(estimate_seconds(STUDIES[s]) for s in ("table1", "norms", "placement", "curves")) / 3600
     assert 5.0 <= total <= 7.0, total
+    converged = get_study("converged")
+    assert converged.seeds == tuple(range(121, 131)) and converged.val_size and converged.epochs >= 40
+    assert converged.recipe().metrics_max_batches is None  # angles over every training image
+    small = get_study("smallbatch")
+    assert [(g.label, g.norms) for g in small.grids] == [(f"batch {b}", ("bn", "l2bn", "gn-cpg4")) for b in (128, 16, 8)]
+    assert [small.recipe(g).lr for g in small.grids] == pytest.approx([0.1, 0.0125, 0.00625])  # 0.1 · B / 128
+    mechanism = get_study("mechanism")
+    assert [(c.imbalance, c.label_noise) for c in map(mechanism.config, mechanism.grids)] == [(100.0, 0.0), (None, 0.3)]
+    assert mechanism.recipe().norm_spread and len(mechanism.seeds) >= 5
 
 
 def test_the_estimate_is_the_documented_formula():
@@ -126,9 +136,15 @@ def test_overrides_make_a_miniature_and_unknown_names_are_refused():
     mini = get_study("norms").apply(StudyOverrides(epochs=1, train_subset=128, seeds=(121,), only=("bn", "ubn")))
     assert mini.grids[0].norms == ("bn", "ubn") and mini.epochs == 1 and mini.metrics_every == 1
     assert mini.run_count() == 2
+    with pytest.raises(ValueError, match="has no norm 'bogus'; it has: bn, l2bn"):
+        get_study("table1").apply(StudyOverrides(only=("bogus",)))
     with pytest.raises(ValueError, match="has no norm 'bogus'"):
         get_study("norms").apply(StudyOverrides(only=("bogus",)))
-    with pytest.raises(ValueError, match="has no grid 'stage9'"):
+    small = get_study("smallbatch").apply(StudyOverrides(only=("batch 8", "l2bn")))
+    assert [(g.label, g.norms) for g in small.grids] == [("batch 8", ("l2bn",))]
+    assert [g.norms for g in get_study("smallbatch").apply(StudyOverrides(only=("gn-cpg4",))).grids] == [
+        ("gn-cpg4",)] * 3
+    with pytest.raises(ValueError, match="has no grid or norm 'stage9'"):
         get_study("placement").apply(StudyOverrides(only=("stage9",)))
     with pytest.raises(ValueError, match="unknown study"):
         get_study("table9")
@@ -149,14 +165,14 @@ def _idx(array: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def mini_fashion(tmp_path_factory):
-    """The first 500 training and 200 test images of the installed Fashion-MNIST, in its own idx format."""
+    """The first 2000 training and 200 test images of the installed Fashion-MNIST, in its own idx format."""
     import torchvision
 
     root = tmp_path_factory.mktemp("fashion")
     system = str(vision._fashion_raw_root(None, None))  # decompressed once into the cache, as the loader does
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    for split, n in (("train", 500), ("t10k", 200)):
+    for split, n in (("train", 2000), ("t10k", 200)):
         source = torchvision.datasets.FashionMNIST(system, train=split == "train")
         (raw / f"{split}-images-idx3-ubyte").write_bytes(_idx(source.data[:n].numpy().astype(np.uint8)))
         (raw / f"{split}-labels-idx1-ubyte").write_bytes(_idx(source.targets[:n].numpy().astype(np.uint8)))
@@ -174,11 +190,13 @@ def keep_torch_threads():
 
 
 MINIATURES = {"table1": ("bn", "l2bn"), "norms": ("bn", "gn-cpg4"), "placement": ("none", "stage1"),
-              "curves": ("bn", "l2bn")}
+              "curves": ("bn", "l2bn"), "converged": ("bn", "l2bn")}
 
 
-def _mini(name: str, only) -> StudyOverrides:
-    return StudyOverrides(epochs=1, train_subset=128, seeds=(121,), only=tuple(only))
+def _mini(name: str, only, subset: int | None = None) -> StudyOverrides:
+    """One epoch, one seed, a small subset: 128 images, or 160 where a validation split leaves fewer than a batch."""
+    subset = subset or (160 if get_study(name).val_size else 128)
+    return StudyOverrides(epochs=1, train_subset=subset, seeds=(121,), only=tuple(only))
 
 
 @needs_fashion
@@ -208,6 +226,7 @@ def test_each_study_command_reruns_byte_identically_and_builds_its_page(name, mi
     assert f"]({get_study(name).folder}/curves.png)" in page
     assert "Wang et al., arXiv:2207.02625" in page and "Paper vs here:" in page
     first_row = {"table1": "Table 1, row “ResNet-20 BN”", "curves": "Table 1, row “ResNet-20 BN”",
+                 "converged": "Table 1, row “ResNet-20 BN”",
                  "norms": "Table 3, row “BN (baseline)”", "placement": "Table 4, row “None (baseline)”"}[name]
     assert f"paper, {first_row}" in page and f"| {only[0]} | here |" in page
     assert page.splitlines()[4].startswith("**Not fitted**")  # one epoch on a few images fits nothing
@@ -321,3 +340,27 @@ def test_pages_never_overwrite_a_file_the_project_did_not_write(tmp_path):
     (tmp_path / "README.md").unlink()
     assert build_index(tmp_path).read_text().startswith(PAGE_MARKER)
     check_pages(tmp_path, "table1")
+
+
+@needs_fashion
+@pytest.mark.parametrize("name,only,subset,keys", [
+    ("smallbatch", ("batch 8", "l2bn"), 160, {"val_acc", "train_eval_acc", "cone_train"}),
+    ("mechanism", ("imbalance 100:1", "l2bn"), 2000, {"val_acc", "norm_cv", "test_class_acc"}),
+    ("mechanism", ("30 % label noise", "bn"), 160, {"val_acc", "norm_cv", "test_class_acc"}),
+])
+def test_the_evidence_studies_miniatures_train_what_they_promise(name, only, subset, keys, mini_fashion, tmp_path):
+    result = run_study(name, tmp_path, overrides=_mini(name, only, subset), data_dir=str(mini_fashion), jobs=1,
+                       progress=False)
+    assert len(result.trained) == 1 and not result.failed
+    run = result.trained[0]
+    config = json.loads((run / "config.json").read_text())
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert keys <= set(record) and config["val_size"] == 1000 * subset // 6000  # the split keeps its share
+    if name == "smallbatch":
+        assert config["recipe"]["batch_size"] == 8 and config["recipe"]["lr"] == pytest.approx(0.00625)
+    else:
+        assert len(record["norm_cv"]) == 19  # every norm layer of ResNet-20
+        assert (config["imbalance"], config["label_noise"]) == ((100.0, 0.0) if "imbalance" in only[0] else (None, 0.3))
+    page = result.page.read_text()
+    assert f"**{only[0]}: {only[1]}**" not in page  # one row only: nothing to compare yet
+    assert "Not enough finished runs" in page

@@ -7,7 +7,7 @@ import torch
 from l2bn.data.subset import dataset_labels
 from l2bn.data.training_split import (RelabeledDataset, carve_training_split, imbalanced_indices, long_tail_counts,
                                       noisy_labels, validation_split)
-from l2bn.data.vision import TensorImageDataset
+from l2bn.data.base import TensorImageDataset
 
 
 def _balanced(per_class: int = 60, classes: int = 10) -> TensorImageDataset:

@@ -33,7 +33,7 @@ def default_jobs(device: str) -> int:
 _RECIPE_FLAGS = (
     "epochs", "batch_size", "lr", "weight_decay", "schedule", "milestones", "gamma", "warmup_epochs", "momentum",
     "nesterov", "mixup_alpha", "label_smoothing", "metrics_every", "metrics_max_batches", "restart_cycles", "min_lr",
-    "weight_decay_scope", "mixup_per_sample", "spec_masks",
+    "weight_decay_scope", "mixup_per_sample", "spec_masks", "norm_spread",
 )
 
 
@@ -47,6 +47,15 @@ def _add_experiment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-subset", type=int, default=None, metavar="N",
                    help="train on a stratified N-sample subset of the training set (fixed seed, the same for "
                    "every run; part of the experiment's identity)")
+    g.add_argument("--val-size", type=int, default=None, metavar="N",
+                   help="hold out a stratified N-sample validation split of the training set (fixed seed) and select "
+                   "the reported epoch on it, not on the test set (part of the identity)")
+    g.add_argument("--imbalance", type=float, default=None, metavar="R",
+                   help="long-tailed training set: class c keeps n_max·R^(-c/(C-1)) images (Cao et al. 2019; part "
+                   "of the identity)")
+    g.add_argument("--label-noise", type=float, default=0.0, metavar="P",
+                   help="flip a share P of the training labels to a uniformly drawn other class (fixed seed; part "
+                   "of the identity)")
     g.add_argument("--data-dir", default=None, help="dataset folder (without it, Fashion-MNIST also looks in "
                    "/usr/share/datasets/fashion-mnist)")
     g.add_argument("--download", action="store_true", help="download the dataset with torchvision if missing")
@@ -78,6 +87,8 @@ def _add_experiment_options(p: argparse.ArgumentParser) -> None:
                    help="one mixup λ per sample instead of per batch")
     r.add_argument("--spec-masks", action=argparse.BooleanOptionalAction, default=None,
                    help="frequency and time masks on the training spectrograms (tau2020)")
+    r.add_argument("--norm-spread", action=argparse.BooleanOptionalAction, default=None,
+                   help="log norm_cv: the spread of the per-sample input norms of every norm layer (l2bn.norm_spread)")
 
     e = p.add_argument_group("execution")
     e.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...")
@@ -112,7 +123,7 @@ def config_from_args(args: argparse.Namespace, norm: str, seed: int, out: str) -
         placement=args.placement, train_subset=args.train_subset, data_dir=args.data_dir, download=args.download,
         device=args.device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
         workers=args.workers, threads=threads, progress=args.progress, sync_bn=args.sync_bn,
-        resume=args.resume,
+        resume=args.resume, val_size=args.val_size, imbalance=args.imbalance, label_noise=args.label_noise,
     )
 
 

@@ -26,6 +26,7 @@ class DataBundle:
     num_classes: int
     in_channels: int
     image_size: int
+    val: Dataset | None = None  # a validation hold-out of the training split, when a run asks for one
 
 
 class TensorImageDataset(Dataset):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..train.config import TrainConfig
 from ..train.recipes import PAPER_SEEDS, Recipe, get_recipe
@@ -52,12 +52,18 @@ STEP_RATIO: dict[str, float] = {
 
 @dataclass(frozen=True)
 class Grid:
-    """One comparison grid of a study: the row label, its folder under the study's, norms and placement."""
+    """One comparison grid of a study: the row label, its folder under the study's, norms and placement; and
+    what it changes from the study's set-up: ``recipe`` values (e.g. batch size and learning rate), the training
+    subset, a long-tail ``imbalance`` or ``label_noise`` (:class:`~l2bn.train.config.TrainConfig`)."""
 
     label: str
     folder: str
     norms: tuple[str, ...]
     placement: str = "all"
+    recipe: tuple[tuple[str, Any], ...] = ()
+    train_subset: int | None = None
+    imbalance: float | None = None
+    label_noise: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,9 @@ class Study:
     metrics_every: int
     baseline: str
     runs_of: str | None = None
+    val_size: int | None = None
+    recipe_values: tuple[tuple[str, Any], ...] = ()
+    notes: str = ""
 
     @property
     def folder(self) -> str:
@@ -116,37 +125,47 @@ class Study:
         if overrides.only is not None:
             grids = _keep(self, overrides.only)
         epochs = overrides.epochs or self.epochs
+        subset = overrides.train_subset
+        if subset is not None:  # a smaller subset for every grid; the validation split keeps its share
+            grids = tuple(dataclasses.replace(g, train_subset=None) for g in grids)
         return dataclasses.replace(
             self, grids=grids, epochs=epochs, seeds=tuple(overrides.seeds or self.seeds),
-            train_subset=overrides.train_subset if overrides.train_subset is not None else self.train_subset,
+            train_subset=subset if subset is not None else self.train_subset,
             metrics_every=min(self.metrics_every, epochs),
+            val_size=(max(10, self.val_size * subset // (self.train_subset or 60_000))
+                      if subset is not None and self.val_size else self.val_size),
         )
 
-    def recipe(self) -> Recipe:
-        return get_recipe(RECIPE, epochs=self.epochs, metrics_every=self.metrics_every, seeds=self.seeds)
+    def recipe(self, grid: Grid | None = None) -> Recipe:
+        """The study's recipe (``fashion-mnist-quick`` with its epochs, seeds and values), with ``grid``'s values."""
+        recipe = get_recipe(RECIPE, epochs=self.epochs, metrics_every=self.metrics_every, seeds=self.seeds)
+        return dataclasses.replace(recipe, **dict(self.recipe_values), **dict(grid.recipe if grid else ()))
 
     def config(self, grid: Grid, *, data_dir: str | None = None, progress: bool | None = None) -> TrainConfig:
         """The :class:`TrainConfig` of ``grid`` (norm and seed are set per run by ``compare``), one thread a run."""
-        return TrainConfig(dataset=DATASET, model=MODEL, norm=grid.norms[0], recipe=self.recipe(),
-                           placement=grid.placement, train_subset=self.train_subset, data_dir=data_dir,
-                           device="cpu", threads=THREADS_PER_RUN, progress=progress)
+        return TrainConfig(dataset=DATASET, model=MODEL, norm=grid.norms[0], recipe=self.recipe(grid),
+                           placement=grid.placement, train_subset=grid.train_subset or self.train_subset,
+                           data_dir=data_dir, device="cpu", threads=THREADS_PER_RUN, progress=progress,
+                           val_size=self.val_size, imbalance=grid.imbalance, label_noise=grid.label_noise)
 
     def run_count(self) -> int:
         return sum(len(g.norms) for g in self.grids) * len(self.seeds)
 
 
 def _keep(study: Study, names: Sequence[str]) -> tuple[Grid, ...]:
-    if len(study.grids) == 1:
-        grid = study.grids[0]
-        unknown = [n for n in names if n not in grid.norms]
-        if unknown:
-            raise ValueError(f"study {study.name!r} has no norm {unknown[0]!r}; its norms: {', '.join(grid.norms)}")
-        return (dataclasses.replace(grid, norms=tuple(n for n in grid.norms if n in names)),)
+    """The grids named in ``names`` (all when none is), keeping only the norms named (all when none is)."""
     labels = [g.label for g in study.grids]
-    unknown = [n for n in names if n not in labels]
+    norms = list(dict.fromkeys(n for g in study.grids for n in g.norms))
+    unknown = [n for n in names if n not in labels and n not in norms]
     if unknown:
-        raise ValueError(f"study {study.name!r} has no grid {unknown[0]!r}; its grids: {', '.join(labels)}")
-    return tuple(g for g in study.grids if g.label in names)
+        what = "norm" if len(study.grids) == 1 else "grid or norm"
+        known = norms if len(study.grids) == 1 else labels + norms
+        raise ValueError(f"study {study.name!r} has no {what} {unknown[0]!r}; it has: {', '.join(known)}")
+    grids = [g for g in study.grids if g.label in names] or list(study.grids)
+    wanted = [n for n in names if n in norms and n not in labels]
+    if wanted:
+        grids = [dataclasses.replace(g, norms=tuple(n for n in g.norms if n in wanted)) for g in grids]
+    return tuple(g for g in grids if g.norms)
 
 
 _TABLE1 = Study(
@@ -173,6 +192,38 @@ STUDIES: dict[str, Study] = {
         _TABLE1, name="curves", title="Figures 1, 6 and 7 on Fashion-MNIST: the training curves of the Table 1 study",
         reproduces="Figures 1, 6 and 7 (accuracy, loss and angles over training)", runs_of="table1",
     ),
+    "converged": Study(
+        name="converged", title="BN vs L2BN trained to fit their data: ResNet-20, ten seeds, 40 epochs",
+        reproduces="Table 1 (accuracy, intra/inter angles and IIR of BN vs L2BN) with networks that fit their "
+                   "training data",
+        grids=(Grid("all", "", ("bn", "l2bn")),), seeds=tuple(range(121, 131)), epochs=40, train_subset=6_000,
+        val_size=1_000, metrics_every=10, baseline="bn", recipe_values=(("metrics_max_batches", None),),
+        notes="5000 training images (a stratified 6000-image subset less a stratified 1000-image validation "
+              "split that selects the reported epoch); angles of the final model on all 5000 training images.",
+    ),
+    "smallbatch": Study(
+        name="smallbatch", title="Small batches: BN, L2BN and GN at batch 8, 16 and 128, ResNet-20, five seeds",
+        reproduces="the paper's premise that BN's batch statistics are the problem, as batch noise grows "
+                   "(not a table of the paper)",
+        grids=tuple(Grid(f"batch {b}", f"b{b}", ("bn", "l2bn", "gn-cpg4"),
+                         recipe=(("batch_size", b), ("lr", 0.1 * b / 128))) for b in (128, 16, 8)),
+        seeds=PAPER_SEEDS, epochs=10, train_subset=6_000, val_size=1_000, metrics_every=10, baseline="bn",
+        recipe_values=(("metrics_max_batches", None),),
+        notes="Learning rate scaled linearly with the batch (0.1 · B/128; Goyal et al. 2017), the same 10 epochs "
+              "(the same images seen) at every batch size.",
+    ),
+    "mechanism": Study(
+        name="mechanism", title="Where sample norms differ most: BN vs L2BN on long-tailed and noisy-label data",
+        reproduces="the paper's mechanism (section 3: unequal per-sample norms hurt BN), with the norm spread "
+                   "at every norm layer",
+        grids=(Grid("imbalance 100:1", "imbalance", ("bn", "l2bn"), train_subset=20_000, imbalance=100.0),
+               Grid("30 % label noise", "noise", ("bn", "l2bn"), label_noise=0.3)),
+        seeds=PAPER_SEEDS, epochs=20, train_subset=6_000, val_size=1_000, metrics_every=5, baseline="bn",
+        recipe_values=(("metrics_max_batches", None), ("norm_spread", True)),
+        notes="Imbalance: from a 20000-image subset less the validation split, class c keeps 1900·100^(−c/9) "
+              "images (Cao et al. 2019); noise: 30 % of the 5000 training labels flipped to another class "
+              "(the angle pass uses the true labels). Validation splits are balanced and clean.",
+    ),
 }
 
 
@@ -184,11 +235,14 @@ def estimate_seconds(study: Study) -> float:
     if study.runs_of:
         return 0.0
     size, train, evaluation = EPOCH_SECONDS["full set"]
-    images = study.train_subset or size
+    images = (study.train_subset or size) - (study.val_size or 0)
     measured = study.epochs // study.metrics_every + (study.epochs % study.metrics_every != 0)
-    centers = study.recipe().metrics_max_batches * 256  # the train-side pass: at most this many images
-    per_run = (study.epochs * (train * images / size + TEST_PASS_SECONDS)
-               + measured * (evaluation - TEST_PASS_SECONDS) * min(images, centers) / centers)
+    cap = study.recipe().metrics_max_batches
+    centers = images if cap is None else min(images, cap * 256)  # the train-side pass: at most this many images
+    per_image = (evaluation - TEST_PASS_SECONDS) / 10_240  # the basis measured 40 batches of 256
+    validation = TEST_PASS_SECONDS * (study.val_size or 0) / 10_000
+    per_run = (study.epochs * (train * images / size + TEST_PASS_SECONDS + validation)
+               + measured * per_image * centers)
     runs = sum(STEP_RATIO.get(norm, 1.0) if grid.placement == "all" else 1.0 for grid in study.grids
                for norm in grid.norms)
     return len(study.seeds) * runs * per_run

@@ -25,7 +25,7 @@ from ..train import report
 from ..train.config import TrainConfig
 from ..train.report import grid_title
 from ..train.rundir import ANGLE_KEYS, ANGLE_TITLES, RunDir, read_jsonl
-from .catalog import CONTENDED_TIMING, EPOCH_SECONDS, STEP_RATIO, STUDY_JOBS, Study, estimate_seconds
+from .catalog import CONTENDED_TIMING, EPOCH_SECONDS, STEP_RATIO, STUDY_JOBS, Grid, Study, estimate_seconds
 from .folder import environment_records, grid_dir
 from .paper import PAPER_CLAIM, PAPER_PROTOCOL, PAPER_SOURCE, paper_rows
 from .stats import Difference, compare_groups, holm, paired_seeds
@@ -45,8 +45,7 @@ def _identity(config: TrainConfig, norm: str, seed: int) -> dict:
 
 def load_study_runs(study: Study, root: str | os.PathLike) -> tuple[dict[str, list[report.Run]], int]:
     """The finished or failed runs of ``study``'s experiment (others in its folders are ignored), by row
-    label in the study's order, and the number of planned runs. Rows are the norms of a one-grid study,
-    the grid labels (placements) otherwise."""
+    label in the study's order (:func:`row_label`), and the number of planned runs."""
     rows: dict[str, list[report.Run]] = {}
     for index, grid in enumerate(study.grids):
         config = study.config(grid)
@@ -59,12 +58,31 @@ def load_study_runs(study: Study, root: str | os.PathLike) -> tuple[dict[str, li
             norm = wanted.get(_key(TrainConfig.from_dict(run.config).identity()))
             if norm is None:
                 continue
-            label = norm if len(study.grids) == 1 else grid.label
+            label = row_label(study, grid, norm)
             if label != run.norm:
                 run = dataclasses.replace(run, config={**run.config, "norm": label})
             rows.setdefault(label, []).append(run)
-    order = list(study.grids[0].norms) if len(study.grids) == 1 else [g.label for g in study.grids]
-    return {k: sorted(rows[k], key=lambda r: r.seed) for k in order if k in rows}, study.run_count()
+    order = [row_label(study, g, n) for g in study.grids for n in g.norms]
+    return {k: sorted(rows[k], key=lambda r: r.seed) for k in dict.fromkeys(order) if k in rows}, study.run_count()
+
+
+def row_label(study: Study, grid: Grid, norm: str) -> str:
+    """A row of the page: the norm of a one-grid study, the grid (e.g. a placement) of a study whose grids have
+    one norm each, else ``"<grid>: <norm>"``."""
+    if len(study.grids) == 1:
+        return norm
+    return grid.label if all(len(g.norms) == 1 for g in study.grids) else f"{grid.label}: {norm}"
+
+
+def baselines(study: Study) -> dict[str, str]:
+    """Each row's baseline row: the study's baseline norm within the row's grid (the first grid's row when each
+    grid has one norm); the baseline rows themselves are left out."""
+    pairs = {}
+    for grid in study.grids:
+        base_grid = study.grids[0] if all(len(g.norms) == 1 for g in study.grids) else grid
+        base = row_label(study, base_grid, study.baseline if study.baseline in base_grid.norms else base_grid.norms[0])
+        pairs.update({row_label(study, grid, n): base for n in grid.norms})
+    return {row: base for row, base in pairs.items() if row != base}
 
 
 def _key(identity: dict) -> str:
@@ -244,8 +262,13 @@ def _protocol_table(study: Study) -> list[str]:
     recipe = config.recipe
     subset = (f"a stratified {study.train_subset}-image subset (the same for every seed and norm)"
               if study.train_subset else "the whole training set (60 000 images)")
-    centers = ("the whole training subset" if recipe.metrics_max_batches is None
+    if study.val_size:
+        subset += f", less a stratified {study.val_size}-image validation split"
+    centers = ("every training image" if recipe.metrics_max_batches is None
                else f"the first {recipe.metrics_max_batches * 256} training images (in order)")
+    selection = ("accuracy: the test accuracy at the epoch of the best validation accuracy; angles: final model"
+                 if study.val_size else "accuracy: best test accuracy over epochs (selected on the test set: "
+                 "optimistic); angles: final model")
     here = {
         "data": "Fashion-MNIST (28×28 grey, 10 classes, 60 000 training / 10 000 test images)",
         "model": config.model,
@@ -256,8 +279,7 @@ def _protocol_table(study: Study) -> list[str]:
         "batch": f"{recipe.batch_size}",
         "training subset": subset,
         "angle sample": f"{centers} for the class centers and Intra(train); the test set for Intra(test)",
-        "epoch selection": "accuracy: best test accuracy over epochs (selected on the test set: optimistic); "
-                           "angles: final model",
+        "epoch selection": selection,
     }
     paper = {**PAPER_PROTOCOL, "model": "ResNet-56 (Tables 3–5), the models of Table 1"}
     lines = ["| | paper | here |", "|---|---|---|"]
@@ -305,16 +327,17 @@ def _paper_comparison(diffs: dict[str, Difference]) -> str:
     return text + "; no agreeing difference is larger than the seed-to-seed spread."
 
 
-def _family(study: Study, runs: dict[str, list[report.Run]], baseline: str) -> dict[str, dict[str, Difference]]:
-    """Every row against the baseline on every metric — the page's family of tests, Holm-corrected together.
-    Arms that ran the same seeds are compared paired (seed by seed), others with Welch's test."""
+def _family(study: Study, runs: dict[str, list[report.Run]]) -> dict[str, dict[str, Difference]]:
+    """Every row against its baseline (:func:`baselines`) on every metric — the page's family of tests,
+    Holm-corrected together. Arms that ran the same seeds are compared paired (seed by seed), others with
+    Welch's test."""
     raw = {}
-    for label, group in runs.items():
-        if label == baseline:
+    for label, baseline in baselines(study).items():
+        if label not in runs or baseline not in runs:
             continue
         raw[label] = {}
         for metric in METRICS:
-            a, b, paired = paired_seeds(_by_seed(group, metric), _by_seed(runs[baseline], metric))
+            a, b, paired = paired_seeds(_by_seed(runs[label], metric), _by_seed(runs[baseline], metric))
             raw[label][metric] = compare_groups(a, b, paired=paired)
     flat = holm([d for row in raw.values() for d in row.values()])
     it = iter(flat)
@@ -323,18 +346,19 @@ def _family(study: Study, runs: dict[str, list[report.Run]], baseline: str) -> d
 
 def _by_seed(runs: Sequence[report.Run], metric: str) -> dict[int, float]:
     ok = [r for r in runs if not r.failed]
-    values = {r.seed: (r.best_acc if metric == "acc" else r.final_angles().get(metric)) for r in ok}
+    values = {r.seed: (r.selected_acc if metric == "acc" else r.final_angles().get(metric)) for r in ok}
     return {s: float(v) for s, v in values.items() if v is not None and math.isfinite(v)}
 
 
 def _reading_section(study: Study, runs: dict[str, list[report.Run]]) -> list[str]:
-    baseline = study.baseline if len(study.grids) == 1 else study.grids[0].label
-    if baseline not in runs or len(runs) < 2:
-        return [f"Not enough finished runs to compare with {baseline!r} yet.", ""]
-    base_name = "BN everywhere (placement none)" if len(study.grids) > 1 else baseline.upper()
-    family = _family(study, runs, baseline)
+    bases = baselines(study)
+    family = _family(study, runs)
+    if not family:
+        return [f"Not enough finished runs to compare with {', '.join(sorted(set(bases.values())))} yet.", ""]
     size = sum(d.testable for row in family.values() for d in row.values())
-    lines = [f"Every row against {base_name}, over the seeds that finished (best test accuracy of each run; "
+    chosen = ("test accuracy at the epoch of the best validation accuracy" if _validated(runs)
+              else "best test accuracy")
+    lines = [f"Every row against {_base_names(study)}, over the seeds that finished ({chosen} of each run; "
              "angles of the final model). Arms that ran the same seeds are compared seed by seed (paired t-test), "
              "others with Welch's t-test; the intervals are the tests' 95 % t-intervals of the difference. "
              f"This page's {size} tests form one family, corrected with Holm's method: \"larger than the "
@@ -346,16 +370,32 @@ def _reading_section(study: Study, runs: dict[str, list[report.Run]]) -> list[st
         f"{k} ({np.mean(_values(runs[k], 'acc')):.2f} %)" for k in ranked if _values(runs[k], "acc")) + ".")
     lines.append("")
     for label, diffs in family.items():
-        lines.append(f"- **{label}** against {base_name}: " + "; ".join(
+        lines.append(f"- **{label}** against {_display(study, bases[label])}: " + "; ".join(
             _describe(m, d) for m, d in diffs.items()) + ".")
-        if label in ("l2bn", "all"):
+        if label in ("l2bn", "all") or label.endswith(": l2bn"):
             lines.append(f"  {_paper_comparison(diffs)}")
     failed = [f"{r.norm} seed {r.seed}" for group in runs.values() for r in group if r.failed]
     if failed:
         lines.append(f"- Diverged and left out: {', '.join(failed)}.")
     if study.runs_of:
-        lines += _curves_reading(runs, baseline)
+        lines += _curves_reading(runs, study.baseline)
     return lines + [""]
+
+
+def _validated(runs: dict[str, list[report.Run]]) -> bool:
+    return any(r.validated for group in runs.values() for r in group if not r.failed)
+
+
+def _display(study: Study, row: str) -> str:
+    """How the page names a baseline row."""
+    if len(study.grids) > 1 and all(len(g.norms) == 1 for g in study.grids):
+        return "BN everywhere (placement none)" if study.grids[0].placement == "none" else row
+    return row.upper() if len(study.grids) == 1 else row
+
+
+def _base_names(study: Study) -> str:
+    names = list(dict.fromkeys(_display(study, b) for b in baselines(study).values()))
+    return names[0] if len(names) == 1 else "its grid's " + study.baseline.upper() + " (" + ", ".join(names) + ")"
 
 
 def _curves_reading(runs: dict[str, list[report.Run]], baseline: str) -> list[str]:
@@ -400,16 +440,22 @@ FIT_ACCURACY = 98.0  # train accuracy (%) at the last epoch from which a network
 def _fit_line(study: Study, runs: dict[str, list[report.Run]]) -> list[str]:
     """The page's first line: which rows did not fit their training data (last-epoch train accuracy below
     :data:`FIT_ACCURACY`, mean over seeds) — their angles are those of unconverged networks."""
-    final = {label: [r.records[-1]["train_acc"] for r in group if not r.failed and r.records]
-             for label, group in runs.items()}
+    final = {label: [_fit(r) for r in group if not r.failed and r.records] for label, group in runs.items()}
     under = {label: float(np.mean(v)) for label, v in final.items() if v and np.mean(v) < FIT_ACCURACY}
+    what = ("training accuracy of the final model (evaluation mode, un-augmented images; the running, augmented "
+            "training accuracy where a run did not measure it)")
     if not final:
         return ["No run has finished yet."]
     if not under:
-        return [f"Every row fits its training data (last-epoch train accuracy ≥ {FIT_ACCURACY:.0f} %)."]
+        return [f"Every row fits its training data: {what} ≥ {FIT_ACCURACY:.0f} %, mean over seeds."]
     names = ", ".join(f"{label} ({acc:.1f} %)" for label, acc in under.items())
-    return [f"**Not fitted** (last-epoch train accuracy below {FIT_ACCURACY:.0f} %, mean over seeds): {names}. "
+    return [f"**Not fitted** ({what} below {FIT_ACCURACY:.0f} %, mean over seeds): {names}. "
             "Their rows measure early training, not converged networks."]
+
+
+def _fit(run: report.Run) -> float:
+    last = run.records[-1]
+    return float(last.get("train_eval_acc", last["train_acc"]))
 
 
 # The first line of every file this module writes; a file without it (or the legacy sentence below, which the
@@ -462,10 +508,10 @@ def build_page(study: Study, root: str | os.PathLike, command: str, *, overwrite
     body = [f"# {study.title}", "", *_fit_line(study, runs), "",
             f"Tests the claims of the paper's {study.reproduces} on Fashion-MNIST (28×28 grey images, 10 classes, "
             "60000 training and 10000 test images) — not the paper's protocol, whose data, models and budgets differ "
-            "(\"Paper vs here\" below): seeds from 121, best test accuracy mean ± std over seeds, intra/inter-class "
+            "(\"Paper vs here\" below): seeds from 121, accuracy mean ± std over seeds, intra/inter-class "
             "angles and IIR of the classifier-input features of train and test data (test intra-angles against "
             "train class centers). Generated by `l2bn.studies.page` from the run folders; no number is edited by "
-            "hand.", ""]
+            "hand.", "", *([study.notes, ""] if study.notes else [])]
     sections = {
         "## Command": _command_section(study, command, root),
         "## Machine, versions and time": _machine_section(study, runs, planned, root),

@@ -20,7 +20,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Config fields that define the experiment: resuming with any of them changed is refused, and a finished
 # run counts as done for a grid only if they all match.
 IDENTITY_FIELDS = ("dataset", "model", "norm", "seed", "recipe", "placement", "train_subset", "model_kwargs", "amp",
-                   "channels_last")
+                   "channels_last", "val_size", "imbalance", "label_noise")
 
 
 def _jsonable(x: Any) -> Any:
@@ -32,7 +32,10 @@ class TrainConfig:
     """Everything one run needs; ``recipe`` defaults to the preset for (dataset, model family).
 
     ``placement`` puts the norm into named model parts only (the paper's Table 4); ``train_subset=N`` trains
-    on a stratified N-sample subset of the training set (the same one for every seed and norm).
+    on a stratified N-sample subset of the training set (the same one for every seed and norm). Then, from
+    that training set (:func:`l2bn.data.training_split.carve_training_split`, fixed seeds): ``val_size``
+    images are held out for epoch selection, ``imbalance=r`` keeps a long-tailed profile whose largest class
+    has r times the images of the smallest, ``label_noise=p`` flips a share p of the training labels.
     """
 
     dataset: str = "digits"
@@ -55,6 +58,9 @@ class TrainConfig:
     sync_bn: bool = False
     resume: bool = False
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    val_size: int | None = None
+    imbalance: float | None = None
+    label_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.recipe is None:
@@ -69,6 +75,13 @@ class TrainConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.train_subset is not None and self.train_subset < 1:
             raise ValueError(f"train_subset must be >= 1 (or None: the whole training set), got {self.train_subset}")
+        if self.val_size is not None and self.val_size < 1:
+            raise ValueError(f"val_size must be >= 1 (or None: no validation split), got {self.val_size}")
+        if self.imbalance is not None and not self.imbalance >= 1:
+            raise ValueError(f"imbalance must be >= 1 (largest class / smallest; None: as the data is), got "
+                             f"{self.imbalance}")
+        if not 0 <= self.label_noise < 1:
+            raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
         if "placement" in self.model_kwargs:
             raise ValueError("placement is a TrainConfig field, not a model_kwargs entry")
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..data import DataBundle
 from ..kernels.dispatch import impl_setting
+from ..norm_spread import NormSpread
 from .config import AMP_DTYPES, TrainConfig, check_same_experiment
 from .ddp import DistEnv, all_reduce_sum, barrier, cleanup_distributed, setup_distributed, sync_norms
 from .evaluate import evaluate
@@ -41,7 +42,7 @@ from .loaders import make_loader, prepare_data, shard
 from .mixup import forward_loss
 from .model import ModelFn, run_model_fn
 from .optim import build_optimizer, gate_clipper
-from .rundir import ANGLE_KEYS, DEVICE_KEYS, EPOCH_KEYS, NORM_STATE_KEYS, RunBusyError, RunDir
+from .rundir import ANGLE_KEYS, DEVICE_KEYS, EPOCH_KEYS, EXTRA_KEYS, NORM_STATE_KEYS, VAL_KEYS, RunBusyError, RunDir
 
 __all__ = ["NonFiniteLossError", "RunState", "norm_epoch_state", "save_checkpoint", "setup", "train",
            "train_one_epoch", "write_summary"]
@@ -77,6 +78,7 @@ class RunState:
     train_loader: DataLoader
     test_loader: DataLoader
     train_eval_loader: DataLoader
+    val_loader: DataLoader | None
     shuffle_generators: tuple[torch.Generator, torch.Generator]
     steps_per_epoch: int
     say: Callable[[str], None]
@@ -126,6 +128,7 @@ def setup(config: TrainConfig, env: DistEnv, run: RunDir, model_fn: ModelFn | No
                              drop_last=True, generator=generators[1]),
         test_loader=make_loader(shard(data.test, env), eval_batch, config.workers, device),
         train_eval_loader=make_loader(shard(data.train_eval, env), eval_batch, config.workers, device),
+        val_loader=make_loader(shard(data.val, env), eval_batch, config.workers, device) if data.val else None,
         shuffle_generators=generators, steps_per_epoch=steps_per_epoch, say=say,
     )
     return state
@@ -166,12 +169,13 @@ def train_one_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, fl
     autocast = torch.autocast(device.type, dtype=AMP_DTYPES[config.amp]) if config.amp else contextlib.nullcontext()
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     clip_gates = gate_clipper(state.net)
+    spread = NormSpread(state.net) if recipe.norm_spread else None
     state.model.train()
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count (global over ranks)
     start = time.perf_counter()
     bar = tqdm(total=state.steps_per_epoch * recipe.batch_size, unit="img", unit_scale=True, disable=not progress,
                desc=f"{config.norm} s{config.seed} epoch {epoch}/{recipe.epochs}", leave=False, file=sys.stderr)
-    for step, (x, y) in enumerate(state.train_loader, start=1):
+    for step, (x, y) in enumerate(_watched(state.train_loader, spread), start=1):
         x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
         y = y.to(device, non_blocking=True)
         with autocast:
@@ -193,8 +197,17 @@ def train_one_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, fl
         if step % 10 == 0 or step == state.steps_per_epoch:
             bar.set_postfix(loss=f"{float(sums[0] / sums[2]):.4f}", lr=f"{state.scheduler.get_last_lr()[0]:.4g}")
     bar.close()
-    return {"train_loss": float(sums[0] / sums[2]), "train_acc": float(100.0 * sums[1] / sums[2]),
-            "images": float(sums[2]), "seconds": time.perf_counter() - start}
+    out = {"train_loss": float(sums[0] / sums[2]), "train_acc": float(100.0 * sums[1] / sums[2]),
+           "images": float(sums[2]), "seconds": time.perf_counter() - start}
+    if spread is not None:
+        out["norm_cv"] = spread.summary()
+    return out
+
+
+def _watched(loader: DataLoader, spread: NormSpread | None) -> Iterator:
+    """The loader's batches, with ``spread``'s hooks installed while they are trained on."""
+    with spread if spread is not None else contextlib.nullcontext():
+        yield from loader
 
 
 def _diverged(state: RunState, epoch: int, step: int, loss: float) -> NonFiniteLossError:
@@ -232,7 +245,7 @@ def norm_epoch_state(model: nn.Module) -> dict[str, float]:
 
 
 def save_checkpoint(state: RunState, epoch: int, improved: bool) -> None:
-    """``best.pt`` (model) when the test accuracy improved, then ``last.pt`` (everything resume needs)."""
+    """``best.pt`` (model) when the selection accuracy improved, then ``last.pt`` (everything resume needs)."""
     saved = {"model": state.net.state_dict(), "epoch": epoch, "best_acc": state.best_acc,
              "best_epoch": state.best_epoch, "config": state.config.to_dict(), "num_classes": state.data.num_classes,
              "in_channels": state.data.in_channels, "l2bn_impl": impl_setting()}
@@ -244,9 +257,12 @@ def save_checkpoint(state: RunState, epoch: int, improved: bool) -> None:
 
 def write_summary(state: RunState) -> dict[str, Any]:
     records = state.run.read_records() if state.env.is_main else []
-    summary = {"best_test_acc": state.best_acc, "best_epoch": state.best_epoch, "final": records[-1] if records else {},
+    summary = {"best_test_acc": max((r["test_acc"] for r in records), default=state.best_acc),
+               "best_epoch": state.best_epoch, "final": records[-1] if records else {},
                "epochs": state.config.recipe.epochs, "world_size": state.env.world_size,
                "config": state.config.to_dict()}
+    if state.val_loader is not None and records:  # the epoch chosen on the validation split, and its test accuracy
+        summary.update(best_val_acc=state.best_acc, selected_test_acc=records[state.best_epoch - 1]["test_acc"])
     if state.env.is_main:
         state.run.write_summary(summary)
     return summary
@@ -258,20 +274,21 @@ def _run_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, Any]:
     trained = train_one_epoch(state, epoch, progress)
     start = time.perf_counter()
     measure = epoch % recipe.metrics_every == 0 or epoch == recipe.epochs
-    record: dict[str, Any] = {"epoch": epoch, "lr": state.optimizer.param_groups[0]["lr"],
-                              "train_loss": trained["train_loss"], "train_acc": trained["train_acc"]}
+    record: dict[str, Any] = {"epoch": epoch, "lr": state.optimizer.param_groups[0]["lr"], **trained}
     record.update(evaluate(
-        state.model, state.test_loader, state.train_eval_loader if measure else None,
+        state.model, state.test_loader, state.train_eval_loader if measure else None, val_loader=state.val_loader,
         num_classes=state.data.num_classes, device=state.env.device, amp=config.amp,
         channels_last=config.channels_last, max_batches=recipe.metrics_max_batches, feature_model=state.net,
     ))
     eval_seconds = time.perf_counter() - start
     record.update(norm_epoch_state(state.net))
-    record = {k: record[k] for k in (*EPOCH_KEYS, *ANGLE_KEYS, *NORM_STATE_KEYS, *DEVICE_KEYS) if k in record}
+    record = {k: record[k] for k in (*EPOCH_KEYS, *VAL_KEYS, *ANGLE_KEYS, *EXTRA_KEYS, *NORM_STATE_KEYS, *DEVICE_KEYS)
+              if k in record}
     _check_loss(state, record["train_loss"])
-    improved = record["test_acc"] > state.best_acc
+    selection = record["val_acc" if state.val_loader is not None else "test_acc"]
+    improved = selection > state.best_acc
     if improved:
-        state.best_acc, state.best_epoch = record["test_acc"], epoch
+        state.best_acc, state.best_epoch = selection, epoch
     if state.env.is_main:
         state.run.append_record(record)
         state.run.append_timing({"epoch": epoch, "train_seconds": trained["seconds"], "eval_seconds": eval_seconds,
@@ -282,7 +299,8 @@ def _run_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, Any]:
               f"IIR {record['iir_train']:.3f}/{record['iir_test']:.3f}") if measure else ""
     gate = "".join(f" {k} {record[k]:.3f}" for k in NORM_STATE_KEYS if k in record)
     state.say(f"[{config.dataset} {config.model} {config.norm} seed {config.seed}] epoch {epoch}/{recipe.epochs} "
-              f"loss {record['train_loss']:.4f} train {record['train_acc']:.2f}% test {record['test_acc']:.2f}%"
+              f"loss {record['train_loss']:.4f} train {record['train_acc']:.2f}% "
+              + (f"val {record['val_acc']:.2f}% " if "val_acc" in record else "") + f"test {record['test_acc']:.2f}%"
               f"{angles}{gate} ({trained['seconds']:.1f}s + {eval_seconds:.1f}s)")
     return record
 

@@ -14,9 +14,11 @@ __all__ = ["make_loader", "prepare_data", "shard"]
 
 
 def prepare_data(config: TrainConfig, data: DataBundle | None, env: DistEnv) -> DataBundle:
-    """``data`` (default: ``config``'s dataset, downloaded by rank 0 only), with the recipe's spectrogram masks
-    and ``config.train_subset``'s stratified training subset applied."""
+    """``data`` (default: ``config``'s dataset, downloaded by rank 0 only), with the recipe's spectrogram masks,
+    ``config.train_subset``'s stratified training subset and the validation hold-out, imbalance and label
+    noise of ``config`` applied (:func:`~l2bn.data.training_split.carve_training_split`)."""
     from ..data.subset import stratified_subset
+    from ..data.training_split import carve_training_split
 
     data = data or build_data(config.dataset, config.data_dir, download=config.download and env.is_main)
     if config.recipe.spec_masks:
@@ -26,6 +28,11 @@ def prepare_data(config: TrainConfig, data: DataBundle | None, env: DistEnv) -> 
     if config.train_subset is not None:
         train, train_eval = stratified_subset((data.train, data.train_eval), config.train_subset)
         data = dataclasses.replace(data, train=train, train_eval=train_eval)
+    if config.val_size is not None or config.imbalance is not None or config.label_noise:
+        train, train_eval, val = carve_training_split(data.train, data.train_eval, data.num_classes,
+                                                      val_size=config.val_size, imbalance=config.imbalance,
+                                                      label_noise=config.label_noise)
+        data = dataclasses.replace(data, train=train, train_eval=train_eval, val=val)
     return data
 
 

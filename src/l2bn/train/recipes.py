@@ -32,7 +32,8 @@ class Recipe:
     ``metrics_every``: epochs between angle-metric evaluations (the last epoch is always measured).
     ``weight_decay_scope``: ``all`` parameters (as the norm zoo's groups say) or ``conv`` weights only (the
     Keras references' L2 kernel regulariser: a penalty c·Σw² is weight decay 2c). ``mixup_per_sample`` draws
-    one λ per sample instead of one per batch; ``spec_masks`` turns on the dataset's spectrogram masks.
+    one λ per sample instead of one per batch; ``spec_masks`` turns on the dataset's spectrogram masks;
+    ``norm_spread`` logs the spread of the per-sample input norms of every norm layer (:mod:`l2bn.norm_spread`).
     """
 
     epochs: int
@@ -55,6 +56,7 @@ class Recipe:
     weight_decay_scope: str = "all"
     mixup_per_sample: bool = False
     spec_masks: bool = False
+    norm_spread: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lr", "weight_decay", "gamma", "momentum", "mixup_alpha", "label_smoothing"):

@@ -62,9 +62,29 @@ class Run:
 
     @property
     def best_acc(self) -> float:
+        """The best test accuracy over epochs (selected on the test set itself)."""
         if self.summary is not None:
             return float(self.summary["best_test_acc"])
         return max(r["test_acc"] for r in self.records)
+
+    @property
+    def validated(self) -> bool:
+        """Whether the run held out a validation split (its records carry ``val_acc``)."""
+        return bool(self.records) and "val_acc" in self.records[0]
+
+    @property
+    def selected_acc(self) -> float:
+        """The run's accuracy as reported: the test accuracy at the epoch of the best validation accuracy (the
+        earliest on ties) when it held out a validation split, else :attr:`best_acc`."""
+        if not self.validated:
+            return self.best_acc
+        best = max(self.records, key=lambda r: (r["val_acc"], -r["epoch"]))
+        return float(best["test_acc"])
+
+    @property
+    def final_acc(self) -> float:
+        """The test accuracy of the last epoch logged."""
+        return float(self.records[-1]["test_acc"])
 
     def best_confusion(self) -> dict | None:
         """The ``test_confusion`` of the best epoch (the summary's, else the best logged one), if recorded."""
@@ -146,7 +166,7 @@ def summarize(runs: Iterable[Run], norms: Sequence[str] | None = None) -> list[d
     rows = []
     for norm, group in _group(runs, norms).items():
         ok = [r for r in group if not r.failed]
-        accs = [r.best_acc for r in ok]
+        accs = [r.selected_acc for r in ok]
         row: dict = {
             "norm": norm,
             "seeds": " ".join(str(r.seed) for r in ok),
@@ -421,7 +441,9 @@ def write_report(runs: Sequence[Run], out_dir: str | os.PathLike, norms: Sequenc
     note = (f" {failed} run(s) diverged and are left out of the means (see their failed.json); the Seeds column "
             "counts the runs each row averages over." if failed else "")
     with open(md, "a") as f:
-        f.write(f"\nAccuracy: best test accuracy of each run, mean ± sample std over seeds. Angles (degrees) and "
+        chosen = ("test accuracy at the epoch of the best validation accuracy" if runs[0].validated
+                  else "best test accuracy")
+        f.write(f"\nAccuracy: {chosen} of each run, mean ± sample std over seeds. Angles (degrees) and "
                 f"IIR: final model, mean over seeds; test intra-angles use the train class centers.{note}\n\n"
                 f"![accuracy and loss]({curves.name})\n\n![angles]({angles.name})\n")
     paths = {"markdown": md, "csv": csv_path, "curves": curves, "angles": angles}

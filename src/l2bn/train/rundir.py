@@ -29,6 +29,7 @@ __all__ = [
     "ANGLE_KEYS",
     "ANGLE_TITLES",
     "DEVICE_KEYS",
+    "EXTRA_KEYS",
     "EPOCH_KEYS",
     "NORM_STATE_KEYS",
     "CheckpointError",
@@ -36,6 +37,7 @@ __all__ = [
     "RunBusyError",
     "RunDir",
     "RunFileError",
+    "VAL_KEYS",
 ]
 
 # The per-epoch record: always these keys, plus ANGLE_KEYS at the epochs that measure the angle metrics.
@@ -46,6 +48,13 @@ ANGLE_KEYS: tuple[str, ...] = ("intra_train", "intra_test", "inter", "iir_train"
 NORM_STATE_KEYS: tuple[str, ...] = ("ubn_condensation", "ubn_gated")
 # Per-device confusion, present when the test set records a device per clip (tau2020; l2bn.train.confusion).
 DEVICE_KEYS: tuple[str, ...] = ("test_confusion",)
+# Present when a run holds out a validation split (l2bn.data.training_split): its loss and accuracy.
+VAL_KEYS: tuple[str, ...] = ("val_loss", "val_acc")
+# Beside the angle metrics: the cone angle of train and test features (l2bn.metrics) and the test accuracy of
+# every class (a list, class order), then the norm spread where the recipe asks for it (l2bn.norm_spread).
+# ``train_eval_acc``: accuracy of the model in evaluation mode on the (un-augmented) training images of the
+# angle pass — whether the network fits its training data.
+EXTRA_KEYS: tuple[str, ...] = ("cone_train", "cone_test", "train_eval_acc", "test_class_acc", "norm_cv")
 ANGLE_TITLES: dict[str, str] = {
     "intra_train": "Intra(train)", "intra_test": "Intra(test)", "inter": "Inter",
     "iir_train": "IIR train", "iir_test": "IIR test",
