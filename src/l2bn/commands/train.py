@@ -62,7 +62,11 @@ def _add_experiment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default=None, help="output folder")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
                    "(compare always resumes unfinished runs)")
+    _add_recipe_options(p)
+    _add_execution_options(p)
 
+
+def _add_recipe_options(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("recipe (default: the paper's preset for dataset and model family; every value "
                              "overridable)")
     r.add_argument("--recipe", default=None, choices=list_recipes(), help="preset name")
@@ -90,6 +94,8 @@ def _add_experiment_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--norm-spread", action=argparse.BooleanOptionalAction, default=None,
                    help="log norm_cv: the spread of the per-sample input norms of every norm layer (l2bn.norm_spread)")
 
+
+def _add_execution_options(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("execution")
     e.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...")
     e.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None, help="autocast dtype")
