@@ -12,11 +12,12 @@ from typing import Any
 from .convert import convert_to_bn, convert_to_l2bn, swap_modules
 from .distributed import SyncL2BatchNorm, convert_sync_l2bn, revert_sync_l2bn
 from .functional import l2_batch_norm
-from .layers import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d
+from .layers import FrozenL2BatchNorm2d, L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FrozenL2BatchNorm2d",
     "L2BatchNorm1d",
     "L2BatchNorm2d",
     "L2BatchNorm3d",
@@ -31,7 +32,7 @@ __all__ = [
 
 _SUBMODULES = (
     "bench", "cli", "data", "functional", "geometry", "kernels", "lightning_sync", "metrics", "models", "norm_act",
-    "norms", "report", "train",
+    "norms", "report", "surgery", "train",
 )
 
 
