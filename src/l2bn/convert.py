@@ -20,11 +20,11 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .layers import FrozenL2BatchNorm2d, L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d
+from .layers import FrozenL2BatchNorm2d, L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d, _L2BatchNorm
 from .surgery import NamePredicate, Replacement, batchnorm_arguments, rebuild_norm, swap_modules  # noqa: F401
 
 __all__ = [
-    "BN_TO_L2BN", "convert_to_bn", "convert_to_l2bn", "rebuild_norm", "register_conversion", "swap_modules",
+    "BN_TO_L2BN", "FOLDING_METHODS", "FoldingRefused", "convert_to_bn", "convert_to_l2bn", "rebuild_norm", "register_conversion", "swap_modules",
     "unconverted_batchnorms",
 ]
 
@@ -74,6 +74,38 @@ def _register_optional_libraries() -> None:
         for bn_cls, l2bn_cls, to_l2bn, to_bn in timm_conversions():
             if bn_cls not in _TO_L2BN:
                 register_conversion(bn_cls, l2bn_cls, to_l2bn=to_l2bn, to_bn=to_bn)
+
+
+FOLDING_METHODS = ("fuse", "reparameterize", "switch_to_deploy")  # what timm's reparameterize_model calls
+_L2BN_LAYERS = (_L2BatchNorm, FrozenL2BatchNorm2d)
+
+
+class FoldingRefused:
+    """Stands in for a block's ``fuse``/``reparameterize`` method once the block holds L2BN (RepVGG, MobileOne,
+    FastViT, … fold their BatchNorms into convolutions for inference; a per-sample norm cannot be folded)."""
+
+    def __init__(self, block: str, method: str) -> None:
+        self.block, self.method = block, method
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"{self.block}.{self.method}() would fold its L2BN layers into fixed convolution weights, but L2BN "
+            "scales every sample by its own norm, which depends on the input, so it cannot be folded: the result "
+            "would compute something else. Keep the block unfused, or convert_to_bn first (plain BatchNorm, "
+            "different outputs)."
+        )
+
+
+def _guard_folding(module: nn.Module) -> None:
+    """Make every block that could fold an L2BN layer refuse to (``convert_to_bn`` lifts the guard)."""
+    for name, block in module.named_modules():
+        methods = [m for m in FOLDING_METHODS if callable(getattr(type(block), m, None))]
+        holds_l2bn = methods and any(isinstance(layer, _L2BN_LAYERS) for layer in block.modules())
+        for method in methods:
+            if holds_l2bn:
+                block.__dict__[method] = FoldingRefused(f"{type(block).__name__} {name or '<root>'!r}", method)
+            elif isinstance(block.__dict__.get(method), FoldingRefused):
+                del block.__dict__[method]
 
 
 def _why_not_converted(module: nn.Module) -> str | None:
@@ -137,6 +169,7 @@ def convert_to_l2bn(
         return None
 
     module = swap_modules(module, replace)
+    _guard_folding(module)
     if skipped:
         names = ", ".join(skipped)
         warnings.warn(f"convert_to_l2bn left {len(skipped)} BatchNorm layer(s) unconverted: {names}", stacklevel=2)
@@ -155,4 +188,6 @@ def convert_to_bn(module: nn.Module, *, include: NamePredicate | None = None) ->
         rule = _TO_BN.get(type(child))
         return rule(child) if rule is not None and (include is None or include(name)) else None
 
-    return swap_modules(module, replace)
+    module = swap_modules(module, replace)
+    _guard_folding(module)
+    return module
