@@ -29,6 +29,7 @@ from torch.autograd.function import FunctionCtx
 
 from . import cpp
 from .fused import is_batched, l2_batch_norm_fused
+from .overflow import rerun_rescaled_on_overflow
 from .reference import l2_batch_norm_reference
 
 IMPL_ENV_VAR = "L2BN_IMPL"
@@ -41,6 +42,9 @@ def _l2_batch_norm_triton(*args, **kwargs) -> Tensor:
     from .triton_l2bn import l2_batch_norm_triton
 
     return l2_batch_norm_triton(*args, **kwargs)
+
+
+_compiled_once = cpp.l2_batch_norm_cpp.__wrapped__  # no rerun inside: it rescales outside, where autograd sees it
 
 
 def _keep_graph() -> bool:
@@ -62,7 +66,7 @@ class _CompiledKernel(torch.autograd.Function):
                 l2_eps):
         leaves = _leaves((input, weight, bias))
         with torch.enable_grad():  # the kernel's own autograd node, run by backward
-            y = cpp.l2_batch_norm_cpp(leaves[0], running_mean, running_var, *leaves[1:], training, momentum, eps,
+            y = _compiled_once(leaves[0], running_mean, running_var, *leaves[1:], training, momentum, eps,
                                       rescale=rescale, l2_eps=l2_eps)
         ctx.graph = (y, leaves)  # not save_for_backward: in-place ops on the output (ReLU) are fine, as for the kernel
         ctx.stats = (None, None) if training else (running_mean, running_var)
@@ -99,13 +103,14 @@ class _CompiledKernel(torch.autograd.Function):
         return (*(None if t is None else next(grads) for t in leaves), *[None] * 7)
 
 
+@rerun_rescaled_on_overflow
 def l2_batch_norm_compiled(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                            eps=1e-5, *, rescale=True, l2_eps=1e-12) -> Tensor:
     """The compiled CPU kernel; where gradients are wanted, inside :class:`_CompiledKernel` (batched gradients)."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
     if not needs_grad:
-        return cpp.l2_batch_norm_cpp(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                     rescale=rescale, l2_eps=l2_eps)
+        return _compiled_once(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                              rescale=rescale, l2_eps=l2_eps)
     return _CompiledKernel.apply(input, weight, bias, running_mean, running_var, training, momentum, eps, rescale,
                                  l2_eps)
 
