@@ -561,3 +561,28 @@ def test_torch_compile_dynamic_shapes_recompile_no_more_than_batchnorm():
                 torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
         frames[kind] = counter.frame_count
     assert frames["l2bn"] <= frames["bn"], frames
+
+
+# --- fusion tools: what each does with L2BN (README "Tools to avoid") ------------------------------------
+
+def test_fusion_tools_on_l2bn_as_documented():
+    import copy as copy_
+
+    from torch.fx.experimental.optimization import fuse as fx_fuse
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), l2bn.L2BatchNorm2d(8), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8) * torch.tensor([1.0, 50.0]).view(2, 1, 1, 1)
+    with pytest.raises(AssertionError, match="did not find fuser method"):  # ao.quantization refuses
+        torch.ao.quantization.fuse_modules(copy_.deepcopy(model), [["0", "1", "2"]])
+    fused = fx_fuse(copy_.deepcopy(model))  # fx.optimization leaves L2BN unfused: same outputs
+    assert not any(isinstance(m, nn.Conv2d) and m.bias is not None and m is not fused.get_submodule("0")
+                   for m in fused.modules())
+    torch.testing.assert_close(fused(x), model(x))
+    wrong = fuse_conv_bn_eval(model[0], model[1])  # folds it as BatchNorm: a different function
+    assert (wrong(x) - model[1](model[0](x))).abs().max() > 1e-2
+    # what can proceed: fuse Conv+ReLU pairs that have no L2BN between them; L2BN stays a float module
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), l2bn.L2BatchNorm2d(8)).eval()
+    pairs = torch.ao.quantization.fuse_modules(copy_.deepcopy(net), [["0", "1"]])
+    assert type(pairs[0]).__name__ == "ConvReLU2d" and type(pairs[2]) is l2bn.L2BatchNorm2d
+    torch.testing.assert_close(pairs(x), net(x))
