@@ -266,8 +266,9 @@ def test_torch_func_grad_jacrev_vmap(impl, monkeypatch):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("impl", ["fused", "reference"])
+@pytest.mark.parametrize("impl", [None, *FAST, "reference"])
 def test_gradcheck_batched_grad(training, impl):
+    """gradcheck with its defaults (check_batched_grad=True) on every path, the default (None) included."""
     x = sample(3, 2, 3).double().requires_grad_()
     w = torch.rand(3, dtype=F64, requires_grad=True)
     rm, rv = torch.randn(3, dtype=F64), torch.rand(3, dtype=F64) + 0.5
@@ -275,15 +276,35 @@ def test_gradcheck_batched_grad(training, impl):
     def fn(x, w):
         return l2bn.l2_batch_norm(x, rm.clone(), rv.clone(), w, None, training, impl=impl)
 
-    assert torch.autograd.gradcheck(fn, (x, w), check_batched_grad=True)
+    assert torch.autograd.gradcheck(fn, (x, w))
 
 
 @NO_COMPILER
-def test_compiled_kernel_refuses_batched_gradients_with_a_pointer():
+@pytest.mark.parametrize("frozen_weight", [False, True], ids=["weight", "frozen-weight"])
+def test_compiled_kernel_batched_gradients_equal_the_unbatched_ones(frozen_weight):
+    x = sample(3, 2, 3).double().requires_grad_()
+    w = torch.rand(3, dtype=F64, requires_grad=not frozen_weight)
+    b = torch.rand(3, dtype=F64, requires_grad=True)
+    y = l2bn.l2_batch_norm(x, None, None, w, b, training=True, impl="cpp")
+    inputs = (x, b) if frozen_weight else (x, w, b)
+    dys = torch.randn(2, *y.shape, dtype=F64)
+    batched = torch.autograd.grad(y, inputs, dys, is_grads_batched=True, retain_graph=True)
+    for i, dy in enumerate(dys):
+        for got, want in zip(batched, torch.autograd.grad(y, inputs, dy, retain_graph=True)):
+            torch.testing.assert_close(got[i], want)
+
+
+@NO_COMPILER
+def test_compiled_kernel_frees_its_graph_unless_retained():
     x = sample(3, 2, 3).double().requires_grad_()
     y = l2bn.l2_batch_norm(x, None, None, training=True, impl="cpp")
-    with pytest.raises(RuntimeError, match="cannot compute batched gradients.*impl='fused'"):
-        torch.autograd.grad(y, x, torch.randn(2, *y.shape, dtype=F64), is_grads_batched=True)
+    torch.nn.functional.relu_(y)  # in-place on the output, as ResNets do
+    y.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
 
 
 # --- layer API -------------------------------------------------------------------------------------------
@@ -540,3 +561,28 @@ def test_torch_compile_dynamic_shapes_recompile_no_more_than_batchnorm():
                 torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
         frames[kind] = counter.frame_count
     assert frames["l2bn"] <= frames["bn"], frames
+
+
+# --- fusion tools: what each does with L2BN (README "Tools to avoid") ------------------------------------
+
+def test_fusion_tools_on_l2bn_as_documented():
+    import copy as copy_
+
+    from torch.fx.experimental.optimization import fuse as fx_fuse
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), l2bn.L2BatchNorm2d(8), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8) * torch.tensor([1.0, 50.0]).view(2, 1, 1, 1)
+    with pytest.raises(AssertionError, match="did not find fuser method"):  # ao.quantization refuses
+        torch.ao.quantization.fuse_modules(copy_.deepcopy(model), [["0", "1", "2"]])
+    fused = fx_fuse(copy_.deepcopy(model))  # fx.optimization leaves L2BN unfused: same outputs
+    assert not any(isinstance(m, nn.Conv2d) and m.bias is not None and m is not fused.get_submodule("0")
+                   for m in fused.modules())
+    torch.testing.assert_close(fused(x), model(x))
+    wrong = fuse_conv_bn_eval(model[0], model[1])  # folds it as BatchNorm: a different function
+    assert (wrong(x) - model[1](model[0](x))).abs().max() > 1e-2
+    # what can proceed: fuse Conv+ReLU pairs that have no L2BN between them; L2BN stays a float module
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), l2bn.L2BatchNorm2d(8)).eval()
+    pairs = torch.ao.quantization.fuse_modules(copy_.deepcopy(net), [["0", "1"]])
+    assert type(pairs[0]).__name__ == "ConvReLU2d" and type(pairs[2]) is l2bn.L2BatchNorm2d
+    torch.testing.assert_close(pairs(x), net(x))

@@ -110,3 +110,53 @@ def test_timm_freeze_helper_mistreats_l2bn_as_readme_says():
     frozen = freeze_batch_norm_2d(nn.Sequential(l2bn.L2BatchNorm2d(3), L2BatchNormAct2d(3)))
     assert type(frozen[0]) is l2bn.L2BatchNorm2d and frozen[0].weight.requires_grad
     assert type(frozen[1]).__name__ == "FrozenBatchNormAct2d"
+
+
+# --- tools that would undo L2BN --------------------------------------------------------------------------
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0"])
+def test_reparameterize_model_refuses_blocks_holding_l2bn_and_works_again_after_convert_to_bn(name):
+    from timm.utils.model import reparameterize_model
+
+    model = l2bn.convert_to_l2bn(timm.create_model(name, pretrained=False, num_classes=5)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    before = model(x)
+    with pytest.raises(RuntimeError, match=r"reparameterize\(\) would fold its L2BN layers.*cannot be folded"):
+        reparameterize_model(model)
+    with pytest.raises(RuntimeError, match="cannot be folded"):
+        reparameterize_model(model, inplace=True)
+    torch.testing.assert_close(model(x), before)  # nothing was folded
+    copy.deepcopy(model)  # the guard survives copies and pickling
+    bn_model = l2bn.convert_to_bn(model)
+    fused = reparameterize_model(bn_model)
+    with torch.no_grad():
+        assert _relative_error(fused(x), bn_model(x)) < 1e-4
+
+
+@pytest.mark.parametrize("name", [
+    "efficientformerv2_s0", "efficientvit_b0", "dpn48b", "dla34", "efficientvit_m0", "resnet18",
+])
+def test_create_timm_model_converts_what_norm_layer_misses_or_refuses(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model left with plain BatchNorm would warn
+        model = l2bn.create_timm_model(name, pretrained=False, num_classes=4)
+    assert l2bn.convert.unconverted_batchnorms(model) == []
+    assert not any(type(m) in (nn.BatchNorm2d, nn.BatchNorm1d, BatchNormAct2d) for m in model.modules())
+    assert any(isinstance(m, l2bn.layers._L2BatchNorm) for m in model.modules())
+    out = model(torch.randn(2, 3, 64, 64) if "efficientformer" not in name else torch.randn(2, 3, 224, 224))
+    assert out.shape == (2, 4) and torch.isfinite(out).all()
+
+
+def test_create_timm_model_warns_once_naming_layers_it_cannot_convert(monkeypatch):
+    class OddNorm(nn.BatchNorm2d):
+        pass
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: nn.Sequential(real(*a, **k), OddNorm(4)))
+    with pytest.warns(UserWarning, match=r"create_timm_model\('resnet18'\) left 1 BatchNorm-like layer.*'1' \(OddNorm") as caught:
+        l2bn.create_timm_model("resnet18", num_classes=4)
+    assert len(caught) == 1

@@ -339,3 +339,20 @@ def test_inference_path_matches_autograd_path(training, channels_last, impl):
     assert y.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(layer.running_mean, reference_layer.running_mean)
     torch.testing.assert_close(layer.running_var, reference_layer.running_var)
+
+
+@pytest.mark.parametrize("bad", [-1e-12, float("nan"), float("inf")], ids=["negative", "nan", "inf"])
+def test_l2_eps_negative_nan_or_infinite_is_refused_naming_the_value(bad):
+    pattern = f"l2_eps must be a finite number >= 0.*got {bad!r}"
+    with pytest.raises(ValueError, match=pattern):
+        l2bn.L2BatchNorm2d(3, l2_eps=bad)
+    with pytest.raises(ValueError, match=pattern):
+        l2bn.FrozenL2BatchNorm2d(3, l2_eps=bad)
+    with pytest.raises(ValueError, match=pattern):
+        l2_batch_norm(make_input((4, 3, 2, 2)), None, None, training=True, l2_eps=bad)
+
+
+def test_l2_eps_zero_is_accepted():
+    x = make_input((4, 3, 2, 2))
+    torch.testing.assert_close(l2bn.L2BatchNorm2d(3, l2_eps=0.0, dtype=torch.float64)(x),
+                               expected(x, None, None, None, None, True, 0.1))

@@ -1,12 +1,14 @@
-"""BatchNorm ↔ L2BN conversion that keeps weights, statistics, mode, device and dtype; the module-swap helper.
+"""BatchNorm ↔ L2BN conversion that keeps weights, statistics, mode, device and dtype.
 
 What :func:`convert_to_l2bn` converts: ``nn.BatchNorm{1,2,3}d`` (also materialised ``nn.LazyBatchNorm*``,
 which become plain BatchNorm after their first forward), ``nn.SyncBatchNorm`` (→
-:class:`l2bn.SyncL2BatchNorm`) and timm's ``BatchNormAct2d`` (→ :class:`l2bn.norm_act.L2BatchNormAct2d`,
-keeping its drop and activation). Any other BatchNorm — an unknown ``_BatchNorm`` subclass, an
-uninitialised lazy one — is left as it is, with a warning naming it. L2BN cannot be folded into a
-convolution (its per-sample norm depends on the input): ``torch.nn.utils.fusion.fuse_conv_bn_eval`` and
-fx/quantization fusion passes accept L2BN layers as BatchNorm and return wrong convolutions.
+:class:`l2bn.SyncL2BatchNorm`), torchvision's ``FrozenBatchNorm2d`` (→ :class:`l2bn.FrozenL2BatchNorm2d`) and
+timm's ``BatchNormAct2d`` / ``FrozenBatchNormAct2d`` (→ :mod:`l2bn.norm_act`'s counterparts, keeping their
+drop and activation). Any other BatchNorm-like layer — an unknown ``_BatchNorm`` subclass, a layer with
+``running_mean`` and ``running_var`` buffers, an uninitialised lazy one — is left as it is, with a warning
+naming it. Other modules add their pairs with :func:`register_conversion` (:mod:`l2bn.distributed` does, for
+SyncBatchNorm). L2BN cannot be folded into a convolution (its per-sample norm depends on the input): see
+README's "Tools to avoid" for the fusion and reparameterisation tools that assume it can.
 """
 from __future__ import annotations
 
@@ -18,131 +20,118 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .layers import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d
+from .layers import FrozenL2BatchNorm2d, L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d, _L2BatchNorm
+from .surgery import NamePredicate, Replacement, batchnorm_arguments, rebuild_norm, swap_modules  # noqa: F401
 
-__all__ = ["convert_to_l2bn", "convert_to_bn", "rebuild_norm", "swap_modules"]
+__all__ = [
+    "BN_TO_L2BN", "FOLDING_METHODS", "FoldingRefused", "convert_to_bn", "convert_to_l2bn", "rebuild_norm", "register_conversion", "swap_modules",
+    "unconverted_batchnorms",
+]
 
 BN_TO_L2BN: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: L2BatchNorm1d,
     nn.BatchNorm2d: L2BatchNorm2d,
     nn.BatchNorm3d: L2BatchNorm3d,
 }
-L2BN_TO_BN: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in BN_TO_L2BN.items()}
 
-NamePredicate = Callable[[str], bool]
-Replacement = Callable[[str, nn.Module], "nn.Module | None"]
+ToL2BN = Callable[[nn.Module, dict[str, Any]], nn.Module]  # (BN layer, {rescale, l2_eps}) -> L2BN layer
+ToBN = Callable[[nn.Module], nn.Module]
+_TO_L2BN: dict[type[nn.Module], ToL2BN] = {}
+_TO_BN: dict[type[nn.Module], ToBN] = {}
 
 
-def swap_modules(module: nn.Module, replace: Replacement) -> nn.Module:
-    """Walk ``module``'s tree; wherever ``replace(qualified_name, child)`` returns a module, put it in the
-    child's place (without descending into it). The root's name is ``""``. Returns ``module``, or the
-    root's replacement.
+def register_conversion(
+    bn_cls: type[nn.Module], l2bn_cls: type[nn.Module], *, to_l2bn: ToL2BN | None = None, to_bn: ToBN | None = None
+) -> None:
+    """Teach :func:`convert_to_l2bn` to turn ``bn_cls`` layers into ``l2bn_cls`` and :func:`convert_to_bn` back.
 
-    Example::
-
-        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
-        >>> net = swap_modules(net, lambda name, m: nn.GELU() if isinstance(m, nn.ReLU) else None)
-        >>> net[1]
-        GELU(approximate='none')
+    The default rules rebuild the layer with :func:`l2bn.surgery.rebuild_norm` (BatchNorm's arguments and
+    state); pass ``to_l2bn(old, options)`` (``options``: ``rescale`` and ``l2_eps``) or ``to_bn(old)`` for
+    layers that need more. Exact types only: subclasses are not matched.
     """
-
-    def visit(child: nn.Module, name: str) -> nn.Module:
-        new = replace(name, child)
-        if new is not None:
-            return new
-        for child_name, grandchild in child.named_children():
-            converted = visit(grandchild, f"{name}.{child_name}" if name else child_name)
-            if converted is not grandchild:
-                setattr(child, child_name, converted)
-        return child
-
-    return visit(module, "")
+    _TO_L2BN[bn_cls] = to_l2bn or (lambda old, options: rebuild_norm(old, l2bn_cls, **options))
+    _TO_BN[l2bn_cls] = to_bn or (lambda old: rebuild_norm(old, bn_cls))
 
 
-def batchnorm_arguments(norm: _BatchNorm) -> dict[str, Any]:
-    """The constructor arguments of a BatchNorm-like layer (``bias=False`` only where it has none)."""
-    args: dict[str, Any] = dict(
-        num_features=norm.num_features, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-        track_running_stats=norm.track_running_stats,
-    )
-    if norm.affine and norm.bias is None:
-        args["bias"] = False
-    return args
+for _bn, _l2bn in BN_TO_L2BN.items():
+    register_conversion(_bn, _l2bn)
 
 
-def rebuild_norm(old: nn.Module, new_cls: type[nn.Module], *, share_parameters: bool = False, **extra) -> nn.Module:
-    """``new_cls`` with ``old``'s BatchNorm arguments (plus ``extra``), state, requires_grad flags and mode.
+def _register_optional_libraries() -> None:
+    """Register the torchvision and timm pairs once those libraries are imported (l2bn never imports them)."""
+    if "torchvision" in sys.modules:
+        from torchvision.ops.misc import FrozenBatchNorm2d
 
-    ``share_parameters`` reuses ``old``'s weight and bias Parameters (as torch's SyncBatchNorm converter
-    does, so an optimizer built before the conversion keeps updating them); otherwise they are copied.
-    """
-    tensor = next(iter(old.parameters()), None)
-    if tensor is None:
-        tensor = old.running_mean
-    factory = {} if tensor is None else {"device": tensor.device, "dtype": tensor.dtype}
-    new = new_cls(**batchnorm_arguments(old), **factory, **extra)
-    if share_parameters and old.affine:
-        new.weight, new.bias = old.weight, old.bias
-    new.load_state_dict(old.state_dict())
-    for name, param in new.named_parameters():
-        param.requires_grad_(getattr(old, name).requires_grad)
-    new.train(old.training)
-    return new
+        if FrozenBatchNorm2d not in _TO_L2BN:
+            register_conversion(
+                FrozenBatchNorm2d, FrozenL2BatchNorm2d,
+                to_l2bn=lambda old, options: FrozenL2BatchNorm2d.from_frozen(old, **options),
+                to_bn=lambda old: old.to_frozen(FrozenBatchNorm2d),
+            )
+    if "timm" in sys.modules:
+        from .norm_act import timm_conversions
 
-
-def _timm_norm_act_types() -> tuple[type | None, type | None]:
-    """(timm's BatchNormAct2d, l2bn's L2BatchNormAct2d) when timm is already imported, else (None, None)."""
-    if "timm" not in sys.modules:
-        return None, None
-    from .norm_act import L2BatchNormAct2d, timm_batchnorm_act
-
-    return timm_batchnorm_act(), L2BatchNormAct2d
+        for bn_cls, l2bn_cls, to_l2bn, to_bn in timm_conversions():
+            if bn_cls not in _TO_L2BN:
+                register_conversion(bn_cls, l2bn_cls, to_l2bn=to_l2bn, to_bn=to_bn)
 
 
-def _to_l2bn(old: nn.Module, rescale: bool, l2_eps: float) -> nn.Module | None:
-    """The L2BN counterpart of ``old``, or None when ``old`` is not a BatchNorm this converter knows."""
-    kind = type(old)
-    options = {"rescale": rescale, "l2_eps": l2_eps}
-    if kind in BN_TO_L2BN:
-        return rebuild_norm(old, BN_TO_L2BN[kind], **options)
-    if kind is nn.SyncBatchNorm:
-        from .distributed import SyncL2BatchNorm
-
-        return rebuild_norm(old, SyncL2BatchNorm, process_group=old.process_group, **options)
-    bn_act, l2bn_act = _timm_norm_act_types()
-    if bn_act is not None and kind is bn_act:
-        new = rebuild_norm(old, l2bn_act, apply_act=False, **options)
-        new.drop, new.act = old.drop, old.act
-        return new
-    return None
+FOLDING_METHODS = ("fuse", "reparameterize", "switch_to_deploy")  # what timm's reparameterize_model calls
+_L2BN_LAYERS = (_L2BatchNorm, FrozenL2BatchNorm2d)
 
 
-def _to_bn(old: nn.Module) -> nn.Module | None:
-    """The torch (or timm) BatchNorm counterpart of an L2BN layer, or None."""
-    kind = type(old)
-    if kind in L2BN_TO_BN:
-        return rebuild_norm(old, L2BN_TO_BN[kind])
-    from .distributed import SyncL2BatchNorm
+class FoldingRefused:
+    """Stands in for a block's ``fuse``/``reparameterize`` method once the block holds L2BN (RepVGG, MobileOne,
+    FastViT, … fold their BatchNorms into convolutions for inference; a per-sample norm cannot be folded)."""
 
-    if kind is SyncL2BatchNorm:
-        return rebuild_norm(old, nn.SyncBatchNorm, process_group=old.process_group)
-    bn_act, l2bn_act = _timm_norm_act_types()
-    if l2bn_act is not None and kind is l2bn_act:
-        new = rebuild_norm(old, bn_act, apply_act=False)
-        new.drop, new.act = old.drop, old.act
-        return new
-    return None
+    def __init__(self, block: str, method: str) -> None:
+        self.block, self.method = block, method
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"{self.block}.{self.method}() would fold its L2BN layers into fixed convolution weights, but L2BN "
+            "scales every sample by its own norm, which depends on the input, so it cannot be folded: the result "
+            "would compute something else. Keep the block unfused, or convert_to_bn first (plain BatchNorm, "
+            "different outputs)."
+        )
+
+
+def _guard_folding(module: nn.Module) -> None:
+    """Make every block that could fold an L2BN layer refuse to (``convert_to_bn`` lifts the guard)."""
+    for name, block in module.named_modules():
+        methods = [m for m in FOLDING_METHODS if callable(getattr(type(block), m, None))]
+        holds_l2bn = methods and any(isinstance(layer, _L2BN_LAYERS) for layer in block.modules())
+        for method in methods:
+            if holds_l2bn:
+                block.__dict__[method] = FoldingRefused(f"{type(block).__name__} {name or '<root>'!r}", method)
+            elif isinstance(block.__dict__.get(method), FoldingRefused):
+                del block.__dict__[method]
 
 
 def _why_not_converted(module: nn.Module) -> str | None:
-    """Why a BatchNorm-like layer that :func:`_to_l2bn` did not convert was left alone (None: not a BatchNorm)."""
+    """Why a BatchNorm-like layer no conversion matched was left alone (None: not a BatchNorm, or l2bn's own)."""
     if type(module).__module__.split(".")[0] == "l2bn":  # L2BN itself and the zoo's norms are meant as they are
         return None
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         return f"{type(module).__name__} is not initialised yet: run one forward pass first"
     if isinstance(module, _BatchNorm):
         return f"{type(module).__name__} is a BatchNorm subclass this converter does not know"
+    buffers = dict(module.named_buffers(recurse=False))
+    if "running_mean" in buffers and "running_var" in buffers:
+        return f"{type(module).__name__} keeps BatchNorm statistics but is a layer this converter does not know"
     return None
+
+
+def unconverted_batchnorms(module: nn.Module) -> list[str]:
+    """``"name (reason)"`` for every BatchNorm-like layer in ``module`` that is not L2BN (empty: fully converted)."""
+    _register_optional_libraries()
+    found: list[str] = []
+    for name, child in module.named_modules():
+        if type(child) in _TO_L2BN:
+            found.append(f"{name or '<root>'!r} ({type(child).__name__}, which convert_to_l2bn converts)")
+        elif (reason := _why_not_converted(child)) is not None:
+            found.append(f"{name or '<root>'!r} ({reason})")
+    return found
 
 
 def convert_to_l2bn(
@@ -165,17 +154,22 @@ def convert_to_l2bn(
         >>> type(model.bn1).__name__, type(model.layer1[0].bn2).__name__
         ('L2BatchNorm2d', 'L2BatchNorm2d')
     """
+    _register_optional_libraries()
+    options = {"rescale": rescale, "l2_eps": l2_eps}
     skipped: list[str] = []
 
     def replace(name: str, child: nn.Module) -> nn.Module | None:
         if include is not None and not include(name):
             return None
-        new = _to_l2bn(child, rescale, l2_eps)
-        if new is None and (reason := _why_not_converted(child)) is not None:
+        rule = _TO_L2BN.get(type(child))
+        if rule is not None:
+            return rule(child, options)
+        if (reason := _why_not_converted(child)) is not None:
             skipped.append(f"{name or '<root>'!r} ({reason})")
-        return new
+        return None
 
     module = swap_modules(module, replace)
+    _guard_folding(module)
     if skipped:
         names = ", ".join(skipped)
         warnings.warn(f"convert_to_l2bn left {len(skipped)} BatchNorm layer(s) unconverted: {names}", stacklevel=2)
@@ -183,9 +177,17 @@ def convert_to_l2bn(
 
 
 def convert_to_bn(module: nn.Module, *, include: NamePredicate | None = None) -> nn.Module:
-    """Reverse of :func:`convert_to_l2bn`: every L2BN layer becomes the matching torch (or timm) BatchNorm.
+    """Reverse of :func:`convert_to_l2bn`: every L2BN layer becomes the matching torch (or timm, torchvision) one.
 
     The result is ordinary BatchNorm — foldable into convolutions with ``fuse_conv_bn_eval``, but no longer
     L2BN: its outputs differ (L2BN's per-sample scaling cannot be folded into fixed weights).
     """
-    return swap_modules(module, lambda name, child: _to_bn(child) if include is None or include(name) else None)
+    _register_optional_libraries()
+
+    def replace(name: str, child: nn.Module) -> nn.Module | None:
+        rule = _TO_BN.get(type(child))
+        return rule(child) if rule is not None and (include is None or include(name)) else None
+
+    module = swap_modules(module, replace)
+    _guard_folding(module)
+    return module

@@ -5,6 +5,8 @@ sqrt(D), x̂_n = sqrt(D)·x_n / max(‖x_n‖₂, ε_l2), and ordinary batch nor
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -20,6 +22,13 @@ from .kernels.dispatch import (  # noqa: F401  (the switch's public names, re-ex
 
 
 HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def check_l2_eps(l2_eps: float) -> float:
+    """``l2_eps`` itself when it is a finite number ≥ 0 (the lower bound on a sample's norm); else ValueError."""
+    if not (isinstance(l2_eps, (int, float)) and 0.0 <= l2_eps < math.inf):  # False for NaN
+        raise ValueError(f"l2_eps must be a finite number >= 0 (a lower bound on each sample's norm), got {l2_eps!r}")
+    return l2_eps
 
 
 def _check_inputs(
@@ -100,6 +109,7 @@ def l2_batch_norm(
         (True, 1.0)
     """
     _check_inputs(input, running_mean, running_var, weight, bias, training, eps)
+    check_l2_eps(l2_eps)
     fn = resolve_impl(impl, input)
     return fn(
         input, running_mean, running_var, weight, bias, training, momentum, eps, rescale=rescale, l2_eps=l2_eps

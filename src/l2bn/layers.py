@@ -1,4 +1,5 @@
-"""L2BN modules: BatchNorm's constructor, parameters, buffers and state_dict keys, with the l2 step first."""
+"""L2BN modules: BatchNorm's constructor, parameters, buffers and state_dict keys, with the l2 step first;
+and the frozen variant, torchvision's ``FrozenBatchNorm2d`` with the l2 step first."""
 from __future__ import annotations
 
 import torch
@@ -6,9 +7,9 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import l2_batch_norm
+from .functional import check_l2_eps, l2_batch_norm
 
-__all__ = ["L2BatchNorm1d", "L2BatchNorm2d", "L2BatchNorm3d"]
+__all__ = ["FrozenL2BatchNorm2d", "L2BatchNorm1d", "L2BatchNorm2d", "L2BatchNorm3d"]
 
 
 def batch_average_factor(num_batches_tracked: Tensor | None, momentum: float | None, counting: bool) -> float:
@@ -50,7 +51,7 @@ class _L2BatchNorm(_BatchNorm):
         extra = {} if bias else {"bias": False}  # torch's own keyword; older torch raises for it, as it should
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **extra)
         self.rescale = rescale
-        self.l2_eps = l2_eps
+        self.l2_eps = check_l2_eps(l2_eps)
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in self._expected_dims:
@@ -151,6 +152,77 @@ class L2BatchNorm3d(_L2BatchNorm):
     """
 
     _expected_dims = (5,)
+
+
+class FrozenL2BatchNorm2d(nn.Module):
+    """L2BN with fixed statistics and affine over (N, C, H, W): what ``torchvision.ops.FrozenBatchNorm2d`` is to BN.
+
+    Each sample is still scaled to norm sqrt(D), D = C·H·W (that step depends on the input alone); then the
+    stored ``running_mean``, ``running_var``, ``weight`` and ``bias`` buffers apply, in train and eval mode
+    alike. Same buffers, ``eps`` and state_dict keys as torchvision's ``FrozenBatchNorm2d`` (a BatchNorm
+    checkpoint's ``num_batches_tracked`` is dropped on load), plus ``rescale`` and ``l2_eps``.
+
+    Shape:
+        input (N, C, H, W); output the same shape.
+
+    Example::
+
+        >>> layer = FrozenL2BatchNorm2d(8)
+        >>> layer(torch.randn(2, 8, 4, 4)).shape
+        torch.Size([2, 8, 4, 4])
+        >>> sorted(layer.state_dict())
+        ['bias', 'running_mean', 'running_var', 'weight']
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        rescale: bool = True,
+        l2_eps: float = 1e-12,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.rescale = rescale
+        self.l2_eps = check_l2_eps(l2_eps)
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+
+    @classmethod
+    def from_frozen(cls, frozen: nn.Module, **kwargs) -> "FrozenL2BatchNorm2d":
+        """A ``cls`` with ``frozen``'s buffers, eps, device, dtype and mode (``kwargs``: ``rescale``, ``l2_eps``, …)."""
+        weight = frozen.weight
+        new = cls(weight.numel(), frozen.eps, device=weight.device, dtype=weight.dtype, **kwargs)
+        new.load_state_dict(frozen.state_dict())
+        return new.train(frozen.training)
+
+    def to_frozen(self, frozen_cls: type[nn.Module], **kwargs) -> nn.Module:
+        """The ``frozen_cls`` (e.g. torchvision's ``FrozenBatchNorm2d``) with this layer's buffers, eps and mode."""
+        old = frozen_cls(self.num_features, self.eps, **kwargs).to(self.weight.device, self.weight.dtype)
+        old.load_state_dict(self.state_dict())
+        return old.train(self.training)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        state_dict.pop(prefix + "num_batches_tracked", None)  # BatchNorm checkpoints load, as into FrozenBatchNorm2d
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not isinstance(input, torch.fx.Proxy) and input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        return l2_batch_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps,
+            rescale=self.rescale, l2_eps=self.l2_eps,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, rescale={self.rescale}, l2_eps={self.l2_eps}"
 
 
 # fx symbolic tracing (feature extractors, fx passes) records these calls as graph nodes; the layer's mode is

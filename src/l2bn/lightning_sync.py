@@ -12,8 +12,9 @@ import torch.distributed as dist
 from lightning.pytorch.plugins import LayerSync
 from torch import nn
 
-from .convert import BN_TO_L2BN, rebuild_norm, swap_modules
+from .convert import BN_TO_L2BN
 from .distributed import convert_sync_l2bn, revert_sync_l2bn
+from .surgery import rebuild_norm, swap_modules
 
 __all__ = ["SyncL2BN"]
 

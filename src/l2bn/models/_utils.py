@@ -1,15 +1,15 @@
 """Shared model plumbing: norm resolution and recording, weight initialisation, norm replacement."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..convert import swap_modules
 from ..norms import get_norm_layer
+from ..norms.registry import NormLayer
+from ..surgery import swap_modules
 
-NormLayer = Callable[..., nn.Module]
 
 __all__ = ["NormRecorder", "init_weights", "replace_norms", "reset_norm", "resolve_norm"]
 
