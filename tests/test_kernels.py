@@ -462,3 +462,42 @@ def test_a_clean_cpu_run_prints_nothing():
     result = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr == "" and result.stdout == ""
+
+
+@NO_COMPILER
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(
+    "shape, fmt",
+    [((6, 37), None), ((700, 3), None), ((5, 4, 3), None), ((5, 37, 1, 1), torch.channels_last),
+     ((5, 19, 2, 2), None), ((5, 19, 2, 2), torch.channels_last), ((3, 6, 1, 2, 2), torch.channels_last_3d)],
+    ids=["1d", "1d-many-blocks", "1d-L3", "1x1-cl", "2x2", "2x2-cl", "3d-cl"],
+)
+def test_cpp_small_spatial_sizes(shape, fmt, training):
+    """Spatial sizes ≤ 4 take the channel-vectorised path: every layout against the float64 reference, and
+    a float32 channel with a large mean and small spread loses no precision (shifted batch sums)."""
+    x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(3)) * 1.5 - 0.4
+    fmt = fmt or torch.contiguous_format
+    got = run(IMPLEMENTATIONS["cpp"], x, training, memory_format=fmt)
+    assert_close(got, run(l2_batch_norm_reference, x, training), rtol=1e-12, atol=1e-12)
+    assert got["dx"].is_contiguous(memory_format=fmt)
+    shifted = x.clone()
+    shifted[:, 0] = 1e4 + torch.randn(shifted[:, 0].shape, dtype=F64, generator=torch.Generator().manual_seed(4))
+    got = run(IMPLEMENTATIONS["cpp"], shifted, training, dtype=torch.float32, memory_format=fmt)
+    assert_close(got, run(l2_batch_norm_reference, shifted.float().double(), training), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 4, 4), (4, 3, 2, 2), (6, 5)], ids=["4x4", "2x2", "1d"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_nan_input_element_gives_the_references_gradients(shape, training):
+    """One NaN input element: every path's outputs and input gradients are NaN exactly where the reference's are
+    (the compiled kernel once returned finite gradients for the NaN sample's other channels)."""
+    x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(2))
+    x[1, 1].view(-1)[0] = float("nan")
+    want = run(l2_batch_norm_reference, x, training)
+    impls = ["fused", "cpp"] if cpp.compiler_found() else ["fused"]
+    for impl in impls:
+        got = run(IMPLEMENTATIONS[impl], x, training)
+        for key in ("y", "dx", "dw", "db"):
+            assert torch.equal(torch.isnan(got[key]), torch.isnan(want[key])), (impl, key)
+            finite = ~torch.isnan(want[key])
+            torch.testing.assert_close(got[key][finite], want[key][finite], rtol=1e-9, atol=1e-9)
