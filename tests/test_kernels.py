@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -501,3 +502,53 @@ def test_nan_input_element_gives_the_references_gradients(shape, training):
             assert torch.equal(torch.isnan(got[key]), torch.isnan(want[key])), (impl, key)
             finite = ~torch.isnan(want[key])
             torch.testing.assert_close(got[key][finite], want[key][finite], rtol=1e-9, atol=1e-9)
+
+
+def test_two_checkouts_sharing_a_cache_compile_the_same_path(tmp_path, monkeypatch):
+    """Two copies of the source (two checkouts) and one extensions folder: both builds name the same source
+    path in the same folder, so torch's loader (whose build file names the source by path) reuses the first
+    checkout's library instead of rebuilding it; the kept copy is not rewritten (its mtime stays)."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    loads = []
+
+    class FakeLoader:
+        @staticmethod
+        def load(**kwargs):
+            loads.append((kwargs["build_directory"], kwargs["sources"]))
+
+    monkeypatch.setattr(cpp, "_import_cpp_extension", lambda: FakeLoader)
+    mtimes = []
+    for checkout in ("a", "b", "a"):
+        source = tmp_path / checkout / "csrc" / cpp.SOURCE.name
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_bytes(cpp.SOURCE.read_bytes())
+        monkeypatch.setattr(cpp, "SOURCE", source)
+        assert cpp._build.__wrapped__() is None
+        mtimes.append(cpp.source_copy(cpp.build_directory()).stat().st_mtime_ns)
+    assert len(set(map(str, loads))) == 1, loads
+    folder, sources = loads[0]
+    assert Path(sources[0]).parent == Path(folder) and Path(sources[0]).read_bytes() == cpp.SOURCE.read_bytes()
+    assert len(set(mtimes)) == 1
+
+
+def test_without_a_compiler_one_line_and_no_retry(tmp_path):
+    """CXX naming no compiler: the fallback warning is one line naming the cause and the fix, and the failure
+    is remembered in the cache folder, so a second process does not try to build again."""
+    import subprocess
+    import sys
+
+    code = ("import warnings, torch, l2bn; warnings.simplefilter('always'); "
+            "l2bn.L2BatchNorm2d(3)(torch.randn(2, 3, 4, 4)).sum().backward()")
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+           "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    env.pop(IMPL_ENV_VAR, None)
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    for result in runs:
+        assert result.returncode == 0, result.stderr[-2000:]
+        warning = [line for line in result.stderr.splitlines() if "l2bn: no compiled CPU kernel" in line]
+        assert len(warning) == 1 and "install a C++ compiler" in warning[0], result.stderr
+    assert "compiling the CPU kernel" in runs[0].stderr
+    assert "compiling the CPU kernel" not in runs[1].stderr and "remembered in" in runs[1].stderr
+    assert len(runs[1].stderr.strip().splitlines()) <= 2, runs[1].stderr  # the warning and its source line
+    assert list((tmp_path / "ext").rglob("build-failed-*.txt"))
