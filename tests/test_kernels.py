@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -462,3 +463,92 @@ def test_a_clean_cpu_run_prints_nothing():
     result = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr == "" and result.stdout == ""
+
+
+@NO_COMPILER
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(
+    "shape, fmt",
+    [((6, 37), None), ((700, 3), None), ((5, 4, 3), None), ((5, 37, 1, 1), torch.channels_last),
+     ((5, 19, 2, 2), None), ((5, 19, 2, 2), torch.channels_last), ((3, 6, 1, 2, 2), torch.channels_last_3d)],
+    ids=["1d", "1d-many-blocks", "1d-L3", "1x1-cl", "2x2", "2x2-cl", "3d-cl"],
+)
+def test_cpp_small_spatial_sizes(shape, fmt, training):
+    """Spatial sizes ≤ 4 take the channel-vectorised path: every layout against the float64 reference, and
+    a float32 channel with a large mean and small spread loses no precision (shifted batch sums)."""
+    x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(3)) * 1.5 - 0.4
+    fmt = fmt or torch.contiguous_format
+    got = run(IMPLEMENTATIONS["cpp"], x, training, memory_format=fmt)
+    assert_close(got, run(l2_batch_norm_reference, x, training), rtol=1e-12, atol=1e-12)
+    assert got["dx"].is_contiguous(memory_format=fmt)
+    shifted = x.clone()
+    shifted[:, 0] = 1e4 + torch.randn(shifted[:, 0].shape, dtype=F64, generator=torch.Generator().manual_seed(4))
+    got = run(IMPLEMENTATIONS["cpp"], shifted, training, dtype=torch.float32, memory_format=fmt)
+    assert_close(got, run(l2_batch_norm_reference, shifted.float().double(), training), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 4, 4), (4, 3, 2, 2), (6, 5)], ids=["4x4", "2x2", "1d"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_nan_input_element_gives_the_references_gradients(shape, training):
+    """One NaN input element: every path's outputs and input gradients are NaN exactly where the reference's are
+    (the compiled kernel once returned finite gradients for the NaN sample's other channels)."""
+    x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(2))
+    x[1, 1].view(-1)[0] = float("nan")
+    want = run(l2_batch_norm_reference, x, training)
+    impls = ["fused", "cpp"] if cpp.compiler_found() else ["fused"]
+    for impl in impls:
+        got = run(IMPLEMENTATIONS[impl], x, training)
+        for key in ("y", "dx", "dw", "db"):
+            assert torch.equal(torch.isnan(got[key]), torch.isnan(want[key])), (impl, key)
+            finite = ~torch.isnan(want[key])
+            torch.testing.assert_close(got[key][finite], want[key][finite], rtol=1e-9, atol=1e-9)
+
+
+def test_two_checkouts_sharing_a_cache_compile_the_same_path(tmp_path, monkeypatch):
+    """Two copies of the source (two checkouts) and one extensions folder: both builds name the same source
+    path in the same folder, so torch's loader (whose build file names the source by path) reuses the first
+    checkout's library instead of rebuilding it; the kept copy is not rewritten (its mtime stays)."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    loads = []
+
+    class FakeLoader:
+        @staticmethod
+        def load(**kwargs):
+            loads.append((kwargs["build_directory"], kwargs["sources"]))
+
+    monkeypatch.setattr(cpp, "_import_cpp_extension", lambda: FakeLoader)
+    mtimes = []
+    for checkout in ("a", "b", "a"):
+        source = tmp_path / checkout / "csrc" / cpp.SOURCE.name
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_bytes(cpp.SOURCE.read_bytes())
+        monkeypatch.setattr(cpp, "SOURCE", source)
+        assert cpp._build.__wrapped__() is None
+        mtimes.append(cpp.source_copy(cpp.build_directory()).stat().st_mtime_ns)
+    assert len(set(map(str, loads))) == 1, loads
+    folder, sources = loads[0]
+    assert Path(sources[0]).parent == Path(folder) and Path(sources[0]).read_bytes() == cpp.SOURCE.read_bytes()
+    assert len(set(mtimes)) == 1
+
+
+def test_without_a_compiler_one_line_and_no_retry(tmp_path):
+    """CXX naming no compiler: the fallback warning is one line naming the cause and the fix, and the failure
+    is remembered in the cache folder, so a second process does not try to build again."""
+    import subprocess
+    import sys
+
+    code = ("import warnings, torch, l2bn; warnings.simplefilter('always'); "
+            "l2bn.L2BatchNorm2d(3)(torch.randn(2, 3, 4, 4)).sum().backward()")
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+           "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    env.pop(IMPL_ENV_VAR, None)
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    for result in runs:
+        assert result.returncode == 0, result.stderr[-2000:]
+        warning = [line for line in result.stderr.splitlines() if "l2bn: no compiled CPU kernel" in line]
+        assert len(warning) == 1 and "install a C++ compiler" in warning[0], result.stderr
+    assert "compiling the CPU kernel" in runs[0].stderr
+    assert "compiling the CPU kernel" not in runs[1].stderr and "remembered in" in runs[1].stderr
+    assert len(runs[1].stderr.strip().splitlines()) <= 2, runs[1].stderr  # the warning and its source line
+    assert list((tmp_path / "ext").rglob("build-failed-*.txt"))

@@ -71,30 +71,74 @@ def _import_cpp_extension():
     return cpp_extension
 
 
+class BuildFailed(RuntimeError):
+    """The kernel did not build here (this process or, remembered in the build folder, an earlier one)."""
+
+
+def source_copy(build_dir: Path) -> Path:
+    """The source compiled for ``build_dir``: a copy kept in that content-keyed folder, written only when its
+    content differs, so every checkout sharing the cache compiles the same path and torch's loader (whose
+    build file names the source by path) never rebuilds another checkout's kernel."""
+    copy = build_dir / SOURCE.name
+    text = SOURCE.read_bytes()
+    if not copy.exists() or copy.read_bytes() != text:
+        partial = copy.with_name(f"{copy.name}.{os.getpid()}.tmp")
+        partial.write_bytes(text)
+        os.replace(partial, copy)
+    return copy
+
+
+def failure_marker(build_dir: Path) -> Path:
+    """Where a failed build is remembered, keyed by the compiler (``$CXX`` resolved on PATH) in a folder keyed
+    by source and flags: another compiler, or a changed source, tries again."""
+    cxx = os.environ.get("CXX", "c++")
+    key = hashlib.sha256(f"{cxx}|{shutil.which(cxx)}".encode()).hexdigest()[:12]
+    return build_dir / f"build-failed-{key}.txt"
+
+
+def _one_line(error: BaseException) -> str:
+    """The cause of a failed build in one line (torch's message carries the compiler banner and build log)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "error" in line.lower() or "not found" in line.lower() or "no such file" in line.lower():
+            return line[:300]
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
 @functools.cache
 def _build() -> Exception | None:
     """Compile (when the build folder has no up-to-date library: always said on stderr) and load the
-    extension, once per process; the exception if that failed, else None."""
+    extension, once per process; the exception if that failed (now or, remembered, in an earlier process
+    with the same compiler), else None."""
     try:
         cpp_extension = _import_cpp_extension()
         name = _extension_name()
         build_dir = build_directory()
         build_dir.mkdir(parents=True, exist_ok=True)
+        marker = failure_marker(build_dir)
+        if marker.exists():
+            return BuildFailed(f"{marker.read_text().strip()} (remembered in {marker}; delete it to retry)")
+        source = source_copy(build_dir)
         library = build_dir / f"{name}.so"
-        if not library.exists() or library.stat().st_mtime < SOURCE.stat().st_mtime:
+        if not library.exists() or library.stat().st_mtime < source.stat().st_mtime:
             print(f"l2bn: compiling the CPU kernel into {build_dir} (once; about 30 s)", file=sys.stderr)
         _put_ninja_on_path()
-        cpp_extension.load(
-            name=name,
-            sources=[str(SOURCE)],
-            build_directory=str(build_dir),
-            extra_cflags=_compile_flags(),
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as error:  # no compiler, no ninja, a failed build: the caller decides what to do
-        return error
+        try:
+            cpp_extension.load(
+                name=name,
+                sources=[str(source)],
+                build_directory=str(build_dir),
+                extra_cflags=_compile_flags(),
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
+        except Exception as error:  # no compiler, no ninja, a failed build: remembered for later processes
+            cause = _one_line(error)
+            marker.write_text(cause + "\n")
+            return BuildFailed(cause)
+    except Exception as error:  # e.g. an unwritable cache folder: the caller decides what to do
+        return BuildFailed(_one_line(error))
     return None
 
 
@@ -128,9 +172,8 @@ def build_error() -> Exception | None:
 @functools.cache
 def warn_unavailable() -> None:
     warnings.warn(
-        f"l2bn: the compiled CPU kernel could not be built ({build_error()}); using the slower torch-op fused "
-        "path. Install a C++ compiler and ninja (pip install ninja) to get it, or set L2BN_IMPL=fused to "
-        "silence this.",
+        f"l2bn: no compiled CPU kernel ({build_error()}); using the slower torch-op path — install a C++ "
+        "compiler and ninja (pip install ninja), or set L2BN_IMPL=fused to silence this",
         RuntimeWarning,
         stacklevel=3,
     )

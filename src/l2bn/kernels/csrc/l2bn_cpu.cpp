@@ -66,7 +66,8 @@ Tensor like(const Tensor& t, const Tensor& x) {
 
 Geometry geometry(const Tensor& x) {
   const int64_t N = x.size(0), C = x.size(1);
-  return {N, C, C == 0 || N == 0 ? 0 : x.numel() / (N * C), is_channels_last(x)};
+  const int64_t M = C == 0 || N == 0 ? 0 : x.numel() / (N * C);
+  return {N, C, M, M == 1 || is_channels_last(x)};  // with M = 1 both layouts are the same (N, C) rows
 }
 
 // A per-channel parameter as float64 (``fill`` where absent), read directly: no tensor temporaries.
@@ -530,6 +531,291 @@ void channel_affine(const Statistics& st, const std::vector<double>& w, const st
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Small spatial sizes (M ≤ kSmallM: BatchNorm1d's (N, C), 1×1 and 2×2 maps). Per-(n, c) runs of a few
+// values would make every pass a loop over N·C runs of length M. Instead every loop runs over a sample's
+// D = C·M contiguous values, whatever the layout: per-channel coefficients are expanded once per call to
+// per-position arrays of length D (position i of a sample belongs to channel i / M, or i % C in
+// channels-last), and the batch sums are kept per position, folded into channels once per block of samples.
+//
+//   statistics   per sample: ‖x_n‖² (one read), then, while the sample is in cache, Σ (z − K) and
+//                Σ (z − K)² of z = r_n x, with K = z of sample 0 at that channel (shifted sums across the
+//                batch), and with dy Σ dy and Σ dy·(z − K)
+//   output       y = x·(r_n gain_c) + shift_c
+//   input grad   per sample, in cache: T_n = Σ dz·x, then dx = r_n (dz − x T_n / ‖x_n‖²)
+//
+// Blocks hold a fixed number of samples (it depends on D only), summed in the accumulation type (at most
+// kChunk values per sum) and added in float64 in block order, so results do not depend on the thread count.
+// ---------------------------------------------------------------------------------------------------
+
+constexpr int64_t kSmallM = 4;
+constexpr int64_t kSmallD = 16384;
+
+bool small_spatial(const Geometry& g) {
+  return g.M <= kSmallM && g.C * g.M <= kSmallD;
+}
+
+// The channel of position i of a sample.
+inline int64_t channel_of(const Geometry& g, int64_t i) {
+  return g.channels_last ? i % g.C : i / g.M;
+}
+
+// A per-channel vector expanded to the D positions of a sample, in the accumulation type.
+template <typename acc_t>
+std::vector<acc_t> per_position(const Geometry& g, const std::vector<double>& v) {
+  std::vector<acc_t> out(g.C * g.M);
+  for (int64_t i = 0; i < g.C * g.M; ++i) out[i] = static_cast<acc_t>(v[channel_of(g, i)]);
+  return out;
+}
+
+// Per-position sums (D) added into per-channel float64 sums (C).
+template <typename acc_t>
+void fold(const Geometry& g, const acc_t* __restrict__ positions, double* __restrict__ channels) {
+  if (g.channels_last) {
+    for (int64_t m = 0; m < g.M; ++m) {
+      const acc_t* __restrict__ row = positions + m * g.C;
+#pragma omp simd
+      for (int64_t c = 0; c < g.C; ++c) channels[c] += row[c];
+    }
+  } else {
+    for (int64_t c = 0; c < g.C; ++c) {
+      double sum = 0;
+      for (int64_t m = 0; m < g.M; ++m) sum += positions[c * g.M + m];
+      channels[c] += sum;
+    }
+  }
+}
+
+int64_t samples_per_block(const Geometry& g) {
+  return std::max<int64_t>(1, std::min<int64_t>(kChunk / g.M, 32768 / (g.C * g.M)));
+}
+
+// Per sample ‖x_n‖² and r_n; per channel (float64) Σ (z − K), Σ (z − K)² and with dy Σ dy, Σ dy·(z − K).
+struct SmallSums {
+  std::vector<double> squares, scale;  // per sample
+  std::vector<double> z, zz, g, gz;    // per channel
+};
+
+template <typename scalar_t, bool kGrad>
+SmallSums small_sums(const scalar_t* xp, const scalar_t* gp, const Geometry& g, const std::vector<double>& K,
+                     double target, double l2_eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = g.N, C = g.C, D = g.C * g.M, width = kGrad ? 4 : 2;
+  const int64_t per_block = samples_per_block(g), blocks = (N + per_block - 1) / per_block;
+  const std::vector<acc_t> Kp = per_position<acc_t>(g, K);
+  SmallSums out;
+  out.squares.assign(N, 0.0);
+  out.scale.assign(N, 0.0);
+  std::vector<double> partial(blocks * width * C, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    // the sums sit kPad values apart beyond D, so that a store to one array and a load from the next do not
+    // share their low 12 address bits (4K aliasing stalls the loop when D is a multiple of 1024)
+    constexpr int64_t kPad = 80;
+    const int64_t stride = D + kPad;
+    std::vector<acc_t> acc(width * stride);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      acc_t* __restrict__ s1 = acc.data();
+      acc_t* __restrict__ s2 = s1 + stride;
+      acc_t* __restrict__ sg = s2 + stride;
+      acc_t* __restrict__ sgz = kGrad ? sg + stride : nullptr;
+      const acc_t* __restrict__ k = Kp.data();
+      for (int64_t n = b * per_block; n < std::min(N, (b + 1) * per_block); ++n) {
+        const scalar_t* __restrict__ xs = xp + n * D;
+        out.squares[n] = squares_of(xs, D);
+        out.scale[n] = sample_scale(out.squares[n], target, l2_eps);
+        const acc_t r = static_cast<acc_t>(out.scale[n]);
+        if constexpr (kGrad) {
+          const scalar_t* __restrict__ gs = gp + n * D;
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) {
+            const acc_t d = load(xs, i) * r - k[i], gv = load(gs, i);
+            s1[i] += d;
+            s2[i] += d * d;
+            sg[i] += gv;
+            sgz[i] += gv * d;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) {
+            const acc_t d = load(xs, i) * r - k[i];
+            s1[i] += d;
+            s2[i] += d * d;
+          }
+        }
+      }
+      for (int64_t j = 0; j < width; ++j) fold(g, acc.data() + j * stride, partial.data() + (b * width + j) * C);
+    }
+  });
+  std::vector<double> total(width * C, 0.0);
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t i = 0; i < width * C; ++i) total[i] += partial[b * width * C + i];
+  out.z.assign(total.begin(), total.begin() + C);
+  out.zz.assign(total.begin() + C, total.begin() + 2 * C);
+  if (kGrad) {
+    out.g.assign(total.begin() + 2 * C, total.begin() + 3 * C);
+    out.gz.assign(total.begin() + 3 * C, total.end());
+  }
+  return out;
+}
+
+// The shift K_c of the batch sums: z of sample 0 at channel c (first position), 0 where it is not finite.
+template <typename scalar_t>
+std::vector<double> first_sample_shift(const scalar_t* xp, const Geometry& g, double target, double l2_eps) {
+  const int64_t D = g.C * g.M;
+  const double r = sample_scale(squares_of(xp, D), target, l2_eps);
+  std::vector<double> K(g.C, 0.0);
+  for (int64_t c = 0; c < g.C; ++c) {
+    const double z = r * static_cast<double>(load(xp, g.channels_last ? c : c * g.M));
+    K[c] = std::isfinite(z) ? z : 0.0;
+  }
+  return K;
+}
+
+// y = x·(r_n gain_c) + shift_c over samples n0..n1 (r_n from ``scale``, or from each sample's norm when
+// ``squares`` is given: eval, where the norm is read in the same pass).
+template <typename scalar_t>
+void small_output(const scalar_t* xp, scalar_t* yp, const Geometry& g, const std::vector<double>& gain,
+                  const std::vector<double>& shift, std::vector<double>& scale, std::vector<double>* squares,
+                  double target, double l2_eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = g.C * g.M;
+  const std::vector<acc_t> a = per_position<acc_t>(g, gain), s = per_position<acc_t>(g, shift);
+  at::parallel_for(0, g.N, std::max<int64_t>(1, 32768 / D), [&](int64_t n0, int64_t n1) {
+    const acc_t* __restrict__ ap = a.data();
+    const acc_t* __restrict__ sp = s.data();
+    for (int64_t n = n0; n < n1; ++n) {
+      const scalar_t* __restrict__ xs = xp + n * D;
+      scalar_t* __restrict__ ys = yp + n * D;
+      if (squares != nullptr) {
+        (*squares)[n] = squares_of(xs, D);
+        scale[n] = sample_scale((*squares)[n], target, l2_eps);
+      }
+      const acc_t r = static_cast<acc_t>(scale[n]);
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) store(ys, i, load(xs, i) * r * ap[i] + sp[i]);
+    }
+  });
+}
+
+// dx = r_n (dz − x T_n / ‖x_n‖²), dz = A_c dy + r_n b_c x + E_c, T_n = Σ dz·x (0 where the norm was clamped;
+// NaN where the sample holds NaN, as on the other paths).
+template <typename scalar_t>
+void small_input_grad(const scalar_t* gp, const scalar_t* xp, scalar_t* dxp, const Geometry& g,
+                      const std::vector<double>& A, const std::vector<double>& b, const std::vector<double>& E,
+                      const SmallSums& sums, double l2_eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = g.C * g.M;
+  const std::vector<acc_t> Ap = per_position<acc_t>(g, A), bp = per_position<acc_t>(g, b),
+                           Ep = per_position<acc_t>(g, E);
+  at::parallel_for(0, g.N, std::max<int64_t>(1, 16384 / D), [&](int64_t n0, int64_t n1) {
+    const acc_t* __restrict__ a = Ap.data();
+    const acc_t* __restrict__ bb = bp.data();
+    const acc_t* __restrict__ e = Ep.data();
+    for (int64_t n = n0; n < n1; ++n) {
+      const scalar_t* __restrict__ xs = xp + n * D;
+      const scalar_t* __restrict__ gs = gp + n * D;
+      scalar_t* __restrict__ out = dxp + n * D;
+      const acc_t r = static_cast<acc_t>(sums.scale[n]);
+      double t = 0;
+      for (int64_t start = 0; start < D; start += kChunk) {
+        const int64_t end = std::min(D, start + kChunk);
+        acc_t part = 0;
+#pragma omp simd reduction(+ : part)
+        for (int64_t i = start; i < end; ++i) {
+          const acc_t xv = load(xs, i);
+          part += xv * (a[i] * load(gs, i) + r * bb[i] * xv + e[i]);
+        }
+        t += part;
+      }
+      const double squares = sums.squares[n];
+      const double u = std::sqrt(squares) <= l2_eps ? 0.0 : t / squares;
+      const acc_t p = r, q = static_cast<acc_t>(sums.scale[n] * u);
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) {
+        const acc_t xv = load(xs, i);
+        store(out, i, p * (a[i] * load(gs, i) + r * bb[i] * xv + e[i]) - xv * q);
+      }
+    }
+  });
+}
+
+// μ_c and the biased σ²_c of z from the shifted batch sums (NaN kept NaN).
+void small_batch_statistics(const SmallSums& sums, const std::vector<double>& K, const Geometry& g, Statistics& st) {
+  const double inv_count = 1.0 / (static_cast<double>(g.N) * g.M);
+  st.mu.resize(g.C);
+  st.var.resize(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    const double shifted_mean = sums.z[c] * inv_count;
+    const double var = sums.zz[c] * inv_count - shifted_mean * shifted_mean;
+    st.mu[c] = K[c] + shifted_mean;
+    st.var[c] = var < 0 ? 0.0 : var;
+  }
+}
+
+template <typename scalar_t>
+void small_forward(const Tensor& x, Tensor& y, const Geometry& g, const std::vector<double>& w,
+                   const std::vector<double>& b, const std::optional<Tensor>& running_mean,
+                   const std::optional<Tensor>& running_var, bool training, double momentum, double eps,
+                   double l2_eps, bool rescale) {
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const double target = target_norm(g, rescale);
+  Statistics st;
+  std::vector<double> gain, shift;
+  if (!training) {
+    st.mu = to_vector(running_mean, g.C, 0.0);
+    st.var = to_vector(running_var, g.C, 1.0);
+    channel_affine(st, w, b, eps, gain, shift);
+    std::vector<double> scale(g.N), squares(g.N);
+    small_output(xp, yp, g, gain, shift, scale, &squares, target, l2_eps);
+    check_no_overflow(x, squares);  // y is discarded when this refuses
+    return;
+  }
+  const std::vector<double> K = first_sample_shift(xp, g, target, l2_eps);
+  SmallSums sums = small_sums<scalar_t, false>(xp, nullptr, g, K, target, l2_eps);
+  check_no_overflow(x, sums.squares);
+  small_batch_statistics(sums, K, g, st);
+  channel_affine(st, w, b, eps, gain, shift);
+  small_output(xp, yp, g, gain, shift, sums.scale, nullptr, target, l2_eps);
+  update_running_stats(running_mean, running_var, st, g, momentum);
+}
+
+// Input gradient into dx; Σ dy·ẑ and Σ dy per channel into grad_w, grad_b.
+template <typename scalar_t>
+void small_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const Geometry& g, const std::vector<double>& w,
+                    const Tensor& running_mean, const Tensor& running_var, bool training, double eps, double l2_eps,
+                    bool rescale, std::vector<double>& grad_w, std::vector<double>& grad_b) {
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const double target = target_norm(g, rescale);
+  Statistics st;
+  std::vector<double> K;
+  if (training) {
+    K = first_sample_shift(xp, g, target, l2_eps);
+  } else {
+    st.mu = to_vector(running_mean, g.C, 0.0);
+    st.var = to_vector(running_var, g.C, 1.0);
+    K = st.mu;
+  }
+  const SmallSums sums = small_sums<scalar_t, true>(xp, dy.const_data_ptr<scalar_t>(), g, K, target, l2_eps);
+  if (training) small_batch_statistics(sums, K, g, st);
+  const double inv_count = 1.0 / (static_cast<double>(g.N) * g.M);
+  std::vector<double> A(g.C), B(g.C, 0.0), E(g.C, 0.0);
+  grad_w.resize(g.C);
+  grad_b.resize(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    const double invstd = 1.0 / std::sqrt(st.var[c] + eps);
+    A[c] = w[c] * invstd;
+    grad_b[c] = sums.g[c];
+    grad_w[c] = invstd * (sums.gz[c] - (st.mu[c] - K[c]) * sums.g[c]);
+    if (training) {
+      B[c] = -A[c] * invstd * grad_w[c] * inv_count;
+      E[c] = A[c] * (invstd * st.mu[c] * grad_w[c] - grad_b[c]) * inv_count;
+    }
+  }
+  small_input_grad(dy.const_data_ptr<scalar_t>(), xp, dx.mutable_data_ptr<scalar_t>(), g, A, B, E, sums, l2_eps);
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Forward and backward
 // ---------------------------------------------------------------------------------------------------
 
@@ -578,6 +864,12 @@ Tensor l2bn_forward(const Tensor& input, const std::optional<Tensor>& weight, co
   const Geometry g = geometry(x);
   const std::vector<double> w = to_vector(weight, g.C, 1.0), b = to_vector(bias, g.C, 0.0);
   Tensor y = at::empty_like(x);
+  if (small_spatial(g)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_small_forward", [&] {
+      small_forward<scalar_t>(x, y, g, w, b, running_mean, running_var, training, momentum, eps, l2_eps, rescale);
+    });
+    return y;
+  }
   std::vector<double> gain, shift;
   if (!training) {
     Statistics st;
@@ -611,6 +903,20 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
   const Tensor dy = like(grad_out, x);
   const Geometry g = geometry(x);
   const int64_t N = g.N, C = g.C, M = g.M;
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  Gradients out;
+  out.input = at::empty_like(x);
+  if (small_spatial(g)) {
+    std::vector<double> grad_w, grad_b;
+    const std::vector<double> w = to_vector(weight, C, 1.0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_small_backward", [&] {
+      small_backward<scalar_t>(dy, x, out.input, g, w, running_mean, running_var, training, eps, l2_eps, rescale,
+                               grad_w, grad_b);
+    });
+    if (weight.defined()) out.weight = at::from_blob(grad_w.data(), {C}, opts).to(weight.scalar_type(), false, true);
+    out.bias = at::from_blob(grad_b.data(), {C}, opts).clone();
+    return out;
+  }
   // Per (n, c), in one read of (x, dy): m, q = Σ (x − m)², Σ dy and Σ dy·(x − m).
   const Moments mo = moments<true>(x, &dy, g);
   Statistics st = statistics(mo, g, rescale, l2_eps, training);
@@ -667,19 +973,16 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
         const double dz_dot = gain[c] * dot[c] - k[c] * r * sumsq[c];
         t += dz_dot + mean[c] * dz_sum;
       }
-      const double u = st.norm[n] > l2_eps ? t / (st.norm[n] * st.norm[n]) : 0.0;
+      const double u = st.norm[n] <= l2_eps ? 0.0 : t / (st.norm[n] * st.norm[n]);  // NaN norm: NaN, as elsewhere
       coef.beta[n] = r * r;
       coef.delta[n] = -r * u;
     }
   }
-  Gradients out;
-  out.input = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_backward", [&] {
     AffinePass<scalar_t, true>{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                out.input.mutable_data_ptr<scalar_t>(), g, coef}
         .all();
   });
-  const auto opts = at::TensorOptions().dtype(at::kDouble);
   if (weight.defined()) out.weight = at::from_blob(grad_w.data(), {C}, opts).to(weight.scalar_type(), false, true);
   out.bias = at::from_blob(grad_b.data(), {C}, opts).clone();
   return out;

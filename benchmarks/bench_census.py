@@ -1,0 +1,151 @@
+"""Shape census: L2BN against torch's BatchNorm at the input shape of every normalization layer of the zoo.
+
+    python benchmarks/bench_census.py [--quick] [--steps] [--models resnet20,vgg16_bn] [--threads N]
+
+Each model of the zoo is built with BatchNorm and run once at its recipe's batch size with forward hooks
+on its norm layers; every distinct input shape is then timed with BatchNorm{1,2,3}d and L2BatchNorm{1,2,3}d
+in the same process (interleaved, minimum over repeats), NCHW and channels-last, train (fwd+bwd) and eval
+(forward under no_grad). Printed: one row per (shape, layout, mode) with its ratio, then per model the
+time-weighted total over its layers (Σ count × time, BN vs L2BN). Large shapes also get a same-shape copy
+(``clone``) timed in the same run: L2BN's time is printed as a multiple of it (training reads x and dy and
+writes dx and y, so 2 copies' traffic is its floor). ``--steps`` adds whole-model SGD steps (ResNet-20/56,
+VGG-16). ``--quick`` is a smoke run of a few shapes (seconds). Targets (issue 23): training ≤ 1.10× BN and
+eval ≤ 1.25× BN at every shape.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections import Counter
+
+import torch
+import torch.nn as nn
+
+from l2bn import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d
+from l2bn.bench import _interleaved_min_ms, environment_line, training_step_ms
+from l2bn.models import create_model, get_model_entry
+
+# (model, batch, input shape without batch, classes): batch sizes of the models' recipes (train/recipes.py:
+# cifar-resnet 128, densenet 64, vgg/regnet/resnext 128; ImageNet at a CPU-sized 16 instead of 256; the ASC
+# models at their batch 32 on 128 mel bins × 128 frames instead of the clips' 431 frames).
+MODELS: tuple[tuple[str, int, tuple[int, ...], int], ...] = (
+    ("resnet20", 128, (3, 32, 32), 10), ("resnet32", 128, (3, 32, 32), 10), ("resnet44", 128, (3, 32, 32), 10),
+    ("resnet56", 128, (3, 32, 32), 10), ("resnet110", 128, (3, 32, 32), 10),
+    ("densenet40_12", 64, (3, 32, 32), 10), ("densenet_bc100_12", 64, (3, 32, 32), 10),
+    ("vgg16_bn", 128, (3, 32, 32), 10), ("vgg19_bn", 128, (3, 32, 32), 10),
+    ("regnetx_200mf", 128, (3, 32, 32), 10), ("regnety_400mf", 128, (3, 32, 32), 10),
+    ("resnext29_8x64d", 128, (3, 32, 32), 10),
+    ("asc_resnet17", 32, (3, 128, 128), 10), ("fcnn", 32, (3, 128, 128), 10),
+    ("resnet50", 16, (3, 224, 224), 1000),
+)
+# Shapes no model of the zoo produces but the layers serve: the classifier (N, C) placement of the
+# paper's Table 4 and an MLP, and a 3d feature map.
+EXTRA_SHAPES: tuple[tuple[int, ...], ...] = ((128, 512), (1024, 512), (128, 64), (8, 32, 8, 16, 16))
+QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((128, 512), (64, 512, 2, 2), (128, 64, 8, 8), (4, 8, 4, 8, 8))
+LAYERS = {2: (nn.BatchNorm1d, L2BatchNorm1d), 3: (nn.BatchNorm1d, L2BatchNorm1d), 4: (nn.BatchNorm2d, L2BatchNorm2d),
+          5: (nn.BatchNorm3d, L2BatchNorm3d)}
+COPY_FROM = 1 << 20  # shapes with at least this many values also time a copy
+
+
+def layer_shapes(name: str, batch: int, input_shape: tuple[int, ...], classes: int) -> Counter:
+    """How many norm layers of model ``name`` see each input shape, at batch size ``batch``."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=classes, in_channels=input_shape[0], norm_layer="bn").eval()
+    seen: Counter = Counter()
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.update([tuple(args[0].shape)]))
+             for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        model(torch.randn(batch, *input_shape))
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def time_shape(shape: tuple[int, ...], mode: str, channels_last: bool, budget_values: float) -> tuple[float, float, float]:
+    """(BN ms, L2BN ms, copy ms or nan): minimum over interleaved repeats (the repeat count scales inversely
+    with the tensor's size)."""
+    numel = math.prod(shape)
+    repeats = int(min(200, max(3, budget_values / numel)))
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape)) if channels_last else None
+    x = torch.randn(shape)
+    x = x.contiguous(memory_format=fmt) if fmt is not None else x
+    grad = torch.randn_like(x)
+    steps = []
+    for cls in LAYERS[len(shape)]:
+        layer = cls(shape[1]).train(mode == "train")
+        if mode == "train":
+            xg = x.detach().requires_grad_()
+
+            def step(layer=layer, xg=xg) -> None:
+                layer(xg).backward(grad)
+                xg.grad = None
+        else:
+
+            def step(layer=layer) -> None:
+                with torch.no_grad():
+                    layer(x)
+        steps.append(step)
+    if numel >= COPY_FROM:
+        steps.append(lambda: x.clone())
+    times = _interleaved_min_ms(steps, torch.device("cpu"), repeats, warmup=2)
+    return times[0], times[1], times[2] if len(times) > 2 else math.nan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few shapes, few repeats (a smoke test)")
+    parser.add_argument("--steps", action="store_true", help="also whole-model SGD steps, BN vs L2BN")
+    parser.add_argument("--models", default=None, help="comma-separated subset of the census models")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(environment_line("cpu"))
+    budget = 1e6 if args.quick else 3e7
+    models = [m for m in MODELS if args.models is None or m[0] in args.models.split(",")]
+    census: dict[str, Counter] = {}
+    if args.quick:
+        census["quick"] = Counter(QUICK_SHAPES)
+    else:
+        for name, batch, shape, classes in models:
+            get_model_entry(name)
+            census[name] = layer_shapes(name, batch, shape, classes)
+        census["extra (1d, 3d)"] = Counter(EXTRA_SHAPES)
+    shapes = sorted({s for c in census.values() for s in c}, key=lambda s: (len(s), s))
+    results: dict[tuple, tuple[float, float, float]] = {}
+    print("\n| shape | layout | mode | BN ms | L2BN ms | ratio | L2BN / copy |\n|---|---|---|---:|---:|---:|---:|")
+    worst = {"train": 0.0, "eval": 0.0}
+    for shape in shapes:
+        for cl in ((False, True) if len(shape) >= 4 and math.prod(shape[2:]) > 1 else (False,)):
+            for mode in ("train", "eval"):
+                bn, l2, copy = results[(shape, cl, mode)] = time_shape(shape, mode, cl, budget)
+                worst[mode] = max(worst[mode], l2 / bn)
+                layout = "channels_last" if cl else "NCHW"
+                print(f"| {'x'.join(map(str, shape))} | {layout} | {mode} | {bn:.3f} | {l2:.3f} | {l2 / bn:.2f} | "
+                      f"{'-' if math.isnan(copy) else f'{l2 / copy:.1f}'} |", flush=True)
+    print(f"\nworst ratio: train {worst['train']:.2f} (target 1.10), eval {worst['eval']:.2f} (target 1.25)")
+    print("\n| model | layout | mode | norm layers | BN ms (Σ) | L2BN ms (Σ) | ratio |\n|---|---|---|---:|---:|---:|---:|")
+    for name, counts in census.items():
+        for cl in (False, True):
+            for mode in ("train", "eval"):
+                keys = [((s, cl and len(s) >= 4 and math.prod(s[2:]) > 1, mode), n) for s, n in counts.items()]
+                bn = sum(results[k][0] * n for k, n in keys)
+                l2 = sum(results[k][1] * n for k, n in keys)
+                layout = "channels_last" if cl else "NCHW"
+                print(f"| {name} | {layout} | {mode} | {sum(counts.values())} | {bn:.2f} | {l2:.2f} | {l2 / bn:.2f} |")
+    if args.steps:
+        print("\n| model | batch | BN step ms | L2BN step ms | ratio |\n|---|---:|---:|---:|---:|")
+        for name in ("resnet20", "resnet56", "vgg16_bn"):
+            x, target = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+            nets = []
+            for norm in ("bn", "l2bn"):
+                torch.manual_seed(0)
+                nets.append(create_model(name, num_classes=10, norm_layer=norm))
+            start = time.perf_counter()
+            bn, l2 = training_step_ms(nets, x, target, repeats=2 if args.quick else 5)
+            print(f"| {name} | 128 | {bn:.1f} | {l2:.1f} | {l2 / bn:.2f} |  ({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

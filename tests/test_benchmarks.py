@@ -1,0 +1,25 @@
+"""The census benchmark runs and prints its ratios (no timing thresholds: the machine may be shared)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_census_quick_prints_a_ratio_for_every_shape_and_a_model_total():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_census.py"), "--quick"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = re.findall(r"^\| (\S+) \| (NCHW|channels_last) \| (train|eval) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|",
+                      result.stdout, flags=re.M)
+    shapes = {r[0] for r in rows}
+    assert {"128x512", "64x512x2x2", "128x64x8x8", "4x8x4x8x8"} <= shapes
+    assert all(float(r[3]) > 0 for r in rows)
+    assert ("128x512", "NCHW", "train") in {r[:3] for r in rows}
+    assert re.search(r"^worst ratio: train [\d.]+ \(target 1.10\), eval [\d.]+", result.stdout, flags=re.M)
+    assert re.search(r"^\| quick \| channels_last \| eval \| 4 \|", result.stdout, flags=re.M)
