@@ -33,12 +33,13 @@ def _compile_flags() -> list[str]:
     AVX2 build to a CPU without it.
     """
     flags = ["-O3", "-fopenmp"]
-    if _instruction_set() != "default":
+    if instruction_set() != "default":
         flags += ["-mavx2", "-mfma", "-mf16c"]
     return flags
 
 
-def _instruction_set() -> str:
+def instruction_set() -> str:
+    """The instruction set the kernel is compiled for here: ``avx2`` where torch runs AVX kernels, else ``default``."""
     capability = torch.backends.cpu.get_cpu_capability().lower()
     return "avx2" if capability.startswith("avx") else "default"
 
@@ -55,7 +56,7 @@ def build_directory() -> Path:
 
 
 def _extension_name() -> str:
-    return f"l2bn_cpu_{_instruction_set()}"
+    return f"l2bn_cpu_{instruction_set()}"
 
 
 def _import_cpp_extension():

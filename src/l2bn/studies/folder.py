@@ -76,9 +76,17 @@ def environment(command: str, jobs: int) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command, "jobs": jobs, "threads": THREADS_PER_RUN,
         "cpu": _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-        "python": platform.python_version(), "l2bn_impl": impl_setting(),
+        "python": platform.python_version(), "l2bn_impl": impl_setting(), "isa": instruction_sets(),
         "runs_trained": 0, "wall_seconds": 0.0, "status": "running", "code": code_version(),
     }
+
+
+def instruction_sets() -> str:
+    """What the float sums ran on: torch's CPU capability (its vectorised kernels) and the instruction set the
+    compiled L2BN kernel is built for — with the CPU model, what byte-for-byte reproducibility depends on."""
+    from ..kernels.cpp import instruction_set
+
+    return f"torch {torch.backends.cpu.get_cpu_capability()}, kernel {instruction_set()}"
 
 
 class InvocationRecord:

@@ -119,11 +119,13 @@ def _machine_section(study: Study, runs: dict[str, list[report.Run]], planned: i
     lines = []
     envs = environment_records(study, root)
     if envs:
-        lines.append("| date | command | CPU | cores | threads a run | jobs | torch | L2BN impl | code | runs trained | wall |")
-        lines.append("|---|---|---|---:|---:|---:|---|---|---|---:|---:|")
+        lines.append("| date | command | CPU | instruction sets | cores | threads a run | jobs | torch | L2BN impl | code "
+                     "| runs trained | wall |")
+        lines.append("|---|---|---|---|---:|---:|---:|---|---|---|---:|---:|")
         for e in envs:
-            lines.append(f"| {e['date']} | `{e['command']}` | {e['cpu']} | {e['cores']} | {e['threads']} | {e['jobs']} "
-                         f"| {e['torch']} | {e['l2bn_impl']} | {e.get('code', 'not recorded')} | {e['runs_trained']} | {_wall(e)} |")
+            lines.append(f"| {e['date']} | `{e['command']}` | {e['cpu']} | {e.get('isa', 'not recorded')} | {e['cores']} "
+                         f"| {e['threads']} | {e['jobs']} | {e['torch']} | {e['l2bn_impl']} "
+                         f"| {e.get('code', 'not recorded')} | {e['runs_trained']} | {_wall(e)} |")
         lines.append("")
     else:
         lines += ["No invocation recorded its machine yet (`environment.jsonl` is written when runs are trained).", ""]
