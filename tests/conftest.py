@@ -19,3 +19,11 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
     if "bias" not in inspect.signature(nn.BatchNorm2d.__init__).parameters:
         pytest.skip("this torch's BatchNorm takes no bias= keyword")
+
+
+@pytest.fixture
+def seeded() -> None:
+    """torch's global generator seeded with 0 (modules use it with ``pytestmark = pytest.mark.usefixtures("seeded")``)."""
+    import torch
+
+    torch.manual_seed(0)

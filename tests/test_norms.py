@@ -24,9 +24,7 @@ D = torch.float64
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seeded")
 
 
 def randomize_(module: nn.Module) -> nn.Module:

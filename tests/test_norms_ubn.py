@@ -29,9 +29,7 @@ D = torch.float64
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seeded")
 
 
 # ---------------------------------------------------------------- the re-derivation

@@ -24,9 +24,7 @@ RANK_AGNOSTIC = [n for n in ZOO if n not in ("bn", "l2bn", "ubn")]  # bn/l2bn/ub
 NEED_POSITIONS = {"in", "sn", "bin", "inbn"}  # instance statistics are undefined for (N, C)
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seeded")
 
 
 def test_every_name_is_registered_case_insensitively():

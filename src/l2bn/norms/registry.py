@@ -20,9 +20,9 @@ def register_norm(name: str, constructor: NormLayer) -> NormLayer:
     return constructor
 
 
-def list_norms() -> list[str]:
-    """Registered norm names, sorted."""
-    return sorted(_REGISTRY)
+def list_norms(*, sort: bool = True) -> list[str]:
+    """Registered norm names, sorted (``sort=False``: in the order they were registered)."""
+    return sorted(_REGISTRY) if sort else list(_REGISTRY)
 
 
 def get_norm_layer(name: str | NormLayer, **kwargs) -> NormLayer:

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ..norms import list_norms
 from ..train.config import TrainConfig
 from ..train.recipes import PAPER_SEEDS, Recipe, get_recipe
 
@@ -18,7 +19,9 @@ __all__ = ["CONTENDED_TIMING", "EPOCH_SECONDS", "STEP_RATIO", "STUDY_JOBS", "THR
            "estimate_seconds", "get_study", "list_studies"]
 
 DATASET, MODEL, RECIPE = "fashion-mnist", "resnet20", "fashion-mnist-quick"
-ZOO = ("bn", "l2bn", "ln", "in", "gn-cpg4", "gn-cpg8", "sn", "bcn", "bin", "lnbn", "inbn", "pnbn", "ubn")
+# The comparison zoo in the order it is registered (the paper's: BN, L2BN, Table 5's norms, Table 3's, then UBN),
+# less PN on its own (Table 3 compares PN only inside PN+BN).
+ZOO = tuple(name for name in list_norms(sort=False) if name != "pn")
 PLACEMENTS = ("none", "classifier", "stage1", "stage2-3", "all")
 
 # The basis of the sizing: one ResNet-20 Fashion-MNIST epoch of the fashion-mnist-quick recipe (BN, batch 128,
