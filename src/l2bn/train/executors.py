@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,9 @@ def _outcome(config: TrainConfig, job: Any, log: Callable[[str], None]) -> dict[
     try:
         return job.result()
     except Exception as exc:  # submitit's FailedJobError / UncompletedJobError carry the job's traceback
-        last = [line for line in str(exc).strip().splitlines() if line.strip()][-1:] or [type(exc).__name__]
+        blocks = re.split(r"\n-{5,}\n", str(exc))  # submitit: header, the job's traceback, where the logs are
+        trace = blocks[1] if len(blocks) > 2 else str(exc)
+        last = [line for line in trace.strip().splitlines() if line.strip()][-1:] or [type(exc).__name__]
         run = RunDir(config.out)
         epochs = len(run.read_records()) if run.metrics_path.is_file() else 0
         failure = {"norm": config.norm, "seed": config.seed, "epoch": epochs + 1, "step": None,
