@@ -8,6 +8,7 @@ import sys
 from ..studies import DEFAULT_ROOT, StudyOverrides, get_study, list_studies, run_study
 from ..studies.catalog import STUDY_JOBS
 from ._args import int_list, str_list
+from ._executor import add_executor_options, executor_from_args, print_submitted
 
 __all__ = ["add_command"]
 
@@ -20,11 +21,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_study(args.name, args.root, jobs=args.jobs, data_dir=args.data_dir,
                            overrides=overrides if overrides != StudyOverrides() else None,
-                           report_only=args.report_only, progress=args.progress)
+                           report_only=args.report_only, progress=args.progress,
+                           executor=None if args.report_only else executor_from_args(args))
     except KeyboardInterrupt:
         print("interrupted; run the same command again to continue (finished epochs and runs are kept)",
               file=sys.stderr)
         return 130
+    if result.submitted:
+        print_submitted(result.submitted, f"run the same command again (or with --report-only) to write {result.page}")
+        return 0
     print(f"page: {result.page} ({len(result.trained)} run(s) trained, {len(result.skipped)} skipped, "
           f"{len(result.failed)} failed, {len(result.busy)} busy)")
     return 0
@@ -45,6 +50,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
                    help=f"runs at once, one CPU thread each; the records do not depend on it (default: {STUDY_JOBS})")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the system copy)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    add_executor_options(p)
     m = p.add_argument_group("a smaller version (miniatures, tests): changes the experiment and the page")
     m.add_argument("--epochs", type=int, default=None)
     m.add_argument("--train-subset", type=int, default=None, metavar="N")

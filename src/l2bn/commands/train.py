@@ -18,6 +18,7 @@ from ..train.grid import compare
 from ..train.recipes import SCHEDULES, WEIGHT_DECAY_SCOPES, Recipe, default_recipe_name, get_recipe, list_recipes
 from ..train.rundir import ANGLE_KEYS
 from ._args import cycle_list, int_list, str_list
+from ._executor import add_executor_options, executor_from_args, print_submitted
 
 __all__ = ["add_command", "default_jobs", "config_from_args", "recipe_from_args"]
 
@@ -163,12 +164,14 @@ def run_compare(args: argparse.Namespace) -> int:
     try:
         jobs = args.jobs if args.jobs is not None else default_jobs(args.device)
         result = compare(config, args.norms, args.seeds, out, jobs=jobs, retry_failed=args.retry_failed,
-                         stop_after=args.stop_after)
+                         stop_after=args.stop_after, executor=executor_from_args(args))
     except KeyboardInterrupt:
         print("interrupted; run the same compare command again to continue (finished epochs and runs are kept)",
               file=sys.stderr)
         return 130
-    if result.stopped:
+    if result.submitted:
+        print_submitted(result.submitted, "run the same compare command again to write the report")
+    elif result.stopped:
         print("stopped after epoch {}; run compare again to continue".format(args.stop_after))
     elif result.busy:
         print(f"{len(result.busy)} run(s) are being trained by another process; the report is written once they "
@@ -225,6 +228,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
                    "CUDA, else 2 — or 1 on a single-core machine)")
     p.add_argument("--retry-failed", action="store_true",
                    help="retry runs recorded as failed (from their last good checkpoint)")
+    add_executor_options(p)
     p.set_defaults(func=run_compare)
 
     p = subparsers.add_parser("analyze", help="accuracy and angle metrics of a saved checkpoint",

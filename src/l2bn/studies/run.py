@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ..train.grid import compare
 from .catalog import STUDY_JOBS, Study, StudyOverrides, get_study
@@ -33,6 +33,7 @@ class StudyResult:
     skipped: list[Path] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     busy: list[Path] = field(default_factory=list)
+    submitted: list[str] = field(default_factory=list)  # job ids not waited for: the page is not rebuilt yet
     seconds: float = 0.0
 
 
@@ -46,11 +47,13 @@ def run_study(
     report_only: bool = False,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
+    executor: Any = None,
 ) -> StudyResult:
     """Train (or resume) study ``name`` under ``root`` and rebuild its page; ``report_only`` only rebuilds.
 
     ``jobs`` runs that many single-thread runs at once (the records do not depend on it); ``overrides`` makes
-    a smaller version (fewer epochs, seeds or norms). Example: ``run_study("table1")``, then read
+    a smaller version (fewer epochs, seeds or norms); ``executor`` (:class:`l2bn.train.executors.SubmititExecutor`)
+    runs each run as a submitit job, and if it does not wait the page is rebuilt by a later call. Example: ``run_study("table1")``, then read
     ``docs/results/table1.md``.
     """
     study = get_study(name).apply(overrides)
@@ -65,18 +68,22 @@ def run_study(
             for index, grid in enumerate(study.grids):
                 config = study.config(grid, data_dir=data_dir, progress=progress)
                 done = compare(config, grid.norms, study.seeds, grid_dir(study, index, root), jobs=jobs, log=log,
-                               on_run_end=lambda path, how: invocation.update(trained=how == "done"))
+                               on_run_end=lambda path, how: invocation.update(trained=how == "done"),
+                               executor=executor)
                 result.trained += done.trained
                 result.skipped += done.skipped
                 result.failed += done.failed
                 result.busy += done.busy
-            status = "finished"
+                result.submitted += done.submitted
+            status = "submitted" if result.submitted else "finished"
         except KeyboardInterrupt:
             status = "interrupted"
             raise
         finally:
             invocation.update(status=status)
         result.seconds = time.perf_counter() - start
+    if result.submitted:
+        return result
     build_page(study, root, command)
     build_index(root)
     return result

@@ -4,7 +4,8 @@
 finished runs of the same experiment, resuming interrupted ones, not retrying recorded failures unless
 ``retry_failed`` — and writes the report (:mod:`l2bn.train.report`) into ``out``. ``jobs > 1`` runs that many runs at
 once as separate (spawned) processes with the CPU threads split between them, one progress bar for the grid;
-each run's records are the same as in a sequential grid.
+each run's records are the same as in a sequential grid. ``executor=`` (a
+:class:`l2bn.train.executors.SubmititExecutor`) runs each run as a submitit job instead (Slurm or local processes).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class GridReport:
     failed: list[dict] = field(default_factory=list)  # the failure records (norm, seed, epoch, step, reason)
     busy: list[Path] = field(default_factory=list)
     stopped: bool = False  # ``stop_after`` ended the grid early: no report yet
+    submitted: list[str] = field(default_factory=list)  # ids of jobs submitted and not waited for: no report yet
     rows: list[dict] = field(default_factory=list)
     paths: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
@@ -107,13 +109,15 @@ def compare(
     stop_after: int | None = None,
     log: Callable[[str], None] | None = None,
     on_run_end: Callable[[Path, str], None] | None = None,
+    executor: Any = None,
 ) -> GridReport:
     """Train every (norm, seed) of ``config``'s experiment into ``out/runs/`` and write the report into ``out``.
 
     ``config`` gives everything but the norm and seed (its ``out`` is ignored); ``seeds`` default to the
     recipe's. Returns a :class:`GridReport`; the report is written once every run has finished or failed.
     ``on_run_end(run_folder, status)`` is called as each run ends (status ``done``, ``stopped``, ``failed`` or
-    ``busy``), in the order they end.
+    ``busy``), in the order they end. ``executor`` (:class:`~l2bn.train.executors.SubmititExecutor`) submits
+    the runs as jobs; if it does not wait, ``submitted`` lists the job ids and the same call later writes the report.
     Example: ``compare(TrainConfig(dataset="digits"), ["bn", "l2bn"], out="runs/cmp", jobs=2)``.
     """
     start = time.perf_counter()
@@ -125,12 +129,7 @@ def compare(
     configs = _plan(base, norms, seeds, out)
     result = GridReport(out, [Path(c.out) for c in configs])
     pending = _pending(configs, result, retry_failed, log)
-    notify = on_run_end or (lambda path, status: None)
-    if jobs > 1:
-        outcomes: Iterable[dict[str, Any]] = _run_parallel(
-            pending, jobs, stop_after, log, lambda i, outcome: notify(Path(pending[i].out), outcome["status"]))
-    else:  # lazily: each outcome is reported as soon as its run ends
-        outcomes = (_notified(notify, c, _run_one(c, stop_after, log)) for c in pending)
+    outcomes = _outcomes(pending, jobs, executor, stop_after, out, log, on_run_end, result)
     for run_config, outcome in zip(pending, outcomes):
         status = outcome["status"]
         if status == "failed":
@@ -143,7 +142,7 @@ def compare(
             result.trained.append(Path(run_config.out))
             result.stopped |= status == "stopped"
     result.seconds = time.perf_counter() - start
-    if result.stopped or result.busy or int(os.environ.get("RANK", "0")) != 0:
+    if result.stopped or result.busy or result.submitted or int(os.environ.get("RANK", "0")) != 0:
         return result
     runs = [report.load_run(p) for p in result.run_dirs if RunDir(p).metrics_path.is_file() or RunDir(p).is_failed()]
     result.rows = report.summarize(runs, norms)
@@ -170,6 +169,20 @@ def _pending(configs: Sequence[TrainConfig], result: GridReport, retry_failed: b
         else:
             pending.append(dataclasses.replace(run_config, resume=run.holds_run()))
     return pending
+
+
+def _outcomes(pending: Sequence[TrainConfig], jobs: int, executor: Any, stop_after: int | None, out: Path,
+              log: Callable[[str], None], on_run_end: Callable[[Path, str], None] | None,
+              result: GridReport) -> Iterable[dict[str, Any]]:
+    """Run ``pending`` sequentially, in a local pool or through ``executor``; the outcomes in ``pending``'s order."""
+    notify = on_run_end or (lambda path, status: None)
+    on_done = lambda i, outcome: notify(Path(pending[i].out), outcome["status"])  # noqa: E731
+    if executor is not None and pending:
+        outcomes, result.submitted = executor.run(pending, _run_one, stop_after, out, log, on_done)
+        return outcomes
+    if jobs > 1:
+        return _run_parallel(pending, jobs, stop_after, log, on_done)
+    return (_notified(notify, c, _run_one(c, stop_after, log)) for c in pending)  # lazily: reported as each ends
 
 
 def _notified(notify: Callable[[Path, str], None], config: TrainConfig, outcome: dict[str, Any]) -> dict[str, Any]:
