@@ -23,3 +23,21 @@ def test_census_quick_prints_a_ratio_for_every_shape_and_a_model_total():
     assert ("128x512", "NCHW", "train") in {r[:3] for r in rows}
     assert re.search(r"^worst ratio: train [\d.]+ \(target 1.10\), eval [\d.]+", result.stdout, flags=re.M)
     assert re.search(r"^\| quick \| channels_last \| eval \| 4 \|", result.stdout, flags=re.M)
+
+
+def test_epoch_benchmark_quick_prints_every_variants_ratio():
+    import pytest
+
+    from l2bn.data.vision import FASHION_MNIST_SYSTEM_DIR
+
+    if not FASHION_MNIST_SYSTEM_DIR.is_dir():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_epoch.py"), "--quick"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ratios = dict(re.findall(r"^\| ([^|]+?) \| \d+ \| ([\d.]+) \|", result.stdout, flags=re.M))
+    for name in ("current (per-sample, NCHW, eager)", "channels_last", "batched augment", "batched + channels_last",
+                 "batched", "in-memory, inference_mode, 256"):
+        assert float(ratios[name]) > 0, name
+    assert float(ratios["current (per-sample, NCHW, eager)"]) == 1.0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from l2bn.cli import build_parser, main
-from l2bn.commands.train import recipe_from_args
+from l2bn.commands.train import config_from_args, recipe_from_args
 
 torch.set_num_threads(1)
 FAST = ["--threads", "1", "--no-progress"]
@@ -84,6 +84,16 @@ def test_module_entry_point_help():
     done = subprocess.run([sys.executable, "-m", "l2bn", "train", "--help"], capture_output=True, text=True, check=True)
     for flag in ("--recipe", "--amp", "--channels-last", "--compile", "--device", "--resume", "--sync-bn"):
         assert flag in done.stdout
+
+
+def test_augment_flag_sets_the_runs_identity():
+    parser = build_parser()
+    default = config_from_args(parser.parse_args(["train"]), "bn", 121, "out")
+    batched = config_from_args(parser.parse_args(["train", "--augment", "batched"]), "bn", 121, "out")
+    assert (default.augment, batched.augment) == ("per-sample", "batched")
+    assert default.identity()["augment"] == "per-sample" and batched.identity()["augment"] == "batched"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--augment", "gpu"])
 
 
 def test_compare_without_arguments_is_the_quick_digits_bn_vs_l2bn_grid():

@@ -356,20 +356,27 @@ def test_resume_refuses_a_foreign_last_checkpoint(tmp_path):
 
 
 def test_data_loaders_are_built_once_per_run_with_epoch_seeded_training_workers(tmp_path, monkeypatch):
+    from torch.utils.data import TensorDataset
+
+    from l2bn.data.batched import InMemoryBatches
     from l2bn.train import engine, loaders
 
     built = []
     real = loaders.DataLoader
     monkeypatch.setattr(loaders, "DataLoader", lambda *a, **kw: (built.append(kw), real(*a, **kw))[1])
     run(tmp_path, recipe=quick(epochs=3, metrics_every=1))
-    assert len(built) == 3 and all(not kw["persistent_workers"] for kw in built)  # train, test, train-eval
+    assert len(built) == 1 and not built[0]["persistent_workers"]  # train; the in-memory eval sets need none
     built.clear()
     config = TrainConfig(out=str(tmp_path / "w"), norm="bn", recipe=quick(epochs=2), progress=False, workers=1)
     state = engine.setup(config, engine.DistEnv(), engine.RunDir(config.out), tiny, DIGITS, print)
-    # the training loader's workers restart each epoch (seeded from it); the evaluation loaders' persist
-    assert len(built) == 3 and [kw["persistent_workers"] for kw in built] == [False, True, True]
+    # the training loader's workers restart each epoch (seeded from it)
+    assert len(built) == 1 and not built[0]["persistent_workers"]
     assert state.train_loader.generator is state.shuffle_generators[1]
-    assert state.test_loader.persistent_workers and not (tmp_path / "w").exists()  # set-up writes nothing
+    assert isinstance(state.test_loader, InMemoryBatches) and isinstance(state.train_eval_loader, InMemoryBatches)
+    assert not (tmp_path / "w").exists()  # set-up writes nothing
+    # an evaluation set that is not in memory keeps a DataLoader whose workers persist over the run
+    other = loaders.make_eval_loader(TensorDataset(torch.zeros(4, 1)), 2, 1, torch.device("cpu"))
+    assert other.persistent_workers and built[-1]["persistent_workers"]
 
 
 def test_a_busy_run_folder_is_refused(tmp_path):

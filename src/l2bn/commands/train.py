@@ -11,7 +11,7 @@ import torch
 
 from ..data import list_datasets
 from ..train.analyze import analyze_checkpoint
-from ..train.config import AMP_DTYPES, TrainConfig
+from ..train.config import AMP_DTYPES, AUGMENT_MODES, TrainConfig
 from ..train.ddp import check_device
 from ..train.engine import train
 from ..train.grid import compare
@@ -102,6 +102,9 @@ def _add_execution_options(p: argparse.ArgumentParser) -> None:
     e.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None, help="autocast dtype")
     e.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     e.add_argument("--compile", action="store_true", help="torch.compile the model")
+    e.add_argument("--augment", choices=AUGMENT_MODES, default="per-sample",
+                   help="per-sample: torchvision transforms in the DataLoader; batched: crop/flip whole batches with "
+                   "tensor ops (in-memory image sets; other draws, same distribution; part of the experiment)")
     e.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (training: started each epoch, seeded from it)")
     e.add_argument("--threads", type=int, default=None,
                    help="intra-op CPU threads (torch.set_num_threads); default: 1 for digits on CPU, else torch's "
@@ -128,7 +131,7 @@ def config_from_args(args: argparse.Namespace, norm: str, seed: int, out: str) -
     return TrainConfig(
         dataset=args.dataset, model=args.model, norm=norm, seed=seed, out=out, recipe=recipe_from_args(args),
         placement=args.placement, train_subset=args.train_subset, data_dir=args.data_dir, download=args.download,
-        device=args.device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+        device=args.device, amp=args.amp, channels_last=args.channels_last, compile=args.compile, augment=args.augment,
         workers=args.workers, threads=threads, progress=args.progress, sync_bn=args.sync_bn,
         resume=args.resume, val_size=args.val_size, imbalance=args.imbalance, label_noise=args.label_noise,
     )

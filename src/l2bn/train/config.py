@@ -14,13 +14,16 @@ from .ddp import check_device
 from .recipes import Recipe, default_recipe_name, get_recipe
 from .rundir import RunDir, check_out_dir
 
-__all__ = ["AMP_DTYPES", "IDENTITY_FIELDS", "TrainConfig", "check_same_experiment", "is_complete", "stored_identity"]
+__all__ = ["AMP_DTYPES", "AUGMENT_MODES", "IDENTITY_FIELDS", "TrainConfig", "check_same_experiment", "is_complete", "stored_identity"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Config fields that define the experiment: resuming with any of them changed is refused, and a finished
 # run counts as done for a grid only if they all match.
 IDENTITY_FIELDS = ("dataset", "model", "norm", "seed", "recipe", "placement", "train_subset", "model_kwargs", "amp",
-                   "channels_last", "val_size", "imbalance", "label_noise")
+                   "channels_last", "val_size", "imbalance", "label_noise", "augment")
+# How the training images are augmented: torchvision's per-sample transforms in the DataLoader, or whole
+# batches with tensor ops (l2bn.data.batched; in-memory image sets only; other random draws, same distribution).
+AUGMENT_MODES = ("per-sample", "batched")
 
 
 def _jsonable(x: Any) -> Any:
@@ -36,6 +39,8 @@ class TrainConfig:
     that training set (:func:`l2bn.data.training_split.carve_training_split`, fixed seeds): ``val_size``
     images are held out for epoch selection, ``imbalance=r`` keeps a long-tailed profile whose largest class
     has r times the images of the smallest, ``label_noise=p`` flips a share p of the training labels.
+    ``augment="batched"`` crops and flips whole training batches with tensor ops (one generator draw a batch,
+    equal in distribution to the per-sample transforms, not the same draws; in-memory image sets only).
     """
 
     dataset: str = "digits"
@@ -61,6 +66,7 @@ class TrainConfig:
     val_size: int | None = None
     imbalance: float | None = None
     label_noise: float = 0.0
+    augment: str = "per-sample"
 
     def __post_init__(self) -> None:
         if self.recipe is None:
@@ -82,6 +88,8 @@ class TrainConfig:
                              f"{self.imbalance}")
         if not 0 <= self.label_noise < 1:
             raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
+        if self.augment not in AUGMENT_MODES:
+            raise ValueError(f"augment must be one of {list(AUGMENT_MODES)}, got {self.augment!r}")
         if "placement" in self.model_kwargs:
             raise ValueError("placement is a TrainConfig field, not a model_kwargs entry")
 

@@ -33,12 +33,13 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from ..data import DataBundle
+from ..data.batched import InMemoryBatches
 from ..kernels.dispatch import impl_setting
 from ..norm_spread import NormSpread
 from .config import AMP_DTYPES, TrainConfig, check_same_experiment
 from .ddp import DistEnv, all_reduce_sum, barrier, cleanup_distributed, setup_distributed, sync_norms
 from .evaluate import evaluate
-from .loaders import make_loader, prepare_data, shard
+from .loaders import make_eval_loader, make_train_loader, prepare_data, shard
 from .mixup import forward_loss
 from .model import ModelFn, run_model_fn
 from .optim import build_optimizer, gate_clipper
@@ -75,10 +76,10 @@ class RunState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    train_loader: DataLoader
-    test_loader: DataLoader
-    train_eval_loader: DataLoader
-    val_loader: DataLoader | None
+    train_loader: DataLoader | InMemoryBatches
+    test_loader: DataLoader | InMemoryBatches
+    train_eval_loader: DataLoader | InMemoryBatches
+    val_loader: DataLoader | InMemoryBatches | None
     shuffle_generators: tuple[torch.Generator, torch.Generator]
     steps_per_epoch: int
     say: Callable[[str], None]
@@ -123,12 +124,10 @@ def setup(config: TrainConfig, env: DistEnv, run: RunDir, model_fn: ModelFn | No
         model = torch.compile(model)
     state = RunState(
         config, env, run, data, net, model, optimizer, scheduler, scaler,
-        # not persistent: each epoch's workers take their RNG seeds from generators[1], re-seeded per epoch
-        train_loader=make_loader(data.train, local_batch, config.workers, device, persistent=False, sampler=sampler,
-                             drop_last=True, generator=generators[1]),
-        test_loader=make_loader(shard(data.test, env), eval_batch, config.workers, device),
-        train_eval_loader=make_loader(shard(data.train_eval, env), eval_batch, config.workers, device),
-        val_loader=make_loader(shard(data.val, env), eval_batch, config.workers, device) if data.val else None,
+        train_loader=make_train_loader(config, data.train, local_batch, device, sampler, generators[1]),
+        test_loader=make_eval_loader(shard(data.test, env), eval_batch, config.workers, device),
+        train_eval_loader=make_eval_loader(shard(data.train_eval, env), eval_batch, config.workers, device),
+        val_loader=make_eval_loader(shard(data.val, env), eval_batch, config.workers, device) if data.val else None,
         shuffle_generators=generators, steps_per_epoch=steps_per_epoch, say=say,
     )
     return state

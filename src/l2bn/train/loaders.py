@@ -4,13 +4,14 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ..data import DataBundle, build_data
+from ..data.batched import InMemoryBatches, in_memory_images
 from .config import TrainConfig
 from .ddp import DistEnv
 
-__all__ = ["make_loader", "prepare_data", "shard"]
+__all__ = ["make_eval_loader", "make_loader", "make_train_loader", "prepare_data", "shard"]
 
 
 def prepare_data(config: TrainConfig, data: DataBundle | None, env: DistEnv) -> DataBundle:
@@ -54,3 +55,30 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.d
         persistent_workers=persistent and workers > 0,
         **kw,
     )
+
+
+def make_eval_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader | InMemoryBatches:
+    """Batches of an evaluation set in order: gathered as whole tensors when it is an in-memory image set
+    without random transforms (bit-identical to the DataLoader's batches, without per-sample calls), else
+    :func:`make_loader`'s DataLoader."""
+    source = in_memory_images(dataset)
+    if source is not None and source.augment is None:
+        return InMemoryBatches(dataset, source, batch_size, device=device)
+    return make_loader(dataset, batch_size, workers, device)
+
+
+def make_train_loader(config: TrainConfig, dataset: Dataset, batch_size: int, device: torch.device,
+                      sampler: Sampler, generator: torch.Generator) -> DataLoader | InMemoryBatches:
+    """The training batches: a DataLoader with per-sample transforms (workers restarted every epoch, seeded
+    from ``generator``), or with ``config.augment == "batched"`` whole-batch crop/flip drawn from ``generator``."""
+    if config.augment == "batched":
+        source = in_memory_images(dataset)
+        if source is None:
+            raise ValueError(f"augment='batched' needs an in-memory image set whose augmentation is random crop "
+                             f"and/or horizontal flip (digits, fashion-mnist, cifar10, cifar100); {config.dataset!r} "
+                             "is not one: use augment='per-sample'")
+        return InMemoryBatches(dataset, source, batch_size, sampler=sampler, drop_last=True, generator=generator,
+                               device=device)
+    # not persistent: each epoch's workers take their RNG seeds from generator, re-seeded per epoch
+    return make_loader(dataset, batch_size, config.workers, device, persistent=False, sampler=sampler,
+                       drop_last=True, generator=generator)
