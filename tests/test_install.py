@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -41,6 +40,7 @@ def run_without(blocked: tuple[str, ...], code: str, cwd: Path) -> subprocess.Co
 
 
 def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
