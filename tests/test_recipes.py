@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from l2bn.train.optim import lr_factor
+from l2bn.train.optim import build_scheduler
 from l2bn.train.recipes import PAPER_SEEDS, RECIPES, default_recipe_name, get_recipe, list_recipes, warm_restart_factor
 
 
@@ -78,39 +78,79 @@ def test_unknown_recipe_lists_known_ones():
         get_recipe("cifar-foo")
 
 
+def written_out_factor(recipe, t: float) -> float:
+    """The schedule as l2bn wrote it by hand before torch's schedulers (fractional epoch t, stepped per batch)."""
+    if t < recipe.warmup_epochs:
+        return (t + 1e-8) / recipe.warmup_epochs
+    if recipe.schedule == "cosine-restarts":
+        return warm_restart_factor(recipe, t - recipe.warmup_epochs)
+    if recipe.schedule == "cosine":
+        span = recipe.epochs - recipe.warmup_epochs
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - recipe.warmup_epochs) / span)))
+    if recipe.schedule == "step":
+        return recipe.gamma ** sum(1 for m in recipe.milestones if math.floor(t + 1e-9) >= m)
+    return 1.0
+
+
+def scheduled_lrs(recipe, steps_per_epoch: int) -> list[float]:
+    """The rate of every training step (and the one after the last), as the engine steps the schedule."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=recipe.lr, momentum=0.9, nesterov=True)
+    sched = build_scheduler(opt, recipe, steps_per_epoch)
+    seen = []
+    for _ in range(recipe.epochs * steps_per_epoch):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return seen + [opt.param_groups[0]["lr"]]
+
+
+SCHEDULE_VARIANTS = [
+    *[(name, {}) for name in RECIPES],
+    ("cifar-densenet", {"warmup_epochs": 3, "milestones": (4, 9), "epochs": 12}),
+    ("cifar-resnet", {"schedule": "constant", "warmup_epochs": 2, "epochs": 6}),
+    ("tau2020-fcnn", {"warmup_epochs": 2}),
+]
+
+
+@pytest.mark.parametrize("name, overrides", SCHEDULE_VARIANTS)
+def test_torch_schedulers_give_the_written_out_rates(name, overrides):
+    recipe = get_recipe(name, **overrides)
+    steps_per_epoch = 7
+    seen = scheduled_lrs(recipe, steps_per_epoch)
+    expected = [recipe.lr * written_out_factor(recipe, s / steps_per_epoch) for s in range(len(seen))]
+    assert seen == pytest.approx(expected, rel=1e-8, abs=1e-15 * recipe.lr)
+
+
 def test_cosine_with_warmup_formula():
-    r = get_recipe("cifar-regnet")  # 5 warm-up epochs, 200 epochs, cosine to 0
-    assert lr_factor(r, 0.0) == pytest.approx(0.0, abs=1e-6)
-    assert lr_factor(r, 2.5) == pytest.approx(0.5, rel=1e-6)
-    assert lr_factor(r, 5.0) == pytest.approx(1.0)
+    r = get_recipe("cifar-regnet", lr=1.0)  # 5 warm-up epochs, 200 epochs, cosine to 0
+    lrs = scheduled_lrs(r, 4)
+    assert lrs[0] == pytest.approx(0.0, abs=1e-6)
+    assert lrs[10] == pytest.approx(0.5, rel=1e-6)
+    assert lrs[20] == pytest.approx(1.0)
     for t in (7.0, 50.0, 102.5, 180.0):
-        assert lr_factor(r, t) == pytest.approx(0.5 * (1 + math.cos(math.pi * (t - 5) / 195)))
-    assert lr_factor(r, 200.0) == pytest.approx(0.0, abs=1e-12)
+        assert lrs[int(4 * t)] == pytest.approx(0.5 * (1 + math.cos(math.pi * (t - 5) / 195)))
+    assert lrs[800] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_step_schedule_formula():
-    r = get_recipe("cifar-densenet")
-    assert lr_factor(r, 149.99) == 1.0
-    assert lr_factor(r, 150.0) == pytest.approx(0.1)
-    assert lr_factor(r, 224.5) == pytest.approx(0.1)
-    assert lr_factor(r, 225.0) == pytest.approx(0.01)
-    assert lr_factor(get_recipe("cifar-resnet", schedule="constant"), 123.0) == 1.0
+    r = get_recipe("cifar-densenet", lr=1.0)
+    lrs = scheduled_lrs(r, 2)
+    assert lrs[299] == 1.0
+    assert lrs[300] == pytest.approx(0.1)
+    assert lrs[449] == pytest.approx(0.1)
+    assert lrs[450] == pytest.approx(0.01)
+    assert set(scheduled_lrs(get_recipe("cifar-resnet", schedule="constant", epochs=5), 3)) == {0.1}
+    with pytest.raises(ValueError, match="after the 5 warm-up epochs, got \\(5, 9\\)"):
+        get_recipe("cifar-densenet", warmup_epochs=5, milestones=(5, 9))
 
 
 def test_schedule_drives_a_real_optimizer_per_step():
     r = get_recipe("cifar-resnet", epochs=4, lr=0.2)
-    steps_per_epoch = 5
-    param = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([param], lr=r.lr, momentum=0.9, nesterov=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(r, s / steps_per_epoch))
-    seen = []
-    for _ in range(4 * steps_per_epoch):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    seen = scheduled_lrs(r, 5)
     expected = [0.2 * 0.5 * (1 + math.cos(math.pi * s / 20)) for s in range(20)]
-    assert seen == pytest.approx(expected)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert seen[:-1] == pytest.approx(expected)
+    assert seen[-1] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_default_recipe_comes_from_the_registry_family(monkeypatch):
@@ -192,8 +232,9 @@ def test_recipe_validation_names_the_bad_value():
     assert get_recipe("tau2020-fcnn", restart_cycles=[1, 2]).restart_cycles == (1, 2)
 
 
-def test_lr_factor_runs_the_warm_restarts():
+def test_the_scheduler_runs_the_warm_restarts():
     recipe = get_recipe("tau2020-fcnn")
-    for t in (0.0, 1.3, 2.0, 5.99, 100.25, 253.9):
-        assert lr_factor(recipe, t) == warm_restart_factor(recipe, t)
-    assert lr_factor(recipe, 2.0) == 1.0 and lr_factor(recipe, 1.999) < 0.01
+    lrs = scheduled_lrs(recipe, 4)
+    for t in (0.0, 1.25, 2.0, 5.75, 100.25, 253.75):
+        assert lrs[int(4 * t)] == recipe.lr * warm_restart_factor(recipe, t)
+    assert lrs[8] == recipe.lr and lrs[7] < 0.01

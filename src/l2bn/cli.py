@@ -2,7 +2,8 @@
 
 The commands live in :mod:`l2bn.commands`, one module a subsystem. This module registers them and is the
 one place that turns an expected error — a bad value, missing data, an unreadable or foreign file, a full
-disk, a diverged run — into a one-line ``error: …`` on stderr and exit code 1.
+disk, a diverged run, a package of an extra not installed — into a one-line ``error: …`` on stderr and exit
+code 1. It imports the commands (the experiment side) only when run, so a core install can import it.
 """
 from __future__ import annotations
 
@@ -10,16 +11,35 @@ import argparse
 import sys
 from typing import Sequence
 
-from .commands import COMMAND_MODULES
-from .data import DataError
-from .train.engine import NonFiniteLossError
-from .train.rundir import RunBusyError
+# The extra that installs each optional package, by top-level import name (pyproject.toml's extras).
+EXTRA_OF_PACKAGE = {
+    "torchvision": "experiments", "sklearn": "experiments", "matplotlib": "experiments", "scipy": "experiments",
+    "tqdm": "experiments", "soundfile": "audio", "librosa": "audio", "threadpoolctl": "audio",
+    "tensorboard": "tensorboard", "timm": "timm", "submitit": "slurm",
+}
 
-# What a user can cause and fix; anything else is a bug and keeps its traceback.
-EXPECTED_ERRORS = (ValueError, OSError, DataError, NonFiniteLossError, RunBusyError)
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause and fix; anything else is a bug and keeps its traceback."""
+    from .data import DataError
+    from .train.engine import NonFiniteLossError
+    from .train.rundir import RunBusyError
+
+    return ValueError, OSError, DataError, NonFiniteLossError, RunBusyError
+
+
+def missing_extra(exc: ImportError) -> str | None:
+    """The one-line advice for a package of an extra that is not installed (None for any other import error)."""
+    package = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF_PACKAGE.get(package)
+    if extra is None:
+        return None
+    return f'this command needs {package}, which is not installed: pip install "l2bn[{extra}]"'
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .commands import COMMAND_MODULES
+
     parser = argparse.ArgumentParser(
         prog="l2bn",
         description="L2BN: batch normalization on l2-equalised features — layers, metrics and experiments.",
@@ -31,10 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except ImportError as exc:
+        advice = missing_extra(exc)
+        if advice is None:
+            raise
+        print(f"error: {advice}", file=sys.stderr)
+        return 1
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except EXPECTED_ERRORS as exc:
+    except expected_errors() as exc:
         print(f"error: {' '.join(str(exc).split()) if isinstance(exc, OSError) else exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -44,6 +44,7 @@ from .mixup import forward_loss
 from .model import ModelFn, run_model_fn
 from .optim import build_optimizer, gate_clipper
 from .rundir import ANGLE_KEYS, DEVICE_KEYS, EPOCH_KEYS, EXTRA_KEYS, NORM_STATE_KEYS, VAL_KEYS, RunBusyError, RunDir
+from .tensorboard import write_record as write_tensorboard
 
 __all__ = ["NonFiniteLossError", "RunState", "norm_epoch_state", "save_checkpoint", "setup", "train",
            "train_one_epoch", "write_summary"]
@@ -290,6 +291,7 @@ def _run_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, Any]:
         state.best_acc, state.best_epoch = selection, epoch
     if state.env.is_main:
         state.run.append_record(record)
+        write_tensorboard(state.run.path, record)  # when tensorboard is installed
         state.run.append_timing({"epoch": epoch, "train_seconds": trained["seconds"], "eval_seconds": eval_seconds,
                                  "train_images_per_second": trained["images"] / trained["seconds"]})
         save_checkpoint(state, epoch, improved)

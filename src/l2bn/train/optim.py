@@ -1,36 +1,51 @@
-"""The optimiser side of a run: the learning-rate factor per (fractional) epoch, SGD's parameter groups and
-the per-step clamp of the norm zoo's gates."""
+"""The optimiser side of a run: the per-batch learning-rate schedule, SGD's parameter groups and the per-step
+clamp of the norm zoo's gates."""
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.optim.lr_scheduler import (
+    ConstantLR, CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler, MultiStepLR, SequentialLR,
+)
 
 from ..norms import clip_gates_, param_groups
 from .recipes import Recipe, warm_restart_factor
 
-__all__ = ["build_optimizer", "conv_weight_decay_groups", "gate_clipper", "lr_factor", "recipe_param_groups"]
+__all__ = ["build_optimizer", "build_scheduler", "conv_weight_decay_groups", "gate_clipper", "recipe_param_groups"]
+
+WARMUP_START = 1e-8  # the warm-up's first factor, in epochs: (step / steps_per_epoch + 1e-8) / warmup_epochs
 
 
-def lr_factor(recipe: Recipe, epoch_progress: float) -> float:
-    """Multiplier of ``recipe.lr`` after ``epoch_progress`` epochs (fractional: the schedule steps per batch).
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> LRScheduler:
+    """The recipe's learning-rate schedule, stepped once per batch, from :mod:`torch.optim.lr_scheduler`.
 
-    Linear warm-up over ``warmup_epochs``; then cosine to 0 at ``epochs``, or ``gamma`` per passed milestone,
-    or cosine cycles with warm restarts (:func:`~l2bn.train.recipes.warm_restart_factor`).
+    ``LinearLR`` warm-up over ``warmup_epochs``, then ``CosineAnnealingLR`` to 0 at ``epochs``,
+    ``MultiStepLR`` (``gamma`` at each milestone epoch) or ``ConstantLR``. ``cosine-restarts`` stays
+    :func:`~l2bn.train.recipes.warm_restart_factor` through ``LambdaLR``: its cycle lengths are a free list
+    and the rate stays at ``min_lr`` after the last cycle, which ``CosineAnnealingWarmRestarts`` cannot do.
     """
-    t = epoch_progress
-    if t < recipe.warmup_epochs:
-        return (t + 1e-8) / recipe.warmup_epochs
+    warmup = recipe.warmup_epochs * steps_per_epoch
     if recipe.schedule == "cosine-restarts":
-        return warm_restart_factor(recipe, t - recipe.warmup_epochs)
+        return LambdaLR(optimizer, lambda step: _warm_restart_factor(recipe, step / steps_per_epoch))
     if recipe.schedule == "cosine":
-        span = recipe.epochs - recipe.warmup_epochs
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - recipe.warmup_epochs) / span)))
-    if recipe.schedule == "step":
-        return recipe.gamma ** sum(1 for m in recipe.milestones if math.floor(t + 1e-9) >= m)
-    return 1.0
+        main: LRScheduler = CosineAnnealingLR(optimizer, T_max=recipe.epochs * steps_per_epoch - warmup)
+    elif recipe.schedule == "step":
+        main = MultiStepLR(optimizer, [m * steps_per_epoch - warmup for m in recipe.milestones], recipe.gamma)
+    else:
+        main = ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if not warmup:
+        return main
+    ramp = LinearLR(optimizer, start_factor=WARMUP_START / recipe.warmup_epochs, total_iters=warmup)
+    return SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
+def _warm_restart_factor(recipe: Recipe, epoch_progress: float) -> float:
+    """``cosine-restarts`` after ``epoch_progress`` (fractional) epochs, linear warm-up first."""
+    if epoch_progress < recipe.warmup_epochs:
+        return (epoch_progress + WARMUP_START) / recipe.warmup_epochs
+    return warm_restart_factor(recipe, epoch_progress - recipe.warmup_epochs)
 
 
 def conv_weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -51,12 +66,11 @@ def recipe_param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe, steps_per_epoch: int
-                    ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
-    """SGD over :func:`recipe_param_groups` and its per-batch schedule (:func:`lr_factor`)."""
+                    ) -> tuple[torch.optim.SGD, LRScheduler]:
+    """SGD over :func:`recipe_param_groups` and its per-batch schedule (:func:`build_scheduler`)."""
     optimizer = torch.optim.SGD(recipe_param_groups(model, recipe), lr=recipe.lr, momentum=recipe.momentum,
                                 nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe, step / steps_per_epoch))
-    return optimizer, scheduler
+    return optimizer, build_scheduler(optimizer, recipe, steps_per_epoch)
 
 
 def gate_clipper(model: nn.Module) -> Callable[[], None]:

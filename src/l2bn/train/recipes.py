@@ -82,6 +82,8 @@ class Recipe:
             raise ValueError("nesterov needs momentum > 0")
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must be increasing, got {self.milestones}")
+        if self.schedule == "step" and self.milestones and self.milestones[0] <= self.warmup_epochs:
+            raise ValueError(f"milestones must come after the {self.warmup_epochs} warm-up epochs, got {self.milestones}")
         if not self.restart_cycles or min(self.restart_cycles) < 1:
             raise ValueError(f"restart_cycles must be positive epoch counts, got {self.restart_cycles}")
         if not 0 <= self.min_lr < self.lr:
