@@ -101,9 +101,17 @@ def test_compare_without_arguments_is_the_quick_digits_bn_vs_l2bn_grid():
         (["compare", "--seeds", "121,122,121"], "repeated entries 121"),
         (["compare", "--norms", " , "], "expected a non-empty comma-separated list"),
         (["compare", "--norms", "bn,l2bn,bn"], "repeated entries bn"),
+        (["compare", "--stop-after", "-1"], "expected a positive integer (>= 1), got -1"),
+        (["train", "--stop-after", "0"], "expected a positive integer (>= 1), got 0"),
+        (["train", "--seed", "99999999999999999999"], "accepted: 0 to 2**64 - 1"),
+        (["train", "--seed", "-3"], "seed -3 is out of range"),
+        (["compare", "--seeds", "1,99999999999999999999"], "accepted: 0 to 2**64 - 1"),
+        (["study", "table1", "--epochs", "0"], "expected a positive integer (>= 1), got 0"),
+        (["study", "table1", "--seeds", "1,-1"], "seed -1 is out of range"),
     ],
 )
-def test_bad_lists_are_refused_before_any_training(capsys, argv, message):
+def test_bad_lists_seeds_and_counts_are_refused_before_any_training(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)  # were one accepted, its runs (or study) would land here, not in the checkout
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err

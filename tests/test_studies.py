@@ -15,6 +15,7 @@ from l2bn.studies import (SECTIONS, STUDIES, Difference, StudyOverrides, compare
 from l2bn.studies.stats import paired_seeds
 from l2bn.studies.catalog import ZOO
 from l2bn.studies.folder import code_version, environment_records
+from l2bn.studies.page import PAGE_MARKER
 
 # ------------------------------------------------------------------------------------------- statistics
 
@@ -148,6 +149,10 @@ def test_overrides_make_a_miniature_and_unknown_names_are_refused():
         get_study("placement").apply(StudyOverrides(only=("stage9",)))
     with pytest.raises(ValueError, match="unknown study"):
         get_study("table9")
+    for bad in (0, -1):  # 0 is not "the study's own epochs" (that is None): refused, not the full study
+        with pytest.raises(ValueError, match=f"epochs must be >= 1 .*got {bad}"):
+            StudyOverrides(epochs=bad)
+    assert get_study("table1").apply(StudyOverrides(seeds=(1,))).epochs == get_study("table1").epochs
     assert study_command("norms", StudyOverrides(epochs=1, only=("bn",))) == \
         "python -m l2bn study norms --epochs 1 --only bn"
 
@@ -340,6 +345,22 @@ def test_pages_never_overwrite_a_file_the_project_did_not_write(tmp_path):
     (tmp_path / "README.md").unlink()
     assert build_index(tmp_path).read_text().startswith(PAGE_MARKER)
     check_pages(tmp_path, "table1")
+
+
+def test_the_command_refuses_to_overwrite_pages_it_did_not_write_before_any_work(tmp_path, capsys):
+    mine = tmp_path / "p"
+    mine.mkdir()
+    (mine / "README.md").write_text("MINE\n")  # the reproduction
+    assert main(["study", "table1", "--root", str(mine), "--report-only"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "README.md exists and was not written by l2bn" in lines[0] and "--overwrite" in lines[0]
+    assert (mine / "README.md").read_text() == "MINE\n" and sorted(p.name for p in mine.iterdir()) == ["README.md"]
+    (mine / "table1.md").write_text("my notes\n")  # training is refused too, before any run folder appears
+    assert main(["study", "table1", "--root", str(mine), "--epochs", "1", "--seeds", "1"]) == 1
+    assert "table1.md exists" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["README.md", "table1.md"]
+    assert main(["study", "table1", "--root", str(mine), "--report-only", "--overwrite"]) == 0
+    assert all((mine / f).read_text().startswith(PAGE_MARKER) for f in ("README.md", "table1.md"))
 
 
 @needs_fashion

@@ -18,7 +18,7 @@ from typing import Callable
 from ..train.grid import compare
 from .catalog import STUDY_JOBS, Study, StudyOverrides, get_study
 from .folder import DEFAULT_ROOT, ENVIRONMENT_FILE, InvocationRecord, environment, grid_dir, study_command
-from .page import build_index, build_page
+from .page import build_index, build_page, check_pages
 
 __all__ = ["StudyResult", "run_study"]
 
@@ -44,6 +44,7 @@ def run_study(
     data_dir: str | None = None,
     overrides: StudyOverrides | None = None,
     report_only: bool = False,
+    overwrite: bool = False,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
 ) -> StudyResult:
@@ -51,11 +52,13 @@ def run_study(
 
     ``jobs`` runs that many single-thread runs at once (the records do not depend on it); ``overrides`` makes
     a smaller version (fewer epochs, seeds or norms). Example: ``run_study("table1")``, then read
-    ``docs/results/table1.md``.
+    ``docs/results/table1.md``. The page and ``<root>/README.md`` are written only over files l2bn wrote
+    (checked before any training) unless ``overwrite``.
     """
     study = get_study(name).apply(overrides)
     command = study_command(name, overrides, root=root, data_dir=data_dir)
     result = StudyResult(study, Path(root) / f"{name}.md")
+    check_pages(root, name, overwrite=overwrite)
     start = time.perf_counter()
     if not report_only:
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -77,6 +80,6 @@ def run_study(
         finally:
             invocation.update(status=status)
         result.seconds = time.perf_counter() - start
-    build_page(study, root, command)
-    build_index(root)
+    build_page(study, root, command, overwrite=overwrite)
+    build_index(root, overwrite=overwrite)
     return result
