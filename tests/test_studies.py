@@ -2,6 +2,7 @@
 miniature of every study's command on real Fashion-MNIST images (skipped where the data set is absent)."""
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from l2bn.studies import (SECTIONS, STUDIES, Difference, StudyOverrides, compare
                           estimate_seconds, get_study, holm, load_study_runs, run_study, study_command)
 from l2bn.studies.stats import paired_seeds
 from l2bn.studies.catalog import ZOO
-from l2bn.studies.folder import code_version, environment_records
+from l2bn.studies.folder import InvocationRecord, code_version, environment, environment_records
 from l2bn.studies.page import PAGE_MARKER
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -361,6 +362,54 @@ def test_the_command_refuses_to_overwrite_pages_it_did_not_write_before_any_work
     assert sorted(p.name for p in mine.iterdir()) == ["README.md", "table1.md"]
     assert main(["study", "table1", "--root", str(mine), "--report-only", "--overwrite"]) == 0
     assert all((mine / f).read_text().startswith(PAGE_MARKER) for f in ("README.md", "table1.md"))
+
+
+@pytest.mark.parametrize("line", ["{}", "[1, 2]", '"text"', '{"date": "today"}'])
+def test_a_wrong_shaped_environment_record_is_one_line_naming_the_file_and_line(tmp_path, capsys, line):
+    folder = tmp_path / "table1"
+    folder.mkdir()
+    good = json.dumps(environment("python -m l2bn study table1", 2))
+    (folder / "environment.jsonl").write_text(f"{good}\n{line}\n")
+    assert main(["study", "table1", "--root", str(tmp_path), "--report-only"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert f"{folder / 'environment.jsonl'}, line 2: not an invocation record" in err[0]
+
+
+@pytest.mark.parametrize("config", [{"recipe": [1, 2]}, {"recipe": "fashion-mnist-quick"}, [1, 2]])
+def test_a_summary_with_an_edited_configuration_is_one_line_naming_it(tmp_path, capsys, config):
+    run = tmp_path / "table1" / "runs" / "bn-s121"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "train_acc": 10.0, "test_acc": 10.0}\n')
+    (run / "summary.json").write_text(json.dumps({"best_test_acc": 10.0, "config": config}))
+    assert main(["study", "table1", "--root", str(tmp_path), "--report-only"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0] and f"{run / 'summary.json'}: its configuration" in err[0]
+
+
+def _record_many(path: Path, updates: int) -> None:
+    record = InvocationRecord(path, environment("python -m l2bn study table1", 2), time.perf_counter())
+    for _ in range(updates):
+        record.update(trained=1)
+    record.update(status="finished")
+
+
+def test_invocations_ending_at_once_keep_every_record_whole(tmp_path):
+    """Four invocations updating one environment.jsonl at once (the read-modify-write of each update): no
+    line is lost or torn."""
+    import multiprocessing
+
+    path = tmp_path / "table1" / "environment.jsonl"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_record_many, args=(path, 40)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0] * 4
+    records = environment_records(get_study("table1"), tmp_path)
+    assert len(records) == 4 and len({r["invocation"] for r in records}) == 4
+    assert all(r["runs_trained"] == 40 and r["status"] == "finished" for r in records)
 
 
 @needs_fashion
