@@ -133,6 +133,29 @@ def test_interrupted_compare_grid_resumes_the_unfinished_run(tmp_path, capsys):
     assert json.loads((run / "summary.json").read_text())["epochs"] == 2
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_corrupt_last_pt_fails_only_its_run_and_says_how_to_recover(tmp_path, capsys, damage):
+    out = tmp_path / "grid"
+    args = ["compare", "--norms", "bn,l2bn", "--seeds", "121", "--epochs", "2", "--batch-size", "128",
+            "--metrics-every", "2", "--train-subset", "200", "--jobs", "1", "--out", str(out), *FAST]
+    assert main([*args, "--stop-after", "1"]) == 0
+    last = out / "runs" / "bn-s121" / "last.pt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"\x80\x02garbage" * 20)
+    capsys.readouterr()
+    assert main(args) == 0  # the other run trains and the report is written without the broken one
+    printed = capsys.readouterr()
+    assert (out / "runs" / "l2bn-s121" / "summary.json").is_file() and "| l2bn | 1 |" in printed.out
+    assert not (out / "runs" / "bn-s121" / "summary.json").exists() and "| bn |" not in printed.out
+    assert f"run failed: {last} is not a readable l2bn checkpoint" in printed.err
+    assert "delete it to restart that run from epoch 1" in printed.err and "weights_only" not in printed.err
+    assert "1 run(s) failed: bn seed 121 (" in printed.err
+    last.unlink()  # the recovery the hint names
+    assert main(args) == 0
+    assert json.loads((out / "runs" / "bn-s121" / "summary.json").read_text())["epochs"] == 2
+    assert "| bn | 1 |" in capsys.readouterr().out
+
+
 def test_placement_flag_reaches_the_model(tmp_path, capsys):
     """--placement (the paper's Table 4) builds the norm into the named parts only; the rest keeps BN."""
     import torch.nn as nn

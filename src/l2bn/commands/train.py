@@ -178,8 +178,9 @@ def run_compare(args: argparse.Namespace) -> int:
         print(f"report: {', '.join(str(p) for p in result.paths.values())} ({result.seconds:.0f}s)")
     if result.failed:
         print(f"{len(result.failed)} run(s) failed: " + "; ".join(
-            f"{f['norm']} seed {f['seed']} at epoch {f['epoch']}, step {f['step']}" for f in result.failed)
-              + " (not retried unless --retry-failed)", file=sys.stderr)
+            f"{f['norm']} seed {f['seed']} " + (f"at epoch {f['epoch']}, step {f['step']}" if f["epoch"] is not None
+                                                else f"({f['reason']})") for f in result.failed)
+              + " (diverged runs are not retried unless --retry-failed)", file=sys.stderr)
     return 0
 
 

@@ -216,6 +216,17 @@ def read_jsonl(path: Path, *, drop_torn_tail: bool = False) -> list[dict]:
     return records
 
 
+def _load_failure(exc: Exception) -> str:
+    """Why ``torch.load`` failed, in a few words: the weights-only unpickler's own reason without torch's
+    advice to load with ``weights_only=False`` (never for a file one does not trust), else the first sentence."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        detail = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
+        return "refused by the weights-only loader: " + (detail[0] if detail else type(exc).__name__)[:160]
+    first = text.strip().splitlines()[0].split(". ")[0] if text.strip() else type(exc).__name__
+    return first[:200]
+
+
 def _checked_config(config: Any, path: Path) -> dict:
     """A stored configuration of the shape :class:`~l2bn.train.config.TrainConfig` reads, else a
     :class:`RunFileError` naming ``path``."""
@@ -345,13 +356,12 @@ class RunDir:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")
-        hint = "point at last.pt or best.pt of an l2bn run folder"
+        hint = ("delete it to restart that run from epoch 1" if for_resume else
+                "point at last.pt or best.pt of an l2bn run folder, and load only files you trust")
         try:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for foreign files
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{path} is not a readable l2bn checkpoint ({reason[:200]}); {hint}, and load "
-                                  "only files you trust") from None
+            raise CheckpointError(f"{path} is not a readable l2bn checkpoint ({_load_failure(exc)}); {hint}") from None
         needed = CHECKPOINT_KEYS + (RESUME_KEYS if for_resume else ())
         missing = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
         if missing:
