@@ -305,6 +305,53 @@ def test_an_interrupted_invocation_keeps_its_record_of_the_runs_it_finished(mini
     assert "interrupted (Ctrl-C)" in page and "Runs finished: 2 of 2 planned" in page
 
 
+def _study_process(root: Path, data_dir: Path):
+    import os
+    import subprocess
+    import sys
+
+    import l2bn
+
+    src = str(Path(l2bn.__file__).resolve().parents[1])  # this checkout's src, first on the child's path
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-m", "l2bn", "study", "placement", "--root", str(root), "--data-dir", str(data_dir),
+            "--epochs", "2", "--train-subset", "128", "--seeds", "121", "--only", "none,all", "--jobs", "1",
+            "--no-progress"]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow  # four study processes: about two minutes a signal on the shared 2-core machine
+@needs_fashion
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"])
+def test_a_study_interrupted_by_a_signal_resumes_to_the_records_of_an_uninterrupted_one(
+        mini_fashion, tmp_path, signal_name):
+    import signal
+
+    first = tmp_path / "cut" / "placement" / "none" / "runs" / "l2bn-s121" / "metrics.jsonl"
+    process = _study_process(tmp_path / "cut", mini_fashion)
+    deadline = time.monotonic() + 300
+    while not (first.is_file() and first.read_text().count("\n") >= 1) and process.poll() is None:
+        assert time.monotonic() < deadline, "the study logged no epoch in 5 minutes"
+        time.sleep(0.05)
+    process.send_signal(getattr(signal, signal_name))  # in epoch 2 of the first run
+    _, err = process.communicate(timeout=120)
+    if signal_name == "SIGINT":
+        assert process.returncode == 130 and "run the same command again to continue" in err
+    else:
+        assert process.returncode == -signal.SIGKILL
+    resumed = _study_process(tmp_path / "cut", mini_fashion)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    whole = _study_process(tmp_path / "whole", mini_fashion)
+    assert whole.communicate(timeout=600) and whole.returncode == 0
+    for grid in ("none", "all"):
+        rel = Path("placement") / grid / "runs" / "l2bn-s121" / "metrics.jsonl"
+        assert (tmp_path / "cut" / rel).read_bytes() == (tmp_path / "whole" / rel).read_bytes()
+    records = environment_records(get_study("placement"), tmp_path / "cut")
+    assert records[-1]["status"] == "finished" and sum(r["runs_trained"] for r in records) == 2
+    assert "Runs finished: 2 of 2 planned" in (tmp_path / "cut" / "placement.md").read_text()
+
+
 def test_code_version_names_the_commit_and_local_changes(tmp_path, monkeypatch):
     import subprocess
 
