@@ -233,6 +233,72 @@ def test_interrupted_extraction_resumes_with_the_missing_clips(tau, tmp_path, mo
         assert np.array_equal(features[i], real(tau / split.files[i], SMALL))
 
 
+def _truncate(path: Path, keep: float) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(int(path.stat().st_size * keep))
+
+
+DAMAGE = {
+    "logmel truncated, index removed": lambda f: (_truncate(f / "logmel.npy", 0.5), (f / "index.json").unlink()),
+    "logmel truncated, index kept": lambda f: _truncate(f / "logmel.npy", 0.5),
+    "index garbled": lambda f: (f / "index.json").write_text('{"files": ["a'),
+    "index not an object": lambda f: (f / "index.json").write_text("[1, 2]"),
+    "manifest garbled, index removed": lambda f: ((f / "manifest.json").write_text("\x00garbage"),
+                                                  (f / "index.json").unlink()),
+    "done truncated, index removed": lambda f: (_truncate(f / "done.npy", 0.6), (f / "index.json").unlink()),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_cache_is_re_extracted_never_read_as_zeros(tau, tmp_path, monkeypatch, damage):
+    split = tau2020.read_split(tau, "train")
+    folder = tau2020.extract_split(split, SMALL, tmp_path / "cache", workers=0)
+    good = np.load(folder / "logmel.npy")
+    DAMAGE[damage](folder)
+    reads = []
+    real = tau2020_cache._read_clip
+    monkeypatch.setattr(tau2020_cache, "_read_clip", lambda path, params: reads.append(path) or real(path, params))
+    assert tau2020.extract_split(split, SMALL, tmp_path / "cache", workers=0) == folder
+    # damaged arrays or manifest: every clip again; a damaged index over whole arrays: the index is rewritten
+    assert len(reads) == (0 if damage.startswith("index") else len(split.files))
+    assert np.array_equal(np.load(folder / "logmel.npy"), good)
+    data = tau2020_dataset.AudioFeatureDataset(folder)
+    assert torch.equal(data[len(data) - 1][0], tau2020.stack_deltas(torch.from_numpy(good[-1])))
+
+
+def test_a_clip_changed_after_caching_is_re_extracted_alone(tau, tmp_path, monkeypatch):
+    split = tau2020.read_split(tau, "train")
+    folder = tau2020.extract_split(split, SMALL, tmp_path / "cache", workers=0)
+    before = np.load(folder / "logmel.npy")
+    changed = tau / split.files[4]
+    soundfile.write(changed, _clip(9, 9), 8000)  # another recording under the same name
+    reads = []
+    real = tau2020_cache._read_clip
+    monkeypatch.setattr(tau2020_cache, "_read_clip", lambda path, params: reads.append(path) or real(path, params))
+    tau2020.extract_split(split, SMALL, tmp_path / "cache", workers=0)
+    after = np.load(folder / "logmel.npy")
+    assert reads == [changed] and np.array_equal(after[4], real(changed, SMALL))
+    assert not np.array_equal(after[4], before[4]) and np.array_equal(np.delete(after, 4, 0), np.delete(before, 4, 0))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_truncated_or_nan_wav_is_an_error_naming_the_file(tau, tmp_path, workers):
+    clip = tau / "audio" / "park-lyon-4-1t-b.wav"
+    _truncate(clip, 1 / 3)  # a third of the bytes: the header still claims the whole clip
+    with pytest.raises(DataError, match=r"park-lyon-4-1t-b.wav holds \d+ samples, fewer than the 4000 .*truncated"):
+        tau2020.tau2020(tau, params=SMALL, cache_dir=tmp_path / "c", workers=workers)
+    soundfile.write(clip, np.full(4000, np.nan), 8000, subtype="FLOAT")
+    with pytest.raises(DataError, match=r"park-lyon-4-1t-b.wav holds NaN or infinite samples"):
+        tau2020.tau2020(tau, params=SMALL, cache_dir=tmp_path / "c", workers=workers)
+
+
+def test_a_csv_starting_with_a_utf8_bom_is_read(tau):
+    path = tau / "evaluation_setup" / "fold1_train.csv"
+    plain = tau2020.read_split(tau, "train")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert tau2020.read_split(tau, "train") == plain
+
+
 def _extract_counting(root: Path, cache: Path, log: Path) -> None:
     real = tau2020_cache._read_clip
 

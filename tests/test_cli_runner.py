@@ -111,9 +111,17 @@ def test_compare_without_arguments_is_the_quick_digits_bn_vs_l2bn_grid():
         (["compare", "--seeds", "121,122,121"], "repeated entries 121"),
         (["compare", "--norms", " , "], "expected a non-empty comma-separated list"),
         (["compare", "--norms", "bn,l2bn,bn"], "repeated entries bn"),
+        (["compare", "--stop-after", "-1"], "expected a positive integer (>= 1), got -1"),
+        (["train", "--stop-after", "0"], "expected a positive integer (>= 1), got 0"),
+        (["train", "--seed", "99999999999999999999"], "accepted: 0 to 2**64 - 1"),
+        (["train", "--seed", "-3"], "seed -3 is out of range"),
+        (["compare", "--seeds", "1,99999999999999999999"], "accepted: 0 to 2**64 - 1"),
+        (["study", "table1", "--epochs", "0"], "expected a positive integer (>= 1), got 0"),
+        (["study", "table1", "--seeds", "1,-1"], "seed -1 is out of range"),
     ],
 )
-def test_bad_lists_are_refused_before_any_training(capsys, argv, message):
+def test_bad_lists_seeds_and_counts_are_refused_before_any_training(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)  # were one accepted, its runs (or study) would land here, not in the checkout
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
@@ -133,6 +141,29 @@ def test_interrupted_compare_grid_resumes_the_unfinished_run(tmp_path, capsys):
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs] == [1, 2] and "iir_test" in recs[1]
     assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_corrupt_last_pt_fails_only_its_run_and_says_how_to_recover(tmp_path, capsys, damage):
+    out = tmp_path / "grid"
+    args = ["compare", "--norms", "bn,l2bn", "--seeds", "121", "--epochs", "2", "--batch-size", "128",
+            "--metrics-every", "2", "--train-subset", "200", "--jobs", "1", "--out", str(out), *FAST]
+    assert main([*args, "--stop-after", "1"]) == 0
+    last = out / "runs" / "bn-s121" / "last.pt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"\x80\x02garbage" * 20)
+    capsys.readouterr()
+    assert main(args) == 0  # the other run trains and the report is written without the broken one
+    printed = capsys.readouterr()
+    assert (out / "runs" / "l2bn-s121" / "summary.json").is_file() and "| l2bn | 1 |" in printed.out
+    assert not (out / "runs" / "bn-s121" / "summary.json").exists() and "| bn |" not in printed.out
+    assert f"run failed: {last} is not a readable l2bn checkpoint" in printed.err
+    assert "delete it to restart that run from epoch 1" in printed.err and "weights_only" not in printed.err
+    assert "1 run(s) failed: bn seed 121 (" in printed.err
+    last.unlink()  # the recovery the hint names
+    assert main(args) == 0
+    assert json.loads((out / "runs" / "bn-s121" / "summary.json").read_text())["epochs"] == 2
+    assert "| bn | 1 |" in capsys.readouterr().out
 
 
 def test_placement_flag_reaches_the_model(tmp_path, capsys):

@@ -214,6 +214,48 @@ def test_cifar_missing_and_corrupt(tmp_path):
         build_data("cifar10", tmp_path)
 
 
+class _Payload:
+    """Pickles to a call of ``func(*args)``: what a crafted CIFAR batch would run on an unrestricted load."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize("payload", ["system", "eval", "codec"])
+def test_a_crafted_cifar_batch_runs_nothing_and_is_refused_naming_the_file(tmp_path, payload):
+    import codecs
+    import os
+
+    folder, _ = _write_cifar(tmp_path, "cifar10")
+    marker = tmp_path / "ran"
+    call = {"system": _Payload(os.system, f"touch {marker}"),
+            "eval": _Payload(eval, f"open({str(marker)!r}, 'w')"),
+            "codec": _Payload(codecs.encode, "x", "rot13")}[payload]
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump({"data": call, "labels": [0]}, f, protocol=2)
+    with pytest.raises(DataError) as exc:
+        build_data("cifar10", tmp_path)
+    message = str(exc.value)
+    assert not marker.exists()  # the payload never ran
+    assert "data_batch_2 is not a plain CIFAR batch" in message and "\n" not in message and "re-download" in message
+    assert {"system": "posix.system", "eval": "builtin__.eval", "codec": "'rot13'"}[payload] in message
+
+
+def test_plain_pickles_of_arrays_load_in_every_protocol(tmp_path):
+    from l2bn.data.safe_pickle import load_plain_pickle
+
+    value = {"data": np.arange(12, dtype=np.uint8).reshape(3, 4), "labels": [1, 2], "n": np.int64(3),
+             "name": "batch", "raw": b"\x00\xff", "pair": (1.5, None)}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        (tmp_path / "p").write_bytes(pickle.dumps(value, protocol=protocol))
+        loaded = load_plain_pickle(tmp_path / "p")
+        assert loaded.keys() == value.keys() and (loaded["data"] == value["data"]).all()
+        assert [loaded[k] for k in ("labels", "n", "name", "raw", "pair")] == [value[k] for k in ("labels", "n", "name", "raw", "pair")]
+
+
 # ----------------------------------------------------------------------------------------------- ImageNet
 def _write_imagefolder(root, classes=("n01", "n02"), per_class=2):
     rng = np.random.default_rng(0)

@@ -2,6 +2,7 @@
 miniature of every study's command on real Fashion-MNIST images (skipped where the data set is absent)."""
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ from l2bn.studies import (SECTIONS, STUDIES, Difference, StudyOverrides, compare
                           estimate_seconds, get_study, holm, load_study_runs, run_study, study_command)
 from l2bn.studies.stats import paired_seeds
 from l2bn.studies.catalog import ZOO
-from l2bn.studies.folder import code_version, environment_records
+from l2bn.studies.folder import InvocationRecord, code_version, environment, environment_records
+from l2bn.studies.page import PAGE_MARKER
 
 # ------------------------------------------------------------------------------------------- statistics
 
@@ -148,6 +150,10 @@ def test_overrides_make_a_miniature_and_unknown_names_are_refused():
         get_study("placement").apply(StudyOverrides(only=("stage9",)))
     with pytest.raises(ValueError, match="unknown study"):
         get_study("table9")
+    for bad in (0, -1):  # 0 is not "the study's own epochs" (that is None): refused, not the full study
+        with pytest.raises(ValueError, match=f"epochs must be >= 1 .*got {bad}"):
+            StudyOverrides(epochs=bad)
+    assert get_study("table1").apply(StudyOverrides(seeds=(1,))).epochs == get_study("table1").epochs
     assert study_command("norms", StudyOverrides(epochs=1, only=("bn",))) == \
         "python -m l2bn study norms --epochs 1 --only bn"
 
@@ -299,6 +305,53 @@ def test_an_interrupted_invocation_keeps_its_record_of_the_runs_it_finished(mini
     assert "interrupted (Ctrl-C)" in page and "Runs finished: 2 of 2 planned" in page
 
 
+def _study_process(root: Path, data_dir: Path):
+    import os
+    import subprocess
+    import sys
+
+    import l2bn
+
+    src = str(Path(l2bn.__file__).resolve().parents[1])  # this checkout's src, first on the child's path
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-m", "l2bn", "study", "placement", "--root", str(root), "--data-dir", str(data_dir),
+            "--epochs", "2", "--train-subset", "128", "--seeds", "121", "--only", "none,all", "--jobs", "1",
+            "--no-progress"]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow  # four study processes: about two minutes a signal on the shared 2-core machine
+@needs_fashion
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"])
+def test_a_study_interrupted_by_a_signal_resumes_to_the_records_of_an_uninterrupted_one(
+        mini_fashion, tmp_path, signal_name):
+    import signal
+
+    first = tmp_path / "cut" / "placement" / "none" / "runs" / "l2bn-s121" / "metrics.jsonl"
+    process = _study_process(tmp_path / "cut", mini_fashion)
+    deadline = time.monotonic() + 300
+    while not (first.is_file() and first.read_text().count("\n") >= 1) and process.poll() is None:
+        assert time.monotonic() < deadline, "the study logged no epoch in 5 minutes"
+        time.sleep(0.05)
+    process.send_signal(getattr(signal, signal_name))  # in epoch 2 of the first run
+    _, err = process.communicate(timeout=120)
+    if signal_name == "SIGINT":
+        assert process.returncode == 130 and "run the same command again to continue" in err
+    else:
+        assert process.returncode == -signal.SIGKILL
+    resumed = _study_process(tmp_path / "cut", mini_fashion)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    whole = _study_process(tmp_path / "whole", mini_fashion)
+    assert whole.communicate(timeout=600) and whole.returncode == 0
+    for grid in ("none", "all"):
+        rel = Path("placement") / grid / "runs" / "l2bn-s121" / "metrics.jsonl"
+        assert (tmp_path / "cut" / rel).read_bytes() == (tmp_path / "whole" / rel).read_bytes()
+    records = environment_records(get_study("placement"), tmp_path / "cut")
+    assert records[-1]["status"] == "finished" and sum(r["runs_trained"] for r in records) == 2
+    assert "Runs finished: 2 of 2 planned" in (tmp_path / "cut" / "placement.md").read_text()
+
+
 def test_code_version_names_the_commit_and_local_changes(tmp_path, monkeypatch):
     import subprocess
 
@@ -340,6 +393,70 @@ def test_pages_never_overwrite_a_file_the_project_did_not_write(tmp_path):
     (tmp_path / "README.md").unlink()
     assert build_index(tmp_path).read_text().startswith(PAGE_MARKER)
     check_pages(tmp_path, "table1")
+
+
+def test_the_command_refuses_to_overwrite_pages_it_did_not_write_before_any_work(tmp_path, capsys):
+    mine = tmp_path / "p"
+    mine.mkdir()
+    (mine / "README.md").write_text("MINE\n")  # the issue's reproduction
+    assert main(["study", "table1", "--root", str(mine), "--report-only"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "README.md exists and was not written by l2bn" in lines[0] and "--overwrite" in lines[0]
+    assert (mine / "README.md").read_text() == "MINE\n" and sorted(p.name for p in mine.iterdir()) == ["README.md"]
+    (mine / "table1.md").write_text("my notes\n")  # training is refused too, before any run folder appears
+    assert main(["study", "table1", "--root", str(mine), "--epochs", "1", "--seeds", "1"]) == 1
+    assert "table1.md exists" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["README.md", "table1.md"]
+    assert main(["study", "table1", "--root", str(mine), "--report-only", "--overwrite"]) == 0
+    assert all((mine / f).read_text().startswith(PAGE_MARKER) for f in ("README.md", "table1.md"))
+
+
+@pytest.mark.parametrize("line", ["{}", "[1, 2]", '"text"', '{"date": "today"}'])
+def test_a_wrong_shaped_environment_record_is_one_line_naming_the_file_and_line(tmp_path, capsys, line):
+    folder = tmp_path / "table1"
+    folder.mkdir()
+    good = json.dumps(environment("python -m l2bn study table1", 2))
+    (folder / "environment.jsonl").write_text(f"{good}\n{line}\n")
+    assert main(["study", "table1", "--root", str(tmp_path), "--report-only"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert f"{folder / 'environment.jsonl'}, line 2: not an invocation record" in err[0]
+
+
+@pytest.mark.parametrize("config", [{"recipe": [1, 2]}, {"recipe": "fashion-mnist-quick"}, [1, 2]])
+def test_a_summary_with_an_edited_configuration_is_one_line_naming_it(tmp_path, capsys, config):
+    run = tmp_path / "table1" / "runs" / "bn-s121"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "train_acc": 10.0, "test_acc": 10.0}\n')
+    (run / "summary.json").write_text(json.dumps({"best_test_acc": 10.0, "config": config}))
+    assert main(["study", "table1", "--root", str(tmp_path), "--report-only"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0] and f"{run / 'summary.json'}: its configuration" in err[0]
+
+
+def _record_many(path: Path, updates: int) -> None:
+    record = InvocationRecord(path, environment("python -m l2bn study table1", 2), time.perf_counter())
+    for _ in range(updates):
+        record.update(trained=1)
+    record.update(status="finished")
+
+
+def test_invocations_ending_at_once_keep_every_record_whole(tmp_path):
+    """Four invocations updating one environment.jsonl at once (the read-modify-write of each update): no
+    line is lost or torn."""
+    import multiprocessing
+
+    path = tmp_path / "table1" / "environment.jsonl"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_record_many, args=(path, 40)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0] * 4
+    records = environment_records(get_study("table1"), tmp_path)
+    assert len(records) == 4 and len({r["invocation"] for r in records}) == 4
+    assert all(r["runs_trained"] == 40 and r["status"] == "finished" for r in records)
 
 
 @needs_fashion

@@ -1,9 +1,12 @@
-"""argparse value types shared by the commands: comma-separated lists that refuse empty or repeated entries."""
+"""argparse value types shared by the commands: comma-separated lists that refuse empty or repeated entries,
+positive counts and seeds in torch's range."""
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["cycle_list", "int_list", "str_list"]
+__all__ = ["cycle_list", "int_list", "positive_int", "seed", "seed_list", "str_list"]
+
+SEED_MAX = 2**64 - 1  # torch.manual_seed takes unsigned 64-bit seeds
 
 
 def _unique(values: list, text: str) -> list:
@@ -39,3 +42,33 @@ def cycle_list(text: str) -> list[int]:
 def str_list(text: str) -> list[str]:
     """Comma-separated distinct names (norms, study parts)."""
     return _unique([v.strip() for v in text.split(",") if v.strip()], text)
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (epochs, an epoch to stop after)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (>= 1), got {value}")
+    return value
+
+
+def _check_seed(value: int) -> int:
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"seed {value} is out of range; accepted: 0 to 2**64 - 1 ({SEED_MAX})")
+    return value
+
+
+def seed(text: str) -> int:
+    """One seed, 0 to 2**64 - 1 (what ``torch.manual_seed`` accepts)."""
+    try:
+        return _check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+
+
+def seed_list(text: str) -> list[int]:
+    """Comma-separated distinct seeds, each 0 to 2**64 - 1."""
+    return [_check_seed(v) for v in int_list(text)]

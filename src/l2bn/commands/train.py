@@ -17,7 +17,7 @@ from ..train.engine import train
 from ..train.grid import compare
 from ..train.recipes import SCHEDULES, WEIGHT_DECAY_SCOPES, Recipe, default_recipe_name, get_recipe, list_recipes
 from ..train.rundir import ANGLE_KEYS
-from ._args import cycle_list, int_list, str_list
+from ._args import cycle_list, int_list, positive_int, seed, seed_list, str_list
 from ._executor import add_executor_options, executor_from_args, print_submitted
 
 __all__ = ["add_command", "default_jobs", "config_from_args", "recipe_from_args"]
@@ -112,7 +112,7 @@ def _add_execution_options(p: argparse.ArgumentParser) -> None:
     e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bars (default: when stderr is a terminal)")
     e.add_argument("--sync-bn", action="store_true", help="under DDP, synchronise batch statistics across ranks")
-    e.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+    e.add_argument("--stop-after", type=positive_int, default=None, metavar="EPOCH",
                    help="stop (resumably) after this epoch, e.g. for time-limited jobs")
 
 
@@ -184,8 +184,9 @@ def run_compare(args: argparse.Namespace) -> int:
         print(f"report: {', '.join(str(p) for p in result.paths.values())} ({result.seconds:.0f}s)")
     if result.failed:
         print(f"{len(result.failed)} run(s) failed: " + "; ".join(
-            f"{f['norm']} seed {f['seed']} at epoch {f['epoch']}, step {f['step']}" for f in result.failed)
-              + " (not retried unless --retry-failed)", file=sys.stderr)
+            f"{f['norm']} seed {f['seed']} " + (f"at epoch {f['epoch']}, step {f['step']}" if f["epoch"] is not None
+                                                else f"({f['reason']})") for f in result.failed)
+              + " (diverged runs are not retried unless --retry-failed)", file=sys.stderr)
     return 0
 
 
@@ -214,7 +215,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
                               description="Train one (dataset, model, norm, seed) run with the paper's recipe.")
     _add_experiment_options(p)
     p.add_argument("--norm", default="bn", help="norm layer name from l2bn.norms (default: bn)")
-    p.add_argument("--seed", type=int, default=121)
+    p.add_argument("--seed", type=seed, default=121, help="0 to 2**64 - 1 (default: 121)")
     p.set_defaults(func=run_train)
 
     p = subparsers.add_parser(
@@ -225,7 +226,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_experiment_options(p)
     p.add_argument("--norms", type=str_list, default=["bn", "l2bn"], help="comma-separated (default: bn,l2bn)")
-    p.add_argument("--seeds", type=int_list, default=None, help="comma-separated (default: the recipe's seeds)")
+    p.add_argument("--seeds", type=seed_list, default=None, help="comma-separated (default: the recipe's seeds)")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs at once, as separate processes sharing the CPU threads (default: one per GPU on "
                    "CUDA, else 2 — or 1 on a single-core machine)")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import pickle
 import shutil
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,6 +20,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from .base import DataBundle, DataError, TensorImageDataset
+from .safe_pickle import UnsafePickleError, load_plain_pickle
 
 __all__ = ["FASHION_MNIST_SYSTEM_DIR", "cifar", "digits", "fashion_mnist", "imagenet"]
 
@@ -193,10 +193,12 @@ def _read_cifar_batches(folder: Path, files: Sequence[str], label_key: str) -> t
         if not path.is_file():
             raise DataError(f"missing CIFAR file {path}")
         try:
-            with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
+            entry = load_plain_pickle(path)
             data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             target = np.asarray(entry[label_key], dtype=np.int64)
+        except UnsafePickleError as exc:
+            raise DataError(f"CIFAR file {path} is not a plain CIFAR batch: the pickle {exc}; it was not run — "
+                            "delete it and re-download the set") from None
         except Exception as exc:
             raise DataError(f"CIFAR file {path} is corrupt ({type(exc).__name__}: {exc}); re-download it") from exc
         if len(data) != len(target):
@@ -211,8 +213,9 @@ def cifar(
 ) -> DataBundle:
     """CIFAR-10 / CIFAR-100 in torchvision's on-disk layout (``cifar-10-batches-py``, ``cifar-100-python``).
 
-    Download goes through torchvision; the pickled batches are read here so that a missing or corrupt file
-    gives a :class:`DataError`. Augmentation: random crop 32 with padding 4 and horizontal flip, then
+    Download goes through torchvision; the pickled batches are read here, through an unpickler that builds
+    only arrays and plain containers (:mod:`l2bn.data.safe_pickle`), so that a missing, corrupt or crafted
+    file gives a :class:`DataError` and runs nothing. Augmentation: random crop 32 with padding 4 and horizontal flip, then
     per-channel normalisation.
     """
     if name not in _CIFAR_STATS:

@@ -79,6 +79,12 @@ class StudyOverrides:
     seeds: tuple[int, ...] | None = None
     only: tuple[str, ...] | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("epochs", "train_subset"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or None for the study's own), got {value}")
+
     def flags(self) -> list[str]:
         """The command-line flags that give these overrides."""
         out = []
@@ -127,7 +133,7 @@ class Study:
         grids = self.grids
         if overrides.only is not None:
             grids = _keep(self, overrides.only)
-        epochs = overrides.epochs or self.epochs
+        epochs = self.epochs if overrides.epochs is None else overrides.epochs
         subset = overrides.train_subset
         if subset is not None:  # a smaller subset for every grid; the validation split keeps its share
             grids = tuple(dataclasses.replace(g, train_subset=None) for g in grids)

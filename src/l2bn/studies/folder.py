@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..kernels.dispatch import impl_setting
-from ..train.rundir import RunFileError, append_line, write_atomic
+from ..train.rundir import RunFileError, append_line, folder_lock, write_atomic
 from .catalog import THREADS_PER_RUN, Study, StudyOverrides
 
 __all__ = ["DEFAULT_ROOT", "ENVIRONMENT_FILE", "InvocationRecord", "code_version", "environment",
@@ -89,8 +89,16 @@ def instruction_sets() -> str:
     return f"torch {torch.backends.cpu.get_cpu_capability()}, kernel {instruction_set()}"
 
 
+# What the page reads of every record (older records may lack ``code`` and ``status``).
+RECORD_KEYS = ("date", "command", "cpu", "cores", "threads", "jobs", "torch", "l2bn_impl", "runs_trained",
+               "wall_seconds")
+
+
 class InvocationRecord:
-    """This invocation's line of ``environment.jsonl``: written when its first run finishes, then kept current."""
+    """This invocation's line of ``environment.jsonl``: written when its first run finishes, then kept current.
+
+    Every write holds a lock on the study's folder, so invocations ending at once neither lose nor tear a line.
+    """
 
     def __init__(self, path: Path, record: dict, start: float) -> None:
         self.path, self.record, self.start = path, record, start
@@ -103,15 +111,16 @@ class InvocationRecord:
             self.record["status"] = status
         if not self.record["runs_trained"]:
             return
-        if not self.written:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            append_line(self.path, self.record)
-            self.written = True
-            return
-        lines = self.path.read_text().splitlines()
-        key = f'"invocation": "{self.record["invocation"]}"'
-        lines = [json.dumps(self.record) if key in line else line for line in lines]
-        write_atomic(self.path, ("\n".join(lines) + "\n").encode())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with folder_lock(self.path.parent):
+            if not self.written:
+                append_line(self.path, self.record)
+                self.written = True
+                return
+            lines = self.path.read_text().splitlines()
+            key = f'"invocation": "{self.record["invocation"]}"'
+            lines = [json.dumps(self.record) if key in line else line for line in lines]
+            write_atomic(self.path, ("\n".join(lines) + "\n").encode())
 
 
 def environment_records(study: Study, root: str | os.PathLike = DEFAULT_ROOT) -> list[dict]:
@@ -121,8 +130,15 @@ def environment_records(study: Study, root: str | os.PathLike = DEFAULT_ROOT) ->
         return []
     records = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
-            records.append(json.loads(line)) if line.strip() else None
+            record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise RunFileError(f"{path}, line {number}: not a JSON record ({exc.msg}); restore or delete it") from None
+        missing = [k for k in RECORD_KEYS if k not in record] if isinstance(record, dict) else list(RECORD_KEYS)
+        if missing:
+            raise RunFileError(f"{path}, line {number}: not an invocation record (no {', '.join(missing)}: "
+                               f"{line[:60]!r}); restore or delete that line")
+        records.append(record)
     return records

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from ..train.grid import compare
 from .catalog import STUDY_JOBS, Study, StudyOverrides, get_study
 from .folder import DEFAULT_ROOT, ENVIRONMENT_FILE, InvocationRecord, environment, grid_dir, study_command
-from .page import build_index, build_page
+from .page import build_index, build_page, check_pages
 
 __all__ = ["StudyResult", "run_study"]
 
@@ -45,6 +45,7 @@ def run_study(
     data_dir: str | None = None,
     overrides: StudyOverrides | None = None,
     report_only: bool = False,
+    overwrite: bool = False,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
     executor: Any = None,
@@ -53,12 +54,14 @@ def run_study(
 
     ``jobs`` runs that many single-thread runs at once (the records do not depend on it); ``overrides`` makes
     a smaller version (fewer epochs, seeds or norms); ``executor`` (:class:`l2bn.train.executors.SubmititExecutor`)
-    runs each run as a submitit job, and if it does not wait the page is rebuilt by a later call. Example: ``run_study("table1")``, then read
-    ``docs/results/table1.md``.
+    runs each run as a submitit job, and if it does not wait the page is rebuilt by a later call. Example:
+    ``run_study("table1")``, then read ``docs/results/table1.md``. The page and ``<root>/README.md`` are written
+    only over files l2bn wrote (checked before any training) unless ``overwrite``.
     """
     study = get_study(name).apply(overrides)
     command = study_command(name, overrides, root=root, data_dir=data_dir)
     result = StudyResult(study, Path(root) / f"{name}.md")
+    check_pages(root, name, overwrite=overwrite)
     start = time.perf_counter()
     if not report_only:
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -84,6 +87,6 @@ def run_study(
         result.seconds = time.perf_counter() - start
     if result.submitted:
         return result
-    build_page(study, root, command)
-    build_index(root)
+    build_page(study, root, command, overwrite=overwrite)
+    build_index(root, overwrite=overwrite)
     return result

@@ -26,7 +26,7 @@ from . import report
 from .config import TrainConfig, stored_identity
 from .ddp import check_device
 from .engine import NonFiniteLossError, train
-from .rundir import RunBusyError, RunDir
+from .rundir import CheckpointError, RunBusyError, RunDir
 
 __all__ = ["GridReport", "compare"]
 
@@ -78,7 +78,10 @@ def _plan(config: TrainConfig, norms: Sequence[str], seeds: Sequence[int], out: 
         for seed in seeds:
             run = RunDir(out / "runs" / f"{norm}-s{seed}")
             run_config = dataclasses.replace(config, norm=norm, seed=seed, out=str(run.path))
-            stored = stored_identity(run) if run.holds_run() or run.is_failed() else None
+            try:
+                stored = stored_identity(run) if run.holds_run() or run.is_failed() else None
+            except CheckpointError:
+                stored = None  # an unreadable last.pt fails that run alone (_run_one), not the grid
             if stored is not None and stored != run_config.identity():
                 mine = run_config.identity()
                 diff = "; ".join(f"{k}: stored {stored[k]!r} vs now {mine[k]!r}" for k in mine if stored[k] != mine[k])
@@ -95,6 +98,9 @@ def _run_one(config: TrainConfig, stop_after: int | None, log: Callable[[str], N
         return {"status": "failed", "failure": exc.failure, "message": str(exc)}
     except RunBusyError as exc:
         return {"status": "busy", "message": str(exc)}
+    except CheckpointError as exc:  # a corrupt last.pt: this run fails, the grid goes on
+        failure = {"norm": config.norm, "seed": config.seed, "epoch": None, "step": None, "reason": str(exc)}
+        return {"status": "failed", "failure": failure, "message": str(exc), "unreadable": True}
     return {"status": "stopped" if "stopped_after" in result else "done"}
 
 
@@ -130,11 +136,14 @@ def compare(
     result = GridReport(out, [Path(c.out) for c in configs])
     pending = _pending(configs, result, retry_failed, log)
     outcomes = _outcomes(pending, jobs, executor, stop_after, out, log, on_run_end, result)
+    unreadable = set()
     for run_config, outcome in zip(pending, outcomes):
         status = outcome["status"]
         if status == "failed":
             log(f"run failed: {outcome['message']}")
             result.failed.append(outcome["failure"])
+            if outcome.get("unreadable"):
+                unreadable.add(Path(run_config.out))
         elif status == "busy":
             log(outcome["message"])
             result.busy.append(Path(run_config.out))
@@ -144,7 +153,8 @@ def compare(
     result.seconds = time.perf_counter() - start
     if result.stopped or result.busy or result.submitted or int(os.environ.get("RANK", "0")) != 0:
         return result
-    runs = [report.load_run(p) for p in result.run_dirs if RunDir(p).metrics_path.is_file() or RunDir(p).is_failed()]
+    runs = [report.load_run(p) for p in result.run_dirs
+            if (RunDir(p).metrics_path.is_file() or RunDir(p).is_failed()) and p not in unreadable]
     result.rows = report.summarize(runs, norms)
     result.paths = report.write_report(runs, out, norms, title=report.grid_title(base, seeds))
     result.seconds = time.perf_counter() - start

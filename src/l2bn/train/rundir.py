@@ -34,6 +34,7 @@ __all__ = [
     "NORM_STATE_KEYS",
     "CheckpointError",
     "DiskFullError",
+    "folder_lock",
     "RunBusyError",
     "RunDir",
     "RunFileError",
@@ -161,6 +162,18 @@ def append_line(path: Path, record: dict) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Wait for, then hold, an exclusive ``flock`` on ``folder`` itself (no lock file is left behind): for a
+    read-modify-write of a file in it that other processes also rewrite."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``; a torn or edited file raises :class:`RunFileError` naming it."""
     try:
@@ -203,6 +216,30 @@ def read_jsonl(path: Path, *, drop_torn_tail: bool = False) -> list[dict]:
     return records
 
 
+def _load_failure(exc: Exception) -> str:
+    """Why ``torch.load`` failed, in a few words: the weights-only unpickler's own reason without torch's
+    advice to load with ``weights_only=False`` (never for a file one does not trust), else the first sentence."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        detail = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
+        return "refused by the weights-only loader: " + (detail[0] if detail else type(exc).__name__)[:160]
+    first = text.strip().splitlines()[0].split(". ")[0] if text.strip() else type(exc).__name__
+    return first[:200]
+
+
+def _checked_config(config: Any, path: Path) -> dict:
+    """A stored configuration of the shape :class:`~l2bn.train.config.TrainConfig` reads, else a
+    :class:`RunFileError` naming ``path``."""
+    if not isinstance(config, dict):
+        raise RunFileError(f"{path}: its configuration should be a JSON object, got {type(config).__name__}; "
+                           "it was edited — restore it or delete the run folder to retrain")
+    if not isinstance(config.get("recipe", {}), dict):
+        raise RunFileError(f"{path}: its configuration's 'recipe' should be a JSON object, got "
+                           f"{type(config['recipe']).__name__}; it was edited — restore it or delete the run folder "
+                           "to retrain")
+    return config
+
+
 class RunDir:
     """A run folder: paths, formats, completeness, identity, and every read and write of its files."""
 
@@ -237,10 +274,10 @@ class RunDir:
         else the last checkpoint's, else ``config.json`` (empty if none exists)."""
         summary = self.read_summary_if_any()
         if summary is not None and summary.get("config"):
-            return summary["config"]
+            return _checked_config(summary["config"], self.summary_path)
         if self.last_path.is_file():
-            return self.load_checkpoint(self.last_path)["config"]
-        return read_json(self.config_path) if self.config_path.is_file() else {}
+            return _checked_config(self.load_checkpoint(self.last_path)["config"], self.last_path)
+        return _checked_config(read_json(self.config_path), self.config_path) if self.config_path.is_file() else {}
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -319,13 +356,12 @@ class RunDir:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")
-        hint = "point at last.pt or best.pt of an l2bn run folder"
+        hint = ("delete it to restart that run from epoch 1" if for_resume else
+                "point at last.pt or best.pt of an l2bn run folder, and load only files you trust")
         try:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for foreign files
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{path} is not a readable l2bn checkpoint ({reason[:200]}); {hint}, and load "
-                                  "only files you trust") from None
+            raise CheckpointError(f"{path} is not a readable l2bn checkpoint ({_load_failure(exc)}); {hint}") from None
         needed = CHECKPOINT_KEYS + (RESUME_KEYS if for_resume else ())
         missing = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
         if missing:

@@ -1,7 +1,8 @@
 """The extraction cache: every clip's scaled log-mel spectrogram extracted once, in parallel (one BLAS thread
 a worker), into one memory-mapped ``logmel.npy`` per split plus ``index.json``, under a folder named by a hash
 of the extraction parameters (Δ and ΔΔ are computed on loading: a third of the disk); an interrupted
-extraction resumes where it stopped."""
+extraction resumes where it stopped. Every load checks the cache against its index (whole arrays, readable
+JSON, each clip's size and modification time) and re-extracts what fails the check."""
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,11 @@ def _read_clip(path: Path, params: FeatureParams) -> np.ndarray:
         raise DataError(f"tau2020: cannot read {path} ({type(exc).__name__}: {exc})") from None
     if rate != params.sample_rate:
         raise DataError(f"tau2020: {path} is sampled at {rate} Hz, expected {params.sample_rate} Hz")
-    if waveform.shape[0] == 0:
-        raise DataError(f"tau2020: {path} holds no samples")
+    if waveform.shape[0] < params.samples:
+        raise DataError(f"tau2020: {path} holds {waveform.shape[0]} samples, fewer than the {params.samples} "
+                        f"({params.duration:g} s) of a clip: it is truncated — copy it again from the archive")
+    if not np.isfinite(waveform).all():
+        raise DataError(f"tau2020: {path} holds NaN or infinite samples — copy it again from the archive")
     return scaled_logmel(waveform.mean(axis=1), rate, params)
 
 
@@ -91,6 +95,37 @@ def _atomic_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _read_json(path: Path) -> dict | None:
+    """A JSON object of the cache, or ``None`` when it is missing, garbled or not an object (then rebuilt)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _npy_whole(path: Path, shape: Sequence[int], dtype: np.dtype) -> bool:
+    """Whether ``path`` is a ``.npy`` of ``shape`` and ``dtype`` (C order) holding all its bytes — a truncated
+    file would be zero-extended by an ``r+`` memory map, or refused by an ``r`` one."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            found, fortran, kind = read(f)
+            start = f.tell()
+    except (OSError, ValueError):
+        return False
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return (tuple(found), fortran, kind) == (tuple(shape), False, np.dtype(dtype)) and \
+        path.stat().st_size >= start + size
+
+
+def _fingerprints(split: Split) -> list[list[int]]:
+    """Each clip's (size, modification time in ns): a clip edited or replaced after caching is re-extracted."""
+    stats = [(split.root / f).stat() for f in split.files]
+    return [[st.st_size, st.st_mtime_ns] for st in stats]
+
+
 def extract_split(
     split: Split,
     params: FeatureParams,
@@ -110,7 +145,8 @@ def extract_split(
     """
     folder = Path(cache_dir or default_cache_dir(split.root)) / params.key() / split.name
     index = {"files": list(split.files), "labels": list(split.labels), "devices": list(split.devices),
-             "params": dataclasses.asdict(params), "shape": [len(split.files), params.n_mels, params.stft_frames]}
+             "params": dataclasses.asdict(params), "shape": [len(split.files), params.n_mels, params.stft_frames],
+             "fingerprints": _fingerprints(split)}
     if _complete(folder, index):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -121,23 +157,40 @@ def extract_split(
 
 
 def _complete(folder: Path, index: dict) -> bool:
-    path = folder / "index.json"
-    return path.is_file() and json.loads(path.read_text()) == index
+    """Whether the index matches (clips' fingerprints included) and ``logmel.npy`` holds every byte."""
+    return _read_json(folder / "index.json") == index and \
+        _npy_whole(folder / "logmel.npy", index["shape"], np.dtype(np.float32))
+
+
+def _prepare(folder: Path, index: dict) -> np.ndarray:
+    """``done.npy`` as a writable map: kept from an earlier extraction of the same files and parameters whose
+    arrays are whole (clips whose fingerprint changed are unmarked), else both arrays made anew."""
+    features_path, done_path, manifest_path = folder / "logmel.npy", folder / "done.npy", folder / "manifest.json"
+    manifest = {k: index[k] for k in ("files", "params", "shape", "fingerprints")}
+    stored = _read_json(manifest_path) or {}
+    count = len(index["files"])
+    reuse = (all(stored.get(k) == manifest[k] for k in ("files", "params", "shape"))
+             and len(stored.get("fingerprints") or ()) == count
+             and _npy_whole(features_path, index["shape"], np.dtype(np.float32))
+             and _npy_whole(done_path, (count,), np.dtype(np.uint8)))
+    (folder / "index.json").unlink(missing_ok=True)
+    if not reuse:
+        np.lib.format.open_memmap(features_path, mode="w+", dtype=np.float32, shape=tuple(index["shape"])).flush()
+        np.save(done_path, np.zeros(count, dtype=np.uint8))
+    done = np.load(done_path, mmap_mode="r+")
+    if reuse:
+        changed = [i for i, (old, new) in enumerate(zip(stored["fingerprints"], index["fingerprints"])) if old != new]
+        done[changed] = 0
+        done.flush()
+    _atomic_json(manifest_path, manifest)
+    return done
 
 
 def _extract_missing(folder: Path, split: Split, params: FeatureParams, index: dict, workers: int | None,
                      chunk: int, progress: bool | None) -> None:
     """Extract the clips ``done.npy`` does not mark (all of them for a new manifest), then write the index."""
-    features_path, done_path, manifest_path = folder / "logmel.npy", folder / "done.npy", folder / "manifest.json"
-    manifest = {k: index[k] for k in ("files", "params", "shape")}
-    fresh = not (manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest
-                 and features_path.is_file() and done_path.is_file())
-    if fresh:
-        (folder / "index.json").unlink(missing_ok=True)
-        np.lib.format.open_memmap(features_path, mode="w+", dtype=np.float32, shape=tuple(index["shape"])).flush()
-        np.save(done_path, np.zeros(len(split.files), dtype=np.uint8))
-        _atomic_json(manifest_path, manifest)
-    done = np.load(done_path, mmap_mode="r+")
+    features_path = folder / "logmel.npy"
+    done = _prepare(folder, index)
     todo = [int(i) for i in np.flatnonzero(done == 0)]
     chunks = [todo[k : k + chunk] for k in range(0, len(todo), chunk)]
     workers = min(os.cpu_count() or 1, len(chunks)) if workers is None else min(workers, len(chunks))

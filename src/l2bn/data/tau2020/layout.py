@@ -1,7 +1,7 @@
 """The development set's folder layout: ``data_dir`` (or one folder down, ``TAU-urban-acoustic-scenes-2020-
 mobile-development/``) holds ``audio/<scene>-<city>-<location>-<segment>-<device>.wav``, ``meta.csv`` and the
 tab-separated ``evaluation_setup/fold1_train.csv`` / ``fold1_evaluate.csv`` (header
-``filename<TAB>scene_label``, CRLF line endings tolerated)."""
+``filename<TAB>scene_label``, CRLF line endings and a UTF-8 byte-order mark tolerated)."""
 from __future__ import annotations
 
 import os
@@ -67,7 +67,7 @@ def read_split(root: str | os.PathLike, split: str) -> Split:
     if not path.is_file():
         raise DataError(f"tau2020: missing {path} (the fold-1 {split} list of the evaluation setup)")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()  # splitlines drops \r\n and \n alike
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a leading BOM is dropped; \r\n and \n alike
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"tau2020: cannot read {path} ({exc})") from exc
     rows = [line.split("\t") for line in lines if line.strip()]
