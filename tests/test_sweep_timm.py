@@ -30,7 +30,7 @@ def sweep(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _build(name)
     side = _side(model)
     x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
-    check_model(model, lambda m: m(x), lambda out: sum(t.square().mean() for t in tensors(out)), monkeypatch)
+    check_model(model, lambda m, dtype: m(x.to(dtype)), lambda out: sum(t.square().mean() for t in tensors(out)), monkeypatch)
 
 
 @pytest.mark.parametrize("name", FAST_SAMPLE)

@@ -11,7 +11,7 @@ import torchvision.models as tvm
 
 from model_sweep import check_model, skip_unless_swept, tensors
 
-FAST_SAMPLE = ["mobilenet_v3_small", "lraspp_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"]
+FAST_SAMPLE = ["mobilenet_v3_small", "lraspp_mobilenet_v3_large"]  # detection: slow sweep only (15-50 s each here)
 MAX_PARAMS = 150_000_000  # regnet_y_128gf (645M) would need ~10 GB on the shared test machine
 DETECTION = tvm.list_models(module=tvm.detection)
 SEGMENTATION = tvm.list_models(module=tvm.segmentation)
@@ -35,18 +35,19 @@ def _side(name: str) -> int:
     return max(SIDE, *weights[0].meta.get("min_size", (SIDE, SIDE)))
 
 
-def _detection_target(side: int, label: int) -> dict[str, torch.Tensor]:
+def _detection_target(side: int, label: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     mask = torch.zeros(1, side, side, dtype=torch.uint8)
     mask[:, 20:90, 10:60] = 1
-    keypoints = torch.tensor([[[10.0 + 2 * k, 20.0 + 3 * k, 1.0] for k in range(17)]])
-    return {"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]]), "labels": torch.tensor([label]),
+    keypoints = torch.tensor([[[10.0 + 2 * k, 20.0 + 3 * k, 1.0] for k in range(17)]], dtype=dtype)
+    return {"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]], dtype=dtype), "labels": torch.tensor([label]),
             "masks": mask, "keypoints": keypoints}
 
 
-def _detection_forward(model: torch.nn.Module) -> object:
-    images = list(torch.rand(2, 3, DETECTION_SIDE, DETECTION_SIDE, generator=torch.Generator().manual_seed(1)))
+def _detection_forward(model: torch.nn.Module, dtype: torch.dtype) -> object:
+    x = torch.rand(2, 3, DETECTION_SIDE, DETECTION_SIDE, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    images = list(x)
     if model.training:
-        return model(images, [_detection_target(DETECTION_SIDE, label) for label in (1, 2)])
+        return model(images, [_detection_target(DETECTION_SIDE, label, dtype) for label in (1, 2)])
     return model(images)
 
 
@@ -59,7 +60,7 @@ def sweep(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
         return
     side = SIDE if name in SEGMENTATION else _side(name)
     x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
-    check_model(model, lambda m: m(x), lambda out: sum(t.square().mean() for t in tensors(out)), monkeypatch)
+    check_model(model, lambda m, dtype: m(x.to(dtype)), lambda out: sum(t.square().mean() for t in tensors(out)), monkeypatch)
 
 
 @pytest.mark.parametrize("name", FAST_SAMPLE)
