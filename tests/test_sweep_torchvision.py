@@ -30,7 +30,10 @@ def _build(name: str) -> torch.nn.Module:
 
 
 def _side(name: str) -> int:
-    """SIDE, or the smallest input a classifier takes (inception_v3: 75, the ViTs: 224)."""
+    """SIDE, or the smallest input a classifier takes (the ViTs: 224; inception_v3's auxiliary head, which runs
+    in training, needs 299)."""
+    if name == "inception_v3":
+        return 299
     weights = list(tvm.get_model_weights(name))
     return max(SIDE, *weights[0].meta.get("min_size", (SIDE, SIDE)))
 
