@@ -1,0 +1,118 @@
+"""The per-model check the timm and torchvision sweeps share (a helper, no tests).
+
+:func:`check_model` converts a model and then checks: no BatchNorm-like layer left (or the conversion's warning
+names each one left), the default (fast) implementation equal to the reference composition (``L2BN_IMPL=
+reference``) in a training forward + backward and an eval forward, and one SGD step giving finite parameters
+and a finite eval output.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn as nn
+
+import l2bn
+from l2bn.convert import unconverted_batchnorms
+from l2bn.kernels.dispatch import IMPL_ENV_VAR
+
+# Fast path against reference, both in float64 (in float32, training-mode BatchNorm with a batch of 2 through
+# a hundred layers amplifies rounding to ~1e-2 on either path): max|fast - reference| <= TOL * max|reference|,
+# per output tensor; for gradients, the max over all of them (a conv bias before a norm has a gradient that is
+# 0 up to rounding)
+TOL = 1e-6
+MAX_PARAMS = 50_000_000
+
+
+def tensors(output: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output (tensor, tuple, list, dict, nested), in order."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, dict):
+        return [t for key in output for t in tensors(output[key])]
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in tensors(item)]
+    return []
+
+
+def skip_unless_swept(build: Callable[[], nn.Module], max_params: int = MAX_PARAMS) -> None:
+    """Skip (with the reason) a model that has no BatchNorm-family layer or more than ``max_params``
+    parameters; decided on the meta device where the builder allows it, so nothing is allocated."""
+    try:
+        with torch.device("meta"):
+            model = build()
+    except NotImplementedError:  # builders that read values while initialising (torchvision's RegNets)
+        model = build()
+    if not unconverted_batchnorms(model):
+        pytest.skip("no BatchNorm-family layer")
+    count = sum(p.numel() for p in model.parameters())
+    if count > max_params:
+        pytest.skip(f"{count / 1e6:.0f}M parameters > {max_params / 1e6:.0f}M")
+
+
+def _assert_relatively_close(got: list[torch.Tensor], want: list[torch.Tensor], what: str,
+                             scale: float | None = None) -> None:
+    assert len(got) == len(want), f"{what}: {len(got)} tensors, reference {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape, f"{what}[{i}]: shape {tuple(g.shape)}, reference {tuple(w.shape)}"
+        assert torch.isfinite(w).all(), f"{what}[{i}]: the reference is not finite"
+        if w.numel():
+            bound = TOL * (w.abs().max().item() if scale is None else scale) + 1e-12
+            error = (g - w).abs().max().item()
+            assert error <= bound, f"{what}[{i}]: max error {error:.3g} > {bound:.3g}"
+
+
+def _train_pass(model: nn.Module, forward: Callable, loss_of: Callable) -> tuple[list, dict[str, torch.Tensor]]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same dropout / sampling draws on both paths
+    output = forward(model)
+    loss_of(output).backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return [t.detach() for t in tensors(output)], grads
+
+
+def _eval_pass(model: nn.Module, forward: Callable) -> list[torch.Tensor]:
+    model.eval()
+    with torch.no_grad():
+        return tensors(forward(model))
+
+
+def check_model(model: nn.Module, forward: Callable[[nn.Module, torch.dtype], Any],
+                loss_of: Callable[[Any], torch.Tensor], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Convert ``model`` to L2BN and run the sweep's checks; ``forward(model, dtype)`` runs it on fixed inputs
+    of that dtype (in training mode it returns what ``loss_of`` turns into the scalar loss)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = l2bn.convert_to_l2bn(model)
+    warned = " ".join(str(w.message) for w in caught)
+    left = unconverted_batchnorms(model)
+    assert all(name in warned for name in left), f"left without a warning: {left}"
+    assert any(isinstance(m, (l2bn.layers._L2BatchNorm, l2bn.FrozenL2BatchNorm2d)) for m in model.modules())
+
+    fast, reference = copy.deepcopy(model).double(), copy.deepcopy(model).double()
+    f64 = lambda m: forward(m, torch.float64)  # noqa: E731
+    monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
+    out, grads = _train_pass(fast, f64, loss_of)
+    evaluated = _eval_pass(fast, f64)
+    with monkeypatch.context() as patch:
+        patch.setenv(IMPL_ENV_VAR, "reference")
+        ref_out, ref_grads = _train_pass(reference, f64, loss_of)
+        ref_evaluated = _eval_pass(reference, f64)
+    _assert_relatively_close(out, ref_out, "training output")
+    assert grads.keys() == ref_grads.keys() and grads, "gradients reach other parameters than the reference's"
+    largest = max(g.abs().max().item() for g in ref_grads.values())
+    _assert_relatively_close(list(grads.values()), list(ref_grads.values()), "gradient", scale=largest)
+    _assert_relatively_close(evaluated, ref_evaluated, "eval output")
+
+    f32 = lambda m: forward(m, torch.float32)  # noqa: E731
+    _train_pass(model, f32, loss_of)
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.optim.SGD(model.parameters(), lr=0.01).step()
+    after = list(model.parameters())
+    assert any(not torch.equal(b, a) for b, a in zip(before, after)), "the SGD step changed nothing"
+    assert all(torch.isfinite(a).all() for a in after)
+    assert all(torch.isfinite(t).all() for t in _eval_pass(model, f32)), "eval output after the step"
