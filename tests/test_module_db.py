@@ -130,6 +130,7 @@ def test_gradcheck_with_torchs_defaults(info, dtype, training, index):
     assert torch.autograd.gradcheck(f, inputs)
 
 
+@pytest.mark.slow  # 44 double-backward checks: minutes on 2 cores; the reference path's own tests cover it fast
 @pytest.mark.parametrize("info, dtype, training, index", F64_CASES)
 def test_gradgradcheck_on_the_reference_path(info, dtype, training, index, monkeypatch):
     """torch's test_gradgrad; the fast paths have no double backward (README), the reference has."""
