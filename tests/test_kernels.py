@@ -428,7 +428,7 @@ def test_build_folder_is_keyed_by_the_source_hash(tmp_path, monkeypatch):
     source.write_text("// another version\n")
     second = cpp.build_directory()
     assert first != second and first.parent == second.parent and first.parent.parent == tmp_path
-    assert second.name.startswith(f"l2bn_cpu_{cpp._instruction_set()}_")
+    assert second.name.startswith(f"l2bn_cpu_{cpp.instruction_set()}_")
 
 
 def test_compiling_is_always_announced(tmp_path, monkeypatch, capsys):
