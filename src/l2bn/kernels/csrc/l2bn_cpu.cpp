@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -988,6 +989,49 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
   return out;
 }
 
+// The same gradients through ATen ops, for a dy that the raw loops above cannot read: a vmap-batched one
+// (torch.autograd.grad(..., is_grads_batched=True), gradcheck's check_batched_grad), which has no storage.
+// Every op below is out of place, so vmap's batching rules carry dy's hidden batch dimension through.
+Gradients composite_backward(const Tensor& dy_in, const Tensor& x_in, const Tensor& weight, const Tensor& running_mean,
+                             const Tensor& running_var, bool training, double eps, double l2_eps, bool rescale) {
+  const auto acc = at::promote_types(x_in.scalar_type(), at::kFloat);
+  const Tensor x = x_in.to(acc), dy = dy_in.to(acc);
+  const int64_t N = x.size(0), C = x.size(1), dim = x.dim();
+  std::vector<int64_t> channel_dims{0}, sample_dims{1}, per_channel(dim, 1), per_sample(dim, 1);
+  for (int64_t d = 2; d < dim; ++d) {
+    channel_dims.push_back(d);
+    sample_dims.push_back(d);
+  }
+  per_channel[1] = C;
+  per_sample[0] = N;
+  const double count = static_cast<double>(x.numel() / C);
+  const Tensor squares = x.square().sum(sample_dims), norm = squares.sqrt();
+  const double target = rescale ? std::sqrt(static_cast<double>(x.numel() / N)) : 1.0;
+  const Tensor r = (target / norm.clamp_min(l2_eps)).view(per_sample);
+  const Tensor z = x * r;
+  Tensor mu, var;
+  if (training) {
+    std::tie(var, mu) = at::var_mean(z, channel_dims, /*correction=*/0);
+  } else {
+    mu = running_mean.to(acc);
+    var = running_var.to(acc);
+  }
+  const Tensor invstd = (var + eps).rsqrt().view(per_channel);
+  const Tensor zhat = (z - mu.view(per_channel)) * invstd;
+  const Tensor gain = weight.defined() ? weight.to(acc).view(per_channel) * invstd : invstd;
+  Gradients out;
+  out.bias = dy.sum(channel_dims);
+  out.weight = (dy * zhat).sum(channel_dims);
+  Tensor dz = training ? dy - out.bias.view(per_channel) / count - zhat * (out.weight.view(per_channel) / count) : dy;
+  dz = dz * gain;
+  // through z = r_n x with r_n = target / ‖x_n‖: dx = r_n (dz − x Σ(dz·x) / ‖x_n‖²), nothing where the norm was clamped
+  const Tensor u = at::where(norm <= l2_eps, at::zeros_like(norm), (dz * x).sum(sample_dims) / squares);
+  out.input = (r * (dz - x * u.view(per_sample))).to(x_in.scalar_type());
+  if (weight.defined()) out.weight = out.weight.to(weight.scalar_type());
+  else out.weight = Tensor();
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Autograd and registration
 // ---------------------------------------------------------------------------------------------------
@@ -1017,10 +1061,8 @@ struct L2BatchNormFunction : public torch::autograd::Function<L2BatchNormFunctio
     TORCH_CHECK(!at::GradMode::is_enabled() || !(dy.requires_grad() || saved[0].requires_grad() ||
                                                  (saved[1].defined() && saved[1].requires_grad())),
                 "l2bn: the compiled CPU kernel has no double backward; use impl='reference'");
-    TORCH_CHECK(dy.has_storage(),
-                "l2bn: the compiled CPU kernel cannot compute batched gradients (vmap over backward, gradcheck's "
-                "check_batched_grad); use impl='fused' or impl='reference'");
-    Gradients grads = l2bn_backward(dy, saved[0], saved[1], saved[2], saved[3], ctx->saved_data["training"].toBool(),
+    const auto backward = dy.has_storage() ? l2bn_backward : composite_backward;  // no storage: vmap-batched
+    Gradients grads = backward(dy, saved[0], saved[1], saved[2], saved[3], ctx->saved_data["training"].toBool(),
                                  ctx->saved_data["eps"].toDouble(), ctx->saved_data["l2_eps"].toDouble(),
                                  ctx->saved_data["rescale"].toBool());
     const Tensor none;
