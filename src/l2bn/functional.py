@@ -43,15 +43,17 @@ def _check_inputs(
     if input.dim() < 2:
         raise ValueError(f"expected input of shape (N, C, *), got {input.dim()}D input of shape {tuple(input.shape)}")
     num_channels = input.shape[1]
+    dtype = input.dtype
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if t is not None and t.numel() != num_channels:
+        if t is None:
+            continue
+        if t.numel() != num_channels:
             raise RuntimeError(f"{name} should contain {num_channels} elements not {t.numel()}")
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != input.dtype and not (input.dtype in HALF_TYPES and t.dtype == torch.float32):
+        if t.dtype != dtype and not (dtype in HALF_TYPES and t.dtype == torch.float32):
             raise RuntimeError(
-                f"mixed dtype: input is {input.dtype} but {name} is {t.dtype}; like BatchNorm, L2BN takes "
+                f"mixed dtype: input is {dtype} but {name} is {t.dtype}; like BatchNorm, L2BN takes "
                 f"parameters and buffers of the input's dtype (or float32 ones with float16/bfloat16 input): "
-                f"convert the module (module.to({input.dtype})) or the input"
+                f"convert the module (module.to({dtype})) or the input"
             )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")

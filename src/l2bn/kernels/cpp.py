@@ -195,7 +195,7 @@ def l2_batch_norm_cpp(
     l2_eps: float = 1e-12,
 ) -> Tensor:
     """Same contract as :func:`l2bn.kernels.reference.l2_batch_norm_reference`, on the compiled CPU kernel."""
-    if input.device.type != "cpu":
+    if not input.is_cpu:
         raise RuntimeError(f"impl='cpp' runs on the CPU, got input on {input.device}; use impl='auto'")
     return _operator()(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps, rescale)
 

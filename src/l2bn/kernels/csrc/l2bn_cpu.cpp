@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -531,7 +532,7 @@ void channel_affine(const Statistics& st, const std::vector<double>& w, const st
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Small spatial sizes (M ≤ kSmallM: BatchNorm1d's (N, C), 1×1 and 2×2 maps). Per-(n, c) runs of a few
+// Small spatial sizes (M ≤ kSmallM: BatchNorm1d's (N, C), 1×1, 2×2 and 4×4 maps). Per-(n, c) runs of a few
 // values would make every pass a loop over N·C runs of length M. Instead every loop runs over a sample's
 // D = C·M contiguous values, whatever the layout: per-channel coefficients are expanded once per call to
 // per-position arrays of length D (position i of a sample belongs to channel i / M, or i % C in
@@ -543,15 +544,23 @@ void channel_affine(const Statistics& st, const std::vector<double>& w, const st
 //   output       y = x·(r_n gain_c) + shift_c
 //   input grad   per sample, in cache: T_n = Σ dz·x, then dx = r_n (dz − x T_n / ‖x_n‖²)
 //
-// Blocks hold a fixed number of samples (it depends on D only), summed in the accumulation type (at most
-// kChunk values per sum) and added in float64 in block order, so results do not depend on the thread count.
+// Groups hold a fixed number of samples (it depends on D and M only), summed in the accumulation type (at
+// most kChunk values per sum) and added in float64 in group order, so results do not depend on the thread
+// count. Within a group, blocks of samples small enough to stay in cache are read twice (norms, then sums),
+// the sums one tile of positions at a time, so that a tile's 2 or 4 accumulators stay in L1 across the block.
 // ---------------------------------------------------------------------------------------------------
 
-constexpr int64_t kSmallM = 4;
+constexpr int64_t kSmallM = 16;
 constexpr int64_t kSmallD = 16384;
 
-bool small_spatial(const Geometry& g) {
-  return g.M <= kSmallM && g.C * g.M <= kSmallD;
+// Up to 2×2 every call takes this path; 4×4 only NCHW training. Measured at 4×4 (docs/performance.md):
+// eval's per-sample pass and channels-last training's per-sample column sums were faster there, NCHW
+// training's per-(n, c) runs of 16 values slower.
+constexpr int64_t kSmallAnyM = 4;
+
+bool small_spatial(const Geometry& g, bool training) {
+  if (g.C * g.M > kSmallD) return false;
+  return g.M <= kSmallAnyM || (g.M <= kSmallM && training && !g.channels_last);
 }
 
 // The channel of position i of a sample.
@@ -585,9 +594,14 @@ void fold(const Geometry& g, const acc_t* __restrict__ positions, double* __rest
   }
 }
 
-int64_t samples_per_block(const Geometry& g) {
-  return std::max<int64_t>(1, std::min<int64_t>(kChunk / g.M, 32768 / (g.C * g.M)));
+// Samples per group: a group's per-position sums are kept in the accumulation type (at most kChunk values
+// per sum) and folded into float64 channel sums once, in group order (fixed by the shape, not the threads).
+int64_t samples_per_group(const Geometry& g) {
+  return std::max<int64_t>(1, std::min<int64_t>(kChunk / g.M, std::max<int64_t>(16, 32768 / (g.C * g.M))));
 }
+
+constexpr int64_t kCacheValues = 16384;  // samples read twice (norm, then sums) in blocks of this many values
+constexpr int64_t kTile = 1024;          // positions whose 2 or 4 sums stay in L1 across a block of samples
 
 // Per sample ‖x_n‖² and r_n; per channel (float64) Σ (z − K), Σ (z − K)² and with dy Σ dy, Σ dy·(z − K).
 struct SmallSums {
@@ -600,54 +614,64 @@ SmallSums small_sums(const scalar_t* xp, const scalar_t* gp, const Geometry& g, 
                      double target, double l2_eps) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = g.N, C = g.C, D = g.C * g.M, width = kGrad ? 4 : 2;
-  const int64_t per_block = samples_per_block(g), blocks = (N + per_block - 1) / per_block;
+  const int64_t per_group = samples_per_group(g), groups = (N + per_group - 1) / per_group;
+  const int64_t per_block = std::max<int64_t>(1, kCacheValues / D);
   const std::vector<acc_t> Kp = per_position<acc_t>(g, K);
   SmallSums out;
   out.squares.assign(N, 0.0);
   out.scale.assign(N, 0.0);
-  std::vector<double> partial(blocks * width * C, 0.0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  std::vector<double> partial(groups * width * C, 0.0);
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     // the sums sit kPad values apart beyond D, so that a store to one array and a load from the next do not
     // share their low 12 address bits (4K aliasing stalls the loop when D is a multiple of 1024)
     constexpr int64_t kPad = 80;
     const int64_t stride = D + kPad;
     std::vector<acc_t> acc(width * stride);
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t grp = g0; grp < g1; ++grp) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      acc_t* __restrict__ s1 = acc.data();
-      acc_t* __restrict__ s2 = s1 + stride;
-      acc_t* __restrict__ sg = s2 + stride;
-      acc_t* __restrict__ sgz = kGrad ? sg + stride : nullptr;
-      const acc_t* __restrict__ k = Kp.data();
-      for (int64_t n = b * per_block; n < std::min(N, (b + 1) * per_block); ++n) {
-        const scalar_t* __restrict__ xs = xp + n * D;
-        out.squares[n] = squares_of(xs, D);
-        out.scale[n] = sample_scale(out.squares[n], target, l2_eps);
-        const acc_t r = static_cast<acc_t>(out.scale[n]);
-        if constexpr (kGrad) {
-          const scalar_t* __restrict__ gs = gp + n * D;
+      const int64_t group_end = std::min(N, (grp + 1) * per_group);
+      for (int64_t n0 = grp * per_group; n0 < group_end; n0 += per_block) {
+        const int64_t n1 = std::min(group_end, n0 + per_block);
+        for (int64_t n = n0; n < n1; ++n) {  // the block's norms, which bring its samples into cache
+          out.squares[n] = squares_of(xp + n * D, D);
+          out.scale[n] = sample_scale(out.squares[n], target, l2_eps);
+        }
+        for (int64_t t0 = 0; t0 < D; t0 += kTile) {
+          const int64_t len = std::min(D, t0 + kTile) - t0;
+          acc_t* __restrict__ s1 = acc.data() + t0;
+          acc_t* __restrict__ s2 = s1 + stride;
+          acc_t* __restrict__ sg = s2 + stride;
+          acc_t* __restrict__ sgz = kGrad ? sg + stride : nullptr;
+          const acc_t* __restrict__ k = Kp.data() + t0;
+          for (int64_t n = n0; n < n1; ++n) {
+            const scalar_t* __restrict__ xs = xp + n * D + t0;
+            const acc_t r = static_cast<acc_t>(out.scale[n]);
+            if constexpr (kGrad) {
+              const scalar_t* __restrict__ gs = gp + n * D + t0;
 #pragma omp simd
-          for (int64_t i = 0; i < D; ++i) {
-            const acc_t d = load(xs, i) * r - k[i], gv = load(gs, i);
-            s1[i] += d;
-            s2[i] += d * d;
-            sg[i] += gv;
-            sgz[i] += gv * d;
-          }
-        } else {
+              for (int64_t i = 0; i < len; ++i) {
+                const acc_t d = load(xs, i) * r - k[i], gv = load(gs, i);
+                s1[i] += d;
+                s2[i] += d * d;
+                sg[i] += gv;
+                sgz[i] += gv * d;
+              }
+            } else {
 #pragma omp simd
-          for (int64_t i = 0; i < D; ++i) {
-            const acc_t d = load(xs, i) * r - k[i];
-            s1[i] += d;
-            s2[i] += d * d;
+              for (int64_t i = 0; i < len; ++i) {
+                const acc_t d = load(xs, i) * r - k[i];
+                s1[i] += d;
+                s2[i] += d * d;
+              }
+            }
           }
         }
       }
-      for (int64_t j = 0; j < width; ++j) fold(g, acc.data() + j * stride, partial.data() + (b * width + j) * C);
+      for (int64_t j = 0; j < width; ++j) fold(g, acc.data() + j * stride, partial.data() + (grp * width + j) * C);
     }
   });
   std::vector<double> total(width * C, 0.0);
-  for (int64_t b = 0; b < blocks; ++b)
+  for (int64_t b = 0; b < groups; ++b)
     for (int64_t i = 0; i < width * C; ++i) total[i] += partial[b * width * C + i];
   out.z.assign(total.begin(), total.begin() + C);
   out.zz.assign(total.begin() + C, total.begin() + 2 * C);
@@ -864,7 +888,7 @@ Tensor l2bn_forward(const Tensor& input, const std::optional<Tensor>& weight, co
   const Geometry g = geometry(x);
   const std::vector<double> w = to_vector(weight, g.C, 1.0), b = to_vector(bias, g.C, 0.0);
   Tensor y = at::empty_like(x);
-  if (small_spatial(g)) {
+  if (small_spatial(g, training)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_small_forward", [&] {
       small_forward<scalar_t>(x, y, g, w, b, running_mean, running_var, training, momentum, eps, l2_eps, rescale);
     });
@@ -906,7 +930,7 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
   const auto opts = at::TensorOptions().dtype(at::kDouble);
   Gradients out;
   out.input = at::empty_like(x);
-  if (small_spatial(g)) {
+  if (small_spatial(g, training)) {
     std::vector<double> grad_w, grad_b;
     const std::vector<double> w = to_vector(weight, C, 1.0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_small_backward", [&] {
@@ -988,6 +1012,49 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
   return out;
 }
 
+// The same gradients through ATen ops, for a dy that the raw loops above cannot read: a vmap-batched one
+// (torch.autograd.grad(..., is_grads_batched=True), gradcheck's check_batched_grad), which has no storage.
+// Every op below is out of place, so vmap's batching rules carry dy's hidden batch dimension through.
+Gradients composite_backward(const Tensor& dy_in, const Tensor& x_in, const Tensor& weight, const Tensor& running_mean,
+                             const Tensor& running_var, bool training, double eps, double l2_eps, bool rescale) {
+  const auto acc = at::promote_types(x_in.scalar_type(), at::kFloat);
+  const Tensor x = x_in.to(acc), dy = dy_in.to(acc);
+  const int64_t N = x.size(0), C = x.size(1), dim = x.dim();
+  std::vector<int64_t> channel_dims{0}, sample_dims{1}, per_channel(dim, 1), per_sample(dim, 1);
+  for (int64_t d = 2; d < dim; ++d) {
+    channel_dims.push_back(d);
+    sample_dims.push_back(d);
+  }
+  per_channel[1] = C;
+  per_sample[0] = N;
+  const double count = static_cast<double>(x.numel() / C);
+  const Tensor squares = x.square().sum(sample_dims), norm = squares.sqrt();
+  const double target = rescale ? std::sqrt(static_cast<double>(x.numel() / N)) : 1.0;
+  const Tensor r = (target / norm.clamp_min(l2_eps)).view(per_sample);
+  const Tensor z = x * r;
+  Tensor mu, var;
+  if (training) {
+    std::tie(var, mu) = at::var_mean(z, channel_dims, /*correction=*/0);
+  } else {
+    mu = running_mean.to(acc);
+    var = running_var.to(acc);
+  }
+  const Tensor invstd = (var + eps).rsqrt().view(per_channel);
+  const Tensor zhat = (z - mu.view(per_channel)) * invstd;
+  const Tensor gain = weight.defined() ? weight.to(acc).view(per_channel) * invstd : invstd;
+  Gradients out;
+  out.bias = dy.sum(channel_dims);
+  out.weight = (dy * zhat).sum(channel_dims);
+  Tensor dz = training ? dy - out.bias.view(per_channel) / count - zhat * (out.weight.view(per_channel) / count) : dy;
+  dz = dz * gain;
+  // through z = r_n x with r_n = target / ‖x_n‖: dx = r_n (dz − x Σ(dz·x) / ‖x_n‖²), nothing where the norm was clamped
+  const Tensor u = at::where(norm <= l2_eps, at::zeros_like(norm), (dz * x).sum(sample_dims) / squares);
+  out.input = (r * (dz - x * u.view(per_sample))).to(x_in.scalar_type());
+  if (weight.defined()) out.weight = out.weight.to(weight.scalar_type());
+  else out.weight = Tensor();
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Autograd and registration
 // ---------------------------------------------------------------------------------------------------
@@ -1017,10 +1084,8 @@ struct L2BatchNormFunction : public torch::autograd::Function<L2BatchNormFunctio
     TORCH_CHECK(!at::GradMode::is_enabled() || !(dy.requires_grad() || saved[0].requires_grad() ||
                                                  (saved[1].defined() && saved[1].requires_grad())),
                 "l2bn: the compiled CPU kernel has no double backward; use impl='reference'");
-    TORCH_CHECK(dy.has_storage(),
-                "l2bn: the compiled CPU kernel cannot compute batched gradients (vmap over backward, gradcheck's "
-                "check_batched_grad); use impl='fused' or impl='reference'");
-    Gradients grads = l2bn_backward(dy, saved[0], saved[1], saved[2], saved[3], ctx->saved_data["training"].toBool(),
+    const auto backward = dy.has_storage() ? l2bn_backward : composite_backward;  // no storage: vmap-batched
+    Gradients grads = backward(dy, saved[0], saved[1], saved[2], saved[3], ctx->saved_data["training"].toBool(),
                                  ctx->saved_data["eps"].toDouble(), ctx->saved_data["l2_eps"].toDouble(),
                                  ctx->saved_data["rescale"].toBool());
     const Tensor none;
