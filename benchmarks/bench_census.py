@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from l2bn import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d
-from l2bn.bench import _interleaved_min_ms, environment_line, training_step_ms
+from l2bn.bench import _interleaved_min_ms, environment_line, layer_steps, training_step_ms
 from l2bn.models import create_model, get_model_entry
 
 # (model, batch, input shape without batch, classes): batch sizes of the models' recipes (train/recipes.py:
@@ -70,22 +70,7 @@ def time_shape(shape: tuple[int, ...], mode: str, channels_last: bool, budget_va
     fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape)) if channels_last else None
     x = torch.randn(shape)
     x = x.contiguous(memory_format=fmt) if fmt is not None else x
-    grad = torch.randn_like(x)
-    steps = []
-    for cls in LAYERS[len(shape)]:
-        layer = cls(shape[1]).train(mode == "train")
-        if mode == "train":
-            xg = x.detach().requires_grad_()
-
-            def step(layer=layer, xg=xg) -> None:
-                layer(xg).backward(grad)
-                xg.grad = None
-        else:
-
-            def step(layer=layer) -> None:
-                with torch.no_grad():
-                    layer(x)
-        steps.append(step)
+    steps = layer_steps([cls(shape[1]) for cls in LAYERS[len(shape)]], x, mode)
     if numel >= COPY_FROM:
         steps.append(lambda: x.clone())
     times = _interleaved_min_ms(steps, torch.device("cpu"), repeats, warmup=2)

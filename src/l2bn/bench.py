@@ -64,10 +64,17 @@ def time_layers(
     device = torch.device(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(*shape, device=device, dtype=dtype).to(memory_format=fmt)
+    layers = [cls(shape[1], device=device, dtype=dtype) for cls in (nn.BatchNorm2d, L2BatchNorm2d)]
+    bn_ms, l2bn_ms = _interleaved_min_ms(layer_steps(layers, x, mode), device, repeats, warmup)
+    return Timing(tuple(shape), channels_last, mode, bn_ms, l2bn_ms, x.element_size())
+
+
+def layer_steps(layers: Sequence[nn.Module], x: torch.Tensor, mode: str) -> list[Callable[[], None]]:
+    """One timed call a layer on input ``x``: forward + backward in "train" mode, a no-grad forward in "eval"."""
     grad = torch.randn_like(x)
     steps = []
-    for cls in (nn.BatchNorm2d, L2BatchNorm2d):
-        layer = cls(shape[1], device=device, dtype=dtype).train(mode == "train")
+    for layer in layers:
+        layer.train(mode == "train")
         if mode == "train":
             xg = x.detach().requires_grad_()
 
@@ -81,8 +88,7 @@ def time_layers(
                     layer(x)
 
         steps.append(step)
-    bn_ms, l2bn_ms = _interleaved_min_ms(steps, device, repeats, warmup)
-    return Timing(tuple(shape), channels_last, mode, bn_ms, l2bn_ms, x.element_size())
+    return steps
 
 
 def _interleaved_min_ms(steps: Sequence[Callable[[], None]], device: torch.device, repeats: int, warmup: int) -> list[float]:
