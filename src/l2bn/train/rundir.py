@@ -25,6 +25,8 @@ from typing import Any, Iterator
 
 import torch
 
+from ..folder_lock import folder_lock
+
 __all__ = [
     "ANGLE_KEYS",
     "ANGLE_TITLES",
@@ -158,18 +160,6 @@ def append_line(path: Path, record: dict) -> None:
             if isinstance(exc, OSError):
                 raise _disk_full(exc, path.parent) from exc
             raise
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """Wait for, then hold, an exclusive ``flock`` on ``folder`` itself (no lock file is left behind): for a
-    read-modify-write of a file in it that other processes also rewrite."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
     finally:
         os.close(fd)
 

@@ -5,22 +5,21 @@ extraction resumes where it stopped. Every load checks the cache against its ind
 JSON, each clip's size and modification time) and re-extracts what fails the check."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import threadpoolctl
 import torch
 from tqdm.auto import tqdm
 
+from ...folder_lock import folder_lock
 from ..base import DataError
 from .features import FeatureParams, scaled_logmel
 from .layout import Split
@@ -76,17 +75,6 @@ def default_cache_dir(root: Path) -> Path:
         return root / ".l2bn-cache"
     base = Path(os.environ.get("L2BN_CACHE", Path.home() / ".cache" / "l2bn"))
     return base / "tau2020" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:8]
-
-
-@contextlib.contextmanager
-def _exclusive(folder: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``folder`` (blocking): one extraction of a split at a time."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
@@ -150,7 +138,7 @@ def extract_split(
     if _complete(folder, index):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    with _exclusive(folder):  # another process (compare --jobs, a second run) waits, then finds it done
+    with folder_lock(folder):  # another process (compare --jobs, a second run) waits, then finds it done
         if not _complete(folder, index):
             _extract_missing(folder, split, params, index, workers, chunk, progress)
     return folder
