@@ -116,3 +116,11 @@ def check_model(model: nn.Module, forward: Callable[[nn.Module, torch.dtype], An
     assert any(not torch.equal(b, a) for b, a in zip(before, after)), "the SGD step changed nothing"
     assert all(torch.isfinite(a).all() for a in after)
     assert all(torch.isfinite(t).all() for t in _eval_pass(model, f32)), "eval output after the step"
+
+
+def check_image_model(model: nn.Module, side: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """:func:`check_model` on a fixed batch of two random ``side``×``side`` RGB images, with the mean square of
+    every output tensor as the training loss."""
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+    check_model(model, lambda m, dtype: m(x.to(dtype)), lambda out: sum(t.square().mean() for t in tensors(out)),
+                monkeypatch)

@@ -9,7 +9,7 @@ import torch
 
 timm = pytest.importorskip("timm", reason="needs the timm extra")
 
-from model_sweep import check_model, skip_unless_swept, tensors  # noqa: E402
+from model_sweep import check_image_model, skip_unless_swept  # noqa: E402
 
 FAST_SAMPLE = ["mobilenetv3_small_050", "regnetx_002", "repvgg_a0", "efficientvit_m0"]
 SIZE = 64  # input side, unless the model fixes its input size (then the one it was defined for)
@@ -29,8 +29,7 @@ def sweep(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     model = _build(name)
     side = _side(model)
-    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
-    check_model(model, lambda m, dtype: m(x.to(dtype)), lambda out: sum(t.square().mean() for t in tensors(out)), monkeypatch)
+    check_image_model(model, side, monkeypatch)
 
 
 @pytest.mark.parametrize("name", FAST_SAMPLE)

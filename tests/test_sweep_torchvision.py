@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision.models as tvm
 
-from model_sweep import check_model, skip_unless_swept, tensors
+from model_sweep import check_image_model, check_model, skip_unless_swept
 
 FAST_SAMPLE = ["mobilenet_v3_small", "lraspp_mobilenet_v3_large"]  # detection: slow sweep only (15-50 s each here)
 MAX_PARAMS = 150_000_000  # regnet_y_128gf (645M) would need ~10 GB on the shared test machine
@@ -62,8 +62,7 @@ def sweep(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
         check_model(model, _detection_forward, lambda losses: sum(losses.values()), monkeypatch)
         return
     side = SIDE if name in SEGMENTATION else _side(name)
-    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
-    check_model(model, lambda m, dtype: m(x.to(dtype)), lambda out: sum(t.square().mean() for t in tensors(out)), monkeypatch)
+    check_image_model(model, side, monkeypatch)
 
 
 @pytest.mark.parametrize("name", FAST_SAMPLE)
