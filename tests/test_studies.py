@@ -125,6 +125,10 @@ def test_the_catalog_has_the_first_four_studies_within_about_six_hours_and_the_e
     mechanism = get_study("mechanism")
     assert [(c.imbalance, c.label_noise) for c in map(mechanism.config, mechanism.grids)] == [(100.0, 0.0), (None, 0.3)]
     assert mechanism.recipe().norm_spread and len(mechanism.seeds) >= 5
+    for study in (small, mechanism):  # defined after the throughput measurement: the fast eager path
+        assert all((c.augment, c.channels_last) == ("batched", True) for c in map(study.config, study.grids))
+    assert (converged.config(converged.grids[0]).augment, converged.config(converged.grids[0]).channels_last) == (
+        "per-sample", False)  # as it started training
 
 
 def test_the_estimate_is_the_documented_formula():
@@ -473,6 +477,7 @@ def test_the_evidence_studies_miniatures_train_what_they_promise(name, only, sub
     config = json.loads((run / "config.json").read_text())
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert keys <= set(record) and config["val_size"] == 1000 * subset // 6000  # the split keeps its share
+    assert (config["augment"], config["channels_last"]) == ("batched", True)
     if name == "smallbatch":
         assert config["recipe"]["batch_size"] == 8 and config["recipe"]["lr"] == pytest.approx(0.00625)
     else:

@@ -12,7 +12,7 @@ timm = pytest.importorskip("timm", reason="needs the timm extra")
 from model_sweep import check_image_model, skip_unless_swept  # noqa: E402
 
 FAST_SAMPLE = ["mobilenetv3_small_050", "regnetx_002", "repvgg_a0", "efficientvit_m0"]
-SIZE = 64  # input side, unless the model fixes its input size (then the one it was defined for)
+SIZE = 64  # input side, unless the model fixes its input size or sets a larger minimum (then that one)
 
 
 def _build(name: str) -> torch.nn.Module:
@@ -20,8 +20,12 @@ def _build(name: str) -> torch.nn.Module:
 
 
 def _side(model: torch.nn.Module) -> int:
+    """SIZE, the size a fixed-input model was defined for, or the model's minimum input size where it is larger
+    (bat_resnext26ts: 256, its attention blocks tile the last feature map)."""
     config = getattr(model, "pretrained_cfg", None) or {}
-    return config["input_size"][-1] if config.get("fixed_input_size") else SIZE
+    if config.get("fixed_input_size"):
+        return config["input_size"][-1]
+    return max(SIZE, config.get("min_input_size", (SIZE,))[-1])
 
 
 def sweep(name: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ from ..norms import list_norms
 from ..train.config import TrainConfig
 from ..train.recipes import PAPER_SEEDS, Recipe, get_recipe
 
-__all__ = ["CONTENDED_TIMING", "EPOCH_SECONDS", "STEP_RATIO", "STUDY_JOBS", "THREADS_PER_RUN", "Grid", "STUDIES", "Study", "StudyOverrides",
+__all__ = ["CONTENDED_TIMING", "EPOCH_SECONDS", "FAST_PATH", "STEP_RATIO", "STUDY_JOBS", "THREADS_PER_RUN", "Grid", "STUDIES", "Study", "StudyOverrides",
            "estimate_seconds", "get_study", "list_studies"]
 
 DATASET, MODEL, RECIPE = "fashion-mnist", "resnet20", "fashion-mnist-quick"
@@ -104,7 +104,8 @@ class Study:
 
     ``runs_of`` names another study whose run folders this one reads instead of training its own (the
     curves of Figures 1, 6 and 7 are those of the Table 1 study). ``baseline`` is the row every other row is
-    tested against.
+    tested against. ``recipe_values`` and ``config_values`` set fields of every run's recipe and
+    :class:`~l2bn.train.config.TrainConfig` (e.g. :data:`FAST_PATH`).
     """
 
     name: str
@@ -119,6 +120,7 @@ class Study:
     runs_of: str | None = None
     val_size: int | None = None
     recipe_values: tuple[tuple[str, Any], ...] = ()
+    config_values: tuple[tuple[str, Any], ...] = ()
     notes: str = ""
 
     @property
@@ -155,10 +157,18 @@ class Study:
         return TrainConfig(dataset=DATASET, model=MODEL, norm=grid.norms[0], recipe=self.recipe(grid),
                            placement=grid.placement, train_subset=grid.train_subset or self.train_subset,
                            data_dir=data_dir, device="cpu", threads=THREADS_PER_RUN, progress=progress,
-                           val_size=self.val_size, imbalance=grid.imbalance, label_noise=grid.label_noise)
+                           val_size=self.val_size, imbalance=grid.imbalance, label_noise=grid.label_noise,
+                           **dict(self.config_values))
 
     def run_count(self) -> int:
         return sum(len(g.norms) for g in self.grids) * len(self.seeds)
+
+
+# The runner's fastest measured eager path on this machine (docs/performance.md, "Training throughput"):
+# whole-batch crop and flip and channels_last tensors, 1.24x (L2BN) to 1.43x (BN) the training images/s of the
+# per-sample DataLoader in NCHW at one thread. Both are identity fields: other augmentation draws (same
+# distribution), other convolution summation order. The studies defined after it was measured use it.
+FAST_PATH: tuple[tuple[str, Any], ...] = (("augment", "batched"), ("channels_last", True))
 
 
 def _keep(study: Study, names: Sequence[str]) -> tuple[Grid, ...]:
@@ -217,9 +227,9 @@ STUDIES: dict[str, Study] = {
         grids=tuple(Grid(f"batch {b}", f"b{b}", ("bn", "l2bn", "gn-cpg4"),
                          recipe=(("batch_size", b), ("lr", 0.1 * b / 128))) for b in (128, 16, 8)),
         seeds=PAPER_SEEDS, epochs=10, train_subset=6_000, val_size=1_000, metrics_every=10, baseline="bn",
-        recipe_values=(("metrics_max_batches", None),),
+        recipe_values=(("metrics_max_batches", None),), config_values=FAST_PATH,
         notes="Learning rate scaled linearly with the batch (0.1 · B/128; Goyal et al. 2017), the same 10 epochs "
-              "(the same images seen) at every batch size.",
+              "(the same images seen) at every batch size; whole-batch augmentation and channels_last tensors.",
     ),
     "mechanism": Study(
         name="mechanism", title="Where sample norms differ most: BN vs L2BN on long-tailed and noisy-label data",
@@ -228,8 +238,8 @@ STUDIES: dict[str, Study] = {
         grids=(Grid("imbalance 100:1", "imbalance", ("bn", "l2bn"), train_subset=20_000, imbalance=100.0),
                Grid("30 % label noise", "noise", ("bn", "l2bn"), label_noise=0.3)),
         seeds=PAPER_SEEDS, epochs=20, train_subset=6_000, val_size=1_000, metrics_every=5, baseline="bn",
-        recipe_values=(("metrics_max_batches", None), ("norm_spread", True)),
-        notes="Imbalance: from a 20000-image subset less the validation split, class c keeps 1900·100^(−c/9) "
+        recipe_values=(("metrics_max_batches", None), ("norm_spread", True)), config_values=FAST_PATH,
+        notes="Whole-batch augmentation and channels_last tensors. Imbalance: from a 20000-image subset less the validation split, class c keeps 1900·100^(−c/9) "
               "images (Cao et al. 2019); noise: 30 % of the 5000 training labels flipped to another class "
               "(the angle pass uses the true labels). Validation splits are balanced and clean.",
     ),

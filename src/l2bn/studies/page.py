@@ -277,7 +277,9 @@ def _protocol_table(study: Study) -> list[str]:
         "epochs": f"{study.epochs}",
         "schedule": f"SGD, {'Nesterov ' if recipe.nesterov else ''}momentum {recipe.momentum}, lr {recipe.lr}, "
                     f"{recipe.schedule}; weight decay {recipe.weight_decay}",
-        "augmentation": "random crop (padding 2) and horizontal flip",
+        "augmentation": "random crop (padding 2) and horizontal flip"
+                        + (", drawn for whole batches (`--augment batched`)" if config.augment == "batched" else "")
+                        + ("; channels_last tensors" if config.channels_last else ""),
         "batch": f"{recipe.batch_size}",
         "training subset": subset,
         "angle sample": f"{centers} for the class centers and Intra(train); the test set for Intra(test)",
