@@ -41,7 +41,8 @@ def _side(name: str) -> int:
 def _detection_target(side: int, label: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     mask = torch.zeros(1, side, side, dtype=torch.uint8)
     mask[:, 20:90, 10:60] = 1
-    keypoints = torch.tensor([[[10.0 + 2 * k, 20.0 + 3 * k, 1.0] for k in range(17)]], dtype=dtype)
+    # float32 whatever the model's dtype: keypoint R-CNN's roi_heads accept no other
+    keypoints = torch.tensor([[[10.0 + 2 * k, 20.0 + 3 * k, 1.0] for k in range(17)]])
     return {"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]], dtype=dtype), "labels": torch.tensor([label]),
             "masks": mask, "keypoints": keypoints}
 
@@ -50,7 +51,9 @@ def _detection_forward(model: torch.nn.Module, dtype: torch.dtype) -> object:
     x = torch.rand(2, 3, DETECTION_SIDE, DETECTION_SIDE, generator=torch.Generator().manual_seed(1), dtype=dtype)
     images = list(x)
     if model.training:
-        return model(images, [_detection_target(DETECTION_SIDE, label, dtype) for label in (1, 2)])
+        keypoints = getattr(getattr(model, "roi_heads", None), "keypoint_head", None) is not None
+        labels = (1, 1) if keypoints else (1, 2)  # keypoint R-CNN has one class (person) and the background
+        return model(images, [_detection_target(DETECTION_SIDE, label, dtype) for label in labels])
     return model(images)
 
 
