@@ -87,6 +87,34 @@ def test_resume_after_interruption_is_identical(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _old_schedule_state(steps: int) -> dict:
+    """The schedule state of a last.pt written before 515a00f: a LambdaLR's, ``steps`` steps in."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+    return scheduler.state_dict()
+
+
+@pytest.mark.parametrize("schedule", [dict(warmup_epochs=1), dict(warmup_epochs=1, schedule="step", milestones=[2, 3])])
+def test_a_checkpoint_with_an_unreadable_schedule_state_resumes_on_the_replayed_schedule(schedule, tmp_path):
+    """A warm-up run's last.pt written before the schedules became torch's (a LambdaLR's state, which torch's
+    SequentialLR cannot load) resumes with a warning, on this version's schedule stepped through the finished
+    epochs: the records equal an uninterrupted run's."""
+    recipe = quick(epochs=4, **schedule)
+    _, full = run(tmp_path, "full", recipe)
+    run(tmp_path, "part", recipe, stop_after=2)
+    last = tmp_path / "part" / "last.pt"
+    ckpt = torch.load(last, weights_only=False)
+    ckpt["scheduler"] = _old_schedule_state(2 * (len(DIGITS.train) // 64))
+    torch.save(ckpt, last)
+    config = TrainConfig(out=str(tmp_path / "part"), norm="l2bn", recipe=recipe, progress=False, resume=True)
+    with pytest.warns(RuntimeWarning, match="schedule state was written by an older l2bn"):
+        train(config, model_fn=tiny, data=DIGITS, log=lambda m: None)
+    assert (tmp_path / "part" / "metrics.jsonl").read_bytes() == (full / "metrics.jsonl").read_bytes()
+
+
 def test_resume_with_loader_workers_is_identical(tmp_path):
     """Worker processes draw the augmentation (random crops here): a resumed run's workers must draw what an
     uninterrupted run's would, so they are seeded from (seed, epoch) every epoch."""

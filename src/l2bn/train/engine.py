@@ -42,7 +42,7 @@ from .evaluate import evaluate
 from .loaders import make_eval_loader, make_train_loader, prepare_data, shard
 from .mixup import forward_loss
 from .model import ModelFn, run_model_fn
-from .optim import build_optimizer, gate_clipper
+from .optim import build_optimizer, build_scheduler, gate_clipper
 from .rundir import ANGLE_KEYS, DEVICE_KEYS, EPOCH_KEYS, EXTRA_KEYS, NORM_STATE_KEYS, VAL_KEYS, RunBusyError, RunDir
 from .tensorboard import write_record as write_tensorboard
 
@@ -145,7 +145,10 @@ def _restore(state: RunState) -> None:
                       "uninterrupted run", RuntimeWarning, stacklevel=2)
     state.net.load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.scheduler.load_state_dict(ckpt["scheduler"])
+    try:
+        state.scheduler.load_state_dict(ckpt["scheduler"])
+    except (KeyError, TypeError, ValueError) as error:
+        _replay_schedule(state, ckpt["epoch"], error)
     state.scaler.load_state_dict(ckpt["scaler"])
     state.start_epoch, state.best_acc, state.best_epoch = ckpt["epoch"], ckpt["best_acc"], ckpt["best_epoch"]
     state.say(f"resuming {run.path} after epoch {state.start_epoch}")
@@ -153,6 +156,23 @@ def _restore(state: RunState) -> None:
         run.keep_epochs(state.start_epoch)
         records = run.read_records()
         state.first_loss = records[0]["train_loss"] if records else None
+
+
+def _replay_schedule(state: RunState, epochs_done: int, error: Exception) -> None:
+    """A ``last.pt`` whose schedule state this version cannot load (written before the schedules became torch's
+    schedulers): a fresh schedule stepped through the finished epochs' steps instead, with a warning. Stepping
+    is what an uninterrupted run of this version does, so its learning rates are the ones that run would use;
+    those of the version that wrote the checkpoint may differ in the last bits."""
+    warnings.warn(f"{state.run.last_path}: its learning-rate schedule state was written by an older l2bn "
+                  f"({type(error).__name__}: {error}); resuming with this version's schedule stepped through the "
+                  f"{epochs_done} finished epoch(s)", RuntimeWarning, stacklevel=3)
+    for group in state.optimizer.param_groups:
+        group["lr"] = group["initial_lr"]
+    state.scheduler = build_scheduler(state.optimizer, state.config.recipe, state.steps_per_epoch)
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": no step is taken here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(epochs_done * state.steps_per_epoch):
+            state.scheduler.step()
 
 
 def train_one_epoch(state: RunState, epoch: int, progress: bool) -> dict[str, float]:
