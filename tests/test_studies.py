@@ -13,7 +13,7 @@ from l2bn.cli import main
 from l2bn.data import vision
 from l2bn.studies import (SECTIONS, STUDIES, Difference, StudyOverrides, compare_groups, detectable_difference,
                           estimate_seconds, get_study, holm, load_study_runs, run_study, study_command)
-from l2bn.studies.stats import paired_seeds
+from l2bn.studies.stats import paired_seeds, rejection_probability
 from l2bn.studies.catalog import ZOO
 from l2bn.studies.folder import InvocationRecord, code_version, environment, environment_records
 from l2bn.studies.page import PAGE_MARKER
@@ -75,6 +75,31 @@ def test_the_95_percent_interval_covers_95_percent_by_simulation(n, paired):
         d = compare_groups(a, b, paired=paired)
         covered += d.low <= true <= d.high
     assert 0.92 <= covered / trials <= 0.98
+
+
+@pytest.mark.parametrize("df", [1.0, 1.05, 1.2, 1.5])
+def test_the_detectable_difference_is_defined_at_welch_degrees_of_freedom_near_one(df):
+    """Six seeds against two give Welch df near 1, where scipy's noncentral t returns NaN at large shifts: the
+    difference is still found, with 80 % power by a Monte Carlo of the t statistic itself."""
+    from scipy.stats import t
+
+    delta = detectable_difference(1.0, df)
+    assert math.isfinite(delta) and delta > t.isf(0.025, df)
+    rng = np.random.default_rng(0)
+    z, v = rng.standard_normal(400_000), rng.chisquare(df, 400_000)
+    statistic = (z + delta) / np.sqrt(v / df)
+    assert np.mean(np.abs(statistic) > t.isf(0.025, df)) == pytest.approx(0.80, abs=0.005)
+
+
+def test_the_rejection_probability_integral_equals_scipys_noncentral_t_where_that_is_defined(monkeypatch):
+    import scipy.stats
+    from scipy.stats import nct, t
+
+    cases = [(df, shift, t.isf(0.025, df)) for df, shift in ((3.0, 2.5), (7.5, 4.0), (1.5, 3.0))]
+    expected = [nct.sf(c, df, shift) + nct.cdf(-c, df, shift) for df, shift, c in cases]
+    monkeypatch.setattr(scipy.stats.nct, "sf", lambda *args: math.nan)  # force the integral
+    got = [rejection_probability(shift, c, df) for df, shift, c in cases]
+    assert got == pytest.approx(expected, abs=1e-7)
 
 
 def test_the_detectable_difference_has_80_percent_power_by_simulation():

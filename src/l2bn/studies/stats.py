@@ -66,20 +66,37 @@ def detectable_difference(se: float, df: float, *, alpha: float = ALPHA, power: 
     """The smallest |δ| a two-sided t-test at level ``alpha`` with standard error ``se`` and ``df`` degrees of
     freedom detects with probability ``power`` (noncentral t); NaN where ``se`` or ``df`` is undefined."""
     from scipy.optimize import brentq
-    from scipy.stats import nct, t
+    from scipy.stats import t
 
     if not (math.isfinite(se) and math.isfinite(df)) or se <= 0 or df <= 0:
         return math.nan
     crit = t.isf(alpha / 2, df)
 
     def shortfall(delta: float) -> float:
-        shift = delta / se
-        return nct.sf(crit, df, shift) + nct.cdf(-crit, df, shift) - power
+        return rejection_probability(delta / se, crit, df) - power
 
     high = se * (crit + 2.0)  # the normal approximation's answer is about se·(crit + 0.84)
     while shortfall(high) < 0:
         high *= 2.0
     return float(brentq(shortfall, 0.0, high))
+
+
+def rejection_probability(shift: float, crit: float, df: float) -> float:
+    """P(|T| > crit) for T noncentral t with ``df`` degrees of freedom and noncentrality ``shift``: scipy's
+    ``nct``, or, where it returns NaN (Welch degrees of freedom near 1 and large shifts, e.g. 6 seeds against
+    2), the same probability as an integral over the chi-square variable V of T = (Z + shift) / sqrt(V / df)."""
+    from scipy.integrate import quad
+    from scipy.stats import chi2, nct, norm
+
+    p = float(nct.sf(crit, df, shift) + nct.cdf(-crit, df, shift))
+    if math.isfinite(p):
+        return p
+
+    def given_v(v: float) -> float:
+        bound = crit * math.sqrt(v / df)
+        return (norm.sf(bound - shift) + norm.cdf(-bound - shift)) * chi2.pdf(v, df)
+
+    return float(quad(given_v, 0.0, math.inf, limit=200)[0])
 
 
 def _welch(x: np.ndarray, y: np.ndarray, level: float) -> tuple[float, float, float, float, float, float]:
