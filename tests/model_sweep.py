@@ -57,27 +57,28 @@ def skip_unless_swept(build: Callable[[], nn.Module], max_params: int = MAX_PARA
         pytest.skip(f"{count / 1e6:.0f}M parameters > {max_params / 1e6:.0f}M")
 
 
+def _errors(got: list[torch.Tensor], want: list[torch.Tensor]) -> list[float]:
+    """max |got − want| per tensor pair (0 for empty tensors)."""
+    return [(g - w).abs().max().item() if w.numel() else 0.0 for g, w in zip(got, want)]
+
+
 def _excess(got: list[torch.Tensor], want: list[torch.Tensor], what: str, scale: float | None = None,
             floor: list[float] | None = None) -> list[str]:
     """The tensors of ``got`` further from ``want`` than TOL relative to ``want``'s largest value (or ``scale``)
     and than ``floor`` (per tensor, when given), each as a message; shapes and counts must match."""
     assert len(got) == len(want), f"{what}: {len(got)} tensors, reference {len(want)}"
-    out = []
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.shape == w.shape, f"{what}[{i}]: shape {tuple(g.shape)}, reference {tuple(w.shape)}"
         assert torch.isfinite(w).all(), f"{what}[{i}]: the reference is not finite"
+    out = []
+    for i, (w, error) in enumerate(zip(want, _errors(got, want))):
         if w.numel():
             bound = TOL * (w.abs().max().item() if scale is None else scale) + 1e-12
             if floor is not None:
                 bound = max(bound, FLOOR_FACTOR * floor[i])
-            error = (g - w).abs().max().item()
             if error > bound:
                 out.append(f"{what}[{i}]: max error {error:.3g} > {bound:.3g}")
     return out
-
-
-def _errors(got: list[torch.Tensor], want: list[torch.Tensor]) -> list[float]:
-    return [(g - w).abs().max().item() if w.numel() else 0.0 for g, w in zip(got, want)]
 
 
 def _train_pass(model: nn.Module, forward: Callable, loss_of: Callable) -> tuple[list, dict[str, torch.Tensor]]:
