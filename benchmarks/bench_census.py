@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--steps", action="store_true", help="also whole-model SGD steps, BN vs L2BN")
     parser.add_argument("--models", default=None, help="comma-separated subset of the census models")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--shapes", default=None, help="comma-separated shapes to time instead of the census, "
+                        "e.g. 128x16x32x32,128x512")
+    parser.add_argument("--modes", default="train,eval", help="comma-separated: train, eval (default: both)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,7 +93,9 @@ def main() -> None:
     budget = 1e6 if args.quick else 3e7
     models = [m for m in MODELS if args.models is None or m[0] in args.models.split(",")]
     census: dict[str, Counter] = {}
-    if args.quick:
+    if args.shapes:
+        census["given"] = Counter(tuple(int(d) for d in s.split("x")) for s in args.shapes.split(","))
+    elif args.quick:
         census["quick"] = Counter(QUICK_SHAPES)
     else:
         for name, batch, shape, classes in models:
@@ -100,20 +105,22 @@ def main() -> None:
     shapes = sorted({s for c in census.values() for s in c}, key=lambda s: (len(s), s))
     results: dict[tuple, tuple[float, float, float]] = {}
     print("\n| shape | layout | mode | BN ms | L2BN ms | ratio | L2BN / copy |\n|---|---|---|---:|---:|---:|---:|")
-    worst = {"train": 0.0, "eval": 0.0}
+    modes = args.modes.split(",")
+    worst = {mode: 0.0 for mode in modes}
     for shape in shapes:
         for cl in ((False, True) if len(shape) >= 4 and math.prod(shape[2:]) > 1 else (False,)):
-            for mode in ("train", "eval"):
+            for mode in modes:
                 bn, l2, copy = results[(shape, cl, mode)] = time_shape(shape, mode, cl, budget)
                 worst[mode] = max(worst[mode], l2 / bn)
                 layout = "channels_last" if cl else "NCHW"
                 print(f"| {'x'.join(map(str, shape))} | {layout} | {mode} | {bn:.3f} | {l2:.3f} | {l2 / bn:.2f} | "
                       f"{'-' if math.isnan(copy) else f'{l2 / copy:.1f}'} |", flush=True)
-    print(f"\nworst ratio: train {worst['train']:.2f} (target 1.10), eval {worst['eval']:.2f} (target 1.25)")
+    targets = {"train": 1.10, "eval": 1.25}
+    print("\nworst ratio: " + ", ".join(f"{m} {worst[m]:.2f} (target {targets[m]:.2f})" for m in modes))
     print("\n| model | layout | mode | norm layers | BN ms (Σ) | L2BN ms (Σ) | ratio |\n|---|---|---|---:|---:|---:|---:|")
     for name, counts in census.items():
         for cl in (False, True):
-            for mode in ("train", "eval"):
+            for mode in modes:
                 keys = [((s, cl and len(s) >= 4 and math.prod(s[2:]) > 1, mode), n) for s, n in counts.items()]
                 bn = sum(results[k][0] * n for k, n in keys)
                 l2 = sum(results[k][1] * n for k, n in keys)
