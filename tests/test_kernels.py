@@ -269,18 +269,21 @@ def test_cpp_long_runs_and_few_samples():
 
 
 @NO_COMPILER
-@pytest.mark.parametrize("shape", [(5, 3, 8, 8), (3, 2, 25, 30)], ids=["8x8", "runs-over-a-chunk"])
-def test_cpp_eval_of_long_runs(shape):
-    """Eval of rows-layout runs of 64+ values (x·gain_c written, then scaled in place while in cache), float64
-    and float32, one thread (every sample on one thread) and two, against the reference."""
+@pytest.mark.parametrize("shape,fmt", [((4, 130, 8, 8), torch.contiguous_format), ((3, 4, 40, 60), torch.contiguous_format),
+                                       ((3, 130, 8, 8), torch.channels_last)], ids=["8x8", "runs-over-a-chunk", "cl"])
+def test_cpp_eval_of_samples_beyond_l1(shape, fmt):
+    """Eval of samples of 32 KiB and more (x·gain_c written, then scaled in place while in cache; channels-last
+    chunks starting mid-row), float64 and float32, on one thread (every sample on one) and two, against the
+    reference."""
     x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(3)) * 2 + 1
     old = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            assert_close(run(IMPLEMENTATIONS["cpp"], x, False), run(l2_batch_norm_reference, x, False),
-                         rtol=1e-12, atol=1e-12)
-            got = run(IMPLEMENTATIONS["cpp"], x.float(), False, dtype=torch.float32)
+            got = run(IMPLEMENTATIONS["cpp"], x, False, memory_format=fmt)
+            assert_close(got, run(l2_batch_norm_reference, x, False), rtol=1e-12, atol=1e-12)
+            assert got["y"].is_contiguous(memory_format=fmt)
+            got = run(IMPLEMENTATIONS["cpp"], x, False, dtype=torch.float32, memory_format=fmt)
             assert_close(got, run(l2_batch_norm_reference, x, False), rtol=2e-5, atol=2e-5)
     finally:
         torch.set_num_threads(old)

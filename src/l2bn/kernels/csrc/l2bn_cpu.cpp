@@ -35,7 +35,8 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 constexpr int64_t kChunk = 512;  // values summed in the accumulation type before a float64 add
-constexpr int64_t kInCacheRun = 64;  // eval: (n, c) runs at least this long take eval_in_cache
+constexpr int64_t kInCacheRun = 64;  // eval: (n, c) runs at least this long take eval_in_cache ...
+constexpr int64_t kInCacheBytes = 32 * 1024;  // ... for samples of at least this size (smaller: L1-resident)
 constexpr int64_t kTwoRowBytes = 256 * 1024;  // channels-last samples up to this size: two rows per update
 
 // ---------------------------------------------------------------------------------------------------
@@ -845,42 +846,71 @@ void small_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const Geometr
 // Forward and backward
 // ---------------------------------------------------------------------------------------------------
 
-// Eval of samples n0..n1, rows layout with runs of at least kInCacheRun values, float32/float64: per sample,
+// Eval of samples n0..n1 in float32/float64 (rows layout: runs of at least kInCacheRun values): per sample,
 // one pass reads x, writes x·gain_c to y and sums ‖x_n‖² (float chunks of at most kChunk values added in
 // float64); a second pass turns y into y·r_n + shift_c in place while the sample is still in cache. The
-// memory traffic is then BatchNorm's, one read of x and one write of y. (Channels-last rows, and shorter
-// runs, measured faster on the per-sample path below.)
+// memory traffic is then BatchNorm's, one read of x and one write of y (samples under kInCacheBytes, and
+// shorter runs, measured no faster than with the per-sample path). Channels-last samples are swept
+// flat, in chunks, with the per-channel values tiled (entry t for channel t % C) so that a chunk starting
+// at position p reads them contiguously from p % C.
 template <typename scalar_t>
 void eval_in_cache(const scalar_t* xp, scalar_t* yp, const Geometry& g, const std::vector<double>& gain,
                    const std::vector<double>& shift, double target, double l2_eps, std::vector<double>& squares,
                    int64_t n0, int64_t n1) {
   const int64_t C = g.C, M = g.M, D = C * M;
-  const std::vector<scalar_t> gc(gain.begin(), gain.end()), sc(shift.begin(), shift.end());
+  const int64_t run = g.channels_last ? D : M;  // values with a per-channel pattern of their own
+  const int64_t span = g.channels_last ? C + std::min(kChunk, D) : C;
+  std::vector<scalar_t> gc(span), sc(span);
+  for (int64_t t = 0; t < span; ++t) {
+    gc[t] = t < C ? static_cast<scalar_t>(gain[t]) : gc[t - C];
+    sc[t] = t < C ? static_cast<scalar_t>(shift[t]) : sc[t - C];
+  }
   for (int64_t n = n0; n < n1; ++n) {
     const scalar_t* __restrict__ xs = xp + n * D;
     scalar_t* __restrict__ ys = yp + n * D;
     double total = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t gv = gc[c];
-      for (int64_t start = c * M, stop = (c + 1) * M; start < stop; start += kChunk) {
-        const int64_t end = std::min(stop, start + kChunk);
+    for (int64_t r = 0; r < D / run; ++r) {  // rows layout: channel r; channels-last: the whole sample
+      for (int64_t start = r * run, stop = start + run; start < stop; start += kChunk) {
+        const int64_t len = std::min(stop, start + kChunk) - start;
+        const scalar_t* __restrict__ xc = xs + start;
+        scalar_t* __restrict__ yc = ys + start;
         scalar_t part = 0;
+        if (g.channels_last) {
+          const scalar_t* __restrict__ gv = gc.data() + start % C;
 #pragma omp simd reduction(+ : part)
-        for (int64_t i = start; i < end; ++i) {
-          const scalar_t v = xs[i];
-          part += v * v;
-          ys[i] = v * gv;
+          for (int64_t i = 0; i < len; ++i) {
+            const scalar_t v = xc[i];
+            part += v * v;
+            yc[i] = v * gv[i];
+          }
+        } else {
+          const scalar_t gv = gc[r];
+#pragma omp simd reduction(+ : part)
+          for (int64_t i = 0; i < len; ++i) {
+            const scalar_t v = xc[i];
+            part += v * v;
+            yc[i] = v * gv;
+          }
         }
         total += part;
       }
     }
     squares[n] = total;
     const scalar_t rn = static_cast<scalar_t>(sample_scale(total, target, l2_eps));
-    for (int64_t c = 0; c < C; ++c) {
-      scalar_t* __restrict__ yr = ys + c * M;
-      const scalar_t sv = sc[c];
+    for (int64_t r = 0; r < D / run; ++r) {
+      for (int64_t start = r * run, stop = start + run; start < stop; start += kChunk) {
+        const int64_t len = std::min(stop, start + kChunk) - start;
+        scalar_t* __restrict__ yc = ys + start;
+        if (g.channels_last) {
+          const scalar_t* __restrict__ sv = sc.data() + start % C;
 #pragma omp simd
-      for (int64_t i = 0; i < M; ++i) yr[i] = yr[i] * rn + sv;
+          for (int64_t i = 0; i < len; ++i) yc[i] = yc[i] * rn + sv[i];
+        } else {
+          const scalar_t sv = sc[r];
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) yc[i] = yc[i] * rn + sv;
+        }
+      }
     }
   }
 }
@@ -897,7 +927,7 @@ void eval_forward(const Tensor& x, Tensor& y, const Geometry& g, const std::vect
   if (g.N >= at::get_num_threads()) {
     at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
       if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {  // float, double: x·gain_c kept exactly enough
-        if (!g.channels_last && g.M >= kInCacheRun) {
+        if ((g.channels_last || g.M >= kInCacheRun) && g.C * g.M * sizeof(scalar_t) >= kInCacheBytes) {
           eval_in_cache(xp, y.mutable_data_ptr<scalar_t>(), g, gain, shift, target, l2_eps, squares, n0, n1);
           return;
         }
