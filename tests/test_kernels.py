@@ -290,6 +290,29 @@ def test_cpp_eval_of_samples_beyond_l1(shape, fmt):
 
 
 @NO_COMPILER
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch's forward_ad import
+def test_cpp_builds_no_autograd_node_when_nothing_needs_a_gradient():
+    """No graph to record (no_grad, or no input requiring a gradient): the kernel alone, the same values; a
+    gradient needed: the autograd node; a forward-mode tangent: refused, as the node refuses it."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(4, 3, 5, 5)
+    w, b = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    for training in (False, True):
+        args = (torch.zeros(3), torch.ones(3), w, b, training)
+        with torch.no_grad():
+            plain = l2_batch_norm(x, *args, impl="cpp")
+        assert plain.grad_fn is None and not plain.requires_grad
+        tracked = l2_batch_norm(x, *args, impl="cpp")
+        assert tracked.grad_fn is not None
+        assert torch.equal(plain, tracked.detach())
+        frozen = l2_batch_norm(x, torch.zeros(3), torch.ones(3), w.detach(), b.detach(), training, impl="cpp")
+        assert frozen.grad_fn is None and torch.equal(frozen, plain)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="jvp"):
+        l2_batch_norm(fwAD.make_dual(x, torch.randn_like(x)), torch.zeros(3), torch.ones(3), impl="cpp")
+
+
+@NO_COMPILER
 def test_cpp_same_result_for_any_thread_count():
     x = torch.randn(6, 8, 12, 12)
     results = []

@@ -17,6 +17,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -1180,6 +1181,14 @@ Tensor l2_batch_norm_cpu(const Tensor& input, const std::optional<Tensor>& weigh
                          bool training, double momentum, double eps, double l2_eps, bool rescale) {
   TORCH_CHECK(input.device().is_cpu(), "l2bn's compiled kernel runs on the CPU, got input on ", input.device());
   TORCH_CHECK(input.dim() >= 2 && input.numel() > 0, "l2bn's compiled kernel expects non-empty (N, C, *) input");
+  // Nothing to differentiate (no_grad, inference, or no input requiring a gradient; no forward-mode tangent,
+  // which the autograd function refuses): the kernel alone, without building an autograd node.
+  const auto tracked = [](const std::optional<Tensor>& t) {
+    return t.has_value() && t->defined() && (t->requires_grad() && at::GradMode::is_enabled());
+  };
+  const auto tangent = [](const std::optional<Tensor>& t) { return torch::autograd::isFwGradDefined(t); };
+  if (!tracked(input) && !tracked(weight) && !tracked(bias) && !tangent(input) && !tangent(weight) && !tangent(bias))
+    return l2bn_forward(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps, rescale);
   return L2BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps,
                                     rescale);
 }
