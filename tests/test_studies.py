@@ -511,3 +511,25 @@ def test_the_evidence_studies_miniatures_train_what_they_promise(name, only, sub
     page = result.page.read_text()
     assert f"**{only[0]}: {only[1]}**" not in page  # one row only: nothing to compare yet
     assert "Not enough finished runs" in page
+
+
+@pytest.mark.parametrize("fits,reading", [
+    ({"bn": [99.0, 98.5], "l2bn": [98.2, 99.1]}, "Every row fits"),
+    ({"bn": [97.5, 97.7], "l2bn": [97.8, 98.0]}, "nearly, not fully, converged networks."),
+    ({"ln": [56.0, 57.6], "gn": [65.0, 65.0]}, "Their rows measure early training"),
+    ({"bn": [97.0, 96.0], "ln": [56.0, 57.6]}, "Those under 95 % (ln) measure early training"),
+])
+def test_fit_line_grades_unfitted_rows(monkeypatch, fits, reading):
+    """The first line names every row under the 98 % line and says which are nearly fitted (≥ 95 %) and
+    which measure early training."""
+    from l2bn.studies import page
+
+    class FakeRun:  # what _fit_line reads of a run
+        def __init__(self, acc):
+            self.failed, self.records = False, [{"train_eval_acc": acc, "train_acc": acc - 1}]
+
+    runs = {label: [FakeRun(a) for a in accs] for label, accs in fits.items()}
+    line = page._fit_line(STUDIES["converged"], runs)[0]
+    assert reading in line
+    for label, accs in fits.items():
+        assert (f"{label} ({np.mean(accs):.1f} %)" in line) == (np.mean(accs) < 98)
