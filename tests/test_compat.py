@@ -265,6 +265,25 @@ def test_torch_func_grad_jacrev_vmap(impl, monkeypatch):
     torch.testing.assert_close(vmap(layer)(batch), torch.stack([formula(b, layer, True) for b in batch]))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch's jvp decompositions
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("impl", ["auto", *FAST, "reference"])
+def test_forward_mode_ad_dual_inputs(training, impl, monkeypatch):
+    """torch.autograd.forward_ad (a dual input, no torch.func): every setting runs the reference composition,
+    whose tangent is the formula's jvp (the fast paths have no jvp; the compiled kernel used to refuse)."""
+    import torch.autograd.forward_ad as fwAD
+
+    monkeypatch.setenv(dispatch.IMPL_ENV_VAR, impl)
+    layer = l2bn.L2BatchNorm2d(3, dtype=F64).train(training)
+    layer.running_mean.normal_()
+    x, v = sample(4, 3, 3).double(), torch.randn(4, 3, 3, 3, dtype=F64)
+    want_y, want_t = torch.autograd.functional.jvp(lambda x: formula(x, layer, training), x, v)
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(layer(fwAD.make_dual(x, v)))
+    torch.testing.assert_close(out.primal, want_y)
+    torch.testing.assert_close(out.tangent, want_t)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("impl", [None, *FAST, "reference"])
 def test_gradcheck_batched_grad(training, impl):

@@ -7,8 +7,8 @@ tensors (when it builds), else the torch-op fused path. Two situations override 
 - **a graph tracer whose artifact must be plain, differentiable aten ops** — ``torch.export`` (the
   exported module is trained with autograd, and saved programs must load without l2bn),
   ``torch.jit.trace`` (also the legacy ``torch.onnx.export(dynamo=False)``), ``torch.fx`` symbolic
-  tracing and the ``torch.func`` transforms — runs the reference composition, which keeps D = C·|S|
-  symbolic. ``torch.compile`` is not one of them: it traces the fused path's autograd.Function.
+  tracing, the ``torch.func`` transforms and ``torch.autograd.forward_ad`` dual inputs (the fast paths
+  have no jvp) — runs the reference composition, which keeps D = C·|S| symbolic. ``torch.compile`` is not one of them: it traces the fused path's autograd.Function.
 
 The compiled CPU kernel's autograd node is its own (C++): it computes batched gradients
 (``torch.autograd.grad(..., is_grads_batched=True)``, gradcheck's ``check_batched_grad``) through ATen ops,
@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import cpp
 from .fused import l2_batch_norm_fused
@@ -87,6 +88,8 @@ def aten_tracer(input: Tensor) -> str | None:
         return "torch.fx"
     if torch._C._functorch.is_functorch_wrapped_tensor(input):
         return "torch.func"
+    if forward_ad._current_level >= 0 and forward_ad.unpack_dual(input).tangent is not None:
+        return "forward-mode AD"  # torch.autograd.forward_ad dual input: the fast paths have no jvp
     return None
 
 
