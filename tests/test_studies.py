@@ -511,6 +511,11 @@ def test_the_evidence_studies_miniatures_train_what_they_promise(name, only, sub
     page = result.page.read_text()
     assert f"**{only[0]}: {only[1]}**" not in page  # one row only: nothing to compare yet
     assert "Not enough finished runs" in page
+    beyond = page[page.index("## Beyond the paper's table"):page.index("## Reading")]
+    assert "**Feature cone.**" in beyond and "**Per-class test accuracy**" in beyond
+    spread = (tmp_path / get_study(name).folder / "norm_spread.png").is_file()
+    assert spread == ("**Spread of the per-sample norms**" in beyond) == (name == "mechanism")
+    assert ("long-tailed grid" in beyond) == ("imbalance" in only[0])
 
 
 @pytest.mark.parametrize("fits,reading", [
@@ -533,3 +538,59 @@ def test_fit_line_grades_unfitted_rows(monkeypatch, fits, reading):
     assert reading in line
     for label, accs in fits.items():
         assert (f"{label} ({np.mean(accs):.1f} %)" in line) == (np.mean(accs) < 98)
+
+
+def _fake_run(tmp_path, norm, seed, records):
+    from l2bn.train.report import Run
+
+    return Run(tmp_path / f"{norm}-s{seed}", {"norm": norm, "seed": seed}, records, summary={"best_test_acc": 0.0})
+
+
+def _records(seed, cone, classes, spread):
+    """Two epochs with a validation split; the angles (and cone) measured at epoch 2; the norm spread each epoch."""
+    base = {"intra_train": 15.0 + seed % 3, "intra_test": 16.0, "inter": 45.0 + seed % 2, "iir_train": 0.33,
+            "iir_test": 0.36}
+    return [{"epoch": 1, "val_acc": 50.0, "test_acc": 49.0, "test_class_acc": [0.0] * 10,
+             "norm_cv": {"bn1": spread[0], "layer1.0.bn1": spread[0] + 0.1, "layer1.0.bn2": spread[0] + 0.3}},
+            {"epoch": 2, "val_acc": 60.0, "test_acc": 59.0, "test_class_acc": classes, **base,
+             "cone_train": cone, "cone_test": cone - 1,
+             "norm_cv": {"bn1": spread[1], "layer1.0.bn1": spread[1], "layer1.0.bn2": spread[1] + 0.2}}]
+
+
+def test_beyond_section_tables_and_figure_from_the_records(tmp_path):
+    """Cone means ± std, per-class accuracy at the selected epoch, the stage means of the norm spread (first →
+    last epoch) and the figure, each computed here independently from the same records."""
+    from l2bn.studies import beyond
+
+    study = STUDIES["converged"]
+    runs = {norm: [_fake_run(tmp_path, norm, s, _records(s, 40.0 + s % 4 + (norm == "l2bn"),
+                                                         [float(s % 7 + c) for c in range(10)], (0.2 + s / 1000, 0.1)))
+                   for s in (121, 122, 123)] for norm in ("bn", "l2bn")}
+    lines = beyond.section(study, runs, tmp_path, Path("converged"))
+    text = "\n".join(lines)
+    cones = [40.0 + s % 4 + 1 for s in (121, 122, 123)]
+    assert f"| l2bn | 3 | " in text and f"{np.mean(cones):.2f} ± {np.std(cones, ddof=1):.2f}" in text
+    classes = np.mean([[float(s % 7 + c) for c in range(10)] for s in (121, 122, 123)], axis=0)
+    assert "| bn | 3 | " + " | ".join(f"{m:.1f}" for m in classes) + " |" in text  # epoch 2: the best val_acc
+    assert "0 T-shirt/top" in text and "long-tailed" not in text
+    stem_first = np.mean([0.2 + s / 1000 for s in (121, 122, 123)])
+    layer1_first, layer1_last = np.mean([0.2 + s / 1000 + 0.2 for s in (121, 122, 123)]), 0.2
+    assert "| Row | stem | layer1 |" in text
+    assert f"| bn | {stem_first:.3f} → 0.100 | {layer1_first:.3f} → {layer1_last:.3f} |" in text
+    assert (tmp_path / "norm_spread.png").stat().st_size > 0 and "](converged/norm_spread.png)" in text
+    assert beyond.stage_of("layer2.1.bn1") == "layer2" and beyond.stage_of("bn1") == "stem"
+
+
+def test_beyond_section_without_the_records_says_so_and_tests_no_cone(tmp_path):
+    from l2bn.studies import beyond, page
+
+    plain = [{"epoch": 1, "test_acc": 50.0, "train_acc": 60.0, "intra_train": 15.0, "intra_test": 16.0,
+              "inter": 45.0, "iir_train": 0.33, "iir_test": 0.36}]
+    runs = {n: [_fake_run(tmp_path, n, s, plain) for s in (121, 122)] for n in ("bn", "l2bn")}
+    assert "record none of these" in beyond.section(STUDIES["table1"], runs, tmp_path, Path("table1"))[0]
+    assert list(page._family(STUDIES["table1"], runs)["l2bn"]) == list(page.METRICS)
+    with_cone = {n: [_fake_run(tmp_path, n, s, _records(s, 40.0 + s % 2, [1.0] * 10, (0.2, 0.1)))
+                     for s in (121, 122, 123)] for n in ("bn", "l2bn")}
+    family = page._family(STUDIES["converged"], with_cone)["l2bn"]
+    assert list(family) == [*page.METRICS, "cone_train", "cone_test"] and family["cone_test"].paired
+    assert "Cone" not in page._paper_comparison(family)  # the paper makes no claim on the cone

@@ -78,8 +78,13 @@ class Run:
         earliest on ties) when it held out a validation split, else :attr:`best_acc`."""
         if not self.validated:
             return self.best_acc
-        best = max(self.records, key=lambda r: (r["val_acc"], -r["epoch"]))
-        return float(best["test_acc"])
+        return float(self.selected_record()["test_acc"])
+
+    def selected_record(self) -> dict:
+        """The epoch record :attr:`selected_acc` comes from: the best validation accuracy (the earliest on ties)
+        with a validation split, else the best logged test accuracy."""
+        key = "val_acc" if self.validated else "test_acc"
+        return max(self.records, key=lambda r: (r[key], -r["epoch"]))
 
     @property
     def final_acc(self) -> float:
