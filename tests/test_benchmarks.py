@@ -23,6 +23,13 @@ def test_census_quick_prints_a_ratio_for_every_shape_and_a_model_total():
     assert ("128x512", "NCHW", "train") in {r[:3] for r in rows}
     assert re.search(r"^worst ratio: train [\d.]+ \(target 1.10\), eval [\d.]+", result.stdout, flags=re.M)
     assert re.search(r"^\| quick \| channels_last \| eval \| 4 \|", result.stdout, flags=re.M)
+    counts = re.search(r"^within the target: train (\d+) of (\d+), eval (\d+) of (\d+)$", result.stdout, flags=re.M)
+    shape_rows = [r for r in rows if r[0] != "quick"]  # not the per-model totals
+    timed = {m: sum(1 for r in shape_rows if r[2] == m) for m in ("train", "eval")}
+    assert counts and (int(counts[2]), int(counts[4])) == (timed["train"], timed["eval"])
+    assert int(counts[1]) == sum(1 for r in shape_rows if r[2] == "train" and float(r[3]) <= 1.10)
+    assert re.search(r"^per call, eval, 2x4x2x3 \(µs.*BatchNorm2d [\d.]+, L2BatchNorm2d [\d.]+, torch.batch_norm "
+                     r"[\d.]+, l2_batch_norm [\d.]+, the CPU op alone [\d.]+$", result.stdout, flags=re.M)
 
 
 def test_epoch_benchmark_quick_prints_every_variants_ratio():

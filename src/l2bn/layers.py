@@ -68,16 +68,16 @@ class _L2BatchNorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, torch.fx.Proxy):  # fx symbolic tracing: checked when the graph runs
             self._check_input_dim(input)
-        factor = self._average_factor(input)
-        use_batch_stats = self.training or self.running_mean is None
-        keep_running = not self.training or self.track_running_stats
+        training, running_mean = self.training, self.running_mean
+        factor = self._average_factor(input) if training else 0.0  # unused in evaluation mode
+        keep_running = not training or self.track_running_stats
         return l2_batch_norm(
             input,
-            self.running_mean if keep_running else None,
+            running_mean if keep_running else None,
             self.running_var if keep_running else None,
             self.weight,
             self.bias,
-            use_batch_stats,
+            training or running_mean is None,
             factor,
             self.eps,
             rescale=self.rescale,
