@@ -6,7 +6,8 @@
 //   forward (training)  per (n, c): shifted sums → mean m, Σ_S (x − m)²                  (one read of x)
 //                       O(N·C) algebra in float64: r_n, μ_c, σ²_c (Chan et al.'s pooled variance)
 //                       y = x·a[n,c] + b[c]                                                  (one read, one write)
-//   forward (eval)      per sample ‖x_n‖, then its output while it is in cache               (one read, one write)
+//   forward (eval)      per sample: x·gain_c written while ‖x_n‖ is summed, then y·r_n + shift_c in place
+//                       while the sample is in cache (small samples: ‖x_n‖, then the output)  (one read, one write)
 //   backward            per (n, c): m, Σ (x − m)², Σ dy, Σ dy·(x − m)                       (one read of x, dy)
 //                       dx = dy·P[n,c] + x·Q[n,c] + R[n,c]                                  (one read each, one write)
 //
