@@ -96,7 +96,7 @@ def test_figures_are_pngs_with_content(grid):
 def test_curve_mean_and_band_over_common_epochs(grid):
     root, made = grid
     runs = [r for r in report.find_runs(root) if r.norm == "bn"]
-    epochs, mean, std = report._curve(runs, "intra_test")
+    epochs, mean, std = report.mean_curve(runs, "intra_test")
     assert list(epochs) == [2, 3]
     values = [[made[("bn", s)][1][e - 1]["intra_test"] for s in (121, 122, 123)] for e in (2, 3)]
     assert list(mean) == pytest.approx([statistics.mean(v) for v in values])

@@ -141,7 +141,7 @@ def _plot_spread(curves: dict, stages: list[str], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, len(stages), figsize=(3.6 * len(stages) + 1.5, 3.6), layout="constrained",
                              squeeze=False)
-    colors = report._colors(list(curves))
+    colors = report.norm_colors(list(curves))
     for ax, stage in zip(axes[0], stages):
         for label, c in curves.items():
             if stage in c:
@@ -149,7 +149,7 @@ def _plot_spread(curves: dict, stages: list[str], path: Path) -> Path:
                 ax.plot(epochs, mean, color=colors[label], label=label, marker="." if len(epochs) < 30 else None)
                 ax.fill_between(epochs, mean - std, mean + std, color=colors[label], alpha=0.2, linewidth=0)
         ax.set(xlabel="epoch", ylabel="CV of ‖x_n‖ across the batch", title=stage)
-    return report._save_figure(fig, list(axes[0]), "Spread of the per-sample norms at the norm layers' input",
+    return report.save_figure(fig, list(axes[0]), "Spread of the per-sample norms at the norm layers' input",
                                path)
 
 

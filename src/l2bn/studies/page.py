@@ -223,7 +223,7 @@ def _per_epoch_table(runs: dict[str, list[report.Run]]) -> list[str]:
 
 def _epoch_means(group: Sequence[report.Run], key: str) -> dict[int, float]:
     """Mean over the group's finished runs of ``key`` at every epoch they all logged (the figures' curve)."""
-    curve = report._curve([r for r in group if not r.failed], key)
+    curve = report.mean_curve([r for r in group if not r.failed], key)
     return {} if curve is None else {int(e): float(m) for e, m in zip(curve[0], curve[1])}
 
 

@@ -31,7 +31,7 @@ from .rundir import ANGLE_KEYS, ANGLE_TITLES, RunDir
 
 __all__ = [
     "Run", "load_run", "find_runs", "summarize", "write_table", "plot_curves", "write_report", "TABLE_METRICS",
-    "device_rows", "write_device_table", "plot_confusion", "grid_title",
+    "device_rows", "write_device_table", "plot_confusion", "grid_title", "mean_curve", "norm_colors", "save_figure",
 ]
 
 # (key in metrics.jsonl, column title), in the paper's column order
@@ -217,7 +217,7 @@ def write_table(rows: Sequence[dict], out_dir: str | os.PathLike, *, title: str 
     return md, csv_path
 
 
-def _curve(group: Sequence[Run], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def mean_curve(group: Sequence[Run], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Epochs every run of ``group`` logged ``key`` at, with the mean and std across runs."""
     per_run = [{r["epoch"]: r[key] for r in run.records if key in r} for run in group]
     epochs = sorted(set.intersection(*(set(d) for d in per_run))) if per_run else []
@@ -229,7 +229,7 @@ def _curve(group: Sequence[Run], key: str) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def _plot_band(ax, group: Sequence[Run], key: str, label: str, color, linestyle: str = "-") -> None:
-    curve = _curve(group, key)
+    curve = mean_curve(group, key)
     if curve is None:
         return
     epochs, mean, std = curve
@@ -237,7 +237,7 @@ def _plot_band(ax, group: Sequence[Run], key: str, label: str, color, linestyle:
     ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
 
 
-def _colors(names: Sequence[str]) -> dict[str, tuple]:
+def norm_colors(names: Sequence[str]) -> dict[str, tuple]:
     """One distinct colour a norm: tab10 up to ten norms, tab20 up to twenty (cycling beyond)."""
     import matplotlib.pyplot as plt
 
@@ -245,7 +245,7 @@ def _colors(names: Sequence[str]) -> dict[str, tuple]:
     return {n: cmap(i % size) for i, n in enumerate(names)}
 
 
-def _save_figure(fig, axes, title: str | None, path: Path, extra_handles: Sequence = ()) -> Path:
+def save_figure(fig, axes, title: str | None, path: Path, extra_handles: Sequence = ()) -> Path:
     """Grid on every panel, one legend for the figure (outside, right; its norms, plus ``extra_handles``
     such as the train/test styles), the common title; then write the PNG and free the figure."""
     import matplotlib.pyplot as plt
@@ -292,7 +292,7 @@ def _plot_angle_dots(axes, groups: dict[str, list[Run]], colors: dict[str, tuple
     for ax, (keys, ylabel, title) in zip(axes, _ANGLE_PANELS):
         for i, norm in enumerate(names):
             for key, offset in zip(keys, (-0.15, 0.15) if len(keys) == 2 else (0.0,)):
-                curve = _curve(groups[norm], key)
+                curve = mean_curve(groups[norm], key)
                 if curve is None:
                     continue
                 _, mean, std = curve
@@ -322,7 +322,7 @@ def plot_curves(runs: Iterable[Run], out_dir: str | os.PathLike, norms: Sequence
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups = {n: [r for r in g if not r.failed] for n, g in _group(runs, norms).items()}
-    colors = _colors(list(groups))
+    colors = norm_colors(list(groups))
     written = []
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
@@ -331,7 +331,7 @@ def plot_curves(runs: Iterable[Run], out_dir: str | os.PathLike, norms: Sequence
         _plot_band(axes[1], group, "train_loss", norm, colors[norm])
     axes[0].set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     axes[1].set(xlabel="epoch", ylabel="training loss", title="Training loss", yscale="log")
-    written.append(_save_figure(fig, axes, title, out / "curves.png"))
+    written.append(save_figure(fig, axes, title, out / "curves.png"))
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
     dots = len(_angle_epochs(groups)) <= 1
@@ -344,7 +344,7 @@ def plot_curves(runs: Iterable[Run], out_dir: str | os.PathLike, norms: Sequence
                     _plot_band(ax, group, key, norm, colors[norm], "--" if key.endswith("_test") else "-")
         for ax, (_, ylabel, panel_title) in zip(axes, _ANGLE_PANELS):
             ax.set(xlabel="epoch", ylabel=ylabel, title=panel_title)
-    written.append(_save_figure(fig, axes, title, out / "angles.png", _train_test_handles(dots)))
+    written.append(save_figure(fig, axes, title, out / "angles.png", _train_test_handles(dots)))
     return written
 
 
