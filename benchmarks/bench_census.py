@@ -84,7 +84,7 @@ def print_call_overhead(shape: tuple[int, ...] = (2, 4, 2, 3), number: int = 200
     """Per-call time of an eval call on a tiny tensor (µs, timeit minimum): where the arithmetic is nothing,
     the layer's Python path and the op's dispatch are the whole cost."""
     from l2bn.functional import l2_batch_norm
-    from l2bn.kernels import IMPLEMENTATIONS
+    from l2bn.kernels import IMPLEMENTATIONS, cpp
 
     x = torch.randn(shape)
     bn, l2 = nn.BatchNorm2d(shape[1]).eval(), L2BatchNorm2d(shape[1]).eval()
@@ -92,7 +92,9 @@ def print_call_overhead(shape: tuple[int, ...] = (2, 4, 2, 3), number: int = 200
     calls = {"BatchNorm2d": lambda: bn(x), "L2BatchNorm2d": lambda: l2(x),
              "torch.batch_norm": lambda: torch.batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                                                           False, 0.1, 1e-5, False),
-             "l2_batch_norm": lambda: l2_batch_norm(x, *args), "the CPU op alone": lambda: IMPLEMENTATIONS["cpp"](x, *args)}
+             "l2_batch_norm": lambda: l2_batch_norm(x, *args)}
+    if cpp.available():  # without a compiler the layers run the torch-op path and there is no op to time
+        calls["the CPU op alone"] = lambda: IMPLEMENTATIONS["cpp"](x, *args)
     with torch.no_grad():
         times = {name: min(timeit.repeat(call, number=number, repeat=repeat)) / number * 1e6
                  for name, call in calls.items()}

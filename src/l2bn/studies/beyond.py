@@ -34,8 +34,8 @@ def _finished(runs: dict[str, list[report.Run]]) -> dict[str, list[report.Run]]:
 
 def final_value(run: report.Run, key: str) -> float | None:
     """``key`` at the last epoch that measured the angles (where the cone angles are logged), if recorded."""
-    measured = [r for r in run.records if "iir_train" in r]
-    value = measured[-1].get(key) if measured else None
+    last = run.last_measured_record()
+    value = None if last is None else last.get(key)
     return None if value is None else float(value)
 
 
@@ -105,15 +105,10 @@ def stage_spread(record: dict) -> dict[str, float]:
 def _spread_curves(group: Sequence[report.Run]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per stage: the epochs every run of ``group`` logged the spread at, its mean and std over the runs."""
     per_run = [{r["epoch"]: stage_spread(r) for r in run.records if "norm_cv" in r} for run in group]
-    epochs = sorted(set.intersection(*(set(d) for d in per_run))) if per_run else []
-    if not epochs:
-        return {}
-    out = {}
-    for stage in per_run[0][epochs[0]]:
-        values = np.array([[d[e][stage] for e in epochs] for d in per_run], dtype=np.float64)
-        std = values.std(axis=0, ddof=1) if len(per_run) > 1 else np.zeros(len(epochs))
-        out[stage] = (np.array(epochs), values.mean(axis=0), std)
-    return out
+    stages = dict.fromkeys(s for d in per_run for spread in d.values() for s in spread)
+    bands = {s: report.mean_band([{e: spread[s] for e, spread in d.items() if s in spread} for d in per_run])
+             for s in stages}
+    return {s: band for s, band in bands.items() if band is not None}
 
 
 def _spread_lines(runs: dict[str, list[report.Run]], out_dir: Path, rel: Path) -> list[str]:

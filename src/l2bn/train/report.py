@@ -31,7 +31,8 @@ from .rundir import ANGLE_KEYS, ANGLE_TITLES, RunDir
 
 __all__ = [
     "Run", "load_run", "find_runs", "summarize", "write_table", "plot_curves", "write_report", "TABLE_METRICS",
-    "device_rows", "write_device_table", "plot_confusion", "grid_title", "mean_curve", "norm_colors", "save_figure",
+    "device_rows", "write_device_table", "plot_confusion", "grid_title", "mean_curve", "mean_band", "norm_colors",
+    "save_figure",
 ]
 
 # (key in metrics.jsonl, column title), in the paper's column order
@@ -100,8 +101,13 @@ class Run:
 
     def final_angles(self) -> dict[str, float]:
         """Angle metrics of the last epoch that measured them (empty if none did)."""
+        last = self.last_measured_record()
+        return {k: float(last[k]) for k, _ in TABLE_METRICS} if last is not None else {}
+
+    def last_measured_record(self) -> dict | None:
+        """The record of the last epoch that measured the angle metrics (and the cone angles with them)."""
         measured = [r for r in self.records if "iir_train" in r]
-        return {k: float(measured[-1][k]) for k, _ in TABLE_METRICS} if measured else {}
+        return measured[-1] if measured else None
 
 
 def load_run(path: str | os.PathLike) -> Run:
@@ -219,7 +225,11 @@ def write_table(rows: Sequence[dict], out_dir: str | os.PathLike, *, title: str 
 
 def mean_curve(group: Sequence[Run], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Epochs every run of ``group`` logged ``key`` at, with the mean and std across runs."""
-    per_run = [{r["epoch"]: r[key] for r in run.records if key in r} for run in group]
+    return mean_band([{r["epoch"]: r[key] for r in run.records if key in r} for run in group])
+
+
+def mean_band(per_run: Sequence[dict[int, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """From one ``{epoch: value}`` a run: the epochs all runs have, with the mean and std (ddof 1) across runs."""
     epochs = sorted(set.intersection(*(set(d) for d in per_run))) if per_run else []
     if not epochs:
         return None
