@@ -48,3 +48,14 @@ def test_epoch_benchmark_quick_prints_every_variants_ratio():
                  "batched", "in-memory, inference_mode, 256"):
         assert float(ratios[name]) > 0, name
     assert float(ratios["current (per-sample, NCHW, eager)"]) == 1.0
+
+
+def test_ab_benchmark_prints_both_ratios_for_each_shape():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ab.py"), "4x3x4x4,4x3x4x4cl,6x5",
+                             "--mode", "train"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = re.findall(r"^\s*(\S+) train calls +(\d+) .* ratio min ([\d.]+)  ratio p25 ([\d.]+)$", result.stdout,
+                      flags=re.M)
+    assert [r[0] for r in rows] == ["4x3x4x4", "4x3x4x4cl", "6x5"]
+    assert all(int(r[1]) == 400 and float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
