@@ -1,6 +1,6 @@
 """Training-epoch throughput of the studies' path (Fashion-MNIST, ResNet-20, batch 128) and its faster variants.
 
-    python benchmarks/bench_epoch.py [--threads 1 2] [--norms bn l2bn] [--steps 4] [--rounds 3] [--compile]
+    python benchmarks/bench_epoch.py [--threads 1 2] [--norms bn l2bn] [--steps 4] [--rounds 3] [--compile] [--amp]
 
 Times, in one process and interleaved (A, B, C, A, B, C, ...; median of the rounds), N training steps of each
 variant — the current path (DataLoader with per-sample torchvision transforms, NCHW, eager) against
@@ -8,7 +8,9 @@ channels_last, whole-batch augmentation (``augment="batched"``), ``torch.compile
 the test pass of evaluation (current DataLoader + ``no_grad`` against in-memory batches, ``inference_mode``
 and larger batches), and the batch producers alone. Prints images/s and each ratio to the current path.
 Compile time is measured separately (first steps minus steady steps) and amortised over an epoch of 469
-steps (60 000 images) and of 39 steps (a 5 000-image subset). ``--quick`` is the suite's smoke test.
+steps (60 000 images) and of 39 steps (a 5 000-image subset). ``--amp`` adds the fast path under CPU autocast to
+bfloat16 (the runner's ``--amp bf16``: convolutions in bfloat16, a documented change of the records' numerics),
+for training and the test pass. ``--quick`` is the suite's smoke test.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ class Variant:
     channels_last: bool = False
     augment: str = "per-sample"
     compile: bool = False
+    amp: bool = False
     times: list[float] = field(default_factory=list)
     compile_seconds: float = 0.0
 
@@ -58,6 +61,7 @@ def _build(variant: Variant, data, norm: str, batch: int):
     net.to(memory_format=fmt)
     optimizer, scheduler = build_optimizer(net, config.recipe, 469)
     model = torch.compile(net) if variant.compile else net
+    autocast = _autocast(variant.amp)
     criterion = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(1)
     loader = make_train_loader(config, data.train, batch, torch.device("cpu"),
@@ -69,8 +73,9 @@ def _build(variant: Variant, data, norm: str, batch: int):
 
     def step(x, y):
         x = x.contiguous(memory_format=fmt)
-        logits = model(x)
-        loss = criterion(logits, y)
+        with autocast():
+            logits = model(x)
+            loss = criterion(logits, y)
         float(loss.detach()), int((logits.argmax(1) == y).sum())  # the engine's per-step statistics (a sync)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -78,6 +83,11 @@ def _build(variant: Variant, data, norm: str, batch: int):
         scheduler.step()
 
     return step, batches()
+
+
+def _autocast(amp: bool):
+    """The context the runner's ``--amp bf16`` trains and evaluates under (or none)."""
+    return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
 
 
 def _timed(step, stream, steps: int) -> float:
@@ -118,9 +128,10 @@ def bench_loaders(data, batch: int, batches: int, rounds: int) -> dict[str, floa
     return {k: batches * batch / statistics.median(v) for k, v in times.items()}
 
 
-def bench_eval(data, norm: str, images: int, rounds: int) -> dict[str, float]:
+def bench_eval(data, norm: str, images: int, rounds: int, amp: bool = False) -> dict[str, float]:
     """Images/s of the test pass: the current DataLoader + no_grad against in-memory batches, inference_mode
-    and batch 1024 (the last changes test_loss's summation order, so its records are not bit-identical)."""
+    and batch 1024 (the last changes test_loss's summation order, so its records are not bit-identical), and with
+    ``amp`` in-memory batches under bfloat16 autocast, NCHW and channels_last."""
     torch.manual_seed(0)
     net = build_model("resnet20", num_classes=10, in_channels=1, norm=norm).eval()
     test = Subset(data.test, range(images))
@@ -131,24 +142,31 @@ def bench_eval(data, norm: str, images: int, rounds: int) -> dict[str, float]:
         "in-memory, inference_mode, 256": (InMemoryBatches(test, source, 256), torch.inference_mode),
         "in-memory, inference_mode, 1024": (InMemoryBatches(test, source, 1024), torch.inference_mode),
     }
-    forward = _forward_fn(net, torch.device("cpu"), None, False)
+    forwards = {name: _forward_fn(net, torch.device("cpu"), None, False) for name in variants}
+    if amp:
+        for name, channels_last in (("in-memory, no_grad, 256, bf16 autocast", False),
+                                    ("in-memory, no_grad, 256, bf16 autocast, channels_last", True)):
+            variants[name] = (InMemoryBatches(test, source, 256), contextlib.nullcontext)
+            forwards[name] = _forward_fn(net, torch.device("cpu"), "bf16", channels_last)
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         for name, (loader, mode) in variants.items():
             start = time.perf_counter()
             with mode():
-                test_pass(forward, loader, num_classes=10, device=torch.device("cpu"))
+                test_pass(forwards[name], loader, num_classes=10, device=torch.device("cpu"))
             times[name].append(time.perf_counter() - start)
     return {k: images / statistics.median(v) for k, v in times.items()}
 
 
-def _variants(with_compile: bool) -> list[Variant]:
+def _variants(with_compile: bool, with_amp: bool = False) -> list[Variant]:
     out = [Variant("current (per-sample, NCHW, eager)"), Variant("channels_last", channels_last=True),
            Variant("batched augment", augment="batched"),
            Variant("batched + channels_last", channels_last=True, augment="batched")]
     if with_compile:
         out += [Variant("compile", compile=True),
                 Variant("compile + batched + channels_last", channels_last=True, augment="batched", compile=True)]
+    if with_amp:
+        out += [Variant("batched + channels_last + bf16 autocast", channels_last=True, augment="batched", amp=True)]
     return out
 
 
@@ -183,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--eval-images", type=int, default=2560)
     p.add_argument("--compile", action="store_true", help="also time torch.compile variants (minutes to compile)")
+    p.add_argument("--amp", action="store_true", help="also time the fast path under bfloat16 autocast")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (the test suite's)")
     args = p.parse_args(argv)
     if args.quick:
@@ -194,11 +213,11 @@ def main(argv: list[str] | None = None) -> None:
         _print_rates(f"training batch producer, {threads} thread(s)", bench_loaders(data, args.batch, 8, args.rounds))
         for norm in args.norms:
             print(f"\n### {norm}, {threads} thread(s), batch {args.batch}, {args.steps} steps x {args.rounds} rounds\n")
-            variants = _variants(args.compile)
+            variants = _variants(args.compile, args.amp)
             bench_training(variants, data, norm, args.batch, args.steps, args.rounds)
             _print_training(variants, args.batch, args.steps)
             _print_rates(f"test pass ({args.eval_images} images), {norm}",
-                         bench_eval(data, norm, args.eval_images, args.rounds))
+                         bench_eval(data, norm, args.eval_images, args.rounds, args.amp))
     print(f"\nload average after: {_load()}")
 
 

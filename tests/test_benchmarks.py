@@ -40,12 +40,14 @@ def test_epoch_benchmark_quick_prints_every_variants_ratio():
     if not FASHION_MNIST_SYSTEM_DIR.is_dir():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_epoch.py"), "--quick"], env=env,
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_epoch.py"), "--quick", "--amp"],
+                            env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     ratios = dict(re.findall(r"^\| ([^|]+?) \| \d+ \| ([\d.]+) \|", result.stdout, flags=re.M))
     for name in ("current (per-sample, NCHW, eager)", "channels_last", "batched augment", "batched + channels_last",
-                 "batched", "in-memory, inference_mode, 256"):
+                 "batched", "in-memory, inference_mode, 256", "batched + channels_last + bf16 autocast",
+                 "in-memory, no_grad, 256, bf16 autocast, channels_last"):
         assert float(ratios[name]) > 0, name
     assert float(ratios["current (per-sample, NCHW, eager)"]) == 1.0
 
@@ -59,3 +61,44 @@ def test_ab_benchmark_prints_both_ratios_for_each_shape():
                       flags=re.M)
     assert [r[0] for r in rows] == ["4x3x4x4", "4x3x4x4cl", "6x5"]
     assert all(int(r[1]) == 400 and float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+
+
+def _fake_run(root: Path, norm: str, seed: int, acc: float, intra: float, *, amp: str | None, lr: float = 0.1) -> None:
+    import json
+
+    run = root / f"{norm}-s{seed}"
+    run.mkdir(parents=True)
+    config = {"norm": norm, "seed": seed, "amp": amp, "out": str(run), "recipe": {"lr": lr, "seeds": [seed]}}
+    final = {"intra_train": intra, "inter": 30.0 + seed % 3, "iir_train": intra / 30.0}
+    (run / "summary.json").write_text(json.dumps({"selected_test_acc": acc, "final": final, "config": config}))
+    (run / "timing.jsonl").write_text(json.dumps({"epoch": 1, "train_images_per_second": 100.0 * (2 if amp else 1)}))
+
+
+def test_amp_parity_pairs_seeds_and_recomputes_the_paired_t_test(tmp_path):
+    import numpy as np
+    from scipy.stats import ttest_rel
+
+    first, second = [85.0, 86.1, 85.4, 86.3], [85.3, 86.0, 85.9, 86.2]
+    for i, seed in enumerate((121, 122, 123, 124)):
+        _fake_run(tmp_path / "a", "bn", seed, first[i], 15.0 + i, amp=None)
+        _fake_run(tmp_path / "b", "bn", seed, second[i], 15.5 + i, amp="bf16")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    script = str(ROOT / "benchmarks" / "amp_parity.py")
+    result = subprocess.run([sys.executable, script, str(tmp_path / "a"), str(tmp_path / "b")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = re.search(r"^\| bn \| selected test acc \(%\) \| ([\d.]+) \| ([\d.]+) \| ([+-][\d.]+) \| "
+                    r"\[([+-][\d.]+), ([+-][\d.]+)\] \| ([\d.]+) \| ±([\d.]+) \| 4\+4 paired \|$", result.stdout, re.M)
+    assert row, result.stdout
+    expected = ttest_rel(second, first)
+    interval = expected.confidence_interval(0.95)
+    assert float(row[3]) == round(float(np.mean(second) - np.mean(first)), 3)
+    assert (float(row[4]), float(row[5])) == (round(interval.low, 3), round(interval.high, 3))
+    assert float(row[6]) == round(expected.pvalue, 2)
+    assert re.search(r"^\| bn \| training images/s \(median\) \| 100 \| 200 \| ×2.00 \|", result.stdout, re.M)
+    # a second set that also changes the learning rate is not a precision comparison
+    _fake_run(tmp_path / "c", "bn", 121, 85.0, 15.0, amp="bf16", lr=0.2)
+    _fake_run(tmp_path / "c", "bn", 122, 85.0, 15.0, amp="bf16", lr=0.2)
+    result = subprocess.run([sys.executable, script, str(tmp_path / "a"), str(tmp_path / "c")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "recipe.lr" in result.stderr
