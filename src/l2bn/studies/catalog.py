@@ -222,7 +222,7 @@ STUDIES: dict[str, Study] = {
     ),
     "smallbatch": Study(
         name="smallbatch", title="Small batches: BN, L2BN and GN at batch 8, 16 and 128, ResNet-20, five seeds",
-        reproduces="the paper's premise that BN's batch statistics are the problem, as batch noise grows "
+        reproduces="premise that BN's batch statistics are the problem, as batch noise grows "
                    "(not a table of the paper)",
         grids=tuple(Grid(f"batch {b}", f"b{b}", ("bn", "l2bn", "gn-cpg4"),
                          recipe=(("batch_size", b), ("lr", 0.1 * b / 128))) for b in (128, 16, 8)),
@@ -233,7 +233,7 @@ STUDIES: dict[str, Study] = {
     ),
     "mechanism": Study(
         name="mechanism", title="Where sample norms differ most: BN vs L2BN on long-tailed and noisy-label data",
-        reproduces="the paper's mechanism (section 3: unequal per-sample norms hurt BN), with the norm spread "
+        reproduces="mechanism (section 3: unequal per-sample norms hurt BN), with the norm spread "
                    "at every norm layer",
         grids=(Grid("imbalance 100:1", "imbalance", ("bn", "l2bn"), train_subset=20_000, imbalance=100.0),
                Grid("30 % label noise", "noise", ("bn", "l2bn"), label_noise=0.3)),

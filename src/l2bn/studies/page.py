@@ -111,7 +111,7 @@ def _command_section(study: Study, command: str, root: Path) -> list[str]:
               if study.runs_of else "")
     return [
         "```bash", command, "```", "",
-        f"Run folders: `{where}/` ({'one grid a placement, ' if len(study.grids) > 1 else ''}"
+        f"Run folders: `{where}/` ({'one folder a grid, ' if len(study.grids) > 1 else ''}"
         "`runs/<norm>-s<seed>/`: config, metrics, timing, summary; checkpoints are not committed). Rerunning the "
         "command skips finished runs and resumes interrupted ones; add `--report-only` to rebuild this page "
         f"from the run folders without training.{shared}", "",
