@@ -265,6 +265,55 @@ def test_torch_func_grad_jacrev_vmap(impl, monkeypatch):
     torch.testing.assert_close(vmap(layer)(batch), torch.stack([formula(b, layer, True) for b in batch]))
 
 
+def _formula_with(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, training: bool):
+    """:func:`formula` with ``weight`` and ``bias`` in place of the layer's (differentiable in them)."""
+    shape = (1, -1, 1, 1)
+    plain = formula(x, layer, training)
+    with torch.no_grad():
+        standardised = (plain - layer.bias.to(F64).view(shape)) / layer.weight.to(F64).view(shape)
+    return standardised * weight.view(shape) + bias.view(shape)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch's jvp decompositions
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("impl", ["auto", *FAST, "reference"])
+def test_transforms_over_the_parameters_only(training, impl, monkeypatch):
+    """torch.func.grad over the weight and bias of a plain input (functional_call: meta-learning, per-model
+    gradients) and a forward-mode dual weight take the reference composition under every setting (the compiled
+    op refused both: "cannot use C++ torch::autograd::Function with functorch transforms", "jvp")."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call, grad
+
+    monkeypatch.setenv(dispatch.IMPL_ENV_VAR, impl)
+    layer = l2bn.L2BatchNorm2d(3, dtype=F64).train(training)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+        layer.running_mean.normal_()
+    if training:  # no running-statistics update under a transform (as for BatchNorm)
+        torch.func.replace_all_batch_norm_modules_(layer)
+    x = sample(4, 3, 3).double()
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(params):
+        return functional_call(layer, params, (x,)).sin().sum()
+
+    w, b = (params[k].clone().requires_grad_() for k in ("weight", "bias"))
+    _formula_with(layer, w, b, x, training).sin().sum().backward()
+    got = grad(loss)(params)
+    torch.testing.assert_close(got["weight"], w.grad)
+    torch.testing.assert_close(got["bias"], b.grad)
+    tangent = torch.randn(3, dtype=F64)
+    _, want = torch.autograd.functional.jvp(lambda w: _formula_with(layer, w, params["bias"], x, training),
+                                            params["weight"], tangent)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(params["weight"], tangent)
+        out = fwAD.unpack_dual(l2bn.l2_batch_norm(x, None if training else layer.running_mean,
+                                                  None if training else layer.running_var, dual, params["bias"],
+                                                  training, 0.1, layer.eps))
+    torch.testing.assert_close(out.tangent, want)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch's jvp decompositions
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("impl", ["auto", *FAST, "reference"])

@@ -112,7 +112,7 @@ def l2_batch_norm(
     """
     _check_inputs(input, running_mean, running_var, weight, bias, training, eps)
     check_l2_eps(l2_eps)
-    fn = resolve_impl(impl, input)
+    fn = resolve_impl(impl, input, weight, bias)
     return fn(
         input, running_mean, running_var, weight, bias, training, momentum, eps, rescale=rescale, l2_eps=l2_eps
     )

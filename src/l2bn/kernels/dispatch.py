@@ -7,8 +7,8 @@ tensors (when it builds), else the torch-op fused path. Two situations override 
 - **a graph tracer whose artifact must be plain, differentiable aten ops** — ``torch.export`` (the
   exported module is trained with autograd, and saved programs must load without l2bn),
   ``torch.jit.trace`` (also the legacy ``torch.onnx.export(dynamo=False)``), ``torch.fx`` symbolic
-  tracing, the ``torch.func`` transforms and ``torch.autograd.forward_ad`` dual inputs (the fast paths
-  have no jvp) — runs the reference composition, which keeps D = C·|S| symbolic. ``torch.compile`` is not one of them: it traces the fused path's autograd.Function.
+  tracing, the ``torch.func`` transforms and ``torch.autograd.forward_ad`` duals, of the input or of the
+  weight and bias (the fast paths have no jvp) — runs the reference composition, which keeps D = C·|S| symbolic. ``torch.compile`` is not one of them: it traces the fused path's autograd.Function.
 
 The compiled CPU kernel's autograd node is its own (C++): it computes batched gradients
 (``torch.autograd.grad(..., is_grads_batched=True)``, gradcheck's ``check_batched_grad``) through ATen ops,
@@ -76,7 +76,7 @@ def prefers_cpp(input: Tensor) -> bool:
     return False
 
 
-def aten_tracer(input: Tensor) -> str | None:
+def aten_tracer(input: Tensor, *params: Tensor | None) -> str | None:
     """The name of the active tracer that needs the reference composition (see the module docstring), or None."""
     if torch._C._get_tracing_state() is not None:  # torch.jit.is_tracing() outside TorchScript
         return "torch.jit.trace"
@@ -86,10 +86,12 @@ def aten_tracer(input: Tensor) -> str | None:
         return None
     if isinstance(input, torch.fx.Proxy):
         return "torch.fx"
-    if torch._C._functorch.is_functorch_wrapped_tensor(input):
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if wrapped(input) or any(t is not None and wrapped(t) for t in params):  # a transform over input or weights
         return "torch.func"
-    if forward_ad._current_level >= 0 and forward_ad.unpack_dual(input).tangent is not None:
-        return "forward-mode AD"  # torch.autograd.forward_ad dual input: the fast paths have no jvp
+    if forward_ad._current_level >= 0 and any(  # torch.autograd.forward_ad duals: the fast paths have no jvp
+            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in (input, *params)):
+        return "forward-mode AD"
     return None
 
 
@@ -105,17 +107,18 @@ def impl_setting() -> str:
     return os.environ.get(IMPL_ENV_VAR) or "auto"
 
 
-def impl_name(impl: str | None, input: Tensor) -> str:
-    """The implementation that runs: the reference for empty inputs and under aten tracers, else the
-    ``impl`` argument, else ``$L2BN_IMPL``, else the fastest for ``input`` (``auto``)."""
+def impl_name(impl: str | None, input: Tensor, *params: Tensor | None) -> str:
+    """The implementation that runs: the reference for empty inputs and under aten tracers (forward-mode AD:
+    a dual ``input`` or ``params``, the weight and bias), else the ``impl`` argument, else ``$L2BN_IMPL``, else
+    the fastest for ``input`` (``auto``)."""
     name = (impl if impl is not None else impl_setting()).lower()
     if name != "auto" and name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown L2BN implementation {name!r}; expected one of {['auto', *IMPLEMENTATIONS]}")
-    if aten_tracer(input) is not None or input.numel() == 0:
+    if aten_tracer(input, *params) is not None or input.numel() == 0:
         return "reference"
     return auto_impl(input) if name == "auto" else name
 
 
-def resolve_impl(impl: str | None, input: Tensor) -> Callable[..., Tensor]:
+def resolve_impl(impl: str | None, input: Tensor, *params: Tensor | None) -> Callable[..., Tensor]:
     """The function :func:`impl_name` names."""
-    return IMPLEMENTATIONS[impl_name(impl, input)]
+    return IMPLEMENTATIONS[impl_name(impl, input, *params)]
