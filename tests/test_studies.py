@@ -594,3 +594,50 @@ def test_beyond_section_without_the_records_says_so_and_tests_no_cone(tmp_path):
     family = page._family(STUDIES["converged"], with_cone)["l2bn"]
     assert list(family) == [*page.METRICS, "cone_train", "cone_test"] and family["cone_test"].paired
     assert "Cone" not in page._paper_comparison(family)  # the paper makes no claim on the cone
+
+
+def _angle_records(acc: float, intra: float, iir: float) -> list[dict]:
+    return [{"epoch": 1, "val_acc": acc, "test_acc": acc, "intra_train": intra, "intra_test": intra, "inter": 40.0,
+             "iir_train": iir, "iir_test": iir}]
+
+
+def test_across_grids_tests_the_change_of_each_effect_against_scipy_and_holm(tmp_path):
+    """The small-batch page's interaction: per seed, (L2BN − BN) in batch 16 against (L2BN − BN) in batch 128,
+    paired by seed (scipy's ttest_rel on the two effect lists), Holm over the section's own family; a grid
+    without runs (batch 8) is left out; recomputed here from the fake records."""
+    from scipy.stats import ttest_rel
+
+    from l2bn.studies import across, page
+
+    study = STUDIES["smallbatch"]
+    seeds = (121, 122, 123, 124)
+    acc = {("batch 128", "bn"): [86.0, 86.5, 85.8, 86.2], ("batch 128", "l2bn"): [86.4, 86.6, 86.3, 86.1],
+           ("batch 128", "gn-cpg4"): [76.0, 75.1, 77.2, 74.9], ("batch 16", "bn"): [87.0, 87.2, 86.9, 86.6],
+           ("batch 16", "l2bn"): [86.9, 86.8, 87.1, 86.2], ("batch 16", "gn-cpg4"): [82.0, 83.1, 82.4, 81.7]}
+    runs = {}
+    for (grid, norm), values in acc.items():
+        label = page.row_label(study, next(g for g in study.grids if g.label == grid), norm)
+        runs[label] = [_fake_run(tmp_path, f"{grid}-{norm}", s, _angle_records(v, 14.0 + i * 0.3 + (norm == "l2bn"),
+                                                                               0.45 + 0.01 * i))
+                       for i, (s, v) in enumerate(zip(seeds, values))]
+    text = "\n".join(page._reading_section(study, runs))
+    assert "**Across the grids.**" in text and "batch 8" not in text.split("**Across the grids.**")[1]
+    effect = {g: np.subtract(acc[(g, "l2bn")], acc[(g, "bn")]) for g in ("batch 128", "batch 16")}
+    expected = ttest_rel(effect["batch 16"], effect["batch 128"])
+    grid_rows = [(g.label, {n: page.row_label(study, g, n) for n in g.norms}) for g in study.grids]
+    tests = across.interactions(grid_rows, runs, "bn")
+    got = tests[("l2bn", "batch 16", "acc")]
+    assert got.paired and got.p == pytest.approx(expected.pvalue)
+    assert got.diff == pytest.approx(effect["batch 16"].mean() - effect["batch 128"].mean())
+    p_values = sorted(d.p for d in tests.values() if d.testable)
+    assert min(d.p_holm for d in tests.values() if d.testable) == pytest.approx(min(1.0, len(p_values) * p_values[0]))
+    assert (f"| l2bn | accuracy | {effect['batch 128'].mean():+.2f} points (4) | {effect['batch 16'].mean():+.2f} "
+            f"points (4) | {got.diff:+.2f} points [{got.low:+.2f}, {got.high:+.2f}]") in text
+    # one grid finished, or a study of one grid: no section
+    assert across.interactions(grid_rows[:1], runs, "bn") == {}
+    assert "Across the grids" not in "\n".join(page._reading_section(STUDIES["table1"], {
+        "bn": runs["batch 128: bn"], "l2bn": runs["batch 128: l2bn"]}))
+    placements = STUDIES["placement"]  # one norm a grid, the baseline a placement: nothing to compare across
+    rows = [(g.label, {n: page.row_label(placements, g, n) for n in g.norms}) for g in placements.grids]
+    assert across.interactions(rows, {label: runs["batch 128: bn"] for _, r in rows for label in r.values()},
+                               placements.baseline) == {}

@@ -13,6 +13,7 @@ Descriptive: means (± std) over seeds; only the cone angles are tested (with th
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +21,8 @@ import numpy as np
 
 from ..train import report
 
-__all__ = ["CONE_KEYS", "CONE_TITLES", "final_value", "recorded_cone", "section", "stage_of", "stage_spread"]
+__all__ = ["CONE_KEYS", "CONE_TITLES", "final_value", "recorded_cone", "section", "seed_values", "stage_of",
+           "stage_spread"]
 
 CONE_KEYS = ("cone_train", "cone_test")
 CONE_TITLES = {"cone_train": "Cone(train)", "cone_test": "Cone(test)"}
@@ -37,6 +39,19 @@ def final_value(run: report.Run, key: str) -> float | None:
     last = run.last_measured_record()
     value = None if last is None else last.get(key)
     return None if value is None else float(value)
+
+
+def seed_values(runs: Sequence[report.Run], metric: str) -> dict[int, float]:
+    """``{seed: value}`` of ``metric`` over the finished runs: ``"acc"`` the test accuracy at the selected epoch,
+    a cone key its last measured value, else the final model's angle metric; missing and non-finite values left out."""
+    ok = [r for r in runs if not r.failed]
+    if metric == "acc":
+        values = {r.seed: r.selected_acc for r in ok}
+    elif metric in CONE_KEYS:
+        values = {r.seed: final_value(r, metric) for r in ok}
+    else:
+        values = {r.seed: r.final_angles().get(metric) for r in ok}
+    return {s: float(v) for s, v in values.items() if v is not None and math.isfinite(v)}
 
 
 def recorded_cone(runs: dict[str, list[report.Run]]) -> tuple[str, ...]:

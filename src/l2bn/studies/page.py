@@ -25,8 +25,8 @@ from ..train import report
 from ..train.config import TrainConfig
 from ..train.report import grid_title
 from ..train.rundir import ANGLE_KEYS, ANGLE_TITLES, RunDir, read_jsonl
-from . import beyond
-from .beyond import CONE_KEYS, CONE_TITLES, recorded_cone
+from . import across, beyond
+from .beyond import CONE_TITLES, recorded_cone, seed_values
 from .catalog import CONTENDED_TIMING, EPOCH_SECONDS, STEP_RATIO, STUDY_JOBS, Grid, Study, estimate_seconds
 from .folder import environment_records, grid_dir
 from .paper import PAPER_CLAIM, PAPER_PROTOCOL, PAPER_SOURCE, paper_rows
@@ -93,7 +93,7 @@ def _key(identity: dict) -> str:
 
 
 def _values(runs: Sequence[report.Run], metric: str) -> list[float]:
-    return list(_by_seed(runs, metric).values())
+    return list(seed_values(runs, metric).values())
 
 
 def _title(study: Study) -> str:
@@ -345,22 +345,11 @@ def _family(study: Study, runs: dict[str, list[report.Run]]) -> dict[str, dict[s
             continue
         raw[label] = {}
         for metric in (*METRICS, *recorded_cone(runs)):
-            a, b, paired = paired_seeds(_by_seed(runs[label], metric), _by_seed(runs[baseline], metric))
+            a, b, paired = paired_seeds(seed_values(runs[label], metric), seed_values(runs[baseline], metric))
             raw[label][metric] = compare_groups(a, b, paired=paired)
     flat = holm([d for row in raw.values() for d in row.values()])
     it = iter(flat)
     return {label: {metric: next(it) for metric in row} for label, row in raw.items()}
-
-
-def _by_seed(runs: Sequence[report.Run], metric: str) -> dict[int, float]:
-    ok = [r for r in runs if not r.failed]
-    if metric == "acc":
-        values = {r.seed: r.selected_acc for r in ok}
-    elif metric in CONE_KEYS:
-        values = {r.seed: beyond.final_value(r, metric) for r in ok}
-    else:
-        values = {r.seed: r.final_angles().get(metric) for r in ok}
-    return {s: float(v) for s, v in values.items() if v is not None and math.isfinite(v)}
 
 
 def _reading_section(study: Study, runs: dict[str, list[report.Run]]) -> list[str]:
@@ -392,7 +381,11 @@ def _reading_section(study: Study, runs: dict[str, list[report.Run]]) -> list[st
         lines.append(f"- Diverged and left out: {', '.join(failed)}.")
     if study.runs_of:
         lines += _curves_reading(runs, study.baseline)
-    return lines + [""]
+    lines.append("")
+    grid_rows = [(g.label, {n: row_label(study, g, n) for n in g.norms}) for g in study.grids]
+    if changes := across.section(grid_rows, runs, study.baseline):
+        lines += ["**Across the grids.** " + changes[0], *changes[1:]]
+    return lines
 
 
 def _validated(runs: dict[str, list[report.Run]]) -> bool:
