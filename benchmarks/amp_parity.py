@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         rate_a = statistics.median(r["images_per_second"] for r in a_runs.values())
         rate_b = statistics.median(r["images_per_second"] for r in b_runs.values())
         print(f"| {norm} | training images/s (median) | {rate_a:.0f} | {rate_b:.0f} | ×{rate_b / rate_a:.2f} | | | | |")
+    print("\nimages/s: the median epoch of each run's timing.jsonl — a speed comparison only where both sets ran "
+          "under the same load (time it side by side otherwise: docs/performance.md).")
 
 
 if __name__ == "__main__":
