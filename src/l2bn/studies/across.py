@@ -14,13 +14,12 @@ from typing import Sequence
 import numpy as np
 
 from ..train import report
-from .beyond import seed_values
+from .beyond import METRIC_TITLES, METRIC_UNITS, metric_digits, seed_values
 from .stats import Difference, compare_groups, holm, paired_seeds
 
 __all__ = ["METRICS", "effects", "finished_grids", "interactions", "section"]
 
-METRICS = {"acc": ("accuracy", " points", 2), "intra_train": ("Intra(train)", "°", 2),
-           "iir_train": ("IIR train", "", 3)}
+METRICS = ("acc", "intra_train", "iir_train")  # titled, united and rounded as on the rest of the page
 
 GridRows = Sequence[tuple[str, dict[str, str]]]  # per grid: (its label, {norm: the page's row label})
 
@@ -82,7 +81,8 @@ def section(grids: GridRows, runs: dict[str, list[report.Run]], baseline: str) -
              + " | ".join(f"{label} − {first}" for label in later) + " |",
              "|---|---|" + "---:|" * len(grids) + "---|" * len(later)]
     for norm in dict.fromkeys(key[0] for key in tests):
-        for metric, (title, unit, digits) in METRICS.items():
+        for metric in METRICS:
+            title, unit, digits = METRIC_TITLES[metric], METRIC_UNITS[metric], metric_digits(metric)
             means = []
             for _, rows in grids:
                 e = list(effects(runs, rows[norm], rows[baseline], metric).values())

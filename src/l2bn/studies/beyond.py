@@ -20,12 +20,16 @@ from typing import Sequence
 import numpy as np
 
 from ..train import report
+from ..train.rundir import ANGLE_TITLES
 
-__all__ = ["CONE_KEYS", "CONE_TITLES", "final_value", "recorded_cone", "section", "seed_values", "stage_of",
-           "stage_spread"]
+__all__ = ["CONE_KEYS", "CONE_TITLES", "METRIC_TITLES", "METRIC_UNITS", "final_value", "metric_digits",
+           "recorded_cone", "section", "seed_values", "stage_of", "stage_spread"]
 
 CONE_KEYS = ("cone_train", "cone_test")
 CONE_TITLES = {"cone_train": "Cone(train)", "cone_test": "Cone(test)"}
+METRIC_TITLES = {"acc": "accuracy", **ANGLE_TITLES, **CONE_TITLES}  # what seed_values reads, as pages name it
+METRIC_UNITS = {"acc": " points", "intra_train": "°", "intra_test": "°", "inter": "°", "iir_train": "", "iir_test": "",
+                "cone_train": "°", "cone_test": "°"}
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot")  # torchvision.datasets.FashionMNIST.classes, label order
 
@@ -39,6 +43,11 @@ def final_value(run: report.Run, key: str) -> float | None:
     last = run.last_measured_record()
     value = None if last is None else last.get(key)
     return None if value is None else float(value)
+
+
+def metric_digits(metric: str) -> int:
+    """Decimals a page prints ``metric`` with: 3 for the IIR ratios, 2 for accuracy and angles."""
+    return 3 if metric.startswith("iir") else 2
 
 
 def seed_values(runs: Sequence[report.Run], metric: str) -> dict[int, float]:

@@ -26,7 +26,7 @@ from ..train.config import TrainConfig
 from ..train.report import grid_title
 from ..train.rundir import ANGLE_KEYS, ANGLE_TITLES, RunDir, read_jsonl
 from . import across, beyond
-from .beyond import CONE_TITLES, recorded_cone, seed_values
+from .beyond import METRIC_TITLES as TITLES, METRIC_UNITS as UNITS, metric_digits, recorded_cone, seed_values
 from .catalog import CONTENDED_TIMING, EPOCH_SECONDS, STEP_RATIO, STUDY_JOBS, Grid, Study, estimate_seconds
 from .folder import environment_records, grid_dir
 from .paper import PAPER_CLAIM, PAPER_PROTOCOL, PAPER_SOURCE, paper_rows
@@ -37,9 +37,6 @@ __all__ = ["SECTIONS", "build_index", "build_page", "load_study_runs"]
 SECTIONS = ("## Command", "## Machine, versions and time", "## Sizing", "## Results",
             "## The paper's numbers beside ours", "## Figures", "## Beyond the paper's table", "## Reading")
 METRICS = ("acc", *ANGLE_KEYS)  # tested on every page; the cone angles too where the runs recorded them
-TITLES = {"acc": "accuracy", **ANGLE_TITLES, **CONE_TITLES}
-UNITS = {"acc": " points", "intra_train": "°", "intra_test": "°", "inter": "°", "iir_train": "", "iir_test": "",
-         "cone_train": "°", "cone_test": "°"}
 
 
 def _identity(config: TrainConfig, norm: str, seed: int) -> dict:
@@ -231,7 +228,7 @@ def _ours(runs: Sequence[report.Run], metric: str) -> str:
     values = _values(runs, metric)
     if not values:
         return ""
-    digits = 3 if metric.startswith("iir") else 2
+    digits = metric_digits(metric)
     spread = f" ± {np.std(values, ddof=1):.{digits}f}" if metric == "acc" and len(values) > 1 else ""
     return f"{np.mean(values):.{digits}f}{spread}"
 
@@ -258,7 +255,7 @@ def _paper_section(study: Study, runs: dict[str, list[report.Run]]) -> list[str]
 
 
 def _paper_cell(value: float | None, metric: str) -> str:
-    return "" if value is None else f"{value:.{3 if metric.startswith('iir') else 2}f}"
+    return "" if value is None else f"{value:.{metric_digits(metric)}f}"
 
 
 def _protocol_table(study: Study) -> list[str]:
@@ -306,7 +303,7 @@ def _figures_section(study: Study, paths: dict, root: Path) -> list[str]:
 
 
 def _describe(metric: str, d: Difference) -> str:
-    digits = 3 if metric.startswith("iir") else 2
+    digits = metric_digits(metric)
     unit = UNITS[metric]
     text = f"{TITLES[metric]} {d.mean_a:.{digits}f} vs {d.mean_b:.{digits}f} ({d.diff:+.{digits}f}{unit}"
     if not d.testable:
