@@ -3,21 +3,31 @@
     python benchmarks/bench_ab.py 128x16x32x32,64x436x8x8cl [--threads 1] [--mode eval]
 
 A shape ending in ``cl`` is timed channels-last. Per shape, BatchNorm and L2BN calls alternate (20–400 of each,
-fewer for larger tensors) and the ratio of their minima and of their 25th percentiles is printed. To compare
-kernel versions, run it in two checkouts (e.g. a ``git worktree`` at the old commit: the kernel's build folder
-is keyed by its source, so both stay built) alternately, several times: on a shared host single runs move by
-±0.2, and only differences that survive the alternation mean anything (docs/performance.md).
+fewer for larger tensors) and the ratio of their minima and of their 25th percentiles is printed.
+
+To compare kernel versions, ``--against REV`` builds the compiled kernel's source at git revision ``REV`` as a
+second library (its operator renamed ``l2bn_cpu_ab``) and times it in the same process, its calls alternating
+with BatchNorm's and the current kernel's: on this shared host separate runs move by ±0.2, and calls that
+alternate see the same load. (Without it: run the script in two checkouts alternately, several times.)
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from l2bn import L2BatchNorm1d, L2BatchNorm2d
 from l2bn.bench import layer_steps
+from l2bn.functional import l2_batch_norm
+from l2bn.kernels import cpp
+from l2bn.kernels.dispatch import IMPLEMENTATIONS
+
+AB_LIBRARY = "l2bn_cpu_ab"
 
 
 def parse_shape(spec: str) -> tuple[tuple[int, ...], bool]:
@@ -26,27 +36,68 @@ def parse_shape(spec: str) -> tuple[tuple[int, ...], bool]:
     return tuple(int(d) for d in spec.removesuffix("cl").split("x")), channels_last
 
 
-def ratios(shape: tuple[int, ...], channels_last: bool, mode: str) -> tuple[int, float, float, float, float]:
-    """(calls, BN min ms, L2BN min ms, ratio of minima, ratio of 25th percentiles)."""
+def build_revision(rev: str) -> None:
+    """Compile the kernel source at git revision ``rev`` as the library ``l2bn_cpu_ab`` and register it as the
+    implementation ``"ab"`` (its own build folder, keyed by the source)."""
+    from torch.utils import cpp_extension
+
+    relative = cpp.SOURCE.relative_to(Path(__file__).resolve().parents[1])
+    text = subprocess.run(["git", "show", f"{rev}:{relative.as_posix()}"], check=True, capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    text = text.replace("TORCH_LIBRARY(l2bn_cpu,", f"TORCH_LIBRARY({AB_LIBRARY},")
+    folder = cpp.build_directory().parent / f"{AB_LIBRARY}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / "l2bn_cpu_ab.cpp"
+    if not source.exists():
+        source.write_text(text)
+    cpp_extension.load(name=AB_LIBRARY, sources=[str(source)], build_directory=str(folder),
+                       extra_cflags=cpp._compile_flags(), extra_ldflags=["-fopenmp"], is_python_module=False)
+    op = getattr(torch.ops, AB_LIBRARY).l2_batch_norm.default
+
+    def l2_batch_norm_ab(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                         eps=1e-5, *, rescale=True, l2_eps=1e-12):
+        return op(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps, rescale)
+
+    IMPLEMENTATIONS["ab"] = l2_batch_norm_ab
+
+
+class Forced(nn.Module):
+    """An L2BN layer whose functional call names its implementation (``impl``), for kernel A/B timing."""
+
+    def __init__(self, layer: nn.Module, impl: str) -> None:
+        super().__init__()
+        self.layer, self.impl = layer, impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.layer
+        return l2_batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, self.training, 0.1, m.eps,
+                             impl=self.impl)
+
+
+def ratios(shape: tuple[int, ...], channels_last: bool, mode: str, against: bool = False) -> tuple[int, ...]:
+    """(calls, BN min ms, L2BN min ms, ratio of minima, ratio of 25th percentiles), then with ``against`` the
+    old kernel's min ms and ratios."""
     x = torch.randn(shape)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    layers = [nn.BatchNorm1d(shape[1]), L2BatchNorm1d(shape[1])] if len(shape) == 2 else \
-        [nn.BatchNorm2d(shape[1]), L2BatchNorm2d(shape[1])]
+    kind = (nn.BatchNorm1d, L2BatchNorm1d) if len(shape) == 2 else (nn.BatchNorm2d, L2BatchNorm2d)
+    layers = [kind[0](shape[1]), kind[1](shape[1])]
+    if against:  # both kernels through the same Python path
+        layers[1:] = [Forced(kind[1](shape[1]), "cpp"), Forced(kind[1](shape[1]), "ab")]
     steps = layer_steps(layers, x, mode)
     calls = int(min(400, max(20, 5e7 / x.numel())))
     for _ in range(3):
         for step in steps:
             step()
-    samples: list[list[float]] = [[], []]
+    samples: list[list[float]] = [[] for _ in steps]
     for _ in range(calls):
         for i, step in enumerate(steps):
             start = time.perf_counter()
             step()
             samples[i].append((time.perf_counter() - start) * 1e3)
-    bn, l2 = (sorted(s) for s in samples)
+    bn, *others = (sorted(s) for s in samples)
     p25 = (calls - 1) // 4
-    return calls, bn[0], l2[0], l2[0] / bn[0], l2[p25] / bn[p25]
+    return calls, bn[0], *(v for l2 in others for v in (l2[0], l2[0] / bn[0], l2[p25] / bn[p25]))
 
 
 def main() -> None:
@@ -54,12 +105,18 @@ def main() -> None:
     parser.add_argument("shapes", help="comma-separated, e.g. 128x16x32x32,64x436x8x8cl (cl: channels-last)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mode", choices=("train", "eval"), default="eval")
+    parser.add_argument("--against", metavar="REV", help="also time the kernel source at this git revision")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.against:
+        build_revision(args.against)
     for spec in args.shapes.split(","):
-        calls, bn, l2, ratio_min, ratio_p25 = ratios(*parse_shape(spec), args.mode)
-        print(f"{spec:>18} {args.mode} calls {calls:3d}  BN min {bn:.3f} L2 min {l2:.3f}  ratio min {ratio_min:.2f}"
-              f"  ratio p25 {ratio_p25:.2f}", flush=True)
+        calls, bn, l2, ratio_min, ratio_p25, *old = ratios(*parse_shape(spec), args.mode, bool(args.against))
+        line = (f"{spec:>18} {args.mode} calls {calls:3d}  BN min {bn:.3f} L2 min {l2:.3f}  ratio min {ratio_min:.2f}"
+                f"  ratio p25 {ratio_p25:.2f}")
+        if old:
+            line += f"  | {args.against}: min {old[0]:.3f} ratio min {old[1]:.2f} p25 {old[2]:.2f}"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

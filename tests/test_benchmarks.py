@@ -5,6 +5,8 @@ import os
 import re
 import subprocess
 import sys
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +63,21 @@ def test_ab_benchmark_prints_both_ratios_for_each_shape():
                       flags=re.M)
     assert [r[0] for r in rows] == ["4x3x4x4", "4x3x4x4cl", "6x5"]
     assert all(int(r[1]) == 400 and float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+
+
+def test_ab_benchmark_times_a_revision_of_the_kernel_in_the_same_process():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ab.py"), "4x3x4x4cl,6x5", "--mode",
+                             "train", "--against", head.stdout.strip()], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = re.findall(r"^\s*(\S+) train calls +\d+ .* ratio min ([\d.]+) .*\| \w+: min [\d.]+ ratio min ([\d.]+) p25 "
+                      r"([\d.]+)$", result.stdout, flags=re.M)
+    assert [r[0] for r in rows] == ["4x3x4x4cl", "6x5"], result.stdout
+    assert all(float(v) > 0 for r in rows for v in r[1:])
 
 
 def _fake_run(root: Path, norm: str, seed: int, acc: float, intra: float, *, amp: str | None, lr: float = 0.1) -> None:
