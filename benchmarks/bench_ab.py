@@ -90,10 +90,11 @@ def ratios(shape: tuple[int, ...], channels_last: bool, mode: str, against: bool
         for step in steps:
             step()
     samples: list[list[float]] = [[] for _ in steps]
-    for _ in range(calls):
-        for i, step in enumerate(steps):
+    for call in range(calls):
+        for k in range(len(steps)):  # the order rotates: no step always follows the same one (warm caches)
+            i = (k + call) % len(steps)
             start = time.perf_counter()
-            step()
+            steps[i]()
             samples[i].append((time.perf_counter() - start) * 1e3)
     bn, *others = (sorted(s) for s in samples)
     p25 = (calls - 1) // 4

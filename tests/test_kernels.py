@@ -269,6 +269,21 @@ def test_cpp_long_runs_and_few_samples():
 
 
 @NO_COMPILER
+@pytest.mark.parametrize("length", [31, 32, 33, 511, 512, 513, 1055])
+def test_cpp_sample_norms_over_vector_steps_chunks_and_tails(length):
+    """‖x_n‖ of samples of (N, D) input summed 32 values a step in registers, chunk by chunk, with a tail of
+    fewer than 32: one large value at the last position (in the tail or the last step) would change every output
+    if the tail were dropped or counted twice; float32 and float64 against the float64 reference, eval and
+    training."""
+    x = torch.randn(8, length, dtype=F64, generator=torch.Generator().manual_seed(length))
+    x[:, -1] = 40.0
+    for training in (False, True):
+        ref = run(l2_batch_norm_reference, x, training)
+        assert_close(run(IMPLEMENTATIONS["cpp"], x, training), ref, rtol=1e-11, atol=1e-11)
+        assert_close(run(IMPLEMENTATIONS["cpp"], x, training, dtype=torch.float32), ref, rtol=5e-5, atol=5e-5)
+
+
+@NO_COMPILER
 @pytest.mark.parametrize("shape,fmt", [((4, 130, 8, 8), torch.contiguous_format), ((3, 4, 40, 60), torch.contiguous_format),
                                        ((3, 130, 8, 8), torch.channels_last)], ids=["8x8", "runs-over-a-chunk", "cl"])
 def test_cpp_eval_of_samples_beyond_l1(shape, fmt):
