@@ -743,7 +743,33 @@ SmallSums small_sums(const scalar_t* xp, const scalar_t* gp, const Geometry& g, 
           acc_t* __restrict__ sg = s2 + stride;
           acc_t* __restrict__ sgz = kGrad ? sg + stride : nullptr;
           const acc_t* __restrict__ k = Kp.data() + t0;
-          for (int64_t n = n0; n < n1; ++n) {
+          int64_t n = n0;
+          for (; n + 2 <= n1; n += 2) {  // two samples per accumulator update: half the L1 traffic of the sums
+            const scalar_t* __restrict__ xa = xp + n * D + t0;
+            const scalar_t* __restrict__ xb = xa + D;
+            const acc_t ra = static_cast<acc_t>(out.scale[n]), rb = static_cast<acc_t>(out.scale[n + 1]);
+            if constexpr (kGrad) {
+              const scalar_t* __restrict__ ga = gp + n * D + t0;
+              const scalar_t* __restrict__ gb = ga + D;
+#pragma omp simd
+              for (int64_t i = 0; i < len; ++i) {
+                const acc_t da = load(xa, i) * ra - k[i], db = load(xb, i) * rb - k[i];
+                const acc_t gva = load(ga, i), gvb = load(gb, i);
+                s1[i] += da + db;
+                s2[i] += da * da + db * db;
+                sg[i] += gva + gvb;
+                sgz[i] += gva * da + gvb * db;
+              }
+            } else {
+#pragma omp simd
+              for (int64_t i = 0; i < len; ++i) {
+                const acc_t da = load(xa, i) * ra - k[i], db = load(xb, i) * rb - k[i];
+                s1[i] += da + db;
+                s2[i] += da * da + db * db;
+              }
+            }
+          }
+          for (; n < n1; ++n) {
             const scalar_t* __restrict__ xs = xp + n * D + t0;
             const acc_t r = static_cast<acc_t>(out.scale[n]);
             if constexpr (kGrad) {
