@@ -969,6 +969,74 @@ void small_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const Geometr
 // Forward and backward
 // ---------------------------------------------------------------------------------------------------
 
+// Eval pass 1, channels-last sample: y = x·gain_c over the flat sample in chunks of kChunk values (the gain
+// tiled, so a chunk starting at position p reads it contiguously from p % C); returns Σ x² (a float sum per
+// chunk, added in float64).
+template <typename scalar_t>
+double scaled_flat(const scalar_t* __restrict__ xs, scalar_t* __restrict__ ys, const scalar_t* tiled_gain,
+                   int64_t C, int64_t D) {
+  double total = 0;
+  for (int64_t start = 0; start < D; start += kChunk) {
+    const int64_t len = std::min(D, start + kChunk) - start;
+    const scalar_t* __restrict__ xc = xs + start;
+    scalar_t* __restrict__ yc = ys + start;
+    const scalar_t* __restrict__ gv = tiled_gain + start % C;
+    scalar_t part = 0;
+#pragma omp simd reduction(+ : part)
+    for (int64_t i = 0; i < len; ++i) {
+      const scalar_t v = xc[i];
+      part += v * v;
+      yc[i] = v * gv[i];
+    }
+    total += part;
+  }
+  return total;
+}
+
+// Eval pass 1, rows-layout sample: y = x·gain_c row by row; returns Σ x², summed in two 32-byte vectors
+// carried across the rows (a reduction loop per row ends in a horizontal sum, which at 8×8 costs about as much
+// as the row) and added in float64 every kChunk values a vector pair.
+template <typename scalar_t>
+double scaled_rows(const scalar_t* __restrict__ xs, scalar_t* __restrict__ ys, const scalar_t* gain, int64_t C,
+                   int64_t M) {
+  typedef scalar_t Lanes __attribute__((vector_size(32)));
+  constexpr int64_t kLanes = 32 / sizeof(scalar_t);
+  const int64_t body = M - M % (2 * kLanes);
+  Lanes a = {}, b = {};
+  double total = 0, tail = 0;
+  for (int64_t c = 0, since = 0; c < C; ++c) {
+    const scalar_t* __restrict__ xr = xs + c * M;
+    scalar_t* __restrict__ yr = ys + c * M;
+    const scalar_t gv = gain[c];
+    for (int64_t i = 0; i < body; i += 2 * kLanes) {
+      Lanes u, v;
+      std::memcpy(&u, xr + i, sizeof u);
+      std::memcpy(&v, xr + i + kLanes, sizeof v);
+      a += u * u;
+      b += v * v;
+      u *= gv;
+      v *= gv;
+      std::memcpy(yr + i, &u, sizeof u);
+      std::memcpy(yr + i + kLanes, &v, sizeof v);
+    }
+    for (int64_t i = body; i < M; ++i) {
+      tail += static_cast<double>(xr[i]) * xr[i];
+      yr[i] = xr[i] * gv;
+    }
+    since += body;
+    if (since >= 2 * kChunk || c + 1 == C) {
+      const Lanes sum = a + b;
+      scalar_t part = 0;
+      for (int64_t l = 0; l < kLanes; ++l) part += sum[l];
+      total += part;
+      a = Lanes{};
+      b = Lanes{};
+      since = 0;
+    }
+  }
+  return total + tail;
+}
+
 // Eval of samples n0..n1 in float32/float64 (rows layout: runs of at least kInCacheRun values): per sample,
 // one pass reads x, writes x·gain_c to y and sums ‖x_n‖² (float chunks of at most kChunk values added in
 // float64); a second pass turns y into y·r_n + shift_c in place while the sample is still in cache. The
@@ -991,33 +1059,7 @@ void eval_in_cache(const scalar_t* xp, scalar_t* yp, const Geometry& g, const st
   for (int64_t n = n0; n < n1; ++n) {
     const scalar_t* __restrict__ xs = xp + n * D;
     scalar_t* __restrict__ ys = yp + n * D;
-    double total = 0;
-    for (int64_t r = 0; r < D / run; ++r) {  // rows layout: channel r; channels-last: the whole sample
-      for (int64_t start = r * run, stop = start + run; start < stop; start += kChunk) {
-        const int64_t len = std::min(stop, start + kChunk) - start;
-        const scalar_t* __restrict__ xc = xs + start;
-        scalar_t* __restrict__ yc = ys + start;
-        scalar_t part = 0;
-        if (g.channels_last) {
-          const scalar_t* __restrict__ gv = gc.data() + start % C;
-#pragma omp simd reduction(+ : part)
-          for (int64_t i = 0; i < len; ++i) {
-            const scalar_t v = xc[i];
-            part += v * v;
-            yc[i] = v * gv[i];
-          }
-        } else {
-          const scalar_t gv = gc[r];
-#pragma omp simd reduction(+ : part)
-          for (int64_t i = 0; i < len; ++i) {
-            const scalar_t v = xc[i];
-            part += v * v;
-            yc[i] = v * gv;
-          }
-        }
-        total += part;
-      }
-    }
+    const double total = g.channels_last ? scaled_flat(xs, ys, gc.data(), C, D) : scaled_rows(xs, ys, gc.data(), C, M);
     squares[n] = total;
     const scalar_t rn = static_cast<scalar_t>(sample_scale(total, target, l2_eps));
     for (int64_t r = 0; r < D / run; ++r) {
