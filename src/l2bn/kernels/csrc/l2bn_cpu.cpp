@@ -342,8 +342,17 @@ struct ColumnSums {
   void sample(const scalar_t* x, const scalar_t* dy, int64_t M, double inv_m, Moments& mo, int64_t n) {
     acc_t* __restrict__ K = part.data();
     for (int64_t c = 0; c < C; ++c) K[c] = load(x, c);
-    std::fill(total.begin(), total.end(), 0.0);
     const bool two_rows = M * C * static_cast<int64_t>(sizeof(scalar_t)) <= kTwoRowBytes;
+    if (M <= kChunk) {  // one chunk: finished from the accumulation type directly
+      std::fill(part.begin() + C, part.end(), acc_t(0));
+      if (two_rows)
+        rows<true>(x, dy, 0, M);
+      else
+        rows<false>(x, dy, 0, M);
+      finish_all(part.data() + C, inv_m, mo, n);
+      return;
+    }
+    std::fill(total.begin(), total.end(), 0.0);
     for (int64_t r0 = 0; r0 < M; r0 += kChunk) {
       const int64_t r1 = std::min(M, r0 + kChunk);
       std::fill(part.begin() + C, part.end(), acc_t(0));
@@ -356,9 +365,32 @@ struct ColumnSums {
 #pragma omp simd
       for (int64_t i = 0; i < 4 * C; ++i) t[i] += p[i];
     }
-    const double *tx = total.data(), *txx = tx + C, *tg = txx + C, *tgx = tg + C;
-    for (int64_t c = 0; c < C; ++c)
-      finish(RunSums{static_cast<double>(K[c]), tx[c], txx[c], tg[c], tgx[c]}, inv_m, mo, n * C + c, kGrad);
+    finish_all(total.data(), inv_m, mo, n);
+  }
+
+  // finish() of every channel of sample n from its four sums (x, xx, g, gx: C values each, from ``sums``)
+  // and the shifts K, in one vectorised loop.
+  template <typename sum_t>
+  void finish_all(const sum_t* sums, double inv_m, Moments& mo, int64_t n) {
+    const acc_t* __restrict__ K = part.data();
+    const sum_t* __restrict__ tx = sums;
+    const sum_t* __restrict__ txx = sums + C;
+    const sum_t* __restrict__ tg = sums + 2 * C;
+    const sum_t* __restrict__ tgx = sums + 3 * C;
+    double* __restrict__ mean = mo.mean + n * C;
+    double* __restrict__ sumsq = mo.sumsq + n * C;
+    double* __restrict__ grad_sum = mo.grad_sum + n * C;
+    double* __restrict__ grad_dot = mo.grad_dot + n * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const double x = tx[c], mean_shift = x * inv_m;  // as finish()
+      mean[c] = static_cast<double>(K[c]) + mean_shift;
+      sumsq[c] = std::max(0.0, static_cast<double>(txx[c]) - x * mean_shift);
+      if constexpr (kGrad) {
+        grad_sum[c] = tg[c];
+        grad_dot[c] = static_cast<double>(tgx[c]) - static_cast<double>(tg[c]) * mean_shift;
+      }
+    }
   }
 };
 
