@@ -26,6 +26,7 @@ from l2bn.bench import layer_steps
 from l2bn.functional import l2_batch_norm
 from l2bn.kernels import cpp
 from l2bn.kernels.dispatch import IMPLEMENTATIONS
+from l2bn.kernels.overflow import rerun_rescaled_on_overflow
 
 AB_LIBRARY = "l2bn_cpu_ab"
 
@@ -54,6 +55,7 @@ def build_revision(rev: str) -> None:
                        extra_cflags=cpp._compile_flags(), extra_ldflags=["-fopenmp"], is_python_module=False)
     op = getattr(torch.ops, AB_LIBRARY).l2_batch_norm.default
 
+    @rerun_rescaled_on_overflow  # as l2_batch_norm_cpp: both kernels behind the same Python wrapper
     def l2_batch_norm_ab(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                          eps=1e-5, *, rescale=True, l2_eps=1e-12):
         return op(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps, rescale)
