@@ -147,6 +147,25 @@ inline void store(c10::BFloat16* p, int64_t i, float value) {
   reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>((nan & 0x7FC0u) | (~nan & rounded));
 }
 
+// 32 bytes of T (one AVX2 register; GCC/Clang vector extensions), loaded and stored unaligned, and summed
+// across its lanes in lane order.
+template <typename T>
+struct Vec32 {
+  typedef T type __attribute__((vector_size(32)));
+  static constexpr int64_t kLanes = 32 / sizeof(T);
+  static type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static void store(T* p, type v) { std::memcpy(p, &v, sizeof v); }
+  static T lane_sum(type v) {
+    T sum = 0;
+    for (int64_t l = 0; l < kLanes; ++l) sum += v[l];
+    return sum;
+  }
+};
+
 // ---------------------------------------------------------------------------------------------------
 // Reductions: shifted sums (Chan, Golub & LeVeque 1983). Each (n, c) run is shifted by its first value K,
 // so Σ(x − K)² − (Σ(x − K))²/M cancels only as much as K lies off the mean, in units of the spread (a few
@@ -230,15 +249,10 @@ struct ColumnSums {
   explicit ColumnSums(int64_t C) : C(C), part(5 * C), total(4 * C) {}
 
   // One 32-byte vector of the accumulation type: the lanes of a register-blocked column group.
-  typedef acc_t Lanes __attribute__((vector_size(32)));
-  static constexpr int64_t kLanes = 32 / sizeof(acc_t);
-
-  static Lanes load_lanes(const acc_t* p) {
-    Lanes v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  }
-  static void store_lanes(acc_t* p, Lanes v) { std::memcpy(p, &v, sizeof v); }
+  using Lanes = typename Vec32<acc_t>::type;
+  static constexpr int64_t kLanes = Vec32<acc_t>::kLanes;
+  static Lanes load_lanes(const acc_t* p) { return Vec32<acc_t>::load(p); }
+  static void store_lanes(acc_t* p, Lanes v) { Vec32<acc_t>::store(p, v); }
 
   // Columns [c0, c0 + kLanes) over rows [r0, r1) with the five sums in registers: each row reads one
   // vector of x (and dy) and updates no memory, where the column loop of rows() loads and stores every
@@ -431,28 +445,22 @@ double squares_of(const scalar_t* p, int64_t len) {
   double total = 0;
   int64_t body = 0;  // values summed in vector registers
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    typedef acc_t Lanes __attribute__((vector_size(32)));
-    constexpr int64_t kLanes = 32 / sizeof(acc_t), kStep = 4 * kLanes;
+    using V = Vec32<acc_t>;
+    constexpr int64_t kLanes = V::kLanes, kStep = 4 * kLanes;
     static_assert(kChunk % kStep == 0, "whole steps per chunk");
     body = len - len % kStep;
     for (int64_t start = 0; start < body; start += kChunk) {
       const int64_t end = std::min(body, start + kChunk);
-      Lanes a = {}, b = {}, c = {}, d = {};
+      typename V::type a = {}, b = {}, c = {}, d = {};
       for (int64_t i = start; i < end; i += kStep) {
-        Lanes u, v, w, z;
-        std::memcpy(&u, p + i, sizeof u);
-        std::memcpy(&v, p + i + kLanes, sizeof v);
-        std::memcpy(&w, p + i + 2 * kLanes, sizeof w);
-        std::memcpy(&z, p + i + 3 * kLanes, sizeof z);
+        const auto u = V::load(p + i), v = V::load(p + i + kLanes), w = V::load(p + i + 2 * kLanes),
+                   z = V::load(p + i + 3 * kLanes);
         a += u * u;
         b += v * v;
         c += w * w;
         d += z * z;
       }
-      const Lanes sum = (a + b) + (c + d);
-      acc_t part = 0;
-      for (int64_t l = 0; l < kLanes; ++l) part += sum[l];
-      total += part;
+      total += V::lane_sum((a + b) + (c + d));
     }
   }
   for (int64_t start = body; start < len; start += kChunk) {
@@ -1031,25 +1039,21 @@ double scaled_flat(const scalar_t* __restrict__ xs, scalar_t* __restrict__ ys, c
 template <typename scalar_t>
 double scaled_rows(const scalar_t* __restrict__ xs, scalar_t* __restrict__ ys, const scalar_t* gain, int64_t C,
                    int64_t M) {
-  typedef scalar_t Lanes __attribute__((vector_size(32)));
-  constexpr int64_t kLanes = 32 / sizeof(scalar_t);
+  using V = Vec32<scalar_t>;
+  constexpr int64_t kLanes = V::kLanes;
   const int64_t body = M - M % (2 * kLanes);
-  Lanes a = {}, b = {};
+  typename V::type a = {}, b = {};
   double total = 0, tail = 0;
   for (int64_t c = 0, since = 0; c < C; ++c) {
     const scalar_t* __restrict__ xr = xs + c * M;
     scalar_t* __restrict__ yr = ys + c * M;
     const scalar_t gv = gain[c];
     for (int64_t i = 0; i < body; i += 2 * kLanes) {
-      Lanes u, v;
-      std::memcpy(&u, xr + i, sizeof u);
-      std::memcpy(&v, xr + i + kLanes, sizeof v);
+      const auto u = V::load(xr + i), v = V::load(xr + i + kLanes);
       a += u * u;
       b += v * v;
-      u *= gv;
-      v *= gv;
-      std::memcpy(yr + i, &u, sizeof u);
-      std::memcpy(yr + i + kLanes, &v, sizeof v);
+      V::store(yr + i, u * gv);
+      V::store(yr + i + kLanes, v * gv);
     }
     for (int64_t i = body; i < M; ++i) {
       tail += static_cast<double>(xr[i]) * xr[i];
@@ -1057,12 +1061,9 @@ double scaled_rows(const scalar_t* __restrict__ xs, scalar_t* __restrict__ ys, c
     }
     since += body;
     if (since >= 2 * kChunk || c + 1 == C) {
-      const Lanes sum = a + b;
-      scalar_t part = 0;
-      for (int64_t l = 0; l < kLanes; ++l) part += sum[l];
-      total += part;
-      a = Lanes{};
-      b = Lanes{};
+      total += V::lane_sum(a + b);
+      a = typename V::type{};
+      b = typename V::type{};
       since = 0;
     }
   }
