@@ -40,8 +40,6 @@ def parse_shape(spec: str) -> tuple[tuple[int, ...], bool]:
 def build_revision(rev: str) -> None:
     """Compile the kernel source at git revision ``rev`` as the library ``l2bn_cpu_ab`` and register it as the
     implementation ``"ab"`` (its own build folder, keyed by the source)."""
-    from torch.utils import cpp_extension
-
     relative = cpp.SOURCE.relative_to(Path(__file__).resolve().parents[1])
     text = subprocess.run(["git", "show", f"{rev}:{relative.as_posix()}"], check=True, capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parents[1]).stdout
@@ -51,8 +49,7 @@ def build_revision(rev: str) -> None:
     source = folder / "l2bn_cpu_ab.cpp"
     if not source.exists():
         source.write_text(text)
-    cpp_extension.load(name=AB_LIBRARY, sources=[str(source)], build_directory=str(folder),
-                       extra_cflags=cpp._compile_flags(), extra_ldflags=["-fopenmp"], is_python_module=False)
+    cpp.load_library(AB_LIBRARY, source, folder)
     op = getattr(torch.ops, AB_LIBRARY).l2_batch_norm.default
 
     @rerun_rescaled_on_overflow  # as l2_batch_norm_cpp: both kernels behind the same Python wrapper

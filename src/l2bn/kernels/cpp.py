@@ -112,7 +112,7 @@ def _build() -> Exception | None:
     extension, once per process; the exception if that failed (now or, remembered, in an earlier process
     with the same compiler), else None."""
     try:
-        cpp_extension = _import_cpp_extension()
+        _import_cpp_extension()  # quietly, and inside the try: a failed import is a failed build
         name = _extension_name()
         build_dir = build_directory()
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -125,15 +125,7 @@ def _build() -> Exception | None:
             print(f"l2bn: compiling the CPU kernel into {build_dir} (once; about 30 s)", file=sys.stderr)
         _put_ninja_on_path()
         try:
-            cpp_extension.load(
-                name=name,
-                sources=[str(source)],
-                build_directory=str(build_dir),
-                extra_cflags=_compile_flags(),
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-                verbose=False,
-            )
+            load_library(name, source, build_dir)
         except Exception as error:  # no compiler, no ninja, a failed build: remembered for later processes
             cause = _one_line(error)
             marker.write_text(cause + "\n")
@@ -141,6 +133,14 @@ def _build() -> Exception | None:
     except Exception as error:  # e.g. an unwritable cache folder: the caller decides what to do
         return BuildFailed(_one_line(error))
     return None
+
+
+def load_library(name: str, source: Path, build_dir: Path) -> None:
+    """Compile ``source`` (if its build folder has no up-to-date library) with this machine's flags and load it
+    into the process as the operator library ``name``."""
+    _import_cpp_extension().load(name=name, sources=[str(source)], build_directory=str(build_dir),
+                                 extra_cflags=_compile_flags(), extra_ldflags=["-fopenmp"],
+                                 is_python_module=False, verbose=False)
 
 
 def _put_ninja_on_path() -> None:
