@@ -251,6 +251,7 @@ struct ColumnSums {
   // One 32-byte vector of the accumulation type: the lanes of a register-blocked column group.
   using Lanes = typename Vec32<acc_t>::type;
   static constexpr int64_t kLanes = Vec32<acc_t>::kLanes;
+  static constexpr int64_t kAhead = 256 / sizeof(acc_t);  // prefetch distance: 4 cache lines along the row
   static Lanes load_lanes(const acc_t* p) { return Vec32<acc_t>::load(p); }
   static void store_lanes(acc_t* p, Lanes v) { Vec32<acc_t>::store(p, v); }
 
@@ -270,6 +271,12 @@ struct ColumnSums {
     int64_t r = r0;
     if constexpr (kTwoRows)
       for (; r + 2 <= r1; r += 2) {
+        __builtin_prefetch(xs + r * C + kAhead);
+        __builtin_prefetch(xs + (r + 1) * C + kAhead);
+        if constexpr (kGrad) {
+          __builtin_prefetch(gs + r * C + kAhead);
+          __builtin_prefetch(gs + (r + 1) * C + kAhead);
+        }
         const Lanes da = load_lanes(xs + r * C) - K, db = load_lanes(xs + (r + 1) * C) - K;
         s1 += da + db;
         s2 += da * da + db * db;
