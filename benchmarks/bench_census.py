@@ -9,10 +9,11 @@ in the same process (interleaved, minimum over repeats), NCHW and channels-last,
 (forward under no_grad). Printed: one row per (shape, layout, mode) with its ratio, then per model the
 time-weighted total over its layers (Σ count × time, BN vs L2BN). Large shapes also get a same-shape copy
 (``clone``) timed in the same run: L2BN's time is printed as a multiple of it (training reads x and dy and
-writes dx and y, so 2 copies' traffic is its floor). ``--steps`` adds whole-model SGD steps (ResNet-20/56,
-VGG-16). ``--quick`` is a smoke run of a few shapes (seconds); ``--shapes``/``--modes`` time only the given
-shapes/modes. At the end: how many shapes are within the targets (issue 23: training ≤ 1.10× BN and eval ≤ 1.25×
-BN at every shape) and the per-call time of a tiny eval call, where the Python path is the whole cost.
+writes dx and y, so 2 copies' traffic is its floor). ``--steps`` adds whole-model SGD steps
+(ResNet-20/56, VGG-16, NCHW and channels-last; ``--models`` narrows them too). ``--quick`` is a smoke run of
+a few shapes (seconds); ``--shapes``/``--modes`` time only the given shapes/modes. At the end: how many shapes
+are within the targets (issue 23: training ≤ 1.10× BN and eval ≤ 1.25× BN at every shape) and the per-call
+time of a tiny eval call, where the Python path is the whole cost.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ EXTRA_SHAPES: tuple[tuple[int, ...], ...] = ((128, 512), (1024, 512), (128, 64),
 QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((128, 512), (64, 512, 2, 2), (128, 64, 8, 8), (4, 8, 4, 8, 8))
 LAYERS = {2: (nn.BatchNorm1d, L2BatchNorm1d), 3: (nn.BatchNorm1d, L2BatchNorm1d), 4: (nn.BatchNorm2d, L2BatchNorm2d),
           5: (nn.BatchNorm3d, L2BatchNorm3d)}
+STEP_MODELS = ("resnet20", "resnet56", "vgg16_bn")  # whole SGD steps (--steps), batch 128, both layouts
 COPY_FROM = 1 << 20  # shapes with at least this many values also time a copy
 
 
@@ -157,17 +159,20 @@ def main() -> None:
                 layout = "channels_last" if cl else "NCHW"
                 print(f"| {name} | {layout} | {mode} | {sum(counts.values())} | {bn:.2f} | {l2:.2f} | {l2 / bn:.2f} |")
     if args.steps:
-        print("\n| model | batch | BN step ms | L2BN step ms | ratio |\n|---|---:|---:|---:|---:|")
-        for name in ("resnet20", "resnet56", "vgg16_bn"):
-            x, target = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
-            nets = []
-            for norm in ("bn", "l2bn"):
-                torch.manual_seed(0)
-                nets.append(create_model(name, num_classes=10, norm_layer=norm))
-            start = time.perf_counter()
-            bn, l2 = training_step_ms(nets, x, target, repeats=2 if args.quick else 5)
-            print(f"| {name} | 128 | {bn:.1f} | {l2:.1f} | {l2 / bn:.2f} |  ({time.perf_counter() - start:.0f} s)")
-
+        print("\n| model | layout | batch | BN step ms | L2BN step ms | ratio |\n|---|---|---:|---:|---:|---:|")
+        for name in (m for m in STEP_MODELS if args.models is None or m in args.models.split(",")):
+            for cl in (False, True):
+                fmt = torch.channels_last if cl else torch.contiguous_format
+                x, target = torch.randn(128, 3, 32, 32).contiguous(memory_format=fmt), torch.randint(0, 10, (128,))
+                nets = []
+                for norm in ("bn", "l2bn"):
+                    torch.manual_seed(0)
+                    nets.append(create_model(name, num_classes=10, norm_layer=norm).to(memory_format=fmt))
+                start = time.perf_counter()
+                bn, l2 = training_step_ms(nets, x, target, repeats=2 if args.quick else 5)
+                layout = "channels_last" if cl else "NCHW"
+                print(f"| {name} | {layout} | 128 | {bn:.1f} | {l2:.1f} | {l2 / bn:.2f} |  "
+                      f"({time.perf_counter() - start:.0f} s)")
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_census_quick_prints_a_ratio_for_every_shape_and_a_model_total():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_census.py"), "--quick"], env=env,
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_census.py"), "--quick", "--steps",
+                             "--models", "resnet20"], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = re.findall(r"^\| (\S+) \| (NCHW|channels_last) \| (train|eval) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|",
@@ -30,6 +31,10 @@ def test_census_quick_prints_a_ratio_for_every_shape_and_a_model_total():
     timed = {m: sum(1 for r in shape_rows if r[2] == m) for m in ("train", "eval")}
     assert counts and (int(counts[2]), int(counts[4])) == (timed["train"], timed["eval"])
     assert int(counts[1]) == sum(1 for r in shape_rows if r[2] == "train" and float(r[3]) <= 1.10)
+    steps = re.findall(r"^\| resnet20 \| (NCHW|channels_last) \| 128 \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", result.stdout,
+                       flags=re.M)
+    assert sorted(layout for layout, _ in steps) == ["NCHW", "channels_last"] and all(float(r) > 0 for _, r in steps)
+    assert "resnet56" not in result.stdout.split("| model | layout | batch |")[1]
     assert re.search(r"^per call, eval, 2x4x2x3 \(µs.*BatchNorm2d [\d.]+, L2BatchNorm2d [\d.]+, torch.batch_norm "
                      r"[\d.]+, l2_batch_norm [\d.]+, the CPU op alone [\d.]+$", result.stdout, flags=re.M)
 
