@@ -530,13 +530,16 @@ def test_a_clean_cpu_run_prints_nothing():
     "shape, fmt",
     [((6, 37), None), ((700, 3), None), ((5, 4, 3), None), ((5, 37, 1, 1), torch.channels_last),
      ((5, 19, 2, 2), None), ((5, 19, 2, 2), torch.channels_last), ((3, 6, 1, 2, 2), torch.channels_last_3d),
-     ((5, 19, 4, 4), None), ((5, 19, 4, 4), torch.channels_last), ((70, 300, 4, 4), None), ((6, 5, 16), None)],
+     ((5, 19, 4, 4), None), ((5, 19, 4, 4), torch.channels_last), ((70, 300, 4, 4), None),
+     ((70, 300, 4, 4), torch.channels_last), ((33, 70, 3, 3), torch.channels_last),
+     ((4, 1100, 2, 2), torch.channels_last), ((6, 5, 16), None)],
     ids=["1d", "1d-many-blocks", "1d-L3", "1x1-cl", "2x2", "2x2-cl", "3d-cl", "4x4", "4x4-cl", "4x4-tiles-groups",
-         "1d-L16"],
+         "4x4-cl-groups-blocks", "3x3-cl-rows-across-samples", "2x2-cl-rows-over-a-tile-and-a-chunk", "1d-L16"],
 )
 def test_cpp_small_spatial_sizes(shape, fmt, training):
-    """Spatial sizes ≤ 4 (and NCHW training at 4×4: several groups, cache blocks and position tiles with
-    tails in the 70×300×4×4 case) take the channel-vectorised path: every layout against the float64 reference, and
+    """Spatial sizes ≤ 4 (and training at ≤ 4×4: several groups, cache blocks and position tiles with tails in
+    the 70×300×4×4 cases; channels-last rows paired across samples at 3×3 and rows longer than a tile and a
+    chunk at C = 1100) take the channel-vectorised path: every layout against the float64 reference, and
     a float32 channel with a large mean and small spread loses no precision (shifted batch sums)."""
     x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(3)) * 1.5 - 0.4
     fmt = fmt or torch.contiguous_format

@@ -694,10 +694,11 @@ void channel_affine(const Statistics& st, const std::vector<double>& w, const st
 
 // ---------------------------------------------------------------------------------------------------
 // Small spatial sizes (M ≤ kSmallM: BatchNorm1d's (N, C), 1×1, 2×2 and 4×4 maps). Per-(n, c) runs of a few
-// values would make every pass a loop over N·C runs of length M. Instead every loop runs over a sample's
-// D = C·M contiguous values, whatever the layout: per-channel coefficients are expanded once per call to
-// per-position arrays of length D (position i of a sample belongs to channel i / M, or i % C in
-// channels-last), and the batch sums are kept per position, folded into channels once per block of samples.
+// values would make every pass a loop over N·C runs of length M, and per-(n, c) moments would be a sizeable
+// fraction of the data. Instead every loop runs over rows of contiguous values with one per-position pattern:
+// a rows-layout sample is one row of D = C·M values (position i belongs to channel i / M), a channels-last
+// sample M rows of the C channels. Per-channel coefficients are expanded once per call to per-position arrays
+// of a row's length, and the batch sums are kept per position, folded into channels once per group of samples.
 //
 //   statistics   per sample: ‖x_n‖² (one read), then, while the sample is in cache, Σ (z − K) and
 //                Σ (z − K)² of z = r_n x, with K = z of sample 0 at that channel (shifted sums across the
@@ -714,14 +715,14 @@ void channel_affine(const Statistics& st, const std::vector<double>& w, const st
 constexpr int64_t kSmallM = 16;
 constexpr int64_t kSmallD = 16384;
 
-// Up to 2×2 every call takes this path; 4×4 only NCHW training. Measured at 4×4 (docs/performance.md):
-// eval's per-sample pass and channels-last training's per-sample column sums were faster there, NCHW
-// training's per-(n, c) runs of 16 values slower.
+// Up to 2×2 every call takes this path; 4×4 training only. Measured (docs/performance.md): at 4×4 eval's
+// per-sample pass was faster; at 8×8 training (kSmallM = 64) this path was slower in NCHW (0.49–0.61 →
+// 0.77–0.89× BN) and no faster in channels-last.
 constexpr int64_t kSmallAnyM = 4;
 
 bool small_spatial(const Geometry& g, bool training) {
   if (g.C * g.M > kSmallD) return false;
-  return g.M <= kSmallAnyM || (g.M <= kSmallM && training && !g.channels_last);
+  return g.M <= kSmallAnyM || (g.M <= kSmallM && training);
 }
 
 // The channel of position i of a sample.
@@ -729,23 +730,31 @@ inline int64_t channel_of(const Geometry& g, int64_t i) {
   return g.channels_last ? i % g.C : i / g.M;
 }
 
-// A per-channel vector expanded to the D positions of a sample, in the accumulation type.
+// A sample as rows that share one per-position pattern: channels-last, M rows of the C channels; rows layout,
+// one row of all D = C·M values.
+struct SampleRows {
+  int64_t count, length;
+};
+
+SampleRows sample_rows(const Geometry& g) {
+  return g.channels_last ? SampleRows{g.M, g.C} : SampleRows{1, g.C * g.M};
+}
+
+// A per-channel vector expanded to the positions of a row, in the accumulation type.
 template <typename acc_t>
 std::vector<acc_t> per_position(const Geometry& g, const std::vector<double>& v) {
-  std::vector<acc_t> out(g.C * g.M);
-  for (int64_t i = 0; i < g.C * g.M; ++i) out[i] = static_cast<acc_t>(v[channel_of(g, i)]);
+  const int64_t L = sample_rows(g).length;
+  std::vector<acc_t> out(L);
+  for (int64_t i = 0; i < L; ++i) out[i] = static_cast<acc_t>(v[channel_of(g, i)]);
   return out;
 }
 
-// Per-position sums (D) added into per-channel float64 sums (C).
+// Per-position sums (a row) added into per-channel float64 sums (C).
 template <typename acc_t>
 void fold(const Geometry& g, const acc_t* __restrict__ positions, double* __restrict__ channels) {
   if (g.channels_last) {
-    for (int64_t m = 0; m < g.M; ++m) {
-      const acc_t* __restrict__ row = positions + m * g.C;
 #pragma omp simd
-      for (int64_t c = 0; c < g.C; ++c) channels[c] += row[c];
-    }
+    for (int64_t c = 0; c < g.C; ++c) channels[c] += positions[c];
   } else {
     for (int64_t c = 0; c < g.C; ++c) {
       double sum = 0;
@@ -775,6 +784,8 @@ SmallSums small_sums(const scalar_t* xp, const scalar_t* gp, const Geometry& g, 
                      double target, double l2_eps) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = g.N, C = g.C, D = g.C * g.M, width = kGrad ? 4 : 2;
+  const SampleRows rows = sample_rows(g);
+  const int64_t L = rows.length;
   const int64_t per_group = samples_per_group(g), groups = (N + per_group - 1) / per_group;
   const int64_t per_block = std::max<int64_t>(1, kCacheValues / D);
   const std::vector<acc_t> Kp = per_position<acc_t>(g, K);
@@ -783,10 +794,10 @@ SmallSums small_sums(const scalar_t* xp, const scalar_t* gp, const Geometry& g, 
   out.scale.assign(N, 0.0);
   std::vector<double> partial(groups * width * C, 0.0);
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    // the sums sit kPad values apart beyond D, so that a store to one array and a load from the next do not
-    // share their low 12 address bits (4K aliasing stalls the loop when D is a multiple of 1024)
+    // the sums sit kPad values apart beyond a row, so that a store to one array and a load from the next do
+    // not share their low 12 address bits (4K aliasing stalls the loop when L is a multiple of 1024)
     constexpr int64_t kPad = 80;
-    const int64_t stride = D + kPad;
+    const int64_t stride = L + kPad;
     std::vector<acc_t> acc(width * stride);
     for (int64_t grp = g0; grp < g1; ++grp) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -797,21 +808,23 @@ SmallSums small_sums(const scalar_t* xp, const scalar_t* gp, const Geometry& g, 
           out.squares[n] = squares_of(xp + n * D, D);
           out.scale[n] = sample_scale(out.squares[n], target, l2_eps);
         }
-        for (int64_t t0 = 0; t0 < D; t0 += kTile) {
-          const int64_t len = std::min(D, t0 + kTile) - t0;
+        const int64_t j0 = n0 * rows.count, j1 = n1 * rows.count;  // the block's rows, in memory order
+        for (int64_t t0 = 0; t0 < L; t0 += kTile) {
+          const int64_t len = std::min(L, t0 + kTile) - t0;
           acc_t* __restrict__ s1 = acc.data() + t0;
           acc_t* __restrict__ s2 = s1 + stride;
           acc_t* __restrict__ sg = s2 + stride;
           acc_t* __restrict__ sgz = kGrad ? sg + stride : nullptr;
           const acc_t* __restrict__ k = Kp.data() + t0;
-          int64_t n = n0;
-          for (; n + 2 <= n1; n += 2) {  // two samples per accumulator update: half the L1 traffic of the sums
-            const scalar_t* __restrict__ xa = xp + n * D + t0;
-            const scalar_t* __restrict__ xb = xa + D;
-            const acc_t ra = static_cast<acc_t>(out.scale[n]), rb = static_cast<acc_t>(out.scale[n + 1]);
+          int64_t j = j0;
+          for (; j + 2 <= j1; j += 2) {  // two rows per accumulator update: half the L1 traffic of the sums
+            const scalar_t* __restrict__ xa = xp + j * L + t0;
+            const scalar_t* __restrict__ xb = xa + L;
+            const acc_t ra = static_cast<acc_t>(out.scale[j / rows.count]);
+            const acc_t rb = static_cast<acc_t>(out.scale[(j + 1) / rows.count]);
             if constexpr (kGrad) {
-              const scalar_t* __restrict__ ga = gp + n * D + t0;
-              const scalar_t* __restrict__ gb = ga + D;
+              const scalar_t* __restrict__ ga = gp + j * L + t0;
+              const scalar_t* __restrict__ gb = ga + L;
 #pragma omp simd
               for (int64_t i = 0; i < len; ++i) {
                 const acc_t da = load(xa, i) * ra - k[i], db = load(xb, i) * rb - k[i];
@@ -830,11 +843,11 @@ SmallSums small_sums(const scalar_t* xp, const scalar_t* gp, const Geometry& g, 
               }
             }
           }
-          for (; n < n1; ++n) {
-            const scalar_t* __restrict__ xs = xp + n * D + t0;
-            const acc_t r = static_cast<acc_t>(out.scale[n]);
+          for (; j < j1; ++j) {
+            const scalar_t* __restrict__ xs = xp + j * L + t0;
+            const acc_t r = static_cast<acc_t>(out.scale[j / rows.count]);
             if constexpr (kGrad) {
-              const scalar_t* __restrict__ gs = gp + n * D + t0;
+              const scalar_t* __restrict__ gs = gp + j * L + t0;
 #pragma omp simd
               for (int64_t i = 0; i < len; ++i) {
                 const acc_t d = load(xs, i) * r - k[i], gv = load(gs, i);
@@ -890,6 +903,8 @@ void small_output(const scalar_t* xp, scalar_t* yp, const Geometry& g, const std
                   double target, double l2_eps) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = g.C * g.M;
+  const SampleRows rows = sample_rows(g);
+  const int64_t L = rows.length;
   const std::vector<acc_t> a = per_position<acc_t>(g, gain), s = per_position<acc_t>(g, shift);
   at::parallel_for(0, g.N, std::max<int64_t>(1, 32768 / D), [&](int64_t n0, int64_t n1) {
     const acc_t* __restrict__ ap = a.data();
@@ -902,8 +917,12 @@ void small_output(const scalar_t* xp, scalar_t* yp, const Geometry& g, const std
         scale[n] = sample_scale((*squares)[n], target, l2_eps);
       }
       const acc_t r = static_cast<acc_t>(scale[n]);
+      for (int64_t m = 0; m < rows.count; ++m) {
+        const scalar_t* __restrict__ xr = xs + m * L;
+        scalar_t* __restrict__ yr = ys + m * L;
 #pragma omp simd
-      for (int64_t i = 0; i < D; ++i) store(ys, i, load(xs, i) * r * ap[i] + sp[i]);
+        for (int64_t i = 0; i < L; ++i) store(yr, i, load(xr, i) * r * ap[i] + sp[i]);
+      }
     }
   });
 }
@@ -916,6 +935,8 @@ void small_input_grad(const scalar_t* gp, const scalar_t* xp, scalar_t* dxp, con
                       const SmallSums& sums, double l2_eps) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = g.C * g.M;
+  const SampleRows rows = sample_rows(g);
+  const int64_t L = rows.length;
   const std::vector<acc_t> Ap = per_position<acc_t>(g, A), bp = per_position<acc_t>(g, b),
                            Ep = per_position<acc_t>(g, E);
   at::parallel_for(0, g.N, std::max<int64_t>(1, 16384 / D), [&](int64_t n0, int64_t n1) {
@@ -928,23 +949,32 @@ void small_input_grad(const scalar_t* gp, const scalar_t* xp, scalar_t* dxp, con
       scalar_t* __restrict__ out = dxp + n * D;
       const acc_t r = static_cast<acc_t>(sums.scale[n]);
       double t = 0;
-      for (int64_t start = 0; start < D; start += kChunk) {
-        const int64_t end = std::min(D, start + kChunk);
-        acc_t part = 0;
+      for (int64_t m = 0; m < rows.count; ++m) {
+        const scalar_t* __restrict__ xr = xs + m * L;
+        const scalar_t* __restrict__ gr = gs + m * L;
+        for (int64_t start = 0; start < L; start += kChunk) {
+          const int64_t end = std::min(L, start + kChunk);
+          acc_t part = 0;
 #pragma omp simd reduction(+ : part)
-        for (int64_t i = start; i < end; ++i) {
-          const acc_t xv = load(xs, i);
-          part += xv * (a[i] * load(gs, i) + r * bb[i] * xv + e[i]);
+          for (int64_t i = start; i < end; ++i) {
+            const acc_t xv = load(xr, i);
+            part += xv * (a[i] * load(gr, i) + r * bb[i] * xv + e[i]);
+          }
+          t += part;
         }
-        t += part;
       }
       const double squares = sums.squares[n];
       const double u = std::sqrt(squares) <= l2_eps ? 0.0 : t / squares;
       const acc_t p = r, q = static_cast<acc_t>(sums.scale[n] * u);
+      for (int64_t m = 0; m < rows.count; ++m) {
+        const scalar_t* __restrict__ xr = xs + m * L;
+        const scalar_t* __restrict__ gr = gs + m * L;
+        scalar_t* __restrict__ outr = out + m * L;
 #pragma omp simd
-      for (int64_t i = 0; i < D; ++i) {
-        const acc_t xv = load(xs, i);
-        store(out, i, p * (a[i] * load(gs, i) + r * bb[i] * xv + e[i]) - xv * q);
+        for (int64_t i = 0; i < L; ++i) {
+          const acc_t xv = load(xr, i);
+          store(outr, i, p * (a[i] * load(gr, i) + r * bb[i] * xv + e[i]) - xv * q);
+        }
       }
     }
   });
