@@ -39,7 +39,8 @@ using torch::autograd::variable_list;
 constexpr int64_t kChunk = 512;  // values summed in the accumulation type before a float64 add
 constexpr int64_t kInCacheRun = 64;  // eval: (n, c) runs at least this long take eval_in_cache ...
 constexpr int64_t kInCacheBytes = 32 * 1024;  // ... for samples of at least this size (smaller: L1-resident)
-constexpr int64_t kTwoRowBytes = 256 * 1024;  // channels-last samples up to this size: two rows per update
+constexpr int64_t kTwoRowBytes = 256 * 1024;  // channels-last samples up to this size: two rows per update ...
+constexpr int64_t kLaneRowBytes = 512;        // ... and, with rows of at least this size, register lane groups
 
 // ---------------------------------------------------------------------------------------------------
 // Layout
@@ -309,14 +310,17 @@ struct ColumnSums {
   }
 
   // Rows [r0, r1): register-blocked lane groups for samples that fit in L2 (kTwoRows) in the accumulation
-  // type, the column loop for the rest and for the last C mod kLanes columns. Larger samples stream from L3
-  // or memory, where walking a chunk's rows once per lane group measured slower than the column loop
-  // (16×64×56×56 channels-last training 1.10–1.18 → 1.41–1.61× BN; docs/performance.md).
+  // type with rows of at least kLaneRowBytes, the column loop for the rest and for the last C mod kLanes
+  // columns. Larger samples, and narrow rows (many rows a page), stream from L3 or memory, where walking a
+  // chunk's rows once per lane group measured slower than the column loop, which reads them in memory order
+  // (16×64×56×56 channels-last training 1.10–1.18 → 1.41–1.61× BN; 64×48×32×32 0.86–1.09 in the column loop
+  // against 1.20–1.24 in lane groups; docs/performance.md).
   template <bool kTwoRows>
   void rows(const scalar_t* x, const scalar_t* dy, int64_t r0, int64_t r1) {
     int64_t c0 = 0;
     if constexpr (std::is_same_v<scalar_t, acc_t> && kTwoRows)
-      for (; c0 + kLanes <= C; c0 += kLanes) lane_block<kTwoRows>(x, dy, r0, r1, c0);
+      if (C * static_cast<int64_t>(sizeof(scalar_t)) >= kLaneRowBytes)
+        for (; c0 + kLanes <= C; c0 += kLanes) lane_block<kTwoRows>(x, dy, r0, r1, c0);
     if (c0 < C) columns<kTwoRows>(x, dy, r0, r1, c0);
   }
 
