@@ -31,6 +31,12 @@ def test_census_quick_prints_a_ratio_for_every_shape_and_a_model_total():
     timed = {m: sum(1 for r in shape_rows if r[2] == m) for m in ("train", "eval")}
     assert counts and (int(counts[2]), int(counts[4])) == (timed["train"], timed["eval"])
     assert int(counts[1]) == sum(1 for r in shape_rows if r[2] == "train" and float(r[3]) <= 1.10)
+    medians = re.findall(r"^\| (\S+) \| (?:NCHW|channels_last) \| (train|eval) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [-\d.]+ \| "
+                         r"([\d.]+) \|$", result.stdout, flags=re.M)
+    assert len(medians) == len(shape_rows) and all(float(r) > 0 for *_, r in medians)
+    by_median = re.search(r"^within the target by the ratio of medians: train (\d+) of (\d+), eval (\d+) of (\d+)$",
+                          result.stdout, flags=re.M)
+    assert by_median and int(by_median[1]) == sum(1 for _, m, r in medians if m == "train" and float(r) <= 1.10)
     steps = re.findall(r"^\| resnet20 \| (NCHW|channels_last) \| 128 \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", result.stdout,
                        flags=re.M)
     assert sorted(layout for layout, _ in steps) == ["NCHW", "channels_last"] and all(float(r) > 0 for _, r in steps)

@@ -91,23 +91,29 @@ def layer_steps(layers: Sequence[nn.Module], x: torch.Tensor, mode: str) -> list
     return steps
 
 
-def _interleaved_min_ms(steps: Sequence[Callable[[], None]], device: torch.device, repeats: int, warmup: int) -> list[float]:
-    """Minimum wall time of each step, alternating them so both see the same machine load.
-
-    The minimum (not the median) because on a shared CPU the noise is one-sided: other processes only add time.
-    """
+def interleaved_times_ms(steps: Sequence[Callable[[], None]], device: torch.device, repeats: int,
+                         warmup: int) -> list[list[float]]:
+    """Every wall time (ms) of each step over ``repeats`` rounds, the steps alternating so all see the same load."""
     for _ in range(warmup):
         for step in steps:
             step()
-    best = [math.inf] * len(steps)
+    times: list[list[float]] = [[] for _ in steps]
     for _ in range(repeats):
         for i, step in enumerate(steps):
             _sync(device)
             start = time.perf_counter()
             step()
             _sync(device)
-            best[i] = min(best[i], (time.perf_counter() - start) * 1e3)
-    return best
+            times[i].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _interleaved_min_ms(steps: Sequence[Callable[[], None]], device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """Minimum wall time of each step, alternating them so both see the same machine load.
+
+    The minimum (not the median) because on a shared CPU the noise is one-sided: other processes only add time.
+    """
+    return [min(t) for t in interleaved_times_ms(steps, device, repeats, warmup)]
 
 
 def training_step_ms(models: Sequence[nn.Module], x: Tensor, target: Tensor, *, repeats: int,
