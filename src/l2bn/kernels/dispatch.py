@@ -86,9 +86,10 @@ def aten_tracer(input: Tensor, *params: Tensor | None) -> str | None:
         return None
     if isinstance(input, torch.fx.Proxy):
         return "torch.fx"
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    if wrapped(input) or any(t is not None and wrapped(t) for t in params):  # a transform over input or weights
-        return "torch.func"
+    if torch._C._are_functorch_transforms_active():  # (one call; checking every tensor costs ~1.5 µs a layer)
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        if wrapped(input) or any(t is not None and wrapped(t) for t in params):  # a transform over input or weights
+            return "torch.func"
     if forward_ad._current_level >= 0 and any(  # torch.autograd.forward_ad duals: the fast paths have no jvp
             t is not None and forward_ad.unpack_dual(t).tangent is not None for t in (input, *params)):
         return "forward-mode AD"
