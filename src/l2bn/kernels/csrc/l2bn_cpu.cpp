@@ -255,7 +255,9 @@ struct ColumnSums {
   // Each lane group walks the chunk's rows C values apart: for wide rows (2 KiB at C = 512) every row lies
   // on another page, where the hardware prefetchers do not follow. The two-row loop asks for the line four
   // lines ahead in each row, the one a later lane group reads (measured: 128×512×4×4 channels-last training
-  // 1.47–1.98 → 1.32–1.51× BN, 64×436×8×8 1.33–1.41 → 1.09–1.11; 512 bytes ahead no better).
+  // 1.47–1.98 → 1.32–1.51× BN, 64×436×8×8 1.33–1.41 → 1.09–1.11; 512 bytes ahead no better), into L2 only
+  // (locality 1, prefetcht2: a walk's dozens of requests no longer wait on L1's fill buffers; 64×144×16×16
+  // 1.22–1.24 → 1.03–1.13, 128×128×16×16 1.07–1.16 → 0.90–0.95 against prefetcht0; prefetcht1 in between).
   static constexpr int64_t kAhead = 256 / sizeof(acc_t);
   static Lanes load_lanes(const acc_t* p) { return Vec32<acc_t>::load(p); }
   static void store_lanes(acc_t* p, Lanes v) { Vec32<acc_t>::store(p, v); }
@@ -276,11 +278,11 @@ struct ColumnSums {
     int64_t r = r0;
     if constexpr (kTwoRows)
       for (; r + 2 <= r1; r += 2) {
-        __builtin_prefetch(xs + r * C + kAhead);
-        __builtin_prefetch(xs + (r + 1) * C + kAhead);
+        __builtin_prefetch(xs + r * C + kAhead, 0, 1);
+        __builtin_prefetch(xs + (r + 1) * C + kAhead, 0, 1);
         if constexpr (kGrad) {
-          __builtin_prefetch(gs + r * C + kAhead);
-          __builtin_prefetch(gs + (r + 1) * C + kAhead);
+          __builtin_prefetch(gs + r * C + kAhead, 0, 1);
+          __builtin_prefetch(gs + (r + 1) * C + kAhead, 0, 1);
         }
         const Lanes da = load_lanes(xs + r * C) - K, db = load_lanes(xs + (r + 1) * C) - K;
         s1 += da + db;
