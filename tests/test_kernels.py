@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch.nn as nn
 
 import l2bn
 from l2bn.functional import IMPL_ENV_VAR, IMPLEMENTATIONS, l2_batch_norm, resolve_impl
-from l2bn.kernels import cpp, l2_batch_norm_reference
+from l2bn.kernels import cpp, dispatch, l2_batch_norm_reference
 from l2bn.kernels.fused import sample_channel_moments
 
 F64 = torch.float64
@@ -189,6 +190,22 @@ def test_dispatch_argument_and_environment(monkeypatch):
     monkeypatch.setenv(IMPL_ENV_VAR, "nope")
     with pytest.raises(ValueError, match="nope"):
         resolve_impl(None, x)
+
+
+@pytest.mark.parametrize("store", ["os.environ's own", "os.environ.get"])
+def test_environment_setting_follows_every_change(monkeypatch, store):
+    if store == "os.environ.get":  # the portable fallback (Pythons without os._Environ's store)
+        monkeypatch.setattr(dispatch, "_ENVIRON_STORE", None)
+    monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
+    assert dispatch.impl_setting() == "auto"
+    monkeypatch.setenv(IMPL_ENV_VAR, "Fused")
+    assert dispatch.impl_setting() == "Fused"
+    os.environ[IMPL_ENV_VAR] = "reference"  # plain os.environ assignments too (monkeypatch restores it)
+    assert dispatch.impl_setting() == "reference"
+    monkeypatch.setenv(IMPL_ENV_VAR, "")
+    assert dispatch.impl_setting() == "auto"
+    del os.environ[IMPL_ENV_VAR]
+    assert dispatch.impl_setting() == "auto"
 
 
 def saved_bytes(step) -> int:
