@@ -2,16 +2,19 @@
 
     python benchmarks/bench_census.py [--quick] [--steps] [--models resnet20,vgg16_bn] [--threads N]
                                       [--shapes 128x16x32x32,128x512] [--modes train,eval]
+                                      [--device cpu|cuda] [--dtype fp32|bf16|fp16]
 
 Each model of the zoo is built with BatchNorm and run once at its recipe's batch size with forward hooks
-on its norm layers; every distinct input shape is then timed with BatchNorm{1,2,3}d and L2BatchNorm{1,2,3}d
+on its norm layers (on the meta device: shapes only); every distinct input shape is then timed with BatchNorm{1,2,3}d and L2BatchNorm{1,2,3}d
 in the same process (interleaved, minimum over repeats), NCHW and channels-last, train (fwd+bwd) and eval
 (forward under no_grad). Printed: one row per (shape, layout, mode) with its ratio (of the minima) and the
 ratio of the medians (on a shared VM the two layers' time distributions differ in their tails: BatchNorm's
 median is often far above its minimum, so the two ratios bracket what a layer costs), then per model the
 time-weighted total over its layers (Σ count × time, BN vs L2BN). Large shapes also get a same-shape copy
 (``clone``) timed in the same run: L2BN's time is printed as a multiple of it (training reads x and dy and
-writes dx and y, so 2 copies' traffic is its floor). ``--steps`` adds whole-model SGD steps
+writes dx and y, so 2 copies' traffic is its floor), and every row gets L2BN's achieved bandwidth: the fused
+algorithm's traffic (``l2bn.bench.PASSES`` full-tensor passes) over its time, to set against the device's peak
+(on a GPU, its HBM bandwidth). ``--steps`` adds whole-model SGD steps
 (ResNet-20/56, VGG-16, NCHW and channels-last; ``--models`` narrows them too). ``--quick`` is a smoke run of
 a few shapes (seconds); ``--shapes``/``--modes`` time only the given shapes/modes. At the end: how many shapes
 are within the targets (issue 23: training ≤ 1.10× BN and eval ≤ 1.25× BN at every shape) and the per-call
@@ -30,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from l2bn import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d
-from l2bn.bench import environment_line, interleaved_times_ms, layer_steps, training_step_ms
+from l2bn.bench import DTYPES, achieved_gbps, environment_line, interleaved_times_ms, layer_steps, training_step_ms
 from l2bn.models import create_model, get_model_entry
 
 # (model, batch, input shape without batch, classes): batch sizes of the models' recipes (train/recipes.py:
@@ -57,32 +60,32 @@ COPY_FROM = 1 << 20  # shapes with at least this many values also time a copy
 
 
 def layer_shapes(name: str, batch: int, input_shape: tuple[int, ...], classes: int) -> Counter:
-    """How many norm layers of model ``name`` see each input shape, at batch size ``batch``."""
-    torch.manual_seed(0)
-    model = create_model(name, num_classes=classes, in_channels=input_shape[0], norm_layer="bn").eval()
+    """How many norm layers of model ``name`` see each input shape, at batch size ``batch`` (shapes only: the
+    model runs on the meta device)."""
     seen: Counter = Counter()
-    hooks = [m.register_forward_pre_hook(lambda m, args: seen.update([tuple(args[0].shape)]))
-             for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    with torch.no_grad():
-        model(torch.randn(batch, *input_shape))
-    for h in hooks:
-        h.remove()
+    with torch.device("meta"), torch.no_grad():
+        model = create_model(name, num_classes=classes, in_channels=input_shape[0], norm_layer="bn").eval()
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.register_forward_pre_hook(lambda m, args: seen.update([tuple(args[0].shape)]))
+        model(torch.empty(batch, *input_shape))
     return seen
 
 
-def time_shape(shape: tuple[int, ...], mode: str, channels_last: bool,
-               budget_values: float) -> tuple[float, float, float, float]:
+def time_shape(shape: tuple[int, ...], mode: str, channels_last: bool, budget_values: float,
+               device: torch.device = torch.device("cpu"),
+               dtype: torch.dtype = torch.float32) -> tuple[float, float, float, float]:
     """(BN ms, L2BN ms, copy ms or nan, ratio of the medians): minima over interleaved repeats (the repeat count
     scales inversely with the tensor's size), and L2BN's median time over BN's."""
     numel = math.prod(shape)
     repeats = int(min(200, max(3, budget_values / numel)))
     fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape)) if channels_last else None
-    x = torch.randn(shape)
+    x = torch.randn(shape, device=device, dtype=dtype)
     x = x.contiguous(memory_format=fmt) if fmt is not None else x
-    steps = layer_steps([cls(shape[1]) for cls in LAYERS[len(shape)]], x, mode)
+    steps = layer_steps([cls(shape[1], device=device, dtype=dtype) for cls in LAYERS[len(shape)]], x, mode)
     if numel >= COPY_FROM:
         steps.append(lambda: x.clone())
-    times = interleaved_times_ms(steps, torch.device("cpu"), repeats, warmup=2)
+    times = interleaved_times_ms(steps, device, repeats, warmup=2)
     bn, l2, *copy = (min(t) for t in times)
     return bn, l2, copy[0] if copy else math.nan, statistics.median(times[1]) / statistics.median(times[0])
 
@@ -109,55 +112,53 @@ def print_call_overhead(shape: tuple[int, ...] = (2, 4, 2, 3), number: int = 200
           + ", ".join(f"{name} {t:.1f}" for name, t in times.items()))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few shapes, few repeats (a smoke test)")
-    parser.add_argument("--steps", action="store_true", help="also whole-model SGD steps, BN vs L2BN")
-    parser.add_argument("--models", default=None, help="comma-separated subset of the census models")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--shapes", default=None, help="comma-separated shapes to time instead of the census, "
-                        "e.g. 128x16x32x32,128x512")
-    parser.add_argument("--modes", default="train,eval", help="comma-separated: train, eval (default: both)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(environment_line("cpu"))
-    budget = 1e6 if args.quick else 3e7
-    models = [m for m in MODELS if args.models is None or m[0] in args.models.split(",")]
-    census: dict[str, Counter] = {}
+def census_shapes(args: argparse.Namespace) -> dict[str, Counter]:
+    """The shapes to time, by model (or the given / quick set)."""
     if args.shapes:
-        census["given"] = Counter(tuple(int(d) for d in s.split("x")) for s in args.shapes.split(","))
-    elif args.quick:
-        census["quick"] = Counter(QUICK_SHAPES)
-    else:
-        for name, batch, shape, classes in models:
-            get_model_entry(name)
-            census[name] = layer_shapes(name, batch, shape, classes)
-        census["extra (1d, 3d)"] = Counter(EXTRA_SHAPES)
+        return {"given": Counter(tuple(int(d) for d in s.split("x")) for s in args.shapes.split(","))}
+    if args.quick:
+        return {"quick": Counter(QUICK_SHAPES)}
+    census = {}
+    for name, batch, shape, classes in (m for m in MODELS if args.models is None or m[0] in args.models.split(",")):
+        get_model_entry(name)
+        census[name] = layer_shapes(name, batch, shape, classes)
+    census["extra (1d, 3d)"] = Counter(EXTRA_SHAPES)
+    return census
+
+
+def time_census(census: dict[str, Counter], modes: list[str], budget: float, device: torch.device,
+                dtype: torch.dtype) -> dict[tuple, tuple[float, float, float, float]]:
+    """Time every shape, layout and mode; print a row each and the counts within the targets."""
     shapes = sorted({s for c in census.values() for s in c}, key=lambda s: (len(s), s))
     results: dict[tuple, tuple[float, float, float, float]] = {}
-    print("\n| shape | layout | mode | BN ms | L2BN ms | ratio | L2BN / copy | ratio of medians |\n"
-          "|---|---|---|---:|---:|---:|---:|---:|")
-    modes = args.modes.split(",")
+    print("\n| shape | layout | mode | BN ms | L2BN ms | ratio | L2BN / copy | L2BN GB/s | ratio of medians |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|---:|")
     targets = {"train": 1.10, "eval": 1.25}
     worst = {mode: 0.0 for mode in modes}
     within = {mode: [0, 0, 0] for mode in modes}  # shapes within the target (minima, medians), shapes timed
+    element_size = torch.empty((), dtype=dtype).element_size()
     for shape in shapes:
         for cl in ((False, True) if len(shape) >= 4 and math.prod(shape[2:]) > 1 else (False,)):
             for mode in modes:
-                bn, l2, copy, median_ratio = results[(shape, cl, mode)] = time_shape(shape, mode, cl, budget)
+                bn, l2, copy, median_ratio = results[(shape, cl, mode)] = time_shape(shape, mode, cl, budget, device,
+                                                                                    dtype)
                 worst[mode] = max(worst[mode], l2 / bn)
                 within[mode][0] += round(l2 / bn, 2) <= targets[mode]  # as printed
                 within[mode][1] += round(median_ratio, 2) <= targets[mode]
                 within[mode][2] += 1
                 layout = "channels_last" if cl else "NCHW"
                 print(f"| {'x'.join(map(str, shape))} | {layout} | {mode} | {bn:.3f} | {l2:.3f} | {l2 / bn:.2f} | "
-                      f"{'-' if math.isnan(copy) else f'{l2 / copy:.1f}'} | {median_ratio:.2f} |", flush=True)
+                      f"{'-' if math.isnan(copy) else f'{l2 / copy:.1f}'} | "
+                      f"{achieved_gbps(shape, mode, element_size, l2):.0f} | {median_ratio:.2f} |", flush=True)
     print("\nworst ratio: " + ", ".join(f"{m} {worst[m]:.2f} (target {targets[m]:.2f})" for m in modes))
     print("within the target: " + ", ".join(f"{m} {within[m][0]} of {within[m][2]}" for m in modes))
     print("within the target by the ratio of medians: "
           + ", ".join(f"{m} {within[m][1]} of {within[m][2]}" for m in modes))
-    print_call_overhead()
+    return results
+
+
+def print_model_totals(census: dict[str, Counter], results: dict, modes: list[str]) -> None:
+    """Per model: Σ over its norm layers of count × time, BN against L2BN."""
     print("\n| model | layout | mode | norm layers | BN ms (Σ) | L2BN ms (Σ) | ratio |\n|---|---|---|---:|---:|---:|---:|")
     for name, counts in census.items():
         for cl in (False, True):
@@ -167,21 +168,54 @@ def main() -> None:
                 l2 = sum(results[k][1] * n for k, n in keys)
                 layout = "channels_last" if cl else "NCHW"
                 print(f"| {name} | {layout} | {mode} | {sum(counts.values())} | {bn:.2f} | {l2:.2f} | {l2 / bn:.2f} |")
+
+
+def print_steps(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    """Whole SGD steps of the step models at batch 128, NCHW and channels-last, BN against L2BN."""
+    print("\n| model | layout | batch | BN step ms | L2BN step ms | ratio |\n|---|---|---:|---:|---:|---:|")
+    for name in (m for m in STEP_MODELS if args.models is None or m in args.models.split(",")):
+        for cl in (False, True):
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            x = torch.randn(128, 3, 32, 32, device=device, dtype=dtype).contiguous(memory_format=fmt)
+            target = torch.randint(0, 10, (128,), device=device)
+            nets = []
+            for norm in ("bn", "l2bn"):
+                torch.manual_seed(0)
+                nets.append(create_model(name, num_classes=10, norm_layer=norm).to(device, dtype, memory_format=fmt))
+            start = time.perf_counter()
+            bn, l2 = training_step_ms(nets, x, target, repeats=2 if args.quick else 5)
+            layout = "channels_last" if cl else "NCHW"
+            print(f"| {name} | {layout} | 128 | {bn:.1f} | {l2:.1f} | {l2 / bn:.2f} |  "
+                  f"({time.perf_counter() - start:.0f} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few shapes, few repeats (a smoke test)")
+    parser.add_argument("--steps", action="store_true", help="also whole-model SGD steps, BN vs L2BN")
+    parser.add_argument("--models", default=None, help="comma-separated subset of the census models")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--shapes", default=None, help="comma-separated shapes to time instead of the census, "
+                        "e.g. 128x16x32x32,128x512")
+    parser.add_argument("--modes", default="train,eval", help="comma-separated: train, eval (default: both)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the layers' and inputs' dtype")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA device")
+    print(f"{environment_line(device)}; dtype {args.dtype}")
+    census = census_shapes(args)
+    modes = args.modes.split(",")
+    results = time_census(census, modes, 1e6 if args.quick else 3e7, device, dtype)
+    if device.type == "cpu":
+        print_call_overhead()
+    print_model_totals(census, results, modes)
     if args.steps:
-        print("\n| model | layout | batch | BN step ms | L2BN step ms | ratio |\n|---|---|---:|---:|---:|---:|")
-        for name in (m for m in STEP_MODELS if args.models is None or m in args.models.split(",")):
-            for cl in (False, True):
-                fmt = torch.channels_last if cl else torch.contiguous_format
-                x, target = torch.randn(128, 3, 32, 32).contiguous(memory_format=fmt), torch.randint(0, 10, (128,))
-                nets = []
-                for norm in ("bn", "l2bn"):
-                    torch.manual_seed(0)
-                    nets.append(create_model(name, num_classes=10, norm_layer=norm).to(memory_format=fmt))
-                start = time.perf_counter()
-                bn, l2 = training_step_ms(nets, x, target, repeats=2 if args.quick else 5)
-                layout = "channels_last" if cl else "NCHW"
-                print(f"| {name} | {layout} | 128 | {bn:.1f} | {l2:.1f} | {l2 / bn:.2f} |  "
-                      f"({time.perf_counter() - start:.0f} s)")
+        print_steps(args, device, dtype)
+
 
 if __name__ == "__main__":
     main()

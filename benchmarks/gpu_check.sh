@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The one GPU check of docs/performance.md, for a session lent a CUDA machine (≤ 10 minutes on one H100/H200):
 # the CUDA and Triton tests on the real device, then the layer benchmarks (fp32 and bf16, ResNet-50 shapes,
-# training and eval, achieved bandwidth; Triton against the torch-op path). Each step has its own time limit and
-# a failure does not stop the next; everything is logged to $OUT/gpu_check.log (or ./gpu_check.log).
+# training and eval, achieved bandwidth; Triton against the torch-op path), then the shape census (every norm
+# layer's input shape of the zoo, fp32 and bf16, with achieved bandwidth; issue 23's goal 4). Each step has its
+# own time limit (together under 10 minutes) and a failure does not stop the next; rows are printed as they are
+# timed, so a step cut by its limit still logs what it measured. Everything goes to $OUT/gpu_check.log (or
+# ./gpu_check.log).
 #
 #     bash benchmarks/gpu_check.sh            # from the repository root, with a CUDA torch and triton installed
 set -uo pipefail
@@ -20,13 +23,16 @@ step() {  # step SECONDS TITLE COMMAND...
   echo "=== exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
 
-step 30 "device" nvidia-smi -L
+step 20 "device" nvidia-smi -L
 step 30 "versions" "$py" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
-step 240 "CUDA and Triton tests" "$py" -m pytest -q -x -p no:cacheprovider tests/test_triton.py \
+step 180 "CUDA and Triton tests" "$py" -m pytest -q -x -p no:cacheprovider tests/test_triton.py \
   tests/test_compat.py -k "triton or cuda or huge" tests/test_metrics.py tests/test_norms_ubn.py
 for dtype in fp32 bf16; do
-  step 90 "bench triton $dtype" "$py" -m l2bn bench --device cuda --dtype "$dtype" --repeats 20 --shapes $shapes
+  step 50 "bench triton $dtype" "$py" -m l2bn bench --device cuda --dtype "$dtype" --repeats 20 --shapes $shapes
 done
-step 90 "bench fused (torch ops) fp32, for comparison" "$py" -m l2bn bench --device cuda --dtype fp32 \
+step 50 "bench fused (torch ops) fp32, for comparison" "$py" -m l2bn bench --device cuda --dtype fp32 \
   --repeats 20 --impl fused --shapes $shapes
+for dtype in fp32 bf16; do
+  step 100 "shape census $dtype" "$py" benchmarks/bench_census.py --device cuda --dtype "$dtype"
+done
 echo "log: $log"

@@ -1,6 +1,7 @@
 """The census benchmark runs and prints its ratios (no timing thresholds: the machine may be shared)."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -32,7 +33,7 @@ def test_census_quick_prints_a_ratio_for_every_shape_and_a_model_total():
     assert counts and (int(counts[2]), int(counts[4])) == (timed["train"], timed["eval"])
     assert int(counts[1]) == sum(1 for r in shape_rows if r[2] == "train" and float(r[3]) <= 1.10)
     medians = re.findall(r"^\| (\S+) \| (?:NCHW|channels_last) \| (train|eval) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [-\d.]+ \| "
-                         r"([\d.]+) \|$", result.stdout, flags=re.M)
+                         r"\d+ \| ([\d.]+) \|$", result.stdout, flags=re.M)
     assert len(medians) == len(shape_rows) and all(float(r) > 0 for *_, r in medians)
     by_median = re.search(r"^within the target by the ratio of medians: train (\d+) of (\d+), eval (\d+) of (\d+)$",
                           result.stdout, flags=re.M)
@@ -43,6 +44,33 @@ def test_census_quick_prints_a_ratio_for_every_shape_and_a_model_total():
     assert "resnet56" not in result.stdout.split("| model | layout | batch |")[1]
     assert re.search(r"^per call, eval, 2x4x2x3 \(µs.*BatchNorm2d [\d.]+, L2BatchNorm2d [\d.]+, torch.batch_norm "
                      r"[\d.]+, l2_batch_norm [\d.]+, the CPU op alone [\d.]+$", result.stdout, flags=re.M)
+
+
+def test_census_shapes_come_from_a_shape_only_forward():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_census import layer_shapes
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    # ResNet-20: the stem's norm and two per block, three stages of three blocks, at 32, 16 and 8 pixels
+    assert layer_shapes("resnet20", 128, (3, 32, 32), 10) == {(128, 16, 32, 32): 7, (128, 32, 16, 16): 6,
+                                                              (128, 64, 8, 8): 6}
+
+
+def test_census_in_bfloat16_prints_achieved_bandwidth():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_census.py"), "--shapes",
+                             "64x32x8x8,128x64", "--dtype", "bf16", "--modes", "train,eval"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"^device: CPU.*; dtype bf16$", result.stdout, flags=re.M)
+    rows = re.findall(r"^\| (\S+) \| (NCHW|channels_last) \| (train|eval) \| [\d.]+ \| ([\d.]+) \| [\d.]+ \| - \| "
+                      r"(\d+) \| [\d.]+ \|$", result.stdout, flags=re.M)
+    assert len(rows) == 6  # 64x32x8x8 in both layouts and 128x64, each trained and evaluated
+    for shape, _, mode, ms, gbps in rows:  # the fused algorithm's passes over 2-byte values, over L2BN's time
+        traffic = {"train": 8, "eval": 3}[mode] * math.prod(int(d) for d in shape.split("x")) * 2
+        fastest, slowest = float(ms) - 0.0005, float(ms) + 0.0005  # the time as printed, rounded to 1 µs
+        assert traffic / (slowest * 1e6) - 0.5 <= int(gbps) <= traffic / (fastest * 1e6) + 0.5
 
 
 def test_epoch_benchmark_quick_prints_every_variants_ratio():
@@ -130,3 +158,20 @@ def test_amp_parity_pairs_seeds_and_recomputes_the_paired_t_test(tmp_path):
     result = subprocess.run([sys.executable, script, str(tmp_path / "a"), str(tmp_path / "c")], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "recipe.lr" in result.stderr
+
+
+def test_gpu_check_fits_one_ten_minute_device_call():
+    """benchmarks/gpu_check.sh runs as one device command (at most 600 s): its steps' limits must add up below it."""
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
+    total, repeat = 0, 1
+    for line in script.splitlines():
+        loop = re.match(r"\s*for \w+ in (.+); do$", line)
+        if loop:
+            repeat = len(loop[1].split())
+        elif line.strip() == "done":
+            repeat = 1
+        elif (limit := re.match(r"\s*step (\d+) ", line)):
+            total += repeat * int(limit[1])
+    assert 0 < total <= 600, total
+    assert re.search(r"bench_census\.py --device cuda --dtype", script)

@@ -19,6 +19,13 @@ DEFAULT_SHAPES: tuple[tuple[int, int, int, int], ...] = ((128, 16, 32, 32), (128
 # Full-tensor passes of the fused algorithm (reads and writes; docs/algorithm.md): training forward reads x
 # twice and writes y, backward reads (x, dy), then (dy, x) and writes dx; eval reads x twice and writes y.
 PASSES = {"train": 8, "eval": 3}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def achieved_gbps(shape: Sequence[int], mode: str, element_size: int, ms: float) -> float:
+    """The fused algorithm's memory traffic (``PASSES`` full-tensor passes) over a measured time, in GB/s: the
+    figure to set against the device's peak (HBM) bandwidth."""
+    return PASSES[mode] * math.prod(shape) * element_size / (ms * 1e6)
 
 
 @dataclass
@@ -37,7 +44,7 @@ class Timing:
     @property
     def l2bn_gbps(self) -> float:
         """Memory traffic of the fused algorithm over L2BN's time (compare with the device's peak bandwidth)."""
-        return PASSES[self.mode] * math.prod(self.shape) * self.element_size / (self.l2bn_ms * 1e6)
+        return achieved_gbps(self.shape, self.mode, self.element_size, self.l2bn_ms)
 
 
 def _sync(device: torch.device) -> None:

@@ -6,10 +6,8 @@ import os
 
 import torch
 
-from ..bench import DEFAULT_SHAPES, environment_line, format_table, time_layers
+from ..bench import DEFAULT_SHAPES, DTYPES, environment_line, format_table, time_layers
 from ..functional import IMPL_ENV_VAR, IMPLEMENTATIONS
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
