@@ -98,9 +98,9 @@ def aten_tracer(input: Tensor, *params: Tensor | None) -> str | None:
 
 def auto_impl(input: Tensor) -> str:
     """The implementation ``auto`` picks for ``input``."""
-    if input.is_cpu:  # (the common case first: each call on a layer's path costs inside a training step)
-        return "cpp" if prefers_cpp(input) else "fused"
-    return "triton" if prefers_triton(input) else "fused"
+    if prefers_triton(input):
+        return "triton"
+    return "cpp" if prefers_cpp(input) else "fused"
 
 
 # os.environ's own store and key encoding (CPython's ``os._Environ``): ``os.environ.get`` of an unset variable
