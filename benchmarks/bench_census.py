@@ -105,10 +105,12 @@ def print_call_overhead(shape: tuple[int, ...] = (2, 4, 2, 3), number: int = 200
              "l2_batch_norm": lambda: l2_batch_norm(x, *args)}
     if cpp.available():  # without a compiler the layers run the torch-op path and there is no op to time
         calls["the CPU op alone"] = lambda: IMPLEMENTATIONS["cpp"](x, *args)
+    times = dict.fromkeys(calls, math.inf)
     with torch.no_grad():
-        times = {name: min(timeit.repeat(call, number=number, repeat=repeat)) / number * 1e6
-                 for name, call in calls.items()}
-    print(f"\nper call, eval, {'x'.join(map(str, shape))} (µs, min of {repeat} × {number}): "
+        for _ in range(repeat):  # the calls alternate: a slow spell of this shared host hits all of them alike
+            for name, call in calls.items():
+                times[name] = min(times[name], timeit.timeit(call, number=number) / number * 1e6)
+    print(f"\nper call, eval, {'x'.join(map(str, shape))} (µs, min of {repeat} × {number}, interleaved): "
           + ", ".join(f"{name} {t:.1f}" for name, t in times.items()))
 
 
