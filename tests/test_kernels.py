@@ -301,24 +301,32 @@ def test_cpp_sample_norms_over_vector_steps_chunks_and_tails(length):
 
 
 @NO_COMPILER
-@pytest.mark.parametrize("shape,fmt", [((4, 130, 8, 8), torch.contiguous_format), ((3, 4, 40, 60), torch.contiguous_format),
-                                       ((3, 130, 8, 8), torch.channels_last)], ids=["8x8", "runs-over-a-chunk", "cl"])
+@pytest.mark.parametrize("shape,fmt", [((4, 130, 8, 8), torch.contiguous_format), ((5, 50, 12, 14), torch.contiguous_format),
+                                       ((130, 130, 8, 8), torch.contiguous_format),
+                                       ((3, 4, 40, 60), torch.contiguous_format), ((3, 130, 8, 8), torch.channels_last)],
+                         ids=["8x8", "12x14-row-tails", "8x8-over-8MiB-in-float64", "runs-over-a-chunk", "cl"])
 def test_cpp_eval_of_samples_beyond_l1(shape, fmt):
-    """Eval of samples of 32 KiB and more (x·gain_c written, then scaled in place while in cache; channels-last
-    chunks starting mid-row), float64 and float32, on one thread (every sample on one) and two, against the
-    reference."""
+    """Eval of samples of 32 KiB and more, float64 and float32, on one thread (every sample on one) and two,
+    against the reference, with an all-zero sample: rows of 64–255 values in inputs up to 8 MiB pipelined (the
+    output of one sample while the next one's norm is summed, rows with tails at 12×14), larger inputs and
+    longer rows x·gain_c written, then scaled in place while in cache (channels-last chunks starting mid-row).
+    The outputs do not depend on the thread count (bit for bit), wherever a thread's samples start."""
     x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(3)) * 2 + 1
+    x[1] = 0.0
     old = torch.get_num_threads()
+    outputs = {}
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             got = run(IMPLEMENTATIONS["cpp"], x, False, memory_format=fmt)
             assert_close(got, run(l2_batch_norm_reference, x, False), rtol=1e-12, atol=1e-12)
             assert got["y"].is_contiguous(memory_format=fmt)
-            got = run(IMPLEMENTATIONS["cpp"], x, False, dtype=torch.float32, memory_format=fmt)
-            assert_close(got, run(l2_batch_norm_reference, x, False), rtol=2e-5, atol=2e-5)
+            got32 = run(IMPLEMENTATIONS["cpp"], x, False, dtype=torch.float32, memory_format=fmt)
+            assert_close(got32, run(l2_batch_norm_reference, x, False), rtol=2e-5, atol=2e-5)
+            outputs[threads] = (got["y"], got32["y"])
     finally:
         torch.set_num_threads(old)
+    assert all(torch.equal(a, b) for a, b in zip(outputs[1], outputs[2]))
 
 
 @NO_COMPILER
