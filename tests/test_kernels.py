@@ -306,11 +306,10 @@ def test_cpp_sample_norms_over_vector_steps_chunks_and_tails(length):
                                        ((3, 4, 40, 60), torch.contiguous_format), ((3, 130, 8, 8), torch.channels_last)],
                          ids=["8x8", "12x14-row-tails", "8x8-over-8MiB-in-float64", "runs-over-a-chunk", "cl"])
 def test_cpp_eval_of_samples_beyond_l1(shape, fmt):
-    """Eval of samples of 32 KiB and more, float64 and float32, on one thread (every sample on one) and two,
-    against the reference, with an all-zero sample: rows of 64–255 values in inputs up to 8 MiB pipelined (the
-    output of one sample while the next one's norm is summed, rows with tails at 12×14), larger inputs and
-    longer rows x·gain_c written, then scaled in place while in cache (channels-last chunks starting mid-row).
-    The outputs do not depend on the thread count (bit for bit), wherever a thread's samples start."""
+    """Eval of samples of 32 KiB and more (x·gain_c written, then scaled in place while in cache; rows with
+    tails at 12×14, inputs both sides of 8 MiB; channels-last chunks starting mid-row), float64 and float32, on
+    one thread (every sample on one) and two, against the reference, with an all-zero sample. The outputs do
+    not depend on the thread count (bit for bit), wherever a thread's samples start."""
     x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(3)) * 2 + 1
     x[1] = 0.0
     old = torch.get_num_threads()

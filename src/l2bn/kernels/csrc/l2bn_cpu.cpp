@@ -7,8 +7,7 @@
 //                       O(N·C) algebra in float64: r_n, μ_c, σ²_c (Chan et al.'s pooled variance)
 //                       y = x·a[n,c] + b[c]                                                  (one read, one write)
 //   forward (eval)      per sample: x·gain_c written while ‖x_n‖ is summed, then y·r_n + shift_c in place
-//                       while the sample is in cache (rows of 64–255 values: the output of sample n while
-//                       ‖x_n+1‖ is summed; small samples: ‖x_n‖, then the output)          (one read, one write)
+//                       while the sample is in cache (small samples: ‖x_n‖, then the output)  (one read, one write)
 //   backward            per (n, c): m, Σ (x − m)², Σ dy, Σ dy·(x − m)                       (one read of x, dy)
 //                       dx = dy·P[n,c] + x·Q[n,c] + R[n,c]                                  (one read each, one write)
 //
@@ -40,8 +39,6 @@ using torch::autograd::variable_list;
 constexpr int64_t kChunk = 512;  // values summed in the accumulation type before a float64 add
 constexpr int64_t kInCacheRun = 64;  // eval: (n, c) runs at least this long take eval_in_cache ...
 constexpr int64_t kInCacheBytes = 32 * 1024;  // ... for samples of at least this size (smaller: L1-resident)
-constexpr int64_t kPipelinedRun = 256;  // rows-layout eval runs shorter than this take eval_pipelined ...
-constexpr int64_t kPipelinedBytes = 8 << 20;  // ... in inputs of at most this size (larger: slower, from memory)
 constexpr int64_t kTwoRowBytes = 256 * 1024;  // channels-last samples up to this size: two rows per update ...
 constexpr int64_t kLaneRowBytes = 512;        // ... and, with rows of at least this size, register lane groups
 
@@ -1130,80 +1127,13 @@ double scaled_rows(const scalar_t* __restrict__ xs, scalar_t* __restrict__ ys, c
   return total + tail;
 }
 
-// Eval, rows layout, one step of the pipelined sweep: the output of sample x (from cache),
-// y = x·(r_n gain_c) + shift_c, while the next sample's Σ x² is summed (``next``, streamed in from memory for
-// the following step); returns that Σ x² (float vectors over at most 2·kChunk values, added in float64).
-// ``kOutput`` false sums the norm alone (a thread's first sample: the same order, so the norms, and the
-// outputs, do not depend on where a thread's range starts).
-template <typename scalar_t, bool kOutput, bool kNorm>
-double rows_output_and_norm(const scalar_t* __restrict__ xs, scalar_t* __restrict__ ys,
-                            const scalar_t* __restrict__ next, const scalar_t* gain, const scalar_t* shift,
-                            scalar_t rn, int64_t C, int64_t M) {
-  using V = Vec32<scalar_t>;
-  constexpr int64_t kLanes = V::kLanes;
-  const int64_t body = M - M % (2 * kLanes);
-  typename V::type a = {}, b = {};
-  double total = 0, tail = 0;
-  for (int64_t c = 0, since = 0; c < C; ++c) {
-    const scalar_t av = rn * gain[c], sv = shift[c];
-    for (int64_t i = 0; i < body; i += 2 * kLanes) {
-      if constexpr (kOutput) {
-        V::store(ys + c * M + i, V::load(xs + c * M + i) * av + sv);
-        V::store(ys + c * M + i + kLanes, V::load(xs + c * M + i + kLanes) * av + sv);
-      }
-      if constexpr (kNorm) {
-        const auto u = V::load(next + c * M + i), v = V::load(next + c * M + i + kLanes);
-        a += u * u;
-        b += v * v;
-      }
-    }
-    for (int64_t i = body; i < M; ++i) {
-      if constexpr (kOutput) ys[c * M + i] = xs[c * M + i] * av + sv;
-      if constexpr (kNorm) tail += static_cast<double>(next[c * M + i]) * next[c * M + i];
-    }
-    since += body;
-    if (kNorm && (since >= 2 * kChunk || c + 1 == C)) {
-      total += V::lane_sum(a + b);
-      a = typename V::type{};
-      b = typename V::type{};
-      since = 0;
-    }
-  }
-  return total + tail;
-}
-
-// Eval, rows layout with runs shorter than kPipelinedRun, samples n0..n1: each sample's output is written from
-// cache while the next sample's norm is summed, so the stream from memory (the next x) overlaps the sweep in
-// cache, and every value is read from memory once and from cache once.
-template <typename scalar_t>
-void eval_pipelined(const scalar_t* xp, scalar_t* yp, const Geometry& g, const std::vector<scalar_t>& gain,
-                    const std::vector<scalar_t>& shift, double target, double l2_eps, std::vector<double>& squares,
-                    int64_t n0, int64_t n1) {
-  const int64_t C = g.C, M = g.M, D = C * M;
-  if (n0 >= n1) return;
-  double sq = rows_output_and_norm<scalar_t, false, true>(nullptr, nullptr, xp + n0 * D, gain.data(),
-                                                          shift.data(), 0, C, M);
-  for (int64_t n = n0; n < n1; ++n) {
-    squares[n] = sq;
-    const scalar_t rn = static_cast<scalar_t>(sample_scale(sq, target, l2_eps));
-    if (n + 1 < n1)
-      sq = rows_output_and_norm<scalar_t, true, true>(xp + n * D, yp + n * D, xp + (n + 1) * D, gain.data(),
-                                                      shift.data(), rn, C, M);
-    else
-      rows_output_and_norm<scalar_t, true, false>(xp + n * D, yp + n * D, nullptr, gain.data(), shift.data(), rn,
-                                                  C, M);
-  }
-}
-
 // Eval of samples n0..n1 in float32/float64 (rows layout: runs of at least kInCacheRun values): per sample,
 // one pass reads x, writes x·gain_c to y and sums ‖x_n‖² (float chunks of at most kChunk values added in
 // float64); a second pass turns y into y·r_n + shift_c in place while the sample is still in cache. The
 // memory traffic is then BatchNorm's, one read of x and one write of y (samples under kInCacheBytes, and
 // shorter runs, measured no faster than with the per-sample path). Channels-last samples are swept
 // flat, in chunks, with the per-channel values tiled (entry t for channel t % C) so that a chunk starting
-// at position p reads them contiguously from p % C. Rows-layout runs shorter than kPipelinedRun (8×8 to 15×15
-// maps) in inputs of at most kPipelinedBytes take eval_pipelined instead: there, x streaming from L3, the
-// overlap saves more than the in-place pass's short rows cost (larger inputs, from memory: slower).
+// at position p reads them contiguously from p % C.
 template <typename scalar_t>
 void eval_in_cache(const scalar_t* xp, scalar_t* yp, const Geometry& g, const std::vector<double>& gain,
                    const std::vector<double>& shift, double target, double l2_eps, std::vector<double>& squares,
@@ -1215,11 +1145,6 @@ void eval_in_cache(const scalar_t* xp, scalar_t* yp, const Geometry& g, const st
   for (int64_t t = 0; t < span; ++t) {
     gc[t] = t < C ? static_cast<scalar_t>(gain[t]) : gc[t - C];
     sc[t] = t < C ? static_cast<scalar_t>(shift[t]) : sc[t - C];
-  }
-  if (!g.channels_last && M < kPipelinedRun &&
-      g.N * D * static_cast<int64_t>(sizeof(scalar_t)) <= kPipelinedBytes) {
-    eval_pipelined(xp, yp, g, gc, sc, target, l2_eps, squares, n0, n1);
-    return;
   }
   for (int64_t n = n0; n < n1; ++n) {
     const scalar_t* __restrict__ xs = xp + n * D;
