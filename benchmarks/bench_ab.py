@@ -1,6 +1,6 @@
 """L2BN / BatchNorm time ratios at given shapes, for A/B comparisons of two kernel versions.
 
-    python benchmarks/bench_ab.py 128x16x32x32,64x436x8x8cl [--threads 1] [--mode eval]
+    python benchmarks/bench_ab.py 128x16x32x32,64x436x8x8cl [--threads 1] [--mode eval] [--blocks 4 --calls 23]
 
 A shape ending in ``cl`` is timed channels-last. Per shape, BatchNorm and L2BN calls alternate (20–400 of each,
 fewer for larger tensors) and the ratio of their minima and of their 25th percentiles is printed.
@@ -9,6 +9,11 @@ To compare kernel versions, ``--against REV`` builds the compiled kernel's sourc
 second library (its operator renamed ``l2bn_cpu_ab``) and times it in the same process, its calls alternating
 with BatchNorm's and the current kernel's: on this shared host separate runs move by ±0.2, and calls that
 alternate see the same load. (Without it: run the script in two checkouts alternately, several times.)
+
+``--blocks K`` times each shape K times over, each block with fresh tensors and layers (``--calls`` per block):
+a kernel whose speed depends on where its buffers land in memory shows it as blocks that disagree, which one
+block of alternating calls, always on the same buffers, hides (session 12's pipelined eval: 0.83× BN in six
+blocks, 1.55–1.76× in two).
 """
 from __future__ import annotations
 
@@ -73,7 +78,8 @@ class Forced(nn.Module):
                              impl=self.impl)
 
 
-def ratios(shape: tuple[int, ...], channels_last: bool, mode: str, against: bool = False) -> tuple[int, ...]:
+def ratios(shape: tuple[int, ...], channels_last: bool, mode: str, against: bool = False,
+           calls: int | None = None) -> tuple[int, ...]:
     """(calls, BN min ms, L2BN min ms, ratio of minima, ratio of 25th percentiles), then with ``against`` the
     old kernel's min ms and ratios."""
     x = torch.randn(shape)
@@ -84,7 +90,7 @@ def ratios(shape: tuple[int, ...], channels_last: bool, mode: str, against: bool
     if against:  # both kernels through the same Python path
         layers[1:] = [Forced(kind[1](shape[1]), "cpp"), Forced(kind[1](shape[1]), "ab")]
     steps = layer_steps(layers, x, mode)
-    calls = int(min(400, max(20, 5e7 / x.numel())))
+    calls = calls or int(min(400, max(20, 5e7 / x.numel())))
     for _ in range(3):
         for step in steps:
             step()
@@ -106,17 +112,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mode", choices=("train", "eval"), default="eval")
     parser.add_argument("--against", metavar="REV", help="also time the kernel source at this git revision")
+    parser.add_argument("--blocks", type=int, default=1, help="time each shape this many times, fresh tensors each")
+    parser.add_argument("--calls", type=int, default=None, help="calls of each layer per block (default: by size)")
     args = parser.parse_args()
+    if args.blocks < 1 or (args.calls is not None and args.calls < 1):
+        parser.error("--blocks and --calls must be at least 1")
     torch.set_num_threads(args.threads)
     if args.against:
         build_revision(args.against)
     for spec in args.shapes.split(","):
-        calls, bn, l2, ratio_min, ratio_p25, *old = ratios(*parse_shape(spec), args.mode, bool(args.against))
-        line = (f"{spec:>18} {args.mode} calls {calls:3d}  BN min {bn:.3f} L2 min {l2:.3f}  ratio min {ratio_min:.2f}"
-                f"  ratio p25 {ratio_p25:.2f}")
-        if old:
-            line += f"  | {args.against}: min {old[0]:.3f} ratio min {old[1]:.2f} p25 {old[2]:.2f}"
-        print(line, flush=True)
+        for block in range(args.blocks):
+            calls, bn, l2, ratio_min, ratio_p25, *old = ratios(*parse_shape(spec), args.mode, bool(args.against),
+                                                               args.calls)
+            line = (f"{spec:>18} {args.mode} calls {calls:3d}  BN min {bn:.3f} L2 min {l2:.3f}  ratio min "
+                    f"{ratio_min:.2f}  ratio p25 {ratio_p25:.2f}")
+            if old:
+                line += f"  | {args.against}: min {old[0]:.3f} ratio min {old[1]:.2f} p25 {old[2]:.2f}"
+            print(line + (f"  [block {block + 1}/{args.blocks}]" if args.blocks > 1 else ""), flush=True)
 
 
 if __name__ == "__main__":

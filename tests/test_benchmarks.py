@@ -104,6 +104,21 @@ def test_ab_benchmark_prints_both_ratios_for_each_shape():
     assert all(int(r[1]) == 400 and float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
 
 
+def test_ab_benchmark_repeats_each_shape_in_blocks_of_fresh_tensors():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ab.py"), "4x3x4x4,6x5", "--mode",
+                             "eval", "--blocks", "3", "--calls", "7"], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = re.findall(r"^\s*(\S+) eval calls +(\d+) .* ratio min ([\d.]+)  ratio p25 ([\d.]+)  \[block (\d)/3\]$",
+                      result.stdout, flags=re.M)
+    assert [(r[0], r[4]) for r in rows] == [(s, b) for s in ("4x3x4x4", "6x5") for b in "123"]
+    assert all(int(r[1]) == 7 and float(r[2]) > 0 for r in rows)
+    refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ab.py"), "6x5", "--blocks", "0"],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--blocks and --calls must be at least 1" in refused.stderr
+
+
 def test_ab_benchmark_times_a_revision_of_the_kernel_in_the_same_process():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
