@@ -12,8 +12,8 @@ alternate see the same load. (Without it: run the script in two checkouts altern
 
 ``--blocks K`` times each shape K times over, each block with fresh tensors and layers (``--calls`` per block):
 a kernel whose speed depends on where its buffers land in memory shows it as blocks that disagree, which one
-block of alternating calls, always on the same buffers, hides (session 12's pipelined eval: 0.83× BN in six
-blocks, 1.55–1.76× in two).
+block of alternating calls, always on the same buffers, hides (session 12's pipelined eval at 64×316×8×8:
+0.83× BN in two blocks of four, 1.55–1.57× in the other two).
 """
 from __future__ import annotations
 
