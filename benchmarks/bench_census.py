@@ -4,21 +4,21 @@
                                       [--shapes 128x16x32x32,128x512] [--modes train,eval]
                                       [--device cpu|cuda] [--dtype fp32|bf16|fp16]
 
-Each model of the zoo is built with BatchNorm and run once at its recipe's batch size with forward hooks
-on its norm layers (on the meta device: shapes only); every distinct input shape is then timed with BatchNorm{1,2,3}d and L2BatchNorm{1,2,3}d
-in the same process (interleaved, minimum over repeats), NCHW and channels-last, train (fwd+bwd) and eval
-(forward under no_grad). Printed: one row per (shape, layout, mode) with its ratio (of the minima) and the
-ratio of the medians (on a shared VM the two layers' time distributions differ in their tails: BatchNorm's
-median is often far above its minimum, so the two ratios bracket what a layer costs), then per model the
-time-weighted total over its layers (Σ count × time, BN vs L2BN). Large shapes also get a same-shape copy
+Each model of the zoo is built with BatchNorm and run once at its recipe's batch size with forward hooks on its
+norm layers (on the meta device: shapes only); every distinct input shape is then timed with BatchNorm{1,2,3}d
+and L2BatchNorm{1,2,3}d in the same process (interleaved, minimum over repeats), NCHW and channels-last, train
+(fwd+bwd) and eval (forward under no_grad). Printed: one row per (shape, layout, mode) with its ratio (of the
+minima) and the ratio of the medians (on a shared VM the two layers' time distributions differ in their tails:
+BatchNorm's median is often far above its minimum, so the two ratios bracket what a layer costs), then per model
+the time-weighted total over its layers (Σ count × time, BN vs L2BN). Large shapes also get a same-shape copy
 (``clone``) timed in the same run: L2BN's time is printed as a multiple of it (training reads x and dy and
 writes dx and y, so 2 copies' traffic is its floor), and every row gets L2BN's achieved bandwidth: the fused
 algorithm's traffic (``l2bn.bench.PASSES`` full-tensor passes) over its time, to set against the device's peak
-(on a GPU, its HBM bandwidth). ``--steps`` adds whole-model SGD steps
-(ResNet-20/56, VGG-16, NCHW and channels-last; ``--models`` narrows them too). ``--quick`` is a smoke run of
-a few shapes (seconds); ``--shapes``/``--modes`` time only the given shapes/modes. At the end: how many shapes
-are within the targets (issue 23: training ≤ 1.10× BN and eval ≤ 1.25× BN at every shape) and the per-call
-time of a tiny eval call, where the Python path is the whole cost.
+(on a GPU, its HBM bandwidth). ``--steps`` adds whole-model SGD steps (ResNet-20/56, VGG-16, NCHW and
+channels-last; ``--models`` narrows them too). ``--quick`` is a smoke run of a few shapes (seconds);
+``--shapes``/``--modes`` time only the given shapes/modes. At the end: how many shapes are within the targets
+(issue 23: training ≤ 1.10× BN and eval ≤ 1.25× BN at every shape) and the per-call time of a tiny eval call,
+where the Python path is the whole cost.
 """
 from __future__ import annotations
 
