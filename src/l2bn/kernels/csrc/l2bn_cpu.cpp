@@ -8,6 +8,7 @@
 //                       y = x·a[n,c] + b[c]                                                  (one read, one write)
 //   forward (eval)      per sample: x·gain_c written while ‖x_n‖ is summed, then y·r_n + shift_c in place
 //                       while the sample is in cache (small samples: ‖x_n‖, then the output)  (one read, one write)
+//                       outputs of 16 MiB and more: ‖x_n‖, then y from x in cache, y stored past the caches
 //   backward            per (n, c): m, Σ (x − m)², Σ dy, Σ dy·(x − m)                       (one read of x, dy)
 //                       dx = dy·P[n,c] + x·Q[n,c] + R[n,c]                                  (one read each, one write)
 //
@@ -30,6 +31,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 using at::Tensor;
@@ -39,6 +44,7 @@ using torch::autograd::variable_list;
 constexpr int64_t kChunk = 512;  // values summed in the accumulation type before a float64 add
 constexpr int64_t kInCacheRun = 64;  // eval: (n, c) runs at least this long take eval_in_cache ...
 constexpr int64_t kInCacheBytes = 32 * 1024;  // ... for samples of at least this size (smaller: L1-resident)
+constexpr int64_t kStreamBytes = 16 << 20;  // eval outputs at least this large are stored past the caches
 constexpr int64_t kTwoRowBytes = 256 * 1024;  // channels-last samples up to this size: two rows per update ...
 constexpr int64_t kLaneRowBytes = 512;        // ... and, with rows of at least this size, register lane groups
 
@@ -1127,6 +1133,16 @@ double scaled_rows(const scalar_t* __restrict__ xs, scalar_t* __restrict__ ys, c
   return total + tail;
 }
 
+// Per-channel values in scalar_t, for eval's flat sweeps: channels-last, tiled (entry t for channel t % C) so
+// that a chunk of kChunk values starting at position p reads them contiguously from p % C.
+template <typename scalar_t>
+std::vector<scalar_t> tiled(const std::vector<double>& values, const Geometry& g) {
+  const int64_t span = g.channels_last ? g.C + std::min(kChunk, g.C * g.M) : g.C;
+  std::vector<scalar_t> out(span);
+  for (int64_t t = 0; t < span; ++t) out[t] = static_cast<scalar_t>(values[t % g.C]);
+  return out;
+}
+
 // Eval of samples n0..n1 in float32/float64 (rows layout: runs of at least kInCacheRun values): per sample,
 // one pass reads x, writes x·gain_c to y and sums ‖x_n‖² (float chunks of at most kChunk values added in
 // float64); a second pass turns y into y·r_n + shift_c in place while the sample is still in cache. The
@@ -1170,6 +1186,66 @@ void eval_in_cache(const scalar_t* xp, scalar_t* yp, const Geometry& g, const st
   }
 }
 
+// One 32-byte vector stored past the caches, p 32-byte aligned: no read for ownership of the line, and the
+// line does not evict data still to be read (an AVX2 non-temporal store; a plain store without AVX2). Stores
+// are ordered with stream_fence() before the values are handed on.
+#if defined(__AVX2__)
+inline void stream_store(float* p, Vec32<float>::type v) { _mm256_stream_ps(p, reinterpret_cast<__m256>(v)); }
+inline void stream_store(double* p, Vec32<double>::type v) { _mm256_stream_pd(p, reinterpret_cast<__m256d>(v)); }
+inline void stream_fence() { _mm_sfence(); }
+#else
+template <typename T>
+inline void stream_store(T* p, typename Vec32<T>::type v) { Vec32<T>::store(p, v); }
+inline void stream_fence() {}
+#endif
+
+// y[i] = (x[i]·g[i])·r + s[i] for i < len, with g and s per value (kTiled) or one value each (g[0], s[0]);
+// from y's first 32-byte boundary on, whole vectors are stored past the caches. The arithmetic is
+// eval_in_cache's, (x·gain)·r + shift, so both paths give the same values for the same r.
+template <typename scalar_t, bool kTiled>
+void streamed_affine(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const scalar_t* __restrict__ g,
+                     const scalar_t* __restrict__ s, scalar_t r, int64_t len) {
+  using V = Vec32<scalar_t>;
+  constexpr int64_t kLanes = V::kLanes;
+  const int64_t to_boundary = (32 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(y) % 32)) % 32;
+  const int64_t head = std::min<int64_t>(len, to_boundary / static_cast<int64_t>(sizeof(scalar_t)));
+  const int64_t body = len - (len - head) % kLanes;
+  const auto scalar = [&](int64_t i) { y[i] = (x[i] * g[kTiled ? i : 0]) * r + s[kTiled ? i : 0]; };
+  for (int64_t i = 0; i < head; ++i) scalar(i);
+  typename V::type gv, sv;
+  for (int64_t l = 0; l < kLanes; ++l) gv[l] = g[0], sv[l] = s[0];
+  for (int64_t i = head; i < body; i += kLanes) {
+    if constexpr (kTiled) gv = V::load(g + i), sv = V::load(s + i);
+    stream_store(y + i, (V::load(x + i) * gv) * r + sv);
+  }
+  for (int64_t i = body; i < len; ++i) scalar(i);
+}
+
+// Eval of samples n0..n1 in float32/float64 for outputs larger than the caches: per sample, ‖x_n‖ in one read
+// of x, then y = (x·gain_c)·r_n + shift_c from x still in cache, y stored past the caches.
+template <typename scalar_t>
+void eval_streamed(const scalar_t* xp, scalar_t* yp, const Geometry& g, const std::vector<double>& gain,
+                   const std::vector<double>& shift, double target, double l2_eps, std::vector<double>& squares,
+                   int64_t n0, int64_t n1) {
+  const int64_t C = g.C, M = g.M, D = C * M;
+  const std::vector<scalar_t> gc = tiled<scalar_t>(gain, g), sc = tiled<scalar_t>(shift, g);
+  for (int64_t n = n0; n < n1; ++n) {
+    const scalar_t* __restrict__ xs = xp + n * D;
+    scalar_t* __restrict__ ys = yp + n * D;
+    squares[n] = squares_of(xs, D);
+    const scalar_t rn = static_cast<scalar_t>(sample_scale(squares[n], target, l2_eps));
+    if (g.channels_last) {
+      for (int64_t start = 0; start < D; start += kChunk) {
+        const int64_t len = std::min(D, start + kChunk) - start;
+        streamed_affine<scalar_t, true>(xs + start, ys + start, gc.data() + start % C, sc.data() + start % C, rn, len);
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) streamed_affine<scalar_t, false>(xs + c * M, ys + c * M, &gc[c], &sc[c], rn, M);
+    }
+  }
+  stream_fence();
+}
+
 // Eval: per sample, ‖x_n‖ then the output, while the sample is still in cache (one read from memory).
 template <typename scalar_t>
 void eval_forward(const Tensor& x, Tensor& y, const Geometry& g, const std::vector<double>& gain,
@@ -1182,8 +1258,13 @@ void eval_forward(const Tensor& x, Tensor& y, const Geometry& g, const std::vect
   if (g.N >= at::get_num_threads()) {
     at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
       if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {  // float, double: x·gain_c kept exactly enough
-        if ((g.channels_last || g.M >= kInCacheRun) && g.C * g.M * sizeof(scalar_t) >= kInCacheBytes) {
-          eval_in_cache(xp, y.mutable_data_ptr<scalar_t>(), g, gain, shift, target, l2_eps, squares, n0, n1);
+        if ((g.channels_last || g.M >= kInCacheRun) && D * static_cast<int64_t>(sizeof(scalar_t)) >= kInCacheBytes) {
+          scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+          if (g.N * D * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes) {
+            eval_streamed(xp, yp, g, gain, shift, target, l2_eps, squares, n0, n1);
+          } else {
+            eval_in_cache(xp, yp, g, gain, shift, target, l2_eps, squares, n0, n1);
+          }
           return;
         }
       }
