@@ -335,6 +335,28 @@ def test_cpp_eval_of_samples_beyond_l1(shape, fmt):
 
 
 @NO_COMPILER
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["rows", "cl"])
+def test_cpp_training_outputs_of_16mib_stored_past_the_caches(fmt):
+    """Training forward + backward where y and dx are 16 MiB or more (stored past the caches: rows of 399
+    values, each starting off a 32-byte boundary; channels-last rows of 130): float64 at 41 samples (17 MiB),
+    float32 at 81 (16.8 MiB), against the float64 reference, on two threads and one, bit for bit alike."""
+    old = torch.get_num_threads()
+    outputs = []
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            for n, dtype, tol in ((41, F64, 1e-10), (81, torch.float32, 2e-4)):
+                x = torch.randn((n, 130, 19, 21), dtype=F64, generator=torch.Generator().manual_seed(n)) * 2 + 1
+                got = run(IMPLEMENTATIONS["cpp"], x, True, dtype=dtype, memory_format=fmt)
+                assert got["y"].is_contiguous(memory_format=fmt) and got["dx"].is_contiguous(memory_format=fmt)
+                assert_close(got, run(l2_batch_norm_reference, x, True), rtol=tol, atol=tol)
+                outputs.append((got["y"], got["dx"]))
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(a, b) for two, one in zip(outputs[:2], outputs[2:]) for a, b in zip(two, one))
+
+
+@NO_COMPILER
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch's forward_ad import
 def test_cpp_builds_no_autograd_node_when_nothing_needs_a_gradient():
     """No graph to record (no_grad, or no input requiring a gradient): the kernel alone, the same values; a

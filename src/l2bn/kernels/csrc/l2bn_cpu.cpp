@@ -8,7 +8,8 @@
 //                       y = x·a[n,c] + b[c]                                                  (one read, one write)
 //   forward (eval)      per sample: x·gain_c written while ‖x_n‖ is summed, then y·r_n + shift_c in place
 //                       while the sample is in cache (small samples: ‖x_n‖, then the output)  (one read, one write)
-//                       outputs of 16 MiB and more: ‖x_n‖, then y from x in cache, y stored past the caches
+//                       outputs of 16 MiB and more: ‖x_n‖, then y from x in cache
+//   Outputs (y, dx) of 16 MiB and more are stored past the caches (no read for ownership of their lines).
 //   backward            per (n, c): m, Σ (x − m)², Σ dy, Σ dy·(x − m)                       (one read of x, dy)
 //                       dx = dy·P[n,c] + x·Q[n,c] + R[n,c]                                  (one read each, one write)
 //
@@ -172,6 +173,32 @@ struct Vec32 {
     return sum;
   }
 };
+
+// One 32-byte vector stored past the caches, p 32-byte aligned: no read for ownership of the line, and the
+// line does not evict data still to be read (an AVX2 non-temporal store; a plain store without AVX2). Stores
+// are ordered with stream_fence() before the values are handed on.
+#if defined(__AVX2__)
+inline void stream_store(float* p, Vec32<float>::type v) { _mm256_stream_ps(p, reinterpret_cast<__m256>(v)); }
+inline void stream_store(double* p, Vec32<double>::type v) { _mm256_stream_pd(p, reinterpret_cast<__m256d>(v)); }
+inline void stream_fence() { _mm_sfence(); }
+#else
+template <typename T>
+inline void stream_store(T* p, typename Vec32<T>::type v) { Vec32<T>::store(p, v); }
+inline void stream_fence() {}
+#endif
+
+// out[i] for i < len, from value(i) (one element) and vector(i) (the 32 bytes from i): from out's first 32-byte
+// boundary on, whole vectors stored past the caches (stream_store), the ends one element at a time.
+template <typename T, typename One, typename Many>
+void store_streamed(T* __restrict__ out, int64_t len, const One& value, const Many& vector) {
+  constexpr int64_t kLanes = Vec32<T>::kLanes;
+  const int64_t to_boundary = (32 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % 32)) % 32;
+  const int64_t head = std::min<int64_t>(len, to_boundary / static_cast<int64_t>(sizeof(T)));
+  const int64_t body = len - (len - head) % kLanes;
+  for (int64_t i = 0; i < head; ++i) out[i] = value(i);
+  for (int64_t i = head; i < body; i += kLanes) stream_store(out + i, vector(i));
+  for (int64_t i = body; i < len; ++i) out[i] = value(i);
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Reductions: shifted sums (Chan, Golub & LeVeque 1983). Each (n, c) run is shifted by its first value K,
@@ -510,14 +537,20 @@ struct Coefficients {
   double S(int64_t n, int64_t c) const { return sigma[n] * s[c]; }
 };
 
+// Outputs this large do not stay in the caches for their reader: stored past them (no read for ownership).
+bool past_the_caches(const Tensor& out) { return static_cast<int64_t>(out.nbytes()) >= kStreamBytes; }
+
 template <typename scalar_t, bool kTwoInputs>
 struct AffinePass {
   using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec32<scalar_t>;
+  static constexpr bool kCanStream = std::is_same_v<scalar_t, acc_t>;  // float, double
   const scalar_t* u;
   const scalar_t* v;
   scalar_t* out;
   const Geometry& g;
   const Coefficients& k;
+  bool stream = false;  // out stored past the caches (float and double)
 
   // Rows layout: (n, c) runs b0..b1 of M contiguous values.
   void runs(int64_t b0, int64_t b1) const {
@@ -526,6 +559,22 @@ struct AffinePass {
       const scalar_t* __restrict__ ub = u + b * g.M;
       scalar_t* __restrict__ ob = out + b * g.M;
       const acc_t ab = k.A(n, c), sb = k.S(n, c);
+      if constexpr (kCanStream) {
+        if (stream) {
+          if constexpr (kTwoInputs) {
+            const scalar_t* __restrict__ vb = v + b * g.M;
+            const acc_t bb = k.B(n, c);
+            store_streamed(
+                ob, g.M, [&](int64_t i) { return ub[i] * ab + vb[i] * bb + sb; },
+                [&](int64_t i) { return V::load(ub + i) * ab + V::load(vb + i) * bb + sb; });
+          } else {
+            store_streamed(
+                ob, g.M, [&](int64_t i) { return ub[i] * ab + sb; },
+                [&](int64_t i) { return V::load(ub + i) * ab + sb; });
+          }
+          continue;
+        }
+      }
       if constexpr (kTwoInputs) {
         const scalar_t* __restrict__ vb = v + b * g.M;
         const acc_t bb = k.B(n, c);
@@ -553,6 +602,23 @@ struct AffinePass {
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* __restrict__ ur = u + r * g.C;
       scalar_t* __restrict__ orow = out + r * g.C;
+      if constexpr (kCanStream) {
+        if (stream) {
+          if constexpr (kTwoInputs) {
+            const scalar_t* __restrict__ vr = v + r * g.C;
+            store_streamed(
+                orow, g.C, [&](int64_t c) { return ur[c] * an[c] + vr[c] * bn[c] + sn[c]; },
+                [&](int64_t c) {
+                  return V::load(ur + c) * V::load(an + c) + V::load(vr + c) * V::load(bn + c) + V::load(sn + c);
+                });
+          } else {
+            store_streamed(
+                orow, g.C, [&](int64_t c) { return ur[c] * an[c] + sn[c]; },
+                [&](int64_t c) { return V::load(ur + c) * V::load(an + c) + V::load(sn + c); });
+          }
+          continue;
+        }
+      }
       if constexpr (kTwoInputs) {
         const scalar_t* __restrict__ vr = v + r * g.C;
 #pragma omp simd
@@ -580,15 +646,16 @@ struct AffinePass {
       rows(n0 * g.M, n1 * g.M);
     else
       runs(n0 * g.C, n1 * g.C);
+    if (stream) stream_fence();
   }
 
   void all() const {
-    if (g.channels_last)
-      at::parallel_for(0, g.N * g.M, std::max<int64_t>(1, 8192 / std::max<int64_t>(g.C, 1)),
-                       [&](int64_t r0, int64_t r1) { rows(r0, r1); });
-    else
-      at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 8192 / std::max<int64_t>(g.M, 1)),
-                       [&](int64_t b0, int64_t b1) { runs(b0, b1); });
+    const int64_t count = g.channels_last ? g.N * g.M : g.N * g.C, width = g.channels_last ? g.C : g.M;  // rows or runs
+    at::parallel_for(0, count, std::max<int64_t>(1, 8192 / std::max<int64_t>(width, 1)),
+                     [&](int64_t i0, int64_t i1) {
+                       g.channels_last ? rows(i0, i1) : runs(i0, i1);
+                       if (stream) stream_fence();
+                     });
   }
 };
 
@@ -1188,39 +1255,20 @@ void eval_in_cache(const scalar_t* xp, scalar_t* yp, const Geometry& g, const st
   }
 }
 
-// One 32-byte vector stored past the caches, p 32-byte aligned: no read for ownership of the line, and the
-// line does not evict data still to be read (an AVX2 non-temporal store; a plain store without AVX2). Stores
-// are ordered with stream_fence() before the values are handed on.
-#if defined(__AVX2__)
-inline void stream_store(float* p, Vec32<float>::type v) { _mm256_stream_ps(p, reinterpret_cast<__m256>(v)); }
-inline void stream_store(double* p, Vec32<double>::type v) { _mm256_stream_pd(p, reinterpret_cast<__m256d>(v)); }
-inline void stream_fence() { _mm_sfence(); }
-#else
-template <typename T>
-inline void stream_store(T* p, typename Vec32<T>::type v) { Vec32<T>::store(p, v); }
-inline void stream_fence() {}
-#endif
-
-// y[i] = (x[i]·g[i])·r + s[i] for i < len, with g and s per value (kTiled) or one value each (g[0], s[0]);
-// from y's first 32-byte boundary on, whole vectors are stored past the caches. The arithmetic is
-// eval_in_cache's, (x·gain)·r + shift, so both paths give the same values for the same r.
+// y[i] = (x[i]·g[i])·r + s[i] for i < len, with g and s per value (kTiled) or one value each (g[0], s[0]),
+// stored past the caches. The arithmetic is eval_in_cache's, (x·gain)·r + shift: both paths give the same
+// values for the same r.
 template <typename scalar_t, bool kTiled>
 void streamed_affine(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const scalar_t* __restrict__ g,
                      const scalar_t* __restrict__ s, scalar_t r, int64_t len) {
   using V = Vec32<scalar_t>;
-  constexpr int64_t kLanes = V::kLanes;
-  const int64_t to_boundary = (32 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(y) % 32)) % 32;
-  const int64_t head = std::min<int64_t>(len, to_boundary / static_cast<int64_t>(sizeof(scalar_t)));
-  const int64_t body = len - (len - head) % kLanes;
-  const auto scalar = [&](int64_t i) { y[i] = (x[i] * g[kTiled ? i : 0]) * r + s[kTiled ? i : 0]; };
-  for (int64_t i = 0; i < head; ++i) scalar(i);
   typename V::type gv, sv;
-  for (int64_t l = 0; l < kLanes; ++l) gv[l] = g[0], sv[l] = s[0];
-  for (int64_t i = head; i < body; i += kLanes) {
-    if constexpr (kTiled) gv = V::load(g + i), sv = V::load(s + i);
-    stream_store(y + i, (V::load(x + i) * gv) * r + sv);
-  }
-  for (int64_t i = body; i < len; ++i) scalar(i);
+  for (int64_t l = 0; l < V::kLanes; ++l) gv[l] = g[0], sv[l] = s[0];
+  store_streamed(
+      y, len, [&](int64_t i) { return (x[i] * g[kTiled ? i : 0]) * r + s[kTiled ? i : 0]; },
+      [&](int64_t i) {
+        return kTiled ? (V::load(x + i) * V::load(g + i)) * r + V::load(s + i) : (V::load(x + i) * gv) * r + sv;
+      });
 }
 
 // Eval of samples n0..n1 in float32/float64 for outputs larger than the caches: per sample, ‖x_n‖ in one read
@@ -1255,14 +1303,14 @@ void eval_forward(const Tensor& x, Tensor& y, const Geometry& g, const std::vect
   const int64_t D = g.C * g.M;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   Coefficients k = output_coefficients(std::vector<double>(g.N), gain, shift);
-  AffinePass<scalar_t, false> pass{xp, nullptr, y.mutable_data_ptr<scalar_t>(), g, k};
+  AffinePass<scalar_t, false> pass{xp, nullptr, y.mutable_data_ptr<scalar_t>(), g, k, past_the_caches(y)};
   std::vector<double> squares(g.N, 0.0);
   if (g.N >= at::get_num_threads()) {
     at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
       if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {  // float, double: x·gain_c kept exactly enough
         if ((g.channels_last || g.M >= kInCacheRun) && D * static_cast<int64_t>(sizeof(scalar_t)) >= kInCacheBytes) {
           scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-          if (g.N * D * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes) {
+          if (pass.stream) {
             eval_streamed(xp, yp, g, gain, shift, target, l2_eps, squares, n0, n1);
           } else {
             eval_in_cache(xp, yp, g, gain, shift, target, l2_eps, squares, n0, n1);
@@ -1326,7 +1374,9 @@ Tensor l2bn_forward(const Tensor& input, const std::optional<Tensor>& weight, co
   channel_affine(st, w, b, eps, gain, shift);
   const Coefficients k = output_coefficients(st.scale, gain, shift);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_forward", [&] {
-    AffinePass<scalar_t, false>{x.const_data_ptr<scalar_t>(), nullptr, y.mutable_data_ptr<scalar_t>(), g, k}.all();
+    AffinePass<scalar_t, false>{x.const_data_ptr<scalar_t>(), nullptr, y.mutable_data_ptr<scalar_t>(), g, k,
+                                past_the_caches(y)}
+        .all();
   });
   update_running_stats(running_mean, running_var, st, g, momentum);
   return y;
@@ -1422,7 +1472,7 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
   });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_backward", [&] {
     AffinePass<scalar_t, true>{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                               out.input.mutable_data_ptr<scalar_t>(), g, coef}
+                               out.input.mutable_data_ptr<scalar_t>(), g, coef, past_the_caches(out.input)}
         .all();
   });
   if (weight.defined()) out.weight = at::from_blob(grad_w.data(), {C}, opts).to(weight.scalar_type(), false, true);
