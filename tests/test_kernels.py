@@ -304,14 +304,14 @@ def test_cpp_sample_norms_over_vector_steps_chunks_and_tails(length):
 @pytest.mark.parametrize("shape,fmt", [((4, 130, 8, 8), torch.contiguous_format), ((5, 50, 12, 14), torch.contiguous_format),
                                        ((130, 130, 8, 8), torch.contiguous_format),
                                        ((3, 4, 40, 60), torch.contiguous_format), ((3, 130, 8, 8), torch.channels_last),
-                                       ((41, 130, 19, 21), torch.contiguous_format), ((81, 130, 19, 21), torch.channels_last)],
+                                       ((61, 130, 19, 21), torch.contiguous_format), ((122, 130, 19, 21), torch.channels_last)],
                          ids=["8x8", "12x14-row-tails", "8x8-over-8MiB-in-float64", "runs-over-a-chunk", "cl",
                               "streamed-in-float64-unaligned-rows", "streamed-cl"])
 def test_cpp_eval_of_samples_beyond_l1(shape, fmt):
     """Eval of samples of 32 KiB and more (x·gain_c written, then scaled in place while in cache; rows with
-    tails at 12×14, inputs both sides of 8 MiB; channels-last chunks starting mid-row), and of outputs of 16 MiB
-    and more (stored past the caches: rows of 399 values, so every row starts off a 32-byte boundary; float64 only
-    at 41 samples, both dtypes at 81), float64 and float32, on one thread (every sample on one) and two, against
+    tails at 12×14, inputs both sides of 8 MiB; channels-last chunks starting mid-row), and of outputs of 24 MiB
+    and more (stored past the caches: rows of 399 values, so every row starts off a 64-byte boundary; float64 only
+    at 61 samples, both dtypes at 122), float64 and float32, on one thread (every sample on one) and two, against
     the reference, with an all-zero sample. The outputs do not depend on the thread count (bit for bit), wherever
     a thread's samples start."""
     x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(3)) * 2 + 1
@@ -336,16 +336,16 @@ def test_cpp_eval_of_samples_beyond_l1(shape, fmt):
 
 @NO_COMPILER
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["rows", "cl"])
-def test_cpp_training_outputs_of_16mib_stored_past_the_caches(fmt):
-    """Training forward + backward where y and dx are 16 MiB or more (stored past the caches: rows of 399
-    values, each starting off a 32-byte boundary; channels-last rows of 130): float64 at 41 samples (17 MiB),
-    float32 at 81 (16.8 MiB), against the float64 reference, on two threads and one, bit for bit alike."""
+def test_cpp_training_outputs_stored_past_the_caches(fmt):
+    """Training forward + backward where y and dx are 24 MiB or more (both stored past the caches: rows of 399
+    values, each starting off a 64-byte boundary; channels-last rows of 130): float64 at 61 samples (24.1 MiB),
+    float32 at 122 (24.1 MiB), against the float64 reference, on two threads and one, bit for bit alike."""
     old = torch.get_num_threads()
     outputs = []
     try:
         for threads in (2, 1):
             torch.set_num_threads(threads)
-            for n, dtype, tol in ((41, F64, 1e-10), (81, torch.float32, 2e-4)):
+            for n, dtype, tol in ((61, F64, 1e-10), (122, torch.float32, 2e-4)):
                 x = torch.randn((n, 130, 19, 21), dtype=F64, generator=torch.Generator().manual_seed(n)) * 2 + 1
                 got = run(IMPLEMENTATIONS["cpp"], x, True, dtype=dtype, memory_format=fmt)
                 assert got["y"].is_contiguous(memory_format=fmt) and got["dx"].is_contiguous(memory_format=fmt)

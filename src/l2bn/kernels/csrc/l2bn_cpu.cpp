@@ -8,8 +8,8 @@
 //                       y = x·a[n,c] + b[c]                                                  (one read, one write)
 //   forward (eval)      per sample: x·gain_c written while ‖x_n‖ is summed, then y·r_n + shift_c in place
 //                       while the sample is in cache (small samples: ‖x_n‖, then the output)  (one read, one write)
-//                       outputs of 16 MiB and more: ‖x_n‖, then y from x in cache
-//   Outputs (y, dx) of 16 MiB and more are stored past the caches (no read for ownership of their lines).
+//                       outputs of 24 MiB and more: ‖x_n‖, then y from x in cache
+//   Outputs of passes touching 48 MiB and more (y of 24 MiB, dx of 16 MiB) are stored past the caches.
 //   backward            per (n, c): m, Σ (x − m)², Σ dy, Σ dy·(x − m)                       (one read of x, dy)
 //                       dx = dy·P[n,c] + x·Q[n,c] + R[n,c]                                  (one read each, one write)
 //
@@ -45,7 +45,7 @@ using torch::autograd::variable_list;
 constexpr int64_t kChunk = 512;  // values summed in the accumulation type before a float64 add
 constexpr int64_t kInCacheRun = 64;  // eval: (n, c) runs at least this long take eval_in_cache ...
 constexpr int64_t kInCacheBytes = 32 * 1024;  // ... for samples of at least this size (smaller: L1-resident)
-constexpr int64_t kStreamBytes = 16 << 20;  // eval outputs at least this large are stored past the caches
+constexpr int64_t kStreamBytes = 48 << 20;  // passes touching this much (1.5× this L3) stream their output
 constexpr int64_t kTwoRowBytes = 256 * 1024;  // channels-last samples up to this size: two rows per update ...
 constexpr int64_t kLaneRowBytes = 512;        // ... and, with rows of at least this size, register lane groups
 
@@ -542,8 +542,14 @@ struct Coefficients {
   double S(int64_t n, int64_t c) const { return sigma[n] * s[c]; }
 };
 
-// Outputs this large do not stay in the caches for their reader: stored past them (no read for ownership).
-bool past_the_caches(const Tensor& out) { return static_cast<int64_t>(out.nbytes()) >= kStreamBytes; }
+// Whether a pass over ``tensors`` tensors of out's size (its inputs and out) touches too much for out to stay
+// in the caches for its reader: then out is stored past them (no read for ownership of its lines). Measured
+// in one build, the two paths alternating (docs/performance.md, session 13): eval streamed wins from 24 MiB
+// outputs on and is mixed at 16–20 MiB; a layer's training call wins from 4–8 MiB on, but whole ResNet-56
+// steps, whose next layer reads those outputs, were no faster streaming its 4–8 MiB ones.
+bool past_the_caches(const Tensor& out, int64_t tensors) {
+  return tensors * static_cast<int64_t>(out.nbytes()) >= kStreamBytes;
+}
 
 template <typename scalar_t, bool kTwoInputs>
 struct AffinePass {
@@ -1327,7 +1333,7 @@ void eval_forward(const Tensor& x, Tensor& y, const Geometry& g, const std::vect
   const int64_t D = g.C * g.M;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   Coefficients k = output_coefficients(std::vector<double>(g.N), gain, shift);
-  AffinePass<scalar_t, false> pass{xp, nullptr, y.mutable_data_ptr<scalar_t>(), g, k, past_the_caches(y)};
+  AffinePass<scalar_t, false> pass{xp, nullptr, y.mutable_data_ptr<scalar_t>(), g, k, past_the_caches(y, 2)};
   std::vector<double> squares(g.N, 0.0);
   if (g.N >= at::get_num_threads()) {
     at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
@@ -1399,7 +1405,7 @@ Tensor l2bn_forward(const Tensor& input, const std::optional<Tensor>& weight, co
   const Coefficients k = output_coefficients(st.scale, gain, shift);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_forward", [&] {
     AffinePass<scalar_t, false>{x.const_data_ptr<scalar_t>(), nullptr, y.mutable_data_ptr<scalar_t>(), g, k,
-                                past_the_caches(y)}
+                                past_the_caches(y, 2)}
         .all();
   });
   update_running_stats(running_mean, running_var, st, g, momentum);
@@ -1496,7 +1502,7 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
   });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_backward", [&] {
     AffinePass<scalar_t, true>{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                               out.input.mutable_data_ptr<scalar_t>(), g, coef, past_the_caches(out.input)}
+                               out.input.mutable_data_ptr<scalar_t>(), g, coef, past_the_caches(out.input, 3)}
         .all();
   });
   if (weight.defined()) out.weight = at::from_blob(grad_w.data(), {C}, opts).to(weight.scalar_type(), false, true);
