@@ -646,6 +646,30 @@ struct AffinePass {
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* __restrict__ ur = u + r * g.C;
       scalar_t* __restrict__ orow = out + r * g.C;
+      if constexpr (kCanStream) {  // float, double: two vectors a step
+        constexpr int64_t L = V::kLanes;
+        const scalar_t* __restrict__ vr = kTwoInputs ? v + r * g.C : nullptr;
+        const auto at = [&](int64_t c) {  // the scalar loops' order of operations
+          if constexpr (kTwoInputs)
+            return V::load(ur + c) * V::load(an + c) + V::load(vr + c) * V::load(bn + c) + V::load(sn + c);
+          else
+            return V::load(ur + c) * V::load(an + c) + V::load(sn + c);
+        };
+        int64_t c = 0;
+        for (; c + 2 * L <= g.C; c += 2 * L) {
+          const auto y0 = at(c), y1 = at(c + L);
+          V::store(orow + c, y0);
+          V::store(orow + c + L, y1);
+        }
+        for (; c + L <= g.C; c += L) V::store(orow + c, at(c));
+        for (; c < g.C; ++c) {
+          if constexpr (kTwoInputs)
+            orow[c] = ur[c] * an[c] + vr[c] * bn[c] + sn[c];
+          else
+            orow[c] = ur[c] * an[c] + sn[c];
+        }
+        continue;
+      }
       if constexpr (kTwoInputs) {
         const scalar_t* __restrict__ vr = v + r * g.C;
 #pragma omp simd
