@@ -1454,14 +1454,32 @@ struct Gradients {
   Tensor input, weight, bias;
 };
 
+// A (C,) tensor of `dtype` holding `values` (a parameter's gradient, summed in float64), in one allocation.
+Tensor channel_tensor(const std::vector<double>& values, at::ScalarType dtype) {
+  Tensor t = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "l2bn_channel_tensor", [&] {
+    scalar_t* p = t.mutable_data_ptr<scalar_t>();
+    for (size_t i = 0; i < values.size(); ++i) p[i] = static_cast<scalar_t>(static_cast<at::opmath_type<scalar_t>>(values[i]));
+  });
+  return t;
+}
+
+// The weight's and bias's gradients as tensors: the weight's in its dtype (if it is defined), the bias's in
+// `bias_dtype` (if there is a bias).
+void parameter_gradients(Gradients& out, const std::vector<double>& grad_w, const std::vector<double>& grad_b,
+                         const Tensor& weight, std::optional<at::ScalarType> bias_dtype) {
+  if (weight.defined()) out.weight = channel_tensor(grad_w, weight.scalar_type());
+  if (bias_dtype) out.bias = channel_tensor(grad_b, *bias_dtype);
+}
+
 // Backward of L2BN; with training=false the statistics are the fixed running ones.
 Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tensor& weight, const Tensor& running_mean,
-                        const Tensor& running_var, bool training, double eps, double l2_eps, bool rescale) {
+                        const Tensor& running_var, bool training, double eps, double l2_eps, bool rescale,
+                        std::optional<at::ScalarType> bias_dtype) {
   const Tensor x = dense(input);
   const Tensor dy = like(grad_out, x);
   const Geometry g = geometry(x);
   const int64_t N = g.N, C = g.C, M = g.M;
-  const auto opts = at::TensorOptions().dtype(at::kDouble);
   Gradients out;
   out.input = at::empty_like(x);
   if (small_spatial(g, training)) {
@@ -1471,8 +1489,7 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
       small_backward<scalar_t>(dy, x, out.input, g, w, running_mean, running_var, training, eps, l2_eps, rescale,
                                grad_w, grad_b);
     });
-    if (weight.defined()) out.weight = at::from_blob(grad_w.data(), {C}, opts).to(weight.scalar_type(), false, true);
-    out.bias = at::from_blob(grad_b.data(), {C}, opts).clone();
+    parameter_gradients(out, grad_w, grad_b, weight, bias_dtype);
     return out;
   }
   // Per (n, c), in one read of (x, dy): m, q = Σ (x − m)², Σ dy and Σ dy·(x − m).
@@ -1543,8 +1560,7 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
                                out.input.mutable_data_ptr<scalar_t>(), g, coef, past_the_caches(out.input, 3)}
         .all();
   });
-  if (weight.defined()) out.weight = at::from_blob(grad_w.data(), {C}, opts).to(weight.scalar_type(), false, true);
-  out.bias = at::from_blob(grad_b.data(), {C}, opts).clone();
+  parameter_gradients(out, grad_w, grad_b, weight, bias_dtype);
   return out;
 }
 
@@ -1552,7 +1568,8 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
 // (torch.autograd.grad(..., is_grads_batched=True), gradcheck's check_batched_grad), which has no storage.
 // Every op below is out of place, so vmap's batching rules carry dy's hidden batch dimension through.
 Gradients composite_backward(const Tensor& dy_in, const Tensor& x_in, const Tensor& weight, const Tensor& running_mean,
-                             const Tensor& running_var, bool training, double eps, double l2_eps, bool rescale) {
+                             const Tensor& running_var, bool training, double eps, double l2_eps, bool rescale,
+                             std::optional<at::ScalarType> bias_dtype) {
   const auto acc = at::promote_types(x_in.scalar_type(), at::kFloat);
   const Tensor x = x_in.to(acc), dy = dy_in.to(acc);
   const int64_t N = x.size(0), C = x.size(1), dim = x.dim();
@@ -1588,6 +1605,7 @@ Gradients composite_backward(const Tensor& dy_in, const Tensor& x_in, const Tens
   out.input = (r * (dz - x * u.view(per_sample))).to(x_in.scalar_type());
   if (weight.defined()) out.weight = out.weight.to(weight.scalar_type());
   else out.weight = Tensor();
+  out.bias = bias_dtype ? out.bias.to(*bias_dtype) : Tensor();
   return out;
 }
 
@@ -1621,13 +1639,13 @@ struct L2BatchNormFunction : public torch::autograd::Function<L2BatchNormFunctio
                                                  (saved[1].defined() && saved[1].requires_grad())),
                 "l2bn: the compiled CPU kernel has no double backward; use impl='reference'");
     const auto backward = dy.has_storage() ? l2bn_backward : composite_backward;  // no storage: vmap-batched
+    std::optional<at::ScalarType> bias_dtype;
+    if (ctx->saved_data["has_bias"].toBool()) bias_dtype = ctx->saved_data["bias_dtype"].toScalarType();
     Gradients grads = backward(dy, saved[0], saved[1], saved[2], saved[3], ctx->saved_data["training"].toBool(),
                                  ctx->saved_data["eps"].toDouble(), ctx->saved_data["l2_eps"].toDouble(),
-                                 ctx->saved_data["rescale"].toBool());
+                                 ctx->saved_data["rescale"].toBool(), bias_dtype);
     const Tensor none;
-    const Tensor grad_bias =
-        ctx->saved_data["has_bias"].toBool() ? grads.bias.to(ctx->saved_data["bias_dtype"].toScalarType()) : none;
-    return {grads.input, grads.weight, grad_bias, none, none, none, none, none, none, none};
+    return {grads.input, grads.weight, grads.bias, none, none, none, none, none, none, none};
   }
 };
 
