@@ -2,7 +2,7 @@
 
     python benchmarks/bench_census.py [--quick] [--steps] [--models resnet20,vgg16_bn] [--threads N]
                                       [--shapes 128x16x32x32,128x512] [--modes train,eval]
-                                      [--device cpu|cuda] [--dtype fp32|bf16|fp16]
+                                      [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--recheck K]
 
 Each model of the zoo is built with BatchNorm and run once at its recipe's batch size with forward hooks on its
 norm layers (on the meta device: shapes only); every distinct input shape is then timed with BatchNorm{1,2,3}d
@@ -18,7 +18,9 @@ algorithm's traffic (``l2bn.bench.PASSES`` full-tensor passes) over its time, to
 channels-last; ``--models`` narrows them too). ``--quick`` is a smoke run of a few shapes (seconds);
 ``--shapes``/``--modes`` time only the given shapes/modes. At the end: how many shapes are within the targets
 (issue 23: training ≤ 1.10× BN and eval ≤ 1.25× BN at every shape) and the per-call time of a tiny eval call,
-where the Python path is the whole cost.
+where the Python path is the whole cost. ``--recheck K`` times every shape outside its target K more times
+(fresh tensors and layers each) and counts those outside it every time: on a shared host single timings of a
+shape move by up to ~0.3, so this separates the layer's misses from the host's.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((128, 512), (64, 512, 2, 2), (128, 
 LAYERS = {2: (nn.BatchNorm1d, L2BatchNorm1d), 3: (nn.BatchNorm1d, L2BatchNorm1d), 4: (nn.BatchNorm2d, L2BatchNorm2d),
           5: (nn.BatchNorm3d, L2BatchNorm3d)}
 STEP_MODELS = ("resnet20", "resnet56", "vgg16_bn")  # whole SGD steps (--steps), batch 128, both layouts
+TARGETS = {"train": 1.10, "eval": 1.25}  # issue 23: L2BN / BN at every shape
 COPY_FROM = 1 << 20  # shapes with at least this many values also time a copy
 
 
@@ -135,7 +138,7 @@ def time_census(census: dict[str, Counter], modes: list[str], budget: float, dev
     results: dict[tuple, tuple[float, float, float, float]] = {}
     print("\n| shape | layout | mode | BN ms | L2BN ms | ratio | L2BN / copy | L2BN GB/s | ratio of medians |\n"
           "|---|---|---|---:|---:|---:|---:|---:|---:|")
-    targets = {"train": 1.10, "eval": 1.25}
+    targets = TARGETS
     worst = {mode: 0.0 for mode in modes}
     within = {mode: [0, 0, 0] for mode in modes}  # shapes within the target (minima, medians), shapes timed
     element_size = torch.empty((), dtype=dtype).element_size()
@@ -157,6 +160,27 @@ def time_census(census: dict[str, Counter], modes: list[str], budget: float, dev
     print("within the target by the ratio of medians: "
           + ", ".join(f"{m} {within[m][1]} of {within[m][2]}" for m in modes))
     return results
+
+
+def recheck_misses(results: dict, times: int, budget: float, device: torch.device, dtype: torch.dtype) -> None:
+    """Time every (shape, layout, mode) outside its target ``times`` more times, fresh tensors and layers each,
+    and print its ratios: a miss in every timing is the layer's, one that comes and goes is this host's noise."""
+    misses = [key for key, (bn, l2, *_) in results.items() if round(l2 / bn, 2) > TARGETS[key[2]]]
+    print(f"\n| shape | layout | mode | ratio | {' | '.join(f'recheck {i + 1}' for i in range(times))} |\n"
+          f"|---|---|---|---:|{'---:|' * times}")
+    first, stable = Counter(), Counter()
+    for shape, cl, mode in misses:
+        timings = [results[(shape, cl, mode)]] + [time_shape(shape, mode, cl, budget, device, dtype)
+                                                   for _ in range(times)]
+        ratios = [l2 / bn for bn, l2, *_ in timings]
+        first[mode] += 1
+        stable[mode] += all(round(r, 2) > TARGETS[mode] for r in ratios)
+        layout = "channels_last" if cl else "NCHW"
+        print(f"| {'x'.join(map(str, shape))} | {layout} | {mode} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |",
+              flush=True)
+    modes = sorted({key[2] for key in results}, key=list(TARGETS).index)
+    print(f"outside the target in every timing (the first and {times} more): "
+          + ", ".join(f"{m} {stable[m]} of the {first[m]} first misses" for m in modes))
 
 
 def print_model_totals(census: dict[str, Counter], results: dict, modes: list[str]) -> None:
@@ -202,6 +226,8 @@ def main() -> None:
     parser.add_argument("--modes", default="train,eval", help="comma-separated: train, eval (default: both)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the layers' and inputs' dtype")
+    parser.add_argument("--recheck", type=int, default=0, metavar="K",
+                        help="time every shape outside its target K more times (fresh tensors each)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -211,7 +237,10 @@ def main() -> None:
     print(f"{environment_line(device)}; dtype {args.dtype}")
     census = census_shapes(args)
     modes = args.modes.split(",")
-    results = time_census(census, modes, 1e6 if args.quick else 3e7, device, dtype)
+    budget = 1e6 if args.quick else 3e7
+    results = time_census(census, modes, budget, device, dtype)
+    if args.recheck:
+        recheck_misses(results, args.recheck, budget, device, dtype)
     if device.type == "cpu":
         print_call_overhead()
     print_model_totals(census, results, modes)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +56,29 @@ def test_census_shapes_come_from_a_shape_only_forward():
     # ResNet-20: the stem's norm and two per block, three stages of three blocks, at 32, 16 and 8 pixels
     assert layer_shapes("resnet20", 128, (3, 32, 32), 10) == {(128, 16, 32, 32): 7, (128, 32, 16, 16): 6,
                                                               (128, 64, 8, 8): 6}
+
+
+def test_census_recheck_retimes_each_miss_and_counts_the_misses_of_every_timing(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_census import recheck_misses
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    # a first pass with one miss in each mode (ratios 2.0 and 1.5) and one shape within its target (1.0)
+    results = {((16, 8, 4, 4), True, "train"): (1.0, 2.0, math.nan, 2.0),
+               ((16, 8, 4, 4), True, "eval"): (1.0, 1.5, math.nan, 1.5),
+               ((32, 8), False, "train"): (1.0, 1.0, math.nan, 1.0)}
+    recheck_misses(results, 2, 1e5, torch.device("cpu"), torch.float32)
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| (\S+) \| (NCHW|channels_last) \| (train|eval) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", out,
+                      flags=re.M)
+    assert [r[:4] for r in rows] == [("16x8x4x4", "channels_last", "train", "2.00"),
+                                     ("16x8x4x4", "channels_last", "eval", "1.50")]  # not the shape within
+    assert all(float(r) > 0 for row in rows for r in row[4:])  # two fresh timings each
+    stable = {mode: int(all(float(r) > {"train": 1.10, "eval": 1.25}[mode] for r in ratios))
+              for _, _, mode, *ratios in rows}
+    assert re.search(rf"^outside the target in every timing \(the first and 2 more\): train {stable['train']} of the 1 "
+                     rf"first misses, eval {stable['eval']} of the 1 first misses$", out, flags=re.M)
 
 
 def test_census_in_bfloat16_prints_achieved_bandwidth():
