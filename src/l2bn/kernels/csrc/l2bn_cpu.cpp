@@ -868,8 +868,7 @@ SampleRows sample_rows(const Geometry& g) {
   return g.channels_last ? SampleRows{g.M, g.C} : SampleRows{1, g.C * g.M};
 }
 
-// A per-channel vector expanded to the positions of a row, in the accumulation type: a fill per channel (a
-// division per position, as this was written first, cost µs a call at (N, C) shapes).
+// A per-channel vector expanded to the positions of a row, in the accumulation type (a fill per channel).
 template <typename acc_t>
 std::vector<acc_t> per_position(const Geometry& g, const std::vector<double>& v) {
   std::vector<acc_t> out(sample_rows(g).length);
@@ -1455,7 +1454,8 @@ Tensor channel_tensor(const std::vector<double>& values, at::ScalarType dtype) {
   Tensor t = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "l2bn_channel_tensor", [&] {
     scalar_t* p = t.mutable_data_ptr<scalar_t>();
-    for (size_t i = 0; i < values.size(); ++i) p[i] = static_cast<scalar_t>(static_cast<at::opmath_type<scalar_t>>(values[i]));
+    for (size_t i = 0; i < values.size(); ++i)
+      p[i] = static_cast<scalar_t>(static_cast<at::opmath_type<scalar_t>>(values[i]));
   });
   return t;
 }
