@@ -131,6 +131,16 @@ def census_shapes(args: argparse.Namespace) -> dict[str, Counter]:
     return census
 
 
+def within_target(ratio: float, mode: str) -> bool:
+    """Whether an L2BN / BN ratio is within ``mode``'s target, as printed (two decimals)."""
+    return round(ratio, 2) <= TARGETS[mode]
+
+
+def row_start(shape: tuple[int, ...], channels_last: bool, mode: str) -> str:
+    """A shape row's first three cells: shape, layout, mode."""
+    return f"| {'x'.join(map(str, shape))} | {'channels_last' if channels_last else 'NCHW'} | {mode} |"
+
+
 def time_census(census: dict[str, Counter], modes: list[str], budget: float, device: torch.device,
                 dtype: torch.dtype) -> dict[tuple, tuple[float, float, float, float]]:
     """Time every shape, layout and mode; print a row each and the counts within the targets."""
@@ -147,11 +157,10 @@ def time_census(census: dict[str, Counter], modes: list[str], budget: float, dev
                 bn, l2, copy, median_ratio = results[(shape, cl, mode)] = time_shape(shape, mode, cl, budget, device,
                                                                                     dtype)
                 worst[mode] = max(worst[mode], l2 / bn)
-                within[mode][0] += round(l2 / bn, 2) <= TARGETS[mode]  # as printed
-                within[mode][1] += round(median_ratio, 2) <= TARGETS[mode]
+                within[mode][0] += within_target(l2 / bn, mode)
+                within[mode][1] += within_target(median_ratio, mode)
                 within[mode][2] += 1
-                layout = "channels_last" if cl else "NCHW"
-                print(f"| {'x'.join(map(str, shape))} | {layout} | {mode} | {bn:.3f} | {l2:.3f} | {l2 / bn:.2f} | "
+                print(f"{row_start(shape, cl, mode)} {bn:.3f} | {l2:.3f} | {l2 / bn:.2f} | "
                       f"{'-' if math.isnan(copy) else f'{l2 / copy:.1f}'} | "
                       f"{achieved_gbps(shape, mode, element_size, l2):.0f} | {median_ratio:.2f} |", flush=True)
     print("\nworst ratio: " + ", ".join(f"{m} {worst[m]:.2f} (target {TARGETS[m]:.2f})" for m in modes))
@@ -164,7 +173,7 @@ def time_census(census: dict[str, Counter], modes: list[str], budget: float, dev
 def recheck_misses(results: dict, times: int, budget: float, device: torch.device, dtype: torch.dtype) -> None:
     """Time every (shape, layout, mode) outside its target ``times`` more times, fresh tensors and layers each,
     and print its ratios: a miss in every timing is the layer's, one that comes and goes is this host's noise."""
-    misses = [key for key, (bn, l2, *_) in results.items() if round(l2 / bn, 2) > TARGETS[key[2]]]
+    misses = [key for key, (bn, l2, *_) in results.items() if not within_target(l2 / bn, key[2])]
     print(f"\n| shape | layout | mode | ratio | {' | '.join(f'recheck {i + 1}' for i in range(times))} |\n"
           f"|---|---|---|---:|{'---:|' * times}")
     first, stable = Counter(), Counter()
@@ -173,10 +182,8 @@ def recheck_misses(results: dict, times: int, budget: float, device: torch.devic
                                                    for _ in range(times)]
         ratios = [l2 / bn for bn, l2, *_ in timings]
         first[mode] += 1
-        stable[mode] += all(round(r, 2) > TARGETS[mode] for r in ratios)
-        layout = "channels_last" if cl else "NCHW"
-        print(f"| {'x'.join(map(str, shape))} | {layout} | {mode} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |",
-              flush=True)
+        stable[mode] += not any(within_target(r, mode) for r in ratios)
+        print(f"{row_start(shape, cl, mode)} " + " | ".join(f"{r:.2f}" for r in ratios) + " |", flush=True)
     modes = sorted({key[2] for key in results}, key=list(TARGETS).index)
     print(f"outside the target in every timing (the first and {times} more): "
           + ", ".join(f"{m} {stable[m]} of the {first[m]} first misses" for m in modes))
