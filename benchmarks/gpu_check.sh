@@ -7,13 +7,17 @@
 # timed, so a step cut by its limit still logs what it measured. Everything goes to $OUT/gpu_check.log (or
 # ./gpu_check.log).
 #
-#     bash benchmarks/gpu_check.sh            # from the repository root, with a CUDA torch and triton installed
+#     bash benchmarks/gpu_check.sh                 # from the repository root, with a CUDA torch and triton installed
+#     bash benchmarks/gpu_check.sh tests bench     # only some parts: tests, bench, census (a rerun after a fix)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 log="${OUT:-.}/gpu_check.log"
 py=$(command -v python3 || command -v python)
 shapes="128x64x56x56 128x256x56x56 128x512x28x28 128x2048x7x7"  # ResNet-50 BN inputs at batch 128
+
+parts="${*:-tests bench census}"
+wants() { [[ " $parts " == *" $1 "* ]]; }
 
 step() {  # step SECONDS TITLE COMMAND...
   local limit=$1 title=$2
@@ -25,14 +29,20 @@ step() {  # step SECONDS TITLE COMMAND...
 
 step 20 "device" nvidia-smi -L
 step 30 "versions" "$py" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
-step 180 "CUDA and Triton tests" "$py" -m pytest -q -x -p no:cacheprovider tests/test_triton.py \
-  tests/test_compat.py -k "triton or cuda or huge" tests/test_metrics.py tests/test_norms_ubn.py
-for dtype in fp32 bf16; do
-  step 50 "bench triton $dtype" "$py" -m l2bn bench --device cuda --dtype "$dtype" --repeats 20 --shapes $shapes
-done
-step 50 "bench fused (torch ops) fp32, for comparison" "$py" -m l2bn bench --device cuda --dtype fp32 \
-  --repeats 20 --impl fused --shapes $shapes
-for dtype in fp32 bf16; do
-  step 100 "shape census $dtype" "$py" benchmarks/bench_census.py --device cuda --dtype "$dtype"
-done
+if wants tests; then  # every failure listed (no -x): one run on a lent machine has to show them all
+  step 170 "CUDA and Triton tests" "$py" -m pytest -v -p no:cacheprovider --maxfail=25 tests/test_triton.py \
+    tests/test_compat.py -k "triton or cuda or huge" tests/test_metrics.py tests/test_norms_ubn.py
+fi
+if wants bench; then
+  for dtype in fp32 bf16; do
+    step 45 "bench triton $dtype" "$py" -m l2bn bench --device cuda --dtype "$dtype" --repeats 20 --shapes $shapes
+  done
+  step 40 "bench fused (torch ops) fp32, for comparison" "$py" -m l2bn bench --device cuda --dtype fp32 \
+    --repeats 20 --impl fused --shapes $shapes
+fi
+if wants census; then
+  for dtype in fp32 bf16; do
+    step 90 "shape census $dtype" "$py" benchmarks/bench_census.py --device cuda --dtype "$dtype"
+  done
+fi
 echo "log: $log"

@@ -90,7 +90,7 @@ def run(fn, x, training, *, dtype=torch.float32, memory_format=torch.contiguous_
     out = {"y": y, "dx": xx.grad, "rm": rm, "rv": rv}
     if affine:
         out.update(dw=w.grad, db=b.grad)
-    return out
+    return {key: value.detach().cpu() for key, value in out.items()}
 
 
 def assert_close(got: dict, want: dict, **tol) -> None:
