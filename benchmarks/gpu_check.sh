@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one GPU check of docs/performance.md, for a session lent a CUDA machine (≤ 10 minutes on one H100/H200):
 # the CUDA and Triton tests on the real device, then the layer benchmarks (fp32 and bf16, ResNet-50 shapes,
-# training and eval, achieved bandwidth; Triton against the torch-op path), then the shape census (every norm
+# training and eval, achieved bandwidth; Triton against the torch-op path; replayed CUDA graphs for the
+# device's time alone), then the shape census (every norm
 # layer's input shape of the zoo, fp32 and bf16, with achieved bandwidth; issue 23's goal 4). Each step has its
 # own time limit (together under 10 minutes) and a failure does not stop the next; rows are printed as they are
 # timed, so a step cut by its limit still logs what it measured. Everything goes to $OUT/gpu_check.log (or
@@ -39,6 +40,7 @@ if wants bench; then
   done
   step 40 "bench fused (torch ops) fp32, for comparison" "$py" -m l2bn bench --device cuda --dtype fp32 \
     --repeats 20 --impl fused --shapes $shapes
+  step 60 "device time alone (CUDA graphs), fp32 and bf16" "$py" benchmarks/bench_cuda_graphs.py --shapes $shapes
 fi
 if wants census; then
   for dtype in fp32 bf16; do

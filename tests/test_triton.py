@@ -192,8 +192,9 @@ def test_backward_recomputes_the_forward_moments_bit_for_bit(tk, tiny_tiles, cha
     torch.testing.assert_close(dy_xc.cpu().double(), want_xc, rtol=1e-4, atol=1e-3)
 
 
-def test_saves_only_x_and_the_weight(tk):
-    """No more than BatchNorm keeps (x plus five C-vectors): x and C weights in training."""
+def test_saves_x_the_weight_and_vectors_of_n_and_c(tk):
+    """About what BatchNorm keeps (x plus five C-vectors): x, the C weights, μ and invstd (C float64 each) and
+    r_n, ‖x_n‖ (N float64 each), in training."""
     x = dev(torch.randn(6, 8, 5, 5)).requires_grad_()
     w, b = dev(torch.rand(8)).requires_grad_(), dev(torch.randn(8)).requires_grad_()
     storages = {}
@@ -204,7 +205,7 @@ def test_saves_only_x_and_the_weight(tk):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         tk.l2_batch_norm_triton(x, None, None, w, b, True)
-    assert sum(storages.values()) == (x.numel() + 8) * 4
+    assert sum(storages.values()) == (x.numel() + 8) * 4 + (2 * 8 + 2 * 6) * 8
 
 
 def test_affine_pass_against_formula(tk):
@@ -480,6 +481,31 @@ def test_kernels_compile_for_cuda_without_a_gpu(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     out = subprocess.run([sys.executable, "-c", AOT_COMPILE], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "compiled", out.stderr[-3000:]
+
+
+def _compile_for_hopper(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("triton_sm90_compile.py")
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_every_kernel_compiles_for_hopper():
+    """The compiled path, which no CPU test runs: each kernel, in the variants the wrappers launch (flags,
+    float32 and bfloat16 input, integer arguments of 1), builds down to sm_90 machine code without a GPU."""
+    pytest.importorskip("triton.backends.nvidia")
+    out = _compile_for_hopper()
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert out.stdout.count("ok ") >= 40
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_every_kernel_variant_compiles_for_hopper():
+    """As above for every combination of flags and all four input dtypes."""
+    pytest.importorskip("triton.backends.nvidia")
+    out = _compile_for_hopper("--all")
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
 
 
 @pytest.mark.skipif(not HAS_TRITON or RUNNABLE, reason="the kernels run in this process")

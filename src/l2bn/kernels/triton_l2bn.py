@@ -32,9 +32,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .algebra import channel_statistics, input_gradient, output_coefficients, update_running_stats
 from .fused import _rows, _rows_view, accumulation_dtype
-from .overflow import huge_sample_factors
 
 try:
     import triton
@@ -201,13 +199,195 @@ if TRITON_AVAILABLE:
         tl.store(dy_xc_ptr + rows, dy_dot, mask=c_ok)
 
     @triton.jit
+    def _store_as(ptrs, value, mask):
+        """Store float64 values in the pointers' dtype, through float32 for narrower ones (as torch's casts from
+        float64 do)."""
+        ty = ptrs.dtype.element_ty
+        if ty != tl.float64:
+            value = value.to(tl.float32)
+        tl.store(ptrs, value.to(ty), mask=mask)
+
+    @triton.jit
+    def _sample_scales_kernel(
+        mean_ptr, sumsq_ptr, scale_ptr, norm_ptr, C, M, l2_eps: tl.float64,
+        RESCALE: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Per sample: ‖x_n‖ = sqrt(Σ_c q[n,c] + M·m[n,c]²) (NaN read as inf) and r_n = target / max(‖x_n‖, l2_eps),
+        target = sqrt(C·M) (RESCALE) or 1."""
+        rows = tl.program_id(0).to(tl.int64) * C
+        total = tl.zeros([BLOCK_C], dtype=tl.float64)
+        for start in range(0, C, BLOCK_C):
+            offs = start + tl.arange(0, BLOCK_C)
+            ok = offs < C
+            m = tl.load(mean_ptr + rows + offs, mask=ok, other=0.0)
+            total += tl.load(sumsq_ptr + rows + offs, mask=ok, other=0.0) + M * m * m
+        norm = tl.sqrt(tl.sum(total, axis=0))
+        norm = tl.where(norm != norm, float("inf"), norm)
+        if RESCALE:
+            target = tl.sqrt(tl.cast(C, tl.float64) * M)
+        else:
+            target = 1.0
+        tl.store(norm_ptr + tl.program_id(0), norm)
+        tl.store(scale_ptr + tl.program_id(0), target / tl.maximum(norm, l2_eps))
+
+    @triton.jit
+    def _channel_tile(ptr, offs_n, offs_c, N, C, c_ok):
+        """The (BLOCK_N, BLOCK_C) tile of an (N, C) float64 array, zeros outside it."""
+        mask = (offs_n < N)[:, None] & c_ok[None, :]
+        return tl.load(ptr + offs_n.to(tl.int64)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+
+    @triton.jit
+    def _forward_coefficients_kernel(
+        mean_ptr, sumsq_ptr, scale_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr,
+        a_ptr, shift_ptr, mu_ptr, invstd_ptr, N, C, M, eps: tl.float64, momentum: tl.float64,
+        TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Per channel: μ_c and σ²_c of z = r_n x (TRAINING: pooled as in ``channel_statistics``, and the running
+        statistics updated like ``update_running_stats``; else the running ones), invstd, and the output's
+        coefficients a[n,c] = r_n·γ_c·invstd_c, shift_c = β_c − μ_c·γ_c·invstd_c."""
+        offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        if TRAINING:
+            total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+            for start in range(0, N, BLOCK_N):
+                offs_n = start + tl.arange(0, BLOCK_N)
+                r = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+                total += r[:, None] * _channel_tile(mean_ptr, offs_n, offs_c, N, C, c_ok)
+            mu = tl.sum(total, axis=0) / N
+            within = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+            between = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+            for start in range(0, N, BLOCK_N):
+                offs_n = start + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < N
+                r = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
+                within += r * r * _channel_tile(sumsq_ptr, offs_n, offs_c, N, C, c_ok)
+                d = tl.where(n_ok[:, None], r * _channel_tile(mean_ptr, offs_n, offs_c, N, C, c_ok) - mu[None, :], 0.0)
+                between += d * d
+            count = tl.cast(N, tl.float64) * M
+            var = tl.sum(within, axis=0) / count + tl.sum(between, axis=0) / N
+            if HAS_RUNNING:
+                old_mean = tl.load(rmean_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
+                old_var = tl.load(rvar_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
+                new_mean = old_mean + momentum * (mu - old_mean)
+                new_var = old_var + momentum * (var * (count / (count - 1.0)) - old_var)
+                _store_as(rmean_ptr + offs_c, new_mean, c_ok)
+                _store_as(rvar_ptr + offs_c, new_var, c_ok)
+        else:
+            mu = tl.load(rmean_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
+            var = tl.load(rvar_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float64)
+        invstd = 1.0 / tl.sqrt(var + eps)
+        gain = invstd
+        if HAS_WEIGHT:
+            gain = gain * tl.load(weight_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
+        shift = -mu * gain
+        if HAS_BIAS:
+            shift += tl.load(bias_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
+        tl.store(mu_ptr + offs_c, mu, mask=c_ok)
+        tl.store(invstd_ptr + offs_c, invstd, mask=c_ok)
+        _store_as(shift_ptr + offs_c, shift, c_ok)
+        for start in range(0, N, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            r = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
+            a = r[:, None] * gain[None, :]
+            out = a_ptr + offs_n.to(tl.int64)[:, None] * C + offs_c[None, :]
+            _store_as(out, a, n_ok[:, None] & c_ok[None, :])
+
+    @triton.jit
+    def _backward_channel_sums_kernel(
+        dy_sum_ptr, dy_xc_ptr, mean_ptr, scale_ptr, mu_ptr, invstd_ptr, weight_ptr,
+        grad_weight_ptr, grad_bias_ptr, gain_ptr, k_ptr, bias_term_ptr, N, C, M,
+        TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Per channel (``input_gradient``'s reductions over n): Σ dy, Σ dy·ẑ = invstd·Σ_n (r_n·Σdy·(x − m) +
+        (r_n m − μ)·Σdy), and (TRAINING) k = γ·invstd²·Σdy·ẑ / count and γ·invstd·Σdy / count; zero otherwise."""
+        offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        mu = tl.load(mu_ptr + offs_c, mask=c_ok, other=0.0)
+        invstd = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0)
+        bias_total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+        weight_total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+        for start in range(0, N, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            r = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
+            dy_sum = _channel_tile(dy_sum_ptr, offs_n, offs_c, N, C, c_ok)
+            zc = tl.where(n_ok[:, None], r * _channel_tile(mean_ptr, offs_n, offs_c, N, C, c_ok) - mu[None, :], 0.0)
+            bias_total += dy_sum
+            weight_total += r * _channel_tile(dy_xc_ptr, offs_n, offs_c, N, C, c_ok) + zc * dy_sum
+        grad_bias = tl.sum(bias_total, axis=0)
+        grad_weight = invstd * tl.sum(weight_total, axis=0)
+        gain = invstd
+        if HAS_WEIGHT:
+            gain = gain * tl.load(weight_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
+        _store_as(grad_bias_ptr + offs_c, grad_bias, c_ok)
+        _store_as(grad_weight_ptr + offs_c, grad_weight, c_ok)
+        tl.store(gain_ptr + offs_c, gain, mask=c_ok)
+        if TRAINING:
+            count = tl.cast(N, tl.float64) * M
+            tl.store(k_ptr + offs_c, gain * invstd * grad_weight / count, mask=c_ok)
+            tl.store(bias_term_ptr + offs_c, gain * grad_bias / count, mask=c_ok)
+
+    @triton.jit
+    def _backward_sample_coefficients_kernel(
+        dy_sum_ptr, dy_xc_ptr, mean_ptr, sumsq_ptr, scale_ptr, norm_ptr, mu_ptr, gain_ptr, k_ptr, bias_term_ptr,
+        dy_coef_ptr, x_coef_ptr, shift_ptr, factor_ptr, C, M, l2_eps: tl.float64,
+        TRAINING: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Per sample (``input_gradient``'s rest): T_n = Σ_c (Σdz·(x − m) + m·Σdz), u_n = T_n / ‖x_n‖² (0 where the
+        norm was clamped), and dx's coefficients dy_coef = r·γ·invstd, x_coef = r·(−k·r − u_n) / F_n,
+        shift = r·(k·μ − γ·invstd·Σdy/count) with F_n the power of two of ``huge_sample_factors(‖x_n‖, 0)``."""
+        n = tl.program_id(0)
+        rows = n.to(tl.int64) * C
+        r = tl.load(scale_ptr + n)
+        norm = tl.load(norm_ptr + n)
+        total = tl.zeros([BLOCK_C], dtype=tl.float64)
+        for start in range(0, C, BLOCK_C):
+            offs = start + tl.arange(0, BLOCK_C)
+            ok = offs < C
+            gain = tl.load(gain_ptr + offs, mask=ok, other=0.0)
+            m = tl.load(mean_ptr + rows + offs, mask=ok, other=0.0)
+            dz_sum = gain * tl.load(dy_sum_ptr + rows + offs, mask=ok, other=0.0)
+            dz_xc = gain * tl.load(dy_xc_ptr + rows + offs, mask=ok, other=0.0)
+            if TRAINING:
+                k = tl.load(k_ptr + offs, mask=ok, other=0.0)
+                bias_term = tl.load(bias_term_ptr + offs, mask=ok, other=0.0)
+                zc = r * m - tl.load(mu_ptr + offs, mask=ok, other=0.0)
+                dz_sum -= M * (bias_term + k * zc)
+                dz_xc -= k * r * tl.load(sumsq_ptr + rows + offs, mask=ok, other=0.0)
+            total += tl.where(ok, dz_xc + m * dz_sum, 0.0)
+        t = tl.sum(total, axis=0)
+        unclamped = norm > l2_eps
+        u = tl.where(unclamped, t / tl.where(unclamped, norm * norm, 1.0), 0.0)
+        # huge_sample_factors: 2^-e for norm = f·2^e (f in [0.5, 1)) where 2^32 <= norm < inf, else 1; the
+        # biased exponent is clamped so that 2^-e stays a normal float64 (norms beyond 2^1022 only)
+        biased = (norm.to(tl.int64, bitcast=True) >> 52) & 0x7FF
+        power = ((2045 - tl.minimum(biased, 2044)) << 52).to(tl.float64, bitcast=True)
+        factor = tl.where((norm >= 4294967296.0) & (norm < float("inf")), power, 1.0)
+        tl.store(factor_ptr + n, factor.to(factor_ptr.dtype.element_ty))
+        for start in range(0, C, BLOCK_C):
+            offs = start + tl.arange(0, BLOCK_C)
+            ok = offs < C
+            gain = tl.load(gain_ptr + offs, mask=ok, other=0.0)
+            x_coef = -u
+            shift = tl.zeros([BLOCK_C], dtype=tl.float64)
+            if TRAINING:
+                k = tl.load(k_ptr + offs, mask=ok, other=0.0)
+                x_coef -= k * r
+                shift = r * (k * tl.load(mu_ptr + offs, mask=ok, other=0.0) - tl.load(bias_term_ptr + offs, mask=ok, other=0.0))
+            _store_as(dy_coef_ptr + rows + offs, r * gain, ok)
+            _store_as(x_coef_ptr + rows + offs, r * x_coef / factor, ok)
+            _store_as(shift_ptr + rows + offs, shift, ok)
+
+    @triton.jit
     def _affine_kernel(
-        out_ptr, u_ptr, v_ptr, p_ptr, q_ptr, r_ptr, vf_ptr, C, M, num_m_blocks,
+        out_ptr, u_ptr, v_ptr, p_ptr, q_ptr, r_ptr, vf_ptr, C, M, num_m_blocks, srn,
         son, soc, som, sun, suc, sum_, svn, svc, svm,
         HAS_V: tl.constexpr, HAS_VF: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
         """out = u·P[n,c] + (v·F[n])·Q[n,c] + R[n,c] (the v term only if HAS_V, F = 1 unless HAS_VF), computed
-        in P's dtype."""
+        in P's dtype; R's row stride ``srn`` is 0 for a per-channel shift."""
         pid = tl.program_id(0)
         n = pid // num_m_blocks
         offs_m = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -217,8 +397,8 @@ if TRITON_AVAILABLE:
         acc_ty = p_ptr.dtype.element_ty
         rows = n.to(tl.int64) * C + offs_c
         p = tl.load(p_ptr + rows, mask=c_ok, other=0.0)
-        r = tl.load(r_ptr + rows, mask=c_ok, other=0.0)
         n64 = n.to(tl.int64)
+        r = tl.load(r_ptr + n64 * srn + offs_c, mask=c_ok, other=0.0)
         u = tl.load(u_ptr + n64 * sun + offs_c[:, None] * suc + offs_m[None, :] * sum_, mask=mask, other=0.0)
         res = u.to(acc_ty) * p[:, None] + r[:, None]
         if HAS_V:
@@ -272,19 +452,23 @@ def _scaled(x: Tensor) -> bool:
     return x.dtype != torch.float64
 
 
-def sample_channel_moments_triton(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(m, q): per-(n, c) mean and Σ_S (x − m)² of an (N, C, *S) tensor, (N, C) float64 each, one read of x."""
-    x, rows = _row_strides(x)
+def _moments(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
     n, num_channels, spatial = rows.shape
     mean = torch.empty(n, num_channels, dtype=torch.float64, device=x.device)
     sumsq = torch.empty_like(mean)
     block_c, block_m = _tile(rows, _REDUCE_TILE)
-    with _on_device(x):
-        _moments_kernel[(n, triton.cdiv(num_channels, block_c))](
-            rows, mean, sumsq, num_channels, spatial, *rows.stride(),
-            SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
-        )
+    _moments_kernel[(n, triton.cdiv(num_channels, block_c))](
+        rows, mean, sumsq, num_channels, spatial, *rows.stride(),
+        SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
+    )
     return mean, sumsq
+
+
+def sample_channel_moments_triton(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(m, q): per-(n, c) mean and Σ_S (x − m)² of an (N, C, *S) tensor, (N, C) float64 each, one read of x."""
+    x, rows = _row_strides(x)
+    with _on_device(x):
+        return _moments(x, rows)
 
 
 def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor | None) -> tuple[Tensor, ...]:
@@ -297,39 +481,30 @@ def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor | None) -> tuple[Tensor
     dy_sum, dy_xc = torch.empty_like(centre), torch.empty_like(centre)
     mean, sumsq = (torch.empty_like(centre), torch.empty_like(centre)) if with_moments else (centre, centre)
     block_c, block_m = _tile(x_rows, _REDUCE_TILE)  # the forward's tiles: the same moments, bit for bit
-    with _on_device(x):
-        _gradient_sums_kernel[(n, triton.cdiv(num_channels, block_c))](
-            dy_rows, x_rows, centre, dy_sum, dy_xc, mean, sumsq, num_channels, spatial,
-            *dy_rows.stride(), *x_rows.stride(),
-            WITH_MOMENTS=with_moments, SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
-        )
+    _gradient_sums_kernel[(n, triton.cdiv(num_channels, block_c))](
+        dy_rows, x_rows, centre, dy_sum, dy_xc, mean, sumsq, num_channels, spatial,
+        *dy_rows.stride(), *x_rows.stride(),
+        WITH_MOMENTS=with_moments, SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
+    )
     return (mean, sumsq, dy_sum, dy_xc) if with_moments else (dy_sum, dy_xc)
 
 
 def gradient_sums_triton(dy: Tensor, x: Tensor, centre: Tensor) -> tuple[Tensor, Tensor]:
     """(Σ_S dy, Σ_S dy·(x − centre)) per (n, c), float64, from one read of (dy, x)."""
-    return _gradient_sums(dy, x, centre)
+    with _on_device(x):
+        return _gradient_sums(dy, x, centre)
 
 
 def moments_and_gradient_sums_triton(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(m, q, Σ_S dy, Σ_S dy·(x − m)) per (n, c), float64, from one read of (dy, x); m and q equal
     :func:`sample_channel_moments_triton`'s, so backward need not save them."""
-    return _gradient_sums(dy, x, None)
+    with _on_device(x):
+        return _gradient_sums(dy, x, None)
 
 
-def affine_triton(
-    out: Tensor, u: Tensor, p: Tensor, r: Tensor, v: Tensor | None = None, q: Tensor | None = None,
-    v_factor: Tensor | None = None,
+def _affine(
+    out: Tensor, u: Tensor, p: Tensor, r: Tensor, v: Tensor | None, q: Tensor | None, v_factor: Tensor | None
 ) -> Tensor:
-    """out = u·p[n,c] + r[(n,) c] (+ (v·v_factor[n])·q[n,c]) elementwise over (N, C, *S), into ``out`` in one pass.
-
-    p, q are (N, C), r broadcasts to (N, C) and ``v_factor`` is (N,), all in the compute dtype (p's);
-    ``out`` must be dense (e.g. ``torch.empty_like(x)``).
-    """
-    if (v is None) != (q is None):
-        raise ValueError("v and q must be given together")
-    if v_factor is not None and v is None:
-        raise ValueError("v_factor scales v: give v and q too")
     out_rows = _rows_view(out)
     if out_rows is None:
         raise ValueError(
@@ -337,7 +512,8 @@ def affine_triton(
         )
     u, u_rows = _row_strides(u)
     n, num_channels, spatial = out_rows.shape
-    p, r = p.contiguous(), r.expand(n, num_channels).contiguous()
+    p = p.contiguous()
+    r = r.contiguous() if r.dim() == 2 else r.reshape(num_channels).contiguous()
     has_v = v is not None
     if has_v:
         v, v_rows = _row_strides(v)
@@ -348,60 +524,118 @@ def affine_triton(
     v_factor = v_factor.to(p.dtype).contiguous() if has_vf else p
     block_c, block_m = _tile(out_rows, _ELEMENTWISE_TILE)
     num_m_blocks = triton.cdiv(spatial, block_m)
-    with _on_device(out):
-        _affine_kernel[(n * num_m_blocks, triton.cdiv(num_channels, block_c))](
-            out_rows, u_rows, v_rows, p, q, r, v_factor, num_channels, spatial, num_m_blocks,
-            *out_rows.stride(), *u_rows.stride(), *v_rows.stride(),
-            HAS_V=has_v, HAS_VF=has_vf, BLOCK_C=block_c, BLOCK_M=block_m,
-        )
+    _affine_kernel[(n * num_m_blocks, triton.cdiv(num_channels, block_c))](
+        out_rows, u_rows, v_rows, p, q, r, v_factor, num_channels, spatial, num_m_blocks,
+        num_channels if r.dim() == 2 else 0,
+        *out_rows.stride(), *u_rows.stride(), *v_rows.stride(),
+        HAS_V=has_v, HAS_VF=has_vf, BLOCK_C=block_c, BLOCK_M=block_m,
+    )
     return out
 
 
+def affine_triton(
+    out: Tensor, u: Tensor, p: Tensor, r: Tensor, v: Tensor | None = None, q: Tensor | None = None,
+    v_factor: Tensor | None = None,
+) -> Tensor:
+    """out = u·p[n,c] + r[(n,) c] (+ (v·v_factor[n])·q[n,c]) elementwise over (N, C, *S), into ``out`` in one pass.
+
+    p, q are (N, C), r is (C,) or (N, C) and ``v_factor`` is (N,), all in the compute dtype (p's);
+    ``out`` must be dense (e.g. ``torch.empty_like(x)``).
+    """
+    if (v is None) != (q is None):
+        raise ValueError("v and q must be given together")
+    if v_factor is not None and v is None:
+        raise ValueError("v_factor scales v: give v and q too")
+    if r.dim() != 2 and r.numel() != p.shape[1]:
+        raise ValueError(f"r must be (C,) or (N, C) for C = {p.shape[1]}; got shape {tuple(r.shape)}")
+    with _on_device(out):
+        return _affine(out, u, p, r, v, q, v_factor)
+
+
+_ALGEBRA_ROW_BLOCK = 1024  # channels per step of the per-sample kernels
+_ALGEBRA_TILE = (16, 64)  # (samples, channels) per step of the per-channel kernels
+
+
+def _sample_scales(mean: Tensor, sumsq: Tensor, spatial: int, rescale: bool, l2_eps: float) -> tuple[Tensor, Tensor]:
+    """(r_n, ‖x_n‖), float64 (N,) each: ``sample_scales`` in one launch."""
+    n, num_channels = mean.shape
+    scale, norm = torch.empty(n, dtype=torch.float64, device=mean.device), torch.empty(n, dtype=torch.float64, device=mean.device)
+    _sample_scales_kernel[(n,)](
+        mean, sumsq, scale, norm, num_channels, spatial, l2_eps,
+        RESCALE=rescale, BLOCK_C=min(_next_pow2(num_channels), _ALGEBRA_ROW_BLOCK),
+    )
+    return scale, norm
+
+
+def _optional(t: Tensor | None, fallback: Tensor) -> Tensor:
+    """A pointer argument for an optional tensor (the kernel does not read it when its flag is off)."""
+    return fallback if t is None else t
+
+
 class TritonL2BatchNorm(torch.autograd.Function):
-    """L2BN through the Triton kernels; returns (y, μ, σ²) like :class:`l2bn.kernels.fused.FusedL2BatchNorm`
-    (μ, σ² for the running-statistics update, not differentiable; the running ones in evaluation mode)."""
+    """L2BN through the Triton kernels, the running statistics updated in place (training)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, rescale, l2_eps):
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, rescale, l2_eps):
         acc = accumulation_dtype(x.dtype)
-        spatial = x[0, 0].numel()
-        x, _ = _row_strides(x)  # a dense copy only if the spatial dims do not flatten to a view
-        mean, sumsq = sample_channel_moments_triton(x)  # one read of x; the norms follow in eval too (float64)
-        scale, norm, mu, var = channel_statistics(mean, sumsq, spatial, rescale=rescale, l2_eps=l2_eps)
-        if not training:
-            mu, var = running_mean.to(torch.float64, copy=True), running_var.to(torch.float64, copy=True)
-        a, shift, invstd = output_coefficients(scale, mu, weight, bias, var=var, eps=eps)
-        y = affine_triton(torch.empty_like(x), x, a.to(acc), shift.to(acc))
-        # x and the weight (and the fixed statistics in eval) only: backward's read of (dy, x) recomputes
-        # the per-(n, c) moments, so no more is kept than BatchNorm keeps.
-        ctx.save_for_backward(x, weight, *(() if training else (mu, invstd)))
-        ctx.training, ctx.eps, ctx.rescale, ctx.l2_eps = training, eps, rescale, l2_eps
-        ctx.mark_non_differentiable(mu, var)
-        return y, mu, var
+        x, rows = _row_strides(x)  # a dense copy only if the spatial dims do not flatten to a view
+        n, num_channels, spatial = rows.shape
+        stats = dict(dtype=torch.float64, device=x.device)
+        with _on_device(x):
+            mean, sumsq = _moments(x, rows)  # one read of x; the norms follow in eval too (float64)
+            scale, norm = _sample_scales(mean, sumsq, spatial, rescale, l2_eps)
+            a = torch.empty(n, num_channels, dtype=acc, device=x.device)
+            shift = torch.empty(num_channels, dtype=acc, device=x.device)
+            mu, invstd = torch.empty(num_channels, **stats), torch.empty(num_channels, **stats)
+            has_running = running_mean is not None and running_var is not None
+            block_n, block_c = _ALGEBRA_TILE
+            _forward_coefficients_kernel[(triton.cdiv(num_channels, block_c),)](
+                mean, sumsq, scale, _optional(weight, mu), _optional(bias, mu), _optional(running_mean, mu),
+                _optional(running_var, mu), a, shift, mu, invstd, n, num_channels, spatial, eps, momentum,
+                TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                HAS_RUNNING=has_running, BLOCK_N=block_n, BLOCK_C=block_c,
+            )
+            y = _affine(torch.empty_like(x), x, a, shift, None, None, None)
+        # x, the weight and O(N + C) vectors only: backward's read of (dy, x) recomputes the per-(n, c)
+        # moments, so no more is kept than BatchNorm keeps.
+        ctx.save_for_backward(x, weight, scale, norm, mu, invstd)
+        ctx.training, ctx.l2_eps = training, l2_eps
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _dmu, _dvar):
-        x, weight, *fixed = ctx.saved_tensors
+    def backward(ctx, dy):
+        x, weight, scale, norm, mu, invstd = ctx.saved_tensors
+        n, num_channels = x.shape[:2]
         spatial = x[0, 0].numel()
-        mean, sumsq, dy_sum, dy_xc = moments_and_gradient_sums_triton(dy, x)  # Σ dy, Σ dy·(x − m)
-        scale, norm, mu, var = channel_statistics(mean, sumsq, spatial, rescale=ctx.rescale, l2_eps=ctx.l2_eps)
-        mu, invstd = fixed if fixed else (mu, (var + ctx.eps).rsqrt())
-        grad = input_gradient(
-            dy_sum, dy_xc, centre=mean, sumsq=sumsq if ctx.training else None, scale=scale, norm=norm, mu=mu,
-            invstd=invstd, weight=weight, spatial_size=spatial, count=x.shape[0] * spatial, l2_eps=ctx.l2_eps,
-        )
         acc = accumulation_dtype(x.dtype)
-        # 1 but for huge samples, whose x·factor has norm in [0.5, 1): the x-term (x·factor)·(Q/factor) stays in
-        # float32's range where Q (~1/‖x_n‖²) itself would underflow
-        factor = huge_sample_factors(norm, 0)
-        dx = affine_triton(torch.empty_like(x), dy, grad.dy_coef.to(acc), grad.shift.to(acc), v=x,
-                           q=(grad.x_coef / factor[:, None]).to(acc), v_factor=factor.to(acc))
         param_dtype = weight.dtype if weight is not None else acc
+        stats = dict(dtype=torch.float64, device=x.device)
+        with _on_device(x):
+            mean, sumsq, dy_sum, dy_xc = _gradient_sums(dy, x, None)  # Σ dy, Σ dy·(x − m)
+            grad_weight = torch.empty(num_channels, dtype=param_dtype, device=x.device)
+            grad_bias = torch.empty_like(grad_weight)
+            gain, k, bias_term = (torch.empty(num_channels, **stats) for _ in range(3))
+            block_n, block_c = _ALGEBRA_TILE
+            _backward_channel_sums_kernel[(triton.cdiv(num_channels, block_c),)](
+                dy_sum, dy_xc, mean, scale, mu, invstd, _optional(weight, mu), grad_weight, grad_bias,
+                gain, k, bias_term, n, num_channels, spatial,
+                TRAINING=ctx.training, HAS_WEIGHT=weight is not None, BLOCK_N=block_n, BLOCK_C=block_c,
+            )
+            dy_coef, x_coef, shift = (torch.empty(n, num_channels, dtype=acc, device=x.device) for _ in range(3))
+            # 1 but for huge samples, whose x·factor has norm in [0.5, 1): the x-term (x·factor)·(Q/factor) stays
+            # in float32's range where Q (~1/‖x_n‖²) itself would underflow
+            factor = torch.empty(n, dtype=acc, device=x.device)
+            _backward_sample_coefficients_kernel[(n,)](
+                dy_sum, dy_xc, mean, sumsq, scale, norm, mu, gain, k, bias_term, dy_coef, x_coef, shift, factor,
+                num_channels, spatial, ctx.l2_eps,
+                TRAINING=ctx.training, BLOCK_C=min(_next_pow2(num_channels), _ALGEBRA_ROW_BLOCK),
+            )
+            dx = _affine(torch.empty_like(x), dy, dy_coef, shift, x, x_coef, factor)
         return (
             dx,
-            grad.grad_weight.to(param_dtype) if ctx.needs_input_grad[1] else None,
-            grad.grad_bias.to(param_dtype) if ctx.needs_input_grad[2] else None,
-            None, None, None, None, None, None,
+            grad_weight if ctx.needs_input_grad[1] else None,
+            grad_bias if ctx.needs_input_grad[2] else None,
+            None, None, None, None, None, None, None,
         )
 
 
@@ -432,10 +666,8 @@ def l2_batch_norm_triton(
 ) -> Tensor:
     """Same contract as :func:`l2bn.kernels.fused.l2_batch_norm_fused`, through Triton kernels (CUDA)."""
     _check_triton_input(input)
-    y, mu, var = TritonL2BatchNorm.apply(input, weight, bias, running_mean, running_var, training, eps, rescale, l2_eps)
-    if training:
-        update_running_stats(running_mean, running_var, mu, var, input.shape[0] * input[0, 0].numel(), momentum)
-    return y
+    return TritonL2BatchNorm.apply(input, weight, bias, running_mean, running_var, training, momentum, eps, rescale,
+                                   l2_eps)
 
 
 __all__ = [
