@@ -1,6 +1,7 @@
-"""Compile every Triton kernel of l2bn for Hopper (sm_90) and Ampere (sm_80, bfloat16) GPUs without one: Triton's ahead-of-time path
-(``triton.compile`` of an ``ASTSource``) runs its whole pipeline down to ptxas' cubin on the CPU. Run by
-tests/test_triton.py in a fresh process (the test process decorates the kernels for the interpreter).
+"""Compile every Triton kernel of l2bn for Hopper (sm_90) and Ampere (sm_80, bfloat16) GPUs without one:
+Triton's ahead-of-time path (``triton.compile`` of an ``ASTSource``) runs its whole pipeline down to ptxas'
+cubin on the CPU. Run by tests/test_triton.py in a fresh process (the test process decorates the kernels
+for the interpreter).
 
     python tests/triton_cuda_compile.py [--all]   # one line per compiled variant; exit status 1 on any failure
 

@@ -1,21 +1,26 @@
 """Fused L2BN on CUDA with Triton: one statistics read, one output pass, one gradient read, one dx pass.
 
-The algebra is the one of :mod:`l2bn.kernels.fused` (derivation in ``docs/algorithm.md``). The input is
+The algebra is the one of :mod:`l2bn.kernels.algebra` (derivation in ``docs/algorithm.md``). The input is
 seen as rows (N, C, M), M = |S|, through its strides, so NCHW-contiguous and channels_last tensors (and
-any layout whose spatial dims flatten to a view) are read in place. Three kernels:
+any layout whose spatial dims flatten to a view) are read in place. Three kernels touch the big tensors:
 
 - ``_moments_kernel``: per (n, c) the mean m and centred sum of squares q = Σ_S (x − m)², one program per
   (n, block of channels). Each chunk of positions is centred on its own mean and merged with the running
   totals by Chan, Golub and LeVeque's pairwise update (1979), so there is no E[x²] − E[x]² cancellation.
 - ``_gradient_sums_kernel``: per (n, c) Σ_S dy and Σ_S dy·(x − m) from one read of (dy, x); in backward
-  the same read recomputes m and q (bit-identical to the forward's), so only x and the weight are saved.
-- ``_affine_kernel``: out = u·P[n,c] + v·Q[n,c] + R[n,c] (v optional), elementwise; the forward output
+  the same read recomputes m and q (bit-identical to the forward's), so only x, the weight and O(N + C)
+  vectors are saved.
+- ``_affine_kernel``: out = u·P[n,c] + v·Q[n,c] + R[(n,) c] (v optional), elementwise; the forward output
   (u = x, no v) and the input gradient (u = dy, v = x) in one pass each.
 
-Values are read into float32 (float64 for float64 input). The per-(n, c) statistics and the O(N·C) algebra
-between the kernels (ordinary torch ops) are float64. Huge finite inputs — values beyond ~1e19, whose squares
-overflow float32 — are handled on the device, without a host check: every chunk of a row is multiplied by the
-power of two that brings its max |x| into [1, 4) before it is squared (exact, so the usual input's chunk
+Four more run the O(N·C) algebra between them in float64 (``algebra``'s formulas, so that a call is its
+launches alone, with no small torch op adding its launch latency): ``_sample_scales_kernel`` (‖x_n‖, r_n),
+``_forward_coefficients_kernel`` (μ_c, σ²_c, the running-statistics update, the output's coefficients),
+``_backward_channel_sums_kernel`` and ``_backward_sample_coefficients_kernel`` (``input_gradient``).
+
+Values are read into float32 (float64 for float64 input). Huge finite inputs — values beyond ~1e19, whose
+squares overflow float32 — are handled on the device, without a host check: every chunk of a row is multiplied
+by the power of two that brings its max |x| into [1, 4) before it is squared (exact, so the usual input's chunk
 moments are unchanged), and its moments are scaled back in float64; the gradient read does the same for
 x − K, and the input gradient's x-term takes a per-sample power of two (docs/algorithm.md).
 
@@ -375,7 +380,8 @@ if TRITON_AVAILABLE:
             if TRAINING:
                 k = tl.load(k_ptr + offs, mask=ok, other=0.0)
                 x_coef -= k * r
-                shift = r * (k * tl.load(mu_ptr + offs, mask=ok, other=0.0) - tl.load(bias_term_ptr + offs, mask=ok, other=0.0))
+                mu = tl.load(mu_ptr + offs, mask=ok, other=0.0)
+                shift = r * (k * mu - tl.load(bias_term_ptr + offs, mask=ok, other=0.0))
             _store_as(dy_coef_ptr + rows + offs, r * gain, ok)
             _store_as(x_coef_ptr + rows + offs, r * x_coef / factor, ok)
             _store_as(shift_ptr + rows + offs, shift, ok)
@@ -559,7 +565,7 @@ _ALGEBRA_TILE = (16, 64)  # (samples, channels) per step of the per-channel kern
 def _sample_scales(mean: Tensor, sumsq: Tensor, spatial: int, rescale: bool, l2_eps: float) -> tuple[Tensor, Tensor]:
     """(r_n, ‖x_n‖), float64 (N,) each: ``sample_scales`` in one launch."""
     n, num_channels = mean.shape
-    scale, norm = torch.empty(n, dtype=torch.float64, device=mean.device), torch.empty(n, dtype=torch.float64, device=mean.device)
+    scale, norm = (torch.empty(n, dtype=torch.float64, device=mean.device) for _ in range(2))
     _sample_scales_kernel[(n,)](
         mean, sumsq, scale, norm, num_channels, spatial, l2_eps,
         RESCALE=rescale, BLOCK_C=min(_next_pow2(num_channels), _ALGEBRA_ROW_BLOCK),
