@@ -3,6 +3,7 @@
     python benchmarks/bench_census.py [--quick] [--steps] [--models resnet20,vgg16_bn] [--threads N]
                                       [--shapes 128x16x32x32,128x512] [--modes train,eval]
                                       [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--recheck K]
+                                      [--cuda-graphs]
 
 Each model of the zoo is built with BatchNorm and run once at its recipe's batch size with forward hooks on its
 norm layers (on the meta device: shapes only); every distinct input shape is then timed with BatchNorm{1,2,3}d
@@ -16,7 +17,9 @@ writes dx and y, so 2 copies' traffic is its floor), and every row gets L2BN's a
 algorithm's traffic (``l2bn.bench.PASSES`` full-tensor passes) over its time, to set against the device's peak
 (on a GPU, its HBM bandwidth). ``--steps`` adds whole-model SGD steps (ResNet-20/56, VGG-16, NCHW and
 channels-last; ``--models`` narrows them too). ``--quick`` is a smoke run of a few shapes (seconds);
-``--shapes``/``--modes`` time only the given shapes/modes. At the end: how many shapes are within the targets
+``--shapes``/``--modes`` time only the given shapes/modes; ``--cuda-graphs`` replays every call from a CUDA
+graph — one host launch a call instead of one a kernel — so that the device's time is compared (whole calls also
+pay the host's launches, several µs each; a replay's own ~10 µs floor stays in both layers' times). At the end: how many shapes are within the targets
 (issue 23: training ≤ 1.10× BN and eval ≤ 1.25× BN at every shape) and the per-call time of a tiny eval call,
 where the Python path is the whole cost. ``--recheck K`` times every shape outside its target K more times
 (fresh tensors and layers each) and counts those outside it every time: on a shared host single timings of a
@@ -35,7 +38,8 @@ import torch
 import torch.nn as nn
 
 from l2bn import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d
-from l2bn.bench import DTYPES, achieved_gbps, environment_line, interleaved_times_ms, layer_steps, training_step_ms
+from l2bn.bench import (DTYPES, achieved_gbps, cuda_graphed, environment_line, interleaved_times_ms, layer_steps,
+                        training_step_ms)
 from l2bn.models import create_model, get_model_entry
 
 # (model, batch, input shape without batch, classes): batch sizes of the models' recipes (train/recipes.py:
@@ -76,10 +80,11 @@ def layer_shapes(name: str, batch: int, input_shape: tuple[int, ...], classes: i
 
 
 def time_shape(shape: tuple[int, ...], mode: str, channels_last: bool, budget_values: float,
-               device: torch.device = torch.device("cpu"),
-               dtype: torch.dtype = torch.float32) -> tuple[float, float, float, float]:
+               device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+               graphs: bool = False) -> tuple[float, float, float, float]:
     """(BN ms, L2BN ms, copy ms or nan, ratio of the medians): minima over interleaved repeats (the repeat count
-    scales inversely with the tensor's size), and L2BN's median time over BN's."""
+    scales inversely with the tensor's size), and L2BN's median time over BN's; ``graphs``: each call replayed
+    from a CUDA graph (the device's time alone)."""
     numel = math.prod(shape)
     repeats = int(min(200, max(3, budget_values / numel)))
     fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape)) if channels_last else None
@@ -88,6 +93,8 @@ def time_shape(shape: tuple[int, ...], mode: str, channels_last: bool, budget_va
     steps = layer_steps([cls(shape[1], device=device, dtype=dtype) for cls in LAYERS[len(shape)]], x, mode)
     if numel >= COPY_FROM:
         steps.append(lambda: x.clone())
+    if graphs:
+        steps = [cuda_graphed(step) for step in steps]
     times = interleaved_times_ms(steps, device, repeats, warmup=2)
     bn, l2, *copy = (min(t) for t in times)
     return bn, l2, copy[0] if copy else math.nan, statistics.median(times[1]) / statistics.median(times[0])
@@ -142,7 +149,7 @@ def row_start(shape: tuple[int, ...], channels_last: bool, mode: str) -> str:
 
 
 def time_census(census: dict[str, Counter], modes: list[str], budget: float, device: torch.device,
-                dtype: torch.dtype) -> dict[tuple, tuple[float, float, float, float]]:
+                dtype: torch.dtype, graphs: bool = False) -> dict[tuple, tuple[float, float, float, float]]:
     """Time every shape, layout and mode; print a row each and the counts within the targets."""
     shapes = sorted({s for c in census.values() for s in c}, key=lambda s: (len(s), s))
     results: dict[tuple, tuple[float, float, float, float]] = {}
@@ -155,7 +162,7 @@ def time_census(census: dict[str, Counter], modes: list[str], budget: float, dev
         for cl in ((False, True) if len(shape) >= 4 and math.prod(shape[2:]) > 1 else (False,)):
             for mode in modes:
                 bn, l2, copy, median_ratio = results[(shape, cl, mode)] = time_shape(shape, mode, cl, budget, device,
-                                                                                    dtype)
+                                                                                    dtype, graphs)
                 worst[mode] = max(worst[mode], l2 / bn)
                 within[mode][0] += within_target(l2 / bn, mode)
                 within[mode][1] += within_target(median_ratio, mode)
@@ -170,7 +177,8 @@ def time_census(census: dict[str, Counter], modes: list[str], budget: float, dev
     return results
 
 
-def recheck_misses(results: dict, times: int, budget: float, device: torch.device, dtype: torch.dtype) -> None:
+def recheck_misses(results: dict, times: int, budget: float, device: torch.device, dtype: torch.dtype,
+                   graphs: bool = False) -> None:
     """Time every (shape, layout, mode) outside its target ``times`` more times, fresh tensors and layers each,
     and print its ratios: a miss in every timing is the layer's, one that comes and goes is this host's noise."""
     misses = [key for key, (bn, l2, *_) in results.items() if not within_target(l2 / bn, key[2])]
@@ -178,7 +186,7 @@ def recheck_misses(results: dict, times: int, budget: float, device: torch.devic
           f"|---|---|---|---:|{'---:|' * times}")
     first, stable = Counter(), Counter()
     for shape, cl, mode in misses:
-        timings = [results[(shape, cl, mode)]] + [time_shape(shape, mode, cl, budget, device, dtype)
+        timings = [results[(shape, cl, mode)]] + [time_shape(shape, mode, cl, budget, device, dtype, graphs)
                                                    for _ in range(times)]
         ratios = [l2 / bn for bn, l2, *_ in timings]
         first[mode] += 1
@@ -234,19 +242,23 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the layers' and inputs' dtype")
     parser.add_argument("--recheck", type=int, default=0, metavar="K",
                         help="time every shape outside its target K more times (fresh tensors each)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay each call from a CUDA graph: the device's time, not the host's launches")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA device")
-    print(f"{environment_line(device)}; dtype {args.dtype}")
+    if args.cuda_graphs and device.type != "cuda":
+        parser.error("--cuda-graphs times CUDA graphs: give --device cuda")
+    print(f"{environment_line(device)}; dtype {args.dtype}" + ("; CUDA graphs (device time)" if args.cuda_graphs else ""))
     census = census_shapes(args)
     modes = args.modes.split(",")
     budget = 1e6 if args.quick else 3e7
-    results = time_census(census, modes, budget, device, dtype)
+    results = time_census(census, modes, budget, device, dtype, args.cuda_graphs)
     if args.recheck:
-        recheck_misses(results, args.recheck, budget, device, dtype)
+        recheck_misses(results, args.recheck, budget, device, dtype, args.cuda_graphs)
     if device.type == "cpu":
         print_call_overhead()
     print_model_totals(census, results, modes)

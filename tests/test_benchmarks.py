@@ -214,3 +214,12 @@ def test_gpu_check_fits_one_ten_minute_device_call():
             total += repeat * int(limit[1])
     assert 0 < total <= 600, total
     assert re.search(r"bench_census\.py --device cuda --dtype", script)
+
+
+def test_census_cuda_graphs_needs_a_cuda_device():
+    """--cuda-graphs replays CUDA graphs: on the CPU it is refused with the way out, before anything is timed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_census.py"), "--quick", "--cuda-graphs"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--cuda-graphs times CUDA graphs: give --device cuda" in result.stderr
+    assert "| shape |" not in result.stdout

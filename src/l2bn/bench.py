@@ -98,6 +98,21 @@ def layer_steps(layers: Sequence[nn.Module], x: torch.Tensor, mode: str) -> list
     return steps
 
 
+def cuda_graphed(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` captured once as a CUDA graph (after warm-up calls on a side stream, as ``torch.cuda.graphs``
+    asks); the returned callable replays it: the device's work with one host launch for all its kernels."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # kernel compilation, cuDNN plans, the allocator's blocks
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def interleaved_times_ms(steps: Sequence[Callable[[], None]], device: torch.device, repeats: int,
                          warmup: int) -> list[list[float]]:
     """Every wall time (ms) of each step over ``repeats`` rounds, the steps alternating so all see the same load."""
