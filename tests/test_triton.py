@@ -428,6 +428,26 @@ def test_auto_runs_the_triton_kernels_when_selected(tk, monkeypatch):
     torch.testing.assert_close(y, l2_batch_norm_fused(x, None, None, None, None, True), rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_traces_the_fused_path_on_triton_devices(tk, monkeypatch):
+    """Under torch.compile ``auto`` takes the torch-op path on a Triton device too (the compiler fuses it into
+    kernels of its own): the Triton autograd.Function is never entered while tracing."""
+    monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "TRITON_DEVICE_TYPES", (DEVICE,))
+    monkeypatch.setattr(dispatch, "triton_importable", lambda: True)
+    calls = []
+    original = tk.TritonL2BatchNorm.apply
+    monkeypatch.setattr(tk.TritonL2BatchNorm, "apply", lambda *a: calls.append(1) or original(*a))
+    x = dev(torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(15)))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: l2_batch_norm(t, None, None, None, None, True), backend="aot_eager",
+                             fullgraph=True)
+    y = compiled(x)
+    assert calls == []
+    torch.testing.assert_close(y.cpu(), l2_batch_norm_fused(x.cpu(), None, None, None, None, True), rtol=1e-5,
+                               atol=1e-5)
+    assert dispatch.auto_impl(x) == "triton"  # outside the compiler, Triton again
+
+
 def test_module_imports_without_triton():
     """With triton unimportable the module still imports, reports it, and says what to do instead."""
     code = textwrap.dedent(

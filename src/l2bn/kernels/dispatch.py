@@ -8,7 +8,8 @@ tensors (when it builds), else the torch-op fused path. Two situations override 
   exported module is trained with autograd, and saved programs must load without l2bn),
   ``torch.jit.trace`` (also the legacy ``torch.onnx.export(dynamo=False)``), ``torch.fx`` symbolic
   tracing, the ``torch.func`` transforms and ``torch.autograd.forward_ad`` duals, of the input or of the
-  weight and bias (the fast paths have no jvp) — runs the reference composition, which keeps D = C·|S| symbolic. ``torch.compile`` is not one of them: it traces the fused path's autograd.Function.
+  weight and bias (the fast paths have no jvp) — runs the reference composition, which keeps D = C·|S|
+  symbolic. ``torch.compile`` is not one of them: on every device it traces the fused path's autograd.Function.
 
 The compiled CPU kernel's autograd node is its own (C++): it computes batched gradients
 (``torch.autograd.grad(..., is_grads_batched=True)``, gradcheck's ``check_batched_grad``) through ATen ops,
@@ -56,8 +57,9 @@ def triton_importable() -> bool:
 
 
 def prefers_triton(input: Tensor) -> bool:
-    """``auto`` uses the Triton kernels for tensors on ``TRITON_DEVICE_TYPES`` when triton is installed."""
-    return _device_type(input) in TRITON_DEVICE_TYPES and triton_importable()
+    """``auto`` uses the Triton kernels for tensors on ``TRITON_DEVICE_TYPES`` when triton is installed, outside
+    torch.compile (which traces the torch-op path and generates its own fused kernels from it)."""
+    return _device_type(input) in TRITON_DEVICE_TYPES and triton_importable() and not torch.compiler.is_compiling()
 
 
 def _device_type(input: Tensor) -> str:
