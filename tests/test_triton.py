@@ -448,6 +448,29 @@ def test_torch_compile_traces_the_fused_path_on_triton_devices(tk, monkeypatch):
     assert dispatch.auto_impl(x) == "triton"  # outside the compiler, Triton again
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_layers_never_synchronise_the_device(tk, dtype):
+    """A training step (forward, backward, running statistics) and an eval call of each layer queue their
+    kernels without waiting for the GPU (torch's sync debug mode raises on any synchronising call)."""
+    layers = [l2bn.L2BatchNorm1d(8, device="cuda", dtype=dtype), l2bn.L2BatchNorm2d(8, device="cuda", dtype=dtype),
+              l2bn.L2BatchNorm2d(8, device="cuda", dtype=dtype)]
+    inputs = [torch.randn(16, 8, device="cuda", dtype=dtype), torch.randn(16, 8, 6, 6, device="cuda", dtype=dtype),
+              torch.randn(16, 8, 6, 6, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)]
+    for layer, x in zip(layers, inputs):
+        x.requires_grad_()
+        layer(x).sum().backward()  # first call: kernel compilation, outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            layer(x).sum().backward()
+            layer.eval()
+            with torch.no_grad():
+                layer(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def test_module_imports_without_triton():
     """With triton unimportable the module still imports, reports it, and says what to do instead."""
     code = textwrap.dedent(
