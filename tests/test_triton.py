@@ -415,34 +415,34 @@ def test_auto_picks_triton_only_for_triton_devices(monkeypatch):
     assert resolve_impl(None, x) is IMPLEMENTATIONS["triton"]
 
 
-def test_auto_runs_the_triton_kernels_when_selected(tk, monkeypatch):
+@pytest.fixture
+def triton_calls(tk, monkeypatch) -> list:
+    """``auto`` sending ``DEVICE`` tensors to Triton; the list grows by one at each entry into its Function."""
     monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
     monkeypatch.setattr(dispatch, "TRITON_DEVICE_TYPES", (DEVICE,))
     monkeypatch.setattr(dispatch, "triton_importable", lambda: True)
     calls = []
     original = tk.TritonL2BatchNorm.apply
     monkeypatch.setattr(tk.TritonL2BatchNorm, "apply", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def test_auto_runs_the_triton_kernels_when_selected(triton_calls):
     x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(15))
     y = l2_batch_norm(dev(x), None, None, None, None, True).cpu()
-    assert calls == [1]
+    assert triton_calls == [1]
     torch.testing.assert_close(y, l2_batch_norm_fused(x, None, None, None, None, True), rtol=1e-5, atol=1e-5)
 
 
-def test_torch_compile_traces_the_fused_path_on_triton_devices(tk, monkeypatch):
+def test_torch_compile_traces_the_fused_path_on_triton_devices(triton_calls):
     """Under torch.compile ``auto`` takes the torch-op path on a Triton device too (the compiler fuses it into
     kernels of its own): the Triton autograd.Function is never entered while tracing."""
-    monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
-    monkeypatch.setattr(dispatch, "TRITON_DEVICE_TYPES", (DEVICE,))
-    monkeypatch.setattr(dispatch, "triton_importable", lambda: True)
-    calls = []
-    original = tk.TritonL2BatchNorm.apply
-    monkeypatch.setattr(tk.TritonL2BatchNorm, "apply", lambda *a: calls.append(1) or original(*a))
     x = dev(torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(15)))
     torch._dynamo.reset()
     compiled = torch.compile(lambda t: l2_batch_norm(t, None, None, None, None, True), backend="aot_eager",
                              fullgraph=True)
     y = compiled(x)
-    assert calls == []
+    assert triton_calls == []
     torch.testing.assert_close(y.cpu(), l2_batch_norm_fused(x.cpu(), None, None, None, None, True), rtol=1e-5,
                                atol=1e-5)
     assert dispatch.auto_impl(x) == "triton"  # outside the compiler, Triton again

@@ -242,6 +242,12 @@ if TRITON_AVAILABLE:
         return tl.load(ptr + offs_n.to(tl.int64)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
 
     @triton.jit
+    def _centred_scaled_means(mean_ptr, r, mu, offs_n, offs_c, N, C, c_ok):
+        """The tile of r_n·m[n,c] − μ_c (zeros outside it) for r of shape (BLOCK_N, 1)."""
+        scaled = r * _channel_tile(mean_ptr, offs_n, offs_c, N, C, c_ok) - mu[None, :]
+        return tl.where((offs_n < N)[:, None], scaled, 0.0)
+
+    @triton.jit
     def _forward_coefficients_kernel(
         mean_ptr, sumsq_ptr, scale_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr,
         a_ptr, shift_ptr, mu_ptr, invstd_ptr, N, C, M, eps: tl.float64, momentum: tl.float64,
@@ -267,7 +273,7 @@ if TRITON_AVAILABLE:
                 n_ok = offs_n < N
                 r = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
                 within += r * r * _channel_tile(sumsq_ptr, offs_n, offs_c, N, C, c_ok)
-                d = tl.where(n_ok[:, None], r * _channel_tile(mean_ptr, offs_n, offs_c, N, C, c_ok) - mu[None, :], 0.0)
+                d = _centred_scaled_means(mean_ptr, r, mu, offs_n, offs_c, N, C, c_ok)
                 between += d * d
             count = tl.cast(N, tl.float64) * M
             var = tl.sum(within, axis=0) / count + tl.sum(between, axis=0) / N
@@ -318,7 +324,7 @@ if TRITON_AVAILABLE:
             n_ok = offs_n < N
             r = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
             dy_sum = _channel_tile(dy_sum_ptr, offs_n, offs_c, N, C, c_ok)
-            zc = tl.where(n_ok[:, None], r * _channel_tile(mean_ptr, offs_n, offs_c, N, C, c_ok) - mu[None, :], 0.0)
+            zc = _centred_scaled_means(mean_ptr, r, mu, offs_n, offs_c, N, C, c_ok)
             bias_total += dy_sum
             weight_total += r * _channel_tile(dy_xc_ptr, offs_n, offs_c, N, C, c_ok) + zc * dy_sum
         grad_bias = tl.sum(bias_total, axis=0)
