@@ -214,6 +214,7 @@ def _listing(root):
         (["bench", "--shapes", "1x3x1x1"], "BatchNorm needs at least 2"),
         (["bench", "--repeats", "0"], "--repeats must be >= 1, got 0"),
         (["bench", "--device", "bogus"], "unknown device 'bogus'"),
+        (["bench", "--cuda-graphs"], "--cuda-graphs replays CUDA graphs: it needs --device cuda, got device 'cpu'"),
         (["analyze", "{tmp}/run/last.pt", "--metrics-max-batches", "0"], "max_batches must be >= 1"),
     ],
 )

@@ -61,10 +61,12 @@ def time_layers(
     dtype: torch.dtype = torch.float32,
     repeats: int = 20,
     warmup: int = 3,
+    graphs: bool = False,
 ) -> Timing:
     """Minimum time over interleaved repeats of BatchNorm2d and L2BatchNorm2d on one input.
 
-    ``mode`` is "train" (forward + backward) or "eval" (forward under no_grad).
+    ``mode`` is "train" (forward + backward) or "eval" (forward under no_grad); ``graphs``: each call replayed
+    from a CUDA graph (:func:`cuda_graphed`).
     """
     if mode not in ("train", "eval"):
         raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
@@ -72,7 +74,10 @@ def time_layers(
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(*shape, device=device, dtype=dtype).to(memory_format=fmt)
     layers = [cls(shape[1], device=device, dtype=dtype) for cls in (nn.BatchNorm2d, L2BatchNorm2d)]
-    bn_ms, l2bn_ms = _interleaved_min_ms(layer_steps(layers, x, mode), device, repeats, warmup)
+    steps = layer_steps(layers, x, mode)
+    if graphs:
+        steps = [cuda_graphed(step) for step in steps]
+    bn_ms, l2bn_ms = _interleaved_min_ms(steps, device, repeats, warmup)
     return Timing(tuple(shape), channels_last, mode, bn_ms, l2bn_ms, x.element_size())
 
 

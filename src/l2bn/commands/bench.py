@@ -34,14 +34,17 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.impl == "triton" and (device.type != "cuda" or not torch.cuda.is_available()):
         raise ValueError(f"--impl triton needs a CUDA device (--device cuda), got device {args.device!r}"
                          + ("" if torch.cuda.is_available() else " and this machine has no CUDA"))
+    if args.cuda_graphs and (device.type != "cuda" or not torch.cuda.is_available()):
+        raise ValueError(f"--cuda-graphs replays CUDA graphs: it needs --device cuda, got device {args.device!r}"
+                         + ("" if torch.cuda.is_available() else " and this machine has no CUDA"))
     if args.impl:
         os.environ[IMPL_ENV_VAR] = args.impl
     timings = [
         time_layers(shape, mode=mode, channels_last=channels_last, device=device, dtype=DTYPES[args.dtype],
-                    repeats=args.repeats)
+                    repeats=args.repeats, graphs=args.cuda_graphs)
         for shape in shapes for channels_last in (False, True) for mode in args.modes
     ]
-    print(environment_line(device))
+    print(environment_line(device) + ("; CUDA graphs (device time)" if args.cuda_graphs else ""))
     print(format_table(timings))
     return 0
 
@@ -54,6 +57,8 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--impl", choices=sorted(IMPLEMENTATIONS), help="force an L2BN implementation (default: auto)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each call from a CUDA graph: the device's time, not the host's launches")
     p.set_defaults(func=run_bench)
 
 
