@@ -60,11 +60,14 @@ def tk():
 
 @pytest.fixture
 def tiny_tiles(tk, monkeypatch):
-    """Tiles of a few elements, so rows span several chunks (exercising the pairwise merge) and masks."""
+    """Tiles of a few elements, so rows span several chunks (exercising the pairwise merge) and masks, and the
+    O(N·C) kernels loop over several partial blocks of samples and channels."""
     monkeypatch.setattr(tk, "_REDUCE_TILE", 4)
     monkeypatch.setattr(tk, "_ELEMENTWISE_TILE", 8)
     monkeypatch.setattr(tk, "_MAX_BLOCK_M", 4)
     monkeypatch.setattr(tk, "_MAX_BLOCK_C_CHANNELS_LAST", 2)
+    monkeypatch.setattr(tk, "_ALGEBRA_ROW_BLOCK", 2)
+    monkeypatch.setattr(tk, "_ALGEBRA_TILE", (2, 2))
 
 
 def dev(t: torch.Tensor) -> torch.Tensor:
