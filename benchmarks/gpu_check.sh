@@ -28,7 +28,7 @@ step() {  # step SECONDS TITLE COMMAND...
   echo "=== exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
 
-step 20 "device" nvidia-smi -L
+step 20 "device" nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
 step 30 "versions" "$py" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 if wants tests; then  # every failure listed (no -x): one run on a lent machine has to show them all
   step 150 "CUDA and Triton tests" "$py" -m pytest -v -p no:cacheprovider --maxfail=25 tests/test_triton.py \
