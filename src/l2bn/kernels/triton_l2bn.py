@@ -16,7 +16,10 @@ any layout whose spatial dims flatten to a view) are read in place. Three kernel
 Four more run the O(N·C) algebra between them in float64 (``algebra``'s formulas, so that a call is its
 launches alone, with no small torch op adding its launch latency): ``_sample_scales_kernel`` (‖x_n‖, r_n),
 ``_forward_coefficients_kernel`` (μ_c, σ²_c, the running-statistics update, the output's coefficients),
-``_backward_channel_sums_kernel`` and ``_backward_sample_coefficients_kernel`` (``input_gradient``).
+``_backward_channel_sums_kernel`` and ``_backward_sample_coefficients_kernel`` (``input_gradient``). Batches of
+more than ``_ALGEBRA_SPLIT_ROWS`` samples first reduce over splits of the batch on a 2-d grid
+(``_forward_partials_kernel``, ``_backward_partials_kernel``; the forward's splits pooled by Chan et al.'s
+formula), so that no program loops over a whole large batch.
 
 Values are read into float32 (float64 for float64 input). Huge finite inputs — values beyond ~1e19, whose
 squares overflow float32 — are handled on the device, without a host check: every chunk of a row is multiplied
@@ -248,35 +251,93 @@ if TRITON_AVAILABLE:
         return tl.where((offs_n < N)[:, None], scaled, 0.0)
 
     @triton.jit
-    def _forward_coefficients_kernel(
-        mean_ptr, sumsq_ptr, scale_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr,
-        a_ptr, shift_ptr, mu_ptr, invstd_ptr, N, C, M, eps: tl.float64, momentum: tl.float64,
-        TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    def _pooled_moments(mean_ptr, sumsq_ptr, scale_ptr, row_start, row_end, offs_c, C, c_ok,
+                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Over samples [row_start, row_end), per channel (float64): the mean of r_n·m[n,c], Σ (r_n·m[n,c] − that
+        mean)² and Σ r_n²·q[n,c]."""
+        total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+        for start in range(row_start, row_end, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            r = tl.load(scale_ptr + offs_n, mask=offs_n < row_end, other=0.0)
+            total += r[:, None] * _channel_tile(mean_ptr, offs_n, offs_c, row_end, C, c_ok)
+        mean = tl.sum(total, axis=0) / (row_end - row_start)
+        within = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+        between = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+        for start in range(row_start, row_end, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            r = tl.load(scale_ptr + offs_n, mask=offs_n < row_end, other=0.0)[:, None]
+            within += r * r * _channel_tile(sumsq_ptr, offs_n, offs_c, row_end, C, c_ok)
+            d = _centred_scaled_means(mean_ptr, r, mean, offs_n, offs_c, row_end, C, c_ok)
+            between += d * d
+        return mean, tl.sum(between, axis=0), tl.sum(within, axis=0)
+
+    @triton.jit
+    def _split_rows(N, ROWS):
+        """The samples [start, end) of this program's split (program_id(1)) of ROWS samples."""
+        row_start = tl.program_id(1) * ROWS
+        return row_start, tl.minimum(row_start + ROWS, N)
+
+    @triton.jit
+    def _forward_partials_kernel(
+        mean_ptr, sumsq_ptr, scale_ptr, part_ptr, N, C, ROWS, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        """Per channel: μ_c and σ²_c of z = r_n x (TRAINING: pooled as in ``channel_statistics``, and the running
-        statistics updated like ``update_running_stats``; else the running ones), invstd, and the output's
-        coefficients a[n,c] = r_n·γ_c·invstd_c, shift_c = β_c − μ_c·γ_c·invstd_c."""
+        """Large batches: ``_pooled_moments`` of each split of ROWS samples into part[0 | 1 | 2, split, c], so that
+        the per-channel reduction over n runs on a grid of (channel blocks, splits)."""
+        offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        row_start, row_end = _split_rows(N, ROWS)
+        mean, between, within = _pooled_moments(mean_ptr, sumsq_ptr, scale_ptr, row_start, row_end, offs_c, C, c_ok,
+                                                BLOCK_N, BLOCK_C)
+        plane = tl.num_programs(1).to(tl.int64) * C
+        out = part_ptr + tl.program_id(1).to(tl.int64) * C + offs_c
+        tl.store(out, mean, mask=c_ok)
+        tl.store(out + plane, between, mask=c_ok)
+        tl.store(out + 2 * plane, within, mask=c_ok)
+
+    @triton.jit
+    def _merged_partials(part_ptr, N, C, ROWS, offs_c, c_ok, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        """μ_c, Σ (r_n m − μ_c)² and Σ r_n² q of the whole batch from ``_forward_partials_kernel``'s splits (Chan,
+        Golub & LeVeque's pooling of the splits' counts, means and sums of squared deviations)."""
+        splits = tl.cdiv(N, ROWS)
+        plane = tl.cast(splits, tl.int64) * C
+        total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+        for start in range(0, splits, BLOCK_N):
+            offs_s = start + tl.arange(0, BLOCK_N)
+            counts = tl.where(offs_s < splits, tl.minimum(N - offs_s * ROWS, ROWS), 0).to(tl.float64)
+            total += counts[:, None] * _channel_tile(part_ptr, offs_s, offs_c, splits, C, c_ok)
+        mu = tl.sum(total, axis=0) / N
+        between = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+        within = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+        for start in range(0, splits, BLOCK_N):
+            offs_s = start + tl.arange(0, BLOCK_N)
+            counts = tl.where(offs_s < splits, tl.minimum(N - offs_s * ROWS, ROWS), 0).to(tl.float64)
+            d = tl.where((offs_s < splits)[:, None], _channel_tile(part_ptr, offs_s, offs_c, splits, C, c_ok)
+                         - mu[None, :], 0.0)
+            between += _channel_tile(part_ptr + plane, offs_s, offs_c, splits, C, c_ok) + counts[:, None] * d * d
+            within += _channel_tile(part_ptr + 2 * plane, offs_s, offs_c, splits, C, c_ok)
+        return mu, tl.sum(between, axis=0), tl.sum(within, axis=0)
+
+    @triton.jit
+    def _forward_coefficients_kernel(
+        mean_ptr, sumsq_ptr, scale_ptr, part_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr,
+        gain_ptr, shift_ptr, mu_ptr, invstd_ptr, N, C, M, ROWS, eps: tl.float64, momentum: tl.float64,
+        TRAINING: tl.constexpr, SPLIT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_RUNNING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Per channel: μ_c and σ²_c of z = r_n x (TRAINING: pooled as in ``channel_statistics`` — from the splits'
+        partials when SPLIT — and the running statistics updated like ``update_running_stats``; else the running
+        ones), invstd, and the output's coefficients gain_c = γ_c·invstd_c (y = x·r_n·gain_c + shift_c) and
+        shift_c = β_c − μ_c·gain_c."""
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
         if TRAINING:
-            total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
-            for start in range(0, N, BLOCK_N):
-                offs_n = start + tl.arange(0, BLOCK_N)
-                r = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-                total += r[:, None] * _channel_tile(mean_ptr, offs_n, offs_c, N, C, c_ok)
-            mu = tl.sum(total, axis=0) / N
-            within = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
-            between = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
-            for start in range(0, N, BLOCK_N):
-                offs_n = start + tl.arange(0, BLOCK_N)
-                n_ok = offs_n < N
-                r = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
-                within += r * r * _channel_tile(sumsq_ptr, offs_n, offs_c, N, C, c_ok)
-                d = _centred_scaled_means(mean_ptr, r, mu, offs_n, offs_c, N, C, c_ok)
-                between += d * d
+            if SPLIT:
+                mu, between, within = _merged_partials(part_ptr, N, C, ROWS, offs_c, c_ok, BLOCK_N, BLOCK_C)
+            else:
+                mu, between, within = _pooled_moments(mean_ptr, sumsq_ptr, scale_ptr, 0, N, offs_c, C, c_ok,
+                                                      BLOCK_N, BLOCK_C)
             count = tl.cast(N, tl.float64) * M
-            var = tl.sum(within, axis=0) / count + tl.sum(between, axis=0) / N
+            var = within / count + between / N
             if HAS_RUNNING:
                 old_mean = tl.load(rmean_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
                 old_var = tl.load(rvar_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
@@ -296,39 +357,67 @@ if TRITON_AVAILABLE:
             shift += tl.load(bias_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
         tl.store(mu_ptr + offs_c, mu, mask=c_ok)
         tl.store(invstd_ptr + offs_c, invstd, mask=c_ok)
+        tl.store(gain_ptr + offs_c, gain, mask=c_ok)
         _store_as(shift_ptr + offs_c, shift, c_ok)
-        for start in range(0, N, BLOCK_N):
+
+    @triton.jit
+    def _gradient_channel_sums(dy_sum_ptr, dy_xc_ptr, mean_ptr, scale_ptr, mu, row_start, row_end, offs_c, C, c_ok,
+                               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Over samples [row_start, row_end), per channel: Σ Σdy and Σ (r_n·Σdy·(x − m) + (r_n m − μ)·Σdy)."""
+        bias_total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+        weight_total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+        for start in range(row_start, row_end, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < N
-            r = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
-            a = r[:, None] * gain[None, :]
-            out = a_ptr + offs_n.to(tl.int64)[:, None] * C + offs_c[None, :]
-            _store_as(out, a, n_ok[:, None] & c_ok[None, :])
+            r = tl.load(scale_ptr + offs_n, mask=offs_n < row_end, other=0.0)[:, None]
+            dy_sum = _channel_tile(dy_sum_ptr, offs_n, offs_c, row_end, C, c_ok)
+            zc = _centred_scaled_means(mean_ptr, r, mu, offs_n, offs_c, row_end, C, c_ok)
+            bias_total += dy_sum
+            weight_total += r * _channel_tile(dy_xc_ptr, offs_n, offs_c, row_end, C, c_ok) + zc * dy_sum
+        return tl.sum(bias_total, axis=0), tl.sum(weight_total, axis=0)
+
+    @triton.jit
+    def _backward_partials_kernel(
+        dy_sum_ptr, dy_xc_ptr, mean_ptr, scale_ptr, mu_ptr, part_ptr, N, C, ROWS,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Large batches: ``_gradient_channel_sums`` of each split of ROWS samples into part[0 | 1, split, c]."""
+        offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        mu = tl.load(mu_ptr + offs_c, mask=c_ok, other=0.0)
+        row_start, row_end = _split_rows(N, ROWS)
+        bias_sum, weight_sum = _gradient_channel_sums(dy_sum_ptr, dy_xc_ptr, mean_ptr, scale_ptr, mu, row_start,
+                                                      row_end, offs_c, C, c_ok, BLOCK_N, BLOCK_C)
+        out = part_ptr + tl.program_id(1).to(tl.int64) * C + offs_c
+        tl.store(out, bias_sum, mask=c_ok)
+        tl.store(out + tl.num_programs(1).to(tl.int64) * C, weight_sum, mask=c_ok)
 
     @triton.jit
     def _backward_channel_sums_kernel(
-        dy_sum_ptr, dy_xc_ptr, mean_ptr, scale_ptr, mu_ptr, invstd_ptr, weight_ptr,
-        grad_weight_ptr, grad_bias_ptr, gain_ptr, k_ptr, bias_term_ptr, N, C, M,
-        TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+        dy_sum_ptr, dy_xc_ptr, mean_ptr, scale_ptr, part_ptr, mu_ptr, invstd_ptr, weight_ptr,
+        grad_weight_ptr, grad_bias_ptr, gain_ptr, k_ptr, bias_term_ptr, N, C, M, ROWS,
+        TRAINING: tl.constexpr, SPLIT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        """Per channel (``input_gradient``'s reductions over n): Σ dy, Σ dy·ẑ = invstd·Σ_n (r_n·Σdy·(x − m) +
-        (r_n m − μ)·Σdy), and (TRAINING) k = γ·invstd²·Σdy·ẑ / count and γ·invstd·Σdy / count; zero otherwise."""
+        """Per channel (``input_gradient``'s reductions over n; from the splits' partials when SPLIT): Σ dy,
+        Σ dy·ẑ = invstd·Σ_n (r_n·Σdy·(x − m) + (r_n m − μ)·Σdy), and (TRAINING) k = γ·invstd²·Σdy·ẑ / count and
+        γ·invstd·Σdy / count."""
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
         mu = tl.load(mu_ptr + offs_c, mask=c_ok, other=0.0)
         invstd = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0)
-        bias_total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
-        weight_total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
-        for start in range(0, N, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < N
-            r = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
-            dy_sum = _channel_tile(dy_sum_ptr, offs_n, offs_c, N, C, c_ok)
-            zc = _centred_scaled_means(mean_ptr, r, mu, offs_n, offs_c, N, C, c_ok)
-            bias_total += dy_sum
-            weight_total += r * _channel_tile(dy_xc_ptr, offs_n, offs_c, N, C, c_ok) + zc * dy_sum
-        grad_bias = tl.sum(bias_total, axis=0)
-        grad_weight = invstd * tl.sum(weight_total, axis=0)
+        if SPLIT:
+            splits = tl.cdiv(N, ROWS)
+            bias_total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+            weight_total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+            for start in range(0, splits, BLOCK_N):
+                offs_s = start + tl.arange(0, BLOCK_N)
+                bias_total += _channel_tile(part_ptr, offs_s, offs_c, splits, C, c_ok)
+                weight_total += _channel_tile(part_ptr + tl.cast(splits, tl.int64) * C, offs_s, offs_c, splits, C, c_ok)
+            grad_bias, weight_sum = tl.sum(bias_total, axis=0), tl.sum(weight_total, axis=0)
+        else:
+            grad_bias, weight_sum = _gradient_channel_sums(dy_sum_ptr, dy_xc_ptr, mean_ptr, scale_ptr, mu, 0, N, offs_c,
+                                                           C, c_ok, BLOCK_N, BLOCK_C)
+        grad_weight = invstd * weight_sum
         gain = invstd
         if HAS_WEIGHT:
             gain = gain * tl.load(weight_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
@@ -394,21 +483,26 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _affine_kernel(
-        out_ptr, u_ptr, v_ptr, p_ptr, q_ptr, r_ptr, vf_ptr, C, M, num_m_blocks, srn,
+        out_ptr, u_ptr, v_ptr, p_ptr, pn_ptr, q_ptr, r_ptr, vf_ptr, C, M, num_m_blocks, srn,
         son, soc, som, sun, suc, sum_, svn, svc, svm,
-        HAS_V: tl.constexpr, HAS_VF: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+        P_FACTORED: tl.constexpr, HAS_V: tl.constexpr, HAS_VF: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_M: tl.constexpr,
     ):
         """out = u·P[n,c] + (v·F[n])·Q[n,c] + R[n,c] (the v term only if HAS_V, F = 1 unless HAS_VF), computed
-        in P's dtype; R's row stride ``srn`` is 0 for a per-channel shift."""
+        in R's dtype; R's row stride ``srn`` is 0 for a per-channel shift. P_FACTORED: P[n,c] = pn[n]·p[c], both
+        float64, multiplied in float64 and then rounded."""
         pid = tl.program_id(0)
         n = pid // num_m_blocks
         offs_m = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
         mask = c_ok[:, None] & (offs_m < M)[None, :]
-        acc_ty = p_ptr.dtype.element_ty
+        acc_ty = r_ptr.dtype.element_ty
         rows = n.to(tl.int64) * C + offs_c
-        p = tl.load(p_ptr + rows, mask=c_ok, other=0.0)
+        if P_FACTORED:
+            p = (tl.load(pn_ptr + n) * tl.load(p_ptr + offs_c, mask=c_ok, other=0.0)).to(acc_ty)
+        else:
+            p = tl.load(p_ptr + rows, mask=c_ok, other=0.0)
         n64 = n.to(tl.int64)
         r = tl.load(r_ptr + n64 * srn + offs_c, mask=c_ok, other=0.0)
         u = tl.load(u_ptr + n64 * sun + offs_c[:, None] * suc + offs_m[None, :] * sum_, mask=mask, other=0.0)
@@ -515,7 +609,8 @@ def moments_and_gradient_sums_triton(dy: Tensor, x: Tensor) -> tuple[Tensor, Ten
 
 
 def _affine(
-    out: Tensor, u: Tensor, p: Tensor, r: Tensor, v: Tensor | None, q: Tensor | None, v_factor: Tensor | None
+    out: Tensor, u: Tensor, p: Tensor, r: Tensor, v: Tensor | None, q: Tensor | None, v_factor: Tensor | None,
+    p_factor: Tensor | None = None,
 ) -> Tensor:
     out_rows = _rows_view(out)
     if out_rows is None:
@@ -533,14 +628,14 @@ def _affine(
     else:
         v_rows, q = u_rows, p
     has_vf = v_factor is not None
-    v_factor = v_factor.to(p.dtype).contiguous() if has_vf else p
+    v_factor = v_factor.to(r.dtype).contiguous() if has_vf else r
     block_c, block_m = _tile(out_rows, _ELEMENTWISE_TILE)
     num_m_blocks = triton.cdiv(spatial, block_m)
     _affine_kernel[(n * num_m_blocks, triton.cdiv(num_channels, block_c))](
-        out_rows, u_rows, v_rows, p, q, r, v_factor, num_channels, spatial, num_m_blocks,
-        num_channels if r.dim() == 2 else 0,
+        out_rows, u_rows, v_rows, p, p if p_factor is None else p_factor, q, r, v_factor, num_channels, spatial,
+        num_m_blocks, num_channels if r.dim() == 2 else 0,
         *out_rows.stride(), *u_rows.stride(), *v_rows.stride(),
-        HAS_V=has_v, HAS_VF=has_vf, BLOCK_C=block_c, BLOCK_M=block_m,
+        P_FACTORED=p_factor is not None, HAS_V=has_v, HAS_VF=has_vf, BLOCK_C=block_c, BLOCK_M=block_m,
     )
     return out
 
@@ -551,7 +646,7 @@ def affine_triton(
 ) -> Tensor:
     """out = u·p[n,c] + r[(n,) c] (+ (v·v_factor[n])·q[n,c]) elementwise over (N, C, *S), into ``out`` in one pass.
 
-    p, q are (N, C), r is (C,) or (N, C) and ``v_factor`` is (N,), all in the compute dtype (p's);
+    p, q are (N, C), r is (C,) or (N, C) and ``v_factor`` is (N,), all in the compute dtype (r's);
     ``out`` must be dense (e.g. ``torch.empty_like(x)``).
     """
     if (v is None) != (q is None):
@@ -566,6 +661,12 @@ def affine_triton(
 
 _ALGEBRA_ROW_BLOCK = 1024  # channels per step of the per-sample kernels
 _ALGEBRA_TILE = (16, 64)  # (samples, channels) per step of the per-channel kernels
+_ALGEBRA_SPLIT_ROWS = 256  # larger batches: the per-channel reductions split into programs of this many samples
+
+
+def _splits(n: int) -> int:
+    """How many programs share each per-channel reduction over the batch (1: one program does it all)."""
+    return triton.cdiv(n, _ALGEBRA_SPLIT_ROWS) if n > _ALGEBRA_SPLIT_ROWS else 1
 
 
 def _sample_scales(mean: Tensor, sumsq: Tensor, spatial: int, rescale: bool, l2_eps: float) -> tuple[Tensor, Tensor]:
@@ -584,6 +685,61 @@ def _optional(t: Tensor | None, fallback: Tensor) -> Tensor:
     return fallback if t is None else t
 
 
+def _forward_coefficients(
+    mean: Tensor, sumsq: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None, training: bool, momentum: float, eps: float,
+    spatial: int, acc: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(gain, shift, μ, invstd) per channel — y = x·r_n·gain + shift — and, training, the running statistics
+    updated in place: one launch, or two for batches split across programs."""
+    n, num_channels = mean.shape
+    stats = dict(dtype=torch.float64, device=mean.device)
+    gain, mu, invstd = (torch.empty(num_channels, **stats) for _ in range(3))
+    shift = torch.empty(num_channels, dtype=acc, device=mean.device)
+    block_n, block_c = _ALGEBRA_TILE
+    splits = _splits(n) if training else 1
+    part = mean
+    if splits > 1:
+        part = torch.empty(3, splits, num_channels, **stats)
+        _forward_partials_kernel[(triton.cdiv(num_channels, block_c), splits)](
+            mean, sumsq, scale, part, n, num_channels, _ALGEBRA_SPLIT_ROWS, BLOCK_N=block_n, BLOCK_C=block_c,
+        )
+    _forward_coefficients_kernel[(triton.cdiv(num_channels, block_c),)](
+        mean, sumsq, scale, part, _optional(weight, mu), _optional(bias, mu), _optional(running_mean, mu),
+        _optional(running_var, mu), gain, shift, mu, invstd, n, num_channels, spatial, _ALGEBRA_SPLIT_ROWS, eps,
+        momentum, TRAINING=training, SPLIT=splits > 1, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RUNNING=running_mean is not None and running_var is not None, BLOCK_N=block_n, BLOCK_C=block_c,
+    )
+    return gain, shift, mu, invstd
+
+
+def _backward_channel_sums(
+    dy_sum: Tensor, dy_xc: Tensor, mean: Tensor, scale: Tensor, mu: Tensor, invstd: Tensor, weight: Tensor | None,
+    training: bool, spatial: int, param_dtype: torch.dtype,
+) -> tuple[Tensor, ...]:
+    """(grad_weight, grad_bias, gain, k, bias_term) per channel: ``input_gradient``'s reductions over the batch,
+    in one launch, or two for batches split across programs."""
+    n, num_channels = dy_sum.shape
+    stats = dict(dtype=torch.float64, device=dy_sum.device)
+    grad_weight, grad_bias = (torch.empty(num_channels, dtype=param_dtype, device=dy_sum.device) for _ in range(2))
+    gain, k, bias_term = (torch.empty(num_channels, **stats) for _ in range(3))
+    block_n, block_c = _ALGEBRA_TILE
+    splits = _splits(n)
+    part = dy_sum
+    if splits > 1:
+        part = torch.empty(2, splits, num_channels, **stats)
+        _backward_partials_kernel[(triton.cdiv(num_channels, block_c), splits)](
+            dy_sum, dy_xc, mean, scale, mu, part, n, num_channels, _ALGEBRA_SPLIT_ROWS,
+            BLOCK_N=block_n, BLOCK_C=block_c,
+        )
+    _backward_channel_sums_kernel[(triton.cdiv(num_channels, block_c),)](
+        dy_sum, dy_xc, mean, scale, part, mu, invstd, _optional(weight, mu), grad_weight, grad_bias,
+        gain, k, bias_term, n, num_channels, spatial, _ALGEBRA_SPLIT_ROWS,
+        TRAINING=training, SPLIT=splits > 1, HAS_WEIGHT=weight is not None, BLOCK_N=block_n, BLOCK_C=block_c,
+    )
+    return grad_weight, grad_bias, gain, k, bias_term
+
+
 class TritonL2BatchNorm(torch.autograd.Function):
     """L2BN through the Triton kernels, the running statistics updated in place (training)."""
 
@@ -591,23 +747,13 @@ class TritonL2BatchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, rescale, l2_eps):
         acc = accumulation_dtype(x.dtype)
         x, rows = _row_strides(x)  # a dense copy only if the spatial dims do not flatten to a view
-        n, num_channels, spatial = rows.shape
-        stats = dict(dtype=torch.float64, device=x.device)
+        spatial = rows.shape[2]
         with _on_device(x):
             mean, sumsq = _moments(x, rows)  # one read of x; the norms follow in eval too (float64)
             scale, norm = _sample_scales(mean, sumsq, spatial, rescale, l2_eps)
-            a = torch.empty(n, num_channels, dtype=acc, device=x.device)
-            shift = torch.empty(num_channels, dtype=acc, device=x.device)
-            mu, invstd = torch.empty(num_channels, **stats), torch.empty(num_channels, **stats)
-            has_running = running_mean is not None and running_var is not None
-            block_n, block_c = _ALGEBRA_TILE
-            _forward_coefficients_kernel[(triton.cdiv(num_channels, block_c),)](
-                mean, sumsq, scale, _optional(weight, mu), _optional(bias, mu), _optional(running_mean, mu),
-                _optional(running_var, mu), a, shift, mu, invstd, n, num_channels, spatial, eps, momentum,
-                TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                HAS_RUNNING=has_running, BLOCK_N=block_n, BLOCK_C=block_c,
-            )
-            y = _affine(torch.empty_like(x), x, a, shift, None, None, None)
+            gain, shift, mu, invstd = _forward_coefficients(mean, sumsq, scale, weight, bias, running_mean,
+                                                            running_var, training, momentum, eps, spatial, acc)
+            y = _affine(torch.empty_like(x), x, gain, shift, None, None, None, p_factor=scale)
         # x, the weight and O(N + C) vectors only: backward's read of (dy, x) recomputes the per-(n, c)
         # moments, so no more is kept than BatchNorm keeps.
         ctx.save_for_backward(x, weight, scale, norm, mu, invstd)
@@ -620,18 +766,11 @@ class TritonL2BatchNorm(torch.autograd.Function):
         n, num_channels = x.shape[:2]
         spatial = x[0, 0].numel()
         acc = accumulation_dtype(x.dtype)
-        param_dtype = weight.dtype if weight is not None else acc
-        stats = dict(dtype=torch.float64, device=x.device)
         with _on_device(x):
             mean, sumsq, dy_sum, dy_xc = _gradient_sums(dy, x, None)  # Σ dy, Σ dy·(x − m)
-            grad_weight = torch.empty(num_channels, dtype=param_dtype, device=x.device)
-            grad_bias = torch.empty_like(grad_weight)
-            gain, k, bias_term = (torch.empty(num_channels, **stats) for _ in range(3))
-            block_n, block_c = _ALGEBRA_TILE
-            _backward_channel_sums_kernel[(triton.cdiv(num_channels, block_c),)](
-                dy_sum, dy_xc, mean, scale, mu, invstd, _optional(weight, mu), grad_weight, grad_bias,
-                gain, k, bias_term, n, num_channels, spatial,
-                TRAINING=ctx.training, HAS_WEIGHT=weight is not None, BLOCK_N=block_n, BLOCK_C=block_c,
+            grad_weight, grad_bias, gain, k, bias_term = _backward_channel_sums(
+                dy_sum, dy_xc, mean, scale, mu, invstd, weight, ctx.training, spatial,
+                weight.dtype if weight is not None else acc,
             )
             dy_coef, x_coef, shift = (torch.empty(n, num_channels, dtype=acc, device=x.device) for _ in range(3))
             # 1 but for huge samples, whose x·factor has norm in [0.5, 1): the x-term (x·factor)·(Q/factor) stays
