@@ -19,9 +19,9 @@ algorithm's traffic (``l2bn.bench.PASSES`` full-tensor passes) over its time, to
 channels-last; ``--models`` narrows them too). ``--quick`` is a smoke run of a few shapes (seconds);
 ``--shapes``/``--modes`` time only the given shapes/modes; ``--cuda-graphs`` replays every call from a CUDA
 graph — one host launch a call instead of one a kernel — so that the device's time is compared (whole calls also
-pay the host's launches, several µs each; a replay's own ~10 µs floor stays in both layers' times). At the end: how many shapes are within the targets
-(issue 23: training ≤ 1.10× BN and eval ≤ 1.25× BN at every shape) and the per-call time of a tiny eval call,
-where the Python path is the whole cost. ``--recheck K`` times every shape outside its target K more times
+pay the host's launches, several µs each; a replay's own ~10 µs floor stays in both layers' times). At the
+end: how many shapes are within the targets (issue 23: training ≤ 1.10× BN and eval ≤ 1.25× BN at every shape)
+and the per-call time of a tiny eval call, where the Python path is the whole cost. ``--recheck K`` times every shape outside its target K more times
 (fresh tensors and layers each) and counts those outside it every time: on a shared host single timings of a
 shape move by up to ~0.3, so this separates the layer's misses from the host's.
 """
