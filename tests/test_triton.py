@@ -158,6 +158,26 @@ def test_float64_accumulates_in_float64(tk):
         assert_close(got, run(l2_batch_norm_reference, x, training, dtype=F64), rtol=1e-12, atol=1e-12)
 
 
+def test_float64_split_batches_accumulate_in_float64(tk, monkeypatch):
+    """A batch of 11 reduced over splits of 4, 4 and 3 samples (Chan pooling of the splits): float64 throughout."""
+    monkeypatch.setattr(tk, "_ALGEBRA_SPLIT_ROWS", 4)
+    x = torch.randn(11, 6, 3, dtype=F64, generator=torch.Generator().manual_seed(2)) * 2 + 0.5
+    for training in (True, False):
+        got = run(tk.l2_batch_norm_triton, x, training, dtype=F64)
+        assert_close(got, run(l2_batch_norm_reference, x, training, dtype=F64), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(600, 70), (1000, 3, 2), (257, 5, 3), (37, 1100, 2)], ids=str)
+def test_large_batches_and_wide_rows_at_the_default_tiles(tk, shape):
+    """Batches split at the default 256 samples (3, 4 and 2 splits, the last of one sample) and rows of more channels
+    than one block: float32 against float64."""
+    x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(3)) * 3 + 1
+    for training in (True, False):
+        got = run(tk.l2_batch_norm_triton, x, training)
+        assert_close(got, run(l2_batch_norm_reference, x, training, dtype=F64), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_moments_and_gradient_sums_against_float64_loops(tk, channels_last):
     """Large mean, unit spread: a one-pass E[x²] − E[x]² in float32 would have no correct digit left."""
@@ -202,10 +222,10 @@ ALLOCATIONS_AND_VIEWS = {"empty", "empty_like", "view", "select", "detach", "pro
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_no_torch_kernel_between_the_triton_launches(tk, monkeypatch, training, split):
-    """A call is the Triton launches alone (4 forward, 4 backward; one more each way in training where the batch
-    is split across programs): every other torch op it dispatches only allocates or views, so no small (N, C)
-    kernel adds its launch latency on a GPU (the first H200 run measured ~2.5 ms a training call when the O(N·C)
-    algebra was ~110 torch ops)."""
+    """A call is the Triton launches alone (4 forward, 4 backward; where the batch is split across programs, one
+    more backward, and one more forward in training): every other torch op it dispatches only allocates or
+    views, so no small (N, C) kernel adds its launch latency on a GPU (the first H200 run measured ~2.5 ms a
+    training call when the O(N·C) algebra was ~110 torch ops)."""
     if split:
         monkeypatch.setattr(tk, "_ALGEBRA_SPLIT_ROWS", 4)
     from torch.utils._python_dispatch import TorchDispatchMode
