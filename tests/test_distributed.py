@@ -1,12 +1,16 @@
 """Synchronized L2BN over 2 gloo CPU processes equals one process on the concatenated batch (float64).
 
-All distributed scenarios run in ONE spawn of two workers (module fixture); each worker writes what it
+All distributed scenarios run in ONE spawn of two workers per path (module fixture, parametrized over the
+torch-op path and the Triton kernels, the latter through Triton's interpreter); each worker writes what it
 saw to a file and the tests compare those with single-process references computed here: the library's
 ``L2BatchNorm*d`` and an independent composition, F.normalize·sqrt(D) followed by F.batch_norm.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import sys
 import zlib
 
 import pytest
@@ -116,8 +120,10 @@ def _huge_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return x.float(), torch.randn(6, 3, 4, 3, generator=g)
 
 
-def _worker(rank: int, root: str) -> None:
+def _worker(rank: int, root: str, path: str) -> None:
     torch.set_num_threads(1)
+    if path == "triton":  # a fresh process: triton is not imported yet, so its kernels build for the interpreter
+        os.environ.update(TRITON_INTERPRET="1", L2BN_IMPL="triton")
     dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=WORLD)
     out: dict = {}
     for name in SCENARIOS:
@@ -186,7 +192,8 @@ def _worker(rank: int, root: str) -> None:
     groups = [dist.new_group([r]) for r in range(WORLD)]
     local = SyncL2BatchNorm(3, process_group=groups[rank], dtype=DT)
     xl = torch.randn(4, 3, 2, 2, dtype=DT, generator=torch.Generator().manual_seed(rank))
-    out["single_group"] = (xl, local(xl).detach(), local.running_var.clone())
+    plain = L2BatchNorm2d(3, dtype=DT)  # the local layer on the same path
+    out["single_group"] = (local(xl).detach(), local.running_var.clone(), plain(xl).detach(), plain.running_var)
 
     # every rank empty: the same clear error everywhere (no hang)
     try:
@@ -203,18 +210,21 @@ def _worker(rank: int, root: str) -> None:
     net(batch["x"][lo:hi]).mul(batch["dy"][lo:hi]).sum().backward()
     out["ddp_grads"] = {n: p.grad.clone() for n, p in net.module.named_parameters()}
     out["ddp_buffers"] = {n: b.clone() for n, b in net.module.named_buffers()}
+    out["path"], out["triton_sync_loaded"] = path, "l2bn.kernels.triton_sync" in sys.modules
     torch.save(out, f"{root}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory) -> list[dict]:
+@pytest.fixture(scope="module", params=["torch-ops", "triton"])
+def results(request, tmp_path_factory) -> list[dict]:
+    if request.param == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
     root = tmp_path_factory.mktemp("dist")
     for name in SCENARIOS:
         torch.save(_scenario_data(name), root / f"{name}.pt")
     torch.save(_offset_batch(), root / "offset.pt")
     torch.save(_huge_batch(), root / "huge.pt")
-    mp.spawn(_worker, args=(str(root),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(root), request.param), nprocs=WORLD, join=True)
     return [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -276,6 +286,12 @@ def test_sync_equals_single_process(results, name):
             assert not ranks[0]["rm"] and not ranks[1]["rv"]
 
 
+def test_each_path_runs_its_own_code(results):
+    """The Triton workers ran the synchronized op's Triton kernels (the module loads on first use only)."""
+    for r in results:
+        assert r["triton_sync_loaded"] == (r["path"] == "triton")
+
+
 def test_one_collective_forward_one_backward_none_in_eval(results):
     for r in results:
         assert r["count_forward"] == {"all_reduce": 1, "all_gather": 0, "all_gather_into_tensor": 0, "broadcast": 0}
@@ -285,10 +301,9 @@ def test_one_collective_forward_one_backward_none_in_eval(results):
 
 def test_group_of_one_rank_is_local_l2bn(results):
     for r in results:
-        x, y, running_var = r["single_group"]
-        ref = L2BatchNorm2d(3, dtype=DT)
-        torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
-        torch.testing.assert_close(running_var, ref.running_var, rtol=0, atol=0)
+        y, running_var, y_local, running_var_local = r["single_group"]
+        torch.testing.assert_close(y, y_local, rtol=0, atol=0)
+        torch.testing.assert_close(running_var, running_var_local, rtol=0, atol=0)
 
 
 def test_all_ranks_empty_raises_everywhere(results):

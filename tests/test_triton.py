@@ -259,6 +259,81 @@ def test_no_torch_kernel_between_the_triton_launches(tk, monkeypatch, training, 
     assert set(ops) <= ALLOCATIONS_AND_VIEWS, sorted(set(ops) - ALLOCATIONS_AND_VIEWS)
 
 
+@pytest.fixture
+def one_rank_group():
+    """The default process group, of this process alone (gloo; nccl on CUDA), torn down afterwards."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a default process group is already initialised")
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def synced_triton(group):
+    """``sync_l2_batch_norm`` through the Triton kernels over ``group``, called like ``l2_batch_norm`` (for ``run``)."""
+    from l2bn.kernels.sync import sync_l2_batch_norm
+
+    def fn(x, running_mean, running_var, weight, bias, training, momentum, eps):
+        assert training
+        return sync_l2_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, group, impl="triton")
+
+    return fn
+
+
+@pytest.mark.parametrize("dtype, tol", [(F64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
+def test_synced_path_over_one_rank_equals_the_reference(tk, tiny_tiles, one_rank_group, dtype, tol):
+    """The synchronized op's Triton kernels (local sums, all-reduce, coefficients from the global sums, and the
+    backward's), over a group of one: the batch of 5 split across programs of 2 samples by the tiny tiles, and an
+    (N, C) input; the two-process runs are in tests/test_distributed.py."""
+    for shape in [(5, 3, 3, 2), (4, 6)]:
+        x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(5)) * 2 + 0.5
+        got = run(synced_triton(one_rank_group), x, True, dtype=dtype)
+        assert_close(got, run(l2_batch_norm_reference, x, True, dtype=F64), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_synced_call_is_launches_and_one_all_reduce_each_way(tk, monkeypatch, one_rank_group, split):
+    """The synchronized training call: 5 launches and one all-reduce forward, 5 and one backward (one more launch
+    each way where the batch is split across programs); besides, allocations and views only — and, on CPU
+    tensors, the read of the global count that raises BatchNorm's error for a single value per channel."""
+    if split:
+        monkeypatch.setattr(tk, "_ALGEBRA_SPLIT_ROWS", 4)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    launches, ops, in_kernel = [], [], [False]
+    for name in [n for n in vars(tk) if n.endswith("_kernel")]:
+        def counted(*args, _run=getattr(tk, name).run, _name=name, **kwargs):
+            launches.append(_name)
+            in_kernel[0] = True
+            try:
+                return _run(*args, **kwargs)
+            finally:
+                in_kernel[0] = False
+        monkeypatch.setattr(getattr(tk, name), "run", counted)
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not in_kernel[0]:
+                ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = dev(torch.randn(6, 8, 5, 5)).requires_grad_()
+    w, b = dev(torch.rand(8)).requires_grad_(), dev(torch.randn(8)).requires_grad_()
+    rm, rv, dy = dev(torch.zeros(8)), dev(torch.ones(8)), dev(torch.randn(6, 8, 5, 5))
+    with Ops():
+        y = synced_triton(one_rank_group)(x, rm, rv, w, b, True, 0.1, 1e-5)
+        forward, forward_ops = len(launches), list(ops)
+        y.backward(dy)
+    assert (forward, len(launches)) == (5 + split, 10 + 2 * split), launches
+    assert forward_ops.count("allreduce_") == 1 and ops.count("allreduce_") == 2, ops
+    allowed = ALLOCATIONS_AND_VIEWS | {"slice", "allreduce_"} | ({"_local_scalar_dense"} if DEVICE == "cpu" else set())
+    assert set(ops) <= allowed, sorted(set(ops) - allowed)
+
+
 def test_saves_x_the_weight_and_vectors_of_n_and_c(tk):
     """About what BatchNorm keeps (x plus five C-vectors): x, the C weights, μ and invstd (C float64 each) and
     r_n, ‖x_n‖ (N float64 each), in training."""

@@ -77,6 +77,16 @@ def update_running_stats(
         running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
 
 
+def check_synced_count(count: Tensor, input: Tensor) -> None:
+    """BatchNorm's error when all ranks together gave at most one value per channel. Checked for CPU tensors
+    only: on accelerators reading ``count`` would stall the stream (the variance is then NaN, as in torch)."""
+    if count.device.type == "cpu" and count.item() <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training across ranks, got {int(count.item())} "
+            f"in total (this rank's input size {tuple(input.shape)})"
+        )
+
+
 class InputGradient(NamedTuple):
     """Parameter gradients and the coefficients of dx = dy·dy_coef + x·x_coef + shift (all per (n, c))."""
 

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .algebra import input_gradient, output_coefficients, sample_scales, update_running_stats
+from .algebra import check_synced_count, input_gradient, output_coefficients, sample_scales, update_running_stats
+from .dispatch import IMPLEMENTATIONS, impl_setting, prefers_triton
 from .fused import affine_rows, gradient_sums, per_channel, sample_channel_moments, statistics_dtype
 from .overflow import check_sample_norms, rerun_rescaled_on_overflow
 
@@ -83,7 +84,6 @@ class _SyncL2BatchNormFunction(torch.autograd.Function):
         return dx, weight_grad, bias_grad, *([None] * 9)
 
 
-@rerun_rescaled_on_overflow
 def sync_l2_batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -96,6 +96,7 @@ def sync_l2_batch_norm(
     *,
     rescale: bool = True,
     l2_eps: float = 1e-12,
+    impl: str | None = None,
 ) -> Tensor:
     """Training-mode L2BN whose batch statistics span all ranks of ``process_group`` (an initialised group).
 
@@ -103,6 +104,10 @@ def sync_l2_batch_norm(
     statistics, if given, are updated in place with the global mean and unbiased variance. A huge finite
     sample (values beyond ~1e19) is handled locally, before any collective: rerun rescaled on the CPU,
     float64 statistics on accelerators (docs/algorithm.md).
+
+    ``impl`` (default ``$L2BN_IMPL``, else ``"auto"``): ``"triton"`` runs the Triton kernels
+    (:mod:`l2bn.kernels.triton_sync`), which ``auto`` picks for CUDA tensors outside ``torch.compile``;
+    every other name runs the torch ops of this module.
     """
     if input.dim() < 2:
         raise ValueError(f"expected input of shape (N, C, *), got {input.dim()}D input of shape {tuple(input.shape)}")
@@ -110,6 +115,39 @@ def sync_l2_batch_norm(
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() != num_channels:
             raise RuntimeError(f"{name} should contain {num_channels} elements not {t.numel()}")
+    if _runs_triton(impl, input):
+        from .triton_sync import sync_l2_batch_norm_triton  # imports triton on first use, as dispatch does
+
+        return sync_l2_batch_norm_triton(input, running_mean, running_var, weight, bias, momentum, eps,
+                                         process_group, rescale=rescale, l2_eps=l2_eps)
+    return _sync_l2_batch_norm_torch_ops(input, running_mean, running_var, weight, bias, momentum, eps,
+                                         process_group, rescale=rescale, l2_eps=l2_eps)
+
+
+def _runs_triton(impl: str | None, input: Tensor) -> bool:
+    """Whether the synchronized op takes the Triton kernels: ``impl`` (or ``$L2BN_IMPL``) ``"triton"``, or
+    ``"auto"`` where :func:`l2bn.kernels.dispatch.prefers_triton`."""
+    name = (impl if impl is not None else impl_setting()).lower()
+    if name != "auto" and name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown L2BN implementation {name!r}; expected one of {['auto', *IMPLEMENTATIONS]}")
+    return name == "triton" or (name == "auto" and prefers_triton(input))
+
+
+@rerun_rescaled_on_overflow
+def _sync_l2_batch_norm_torch_ops(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    process_group: dist.ProcessGroup | None,
+    *,
+    rescale: bool,
+    l2_eps: float,
+) -> Tensor:
+    """:func:`sync_l2_batch_norm` through torch ops (every device and backend)."""
     spatial_size = math.prod(input.shape[2:])
     with torch.no_grad():
         x = input.detach()
@@ -125,11 +163,7 @@ def sync_l2_batch_norm(
         local_count = torch.tensor(float(batch * spatial_size), dtype=torch.float64, device=m.device)
         total, mean, var = _reduce_channel_stats(local_count, local_total, local_squares, process_group)
         mean, var = mean.to(acc), var.to(acc)
-        if total.device.type == "cpu" and total.item() <= 1:  # on accelerators, checking would stall the stream
-            raise ValueError(
-                f"Expected more than 1 value per channel when training across ranks, got {int(total.item())} "
-                f"in total (this rank's input size {tuple(input.shape)})"
-            )
+        check_synced_count(total, input)
         update_running_stats(running_mean, running_var, mean, var, total, momentum)
         invstd = (var + eps).rsqrt()
     return _SyncL2BatchNormFunction.apply(

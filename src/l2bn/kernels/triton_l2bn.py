@@ -260,7 +260,7 @@ if TRITON_AVAILABLE:
             offs_n = start + tl.arange(0, BLOCK_N)
             r = tl.load(scale_ptr + offs_n, mask=offs_n < row_end, other=0.0)
             total += r[:, None] * _channel_tile(mean_ptr, offs_n, offs_c, row_end, C, c_ok)
-        mean = tl.sum(total, axis=0) / (row_end - row_start)
+        mean = tl.sum(total, axis=0) / tl.maximum(row_end - row_start, 1)  # zeros for no samples (an empty rank)
         within = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
         between = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
         for start in range(row_start, row_end, BLOCK_N):
@@ -318,26 +318,57 @@ if TRITON_AVAILABLE:
         return mu, tl.sum(between, axis=0), tl.sum(within, axis=0)
 
     @triton.jit
+    def _batch_moments(mean_ptr, sumsq_ptr, scale_ptr, part_ptr, N, C, ROWS, offs_c, c_ok, SPLIT: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        """μ_c, Σ (r_n m − μ_c)² and Σ r_n² q over the whole batch: from the splits' partials (SPLIT) or directly."""
+        if SPLIT:
+            mu, between, within = _merged_partials(part_ptr, N, C, ROWS, offs_c, c_ok, BLOCK_N, BLOCK_C)
+        else:
+            mu, between, within = _pooled_moments(mean_ptr, sumsq_ptr, scale_ptr, 0, N, offs_c, C, c_ok,
+                                                  BLOCK_N, BLOCK_C)
+        return mu, between, within
+
+    @triton.jit
+    def _local_channel_sums_kernel(
+        mean_ptr, sumsq_ptr, scale_ptr, part_ptr, sums_ptr, N, C, M, ROWS,
+        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Synchronized L2BN: this rank's count N·M and per-channel Σz and Σz² (z = r_n x, float64) packed as
+        sums[0 | 1 + c | 1 + C + c] for one all-reduce; Σz² = M·Σ (r_n m − μ)² + Σ r_n² q + count·μ²."""
+        offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        mu, between, within = _batch_moments(mean_ptr, sumsq_ptr, scale_ptr, part_ptr, N, C, ROWS, offs_c, c_ok,
+                                             SPLIT, BLOCK_N, BLOCK_C)
+        count = tl.cast(N, tl.float64) * M
+        tl.store(sums_ptr + 1 + offs_c, count * mu, mask=c_ok)
+        tl.store(sums_ptr + 1 + C + offs_c, M * between + within + count * mu * mu, mask=c_ok)
+        if tl.program_id(0) == 0:
+            tl.store(sums_ptr, count)
+
+    @triton.jit
     def _forward_coefficients_kernel(
-        mean_ptr, sumsq_ptr, scale_ptr, part_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr,
+        mean_ptr, sumsq_ptr, scale_ptr, part_ptr, sums_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr,
         gain_ptr, shift_ptr, mu_ptr, invstd_ptr, N, C, M, ROWS, eps: tl.float64, momentum: tl.float64,
-        TRAINING: tl.constexpr, SPLIT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_RUNNING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+        TRAINING: tl.constexpr, SPLIT: tl.constexpr, SUMS_IN: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         """Per channel: μ_c and σ²_c of z = r_n x (TRAINING: pooled as in ``channel_statistics`` — from the splits'
-        partials when SPLIT — and the running statistics updated like ``update_running_stats``; else the running
-        ones), invstd, and the output's coefficients gain_c = γ_c·invstd_c (y = x·r_n·gain_c + shift_c) and
-        shift_c = β_c − μ_c·gain_c."""
+        partials when SPLIT, from all ranks' ``_local_channel_sums_kernel`` sums when SUMS_IN — and the running
+        statistics updated like ``update_running_stats``; else the running ones), invstd, and the output's
+        coefficients gain_c = γ_c·invstd_c (y = x·r_n·gain_c + shift_c) and shift_c = β_c − μ_c·gain_c."""
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
         if TRAINING:
-            if SPLIT:
-                mu, between, within = _merged_partials(part_ptr, N, C, ROWS, offs_c, c_ok, BLOCK_N, BLOCK_C)
+            if SUMS_IN:  # E[z²] − E[z]² in float64, as sync.py's torch ops (no count: zeros)
+                count = tl.load(sums_ptr)
+                values = tl.maximum(count, 1.0)
+                mu = tl.load(sums_ptr + 1 + offs_c, mask=c_ok, other=0.0) / values
+                var = tl.maximum(tl.load(sums_ptr + 1 + C + offs_c, mask=c_ok, other=0.0) / values - mu * mu, 0.0)
             else:
-                mu, between, within = _pooled_moments(mean_ptr, sumsq_ptr, scale_ptr, 0, N, offs_c, C, c_ok,
-                                                      BLOCK_N, BLOCK_C)
-            count = tl.cast(N, tl.float64) * M
-            var = within / count + between / N
+                mu, between, within = _batch_moments(mean_ptr, sumsq_ptr, scale_ptr, part_ptr, N, C, ROWS, offs_c,
+                                                     c_ok, SPLIT, BLOCK_N, BLOCK_C)
+                count = tl.cast(N, tl.float64) * M
+                var = within / count + between / N
             if HAS_RUNNING:
                 old_mean = tl.load(rmean_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
                 old_var = tl.load(rvar_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
@@ -392,15 +423,36 @@ if TRITON_AVAILABLE:
         tl.store(out + tl.num_programs(1).to(tl.int64) * C, weight_sum, mask=c_ok)
 
     @triton.jit
+    def _store_gradient_coefficients(k_ptr, bias_term_ptr, gain, invstd, grad_weight, grad_bias, count, offs_c, c_ok):
+        """Batch statistics' terms of dx: k = γ·invstd²·Σdy·ẑ / count and γ·invstd·Σdy / count."""
+        tl.store(k_ptr + offs_c, gain * invstd * grad_weight / count, mask=c_ok)
+        tl.store(bias_term_ptr + offs_c, gain * grad_bias / count, mask=c_ok)
+
+    @triton.jit
+    def _synced_gradient_coefficients_kernel(
+        sums_ptr, count_ptr, gain_ptr, invstd_ptr, k_ptr, bias_term_ptr, C, BLOCK_C: tl.constexpr,
+    ):
+        """Synchronized L2BN: ``_store_gradient_coefficients`` from all ranks' Σ dy and Σ dy·ẑ (sums[0 | 1, c],
+        all-reduced) and the global count."""
+        offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        grad_bias = tl.load(sums_ptr + offs_c, mask=c_ok, other=0.0)
+        grad_weight = tl.load(sums_ptr + C + offs_c, mask=c_ok, other=0.0)
+        gain = tl.load(gain_ptr + offs_c, mask=c_ok, other=0.0)
+        invstd = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0)
+        _store_gradient_coefficients(k_ptr, bias_term_ptr, gain, invstd, grad_weight, grad_bias, tl.load(count_ptr),
+                                     offs_c, c_ok)
+
+    @triton.jit
     def _backward_channel_sums_kernel(
         dy_sum_ptr, dy_xc_ptr, mean_ptr, scale_ptr, part_ptr, mu_ptr, invstd_ptr, weight_ptr,
-        grad_weight_ptr, grad_bias_ptr, gain_ptr, k_ptr, bias_term_ptr, N, C, M, ROWS,
-        TRAINING: tl.constexpr, SPLIT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+        grad_weight_ptr, grad_bias_ptr, gain_ptr, k_ptr, bias_term_ptr, sums_ptr, N, C, M, ROWS,
+        TRAINING: tl.constexpr, SPLIT: tl.constexpr, SUMS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         """Per channel (``input_gradient``'s reductions over n; from the splits' partials when SPLIT): Σ dy,
-        Σ dy·ẑ = invstd·Σ_n (r_n·Σdy·(x − m) + (r_n m − μ)·Σdy), and (TRAINING) k = γ·invstd²·Σdy·ẑ / count and
-        γ·invstd·Σdy / count."""
+        Σ dy·ẑ = invstd·Σ_n (r_n·Σdy·(x − m) + (r_n m − μ)·Σdy), and (TRAINING) ``_store_gradient_coefficients``.
+        SUMS_OUT (synchronized L2BN): the two sums also in float64 into sums[0 | 1, c], for the all-reduce."""
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
         mu = tl.load(mu_ptr + offs_c, mask=c_ok, other=0.0)
@@ -424,10 +476,12 @@ if TRITON_AVAILABLE:
         _store_as(grad_bias_ptr + offs_c, grad_bias, c_ok)
         _store_as(grad_weight_ptr + offs_c, grad_weight, c_ok)
         tl.store(gain_ptr + offs_c, gain, mask=c_ok)
+        if SUMS_OUT:
+            tl.store(sums_ptr + offs_c, grad_bias, mask=c_ok)
+            tl.store(sums_ptr + C + offs_c, grad_weight, mask=c_ok)
         if TRAINING:
-            count = tl.cast(N, tl.float64) * M
-            tl.store(k_ptr + offs_c, gain * invstd * grad_weight / count, mask=c_ok)
-            tl.store(bias_term_ptr + offs_c, gain * grad_bias / count, mask=c_ok)
+            _store_gradient_coefficients(k_ptr, bias_term_ptr, gain, invstd, grad_weight, grad_bias,
+                                         tl.cast(N, tl.float64) * M, offs_c, c_ok)
 
     @triton.jit
     def _backward_sample_coefficients_kernel(
@@ -685,29 +739,54 @@ def _optional(t: Tensor | None, fallback: Tensor) -> Tensor:
     return fallback if t is None else t
 
 
+def _forward_split_parts(mean: Tensor, sumsq: Tensor, scale: Tensor) -> tuple[Tensor, int]:
+    """(part, splits): for batches split across programs, ``_forward_partials_kernel``'s (3, splits, C) partials
+    of each split (one launch); else (mean, 1), nothing launched."""
+    n, num_channels = mean.shape
+    splits = _splits(n)
+    if splits == 1:
+        return mean, 1
+    block_n, block_c = _ALGEBRA_TILE
+    part = torch.empty(3, splits, num_channels, dtype=torch.float64, device=mean.device)
+    _forward_partials_kernel[(triton.cdiv(num_channels, block_c), splits)](
+        mean, sumsq, scale, part, n, num_channels, _ALGEBRA_SPLIT_ROWS, BLOCK_N=block_n, BLOCK_C=block_c,
+    )
+    return part, splits
+
+
+def _local_channel_sums(mean: Tensor, sumsq: Tensor, scale: Tensor, spatial: int) -> Tensor:
+    """This rank's [N·M, Σz per channel, Σz² per channel] (1 + 2C float64) for the all-reduce of synchronized
+    L2BN: one launch, or two for batches split across programs."""
+    n, num_channels = mean.shape
+    sums = torch.empty(1 + 2 * num_channels, dtype=torch.float64, device=mean.device)
+    part, splits = _forward_split_parts(mean, sumsq, scale)
+    block_n, block_c = _ALGEBRA_TILE
+    _local_channel_sums_kernel[(triton.cdiv(num_channels, block_c),)](
+        mean, sumsq, scale, part, sums, n, num_channels, spatial, _ALGEBRA_SPLIT_ROWS,
+        SPLIT=splits > 1, BLOCK_N=block_n, BLOCK_C=block_c,
+    )
+    return sums
+
+
 def _forward_coefficients(
     mean: Tensor, sumsq: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
     running_mean: Tensor | None, running_var: Tensor | None, training: bool, momentum: float, eps: float,
-    spatial: int, acc: torch.dtype,
+    spatial: int, acc: torch.dtype, sums: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(gain, shift, μ, invstd) per channel — y = x·r_n·gain + shift — and, training, the running statistics
-    updated in place: one launch, or two for batches split across programs."""
+    updated in place: one launch, or two for batches split across programs. ``sums``: the statistics come from
+    all ranks' :func:`_local_channel_sums`, all-reduced (synchronized L2BN; training only)."""
     n, num_channels = mean.shape
     stats = dict(dtype=torch.float64, device=mean.device)
     gain, mu, invstd = (torch.empty(num_channels, **stats) for _ in range(3))
     shift = torch.empty(num_channels, dtype=acc, device=mean.device)
     block_n, block_c = _ALGEBRA_TILE
-    splits = _splits(n) if training else 1
-    part = mean
-    if splits > 1:
-        part = torch.empty(3, splits, num_channels, **stats)
-        _forward_partials_kernel[(triton.cdiv(num_channels, block_c), splits)](
-            mean, sumsq, scale, part, n, num_channels, _ALGEBRA_SPLIT_ROWS, BLOCK_N=block_n, BLOCK_C=block_c,
-        )
+    part, splits = _forward_split_parts(mean, sumsq, scale) if training and sums is None else (mean, 1)
     _forward_coefficients_kernel[(triton.cdiv(num_channels, block_c),)](
-        mean, sumsq, scale, part, _optional(weight, mu), _optional(bias, mu), _optional(running_mean, mu),
-        _optional(running_var, mu), gain, shift, mu, invstd, n, num_channels, spatial, _ALGEBRA_SPLIT_ROWS, eps,
-        momentum, TRAINING=training, SPLIT=splits > 1, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        mean, sumsq, scale, part, _optional(sums, mu), _optional(weight, mu), _optional(bias, mu),
+        _optional(running_mean, mu), _optional(running_var, mu), gain, shift, mu, invstd, n, num_channels, spatial,
+        _ALGEBRA_SPLIT_ROWS, eps, momentum, TRAINING=training, SPLIT=splits > 1, SUMS_IN=sums is not None,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_RUNNING=running_mean is not None and running_var is not None, BLOCK_N=block_n, BLOCK_C=block_c,
     )
     return gain, shift, mu, invstd
@@ -715,10 +794,12 @@ def _forward_coefficients(
 
 def _backward_channel_sums(
     dy_sum: Tensor, dy_xc: Tensor, mean: Tensor, scale: Tensor, mu: Tensor, invstd: Tensor, weight: Tensor | None,
-    training: bool, spatial: int, param_dtype: torch.dtype,
+    training: bool, spatial: int, param_dtype: torch.dtype, sums: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """(grad_weight, grad_bias, gain, k, bias_term) per channel: ``input_gradient``'s reductions over the batch,
-    in one launch, or two for batches split across programs."""
+    in one launch, or two for batches split across programs. ``sums`` ((2, C) float64): Σ dy and Σ dy·ẑ are
+    written there too, for synchronized L2BN's all-reduce (then call it with ``training=False``: k and bias_term
+    follow from the global sums, :func:`_synced_gradient_coefficients`)."""
     n, num_channels = dy_sum.shape
     stats = dict(dtype=torch.float64, device=dy_sum.device)
     grad_weight, grad_bias = (torch.empty(num_channels, dtype=param_dtype, device=dy_sum.device) for _ in range(2))
@@ -734,10 +815,42 @@ def _backward_channel_sums(
         )
     _backward_channel_sums_kernel[(triton.cdiv(num_channels, block_c),)](
         dy_sum, dy_xc, mean, scale, part, mu, invstd, _optional(weight, mu), grad_weight, grad_bias,
-        gain, k, bias_term, n, num_channels, spatial, _ALGEBRA_SPLIT_ROWS,
-        TRAINING=training, SPLIT=splits > 1, HAS_WEIGHT=weight is not None, BLOCK_N=block_n, BLOCK_C=block_c,
+        gain, k, bias_term, _optional(sums, mu), n, num_channels, spatial, _ALGEBRA_SPLIT_ROWS,
+        TRAINING=training, SPLIT=splits > 1, SUMS_OUT=sums is not None, HAS_WEIGHT=weight is not None,
+        BLOCK_N=block_n, BLOCK_C=block_c,
     )
     return grad_weight, grad_bias, gain, k, bias_term
+
+
+def _synced_gradient_coefficients(sums: Tensor, count: Tensor, gain: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    """(k, bias_term) per channel from all ranks' Σ dy and Σ dy·ẑ ((2, C) float64) and the global count."""
+    num_channels = gain.numel()
+    k, bias_term = torch.empty_like(gain), torch.empty_like(gain)
+    block_c = min(_next_pow2(num_channels), _ALGEBRA_ROW_BLOCK)
+    _synced_gradient_coefficients_kernel[(triton.cdiv(num_channels, block_c),)](
+        sums, count, gain, invstd, k, bias_term, num_channels, BLOCK_C=block_c,
+    )
+    return k, bias_term
+
+
+def _input_gradient(
+    dy: Tensor, x: Tensor, dy_sum: Tensor, dy_xc: Tensor, mean: Tensor, sumsq: Tensor, scale: Tensor, norm: Tensor,
+    mu: Tensor, gain: Tensor, k: Tensor, bias_term: Tensor, training: bool, l2_eps: float,
+) -> Tensor:
+    """dx from the per-(n, c) sums and the per-channel terms: ``input_gradient``'s per-sample rest in one launch,
+    then one pass over (dy, x)."""
+    n, num_channels = dy_sum.shape
+    acc = accumulation_dtype(x.dtype)
+    dy_coef, x_coef, shift = (torch.empty(n, num_channels, dtype=acc, device=x.device) for _ in range(3))
+    # 1 but for huge samples, whose x·factor has norm in [0.5, 1): the x-term (x·factor)·(Q/factor) stays in
+    # float32's range where Q (~1/‖x_n‖²) itself would underflow
+    factor = torch.empty(n, dtype=acc, device=x.device)
+    _backward_sample_coefficients_kernel[(n,)](
+        dy_sum, dy_xc, mean, sumsq, scale, norm, mu, gain, k, bias_term, dy_coef, x_coef, shift, factor,
+        num_channels, x[0, 0].numel() if n else 1, l2_eps,
+        TRAINING=training, BLOCK_C=min(_next_pow2(num_channels), _ALGEBRA_ROW_BLOCK),
+    )
+    return _affine(torch.empty_like(x), dy, dy_coef, shift, x, x_coef, factor)
 
 
 class TritonL2BatchNorm(torch.autograd.Function):
@@ -763,25 +876,15 @@ class TritonL2BatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, scale, norm, mu, invstd = ctx.saved_tensors
-        n, num_channels = x.shape[:2]
         spatial = x[0, 0].numel()
-        acc = accumulation_dtype(x.dtype)
         with _on_device(x):
             mean, sumsq, dy_sum, dy_xc = _gradient_sums(dy, x, None)  # Σ dy, Σ dy·(x − m)
             grad_weight, grad_bias, gain, k, bias_term = _backward_channel_sums(
                 dy_sum, dy_xc, mean, scale, mu, invstd, weight, ctx.training, spatial,
-                weight.dtype if weight is not None else acc,
+                weight.dtype if weight is not None else accumulation_dtype(x.dtype),
             )
-            dy_coef, x_coef, shift = (torch.empty(n, num_channels, dtype=acc, device=x.device) for _ in range(3))
-            # 1 but for huge samples, whose x·factor has norm in [0.5, 1): the x-term (x·factor)·(Q/factor) stays
-            # in float32's range where Q (~1/‖x_n‖²) itself would underflow
-            factor = torch.empty(n, dtype=acc, device=x.device)
-            _backward_sample_coefficients_kernel[(n,)](
-                dy_sum, dy_xc, mean, sumsq, scale, norm, mu, gain, k, bias_term, dy_coef, x_coef, shift, factor,
-                num_channels, spatial, ctx.l2_eps,
-                TRAINING=ctx.training, BLOCK_C=min(_next_pow2(num_channels), _ALGEBRA_ROW_BLOCK),
-            )
-            dx = _affine(torch.empty_like(x), dy, dy_coef, shift, x, x_coef, factor)
+            dx = _input_gradient(dy, x, dy_sum, dy_xc, mean, sumsq, scale, norm, mu, gain, k, bias_term,
+                                 ctx.training, ctx.l2_eps)
         return (
             dx,
             grad_weight if ctx.needs_input_grad[1] else None,
