@@ -219,44 +219,60 @@ def test_backward_recomputes_the_forward_moments_bit_for_bit(tk, tiny_tiles, cha
 ALLOCATIONS_AND_VIEWS = {"empty", "empty_like", "view", "select", "detach", "promote_types", "alias", "as_strided"}
 
 
+@pytest.fixture
+def calls(tk, monkeypatch):
+    """A context manager (``with calls():``) recording each Triton launch by kernel name (``calls.launches``) and
+    the name of every torch op dispatched outside the kernels (``calls.ops``; the interpreter runs kernels through
+    torch ops of its own)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    in_kernel = [False]
+
+    class Recorder(TorchDispatchMode):
+        launches: list[str] = []
+        ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not in_kernel[0]:
+                Recorder.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for name in [n for n in vars(tk) if n.endswith("_kernel")]:
+        def counted(*args, _run=getattr(tk, name).run, _name=name, **kwargs):
+            Recorder.launches.append(_name)
+            in_kernel[0] = True
+            try:
+                return _run(*args, **kwargs)
+            finally:
+                in_kernel[0] = False
+        monkeypatch.setattr(getattr(tk, name), "run", counted)
+    return Recorder
+
+
+def layer_call_tensors() -> tuple[torch.Tensor, ...]:
+    """(x, weight, bias, running mean, running var, dy) of a 6×8×5×5 float32 call on ``DEVICE``."""
+    x = dev(torch.randn(6, 8, 5, 5)).requires_grad_()
+    w, b = dev(torch.rand(8)).requires_grad_(), dev(torch.randn(8)).requires_grad_()
+    return x, w, b, dev(torch.zeros(8)), dev(torch.ones(8)), dev(torch.randn(6, 8, 5, 5))
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_no_torch_kernel_between_the_triton_launches(tk, monkeypatch, training, split):
+def test_no_torch_kernel_between_the_triton_launches(tk, monkeypatch, calls, training, split):
     """A call is the Triton launches alone (4 forward, 4 backward; where the batch is split across programs, one
     more backward, and one more forward in training): every other torch op it dispatches only allocates or
     views, so no small (N, C) kernel adds its launch latency on a GPU (the first H200 run measured ~2.5 ms a
     training call when the O(N·C) algebra was ~110 torch ops)."""
     if split:
         monkeypatch.setattr(tk, "_ALGEBRA_SPLIT_ROWS", 4)
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    launches, ops, in_kernel = [], [], [False]
-    for name in [n for n in vars(tk) if n.endswith("_kernel")]:
-        def counted(*args, _run=getattr(tk, name).run, _name=name, **kwargs):
-            launches.append(_name)
-            in_kernel[0] = True  # the interpreter runs kernels through torch ops of its own
-            try:
-                return _run(*args, **kwargs)
-            finally:
-                in_kernel[0] = False
-        monkeypatch.setattr(getattr(tk, name), "run", counted)
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not in_kernel[0]:
-                ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    x = dev(torch.randn(6, 8, 5, 5)).requires_grad_()
-    w, b = dev(torch.rand(8)).requires_grad_(), dev(torch.randn(8)).requires_grad_()
-    rm, rv, dy = dev(torch.zeros(8)), dev(torch.ones(8)), dev(torch.randn(6, 8, 5, 5))
-    with Ops():
+    x, w, b, rm, rv, dy = layer_call_tensors()
+    with calls():
         y = tk.l2_batch_norm_triton(x, rm, rv, w, b, training, 0.1, 1e-5)
-        forward = len(launches)
+        forward = len(calls.launches)
         y.backward(dy)
     extra = int(split and training)
-    assert (forward, len(launches)) == (4 + extra, 8 + extra + int(split)), launches
-    assert set(ops) <= ALLOCATIONS_AND_VIEWS, sorted(set(ops) - ALLOCATIONS_AND_VIEWS)
+    assert (forward, len(calls.launches)) == (4 + extra, 8 + extra + int(split)), calls.launches
+    assert set(calls.ops) <= ALLOCATIONS_AND_VIEWS, sorted(set(calls.ops) - ALLOCATIONS_AND_VIEWS)
 
 
 @pytest.fixture
@@ -296,42 +312,21 @@ def test_synced_path_over_one_rank_equals_the_reference(tk, tiny_tiles, one_rank
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
-def test_synced_call_is_launches_and_one_all_reduce_each_way(tk, monkeypatch, one_rank_group, split):
+def test_synced_call_is_launches_and_one_all_reduce_each_way(tk, monkeypatch, calls, one_rank_group, split):
     """The synchronized training call: 5 launches and one all-reduce forward, 5 and one backward (one more launch
     each way where the batch is split across programs); besides, allocations and views only — and, on CPU
     tensors, the read of the global count that raises BatchNorm's error for a single value per channel."""
     if split:
         monkeypatch.setattr(tk, "_ALGEBRA_SPLIT_ROWS", 4)
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    launches, ops, in_kernel = [], [], [False]
-    for name in [n for n in vars(tk) if n.endswith("_kernel")]:
-        def counted(*args, _run=getattr(tk, name).run, _name=name, **kwargs):
-            launches.append(_name)
-            in_kernel[0] = True
-            try:
-                return _run(*args, **kwargs)
-            finally:
-                in_kernel[0] = False
-        monkeypatch.setattr(getattr(tk, name), "run", counted)
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not in_kernel[0]:
-                ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    x = dev(torch.randn(6, 8, 5, 5)).requires_grad_()
-    w, b = dev(torch.rand(8)).requires_grad_(), dev(torch.randn(8)).requires_grad_()
-    rm, rv, dy = dev(torch.zeros(8)), dev(torch.ones(8)), dev(torch.randn(6, 8, 5, 5))
-    with Ops():
+    x, w, b, rm, rv, dy = layer_call_tensors()
+    with calls():
         y = synced_triton(one_rank_group)(x, rm, rv, w, b, True, 0.1, 1e-5)
-        forward, forward_ops = len(launches), list(ops)
+        forward, forward_ops = len(calls.launches), list(calls.ops)
         y.backward(dy)
-    assert (forward, len(launches)) == (5 + split, 10 + 2 * split), launches
-    assert forward_ops.count("allreduce_") == 1 and ops.count("allreduce_") == 2, ops
+    assert (forward, len(calls.launches)) == (5 + split, 10 + 2 * split), calls.launches
+    assert forward_ops.count("allreduce_") == 1 and calls.ops.count("allreduce_") == 2, calls.ops
     allowed = ALLOCATIONS_AND_VIEWS | {"slice", "allreduce_"} | ({"_local_scalar_dense"} if DEVICE == "cpu" else set())
-    assert set(ops) <= allowed, sorted(set(ops) - allowed)
+    assert set(calls.ops) <= allowed, sorted(set(calls.ops) - allowed)
 
 
 def test_saves_x_the_weight_and_vectors_of_n_and_c(tk):
