@@ -7,7 +7,8 @@ rank of a DDP job does; ``nn.SyncBatchNorm`` skips synchronising at world size 1
 called directly (CUDA only: torch's kernels for it are CUDA-only). Each row times, interleaved in one process
 (minima of ``--repeats`` rounds, forward + backward, synchronising the device around each call): BatchNorm and
 L2BatchNorm of the input's rank (the local path ``auto`` picks), torch's SyncBatchNorm, and ``sync_l2_batch_norm`` through the
-torch ops and — on CUDA with triton installed — through the Triton kernels; and prints each time's ratio to
+torch ops and through the fast path of the device (the Triton kernels on CUDA, the compiled kernel on the CPU);
+and prints each time's ratio to
 BatchNorm and the synchronized L2BN paths' ratios to SyncBatchNorm. On a GPU the whole call is host-bound
 at small shapes, so the launch counts (docs/distributed.md) show there.
 """
@@ -23,6 +24,7 @@ import torch.nn as nn
 from torch.nn.modules._functions import SyncBatchNorm as TorchSyncBatchNormFunction
 
 from l2bn.bench import DTYPES, environment_line, interleaved_times_ms
+from l2bn.kernels import cpp
 from l2bn.kernels.sync import sync_l2_batch_norm
 from l2bn.layers import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d
 
@@ -52,6 +54,7 @@ def _steps(x: torch.Tensor, group: dist.ProcessGroup) -> dict[str, Callable[[], 
         steps["SyncBN (torch)"] = call(lambda t: TorchSyncBatchNormFunction.apply(
             t, weight, bias, *running, 1e-5, 0.1, group, 1))
     impls = ["fused"] + (["triton"] if device.type == "cuda" and importlib.util.find_spec("triton") else [])
+    impls += ["cpp"] if device.type == "cpu" and cpp.available() else []
     for impl in impls:
         steps[f"SyncL2BN ({'torch ops' if impl == 'fused' else impl})"] = call(
             lambda t, impl=impl: sync_l2_batch_norm(t, *running, weight, bias, 0.1, 1e-5, group, impl=impl))

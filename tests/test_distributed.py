@@ -1,9 +1,11 @@
 """Synchronized L2BN over 2 gloo CPU processes equals one process on the concatenated batch (float64).
 
 All distributed scenarios run in ONE spawn of two workers per path (module fixture, parametrized over the
-torch-op path and the Triton kernels, the latter through Triton's interpreter); each worker writes what it
-saw to a file and the tests compare those with single-process references computed here: the library's
-``L2BatchNorm*d`` and an independent composition, F.normalize·sqrt(D) followed by F.batch_norm.
+synchronized op's paths: torch ops, the compiled CPU kernel, the Triton kernels through Triton's interpreter,
+and "mixed" — rank 0 on torch ops, rank 1 on the compiled kernel — since every path sends the same float64
+sums); each worker writes what it saw to a file and the tests compare those with single-process references
+computed here: the library's ``L2BatchNorm*d`` and an independent composition, F.normalize·sqrt(D) followed
+by F.batch_norm.
 """
 from __future__ import annotations
 
@@ -120,10 +122,14 @@ def _huge_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return x.float(), torch.randn(6, 3, 4, 3, generator=g)
 
 
+PATHS = {"torch-ops": ("fused", "fused"), "cpp": ("cpp", "cpp"), "triton": ("triton", "triton"),
+         "mixed": ("fused", "cpp")}  # path -> each rank's $L2BN_IMPL
+
+
 def _worker(rank: int, root: str, path: str) -> None:
     torch.set_num_threads(1)
-    if path == "triton":  # a fresh process: triton is not imported yet, so its kernels build for the interpreter
-        os.environ.update(TRITON_INTERPRET="1", L2BN_IMPL="triton")
+    # a fresh process: triton is not imported yet, so its kernels build for the interpreter
+    os.environ.update(TRITON_INTERPRET="1", L2BN_IMPL=PATHS[path][rank])
     dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=WORLD)
     out: dict = {}
     for name in SCENARIOS:
@@ -210,15 +216,18 @@ def _worker(rank: int, root: str, path: str) -> None:
     net(batch["x"][lo:hi]).mul(batch["dy"][lo:hi]).sum().backward()
     out["ddp_grads"] = {n: p.grad.clone() for n, p in net.module.named_parameters()}
     out["ddp_buffers"] = {n: b.clone() for n, b in net.module.named_buffers()}
-    out["path"], out["triton_sync_loaded"] = path, "l2bn.kernels.triton_sync" in sys.modules
+    out["impl"] = PATHS[path][rank]
+    out["loaded"] = {m for m in ("triton_sync", "cpp_sync") if f"l2bn.kernels.{m}" in sys.modules}
     torch.save(out, f"{root}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module", params=["torch-ops", "triton"])
+@pytest.fixture(scope="module", params=list(PATHS))
 def results(request, tmp_path_factory) -> list[dict]:
     if request.param == "triton" and importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
+    if "cpp" in PATHS[request.param] and not l2bn.kernels.cpp.available():
+        pytest.skip(f"no compiled CPU kernel here: {l2bn.kernels.cpp.build_error()}")
     root = tmp_path_factory.mktemp("dist")
     for name in SCENARIOS:
         torch.save(_scenario_data(name), root / f"{name}.pt")
@@ -287,9 +296,9 @@ def test_sync_equals_single_process(results, name):
 
 
 def test_each_path_runs_its_own_code(results):
-    """The Triton workers ran the synchronized op's Triton kernels (the module loads on first use only)."""
+    """Each worker ran its path's synchronized op (the Triton and compiled-kernel modules load on first use)."""
     for r in results:
-        assert r["triton_sync_loaded"] == (r["path"] == "triton")
+        assert r["loaded"] == ({f"{r['impl']}_sync"} if r["impl"] in ("triton", "cpp") else set())
 
 
 def test_one_collective_forward_one_backward_none_in_eval(results):

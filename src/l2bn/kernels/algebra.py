@@ -77,6 +77,16 @@ def update_running_stats(
         running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
 
 
+def synced_statistics(sums: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, μ, biased σ²) per channel from all ranks' packed [count, Σz (C), Σz² (C)] float64 sums:
+    E[z²] − E[z]² in float64 (docs/distributed.md; no count: zeros)."""
+    num_channels = (sums.numel() - 1) // 2
+    count, total, squares = sums[0], sums[1 : 1 + num_channels], sums[1 + num_channels :]
+    mean = total / count.clamp_min(1)
+    var = (squares / count.clamp_min(1) - mean.square()).clamp_min_(0)
+    return count, mean, var
+
+
 def check_synced_count(count: Tensor, input: Tensor) -> None:
     """BatchNorm's error when all ranks together gave at most one value per channel. Checked for CPU tensors
     only: on accelerators reading ``count`` would stall the stream (the variance is then NaN, as in torch)."""

@@ -23,8 +23,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .algebra import check_synced_count, input_gradient, output_coefficients, sample_scales, update_running_stats
-from .dispatch import IMPLEMENTATIONS, impl_setting, prefers_triton
+from .algebra import (
+    check_synced_count,
+    input_gradient,
+    output_coefficients,
+    sample_scales,
+    synced_statistics,
+    update_running_stats,
+)
+from .dispatch import IMPLEMENTATIONS, auto_impl, impl_setting
 from .fused import affine_rows, gradient_sums, per_channel, sample_channel_moments, statistics_dtype
 from .overflow import check_sample_norms, rerun_rescaled_on_overflow
 
@@ -41,11 +48,14 @@ def _reduce_channel_stats(
     """
     packed = torch.cat([count.reshape(1), total, squares]).to(torch.float64)
     dist.all_reduce(packed, group=process_group)
-    num_channels = total.numel()
-    count, total, squares = packed[0], packed[1 : 1 + num_channels], packed[1 + num_channels :]
-    mean = total / count.clamp_min(1)
-    var = (squares / count.clamp_min(1) - mean.square()).clamp_min_(0)
-    return count, mean, var
+    return synced_statistics(packed)
+
+
+def _all_reduce_float64(packed: Tensor, process_group: dist.ProcessGroup | None) -> Tensor:
+    """``packed`` summed over the ranks in float64 (what every path sends), back in its dtype."""
+    total = packed.to(torch.float64)
+    dist.all_reduce(total, group=process_group)
+    return total.to(packed.dtype)
 
 
 class _SyncL2BatchNormFunction(torch.autograd.Function):
@@ -66,14 +76,10 @@ class _SyncL2BatchNormFunction(torch.autograd.Function):
         acc = scale.dtype
         dy_sum, dy_xc = gradient_sums(dy, x, centre.to(statistics_dtype(x)))  # (N, C): Σ_S dy, Σ_S dy·(x − m)
 
-        def all_reduce(packed: Tensor) -> Tensor:
-            dist.all_reduce(packed, group=ctx.process_group)
-            return packed
-
         grad = input_gradient(
             dy_sum, dy_xc, centre=centre, sumsq=sumsq, scale=scale, norm=norm, mu=mean, invstd=invstd,
             weight=weight, spatial_size=x[0, 0].numel() if x.shape[0] else 1, count=total, l2_eps=ctx.l2_eps,
-            all_reduce=all_reduce,
+            all_reduce=lambda packed: _all_reduce_float64(packed, ctx.process_group),
         )
         dx = affine_rows(torch.empty_like(x), dy, grad.dy_coef, grad.shift)
         dx.addcmul_(x, per_channel(grad.x_coef.to(x.dtype), x.dim()))
@@ -106,8 +112,10 @@ def sync_l2_batch_norm(
     float64 statistics on accelerators (docs/algorithm.md).
 
     ``impl`` (default ``$L2BN_IMPL``, else ``"auto"``): ``"triton"`` runs the Triton kernels
-    (:mod:`l2bn.kernels.triton_sync`), which ``auto`` picks for CUDA tensors outside ``torch.compile``;
-    every other name runs the torch ops of this module.
+    (:mod:`l2bn.kernels.triton_sync`), ``"cpp"`` the compiled CPU kernel (:mod:`l2bn.kernels.cpp_sync`) —
+    ``auto`` picks them as for the local layers, outside ``torch.compile`` — and ``"fused"`` or
+    ``"reference"`` the torch ops of this module. Every path sends the same float64 sums, so ranks on
+    different paths interoperate.
     """
     if input.dim() < 2:
         raise ValueError(f"expected input of shape (N, C, *), got {input.dim()}D input of shape {tuple(input.shape)}")
@@ -115,22 +123,26 @@ def sync_l2_batch_norm(
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() != num_channels:
             raise RuntimeError(f"{name} should contain {num_channels} elements not {t.numel()}")
-    if _runs_triton(impl, input):
-        from .triton_sync import sync_l2_batch_norm_triton  # imports triton on first use, as dispatch does
+    path = _sync_path(impl, input)
+    if path == "triton":
+        from .triton_sync import sync_l2_batch_norm_triton as run  # imports triton on first use, as dispatch does
+    elif path == "cpp":
+        from .cpp_sync import sync_l2_batch_norm_cpp as run
+    else:
+        run = _sync_l2_batch_norm_torch_ops
+    return run(input, running_mean, running_var, weight, bias, momentum, eps, process_group, rescale=rescale,
+               l2_eps=l2_eps)
 
-        return sync_l2_batch_norm_triton(input, running_mean, running_var, weight, bias, momentum, eps,
-                                         process_group, rescale=rescale, l2_eps=l2_eps)
-    return _sync_l2_batch_norm_torch_ops(input, running_mean, running_var, weight, bias, momentum, eps,
-                                         process_group, rescale=rescale, l2_eps=l2_eps)
 
-
-def _runs_triton(impl: str | None, input: Tensor) -> bool:
-    """Whether the synchronized op takes the Triton kernels: ``impl`` (or ``$L2BN_IMPL``) ``"triton"``, or
-    ``"auto"`` where :func:`l2bn.kernels.dispatch.prefers_triton`."""
+def _sync_path(impl: str | None, input: Tensor) -> str:
+    """"triton", "cpp" or "torch": ``impl`` (or ``$L2BN_IMPL``) as named, ``"auto"`` as
+    :func:`l2bn.kernels.dispatch.auto_impl` picks (``"fused"`` and ``"reference"``: the torch ops)."""
     name = (impl if impl is not None else impl_setting()).lower()
     if name != "auto" and name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown L2BN implementation {name!r}; expected one of {['auto', *IMPLEMENTATIONS]}")
-    return name == "triton" or (name == "auto" and prefers_triton(input))
+    if name == "auto":
+        name = auto_impl(input)
+    return name if name in ("triton", "cpp") else "torch"
 
 
 @rerun_rescaled_on_overflow

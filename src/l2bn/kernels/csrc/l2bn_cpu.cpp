@@ -463,11 +463,12 @@ struct ColumnSums {
   }
 };
 
-// All (n, c) in one read of x (and dy), summed and finished in parallel.
+// All (n, c) in one read of x (and dy), summed and finished in parallel; into ``storage`` (4·N·C values) if
+// given, else into the per-thread workspace.
 template <bool kGrad>
-Moments moments(const Tensor& x, const Tensor* dy, const Geometry& g) {
+Moments moments(const Tensor& x, const Tensor* dy, const Geometry& g, double* storage = nullptr) {
   const int64_t NC = g.N * g.C;
-  Moments mo = workspace_moments(NC);
+  Moments mo = storage ? Moments{storage, storage + NC, storage + 2 * NC, storage + 3 * NC} : workspace_moments(NC);
   const double inv_m = 1.0 / g.M;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_moments", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -802,10 +803,10 @@ void check_no_overflow(const Tensor& x, const std::vector<double>& squares) {  /
   }
 }
 
+// F.batch_norm's update with the statistics of `count` values a channel (all ranks' for synchronized L2BN).
 void update_running_stats(const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-                          const Statistics& st, const Geometry& g, double momentum) {
+                          const Statistics& st, double count, double momentum) {
   if (!running_mean.has_value() || !running_mean->defined()) return;
-  const double count = static_cast<double>(g.N * g.M);
   std::vector<double> unbiased(st.var);
   for (double& v : unbiased) v *= count / (count - 1);
   Tensor rm = *running_mean, rv = *running_var;
@@ -1146,7 +1147,29 @@ void small_forward(const Tensor& x, Tensor& y, const Geometry& g, const std::vec
   small_batch_statistics(sums, K, g, st);
   channel_affine(st, w, b, eps, gain, shift);
   small_output(xp, yp, g, gain, shift, sums.scale, nullptr, target, l2_eps);
-  update_running_stats(running_mean, running_var, st, g, momentum);
+  update_running_stats(running_mean, running_var, st, static_cast<double>(g.N * g.M), momentum);
+}
+
+// The small path's dz = A_c dy + r_n B_c x + E_c: A = γ·invstd and, with batch statistics over `count` values,
+// B = −A·invstd·Σdy·ẑ / count and E = A·(invstd·μ·Σdy·ẑ − Σdy) / count (zeros for fixed ones: `count` 0).
+struct SmallTerms {
+  std::vector<double> A, B, E;
+};
+
+SmallTerms small_gradient_terms(const std::vector<double>& w, const std::vector<double>& invstd,
+                                const std::vector<double>& mu, const std::vector<double>& grad_w,
+                                const std::vector<double>& grad_b, double count) {
+  const size_t C = w.size();
+  SmallTerms t{std::vector<double>(C), std::vector<double>(C, 0.0), std::vector<double>(C, 0.0)};
+  const double inv_count = count == 0 ? 0.0 : 1.0 / count;
+  for (size_t c = 0; c < C; ++c) {
+    t.A[c] = w[c] * invstd[c];
+    if (count != 0) {
+      t.B[c] = -t.A[c] * invstd[c] * grad_w[c] * inv_count;
+      t.E[c] = t.A[c] * (invstd[c] * mu[c] * grad_w[c] - grad_b[c]) * inv_count;
+    }
+  }
+  return t;
 }
 
 // Input gradient into dx; Σ dy·ẑ and Σ dy per channel into grad_w, grad_b.
@@ -1167,21 +1190,18 @@ void small_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const Geometr
   }
   const SmallSums sums = small_sums<scalar_t, true>(xp, dy.const_data_ptr<scalar_t>(), g, K, target, l2_eps);
   if (training) small_batch_statistics(sums, K, g, st);
-  const double inv_count = 1.0 / (static_cast<double>(g.N) * g.M);
-  std::vector<double> A(g.C), B(g.C, 0.0), E(g.C, 0.0);
+  std::vector<double> invstd(g.C);
   grad_w.resize(g.C);
   grad_b.resize(g.C);
   for (int64_t c = 0; c < g.C; ++c) {
-    const double invstd = 1.0 / std::sqrt(st.var[c] + eps);
-    A[c] = w[c] * invstd;
+    invstd[c] = 1.0 / std::sqrt(st.var[c] + eps);
     grad_b[c] = sums.g[c];
-    grad_w[c] = invstd * (sums.gz[c] - (st.mu[c] - K[c]) * sums.g[c]);
-    if (training) {
-      B[c] = -A[c] * invstd * grad_w[c] * inv_count;
-      E[c] = A[c] * (invstd * st.mu[c] * grad_w[c] - grad_b[c]) * inv_count;
-    }
+    grad_w[c] = invstd[c] * (sums.gz[c] - (st.mu[c] - K[c]) * sums.g[c]);
   }
-  small_input_grad(dy.const_data_ptr<scalar_t>(), xp, dx.mutable_data_ptr<scalar_t>(), g, A, B, E, sums, l2_eps);
+  const SmallTerms t = small_gradient_terms(w, invstd, st.mu, grad_w, grad_b,
+                                            training ? static_cast<double>(g.N) * g.M : 0.0);
+  small_input_grad(dy.const_data_ptr<scalar_t>(), xp, dx.mutable_data_ptr<scalar_t>(), g, t.A, t.B, t.E, sums,
+                   l2_eps);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1441,7 +1461,7 @@ Tensor l2bn_forward(const Tensor& input, const std::optional<Tensor>& weight, co
                                 past_the_caches(y, 2)}
         .all();
   });
-  update_running_stats(running_mean, running_var, st, g, momentum);
+  update_running_stats(running_mean, running_var, st, static_cast<double>(g.N * g.M), momentum);
   return y;
 }
 
@@ -1468,41 +1488,13 @@ void parameter_gradients(Gradients& out, const std::vector<double>& grad_w, cons
   if (bias_dtype) out.bias = channel_tensor(grad_b, *bias_dtype);
 }
 
-// Backward of L2BN; with training=false the statistics are the fixed running ones.
-Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tensor& weight, const Tensor& running_mean,
-                        const Tensor& running_var, bool training, double eps, double l2_eps, bool rescale,
-                        std::optional<at::ScalarType> bias_dtype) {
-  const Tensor x = dense(input);
-  const Tensor dy = like(grad_out, x);
-  const Geometry g = geometry(x);
-  const int64_t N = g.N, C = g.C, M = g.M;
-  Gradients out;
-  out.input = at::empty_like(x);
-  if (small_spatial(g, training)) {
-    std::vector<double> grad_w, grad_b;
-    const std::vector<double> w = to_vector(weight, C, 1.0);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_small_backward", [&] {
-      small_backward<scalar_t>(dy, x, out.input, g, w, running_mean, running_var, training, eps, l2_eps, rescale,
-                               grad_w, grad_b);
-    });
-    parameter_gradients(out, grad_w, grad_b, weight, bias_dtype);
-    return out;
-  }
-  // Per (n, c), in one read of (x, dy): m, q = Σ (x − m)², Σ dy and Σ dy·(x − m).
-  const Moments mo = moments<true>(x, &dy, g);
-  Statistics st = statistics(mo, g, rescale, l2_eps, training);
-  if (!training) {
-    st.mu = to_vector(running_mean, C, 0.0);
-    st.var = to_vector(running_var, C, 1.0);
-  }
-  const std::vector<double> w = to_vector(weight, C, 1.0);
-  const double count = static_cast<double>(N * M);
-  std::vector<double> invstd(C), gain(C), grad_w(C, 0.0), grad_b(C, 0.0), k(C, 0.0), mean_dz(C, 0.0);
-  for (int64_t c = 0; c < C; ++c) {
-    invstd[c] = 1.0 / std::sqrt(st.var[c] + eps);
-    gain[c] = w[c] * invstd[c];
-  }
-  // Σ dy and Σ dy·ẑ per channel, with ẑ = (r_n x − μ)·invstd and r_n·m − μ the (n, c) mean of z − μ.
+// Σ dy and Σ dy·ẑ per channel, with ẑ = (r_n x − μ)·invstd and r_n·m − μ the (n, c) mean of z − μ; every
+// channel summed in n order.
+void channel_gradient_sums(const Moments& mo, const Statistics& st, const std::vector<double>& invstd,
+                           const Geometry& g, std::vector<double>& grad_w, std::vector<double>& grad_b) {
+  const int64_t N = g.N, C = g.C;
+  grad_w.assign(C, 0.0);
+  grad_b.assign(C, 0.0);
   at::parallel_for(0, C, algebra_grain(N), [&](int64_t c0, int64_t c1) {
     for (int64_t n = 0; n < N; ++n) {
       const double r = st.scale[n];
@@ -1514,15 +1506,33 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
     }
     for (int64_t c = c0; c < c1; ++c) grad_w[c] *= invstd[c];
   });
-  // With batch statistics dz = gain·(dy − Σdy/count − ẑ·Σdy·ẑ/count), with fixed ones gain·dy; then the
-  // l2 step dx = r_n (dz − x·T_n / ‖x_n‖²) with T_n = Σ dz·x (nothing where the norm was clamped).
+}
+
+// With batch statistics dz = gain·(dy − Σdy/count − ẑ·Σdy·ẑ/count): k_c = gain·invstd·Σdy·ẑ/count and
+// mean_dz_c = gain·Σdy/count; with fixed ones (count 0) dz = gain·dy, both zero.
+struct BatchTerms {
+  std::vector<double> k, mean_dz;
+};
+
+BatchTerms batch_terms(const std::vector<double>& gain, const std::vector<double>& invstd,
+                       const std::vector<double>& grad_w, const std::vector<double>& grad_b, double count) {
+  const size_t C = gain.size();
+  BatchTerms t{std::vector<double>(C, 0.0), std::vector<double>(C, 0.0)};
+  if (count == 0) return t;
   const double inv_count = 1.0 / count;
-  if (training)
-    for (int64_t c = 0; c < C; ++c) {
-      k[c] = gain[c] * invstd[c] * grad_w[c] * inv_count;
-      mean_dz[c] = gain[c] * grad_b[c] * inv_count;
-    }
-  // dx = dy·r_n gain_c + x·(−r_n² k_c − r_n u_n) + r_n (k_c μ_c − mean_dz_c), u_n = T_n / ‖x_n‖².
+  for (size_t c = 0; c < C; ++c) {
+    t.k[c] = gain[c] * invstd[c] * grad_w[c] * inv_count;
+    t.mean_dz[c] = gain[c] * grad_b[c] * inv_count;
+  }
+  return t;
+}
+
+// The l2 step dx = r_n (dz − x·T_n / ‖x_n‖²) with T_n = Σ dz·x (nothing where the norm was clamped), as one pass:
+// dx = dy·r_n gain_c + x·(−r_n² k_c − r_n u_n) + r_n (k_c μ_c − mean_dz_c), u_n = T_n / ‖x_n‖².
+void input_gradient_pass(const Tensor& dy, const Tensor& x, Tensor& dx, const Moments& mo, const Statistics& st,
+                         const std::vector<double>& gain, const BatchTerms& terms, const Geometry& g, double l2_eps) {
+  const int64_t N = g.N, C = g.C, M = g.M;
+  const std::vector<double>&k = terms.k, &mean_dz = terms.mean_dz;
   Coefficients coef;
   coef.alpha = st.scale;
   coef.sigma = st.scale;
@@ -1553,9 +1563,47 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
   });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_backward", [&] {
     AffinePass<scalar_t, true>{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                               out.input.mutable_data_ptr<scalar_t>(), g, coef, past_the_caches(out.input, 3)}
+                               dx.mutable_data_ptr<scalar_t>(), g, coef, past_the_caches(dx, 3)}
         .all();
   });
+}
+
+// Backward of L2BN; with training=false the statistics are the fixed running ones.
+Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tensor& weight, const Tensor& running_mean,
+                        const Tensor& running_var, bool training, double eps, double l2_eps, bool rescale,
+                        std::optional<at::ScalarType> bias_dtype) {
+  const Tensor x = dense(input);
+  const Tensor dy = like(grad_out, x);
+  const Geometry g = geometry(x);
+  const int64_t N = g.N, C = g.C, M = g.M;
+  Gradients out;
+  out.input = at::empty_like(x);
+  if (small_spatial(g, training)) {
+    std::vector<double> grad_w, grad_b;
+    const std::vector<double> w = to_vector(weight, C, 1.0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_small_backward", [&] {
+      small_backward<scalar_t>(dy, x, out.input, g, w, running_mean, running_var, training, eps, l2_eps, rescale,
+                               grad_w, grad_b);
+    });
+    parameter_gradients(out, grad_w, grad_b, weight, bias_dtype);
+    return out;
+  }
+  // Per (n, c), in one read of (x, dy): m, q = Σ (x − m)², Σ dy and Σ dy·(x − m).
+  const Moments mo = moments<true>(x, &dy, g);
+  Statistics st = statistics(mo, g, rescale, l2_eps, training);
+  if (!training) {
+    st.mu = to_vector(running_mean, C, 0.0);
+    st.var = to_vector(running_var, C, 1.0);
+  }
+  const std::vector<double> w = to_vector(weight, C, 1.0);
+  std::vector<double> invstd(C), gain(C), grad_w, grad_b;
+  for (int64_t c = 0; c < C; ++c) {
+    invstd[c] = 1.0 / std::sqrt(st.var[c] + eps);
+    gain[c] = w[c] * invstd[c];
+  }
+  channel_gradient_sums(mo, st, invstd, g, grad_w, grad_b);
+  const BatchTerms terms = batch_terms(gain, invstd, grad_w, grad_b, training ? static_cast<double>(N * M) : 0.0);
+  input_gradient_pass(dy, x, out.input, mo, st, gain, terms, g, l2_eps);
   parameter_gradients(out, grad_w, grad_b, weight, bias_dtype);
   return out;
 }
@@ -1603,6 +1651,170 @@ Gradients composite_backward(const Tensor& dy_in, const Tensor& x_in, const Tens
   else out.weight = Tensor();
   out.bias = bias_dtype ? out.bias.to(*bias_dtype) : Tensor();
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Synchronized L2BN (kernels/cpp_sync.py): the general path's passes, split where the caller all-reduces the
+// channel sums across ranks — forward: sync_local_sums, [all-reduce], sync_output; backward:
+// sync_gradient_sums, [all-reduce], sync_input_gradient. Statistics and sums are float64 throughout.
+// ---------------------------------------------------------------------------------------------------
+
+Tensor float64_tensor(const std::vector<double>& values) {
+  return channel_tensor(values, at::kDouble);
+}
+
+// This rank's [N·M, Σz per channel, Σz² per channel] of z = r_n x (1 + 2C float64) and r_n (N float64), in one
+// read of x: on the small-spatial path from its shifted sums (Σz = Σ(z − K) + count·K, Σz² = Σ(z − K)² +
+// 2K·Σ(z − K) + count·K²), else from the per-(n, c) moments' pooled statistics (Σz² = count·(σ² + μ²)).
+// Refuses a finite sample whose norm overflows (the caller reruns it rescaled), before any collective.
+std::tuple<Tensor, Tensor> sync_local_sums(const Tensor& input, double l2_eps, bool rescale) {
+  TORCH_CHECK(input.dim() >= 2 && input.size(0) > 0, "sync_local_sums expects (N, C, *) input with N > 0");
+  const Tensor x = dense(input);
+  const Geometry g = geometry(x);
+  const double count = static_cast<double>(g.N * g.M), target = target_norm(g, rescale);
+  std::vector<double> sums(1 + 2 * g.C), scale;
+  sums[0] = count;
+  if (small_spatial(g, true)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_sync_small_sums", [&] {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const std::vector<double> K = first_sample_shift(xp, g, target, l2_eps);
+      SmallSums shifted = small_sums<scalar_t, false>(xp, nullptr, g, K, target, l2_eps);
+      check_no_overflow(x, shifted.squares);
+      for (int64_t c = 0; c < g.C; ++c) {
+        sums[1 + c] = shifted.z[c] + count * K[c];
+        sums[1 + g.C + c] = shifted.zz[c] + 2 * K[c] * shifted.z[c] + count * K[c] * K[c];
+      }
+      scale = std::move(shifted.scale);
+    });
+  } else {
+    Statistics st = statistics(moments<false>(x, nullptr, g), g, rescale, l2_eps, true);
+    check_no_overflow(x, st.norm);
+    for (int64_t c = 0; c < g.C; ++c) {
+      sums[1 + c] = count * st.mu[c];
+      sums[1 + g.C + c] = count * (st.var[c] + st.mu[c] * st.mu[c]);
+    }
+    scale = std::move(st.scale);
+  }
+  return {float64_tensor(sums), float64_tensor(scale)};
+}
+
+// μ_c = Σz / count and σ²_c = Σz² / count − μ_c² (at least 0) from all ranks' sums.
+Statistics synced_statistics(const Tensor& sums, int64_t C) {
+  const Tensor s = sums.contiguous();
+  const double* p = s.const_data_ptr<double>();
+  const double values = std::max(p[0], 1.0);
+  Statistics st;
+  st.mu.resize(C);
+  st.var.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    st.mu[c] = p[1 + c] / values;
+    st.var[c] = std::max(p[1 + C + c] / values - st.mu[c] * st.mu[c], 0.0);
+  }
+  return st;
+}
+
+// The output from all ranks' sums (and this rank's r_n); the running statistics updated with the global count.
+// Returns (y, μ, invstd), the last two (C,) float64.
+std::tuple<Tensor, Tensor, Tensor> sync_output(const Tensor& input, const std::optional<Tensor>& weight,
+                                               const std::optional<Tensor>& bias,
+                                               const std::optional<Tensor>& running_mean,
+                                               const std::optional<Tensor>& running_var, const Tensor& sums,
+                                               const Tensor& scale, double momentum, double eps) {
+  const Tensor x = dense(input);
+  const Geometry g = geometry(x);
+  Statistics st = synced_statistics(sums, g.C);
+  st.scale = to_vector(scale, g.N, 0.0);
+  std::vector<double> gain, shift, invstd(g.C);
+  channel_affine(st, to_vector(weight, g.C, 1.0), to_vector(bias, g.C, 0.0), eps, gain, shift);
+  Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_sync_output", [&] {
+    if (small_spatial(g, true)) {
+      small_output(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g, gain, shift, st.scale, nullptr,
+                   0.0, 0.0);
+    } else {
+      AffinePass<scalar_t, false>{x.const_data_ptr<scalar_t>(), nullptr, y.mutable_data_ptr<scalar_t>(), g,
+                                  output_coefficients(st.scale, gain, shift), past_the_caches(y, 2)}
+          .all();
+    }
+  });
+  update_running_stats(running_mean, running_var, st, sums[0].item<double>(), momentum);
+  for (int64_t c = 0; c < g.C; ++c) invstd[c] = 1.0 / std::sqrt(st.var[c] + eps);
+  return {y, float64_tensor(st.mu), float64_tensor(invstd)};
+}
+
+// The general path's moments in a (4, N, C) workspace (read only).
+Moments workspace_view(const Tensor& workspace, const Geometry& g) {
+  double* p = const_cast<double*>(workspace.const_data_ptr<double>());
+  const int64_t NC = g.N * g.C;
+  return {p, p + NC, p + 2 * NC, p + 3 * NC};
+}
+
+// Backward's statistics: this rank's r_n and ‖x_n‖ from the moments, the global μ (the passes read no σ²: they
+// take invstd as it is).
+Statistics backward_statistics(const Moments& mo, const Geometry& g, const Tensor& mean, double l2_eps, bool rescale) {
+  Statistics st = statistics(mo, g, rescale, l2_eps, false);
+  st.mu = to_vector(mean, g.C, 0.0);
+  return st;
+}
+
+// Backward, first half, in one read of (x, dy): this rank's [Σ dy, Σ dy·ẑ] per channel (2C float64, ẑ with the
+// global μ and invstd) and a workspace for sync_input_gradient — the small-spatial path's ‖x_n‖² and r_n (2N
+// float64; its shifted sums taken about μ, so Σ dy·(z − μ) directly), else the per-(n, c) moments ((4, N, C)).
+std::tuple<Tensor, Tensor> sync_gradient_sums(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+                                              const Tensor& invstd, double l2_eps, bool rescale) {
+  const Tensor x = dense(input), dy = like(grad_out, x);
+  const Geometry g = geometry(x);
+  const std::vector<double> inv = to_vector(invstd, g.C, 1.0);
+  std::vector<double> grad_w(g.C), grad_b(g.C);
+  Tensor workspace;
+  if (small_spatial(g, true)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_sync_small_grad", [&] {
+      SmallSums s = small_sums<scalar_t, true>(x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), g,
+                                               to_vector(mean, g.C, 0.0), target_norm(g, rescale), l2_eps);
+      for (int64_t c = 0; c < g.C; ++c) {
+        grad_b[c] = s.g[c];
+        grad_w[c] = inv[c] * s.gz[c];
+      }
+      s.squares.insert(s.squares.end(), s.scale.begin(), s.scale.end());
+      workspace = float64_tensor(s.squares);
+    });
+  } else {
+    workspace = at::empty({4, g.N, g.C}, at::TensorOptions().dtype(at::kDouble));
+    const Moments mo = moments<true>(x, &dy, g, workspace.mutable_data_ptr<double>());
+    channel_gradient_sums(mo, backward_statistics(mo, g, mean, l2_eps, rescale), inv, g, grad_w, grad_b);
+  }
+  grad_b.insert(grad_b.end(), grad_w.begin(), grad_w.end());
+  return {float64_tensor(grad_b), workspace};
+}
+
+// Backward, second half: dx from sync_gradient_sums' workspace, all ranks' [Σ dy, Σ dy·ẑ] and the global count.
+Tensor sync_input_gradient(const Tensor& grad_out, const Tensor& input, const std::optional<Tensor>& weight,
+                           const Tensor& workspace, const Tensor& mean, const Tensor& invstd, const Tensor& sums,
+                           double count, double l2_eps, bool rescale) {
+  const Tensor x = dense(input), dy = like(grad_out, x);
+  const Geometry g = geometry(x);
+  const std::vector<double> w = to_vector(weight, g.C, 1.0), inv = to_vector(invstd, g.C, 1.0);
+  const std::vector<double> mu = to_vector(mean, g.C, 0.0), total = to_vector(sums, 2 * g.C, 0.0);
+  const std::vector<double> grad_b(total.begin(), total.begin() + g.C), grad_w(total.begin() + g.C, total.end());
+  Tensor dx = at::empty_like(x);
+  if (small_spatial(g, true)) {
+    const std::vector<double> saved = to_vector(workspace, 2 * g.N, 0.0);
+    SmallSums s;
+    s.squares.assign(saved.begin(), saved.begin() + g.N);
+    s.scale.assign(saved.begin() + g.N, saved.end());
+    const SmallTerms t = small_gradient_terms(w, inv, mu, grad_w, grad_b, count);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_sync_small_dx", [&] {
+      small_input_grad(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
+                       g, t.A, t.B, t.E, s, l2_eps);
+    });
+    return dx;
+  }
+  const Moments mo = workspace_view(workspace, g);
+  const Statistics st = backward_statistics(mo, g, mean, l2_eps, rescale);
+  std::vector<double> gain(g.C);
+  for (int64_t c = 0; c < g.C; ++c) gain[c] = w[c] * inv[c];
+  input_gradient_pass(dy, x, dx, mo, st, gain, batch_terms(gain, inv, grad_w, grad_b, count), g, l2_eps);
+  return dx;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1693,4 +1905,17 @@ TORCH_LIBRARY(l2bn_cpu, m) {
       "bool training, float momentum, float eps, float l2_eps, bool rescale) -> Tensor",
       &l2_batch_norm_cpu);
   m.def("convert(Tensor input, ScalarType dtype) -> Tensor", &convert);
+  m.def("sync_local_sums(Tensor input, float l2_eps, bool rescale) -> (Tensor, Tensor)", &sync_local_sums);
+  m.def(
+      "sync_output(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor sums, Tensor scale, float momentum, float eps) -> (Tensor, Tensor, Tensor)",
+      &sync_output);
+  m.def(
+      "sync_gradient_sums(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, float l2_eps, bool rescale) "
+      "-> (Tensor, Tensor)",
+      &sync_gradient_sums);
+  m.def(
+      "sync_input_gradient(Tensor grad_out, Tensor input, Tensor? weight, Tensor workspace, Tensor mean, "
+      "Tensor invstd, Tensor sums, float count, float l2_eps, bool rescale) -> Tensor",
+      &sync_input_gradient);
 }
