@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from l2bn.kernels import cpp
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -200,20 +202,25 @@ def test_amp_parity_pairs_seeds_and_recomputes_the_paired_t_test(tmp_path):
 
 
 def test_sync_benchmark_prints_each_paths_ratio_for_every_shape():
-    """On the CPU: BatchNorm, L2BN and the synchronized op's torch-op path over a gloo group of one rank (torch's
-    SyncBatchNorm and the Triton kernels need CUDA), 1-d, 2-d and 4-d inputs."""
+    """On the CPU: BatchNorm, L2BN and the synchronized op's torch-op and compiled-kernel paths over a gloo group of
+    one rank (torch's SyncBatchNorm and the Triton kernels need CUDA), 1-d, 2-d and 4-d inputs."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_sync.py"), "--device", "cpu",
                              "--shapes", "4x3x4x4,6x5,4x3x7", "--repeats", "2"], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| shape | BN ms | L2BN ms | SyncL2BN (torch ops) ms | ratios to BN | to SyncBN |" in result.stdout
-    rows = re.findall(r"^\| (\S+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| L2BN ([\d.]+), SyncL2BN \(torch ops\) ([\d.]+) \| — \|$",
-                      result.stdout, flags=re.M)
+    names = ["L2BN", "SyncL2BN (torch ops)"] + (["SyncL2BN (cpp)"] if cpp.available() else [])
+    header = "| shape | BN ms | " + " | ".join(f"{name} ms" for name in names) + " | ratios to BN | to SyncBN |"
+    assert header in result.stdout, result.stdout
+    times = r" \| ".join([r"([\d.]+)"] * (len(names) + 1))
+    ratios = ", ".join(re.escape(name) + r" ([\d.]+)" for name in names)
+    rows = re.findall(rf"^\| (\S+) \| {times} \| {ratios} \| — \|$", result.stdout, flags=re.M)
     assert [r[0] for r in rows] == ["4x3x4x4", "6x5", "4x3x7"], result.stdout
-    for _, bn, l2bn, synced, l2bn_ratio, synced_ratio in rows:
-        assert math.isclose(float(l2bn_ratio), float(l2bn) / float(bn), rel_tol=0.02, abs_tol=0.01)
-        assert math.isclose(float(synced_ratio), float(synced) / float(bn), rel_tol=0.02, abs_tol=0.01)
+    for row in rows:
+        values = [float(v) for v in row[1:]]
+        bn, others, printed = values[0], values[1 : len(names) + 1], values[len(names) + 1 :]
+        for ms, ratio in zip(others, printed):
+            assert math.isclose(ratio, ms / bn, rel_tol=0.02, abs_tol=0.01)
 
 
 def test_gpu_check_fits_one_ten_minute_device_call():

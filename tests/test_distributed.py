@@ -402,6 +402,55 @@ def test_without_process_group_equals_l2bn(cls, shape):
     torch.testing.assert_close(sync(x), ref(x), rtol=0, atol=0)
 
 
+@pytest.fixture
+def one_rank_group():
+    """The default process group, of this process alone (gloo), torn down afterwards."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("impl", ["cpp", "fused"])
+@pytest.mark.parametrize(
+    "shape, dtype, channels_last",
+    [((6, 8, 2, 2), DT, True), ((6, 8, 5, 5), DT, True), ((5, 3, 4, 4), DT, False), ((4, 3, 2, 3, 2), DT, False),
+     ((8, 5), torch.float32, False), ((6, 4, 2, 2), torch.bfloat16, True), ((4, 3, 5, 5), torch.bfloat16, False)],
+    ids=str,
+)
+def test_synced_paths_over_one_rank_equal_the_float64_composition(one_rank_group, impl, shape, dtype, channels_last):
+    """The compiled kernel's synchronized operators (small-spatial and general passes, NCHW and channels-last,
+    16-bit input with float32 parameters) and the torch ops, against F.normalize·sqrt(D) then F.batch_norm in
+    float64: output, input and parameter gradients, running statistics; the output keeps x's memory format."""
+    if impl == "cpp" and not l2bn.kernels.cpp.available():
+        pytest.skip(f"no compiled CPU kernel here: {l2bn.kernels.cpp.build_error()}")
+    g = torch.Generator().manual_seed(len(shape) * 100 + shape[1])
+    c = shape[1]
+    x64 = torch.randn(shape, generator=g, dtype=DT) * torch.logspace(-1, 1, shape[0], dtype=DT).view(-1, *[1] * (len(shape) - 1))
+    dy64 = torch.randn(shape, generator=g, dtype=DT)
+    w64, b64 = 1 + 0.5 * torch.randn(c, generator=g, dtype=DT), 0.5 * torch.randn(c, generator=g, dtype=DT)
+    param = DT if dtype == DT else torch.float32
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x64.to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    w, b = w64.to(param).requires_grad_(), b64.to(param).requires_grad_()
+    rm, rv = torch.zeros(c, dtype=param), torch.ones(c, dtype=param)
+    y = l2bn.distributed.sync_l2_batch_norm(x, rm, rv, w, b, 0.1, 1e-5, one_rank_group, impl=impl)
+    y.backward(dy64.to(dtype))
+    assert y.dtype == dtype and (not channels_last or y.is_contiguous(memory_format=fmt))
+
+    xr, wr, br = (t.detach().to(DT).requires_grad_() for t in (x, w, b))  # the rounded inputs, in float64
+    rm_ref, rv_ref = torch.zeros(c, dtype=DT), torch.ones(c, dtype=DT)
+    d = math.prod(shape[1:])
+    ref = F.batch_norm(F.normalize(xr.flatten(1), dim=1).view_as(xr) * math.sqrt(d), rm_ref, rv_ref, wr, br, True,
+                       0.1, 1e-5)
+    ref.backward(dy64.to(dtype).to(DT))
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == DT else dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 \
+        else dict(rtol=1e-4, atol=1e-4)
+    for got, want in [(y, ref), (x.grad, xr.grad), (w.grad, wr.grad), (b.grad, br.grad), (rm, rm_ref), (rv, rv_ref)]:
+        torch.testing.assert_close(got.detach().to(DT), want.detach(), **tol)
+
+
 def test_sync_layer_accepts_any_rank_and_rejects_1d():
     layer = SyncL2BatchNorm(2)
     for shape in [(4, 2), (4, 2, 3), (4, 2, 3, 3), (4, 2, 1, 2, 3), (4, 2, 1, 2, 1, 2)]:
