@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                            world_size=1, **({"device_id": device} if device.type == "cuda" else {}))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         print(environment_line(device) + f"; {args.dtype}; one rank; minima of {args.repeats} interleaved calls")
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
