@@ -68,10 +68,11 @@ class CppSyncL2BatchNorm(torch.autograd.Function):
             local = torch.zeros(2 * num_channels, dtype=torch.float64)
         total = local.clone()
         dist.all_reduce(total, group=ctx.process_group)
-        dx = torch.empty_like(x)
         if n:
             dx = _ops().sync_input_gradient(dy, x, weight, workspace, mean, invstd, total, ctx.count, ctx.l2_eps,
                                             ctx.rescale)
+        else:
+            dx = torch.empty_like(x)
         # like nn.SyncBatchNorm: parameter gradients stay local; DDP averages them with all the others
         param_dtype = weight.dtype if weight is not None else accumulation_dtype(x.dtype)
         grad_bias, grad_weight = local.to(param_dtype).chunk(2)
