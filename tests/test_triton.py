@@ -139,7 +139,7 @@ def test_float32_equals_reference(tk, shape, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_several_chunks_per_row(tk, tiny_tiles, training):
     """Rows longer than a tile: chunk means merged pairwise, partial chunks masked, partial channel blocks."""
-    assert tk._tile(torch.empty(3, 5, 30), tk._REDUCE_TILE) == (1, 4)
+    assert tk._tile(tk._as_rows(torch.empty(3, 5, 30)), tk._REDUCE_TILE) == (1, 4)
     x = torch.randn(3, 5, 3, 5, dtype=F64, generator=torch.Generator().manual_seed(1)) + 2  # 15 = 4 + 4 + 4 + 3
     mean, sumsq = tk.sample_channel_moments_triton(dev(x.float()))
     want_mean, want_sumsq = moments_f64(x.float())

@@ -61,12 +61,18 @@ def _rows(x: Tensor) -> Tensor:
     return x.unsqueeze(-1) if x.dim() == 2 else x.flatten(2)
 
 
-def _rows_view(t: Tensor | None) -> Tensor | None:
-    """``_rows(t)`` when that is a view of t (so writes land in t), else None."""
-    if t is None:
-        return None
+def spatial_stride(t: Tensor) -> int | None:
+    """The stride of t's positions when its spatial dims flatten to one (1 where there is one position), else
+    None: the M-axis stride of the (N, C, M) view ``_rows(t)``, found without making it."""
     dims = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:]) if size != 1]
     if any(outer[1] != inner[0] * inner[1] for outer, inner in zip(dims, dims[1:])):
+        return None
+    return dims[-1][1] if dims else 1
+
+
+def _rows_view(t: Tensor | None) -> Tensor | None:
+    """``_rows(t)`` when that is a view of t (so writes land in t), else None."""
+    if t is None or spatial_stride(t) is None:
         return None
     return _rows(t)
 

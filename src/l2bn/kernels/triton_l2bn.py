@@ -34,13 +34,14 @@ Triton's interpreter (``INTERPRETED``); that is how the tests exercise them on m
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .fused import _rows, _rows_view, accumulation_dtype
+from .fused import accumulation_dtype, spatial_stride
 
 try:
     import triton
@@ -576,25 +577,42 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def _tile(rows: Tensor, elements: int) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_M) for rows of shape (N, C, M): long along the unit-stride axis, ``elements`` in all."""
-    _, num_channels, spatial = rows.shape
-    if spatial > 1 and rows.stride(1) == 1 and rows.stride(2) != 1:  # channels_last: C is contiguous
-        block_c = min(_next_pow2(num_channels), _MAX_BLOCK_C_CHANNELS_LAST)
-        block_m = min(_next_pow2(spatial), max(1, elements // block_c))
-    else:
-        block_m = min(_next_pow2(spatial), _MAX_BLOCK_M)
-        block_c = min(_next_pow2(num_channels), max(1, elements // block_m))
-    return block_c, block_m
+class _Rows(NamedTuple):
+    """A tensor read as rows (N, C, M) through its own strides: the kernels take ``t`` and ``strides`` (no view
+    op a call: each would cost a dispatch of host time)."""
+
+    t: Tensor
+    n: int
+    c: int
+    m: int
+    strides: tuple[int, int, int]
 
 
-def _row_strides(t: Tensor) -> tuple[Tensor, Tensor]:
-    """(t or a dense copy of it, its (N, C, M) view), the view sharing t's storage so kernels can write it."""
-    rows = _rows_view(t)
-    if rows is None:
+def _as_rows(t: Tensor, *, writable: bool = False) -> _Rows:
+    """``t`` as rows, or a dense copy of it where its spatial dims do not flatten to one stride (``writable``:
+    refused instead, since writes must land in ``t``)."""
+    stride_m = spatial_stride(t)
+    if stride_m is None:
+        if writable:
+            raise ValueError(
+                f"out must flatten to an (N, C, M) view; got strides {t.stride()} for shape {tuple(t.shape)}"
+            )
         t = t.contiguous()
-        rows = _rows(t)
-    return t, rows
+        stride_m = spatial_stride(t)
+    shape = t.shape
+    return _Rows(t, shape[0], shape[1], math.prod(shape[2:]), (t.stride(0), t.stride(1), stride_m))
+
+
+def _tile(rows: _Rows, elements: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_M) for rows (N, C, M): long along the unit-stride axis, ``elements`` in all."""
+    _, stride_c, stride_m = rows.strides
+    if rows.m > 1 and stride_c == 1 and stride_m != 1:  # channels_last: C is contiguous
+        block_c = min(_next_pow2(rows.c), _MAX_BLOCK_C_CHANNELS_LAST)
+        block_m = min(_next_pow2(rows.m), max(1, elements // block_c))
+    else:
+        block_m = min(_next_pow2(rows.m), _MAX_BLOCK_M)
+        block_c = min(_next_pow2(rows.c), max(1, elements // block_m))
+    return block_c, block_m
 
 
 @contextlib.contextmanager
@@ -612,29 +630,26 @@ def _scaled(x: Tensor) -> bool:
     return x.dtype != torch.float64
 
 
-def _moments(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-    n, num_channels, spatial = rows.shape
-    mean = torch.empty(n, num_channels, dtype=torch.float64, device=x.device)
+def _moments(rows: _Rows) -> tuple[Tensor, Tensor]:
+    x = rows.t
+    mean = torch.empty(rows.n, rows.c, dtype=torch.float64, device=x.device)
     sumsq = torch.empty_like(mean)
     block_c, block_m = _tile(rows, _REDUCE_TILE)
-    _moments_kernel[(n, triton.cdiv(num_channels, block_c))](
-        rows, mean, sumsq, num_channels, spatial, *rows.stride(),
-        SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
+    _moments_kernel[(rows.n, triton.cdiv(rows.c, block_c))](
+        x, mean, sumsq, rows.c, rows.m, *rows.strides, SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
     )
     return mean, sumsq
 
 
 def sample_channel_moments_triton(x: Tensor) -> tuple[Tensor, Tensor]:
     """(m, q): per-(n, c) mean and Σ_S (x − m)² of an (N, C, *S) tensor, (N, C) float64 each, one read of x."""
-    x, rows = _row_strides(x)
     with _on_device(x):
-        return _moments(x, rows)
+        return _moments(_as_rows(x))
 
 
 def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor | None) -> tuple[Tensor, ...]:
-    dy, dy_rows = _row_strides(dy)
-    x, x_rows = _row_strides(x)
-    n, num_channels, spatial = x_rows.shape
+    dy_rows, x_rows = _as_rows(dy), _as_rows(x)
+    n, num_channels = x_rows.n, x_rows.c
     with_moments = centre is None
     stats = dict(dtype=torch.float64, device=x.device)
     centre = torch.empty(n, num_channels, **stats) if with_moments else centre.to(torch.float64).contiguous()
@@ -642,8 +657,8 @@ def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor | None) -> tuple[Tensor
     mean, sumsq = (torch.empty_like(centre), torch.empty_like(centre)) if with_moments else (centre, centre)
     block_c, block_m = _tile(x_rows, _REDUCE_TILE)  # the forward's tiles: the same moments, bit for bit
     _gradient_sums_kernel[(n, triton.cdiv(num_channels, block_c))](
-        dy_rows, x_rows, centre, dy_sum, dy_xc, mean, sumsq, num_channels, spatial,
-        *dy_rows.stride(), *x_rows.stride(),
+        dy_rows.t, x_rows.t, centre, dy_sum, dy_xc, mean, sumsq, num_channels, x_rows.m,
+        *dy_rows.strides, *x_rows.strides,
         WITH_MOMENTS=with_moments, SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
     )
     return (mean, sumsq, dy_sum, dy_xc) if with_moments else (dy_sum, dy_xc)
@@ -666,29 +681,23 @@ def _affine(
     out: Tensor, u: Tensor, p: Tensor, r: Tensor, v: Tensor | None, q: Tensor | None, v_factor: Tensor | None,
     p_factor: Tensor | None = None,
 ) -> Tensor:
-    out_rows = _rows_view(out)
-    if out_rows is None:
-        raise ValueError(
-            f"out must flatten to an (N, C, M) view; got strides {out.stride()} for shape {tuple(out.shape)}"
-        )
-    u, u_rows = _row_strides(u)
-    n, num_channels, spatial = out_rows.shape
+    out_rows, u_rows = _as_rows(out, writable=True), _as_rows(u)
+    n, num_channels = out_rows.n, out_rows.c
     p = p.contiguous()
     r = r.contiguous() if r.dim() == 2 else r.reshape(num_channels).contiguous()
     has_v = v is not None
     if has_v:
-        v, v_rows = _row_strides(v)
+        v_rows = _as_rows(v)
         q = q.contiguous()
     else:
         v_rows, q = u_rows, p
     has_vf = v_factor is not None
     v_factor = v_factor.to(r.dtype).contiguous() if has_vf else r
     block_c, block_m = _tile(out_rows, _ELEMENTWISE_TILE)
-    num_m_blocks = triton.cdiv(spatial, block_m)
+    num_m_blocks = triton.cdiv(out_rows.m, block_m)
     _affine_kernel[(n * num_m_blocks, triton.cdiv(num_channels, block_c))](
-        out_rows, u_rows, v_rows, p, p if p_factor is None else p_factor, q, r, v_factor, num_channels, spatial,
-        num_m_blocks, num_channels if r.dim() == 2 else 0,
-        *out_rows.stride(), *u_rows.stride(), *v_rows.stride(),
+        out, u_rows.t, v_rows.t, p, p if p_factor is None else p_factor, q, r, v_factor, num_channels, out_rows.m,
+        num_m_blocks, num_channels if r.dim() == 2 else 0, *out_rows.strides, *u_rows.strides, *v_rows.strides,
         P_FACTORED=p_factor is not None, HAS_V=has_v, HAS_VF=has_vf, BLOCK_C=block_c, BLOCK_M=block_m,
     )
     return out
@@ -859,10 +868,10 @@ class TritonL2BatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, rescale, l2_eps):
         acc = accumulation_dtype(x.dtype)
-        x, rows = _row_strides(x)  # a dense copy only if the spatial dims do not flatten to a view
-        spatial = rows.shape[2]
+        rows = _as_rows(x)  # a dense copy only if the spatial dims do not flatten to one stride
+        x, spatial = rows.t, rows.m
         with _on_device(x):
-            mean, sumsq = _moments(x, rows)  # one read of x; the norms follow in eval too (float64)
+            mean, sumsq = _moments(rows)  # one read of x; the norms follow in eval too (float64)
             scale, norm = _sample_scales(mean, sumsq, spatial, rescale, l2_eps)
             gain, shift, mu, invstd = _forward_coefficients(mean, sumsq, scale, weight, bias, running_mean,
                                                             running_var, training, momentum, eps, spatial, acc)

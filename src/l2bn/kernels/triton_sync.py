@@ -22,6 +22,7 @@ from .algebra import check_synced_count
 from .fused import accumulation_dtype
 from .triton_l2bn import (
     _affine,
+    _as_rows,
     _backward_channel_sums,
     _check_triton_input,
     _forward_coefficients,
@@ -30,7 +31,6 @@ from .triton_l2bn import (
     _local_channel_sums,
     _moments,
     _on_device,
-    _row_strides,
     _sample_scales,
     _synced_gradient_coefficients,
 )
@@ -43,10 +43,10 @@ class TritonSyncL2BatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, process_group, rescale, l2_eps):
-        x, rows = _row_strides(x)
-        spatial = rows.shape[2]
+        rows = _as_rows(x)
+        x, spatial = rows.t, rows.m
         with _on_device(x):
-            mean, sumsq = _moments(x, rows)  # an empty rank launches empty grids and contributes zeros
+            mean, sumsq = _moments(rows)  # an empty rank launches empty grids and contributes zeros
             scale, norm = _sample_scales(mean, sumsq, spatial, rescale, l2_eps)
             sums = _local_channel_sums(mean, sumsq, scale, spatial)
             dist.all_reduce(sums, group=process_group)
