@@ -7,9 +7,13 @@ x̂ need reducing. From the per-(n, c) moments of :mod:`l2bn.kernels.fused` ever
 those 2C + 1 numbers gives the global mean and variance. The one subtraction, E[x̂²] − E[x̂]², happens in
 float64 and loses log10(1 + μ²/σ²) of its ~16 digits (still ~10 digits for a channel with μ/σ = 1000).
 An all-reduce keeps the traffic O(C) at any world size, where an all-gather would be O(C × ranks).
-Backward needs the global Σdy and Σdy·ẑ per channel: one more ``all_reduce``. Works on every backend
+Backward needs the global Σdy and Σdy·ẑ per channel: one more ``all_reduce`` (float64). Works on every backend
 (gloo on CPU, nccl on GPU), unlike ``torch.nn.SyncBatchNorm`` which is CUDA-only, and with different (even
 empty) local batches.
+
+This module holds the contract, the path switch and the torch-op path; the compiled CPU kernel
+(:mod:`l2bn.kernels.cpp_sync`) and the Triton kernels (:mod:`l2bn.kernels.triton_sync`) run the same
+reductions in their own passes, sending the same sums.
 
 References: Chan, Golub & LeVeque, "Updating formulae and a pairwise algorithm for computing sample
 variances" (1979), for the local pooling; torch's ``nn.SyncBatchNorm`` for the contract (local weight/bias
