@@ -2,7 +2,8 @@
 # The one GPU check of docs/performance.md, for a session lent a CUDA machine (≤ 10 minutes on one H100/H200):
 # the CUDA and Triton tests on the real device, then the layer benchmarks (fp32 and bf16, ResNet-50 shapes,
 # training and eval, achieved bandwidth, whole calls and replayed CUDA graphs for the device's time alone),
-# then synchronized L2BN against torch's SyncBatchNorm (one nccl rank), then the shape census (every norm
+# then synchronized L2BN against torch's SyncBatchNorm (one nccl rank) and the host time of a call (the
+# Triton launcher's share), then the shape census (every norm
 # layer's input shape of the zoo with achieved bandwidth: fp32 whole calls and SGD steps, fp32 and bf16 CUDA
 # graphs; issue 23's goal 4). Each step has its own time limit (together under 10 minutes) and a failure does
 # not stop the next; rows are printed as they are timed, so a step cut by its limit still logs what it measured. Everything goes to $OUT/gpu_check.log (or
@@ -31,7 +32,7 @@ step() {  # step SECONDS TITLE COMMAND...
 step 20 "device" nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
 step 30 "versions" "$py" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 if wants tests; then  # every failure listed (no -x): one run on a lent machine has to show them all
-  step 140 "CUDA and Triton tests" "$py" -m pytest -v -p no:cacheprovider --maxfail=25 tests/test_triton.py \
+  step 130 "CUDA and Triton tests" "$py" -m pytest -v -p no:cacheprovider --maxfail=25 tests/test_triton.py \
     tests/test_compat.py -k "triton or cuda or huge" tests/test_metrics.py tests/test_norms_ubn.py
 fi
 if wants bench; then  # whole calls (host and device), then the device's time alone (each call a CUDA graph)
@@ -44,11 +45,13 @@ if wants bench; then  # whole calls (host and device), then the device's time al
   done
   # SyncL2BatchNorm's call (torch ops, Triton kernels) against torch's SyncBatchNorm, one nccl rank
   step 30 "synchronized layers, fp32" "$py" benchmarks/bench_sync.py --device cuda --dtype fp32
+  # host time a training call: BN, L2BN, L2BN with its Triton launches stubbed out (the launcher's share)
+  step 20 "host time a call" "$py" benchmarks/bench_host.py --device cuda
 fi
 if wants census; then
   step 90 "shape census fp32, and whole SGD steps" "$py" benchmarks/bench_census.py --device cuda --dtype fp32 --steps
   for dtype in fp32 bf16; do
-    step 80 "shape census $dtype, CUDA graphs" "$py" benchmarks/bench_census.py --device cuda --dtype "$dtype" \
+    step 75 "shape census $dtype, CUDA graphs" "$py" benchmarks/bench_census.py --device cuda --dtype "$dtype" \
       --cuda-graphs
   done
 fi
