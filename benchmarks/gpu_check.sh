@@ -2,11 +2,11 @@
 # The one GPU check of docs/performance.md, for a session lent a CUDA machine (≤ 10 minutes on one H100/H200):
 # the CUDA and Triton tests on the real device, then the layer benchmarks (fp32 and bf16, ResNet-50 shapes,
 # training and eval, achieved bandwidth, whole calls and replayed CUDA graphs for the device's time alone),
-# then synchronized L2BN against torch's SyncBatchNorm (one nccl rank) and the host time of a call (the
-# Triton launcher's share), then the shape census (every norm
-# layer's input shape of the zoo with achieved bandwidth: fp32 whole calls and SGD steps, fp32 and bf16 CUDA
-# graphs; issue 23's goal 4). Each step has its own time limit (together under 10 minutes) and a failure does
-# not stop the next; rows are printed as they are timed, so a step cut by its limit still logs what it measured. Everything goes to $OUT/gpu_check.log (or
+# then synchronized L2BN against torch's SyncBatchNorm (one nccl rank) and the host time of a call (the Triton
+# launcher's share), then the shape census (every norm layer's input shape of the zoo with achieved bandwidth:
+# fp32 whole calls and SGD steps, fp32 and bf16 CUDA graphs; issue 23's goal 4). Each step has its own time
+# limit (together under 10 minutes) and a failure does not stop the next; rows are printed as they are timed,
+# so a step cut by its limit still logs what it measured. Everything goes to $OUT/gpu_check.log (or
 # ./gpu_check.log).
 #
 #     bash benchmarks/gpu_check.sh                 # from the repository root, with a CUDA torch and triton installed
