@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -287,9 +288,16 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text()):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        # CPython drops a SIGINT that lands while a weakref callback runs (an import lock's, printing "Exception
+        # ignored in ..."), and training goes on, as after a lost first Ctrl-C at a terminal: press it again
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert f"continue with the same command plus --resume --out {out}" in err and "Traceback" not in err
+    dropped = re.compile(r"Exception ignored in: [^\n]*\nTraceback \(most recent call last\):\n.*?\nKeyboardInterrupt: ?\n", re.S)
+    assert f"continue with the same command plus --resume --out {out}" in err and "Traceback" not in dropped.sub("", err)
     assert main(["train", "--epochs", "40", "--out", str(out), "--resume", "--stop-after", "2", *FAST]) == 0
 
 
