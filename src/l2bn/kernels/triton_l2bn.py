@@ -651,10 +651,14 @@ def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor | None) -> tuple[Tensor
     dy_rows, x_rows = _as_rows(dy), _as_rows(x)
     n, num_channels = x_rows.n, x_rows.c
     with_moments = centre is None
-    stats = dict(dtype=torch.float64, device=x.device)
-    centre = torch.empty(n, num_channels, **stats) if with_moments else centre.to(torch.float64).contiguous()
-    dy_sum, dy_xc = torch.empty_like(centre), torch.empty_like(centre)
-    mean, sumsq = (torch.empty_like(centre), torch.empty_like(centre)) if with_moments else (centre, centre)
+    dy_sum = torch.empty(n, num_channels, dtype=torch.float64, device=x.device)
+    dy_xc = torch.empty_like(dy_sum)
+    if with_moments:  # the kernel writes the mean (the centre) and q; it reads no centre
+        mean, sumsq = torch.empty_like(dy_sum), torch.empty_like(dy_sum)
+        centre = mean
+    else:
+        centre = centre.to(torch.float64).contiguous()
+        mean = sumsq = centre  # not written
     block_c, block_m = _tile(x_rows, _REDUCE_TILE)  # the forward's tiles: the same moments, bit for bit
     _gradient_sums_kernel[(n, triton.cdiv(num_channels, block_c))](
         dy_rows.t, x_rows.t, centre, dy_sum, dy_xc, mean, sumsq, num_channels, x_rows.m,
