@@ -268,11 +268,13 @@ def test_no_torch_kernel_between_the_triton_launches(tk, monkeypatch, calls, tra
     x, w, b, rm, rv, dy = layer_call_tensors()
     with calls():
         y = tk.l2_batch_norm_triton(x, rm, rv, w, b, training, 0.1, 1e-5)
-        forward = len(calls.launches)
+        forward, forward_ops = len(calls.launches), list(calls.ops)
         y.backward(dy)
     extra = int(split and training)
     assert (forward, len(calls.launches)) == (4 + extra, 8 + extra + int(split)), calls.launches
     assert set(calls.ops) <= ALLOCATIONS_AND_VIEWS, sorted(set(calls.ops) - ALLOCATIONS_AND_VIEWS)
+    # host time: the forward allocates its 9 outputs and statistics (10 with split partials) and views nothing
+    assert set(forward_ops) <= {"empty", "empty_like"} and len(forward_ops) == 9 + extra, forward_ops
 
 
 @pytest.fixture

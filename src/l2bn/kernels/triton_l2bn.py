@@ -65,6 +65,8 @@ def _interpret_requested() -> bool:
 # Triton fixes compiled vs interpreted when it decorates a kernel, i.e. when this module is imported.
 INTERPRETED = TRITON_AVAILABLE and _interpret_requested()
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# accumulation_dtype of each, looked up without a dispatch (torch.promote_types is an op: a dispatch a call)
+_ACCUMULATION = {dtype: accumulation_dtype(dtype) for dtype in SUPPORTED_DTYPES}
 
 # Elements per program tile: reductions keep two accumulators per element, so they use smaller tiles.
 _REDUCE_TILE = 2048
@@ -688,7 +690,7 @@ def _affine(
     out_rows, u_rows = _as_rows(out, writable=True), _as_rows(u)
     n, num_channels = out_rows.n, out_rows.c
     p = p.contiguous()
-    r = r.contiguous() if r.dim() == 2 else r.reshape(num_channels).contiguous()
+    r = r.contiguous() if r.dim() in (1, 2) else r.reshape(num_channels).contiguous()
     has_v = v is not None
     if has_v:
         v_rows = _as_rows(v)
@@ -853,14 +855,14 @@ def _input_gradient(
     """dx from the per-(n, c) sums and the per-channel terms: ``input_gradient``'s per-sample rest in one launch,
     then one pass over (dy, x)."""
     n, num_channels = dy_sum.shape
-    acc = accumulation_dtype(x.dtype)
+    acc = _ACCUMULATION[x.dtype]
     dy_coef, x_coef, shift = (torch.empty(n, num_channels, dtype=acc, device=x.device) for _ in range(3))
     # 1 but for huge samples, whose x·factor has norm in [0.5, 1): the x-term (x·factor)·(Q/factor) stays in
     # float32's range where Q (~1/‖x_n‖²) itself would underflow
     factor = torch.empty(n, dtype=acc, device=x.device)
     _backward_sample_coefficients_kernel[(n,)](
         dy_sum, dy_xc, mean, sumsq, scale, norm, mu, gain, k, bias_term, dy_coef, x_coef, shift, factor,
-        num_channels, x[0, 0].numel() if n else 1, l2_eps,
+        num_channels, math.prod(x.shape[2:]), l2_eps,
         TRAINING=training, BLOCK_C=min(_next_pow2(num_channels), _ALGEBRA_ROW_BLOCK),
     )
     return _affine(torch.empty_like(x), dy, dy_coef, shift, x, x_coef, factor)
@@ -871,7 +873,7 @@ class TritonL2BatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, rescale, l2_eps):
-        acc = accumulation_dtype(x.dtype)
+        acc = _ACCUMULATION[x.dtype]
         rows = _as_rows(x)  # a dense copy only if the spatial dims do not flatten to one stride
         x, spatial = rows.t, rows.m
         with _on_device(x):
@@ -889,12 +891,12 @@ class TritonL2BatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, scale, norm, mu, invstd = ctx.saved_tensors
-        spatial = x[0, 0].numel()
+        spatial = math.prod(x.shape[2:])
         with _on_device(x):
             mean, sumsq, dy_sum, dy_xc = _gradient_sums(dy, x, None)  # Σ dy, Σ dy·(x − m)
             grad_weight, grad_bias, gain, k, bias_term = _backward_channel_sums(
                 dy_sum, dy_xc, mean, scale, mu, invstd, weight, ctx.training, spatial,
-                weight.dtype if weight is not None else accumulation_dtype(x.dtype),
+                weight.dtype if weight is not None else _ACCUMULATION[x.dtype],
             )
             dx = _input_gradient(dy, x, dy_sum, dy_xc, mean, sumsq, scale, norm, mu, gain, k, bias_term,
                                  ctx.training, ctx.l2_eps)

@@ -14,13 +14,15 @@ ops round μ and σ² to the accumulation dtype first), as :mod:`l2bn.kernels.tr
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .algebra import check_synced_count
-from .fused import accumulation_dtype
 from .triton_l2bn import (
+    _ACCUMULATION,
     _affine,
     _as_rows,
     _backward_channel_sums,
@@ -54,7 +56,7 @@ class TritonSyncL2BatchNorm(torch.autograd.Function):
             check_synced_count(count, x)
             gain, shift, mu, invstd = _forward_coefficients(
                 mean, sumsq, scale, weight, bias, running_mean, running_var, True, momentum, eps, spatial,
-                accumulation_dtype(x.dtype), sums=sums,
+                _ACCUMULATION[x.dtype], sums=sums,
             )
             y = _affine(torch.empty_like(x), x, gain, shift, None, None, None, p_factor=scale)
         ctx.save_for_backward(x, weight, scale, norm, mu, invstd, count)
@@ -64,14 +66,14 @@ class TritonSyncL2BatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, scale, norm, mu, invstd, count = ctx.saved_tensors
-        spatial = x[0, 0].numel() if x.shape[0] else 1
+        spatial = math.prod(x.shape[2:])
         with _on_device(x):
             mean, sumsq, dy_sum, dy_xc = _gradient_sums(dy, x, None)
             sums = torch.empty(2, x.shape[1], dtype=torch.float64, device=x.device)
             # like nn.SyncBatchNorm: parameter gradients stay local; DDP averages them with all the others
             grad_weight, grad_bias, gain, _, _ = _backward_channel_sums(
                 dy_sum, dy_xc, mean, scale, mu, invstd, weight, False, spatial,
-                weight.dtype if weight is not None else accumulation_dtype(x.dtype), sums=sums,
+                weight.dtype if weight is not None else _ACCUMULATION[x.dtype], sums=sums,
             )
             dist.all_reduce(sums, group=ctx.process_group)
             k, bias_term = _synced_gradient_coefficients(sums, count, gain, invstd)
