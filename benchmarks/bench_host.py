@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from l2bn.bench import environment_line
+from l2bn.bench import environment_line, synchronize
 from l2bn.functional import IMPL_ENV_VAR
 from l2bn.layers import L2BatchNorm2d
 
@@ -42,21 +42,16 @@ def launches_stubbed() -> Iterator[None]:
             getattr(kernels, name).run = run
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def host_and_wall_us(step: Callable[[], None], calls: int, device: torch.device) -> tuple[float, float]:
     """(host µs, wall µs) a call over ``calls`` back-to-back calls, after 10 warm-up calls."""
     for _ in range(10):
         step()
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(calls):
         step()
     host = time.perf_counter() - start
-    _sync(device)
+    synchronize(device)
     wall = time.perf_counter() - start
     return host / calls * 1e6, wall / calls * 1e6
 

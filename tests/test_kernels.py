@@ -443,6 +443,7 @@ def test_auto_falls_back_to_fused_with_one_warning_when_the_kernel_cannot_build(
     monkeypatch.setattr(cpp, "_build", lambda: OSError("no compiler in this test"))
     cpp.warn_unavailable.cache_clear()
     cpp._operator.cache_clear()
+    cpp.operators.cache_clear()
     try:
         x = torch.randn(3, 4, 2, 2)
         with pytest.warns(RuntimeWarning, match="no compiler in this test"):
@@ -452,6 +453,7 @@ def test_auto_falls_back_to_fused_with_one_warning_when_the_kernel_cannot_build(
     finally:
         cpp.warn_unavailable.cache_clear()
         cpp._operator.cache_clear()
+        cpp.operators.cache_clear()
 
 
 def test_compiled_graphs_trace_the_torch_op_path(monkeypatch):

@@ -47,7 +47,8 @@ class Timing:
         return achieved_gbps(self.shape, self.mode, self.element_size, self.l2bn_ms)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (nothing to wait for on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -127,10 +128,10 @@ def interleaved_times_ms(steps: Sequence[Callable[[], None]], device: torch.devi
     times: list[list[float]] = [[] for _ in steps]
     for _ in range(repeats):
         for i, step in enumerate(steps):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             step()
-            _sync(device)
+            synchronize(device)
             times[i].append((time.perf_counter() - start) * 1e3)
     return times
 

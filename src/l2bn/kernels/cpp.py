@@ -195,15 +195,27 @@ def l2_batch_norm_cpp(
     l2_eps: float = 1e-12,
 ) -> Tensor:
     """Same contract as :func:`l2bn.kernels.reference.l2_batch_norm_reference`, on the compiled CPU kernel."""
+    check_on_cpu(input)
+    return _operator()(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps, rescale)
+
+
+def check_on_cpu(input: Tensor) -> None:
+    """The compiled kernel's operators take CPU tensors only: say so, with the way out."""
     if not input.is_cpu:
         raise RuntimeError(f"impl='cpp' runs on the CPU, got input on {input.device}; use impl='auto'")
-    return _operator()(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps, rescale)
+
+
+@functools.cache
+def operators():
+    """The kernel's operator namespace ``torch.ops.l2bn_cpu`` (built or loaded on first use; raises with the
+    build error where it is unavailable)."""
+    error = build_error()
+    if error is not None:
+        raise RuntimeError(f"l2bn's compiled CPU kernel is unavailable: {error}") from error
+    return torch.ops.l2bn_cpu
 
 
 @functools.cache
 def _operator() -> torch._ops.OpOverload:
     """The registered ``l2bn_cpu::l2_batch_norm`` (looked up once: attribute lookups cost per call)."""
-    error = build_error()
-    if error is not None:
-        raise RuntimeError(f"l2bn's compiled CPU kernel is unavailable: {error}") from error
-    return torch.ops.l2bn_cpu.l2_batch_norm.default
+    return operators().l2_batch_norm.default

@@ -12,8 +12,6 @@ them to the accumulation dtype first), as on the kernel's local path.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -26,30 +24,21 @@ from .overflow import rerun_rescaled_on_overflow
 __all__ = ["sync_l2_batch_norm_cpp"]
 
 
-@functools.cache
-def _ops():
-    """The kernel's operator namespace (built or loaded on first use)."""
-    error = cpp.build_error()
-    if error is not None:
-        raise RuntimeError(f"l2bn's compiled CPU kernel is unavailable: {error}") from error
-    return torch.ops.l2bn_cpu
-
-
 class CppSyncL2BatchNorm(torch.autograd.Function):
     """Training-mode L2BN over all ranks of a process group, through the compiled CPU kernel."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, process_group, rescale, l2_eps):
-        num_channels = x.shape[1]
+        ops, num_channels = cpp.operators(), x.shape[1]
         f64 = dict(dtype=torch.float64)
         if x.shape[0]:
-            sums, scale = _ops().sync_local_sums(x, l2_eps, rescale)
+            sums, scale = ops.sync_local_sums(x, l2_eps, rescale)
         else:  # nothing local: zeros into the collective
             sums, scale = torch.zeros(1 + 2 * num_channels, **f64), None
         dist.all_reduce(sums, group=process_group)
         check_synced_count(sums[:1], x)
         if x.shape[0]:
-            y, mean, invstd = _ops().sync_output(x, weight, bias, running_mean, running_var, sums, scale, momentum, eps)
+            y, mean, invstd = ops.sync_output(x, weight, bias, running_mean, running_var, sums, scale, momentum, eps)
         else:  # no output to write; the running statistics as on every rank
             count, mean, var = synced_statistics(sums)
             update_running_stats(running_mean, running_var, mean, var, count, momentum)
@@ -61,16 +50,16 @@ class CppSyncL2BatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
-        n, num_channels = x.shape[:2]
+        ops, (n, num_channels) = cpp.operators(), x.shape[:2]
         if n:
-            local, workspace = _ops().sync_gradient_sums(dy, x, mean, invstd, ctx.l2_eps, ctx.rescale)
+            local, workspace = ops.sync_gradient_sums(dy, x, mean, invstd, ctx.l2_eps, ctx.rescale)
         else:
             local = torch.zeros(2 * num_channels, dtype=torch.float64)
         total = local.clone()
         dist.all_reduce(total, group=ctx.process_group)
         if n:
-            dx = _ops().sync_input_gradient(dy, x, weight, workspace, mean, invstd, total, ctx.count, ctx.l2_eps,
-                                            ctx.rescale)
+            dx = ops.sync_input_gradient(dy, x, weight, workspace, mean, invstd, total, ctx.count, ctx.l2_eps,
+                                         ctx.rescale)
         else:
             dx = torch.empty_like(x)
         # like nn.SyncBatchNorm: parameter gradients stay local; DDP averages them with all the others
@@ -99,7 +88,6 @@ def sync_l2_batch_norm_cpp(
     l2_eps: float = 1e-12,
 ) -> Tensor:
     """:func:`l2bn.kernels.sync.sync_l2_batch_norm` through the compiled CPU kernel (CPU tensors)."""
-    if not input.is_cpu:
-        raise RuntimeError(f"impl='cpp' runs on the CPU, got input on {input.device}; use impl='auto'")
+    cpp.check_on_cpu(input)
     return CppSyncL2BatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps, process_group,
                                     rescale, l2_eps)

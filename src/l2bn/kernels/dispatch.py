@@ -120,13 +120,20 @@ def impl_setting() -> str:
     return os.environ.decodevalue(value) if value else "auto"
 
 
+def requested_impl(impl: str | None) -> str:
+    """The implementation asked for: the ``impl`` argument, else ``$L2BN_IMPL``, else ``"auto"`` (lower case,
+    checked against ``IMPLEMENTATIONS``)."""
+    name = (impl if impl is not None else impl_setting()).lower()
+    if name != "auto" and name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown L2BN implementation {name!r}; expected one of {['auto', *IMPLEMENTATIONS]}")
+    return name
+
+
 def impl_name(impl: str | None, input: Tensor, *params: Tensor | None) -> str:
     """The implementation that runs: the reference for empty inputs and under aten tracers (forward-mode AD:
     a dual ``input`` or ``params``, the weight and bias), else the ``impl`` argument, else ``$L2BN_IMPL``, else
     the fastest for ``input`` (``auto``)."""
-    name = (impl if impl is not None else impl_setting()).lower()
-    if name != "auto" and name not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown L2BN implementation {name!r}; expected one of {['auto', *IMPLEMENTATIONS]}")
+    name = requested_impl(impl)
     if aten_tracer(input, *params) is not None or input.numel() == 0:
         return "reference"
     return auto_impl(input) if name == "auto" else name

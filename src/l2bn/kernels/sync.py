@@ -35,7 +35,7 @@ from .algebra import (
     synced_statistics,
     update_running_stats,
 )
-from .dispatch import IMPLEMENTATIONS, auto_impl, impl_setting
+from .dispatch import auto_impl, requested_impl
 from .fused import affine_rows, gradient_sums, per_channel, sample_channel_moments, statistics_dtype
 from .overflow import check_sample_norms, rerun_rescaled_on_overflow
 
@@ -141,9 +141,7 @@ def sync_l2_batch_norm(
 def _sync_path(impl: str | None, input: Tensor) -> str:
     """"triton", "cpp" or "torch": ``impl`` (or ``$L2BN_IMPL``) as named, ``"auto"`` as
     :func:`l2bn.kernels.dispatch.auto_impl` picks (``"fused"`` and ``"reference"``: the torch ops)."""
-    name = (impl if impl is not None else impl_setting()).lower()
-    if name != "auto" and name not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown L2BN implementation {name!r}; expected one of {['auto', *IMPLEMENTATIONS]}")
+    name = requested_impl(impl)
     if name == "auto":
         name = auto_impl(input)
     return name if name in ("triton", "cpp") else "torch"
