@@ -158,10 +158,17 @@ def test_float64_accumulates_in_float64(tk):
         assert_close(got, run(l2_batch_norm_reference, x, training, dtype=F64), rtol=1e-12, atol=1e-12)
 
 
-def test_float64_split_batches_accumulate_in_float64(tk, monkeypatch):
-    """A batch of 11 reduced over splits of 4, 4 and 3 samples (Chan pooling of the splits): float64 throughout."""
+@pytest.mark.parametrize("parts", [False, True], ids=["rows", "parts"])
+def test_float64_split_batches_accumulate_in_float64(tk, monkeypatch, parts):
+    """A batch of 11 reduced over splits of 4, 4 and 3 samples (Chan pooling of the splits): float64 throughout;
+    ``parts``: rows of 7 reduced in parts of 2 positions too."""
     monkeypatch.setattr(tk, "_ALGEBRA_SPLIT_ROWS", 4)
-    x = torch.randn(11, 6, 3, dtype=F64, generator=torch.Generator().manual_seed(2)) * 2 + 0.5
+    x = torch.randn(11, 6, 7, dtype=F64, generator=torch.Generator().manual_seed(2)) * 2 + 0.5
+    if parts:
+        monkeypatch.setattr(tk, "_REDUCE_TILE", 2)
+        monkeypatch.setattr(tk, "_MAX_BLOCK_M", 2)
+        monkeypatch.setattr(tk, "_MIN_PART_CHUNKS", 1)
+        assert tk._row_parts(tk._as_rows(x), 1, 2) == (4, 2)
     for training in (True, False):
         got = run(tk.l2_batch_norm_triton, x, training, dtype=F64)
         assert_close(got, run(l2_batch_norm_reference, x, training, dtype=F64), rtol=1e-12, atol=1e-12)
@@ -178,14 +185,23 @@ def test_large_batches_and_wide_rows_at_the_default_tiles(tk, shape):
         assert_close(got, run(l2_batch_norm_reference, x, training, dtype=F64), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("parts", [False, True], ids=["rows", "parts"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_moments_and_gradient_sums_against_float64_loops(tk, channels_last):
-    """Large mean, unit spread: a one-pass E[x²] − E[x]² in float32 would have no correct digit left."""
+def test_moments_and_gradient_sums_against_float64_loops(tk, monkeypatch, channels_last, parts):
+    """Large mean, unit spread: a one-pass E[x²] − E[x]² in float32 would have no correct digit left. ``parts``:
+    each row reduced in parts of 8 positions (30 = 8 + 8 + 8 + 6), pooled by ``_merge_parts_kernel``."""
     gen = torch.Generator().manual_seed(3)
     x = (1e4 + torch.randn(3, 4, 5, 6, dtype=F64, generator=gen)).float()
     dy = torch.randn(3, 4, 5, 6, dtype=F64, generator=gen).float()
     if channels_last:
         x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    if parts:
+        monkeypatch.setattr(tk, "_REDUCE_TILE", 8)
+        monkeypatch.setattr(tk, "_MAX_BLOCK_M", 8)
+        monkeypatch.setattr(tk, "_MAX_BLOCK_C_CHANNELS_LAST", 1)
+        monkeypatch.setattr(tk, "_MIN_PART_CHUNKS", 1)
+    rows = tk._as_rows(x)
+    assert tk._row_parts(rows, *tk._tile(rows, tk._REDUCE_TILE)) == ((4, 8) if parts else (1, 30))
     mean, sumsq = (t.cpu() for t in tk.sample_channel_moments_triton(dev(x)))
     want_mean, want_sumsq = moments_f64(x)
     assert mean.dtype == sumsq.dtype == torch.float64  # float32 chunks, merged in float64
@@ -207,6 +223,8 @@ def test_backward_recomputes_the_forward_moments_bit_for_bit(tk, tiny_tiles, cha
     dy = torch.randn(3, 5, 3, 5, dtype=F64, generator=gen).float()
     if channels_last:
         x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    rows = tk._as_rows(x)
+    assert tk._row_parts(rows, *tk._tile(rows, tk._REDUCE_TILE))[0] > 1  # rows of 15 reduced in parts, pooled
     mean, sumsq = tk.sample_channel_moments_triton(dev(x))
     mean2, sumsq2, dy_sum, dy_xc = tk.moments_and_gradient_sums_triton(dev(dy), dev(x))
     assert torch.equal(mean.cpu(), mean2.cpu()) and torch.equal(sumsq.cpu(), sumsq2.cpu())
@@ -256,25 +274,30 @@ def layer_call_tensors() -> tuple[torch.Tensor, ...]:
     return x, w, b, dev(torch.zeros(8)), dev(torch.ones(8)), dev(torch.randn(6, 8, 5, 5))
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+@pytest.mark.parametrize("split", ["whole", "split", "parts"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_no_torch_kernel_between_the_triton_launches(tk, monkeypatch, calls, training, split):
     """A call is the Triton launches alone (4 forward, 4 backward; where the batch is split across programs, one
-    more backward, and one more forward in training): every other torch op it dispatches only allocates or
-    views, so no small (N, C) kernel adds its launch latency on a GPU (the first H200 run measured ~2.5 ms a
-    training call when the O(N·C) algebra was ~110 torch ops)."""
-    if split:
+    more backward, and one more forward in training; where rows are reduced in parts, one more each way): every
+    other torch op it dispatches only allocates or views, so no small (N, C) kernel adds its launch latency on a
+    GPU (the first H200 run measured ~2.5 ms a training call when the O(N·C) algebra was ~110 torch ops)."""
+    if split == "split":
         monkeypatch.setattr(tk, "_ALGEBRA_SPLIT_ROWS", 4)
+    if split == "parts":  # rows of 25 in chunks of 8: two parts a row
+        monkeypatch.setattr(tk, "_MAX_BLOCK_M", 8)
     x, w, b, rm, rv, dy = layer_call_tensors()
     with calls():
         y = tk.l2_batch_norm_triton(x, rm, rv, w, b, training, 0.1, 1e-5)
         forward, forward_ops = len(calls.launches), list(calls.ops)
         y.backward(dy)
-    extra = int(split and training)
-    assert (forward, len(calls.launches)) == (4 + extra, 8 + extra + int(split)), calls.launches
+    extra = int(split == "split" and training) + int(split == "parts")
+    backward = 4 + int(split != "whole")
+    assert (forward, len(calls.launches)) == (4 + extra, 4 + extra + backward), calls.launches
     assert set(calls.ops) <= ALLOCATIONS_AND_VIEWS, sorted(set(calls.ops) - ALLOCATIONS_AND_VIEWS)
-    # host time: the forward allocates its 9 outputs and statistics (10 with split partials) and views nothing
-    assert set(forward_ops) <= {"empty", "empty_like"} and len(forward_ops) == 9 + extra, forward_ops
+    # host time: the forward allocates its 9 outputs and statistics (10 with split partials, 11 with the parts'
+    # moments) and views nothing
+    allocations = 9 + int(split == "split" and training) + 2 * int(split == "parts")
+    assert set(forward_ops) <= {"empty", "empty_like"} and len(forward_ops) == allocations, forward_ops
 
 
 @pytest.fixture

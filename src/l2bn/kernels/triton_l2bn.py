@@ -73,6 +73,11 @@ _REDUCE_TILE = 2048
 _ELEMENTWISE_TILE = 4096
 _MAX_BLOCK_M = 1024  # longest chunk of positions per row for NCHW-like rows
 _MAX_BLOCK_C_CHANNELS_LAST = 32  # channels per tile when C is the contiguous axis
+# Reductions over rows whose (n, channel block) programs are fewer than this also split each row into parts of
+# at least _MIN_PART_CHUNKS chunks, one program a part (a GPU needs a few programs per multiprocessor to
+# reach its bandwidth: 16×64×56×56 channels-last was 32 programs of 49 chunks each), pooled by one more launch.
+_TARGET_PROGRAMS = 1024
+_MIN_PART_CHUNKS = 2
 
 
 if TRITON_AVAILABLE:
@@ -118,17 +123,30 @@ if TRITON_AVAILABLE:
             inv64 = inv.to(tl.float64)
             chunk_mean = chunk_mean * inv64
             chunk_sumsq = chunk_sumsq * inv64 * inv64
-        total = count + chunk_count
-        delta = chunk_mean - mean
-        weight = chunk_count / total
-        return total, mean + delta * weight, sumsq + chunk_sumsq + delta * delta * count * weight
+        return _chan_combine(count, mean, sumsq, chunk_count, chunk_mean, chunk_sumsq)
+
+    @triton.jit
+    def _chan_combine(count, mean, sumsq, part_count, part_mean, part_sumsq):
+        """(count, mean, Σ (x − mean)²) of two parts pooled (Chan, Golub & LeVeque 1979), float64."""
+        total = count + part_count
+        delta = part_mean - mean
+        weight = part_count / total
+        return total, mean + delta * weight, sumsq + part_sumsq + delta * delta * count * weight
+
+    @triton.jit
+    def _span(M, SPAN):
+        """The positions [start, end) of this program's part (program_id(2)) of SPAN positions of each row."""
+        start = tl.program_id(2) * SPAN
+        return start, tl.minimum(start + SPAN, M)
 
     @triton.jit
     def _moments_kernel(
-        x_ptr, mean_ptr, sumsq_ptr, C, M, sxn, sxc, sxm,
+        x_ptr, mean_ptr, sumsq_ptr, C, M, SPAN, sxn, sxc, sxm,
         SCALED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
-        """Per-(n, c) mean and Σ (x − mean)² (float64), chunks of BLOCK_M positions merged pairwise (Chan et al.)."""
+        """Per-(n, c) mean and Σ (x − mean)² (float64), chunks of BLOCK_M positions merged pairwise (Chan et al.);
+        with S = num_programs(2) > 1, of each part of SPAN positions, into row (n·S + part) of (N·S, C) arrays
+        (``_merge_parts_kernel`` pools them)."""
         n = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
@@ -136,21 +154,23 @@ if TRITON_AVAILABLE:
         count = tl.zeros([BLOCK_C], dtype=tl.float64)
         mean = tl.zeros([BLOCK_C], dtype=tl.float64)
         sumsq = tl.zeros([BLOCK_C], dtype=tl.float64)
-        for start in range(0, M, BLOCK_M):
+        m_start, m_end = _span(M, SPAN)
+        for start in range(m_start, m_end, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < M
+            m_ok = offs_m < m_end
             mask = c_ok[:, None] & m_ok[None, :]
             v = _load_values(base + offs_m[None, :] * sxm, mask, SCALED)
             count, mean, sumsq = _chan_merge(v, mask, m_ok, count, mean, sumsq, SCALED)
-        out = n.to(tl.int64) * C + offs_c
+        out = (n.to(tl.int64) * tl.num_programs(2) + tl.program_id(2)) * C + offs_c
         tl.store(mean_ptr + out, mean, mask=c_ok)
         tl.store(sumsq_ptr + out, sumsq, mask=c_ok)
 
     @triton.jit
     def _gradient_sums_kernel(
-        dy_ptr, x_ptr, centre_ptr, dy_sum_ptr, dy_xc_ptr, mean_ptr, sumsq_ptr, C, M,
+        dy_ptr, x_ptr, centre_ptr, dy_sum_ptr, dy_xc_ptr, mean_ptr, sumsq_ptr, C, M, SPAN,
         sdn, sdc, sdm, sxn, sxc, sxm,
-        WITH_MOMENTS: tl.constexpr, SCALED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+        WITH_MOMENTS: tl.constexpr, PARTS: tl.constexpr, SCALED: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_M: tl.constexpr,
     ):
         """Per-(n, c) Σ dy and Σ dy·(x − centre) (float64) in one read of (dy, x).
 
@@ -159,12 +179,14 @@ if TRITON_AVAILABLE:
         power of two of the larger of max |x| and |K|), and moved to the centre at the end:
         Σ dy·(x − c) = Σ dy·(x − K) − (c − K)·Σ dy. WITH_MOMENTS: no centre is given; the same read also yields
         the mean m (the centre) and Σ (x − m)² exactly as ``_moments_kernel`` computes them (same chunks, same
-        merge).
+        merge). PARTS (num_programs(2) parts of SPAN positions a row): each part's sums, Σ dy·(x − K) about K
+        and its moments go to row (n·S + part) of (N·S, C) arrays, for ``_merge_parts_kernel``.
         """
         n = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
         rows = n.to(tl.int64) * C + offs_c
+        out = (n.to(tl.int64) * tl.num_programs(2) + tl.program_id(2)) * C + offs_c
         dy_base = dy_ptr + n.to(tl.int64) * sdn + offs_c[:, None] * sdc
         x_base = x_ptr + n.to(tl.int64) * sxn + offs_c[:, None] * sxc
         if WITH_MOMENTS:
@@ -182,9 +204,10 @@ if TRITON_AVAILABLE:
         # (loopResult.hasOneUse) in the OptimizeThreadLocality pass of Triton 3.4-3.6.
         dy_tile = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
         dot_tile = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
-        for start in range(0, M, BLOCK_M):
+        m_start, m_end = _span(M, SPAN)
+        for start in range(m_start, m_end, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < M
+            m_ok = offs_m < m_end
             mask = c_ok[:, None] & m_ok[None, :]
             g = _load_values(dy_base + offs_m[None, :] * sdm, mask, SCALED)
             v = _load_values(x_base + offs_m[None, :] * sxm, mask, SCALED)
@@ -203,11 +226,53 @@ if TRITON_AVAILABLE:
             dy_sum = tl.sum(dy_tile, axis=1)
         if WITH_MOMENTS:
             centre = mean
+            tl.store(mean_ptr + out, mean, mask=c_ok)
+            tl.store(sumsq_ptr + out, sumsq, mask=c_ok)
+        if not PARTS:  # parts stay about K: the centre is known once they are pooled
+            dy_dot = dy_dot - (centre - anchor.to(tl.float64)) * dy_sum
+        tl.store(dy_sum_ptr + out, dy_sum, mask=c_ok)
+        tl.store(dy_xc_ptr + out, dy_dot, mask=c_ok)
+
+    @triton.jit
+    def _merge_parts_kernel(
+        pmean_ptr, psumsq_ptr, pdy_sum_ptr, pdy_dot_ptr, x_ptr, centre_ptr, mean_ptr, sumsq_ptr, dy_sum_ptr, dy_xc_ptr,
+        C, M, SPAN, PARTS, sxn, sxc,
+        MOMENTS: tl.constexpr, GRADIENTS: tl.constexpr, SCALED: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Per (n, c), the PARTS parts of a row from ``_moments_kernel`` or ``_gradient_sums_kernel`` pooled in
+        order: MOMENTS, the mean and Σ (x − mean)² (Chan et al., each part's count its share of M); GRADIENTS,
+        Σ dy and Σ dy·(x − centre), the centre the pooled mean (MOMENTS) or the given one, K as the kernel took it."""
+        n = tl.program_id(0)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        rows = n.to(tl.int64) * C + offs_c
+        count = tl.zeros([BLOCK_C], dtype=tl.float64)
+        mean = tl.zeros([BLOCK_C], dtype=tl.float64)
+        sumsq = tl.zeros([BLOCK_C], dtype=tl.float64)
+        dy_sum = tl.zeros([BLOCK_C], dtype=tl.float64)
+        dy_dot = tl.zeros([BLOCK_C], dtype=tl.float64)
+        for part in range(0, PARTS):
+            at = (n.to(tl.int64) * PARTS + part) * C + offs_c
+            if MOMENTS:
+                part_count = tl.minimum(SPAN, M - part * SPAN).to(tl.float64)
+                count, mean, sumsq = _chan_combine(count, mean, sumsq, part_count,
+                                                   tl.load(pmean_ptr + at, mask=c_ok, other=0.0),
+                                                   tl.load(psumsq_ptr + at, mask=c_ok, other=0.0))
+            if GRADIENTS:
+                dy_sum += tl.load(pdy_sum_ptr + at, mask=c_ok, other=0.0)
+                dy_dot += tl.load(pdy_dot_ptr + at, mask=c_ok, other=0.0)
+        if MOMENTS:
             tl.store(mean_ptr + rows, mean, mask=c_ok)
             tl.store(sumsq_ptr + rows, sumsq, mask=c_ok)
-        dy_dot = dy_dot - (centre - anchor.to(tl.float64)) * dy_sum
-        tl.store(dy_sum_ptr + rows, dy_sum, mask=c_ok)
-        tl.store(dy_xc_ptr + rows, dy_dot, mask=c_ok)
+        if GRADIENTS:
+            if MOMENTS:
+                anchor = _load_values(x_ptr + n.to(tl.int64) * sxn + offs_c * sxc, c_ok, SCALED)
+                centre = mean
+            else:
+                centre = tl.load(centre_ptr + rows, mask=c_ok, other=0.0)
+                anchor = _to_compute(centre, SCALED)
+            tl.store(dy_sum_ptr + rows, dy_sum, mask=c_ok)
+            tl.store(dy_xc_ptr + rows, dy_dot - (centre - anchor.to(tl.float64)) * dy_sum, mask=c_ok)
 
     @triton.jit
     def _store_as(ptrs, value, mask):
@@ -632,14 +697,52 @@ def _scaled(x: Tensor) -> bool:
     return x.dtype != torch.float64
 
 
+def _row_parts(rows: _Rows, block_c: int, block_m: int) -> tuple[int, int]:
+    """(parts, span): each row's reduction split into ``parts`` programs of ``span`` positions (a multiple of
+    ``block_m``) where the (n, channel block) programs alone are fewer than ``_TARGET_PROGRAMS``; else (1, M)."""
+    programs = rows.n * triton.cdiv(rows.c, block_c)
+    chunks = triton.cdiv(rows.m, block_m)
+    parts = min(triton.cdiv(_TARGET_PROGRAMS, max(programs, 1)), chunks // _MIN_PART_CHUNKS)
+    if parts < 2 or programs == 0:
+        return 1, rows.m
+    span = triton.cdiv(chunks, parts) * block_m
+    return triton.cdiv(rows.m, span), span
+
+
+def _merge_parts(rows: _Rows, parts: int, span: int, partial: tuple[Tensor, ...], whole: tuple[Tensor, ...],
+                 centre: Tensor | None = None) -> None:
+    """``_merge_parts_kernel``: each part's (mean, sumsq), (mean, sumsq, dy_sum, dy_dot) or — about a given
+    ``centre`` — (dy_sum, dy_dot) pooled into ``whole``, the same quantities of whole rows (one launch)."""
+    gradients, moments = len(whole) == 4 or centre is not None, len(whole) == 4 or centre is None
+    if moments and gradients:
+        (p_mean, p_sumsq, p_dy_sum, p_dy_dot), (mean, sumsq, dy_sum, dy_xc) = partial, whole
+    elif moments:
+        (p_mean, p_sumsq), (mean, sumsq) = partial, whole
+        p_dy_sum, p_dy_dot, dy_sum, dy_xc = p_mean, p_sumsq, mean, sumsq  # not read or written
+    else:
+        (p_dy_sum, p_dy_dot), (dy_sum, dy_xc) = partial, whole
+        p_mean, p_sumsq, mean, sumsq = p_dy_sum, p_dy_dot, dy_sum, dy_xc  # not read or written
+    block_c = min(_next_pow2(rows.c), _ALGEBRA_ROW_BLOCK)
+    _merge_parts_kernel[(rows.n, triton.cdiv(rows.c, block_c))](
+        p_mean, p_sumsq, p_dy_sum, p_dy_dot, rows.t, _optional(centre, mean), mean, sumsq, dy_sum, dy_xc,
+        rows.c, rows.m, span, parts, rows.strides[0], rows.strides[1],
+        MOMENTS=moments, GRADIENTS=gradients, SCALED=_scaled(rows.t), BLOCK_C=block_c,
+    )
+
+
 def _moments(rows: _Rows) -> tuple[Tensor, Tensor]:
     x = rows.t
     mean = torch.empty(rows.n, rows.c, dtype=torch.float64, device=x.device)
     sumsq = torch.empty_like(mean)
     block_c, block_m = _tile(rows, _REDUCE_TILE)
-    _moments_kernel[(rows.n, triton.cdiv(rows.c, block_c))](
-        x, mean, sumsq, rows.c, rows.m, *rows.strides, SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
+    parts, span = _row_parts(rows, block_c, block_m)
+    out = (mean, sumsq) if parts == 1 else tuple(
+        torch.empty(rows.n * parts, rows.c, dtype=torch.float64, device=x.device) for _ in range(2))
+    _moments_kernel[(rows.n, triton.cdiv(rows.c, block_c), parts)](
+        x, *out, rows.c, rows.m, span, *rows.strides, SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
     )
+    if parts > 1:
+        _merge_parts(rows, parts, span, out, (mean, sumsq))
     return mean, sumsq
 
 
@@ -661,12 +764,19 @@ def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor | None) -> tuple[Tensor
     else:
         centre = centre.to(torch.float64).contiguous()
         mean = sumsq = centre  # not written
-    block_c, block_m = _tile(x_rows, _REDUCE_TILE)  # the forward's tiles: the same moments, bit for bit
-    _gradient_sums_kernel[(n, triton.cdiv(num_channels, block_c))](
-        dy_rows.t, x_rows.t, centre, dy_sum, dy_xc, mean, sumsq, num_channels, x_rows.m,
+    block_c, block_m = _tile(x_rows, _REDUCE_TILE)  # the forward's tiles and parts: the same moments, bit for bit
+    parts, span = _row_parts(x_rows, block_c, block_m)
+    whole = (mean, sumsq, dy_sum, dy_xc) if with_moments else (dy_sum, dy_xc)
+    partial = whole if parts == 1 else tuple(
+        torch.empty(n * parts, num_channels, dtype=torch.float64, device=x.device) for _ in whole)
+    p_mean, p_sumsq, p_dy_sum, p_dy_xc = partial if with_moments else (mean, sumsq) + partial
+    _gradient_sums_kernel[(n, triton.cdiv(num_channels, block_c), parts)](
+        dy_rows.t, x_rows.t, centre, p_dy_sum, p_dy_xc, p_mean, p_sumsq, num_channels, x_rows.m, span,
         *dy_rows.strides, *x_rows.strides,
-        WITH_MOMENTS=with_moments, SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
+        WITH_MOMENTS=with_moments, PARTS=parts > 1, SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
     )
+    if parts > 1:
+        _merge_parts(x_rows, parts, span, partial, whole, None if with_moments else centre)
     return (mean, sumsq, dy_sum, dy_xc) if with_moments else (dy_sum, dy_xc)
 
 
