@@ -7,7 +7,8 @@ At small shapes a GPU finishes each kernel before the host has launched the next
 synchronised only before and after the loop, and prints the host's time a call (the loop) and the wall time a
 call (to the final synchronisation): BatchNorm2d, L2BatchNorm2d through the Triton kernels, and the same with
 every Triton launch replaced by a no-op — the wrapper's allocations, autograd node and Python, nothing launched.
-The difference between the last two is the Triton launcher's share (8 launches a training call). On the CPU
+The difference between the last two is the launches' share (8 or more a training call: Triton's binder and the
+launcher, `l2bn.kernels.triton_launch.launch`). On the CPU
 (``TRITON_INTERPRET=1`` set before the import) only BatchNorm and the stubbed wrapper are timed: the interpreter's
 launches are no measure of a GPU's.
 """
@@ -32,14 +33,12 @@ def launches_stubbed() -> Iterator[None]:
     """Every Triton kernel of the L2BN path launches nothing while inside."""
     import l2bn.kernels.triton_l2bn as kernels
 
-    saved = {name: getattr(kernels, name).run for name in vars(kernels) if name.endswith("_kernel")}
+    saved = kernels.launch
+    kernels.launch = lambda *args, **kwargs: None
     try:
-        for name in saved:
-            getattr(kernels, name).run = lambda *args, **kwargs: None
         yield
     finally:
-        for name, run in saved.items():
-            getattr(kernels, name).run = run
+        kernels.launch = saved
 
 
 def host_and_wall_us(step: Callable[[], None], calls: int, device: torch.device) -> tuple[float, float]:

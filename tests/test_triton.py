@@ -255,15 +255,15 @@ def calls(tk, monkeypatch):
                 Recorder.ops.append(func.overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
 
-    for name in [n for n in vars(tk) if n.endswith("_kernel")]:
-        def counted(*args, _run=getattr(tk, name).run, _name=name, **kwargs):
-            Recorder.launches.append(_name)
-            in_kernel[0] = True
-            try:
-                return _run(*args, **kwargs)
-            finally:
-                in_kernel[0] = False
-        monkeypatch.setattr(getattr(tk, name), "run", counted)
+    def counted(kernel, *args, _launch=tk.launch, **kwargs):
+        Recorder.launches.append(kernel.fn.__name__)
+        in_kernel[0] = True
+        try:
+            return _launch(kernel, *args, **kwargs)
+        finally:
+            in_kernel[0] = False
+
+    monkeypatch.setattr(tk, "launch", counted)
     return Recorder
 
 

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .fused import accumulation_dtype, spatial_stride
+from .triton_launch import launch
 
 try:
     import triton
@@ -723,7 +724,8 @@ def _merge_parts(rows: _Rows, parts: int, span: int, partial: tuple[Tensor, ...]
         (p_dy_sum, p_dy_dot), (dy_sum, dy_xc) = partial, whole
         p_mean, p_sumsq, mean, sumsq = p_dy_sum, p_dy_dot, dy_sum, dy_xc  # not read or written
     block_c = min(_next_pow2(rows.c), _ALGEBRA_ROW_BLOCK)
-    _merge_parts_kernel[(rows.n, triton.cdiv(rows.c, block_c))](
+    launch(
+        _merge_parts_kernel, (rows.n, triton.cdiv(rows.c, block_c)),
         p_mean, p_sumsq, p_dy_sum, p_dy_dot, rows.t, _optional(centre, mean), mean, sumsq, dy_sum, dy_xc,
         rows.c, rows.m, span, parts, rows.strides[0], rows.strides[1],
         MOMENTS=moments, GRADIENTS=gradients, SCALED=_scaled(rows.t), BLOCK_C=block_c,
@@ -738,7 +740,8 @@ def _moments(rows: _Rows) -> tuple[Tensor, Tensor]:
     parts, span = _row_parts(rows, block_c, block_m)
     out = (mean, sumsq) if parts == 1 else tuple(
         torch.empty(rows.n * parts, rows.c, dtype=torch.float64, device=x.device) for _ in range(2))
-    _moments_kernel[(rows.n, triton.cdiv(rows.c, block_c), parts)](
+    launch(
+        _moments_kernel, (rows.n, triton.cdiv(rows.c, block_c), parts),
         x, *out, rows.c, rows.m, span, *rows.strides, SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
     )
     if parts > 1:
@@ -770,7 +773,8 @@ def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor | None) -> tuple[Tensor
     partial = whole if parts == 1 else tuple(
         torch.empty(n * parts, num_channels, dtype=torch.float64, device=x.device) for _ in whole)
     p_mean, p_sumsq, p_dy_sum, p_dy_xc = partial if with_moments else (mean, sumsq) + partial
-    _gradient_sums_kernel[(n, triton.cdiv(num_channels, block_c), parts)](
+    launch(
+        _gradient_sums_kernel, (n, triton.cdiv(num_channels, block_c), parts),
         dy_rows.t, x_rows.t, centre, p_dy_sum, p_dy_xc, p_mean, p_sumsq, num_channels, x_rows.m, span,
         *dy_rows.strides, *x_rows.strides,
         WITH_MOMENTS=with_moments, PARTS=parts > 1, SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
@@ -811,7 +815,8 @@ def _affine(
     v_factor = v_factor.to(r.dtype).contiguous() if has_vf else r
     block_c, block_m = _tile(out_rows, _ELEMENTWISE_TILE)
     num_m_blocks = triton.cdiv(out_rows.m, block_m)
-    _affine_kernel[(n * num_m_blocks, triton.cdiv(num_channels, block_c))](
+    launch(
+        _affine_kernel, (n * num_m_blocks, triton.cdiv(num_channels, block_c)),
         out, u_rows.t, v_rows.t, p, p if p_factor is None else p_factor, q, r, v_factor, num_channels, out_rows.m,
         num_m_blocks, num_channels if r.dim() == 2 else 0, *out_rows.strides, *u_rows.strides, *v_rows.strides,
         P_FACTORED=p_factor is not None, HAS_V=has_v, HAS_VF=has_vf, BLOCK_C=block_c, BLOCK_M=block_m,
@@ -852,7 +857,8 @@ def _sample_scales(mean: Tensor, sumsq: Tensor, spatial: int, rescale: bool, l2_
     """(r_n, ‖x_n‖), float64 (N,) each: ``sample_scales`` in one launch."""
     n, num_channels = mean.shape
     scale, norm = (torch.empty(n, dtype=torch.float64, device=mean.device) for _ in range(2))
-    _sample_scales_kernel[(n,)](
+    launch(
+        _sample_scales_kernel, (n,),
         mean, sumsq, scale, norm, num_channels, spatial, l2_eps,
         RESCALE=rescale, BLOCK_C=min(_next_pow2(num_channels), _ALGEBRA_ROW_BLOCK),
     )
@@ -873,7 +879,8 @@ def _forward_split_parts(mean: Tensor, sumsq: Tensor, scale: Tensor) -> tuple[Te
         return mean, 1
     block_n, block_c = _ALGEBRA_TILE
     part = torch.empty(3, splits, num_channels, dtype=torch.float64, device=mean.device)
-    _forward_partials_kernel[(triton.cdiv(num_channels, block_c), splits)](
+    launch(
+        _forward_partials_kernel, (triton.cdiv(num_channels, block_c), splits),
         mean, sumsq, scale, part, n, num_channels, _ALGEBRA_SPLIT_ROWS, BLOCK_N=block_n, BLOCK_C=block_c,
     )
     return part, splits
@@ -886,7 +893,8 @@ def _local_channel_sums(mean: Tensor, sumsq: Tensor, scale: Tensor, spatial: int
     sums = torch.empty(1 + 2 * num_channels, dtype=torch.float64, device=mean.device)
     part, splits = _forward_split_parts(mean, sumsq, scale)
     block_n, block_c = _ALGEBRA_TILE
-    _local_channel_sums_kernel[(triton.cdiv(num_channels, block_c),)](
+    launch(
+        _local_channel_sums_kernel, (triton.cdiv(num_channels, block_c),),
         mean, sumsq, scale, part, sums, n, num_channels, spatial, _ALGEBRA_SPLIT_ROWS,
         SPLIT=splits > 1, BLOCK_N=block_n, BLOCK_C=block_c,
     )
@@ -907,7 +915,8 @@ def _forward_coefficients(
     shift = torch.empty(num_channels, dtype=acc, device=mean.device)
     block_n, block_c = _ALGEBRA_TILE
     part, splits = _forward_split_parts(mean, sumsq, scale) if training and sums is None else (mean, 1)
-    _forward_coefficients_kernel[(triton.cdiv(num_channels, block_c),)](
+    launch(
+        _forward_coefficients_kernel, (triton.cdiv(num_channels, block_c),),
         mean, sumsq, scale, part, _optional(sums, mu), _optional(weight, mu), _optional(bias, mu),
         _optional(running_mean, mu), _optional(running_var, mu), gain, shift, mu, invstd, n, num_channels, spatial,
         _ALGEBRA_SPLIT_ROWS, eps, momentum, TRAINING=training, SPLIT=splits > 1, SUMS_IN=sums is not None,
@@ -934,11 +943,13 @@ def _backward_channel_sums(
     part = dy_sum
     if splits > 1:
         part = torch.empty(2, splits, num_channels, **stats)
-        _backward_partials_kernel[(triton.cdiv(num_channels, block_c), splits)](
+        launch(
+            _backward_partials_kernel, (triton.cdiv(num_channels, block_c), splits),
             dy_sum, dy_xc, mean, scale, mu, part, n, num_channels, _ALGEBRA_SPLIT_ROWS,
             BLOCK_N=block_n, BLOCK_C=block_c,
         )
-    _backward_channel_sums_kernel[(triton.cdiv(num_channels, block_c),)](
+    launch(
+        _backward_channel_sums_kernel, (triton.cdiv(num_channels, block_c),),
         dy_sum, dy_xc, mean, scale, part, mu, invstd, _optional(weight, mu), grad_weight, grad_bias,
         gain, k, bias_term, _optional(sums, mu), n, num_channels, spatial, _ALGEBRA_SPLIT_ROWS,
         TRAINING=training, SPLIT=splits > 1, SUMS_OUT=sums is not None, HAS_WEIGHT=weight is not None,
@@ -952,7 +963,8 @@ def _synced_gradient_coefficients(sums: Tensor, count: Tensor, gain: Tensor, inv
     num_channels = gain.numel()
     k, bias_term = torch.empty_like(gain), torch.empty_like(gain)
     block_c = min(_next_pow2(num_channels), _ALGEBRA_ROW_BLOCK)
-    _synced_gradient_coefficients_kernel[(triton.cdiv(num_channels, block_c),)](
+    launch(
+        _synced_gradient_coefficients_kernel, (triton.cdiv(num_channels, block_c),),
         sums, count, gain, invstd, k, bias_term, num_channels, BLOCK_C=block_c,
     )
     return k, bias_term
@@ -970,7 +982,8 @@ def _input_gradient(
     # 1 but for huge samples, whose x·factor has norm in [0.5, 1): the x-term (x·factor)·(Q/factor) stays in
     # float32's range where Q (~1/‖x_n‖²) itself would underflow
     factor = torch.empty(n, dtype=acc, device=x.device)
-    _backward_sample_coefficients_kernel[(n,)](
+    launch(
+        _backward_sample_coefficients_kernel, (n,),
         dy_sum, dy_xc, mean, sumsq, scale, norm, mu, gain, k, bias_term, dy_coef, x_coef, shift, factor,
         num_channels, math.prod(x.shape[2:]), l2_eps,
         TRAINING=training, BLOCK_C=min(_next_pow2(num_channels), _ALGEBRA_ROW_BLOCK),
