@@ -168,7 +168,7 @@ def test_float64_split_batches_accumulate_in_float64(tk, monkeypatch, parts):
         monkeypatch.setattr(tk, "_REDUCE_TILE", 2)
         monkeypatch.setattr(tk, "_MAX_BLOCK_M", 2)
         monkeypatch.setattr(tk, "_MIN_PART_CHUNKS", 1)
-        assert tk._row_parts(tk._as_rows(x), 1, 2) == (4, 2)
+        assert tk._row_parts(tk._as_rows(x), 1, 2) == (4, 1)  # 4 parts of 1 chunk of 2 positions
     for training in (True, False):
         got = run(tk.l2_batch_norm_triton, x, training, dtype=F64)
         assert_close(got, run(l2_batch_norm_reference, x, training, dtype=F64), rtol=1e-12, atol=1e-12)
@@ -189,7 +189,7 @@ def test_large_batches_and_wide_rows_at_the_default_tiles(tk, shape):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_moments_and_gradient_sums_against_float64_loops(tk, monkeypatch, channels_last, parts):
     """Large mean, unit spread: a one-pass E[x²] − E[x]² in float32 would have no correct digit left. ``parts``:
-    each row reduced in parts of 8 positions (30 = 8 + 8 + 8 + 6), pooled by ``_merge_parts_kernel``."""
+    each row reduced in parts of one chunk of 8 positions (30 = 8 + 8 + 8 + 6), pooled by ``_merge_parts_kernel``."""
     gen = torch.Generator().manual_seed(3)
     x = (1e4 + torch.randn(3, 4, 5, 6, dtype=F64, generator=gen)).float()
     dy = torch.randn(3, 4, 5, 6, dtype=F64, generator=gen).float()
@@ -201,7 +201,7 @@ def test_moments_and_gradient_sums_against_float64_loops(tk, monkeypatch, channe
         monkeypatch.setattr(tk, "_MAX_BLOCK_C_CHANNELS_LAST", 1)
         monkeypatch.setattr(tk, "_MIN_PART_CHUNKS", 1)
     rows = tk._as_rows(x)
-    assert tk._row_parts(rows, *tk._tile(rows, tk._REDUCE_TILE)) == ((4, 8) if parts else (1, 30))
+    assert tk._row_parts(rows, *tk._tile(rows, tk._REDUCE_TILE)) == ((4, 1) if parts else (1, 1))  # chunks of 8
     mean, sumsq = (t.cpu() for t in tk.sample_channel_moments_triton(dev(x)))
     want_mean, want_sumsq = moments_f64(x)
     assert mean.dtype == sumsq.dtype == torch.float64  # float32 chunks, merged in float64

@@ -135,10 +135,12 @@ if TRITON_AVAILABLE:
         return total, mean + delta * weight, sumsq + part_sumsq + delta * delta * count * weight
 
     @triton.jit
-    def _span(M, SPAN):
-        """The positions [start, end) of this program's part (program_id(2)) of SPAN positions of each row."""
-        start = tl.program_id(2) * SPAN
-        return start, tl.minimum(start + SPAN, M)
+    def _span(M, SPAN, BLOCK_M: tl.constexpr):
+        """The positions [start, end) of this program's part (program_id(2)) of SPAN chunks of BLOCK_M positions of
+        each row (chunks start where whole rows' do, and end at a multiple of BLOCK_M or at M: the loads keep
+        the alignment Triton proves for whole rows)."""
+        start = tl.program_id(2) * (SPAN * BLOCK_M)
+        return start, tl.minimum(start + SPAN * BLOCK_M, M)
 
     @triton.jit
     def _moments_kernel(
@@ -146,7 +148,7 @@ if TRITON_AVAILABLE:
         SCALED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
         """Per-(n, c) mean and Σ (x − mean)² (float64), chunks of BLOCK_M positions merged pairwise (Chan et al.);
-        with S = num_programs(2) > 1, of each part of SPAN positions, into row (n·S + part) of (N·S, C) arrays
+        with S = num_programs(2) > 1, of each part of SPAN chunks, into row (n·S + part) of (N·S, C) arrays
         (``_merge_parts_kernel`` pools them)."""
         n = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -155,7 +157,7 @@ if TRITON_AVAILABLE:
         count = tl.zeros([BLOCK_C], dtype=tl.float64)
         mean = tl.zeros([BLOCK_C], dtype=tl.float64)
         sumsq = tl.zeros([BLOCK_C], dtype=tl.float64)
-        m_start, m_end = _span(M, SPAN)
+        m_start, m_end = _span(M, SPAN, BLOCK_M)
         for start in range(m_start, m_end, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
             m_ok = offs_m < m_end
@@ -180,7 +182,7 @@ if TRITON_AVAILABLE:
         power of two of the larger of max |x| and |K|), and moved to the centre at the end:
         Σ dy·(x − c) = Σ dy·(x − K) − (c − K)·Σ dy. WITH_MOMENTS: no centre is given; the same read also yields
         the mean m (the centre) and Σ (x − m)² exactly as ``_moments_kernel`` computes them (same chunks, same
-        merge). PARTS (num_programs(2) parts of SPAN positions a row): each part's sums, Σ dy·(x − K) about K
+        merge). PARTS (num_programs(2) parts of SPAN chunks a row): each part's sums, Σ dy·(x − K) about K
         and its moments go to row (n·S + part) of (N·S, C) arrays, for ``_merge_parts_kernel``.
         """
         n = tl.program_id(0)
@@ -205,7 +207,7 @@ if TRITON_AVAILABLE:
         # (loopResult.hasOneUse) in the OptimizeThreadLocality pass of Triton 3.4-3.6.
         dy_tile = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
         dot_tile = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
-        m_start, m_end = _span(M, SPAN)
+        m_start, m_end = _span(M, SPAN, BLOCK_M)
         for start in range(m_start, m_end, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
             m_ok = offs_m < m_end
@@ -237,11 +239,12 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _merge_parts_kernel(
         pmean_ptr, psumsq_ptr, pdy_sum_ptr, pdy_dot_ptr, x_ptr, centre_ptr, mean_ptr, sumsq_ptr, dy_sum_ptr, dy_xc_ptr,
-        C, M, SPAN, PARTS, sxn, sxc,
+        C, M, PART_SIZE, PARTS, sxn, sxc,
         MOMENTS: tl.constexpr, GRADIENTS: tl.constexpr, SCALED: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         """Per (n, c), the PARTS parts of a row from ``_moments_kernel`` or ``_gradient_sums_kernel`` pooled in
-        order: MOMENTS, the mean and Σ (x − mean)² (Chan et al., each part's count its share of M); GRADIENTS,
+        order: MOMENTS, the mean and Σ (x − mean)² (Chan et al.; parts of PART_SIZE positions, the last the rest of
+        M); GRADIENTS,
         Σ dy and Σ dy·(x − centre), the centre the pooled mean (MOMENTS) or the given one, K as the kernel took it."""
         n = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -255,7 +258,7 @@ if TRITON_AVAILABLE:
         for part in range(0, PARTS):
             at = (n.to(tl.int64) * PARTS + part) * C + offs_c
             if MOMENTS:
-                part_count = tl.minimum(SPAN, M - part * SPAN).to(tl.float64)
+                part_count = tl.minimum(PART_SIZE, M - part * PART_SIZE).to(tl.float64)
                 count, mean, sumsq = _chan_combine(count, mean, sumsq, part_count,
                                                    tl.load(pmean_ptr + at, mask=c_ok, other=0.0),
                                                    tl.load(psumsq_ptr + at, mask=c_ok, other=0.0))
@@ -699,18 +702,19 @@ def _scaled(x: Tensor) -> bool:
 
 
 def _row_parts(rows: _Rows, block_c: int, block_m: int) -> tuple[int, int]:
-    """(parts, span): each row's reduction split into ``parts`` programs of ``span`` positions (a multiple of
-    ``block_m``) where the (n, channel block) programs alone are fewer than ``_TARGET_PROGRAMS``; else (1, M)."""
+    """(parts, span): each row's reduction split into ``parts`` programs of ``span`` chunks of ``block_m``
+    positions where the (n, channel block) programs alone are fewer than ``_TARGET_PROGRAMS``; else one part of
+    every chunk."""
     programs = rows.n * triton.cdiv(rows.c, block_c)
     chunks = triton.cdiv(rows.m, block_m)
     parts = min(triton.cdiv(_TARGET_PROGRAMS, max(programs, 1)), chunks // _MIN_PART_CHUNKS)
     if parts < 2 or programs == 0:
-        return 1, rows.m
-    span = triton.cdiv(chunks, parts) * block_m
-    return triton.cdiv(rows.m, span), span
+        return 1, chunks
+    span = triton.cdiv(chunks, parts)
+    return triton.cdiv(chunks, span), span
 
 
-def _merge_parts(rows: _Rows, parts: int, span: int, partial: tuple[Tensor, ...], whole: tuple[Tensor, ...],
+def _merge_parts(rows: _Rows, parts: int, part_size: int, partial: tuple[Tensor, ...], whole: tuple[Tensor, ...],
                  centre: Tensor | None = None) -> None:
     """``_merge_parts_kernel``: each part's (mean, sumsq), (mean, sumsq, dy_sum, dy_dot) or — about a given
     ``centre`` — (dy_sum, dy_dot) pooled into ``whole``, the same quantities of whole rows (one launch)."""
@@ -727,7 +731,7 @@ def _merge_parts(rows: _Rows, parts: int, span: int, partial: tuple[Tensor, ...]
     launch(
         _merge_parts_kernel, (rows.n, triton.cdiv(rows.c, block_c)),
         p_mean, p_sumsq, p_dy_sum, p_dy_dot, rows.t, _optional(centre, mean), mean, sumsq, dy_sum, dy_xc,
-        rows.c, rows.m, span, parts, rows.strides[0], rows.strides[1],
+        rows.c, rows.m, part_size, parts, rows.strides[0], rows.strides[1],
         MOMENTS=moments, GRADIENTS=gradients, SCALED=_scaled(rows.t), BLOCK_C=block_c,
     )
 
@@ -745,7 +749,7 @@ def _moments(rows: _Rows) -> tuple[Tensor, Tensor]:
         x, *out, rows.c, rows.m, span, *rows.strides, SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
     )
     if parts > 1:
-        _merge_parts(rows, parts, span, out, (mean, sumsq))
+        _merge_parts(rows, parts, span * block_m, out, (mean, sumsq))
     return mean, sumsq
 
 
@@ -780,7 +784,7 @@ def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor | None) -> tuple[Tensor
         WITH_MOMENTS=with_moments, PARTS=parts > 1, SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
     )
     if parts > 1:
-        _merge_parts(x_rows, parts, span, partial, whole, None if with_moments else centre)
+        _merge_parts(x_rows, parts, span * block_m, partial, whole, None if with_moments else centre)
     return (mean, sumsq, dy_sum, dy_xc) if with_moments else (dy_sum, dy_xc)
 
 
