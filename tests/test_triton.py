@@ -139,7 +139,7 @@ def test_float32_equals_reference(tk, shape, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_several_chunks_per_row(tk, tiny_tiles, training):
     """Rows longer than a tile: chunk means merged pairwise, partial chunks masked, partial channel blocks."""
-    assert tk._tile(tk._as_rows(torch.empty(3, 5, 30)), tk._REDUCE_TILE) == (1, 4)
+    assert tk._reduction_tile(tk._as_rows(torch.empty(3, 5, 30))) == (1, 4)
     x = torch.randn(3, 5, 3, 5, dtype=F64, generator=torch.Generator().manual_seed(1)) + 2  # 15 = 4 + 4 + 4 + 3
     mean, sumsq = tk.sample_channel_moments_triton(dev(x.float()))
     want_mean, want_sumsq = moments_f64(x.float())
@@ -189,7 +189,7 @@ def test_large_batches_and_wide_rows_at_the_default_tiles(tk, shape):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_moments_and_gradient_sums_against_float64_loops(tk, monkeypatch, channels_last, parts):
     """Large mean, unit spread: a one-pass E[x²] − E[x]² in float32 would have no correct digit left. ``parts``:
-    each row reduced in parts of one chunk of 8 positions (30 = 8 + 8 + 8 + 6), pooled by ``_merge_parts_kernel``."""
+    each row reduced in parts of one chunk (8 positions, channels-last 4), pooled by ``_merge_parts_kernel``."""
     gen = torch.Generator().manual_seed(3)
     x = (1e4 + torch.randn(3, 4, 5, 6, dtype=F64, generator=gen)).float()
     dy = torch.randn(3, 4, 5, 6, dtype=F64, generator=gen).float()
@@ -201,7 +201,7 @@ def test_moments_and_gradient_sums_against_float64_loops(tk, monkeypatch, channe
         monkeypatch.setattr(tk, "_MAX_BLOCK_C_CHANNELS_LAST", 1)
         monkeypatch.setattr(tk, "_MIN_PART_CHUNKS", 1)
     rows = tk._as_rows(x)
-    assert tk._row_parts(rows, *tk._tile(rows, tk._REDUCE_TILE)) == ((4, 1) if parts else (1, 1))  # chunks of 8
+    assert (tk._row_parts(rows, *tk._reduction_tile(rows))[0] > 1) == parts
     mean, sumsq = (t.cpu() for t in tk.sample_channel_moments_triton(dev(x)))
     want_mean, want_sumsq = moments_f64(x)
     assert mean.dtype == sumsq.dtype == torch.float64  # float32 chunks, merged in float64
@@ -224,7 +224,7 @@ def test_backward_recomputes_the_forward_moments_bit_for_bit(tk, tiny_tiles, cha
     if channels_last:
         x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
     rows = tk._as_rows(x)
-    assert tk._row_parts(rows, *tk._tile(rows, tk._REDUCE_TILE))[0] > 1  # rows of 15 reduced in parts, pooled
+    assert tk._row_parts(rows, *tk._reduction_tile(rows))[0] > 1  # rows of 15 reduced in parts, pooled
     mean, sumsq = tk.sample_channel_moments_triton(dev(x))
     mean2, sumsq2, dy_sum, dy_xc = tk.moments_and_gradient_sums_triton(dev(dy), dev(x))
     assert torch.equal(mean.cpu(), mean2.cpu()) and torch.equal(sumsq.cpu(), sumsq2.cpu())

@@ -143,13 +143,29 @@ if TRITON_AVAILABLE:
         return start, tl.minimum(start + SPAN * BLOCK_M, M)
 
     @triton.jit
+    def _deviations(v, anchor, mask):
+        """x − K per element of the tile in float64, zeros outside it (K per row, float64)."""
+        return tl.where(mask, v.to(tl.float64) - anchor[:, None], 0.0)
+
+    @triton.jit
+    def _shifted_moments(anchor, s1, s2, count):
+        """The mean and Σ (x − mean)² of ``count`` values from Σ (x − K) and Σ (x − K)² (float64). K is a value of
+        the row, so |x − K| ≤ 2·max |x − mean| and the difference loses at most ~4·count·eps of Σ (x − mean)²;
+        rounding below zero is clamped (NaN passes)."""
+        count = tl.maximum(count, 1).to(tl.float64)
+        sumsq = s2 - s1 * (s1 / count)
+        return anchor + s1 / count, tl.where(sumsq < 0.0, 0.0, sumsq)
+
+    @triton.jit
     def _moments_kernel(
         x_ptr, mean_ptr, sumsq_ptr, C, M, SPAN, sxn, sxc, sxm,
-        SCALED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+        SCALED: tl.constexpr, LANES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
-        """Per-(n, c) mean and Σ (x − mean)² (float64), chunks of BLOCK_M positions merged pairwise (Chan et al.);
-        with S = num_programs(2) > 1, of each part of SPAN chunks, into row (n·S + part) of (N·S, C) arrays
-        (``_merge_parts_kernel`` pools them)."""
+        """Per-(n, c) mean and Σ (x − mean)² (float64), chunks of BLOCK_M positions merged pairwise (Chan et al.),
+        or (LANES) each position of the tile summing Σ (x − K) and Σ (x − K)² in float64 over the chunks, K the
+        row's first value, reduced once after the loop (no reduction across the warps a chunk: channels-last
+        tiles); with S = num_programs(2) > 1, of each part of SPAN chunks, into row (n·S + part) of (N·S, C)
+        arrays (``_merge_parts_kernel`` pools them)."""
         n = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
@@ -158,22 +174,56 @@ if TRITON_AVAILABLE:
         mean = tl.zeros([BLOCK_C], dtype=tl.float64)
         sumsq = tl.zeros([BLOCK_C], dtype=tl.float64)
         m_start, m_end = _span(M, SPAN, BLOCK_M)
-        for start in range(m_start, m_end, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < m_end
-            mask = c_ok[:, None] & m_ok[None, :]
-            v = _load_values(base + offs_m[None, :] * sxm, mask, SCALED)
-            count, mean, sumsq = _chan_merge(v, mask, m_ok, count, mean, sumsq, SCALED)
+        if LANES:
+            anchor = tl.load(x_ptr + n.to(tl.int64) * sxn + offs_c * sxc, mask=c_ok, other=0.0).to(tl.float64)
+            s1 = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
+            s2 = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
+            for start in range(m_start, m_end, BLOCK_M):
+                offs_m = start + tl.arange(0, BLOCK_M)
+                mask = c_ok[:, None] & (offs_m < m_end)[None, :]
+                d = _deviations(tl.load(base + offs_m[None, :] * sxm, mask=mask, other=0.0), anchor, mask)
+                s1 += d
+                s2 += d * d
+            mean, sumsq = _shifted_moments(anchor, tl.sum(s1, axis=1), tl.sum(s2, axis=1), m_end - m_start)
+        else:
+            for start in range(m_start, m_end, BLOCK_M):
+                offs_m = start + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < m_end
+                mask = c_ok[:, None] & m_ok[None, :]
+                v = _load_values(base + offs_m[None, :] * sxm, mask, SCALED)
+                count, mean, sumsq = _chan_merge(v, mask, m_ok, count, mean, sumsq, SCALED)
         out = (n.to(tl.int64) * tl.num_programs(2) + tl.program_id(2)) * C + offs_c
         tl.store(mean_ptr + out, mean, mask=c_ok)
         tl.store(sumsq_ptr + out, sumsq, mask=c_ok)
 
     @triton.jit
+    def _lane_gradient_sums(dy_base, x_base, anchor, c_ok, m_start, m_end, sdm, sxm, WITH_MOMENTS: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
+        """(mean, Σ (x − mean)², Σ dy, Σ dy·(x − K)) of positions [m_start, m_end) of the tile's rows, each sum kept
+        per position in float64 over the chunks and reduced once (the moments zeros unless WITH_MOMENTS)."""
+        s1 = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
+        s2 = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
+        g1 = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
+        gd = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
+        for start in range(m_start, m_end, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            mask = c_ok[:, None] & (offs_m < m_end)[None, :]
+            g = tl.load(dy_base + offs_m[None, :] * sdm, mask=mask, other=0.0).to(tl.float64)
+            d = _deviations(tl.load(x_base + offs_m[None, :] * sxm, mask=mask, other=0.0), anchor, mask)
+            g1 += g
+            gd += g * d
+            if WITH_MOMENTS:
+                s1 += d
+                s2 += d * d
+        mean, sumsq = _shifted_moments(anchor, tl.sum(s1, axis=1), tl.sum(s2, axis=1), m_end - m_start)
+        return mean, sumsq, tl.sum(g1, axis=1), tl.sum(gd, axis=1)
+
+    @triton.jit
     def _gradient_sums_kernel(
         dy_ptr, x_ptr, centre_ptr, dy_sum_ptr, dy_xc_ptr, mean_ptr, sumsq_ptr, C, M, SPAN,
         sdn, sdc, sdm, sxn, sxc, sxm,
-        WITH_MOMENTS: tl.constexpr, PARTS: tl.constexpr, SCALED: tl.constexpr, BLOCK_C: tl.constexpr,
-        BLOCK_M: tl.constexpr,
+        WITH_MOMENTS: tl.constexpr, PARTS: tl.constexpr, SCALED: tl.constexpr, LANES: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
         """Per-(n, c) Σ dy and Σ dy·(x − centre) (float64) in one read of (dy, x).
 
@@ -182,7 +232,9 @@ if TRITON_AVAILABLE:
         power of two of the larger of max |x| and |K|), and moved to the centre at the end:
         Σ dy·(x − c) = Σ dy·(x − K) − (c − K)·Σ dy. WITH_MOMENTS: no centre is given; the same read also yields
         the mean m (the centre) and Σ (x − m)² exactly as ``_moments_kernel`` computes them (same chunks, same
-        merge). PARTS (num_programs(2) parts of SPAN chunks a row): each part's sums, Σ dy·(x − K) about K
+        merge). LANES: every sum kept per position of the tile in float64 over the chunks (x − K unscaled: no
+        finite input's square overflows float64), reduced once after the loop, the moments as ``_moments_kernel``'s
+        LANES. PARTS (num_programs(2) parts of SPAN chunks a row): each part's sums, Σ dy·(x − K) about K
         and its moments go to row (n·S + part) of (N·S, C) arrays, for ``_merge_parts_kernel``.
         """
         n = tl.program_id(0)
@@ -208,25 +260,29 @@ if TRITON_AVAILABLE:
         dy_tile = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
         dot_tile = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
         m_start, m_end = _span(M, SPAN, BLOCK_M)
-        for start in range(m_start, m_end, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < m_end
-            mask = c_ok[:, None] & m_ok[None, :]
-            g = _load_values(dy_base + offs_m[None, :] * sdm, mask, SCALED)
-            v = _load_values(x_base + offs_m[None, :] * sxm, mask, SCALED)
-            if SCALED:  # scaled before subtracting: x − K of values near float32's largest would overflow
-                s, inv = _pow2_scale(tl.maximum(tl.max(tl.abs(v), axis=1), tl.abs(anchor)))
-                d = tl.where(mask, v * s[:, None] - (anchor * s)[:, None], 0.0)
-                dy_dot += tl.sum(g * d, axis=1).to(tl.float64) * inv.to(tl.float64)
-                dy_sum += tl.sum(g, axis=1).to(tl.float64)
-            else:
-                dot_tile += g * tl.where(mask, v - anchor[:, None], 0.0)
-                dy_tile += g
-            if WITH_MOMENTS:
-                count, mean, sumsq = _chan_merge(v, mask, m_ok, count, mean, sumsq, SCALED)
-        if not SCALED:
-            dy_dot = tl.sum(dot_tile, axis=1)
-            dy_sum = tl.sum(dy_tile, axis=1)
+        if LANES:
+            mean, sumsq, dy_sum, dy_dot = _lane_gradient_sums(
+                dy_base, x_base, anchor.to(tl.float64), c_ok, m_start, m_end, sdm, sxm, WITH_MOMENTS, BLOCK_C, BLOCK_M)
+        else:
+            for start in range(m_start, m_end, BLOCK_M):
+                offs_m = start + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < m_end
+                mask = c_ok[:, None] & m_ok[None, :]
+                g = _load_values(dy_base + offs_m[None, :] * sdm, mask, SCALED)
+                v = _load_values(x_base + offs_m[None, :] * sxm, mask, SCALED)
+                if SCALED:  # scaled before subtracting: x − K of values near float32's largest would overflow
+                    s, inv = _pow2_scale(tl.maximum(tl.max(tl.abs(v), axis=1), tl.abs(anchor)))
+                    d = tl.where(mask, v * s[:, None] - (anchor * s)[:, None], 0.0)
+                    dy_dot += tl.sum(g * d, axis=1).to(tl.float64) * inv.to(tl.float64)
+                    dy_sum += tl.sum(g, axis=1).to(tl.float64)
+                else:
+                    dot_tile += g * tl.where(mask, v - anchor[:, None], 0.0)
+                    dy_tile += g
+                if WITH_MOMENTS:
+                    count, mean, sumsq = _chan_merge(v, mask, m_ok, count, mean, sumsq, SCALED)
+            if not SCALED:
+                dy_dot = tl.sum(dot_tile, axis=1)
+                dy_sum = tl.sum(dy_tile, axis=1)
         if WITH_MOMENTS:
             centre = mean
             tl.store(mean_ptr + out, mean, mask=c_ok)
@@ -674,16 +730,29 @@ def _as_rows(t: Tensor, *, writable: bool = False) -> _Rows:
     return _Rows(t, shape[0], shape[1], math.prod(shape[2:]), (t.stride(0), t.stride(1), stride_m))
 
 
+def _channels_contiguous(rows: _Rows) -> bool:
+    """Whether C is the unit-stride axis of the rows (channels_last): the reductions over M then run across
+    warps, and keep their sums per position (the kernels' LANES) instead of reducing every chunk."""
+    _, stride_c, stride_m = rows.strides
+    return rows.m > 1 and stride_c == 1 and stride_m != 1
+
+
 def _tile(rows: _Rows, elements: int) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_M) for rows (N, C, M): long along the unit-stride axis, ``elements`` in all."""
-    _, stride_c, stride_m = rows.strides
-    if rows.m > 1 and stride_c == 1 and stride_m != 1:  # channels_last: C is contiguous
+    if _channels_contiguous(rows):
         block_c = min(_next_pow2(rows.c), _MAX_BLOCK_C_CHANNELS_LAST)
         block_m = min(_next_pow2(rows.m), max(1, elements // block_c))
     else:
         block_m = min(_next_pow2(rows.m), _MAX_BLOCK_M)
         block_c = min(_next_pow2(rows.c), max(1, elements // block_m))
     return block_c, block_m
+
+
+def _reduction_tile(rows: _Rows) -> tuple[int, int]:
+    """The reductions' (BLOCK_C, BLOCK_M): ``_REDUCE_TILE`` elements, half that for channels-last rows, whose
+    per-position float64 sums (LANES) take four times the registers (the gradient sums' 2048-element tile needed
+    213 registers a thread in triton 3.6's sm_90a build, 118 at 1024)."""
+    return _tile(rows, _REDUCE_TILE // 2 if _channels_contiguous(rows) else _REDUCE_TILE)
 
 
 @contextlib.contextmanager
@@ -740,13 +809,14 @@ def _moments(rows: _Rows) -> tuple[Tensor, Tensor]:
     x = rows.t
     mean = torch.empty(rows.n, rows.c, dtype=torch.float64, device=x.device)
     sumsq = torch.empty_like(mean)
-    block_c, block_m = _tile(rows, _REDUCE_TILE)
+    block_c, block_m = _reduction_tile(rows)
     parts, span = _row_parts(rows, block_c, block_m)
     out = (mean, sumsq) if parts == 1 else tuple(
         torch.empty(rows.n * parts, rows.c, dtype=torch.float64, device=x.device) for _ in range(2))
     launch(
         _moments_kernel, (rows.n, triton.cdiv(rows.c, block_c), parts),
-        x, *out, rows.c, rows.m, span, *rows.strides, SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
+        x, *out, rows.c, rows.m, span, *rows.strides, SCALED=_scaled(x), LANES=_channels_contiguous(rows),
+        BLOCK_C=block_c, BLOCK_M=block_m,
     )
     if parts > 1:
         _merge_parts(rows, parts, span * block_m, out, (mean, sumsq))
@@ -771,7 +841,7 @@ def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor | None) -> tuple[Tensor
     else:
         centre = centre.to(torch.float64).contiguous()
         mean = sumsq = centre  # not written
-    block_c, block_m = _tile(x_rows, _REDUCE_TILE)  # the forward's tiles and parts: the same moments, bit for bit
+    block_c, block_m = _reduction_tile(x_rows)  # the forward's tiles and parts: the same moments, bit for bit
     parts, span = _row_parts(x_rows, block_c, block_m)
     whole = (mean, sumsq, dy_sum, dy_xc) if with_moments else (dy_sum, dy_xc)
     partial = whole if parts == 1 else tuple(
@@ -781,7 +851,8 @@ def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor | None) -> tuple[Tensor
         _gradient_sums_kernel, (n, triton.cdiv(num_channels, block_c), parts),
         dy_rows.t, x_rows.t, centre, p_dy_sum, p_dy_xc, p_mean, p_sumsq, num_channels, x_rows.m, span,
         *dy_rows.strides, *x_rows.strides,
-        WITH_MOMENTS=with_moments, PARTS=parts > 1, SCALED=_scaled(x), BLOCK_C=block_c, BLOCK_M=block_m,
+        WITH_MOMENTS=with_moments, PARTS=parts > 1, SCALED=_scaled(x), LANES=_channels_contiguous(x_rows),
+        BLOCK_C=block_c, BLOCK_M=block_m,
     )
     if parts > 1:
         _merge_parts(x_rows, parts, span * block_m, partial, whole, None if with_moments else centre)
