@@ -234,6 +234,27 @@ def test_backward_recomputes_the_forward_moments_bit_for_bit(tk, tiny_tiles, cha
     torch.testing.assert_close(dy_xc.cpu().double(), want_xc, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+def test_per_position_sums_in_every_layout(tk, tiny_tiles, monkeypatch, dtype):
+    """``_LANES_EVERY_LAYOUT``: NCHW rows summed per tile position too (rows of 15 in chunks of 2, in parts), the
+    layer against float64 and the backward's moments bit for bit the forward's."""
+    monkeypatch.setattr(tk, "_LANES_EVERY_LAYOUT", True)
+    x = torch.randn(3, 5, 3, 5, dtype=F64, generator=torch.Generator().manual_seed(4)) * 3 + 20
+    rows = tk._as_rows(x)
+    assert tk._lanes(rows) and tk._row_parts(rows, *tk._reduction_tile(rows))[0] > 1
+    tol = 1e-12 if dtype == F64 else 1e-5
+    for training in (True, False):
+        got = run(tk.l2_batch_norm_triton, x, training, dtype=dtype)
+        assert_close(got, run(l2_batch_norm_reference, x, training, dtype=F64), rtol=tol, atol=tol)
+    xd, dy = dev(x.to(dtype)), dev(torch.randn(x.shape, dtype=F64).to(dtype))
+    mean, sumsq = tk.sample_channel_moments_triton(xd)
+    mean2, sumsq2, _, _ = tk.moments_and_gradient_sums_triton(dy, xd)
+    assert torch.equal(mean, mean2) and torch.equal(sumsq, sumsq2)
+    want_mean, want_sumsq = moments_f64(x.to(dtype))
+    torch.testing.assert_close(mean.cpu(), want_mean, rtol=1e-13, atol=0)  # float64 sums about a row value
+    torch.testing.assert_close(sumsq.cpu(), want_sumsq, rtol=1e-11, atol=0)
+
+
 ALLOCATIONS_AND_VIEWS = {"empty", "empty_like", "view", "select", "detach", "promote_types", "alias", "as_strided"}
 
 

@@ -79,6 +79,7 @@ _MAX_BLOCK_C_CHANNELS_LAST = 32  # channels per tile when C is the contiguous ax
 # reach its bandwidth: 16×64×56×56 channels-last was 32 programs of 49 chunks each), pooled by one more launch.
 _TARGET_PROGRAMS = 1024
 _MIN_PART_CHUNKS = 2
+_LANES_EVERY_LAYOUT = False
 
 
 if TRITON_AVAILABLE:
@@ -731,10 +732,16 @@ def _as_rows(t: Tensor, *, writable: bool = False) -> _Rows:
 
 
 def _channels_contiguous(rows: _Rows) -> bool:
-    """Whether C is the unit-stride axis of the rows (channels_last): the reductions over M then run across
-    warps, and keep their sums per position (the kernels' LANES) instead of reducing every chunk."""
+    """Whether C is the unit-stride axis of the rows (channels_last)."""
     _, stride_c, stride_m = rows.strides
     return rows.m > 1 and stride_c == 1 and stride_m != 1
+
+
+def _lanes(rows: _Rows) -> bool:
+    """Whether the reductions keep their sums per tile position (the kernels' LANES) instead of reducing every
+    chunk: for channels-last rows, whose reductions over M run across warps; for every layout with
+    ``_LANES_EVERY_LAYOUT`` (NCHW rows of several chunks reduce across warps too: an option to measure)."""
+    return _channels_contiguous(rows) or _LANES_EVERY_LAYOUT
 
 
 def _tile(rows: _Rows, elements: int) -> tuple[int, int]:
@@ -749,10 +756,10 @@ def _tile(rows: _Rows, elements: int) -> tuple[int, int]:
 
 
 def _reduction_tile(rows: _Rows) -> tuple[int, int]:
-    """The reductions' (BLOCK_C, BLOCK_M): ``_REDUCE_TILE`` elements, half that for channels-last rows, whose
-    per-position float64 sums (LANES) take four times the registers (the gradient sums' 2048-element tile needed
+    """The reductions' (BLOCK_C, BLOCK_M): ``_REDUCE_TILE`` elements, half that where their per-position float64
+    sums (LANES) take four times the registers (the gradient sums' 2048-element tile needed
     213 registers a thread in triton 3.6's sm_90a build, 118 at 1024)."""
-    return _tile(rows, _REDUCE_TILE // 2 if _channels_contiguous(rows) else _REDUCE_TILE)
+    return _tile(rows, _REDUCE_TILE // 2 if _lanes(rows) else _REDUCE_TILE)
 
 
 @contextlib.contextmanager
@@ -815,7 +822,7 @@ def _moments(rows: _Rows) -> tuple[Tensor, Tensor]:
         torch.empty(rows.n * parts, rows.c, dtype=torch.float64, device=x.device) for _ in range(2))
     launch(
         _moments_kernel, (rows.n, triton.cdiv(rows.c, block_c), parts),
-        x, *out, rows.c, rows.m, span, *rows.strides, SCALED=_scaled(x), LANES=_channels_contiguous(rows),
+        x, *out, rows.c, rows.m, span, *rows.strides, SCALED=_scaled(x), LANES=_lanes(rows),
         BLOCK_C=block_c, BLOCK_M=block_m,
     )
     if parts > 1:
@@ -851,7 +858,7 @@ def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor | None) -> tuple[Tensor
         _gradient_sums_kernel, (n, triton.cdiv(num_channels, block_c), parts),
         dy_rows.t, x_rows.t, centre, p_dy_sum, p_dy_xc, p_mean, p_sumsq, num_channels, x_rows.m, span,
         *dy_rows.strides, *x_rows.strides,
-        WITH_MOMENTS=with_moments, PARTS=parts > 1, SCALED=_scaled(x), LANES=_channels_contiguous(x_rows),
+        WITH_MOMENTS=with_moments, PARTS=parts > 1, SCALED=_scaled(x), LANES=_lanes(x_rows),
         BLOCK_C=block_c, BLOCK_M=block_m,
     )
     if parts > 1:
@@ -919,7 +926,9 @@ def affine_triton(
 
 
 _ALGEBRA_ROW_BLOCK = 1024  # channels per step of the per-sample kernels
-_ALGEBRA_TILE = (16, 64)  # (samples, channels) per step of the per-channel kernels
+# (samples, channels) per step of the per-channel kernels: few channels a program, so that C = 256 is 16 programs
+# and not 4 (the H200 run: 8-12 µs for the forward coefficients of a 128×2048 batch on 32 programs of 64 channels)
+_ALGEBRA_TILE = (64, 16)
 _ALGEBRA_SPLIT_ROWS = 256  # larger batches: the per-channel reductions split into programs of this many samples
 
 
