@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The one GPU check of docs/performance.md, for a session lent a CUDA machine (≤ 10 minutes on one H100/H200):
-# the CUDA and Triton tests on the real device, then the layer benchmarks (fp32 and bf16, ResNet-50 shapes,
-# training and eval, achieved bandwidth, whole calls and replayed CUDA graphs for the device's time alone),
-# then synchronized L2BN against torch's SyncBatchNorm (one nccl rank) and the host time of a call (the Triton
-# launcher's share), then the shape census (every norm layer's input shape of the zoo with achieved bandwidth:
-# fp32 whole calls and SGD steps, fp32 and bf16 CUDA graphs; issue 23's goal 4). Each step has its own time
-# limit (together under 10 minutes) and a failure does not stop the next; rows are printed as they are timed,
-# so a step cut by its limit still logs what it measured. Everything goes to $OUT/gpu_check.log (or
-# ./gpu_check.log).
+# tests — the CUDA and Triton tests on the real device; bench — whole calls at ResNet-50 shapes (fp32, bf16);
+# graphs — the same calls replayed from CUDA graphs (the device's time alone) with achieved bandwidth; host — each
+# kernel's device time in a call (bench_kernels.py), synchronized L2BN against torch's SyncBatchNorm (one nccl
+# rank) and the host time of a call (the launches' share); census — every norm layer's input shape of the zoo
+# (fp32 whole calls and SGD steps, fp32 and bf16 CUDA graphs; issue 23's goal 4); lanes (not by default) — the
+# census's CUDA graphs with NCHW rows summed per tile position too. Each step has its own time limit (the default
+# parts together under 10 minutes) and a failure does not stop the next; rows are printed as they are timed, so a
+# step cut by its limit still logs what it measured. Everything goes to $OUT/gpu_check.log (or ./gpu_check.log).
 #
 #     bash benchmarks/gpu_check.sh                 # from the repository root, with a CUDA torch and triton installed
-#     bash benchmarks/gpu_check.sh tests bench     # only some parts: tests, bench, census (a rerun after a fix)
+#     bash benchmarks/gpu_check.sh tests graphs    # only some parts: tests, bench, graphs, host, census, lanes
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -18,7 +18,7 @@ log="${OUT:-.}/gpu_check.log"
 py=$(command -v python3 || command -v python)
 shapes="128x64x56x56 128x256x56x56 128x512x28x28 128x2048x7x7"  # ResNet-50 BN inputs at batch 128
 
-parts="${*:-tests bench census}"
+parts="${*:-tests bench graphs host census}"
 wants() { [[ " $parts " == *" $1 "* ]]; }
 
 step() {  # step SECONDS TITLE COMMAND...
@@ -37,24 +37,40 @@ if wants tests; then  # every failure listed (no -x): one run on a lent machine 
     tests/test_compat.py -k "(triton or cuda or huge) and not compiles_for_cuda_without_a_gpu" \
     tests/test_metrics.py tests/test_norms_ubn.py
 fi
-if wants bench; then  # whole calls (host and device), then the device's time alone (each call a CUDA graph)
+if wants bench; then  # whole calls (host and device)
   for dtype in fp32 bf16; do
     step 30 "bench triton $dtype" "$py" -m l2bn bench --device cuda --dtype "$dtype" --repeats 20 --shapes $shapes
   done
+fi
+if wants graphs; then  # the device's time alone (each call a CUDA graph), with achieved bandwidth
   for dtype in fp32 bf16; do
     step 30 "ResNet-50 shapes, CUDA graphs, $dtype" "$py" benchmarks/bench_census.py --device cuda --dtype "$dtype" \
       --cuda-graphs --shapes "${shapes// /,}"
   done
+fi
+if wants host; then
+  # each kernel's device time inside a call, BN's kernels beside it (torch.profiler)
+  step 40 "kernels, fp32" "$py" benchmarks/bench_kernels.py --modes train --shapes \
+    128x2048x7x7,128x2048x8x8,128x256x56x56,16x64x56x56,128x512x14x14,64x256x16x16
   # SyncL2BatchNorm's call (torch ops, Triton kernels) against torch's SyncBatchNorm, one nccl rank
   step 30 "synchronized layers, fp32" "$py" benchmarks/bench_sync.py --device cuda --dtype fp32
   # host time a training call: BN, L2BN, L2BN with its Triton launches stubbed out (the launcher's share)
   step 20 "host time a call" "$py" benchmarks/bench_host.py --device cuda
 fi
 if wants census; then
-  step 90 "shape census fp32, and whole SGD steps" "$py" benchmarks/bench_census.py --device cuda --dtype fp32 --steps
+  step 75 "shape census fp32, and whole SGD steps" "$py" benchmarks/bench_census.py --device cuda --dtype fp32 --steps
   for dtype in fp32 bf16; do
-    step 75 "shape census $dtype, CUDA graphs" "$py" benchmarks/bench_census.py --device cuda --dtype "$dtype" \
+    step 50 "shape census $dtype, CUDA graphs" "$py" benchmarks/bench_census.py --device cuda --dtype "$dtype" \
       --cuda-graphs
+  done
+fi
+if wants lanes; then  # not by default: the census's device times with NCHW rows summed per tile position too
+  for dtype in fp32 bf16; do
+    step 60 "shape census $dtype, CUDA graphs, _LANES_EVERY_LAYOUT" "$py" -c "import runpy, sys
+import l2bn.kernels.triton_l2bn as kernels
+kernels._LANES_EVERY_LAYOUT = True
+sys.argv = ['bench_census.py', '--device', 'cuda', '--dtype', '$dtype', '--cuda-graphs']
+runpy.run_path('benchmarks/bench_census.py', run_name='__main__')"
   done
 fi
 echo "log: $log"
