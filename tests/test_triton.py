@@ -69,6 +69,9 @@ def tiny_tiles(tk, monkeypatch):
     monkeypatch.setattr(tk, "_ALGEBRA_ROW_BLOCK", 2)
     monkeypatch.setattr(tk, "_ALGEBRA_TILE", (2, 2))
     monkeypatch.setattr(tk, "_ALGEBRA_SPLIT_ROWS", 2)  # batches of 3 or more split across programs
+    monkeypatch.setattr(tk, "_MERGE_TILE", (2, 2))
+    monkeypatch.setattr(tk, "_MIN_PART_CHUNKS", 1)  # rows of two chunks or more reduced in parts
+    monkeypatch.setattr(tk, "_LANES_MIN_POSITIONS", 2)  # channels-last rows summed per tile position
 
 
 def dev(t: torch.Tensor) -> torch.Tensor:
@@ -255,6 +258,29 @@ def test_per_position_sums_in_every_layout(tk, tiny_tiles, monkeypatch, dtype):
     torch.testing.assert_close(sumsq.cpu(), want_sumsq, rtol=1e-11, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_per_position_sums_of_huge_values(tk, tiny_tiles, dtype):
+    """Channels-last rows summed per tile position (float64, unscaled): values whose squares overflow float32
+    (1e20, 1e30, 3e38) give the float64 moments and gradient sums."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 4, 3, 5, dtype=F64, generator=gen)
+    x[0, 1] *= 1e20
+    x[1, 2, 1, 1] = 3e38
+    x[2, 0] = 1e30 + x[2, 0]
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(3, 4, 3, 5, dtype=F64, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    rows = tk._as_rows(x)
+    assert tk._lanes(rows) and tk._row_parts(rows, *tk._reduction_tile(rows))[0] > 1
+    mean, sumsq = (t.cpu() for t in tk.sample_channel_moments_triton(dev(x)))
+    want_mean, want_sumsq = moments_f64(x)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(sumsq, want_sumsq, rtol=1e-12, atol=0)
+    _, _, dy_sum, dy_xc = (t.cpu() for t in tk.moments_and_gradient_sums_triton(dev(dy), dev(x)))
+    want_xc = (dy.double() * (x.double() - want_mean[:, :, None, None])).sum(dim=(2, 3))
+    torch.testing.assert_close(dy_sum, dy.double().sum(dim=(2, 3)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dy_xc, want_xc, rtol=1e-9, atol=0)
+
+
 ALLOCATIONS_AND_VIEWS = {"empty", "empty_like", "view", "select", "detach", "promote_types", "alias", "as_strided"}
 
 
@@ -306,6 +332,7 @@ def test_no_torch_kernel_between_the_triton_launches(tk, monkeypatch, calls, tra
         monkeypatch.setattr(tk, "_ALGEBRA_SPLIT_ROWS", 4)
     if split == "parts":  # rows of 25 in chunks of 8: two parts a row
         monkeypatch.setattr(tk, "_MAX_BLOCK_M", 8)
+        monkeypatch.setattr(tk, "_MIN_PART_CHUNKS", 2)
     x, w, b, rm, rv, dy = layer_call_tensors()
     with calls():
         y = tk.l2_batch_norm_triton(x, rm, rv, w, b, training, 0.1, 1e-5)

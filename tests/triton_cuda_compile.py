@@ -26,7 +26,7 @@ INPUT_POINTERS = {"x_ptr", "dy_ptr", "out_ptr", "u_ptr", "v_ptr", "weight_ptr", 
                   "grad_weight_ptr", "grad_bias_ptr"}
 COMPUTE_POINTERS = {"a_ptr", "shift_ptr", "dy_coef_ptr", "x_coef_ptr", "factor_ptr", "p_ptr", "q_ptr", "r_ptr",
                     "vf_ptr"}
-BLOCKS = {"BLOCK_C": 32, "BLOCK_M": 64, "BLOCK_N": 16}
+BLOCKS = {"BLOCK_C": 32, "BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_P": 16}
 
 
 def signature(kernel, dtype: str, flags: dict, ones: set[str]) -> tuple[dict, dict]:

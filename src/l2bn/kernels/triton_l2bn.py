@@ -78,7 +78,11 @@ _MAX_BLOCK_C_CHANNELS_LAST = 32  # channels per tile when C is the contiguous ax
 # at least _MIN_PART_CHUNKS chunks, one program a part (a GPU needs a few programs per multiprocessor to
 # reach its bandwidth: 16×64×56×56 channels-last was 32 programs of 49 chunks each), pooled by one more launch.
 _TARGET_PROGRAMS = 1024
-_MIN_PART_CHUNKS = 2
+_MIN_PART_CHUNKS = 4
+_MERGE_TILE = (32, 32)  # (parts, channels) per step of the pooling of the parts
+# Channels-last rows of at least this many positions keep per-position sums (the kernels' LANES): on the H200
+# (session 17) 1.1-5x faster at 784-16384 positions, 0-15 % slower at 256 and fewer (one to four chunks a row).
+_LANES_MIN_POSITIONS = 512
 _LANES_EVERY_LAYOUT = False
 
 
@@ -297,31 +301,41 @@ if TRITON_AVAILABLE:
     def _merge_parts_kernel(
         pmean_ptr, psumsq_ptr, pdy_sum_ptr, pdy_dot_ptr, x_ptr, centre_ptr, mean_ptr, sumsq_ptr, dy_sum_ptr, dy_xc_ptr,
         C, M, PART_SIZE, PARTS, sxn, sxc,
-        MOMENTS: tl.constexpr, GRADIENTS: tl.constexpr, SCALED: tl.constexpr, BLOCK_C: tl.constexpr,
+        MOMENTS: tl.constexpr, GRADIENTS: tl.constexpr, SCALED: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
-        """Per (n, c), the PARTS parts of a row from ``_moments_kernel`` or ``_gradient_sums_kernel`` pooled in
-        order: MOMENTS, the mean and Σ (x − mean)² (Chan et al.; parts of PART_SIZE positions, the last the rest of
-        M); GRADIENTS,
-        Σ dy and Σ dy·(x − centre), the centre the pooled mean (MOMENTS) or the given one, K as the kernel took it."""
+        """Per (n, c), the PARTS parts of a row from ``_moments_kernel`` or ``_gradient_sums_kernel`` pooled, BLOCK_P
+        parts a step: MOMENTS, the mean and Σ (x − mean)² (Chan et al.'s pooling of the parts' counts — PART_SIZE
+        positions, the last the rest of M —, means and sums of squared deviations); GRADIENTS, Σ dy and
+        Σ dy·(x − centre), the centre the pooled mean (MOMENTS) or the given one, K as the kernel took it."""
         n = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
         rows = n.to(tl.int64) * C + offs_c
-        count = tl.zeros([BLOCK_C], dtype=tl.float64)
-        mean = tl.zeros([BLOCK_C], dtype=tl.float64)
-        sumsq = tl.zeros([BLOCK_C], dtype=tl.float64)
-        dy_sum = tl.zeros([BLOCK_C], dtype=tl.float64)
-        dy_dot = tl.zeros([BLOCK_C], dtype=tl.float64)
-        for part in range(0, PARTS):
-            at = (n.to(tl.int64) * PARTS + part) * C + offs_c
+        first = n.to(tl.int64) * PARTS
+        weighted = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+        dy_sum = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+        dy_dot = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+        for start in range(0, PARTS, BLOCK_P):
+            offs_p = start + tl.arange(0, BLOCK_P)
             if MOMENTS:
-                part_count = tl.minimum(PART_SIZE, M - part * PART_SIZE).to(tl.float64)
-                count, mean, sumsq = _chan_combine(count, mean, sumsq, part_count,
-                                                   tl.load(pmean_ptr + at, mask=c_ok, other=0.0),
-                                                   tl.load(psumsq_ptr + at, mask=c_ok, other=0.0))
+                counts = tl.where(offs_p < PARTS, tl.minimum(PART_SIZE, M - offs_p * PART_SIZE), 0).to(tl.float64)
+                weighted += counts[:, None] * _channel_tile(pmean_ptr + first * C, offs_p, offs_c, PARTS, C, c_ok)
             if GRADIENTS:
-                dy_sum += tl.load(pdy_sum_ptr + at, mask=c_ok, other=0.0)
-                dy_dot += tl.load(pdy_dot_ptr + at, mask=c_ok, other=0.0)
+                dy_sum += _channel_tile(pdy_sum_ptr + first * C, offs_p, offs_c, PARTS, C, c_ok)
+                dy_dot += _channel_tile(pdy_dot_ptr + first * C, offs_p, offs_c, PARTS, C, c_ok)
+        mean = tl.sum(weighted, axis=0) / M
+        dy_sum = tl.sum(dy_sum, axis=0)
+        dy_dot = tl.sum(dy_dot, axis=0)
+        if MOMENTS:
+            squares = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+            for start in range(0, PARTS, BLOCK_P):
+                offs_p = start + tl.arange(0, BLOCK_P)
+                counts = tl.where(offs_p < PARTS, tl.minimum(PART_SIZE, M - offs_p * PART_SIZE), 0).to(tl.float64)
+                d = tl.where((offs_p < PARTS)[:, None],
+                             _channel_tile(pmean_ptr + first * C, offs_p, offs_c, PARTS, C, c_ok) - mean[None, :], 0.0)
+                squares += _channel_tile(psumsq_ptr + first * C, offs_p, offs_c, PARTS, C, c_ok) + counts[:, None] * d * d
+            sumsq = tl.sum(squares, axis=0)
         if MOMENTS:
             tl.store(mean_ptr + rows, mean, mask=c_ok)
             tl.store(sumsq_ptr + rows, sumsq, mask=c_ok)
@@ -739,9 +753,10 @@ def _channels_contiguous(rows: _Rows) -> bool:
 
 def _lanes(rows: _Rows) -> bool:
     """Whether the reductions keep their sums per tile position (the kernels' LANES) instead of reducing every
-    chunk: for channels-last rows, whose reductions over M run across warps; for every layout with
-    ``_LANES_EVERY_LAYOUT`` (NCHW rows of several chunks reduce across warps too: an option to measure)."""
-    return _channels_contiguous(rows) or _LANES_EVERY_LAYOUT
+    chunk: for channels-last rows of ``_LANES_MIN_POSITIONS`` or more, whose reductions over M run across warps;
+    for every layout with ``_LANES_EVERY_LAYOUT`` (measured on the H200: NCHW 0-3 % slower in the median, kept
+    off)."""
+    return (_channels_contiguous(rows) and rows.m >= _LANES_MIN_POSITIONS) or _LANES_EVERY_LAYOUT
 
 
 def _tile(rows: _Rows, elements: int) -> tuple[int, int]:
@@ -803,12 +818,12 @@ def _merge_parts(rows: _Rows, parts: int, part_size: int, partial: tuple[Tensor,
     else:
         (p_dy_sum, p_dy_dot), (dy_sum, dy_xc) = partial, whole
         p_mean, p_sumsq, mean, sumsq = p_dy_sum, p_dy_dot, dy_sum, dy_xc  # not read or written
-    block_c = min(_next_pow2(rows.c), _ALGEBRA_ROW_BLOCK)
+    block_p, block_c = _MERGE_TILE
     launch(
         _merge_parts_kernel, (rows.n, triton.cdiv(rows.c, block_c)),
         p_mean, p_sumsq, p_dy_sum, p_dy_dot, rows.t, _optional(centre, mean), mean, sumsq, dy_sum, dy_xc,
         rows.c, rows.m, part_size, parts, rows.strides[0], rows.strides[1],
-        MOMENTS=moments, GRADIENTS=gradients, SCALED=_scaled(rows.t), BLOCK_C=block_c,
+        MOMENTS=moments, GRADIENTS=gradients, SCALED=_scaled(rows.t), BLOCK_P=block_p, BLOCK_C=block_c,
     )
 
 
