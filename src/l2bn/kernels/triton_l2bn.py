@@ -715,6 +715,11 @@ if TRITON_AVAILABLE:
         tl.store(out, res.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for the host's grids and splits (``triton.cdiv`` is a ConstexprFunction: 2-3 µs a call)."""
+    return -(-a // b)
+
+
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
@@ -796,13 +801,13 @@ def _row_parts(rows: _Rows, block_c: int, block_m: int) -> tuple[int, int]:
     """(parts, span): each row's reduction split into ``parts`` programs of ``span`` chunks of ``block_m``
     positions where the (n, channel block) programs alone are fewer than ``_TARGET_PROGRAMS``; else one part of
     every chunk."""
-    programs = rows.n * triton.cdiv(rows.c, block_c)
-    chunks = triton.cdiv(rows.m, block_m)
-    parts = min(triton.cdiv(_TARGET_PROGRAMS, max(programs, 1)), chunks // _MIN_PART_CHUNKS)
+    programs = rows.n * _cdiv(rows.c, block_c)
+    chunks = _cdiv(rows.m, block_m)
+    parts = min(_cdiv(_TARGET_PROGRAMS, max(programs, 1)), chunks // _MIN_PART_CHUNKS)
     if parts < 2 or programs == 0:
         return 1, chunks
-    span = triton.cdiv(chunks, parts)
-    return triton.cdiv(chunks, span), span
+    span = _cdiv(chunks, parts)
+    return _cdiv(chunks, span), span
 
 
 def _merge_parts(rows: _Rows, parts: int, part_size: int, partial: tuple[Tensor, ...], whole: tuple[Tensor, ...],
@@ -820,7 +825,7 @@ def _merge_parts(rows: _Rows, parts: int, part_size: int, partial: tuple[Tensor,
         p_mean, p_sumsq, mean, sumsq = p_dy_sum, p_dy_dot, dy_sum, dy_xc  # not read or written
     block_p, block_c = _MERGE_TILE
     launch(
-        _merge_parts_kernel, (rows.n, triton.cdiv(rows.c, block_c)),
+        _merge_parts_kernel, (rows.n, _cdiv(rows.c, block_c)),
         p_mean, p_sumsq, p_dy_sum, p_dy_dot, rows.t, _optional(centre, mean), mean, sumsq, dy_sum, dy_xc,
         rows.c, rows.m, part_size, parts, rows.strides[0], rows.strides[1],
         MOMENTS=moments, GRADIENTS=gradients, SCALED=_scaled(rows.t), BLOCK_P=block_p, BLOCK_C=block_c,
@@ -836,7 +841,7 @@ def _moments(rows: _Rows) -> tuple[Tensor, Tensor]:
     out = (mean, sumsq) if parts == 1 else tuple(
         torch.empty(rows.n * parts, rows.c, dtype=torch.float64, device=x.device) for _ in range(2))
     launch(
-        _moments_kernel, (rows.n, triton.cdiv(rows.c, block_c), parts),
+        _moments_kernel, (rows.n, _cdiv(rows.c, block_c), parts),
         x, *out, rows.c, rows.m, span, *rows.strides, SCALED=_scaled(x), LANES=_lanes(rows),
         BLOCK_C=block_c, BLOCK_M=block_m,
     )
@@ -870,7 +875,7 @@ def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor | None) -> tuple[Tensor
         torch.empty(n * parts, num_channels, dtype=torch.float64, device=x.device) for _ in whole)
     p_mean, p_sumsq, p_dy_sum, p_dy_xc = partial if with_moments else (mean, sumsq) + partial
     launch(
-        _gradient_sums_kernel, (n, triton.cdiv(num_channels, block_c), parts),
+        _gradient_sums_kernel, (n, _cdiv(num_channels, block_c), parts),
         dy_rows.t, x_rows.t, centre, p_dy_sum, p_dy_xc, p_mean, p_sumsq, num_channels, x_rows.m, span,
         *dy_rows.strides, *x_rows.strides,
         WITH_MOMENTS=with_moments, PARTS=parts > 1, SCALED=_scaled(x), LANES=_lanes(x_rows),
@@ -911,9 +916,9 @@ def _affine(
     has_vf = v_factor is not None
     v_factor = v_factor.to(r.dtype).contiguous() if has_vf else r
     block_c, block_m = _tile(out_rows, _ELEMENTWISE_TILE)
-    num_m_blocks = triton.cdiv(out_rows.m, block_m)
+    num_m_blocks = _cdiv(out_rows.m, block_m)
     launch(
-        _affine_kernel, (n * num_m_blocks, triton.cdiv(num_channels, block_c)),
+        _affine_kernel, (n * num_m_blocks, _cdiv(num_channels, block_c)),
         out, u_rows.t, v_rows.t, p, p if p_factor is None else p_factor, q, r, v_factor, num_channels, out_rows.m,
         num_m_blocks, num_channels if r.dim() == 2 else 0, *out_rows.strides, *u_rows.strides, *v_rows.strides,
         P_FACTORED=p_factor is not None, HAS_V=has_v, HAS_VF=has_vf, BLOCK_C=block_c, BLOCK_M=block_m,
@@ -949,7 +954,7 @@ _ALGEBRA_SPLIT_ROWS = 256  # larger batches: the per-channel reductions split in
 
 def _splits(n: int) -> int:
     """How many programs share each per-channel reduction over the batch (1: one program does it all)."""
-    return triton.cdiv(n, _ALGEBRA_SPLIT_ROWS) if n > _ALGEBRA_SPLIT_ROWS else 1
+    return _cdiv(n, _ALGEBRA_SPLIT_ROWS) if n > _ALGEBRA_SPLIT_ROWS else 1
 
 
 def _sample_scales(mean: Tensor, sumsq: Tensor, spatial: int, rescale: bool, l2_eps: float) -> tuple[Tensor, Tensor]:
@@ -979,7 +984,7 @@ def _forward_split_parts(mean: Tensor, sumsq: Tensor, scale: Tensor) -> tuple[Te
     block_n, block_c = _ALGEBRA_TILE
     part = torch.empty(3, splits, num_channels, dtype=torch.float64, device=mean.device)
     launch(
-        _forward_partials_kernel, (triton.cdiv(num_channels, block_c), splits),
+        _forward_partials_kernel, (_cdiv(num_channels, block_c), splits),
         mean, sumsq, scale, part, n, num_channels, _ALGEBRA_SPLIT_ROWS, BLOCK_N=block_n, BLOCK_C=block_c,
     )
     return part, splits
@@ -993,7 +998,7 @@ def _local_channel_sums(mean: Tensor, sumsq: Tensor, scale: Tensor, spatial: int
     part, splits = _forward_split_parts(mean, sumsq, scale)
     block_n, block_c = _ALGEBRA_TILE
     launch(
-        _local_channel_sums_kernel, (triton.cdiv(num_channels, block_c),),
+        _local_channel_sums_kernel, (_cdiv(num_channels, block_c),),
         mean, sumsq, scale, part, sums, n, num_channels, spatial, _ALGEBRA_SPLIT_ROWS,
         SPLIT=splits > 1, BLOCK_N=block_n, BLOCK_C=block_c,
     )
@@ -1015,7 +1020,7 @@ def _forward_coefficients(
     block_n, block_c = _ALGEBRA_TILE
     part, splits = _forward_split_parts(mean, sumsq, scale) if training and sums is None else (mean, 1)
     launch(
-        _forward_coefficients_kernel, (triton.cdiv(num_channels, block_c),),
+        _forward_coefficients_kernel, (_cdiv(num_channels, block_c),),
         mean, sumsq, scale, part, _optional(sums, mu), _optional(weight, mu), _optional(bias, mu),
         _optional(running_mean, mu), _optional(running_var, mu), gain, shift, mu, invstd, n, num_channels, spatial,
         _ALGEBRA_SPLIT_ROWS, eps, momentum, TRAINING=training, SPLIT=splits > 1, SUMS_IN=sums is not None,
@@ -1043,12 +1048,12 @@ def _backward_channel_sums(
     if splits > 1:
         part = torch.empty(2, splits, num_channels, **stats)
         launch(
-            _backward_partials_kernel, (triton.cdiv(num_channels, block_c), splits),
+            _backward_partials_kernel, (_cdiv(num_channels, block_c), splits),
             dy_sum, dy_xc, mean, scale, mu, part, n, num_channels, _ALGEBRA_SPLIT_ROWS,
             BLOCK_N=block_n, BLOCK_C=block_c,
         )
     launch(
-        _backward_channel_sums_kernel, (triton.cdiv(num_channels, block_c),),
+        _backward_channel_sums_kernel, (_cdiv(num_channels, block_c),),
         dy_sum, dy_xc, mean, scale, part, mu, invstd, _optional(weight, mu), grad_weight, grad_bias,
         gain, k, bias_term, _optional(sums, mu), n, num_channels, spatial, _ALGEBRA_SPLIT_ROWS,
         TRAINING=training, SPLIT=splits > 1, SUMS_OUT=sums is not None, HAS_WEIGHT=weight is not None,
@@ -1063,7 +1068,7 @@ def _synced_gradient_coefficients(sums: Tensor, count: Tensor, gain: Tensor, inv
     k, bias_term = torch.empty_like(gain), torch.empty_like(gain)
     block_c = min(_next_pow2(num_channels), _ALGEBRA_ROW_BLOCK)
     launch(
-        _synced_gradient_coefficients_kernel, (triton.cdiv(num_channels, block_c),),
+        _synced_gradient_coefficients_kernel, (_cdiv(num_channels, block_c),),
         sums, count, gain, invstd, k, bias_term, num_channels, BLOCK_C=block_c,
     )
     return k, bias_term
