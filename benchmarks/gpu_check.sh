@@ -33,9 +33,10 @@ step 20 "device" nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.
 step 30 "versions" "$py" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 if wants tests; then  # every failure listed (no -x): one run on a lent machine has to show them all
   # (not the ahead-of-time compile check: it needs no GPU, CI runs it, and on the device it outlasted the step)
-  step 130 "CUDA and Triton tests" "$py" -m pytest -v -p no:cacheprovider --maxfail=25 tests/test_triton.py \
-    tests/test_compat.py -k "(triton or cuda or huge) and not compiles_for_cuda_without_a_gpu" \
-    tests/test_metrics.py tests/test_norms_ubn.py
+  # (the short files first: in session 17 test_triton.py alone outlasted 130 s and cut the rest)
+  step 150 "CUDA and Triton tests" "$py" -m pytest -v -p no:cacheprovider --maxfail=25 tests/test_compat.py \
+    tests/test_metrics.py tests/test_norms_ubn.py tests/test_triton.py \
+    -k "(triton or cuda or huge) and not compiles_for_cuda_without_a_gpu"
 fi
 if wants bench; then  # whole calls (host and device)
   for dtype in fp32 bf16; do
