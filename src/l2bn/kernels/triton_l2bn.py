@@ -175,9 +175,6 @@ if TRITON_AVAILABLE:
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
         base = x_ptr + n.to(tl.int64) * sxn + offs_c[:, None] * sxc
-        count = tl.zeros([BLOCK_C], dtype=tl.float64)
-        mean = tl.zeros([BLOCK_C], dtype=tl.float64)
-        sumsq = tl.zeros([BLOCK_C], dtype=tl.float64)
         m_start, m_end = _span(M, SPAN, BLOCK_M)
         if LANES:
             anchor = tl.load(x_ptr + n.to(tl.int64) * sxn + offs_c * sxc, mask=c_ok, other=0.0).to(tl.float64)
@@ -191,6 +188,9 @@ if TRITON_AVAILABLE:
                 s2 += d * d
             mean, sumsq = _shifted_moments(anchor, tl.sum(s1, axis=1), tl.sum(s2, axis=1), m_end - m_start)
         else:
+            count = tl.zeros([BLOCK_C], dtype=tl.float64)
+            mean = tl.zeros([BLOCK_C], dtype=tl.float64)
+            sumsq = tl.zeros([BLOCK_C], dtype=tl.float64)
             for start in range(m_start, m_end, BLOCK_M):
                 offs_m = start + tl.arange(0, BLOCK_M)
                 m_ok = offs_m < m_end
@@ -254,21 +254,21 @@ if TRITON_AVAILABLE:
         else:
             centre = tl.load(centre_ptr + rows, mask=c_ok, other=0.0)
             anchor = _to_compute(centre, SCALED)
-        count = tl.zeros([BLOCK_C], dtype=tl.float64)
-        mean = tl.zeros([BLOCK_C], dtype=tl.float64)
-        sumsq = tl.zeros([BLOCK_C], dtype=tl.float64)
-        dy_sum = tl.zeros([BLOCK_C], dtype=tl.float64)
-        dy_dot = tl.zeros([BLOCK_C], dtype=tl.float64)
-        # Float64 input (not SCALED) adds whole tiles and reduces them once after the loop: a per-chunk sum
-        # added straight into a float64 accumulator that is read twice after the loop fails an assertion
-        # (loopResult.hasOneUse) in the OptimizeThreadLocality pass of Triton 3.4-3.6.
-        dy_tile = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
-        dot_tile = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
         m_start, m_end = _span(M, SPAN, BLOCK_M)
         if LANES:
             mean, sumsq, dy_sum, dy_dot = _lane_gradient_sums(
                 dy_base, x_base, anchor.to(tl.float64), c_ok, m_start, m_end, sdm, sxm, WITH_MOMENTS, BLOCK_C, BLOCK_M)
         else:
+            count = tl.zeros([BLOCK_C], dtype=tl.float64)
+            mean = tl.zeros([BLOCK_C], dtype=tl.float64)
+            sumsq = tl.zeros([BLOCK_C], dtype=tl.float64)
+            dy_sum = tl.zeros([BLOCK_C], dtype=tl.float64)
+            dy_dot = tl.zeros([BLOCK_C], dtype=tl.float64)
+            # Float64 input (not SCALED) adds whole tiles and reduces them once after the loop: a per-chunk sum
+            # added straight into a float64 accumulator that is read twice after the loop fails an assertion
+            # (loopResult.hasOneUse) in the OptimizeThreadLocality pass of Triton 3.4-3.6.
+            dy_tile = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
+            dot_tile = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64)
             for start in range(m_start, m_end, BLOCK_M):
                 offs_m = start + tl.arange(0, BLOCK_M)
                 m_ok = offs_m < m_end

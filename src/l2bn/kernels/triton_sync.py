@@ -7,7 +7,8 @@ variance are E[z] and E[z²] − E[z]² in float64. Backward all-reduces Σdy an
 local, like ``nn.SyncBatchNorm``'s (DDP averages them). What the torch-op path runs as ~100 small ops a training
 call runs here as launches: forward moments, sample scales, local sums (+1 for batches split across programs),
 [all-reduce], coefficients, output; backward gradient sums, local sums (+1 split), [all-reduce], gradient
-coefficients, sample coefficients, dx. Huge samples are handled inside the kernels, as on the local path.
+coefficients, sample coefficients, dx (+1 each way where rows are reduced in parts). Huge samples are handled
+inside the kernels, as on the local path.
 
 Deliberate difference from the torch-op path: the statistics stay in float64 up to the coefficients (the torch
 ops round μ and σ² to the accumulation dtype first), as :mod:`l2bn.kernels.triton_l2bn` does locally.
