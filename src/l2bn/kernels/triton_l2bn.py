@@ -312,34 +312,21 @@ if TRITON_AVAILABLE:
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
         rows = n.to(tl.int64) * C + offs_c
-        first = n.to(tl.int64) * PARTS
-        weighted = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
-        dy_sum = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
-        dy_dot = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
-        for start in range(0, PARTS, BLOCK_P):
-            offs_p = start + tl.arange(0, BLOCK_P)
-            if MOMENTS:
-                counts = tl.where(offs_p < PARTS, tl.minimum(PART_SIZE, M - offs_p * PART_SIZE), 0).to(tl.float64)
-                weighted += counts[:, None] * _channel_tile(pmean_ptr + first * C, offs_p, offs_c, PARTS, C, c_ok)
-            if GRADIENTS:
-                dy_sum += _channel_tile(pdy_sum_ptr + first * C, offs_p, offs_c, PARTS, C, c_ok)
-                dy_dot += _channel_tile(pdy_dot_ptr + first * C, offs_p, offs_c, PARTS, C, c_ok)
-        mean = tl.sum(weighted, axis=0) / M
-        dy_sum = tl.sum(dy_sum, axis=0)
-        dy_dot = tl.sum(dy_dot, axis=0)
+        first = n.to(tl.int64) * PARTS * C
         if MOMENTS:
-            squares = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
-            for start in range(0, PARTS, BLOCK_P):
-                offs_p = start + tl.arange(0, BLOCK_P)
-                counts = tl.where(offs_p < PARTS, tl.minimum(PART_SIZE, M - offs_p * PART_SIZE), 0).to(tl.float64)
-                d = tl.where((offs_p < PARTS)[:, None],
-                             _channel_tile(pmean_ptr + first * C, offs_p, offs_c, PARTS, C, c_ok) - mean[None, :], 0.0)
-                squares += _channel_tile(psumsq_ptr + first * C, offs_p, offs_c, PARTS, C, c_ok) + counts[:, None] * d * d
-            sumsq = tl.sum(squares, axis=0)
-        if MOMENTS:
+            mean, sumsq = _pooled_parts(pmean_ptr + first, psumsq_ptr + first, PARTS, PART_SIZE, M, offs_c, C, c_ok,
+                                        BLOCK_P, BLOCK_C)
             tl.store(mean_ptr + rows, mean, mask=c_ok)
             tl.store(sumsq_ptr + rows, sumsq, mask=c_ok)
         if GRADIENTS:
+            dy_sum = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+            dy_dot = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+            for start in range(0, PARTS, BLOCK_P):
+                offs_p = start + tl.arange(0, BLOCK_P)
+                dy_sum += _channel_tile(pdy_sum_ptr + first, offs_p, offs_c, PARTS, C, c_ok)
+                dy_dot += _channel_tile(pdy_dot_ptr + first, offs_p, offs_c, PARTS, C, c_ok)
+            dy_sum = tl.sum(dy_sum, axis=0)
+            dy_dot = tl.sum(dy_dot, axis=0)
             if MOMENTS:
                 anchor = _load_values(x_ptr + n.to(tl.int64) * sxn + offs_c * sxc, c_ok, SCALED)
                 centre = mean
@@ -438,27 +425,44 @@ if TRITON_AVAILABLE:
         tl.store(out + 2 * plane, within, mask=c_ok)
 
     @triton.jit
+    def _part_counts(offs_p, parts, part_size, total):
+        """How many values each of ``parts`` parts holds: ``part_size``, the last the rest of ``total`` (zeros past
+        the parts), float64."""
+        return tl.where(offs_p < parts, tl.minimum(part_size, total - offs_p * part_size), 0).to(tl.float64)
+
+    @triton.jit
+    def _pooled_parts(mean_ptr, sumsq_ptr, parts, part_size, total, offs_c, C, c_ok, BLOCK_P: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+        """Per channel, the mean and Σ (x − mean)² of ``total`` values from the (parts, C) means and sums of squared
+        deviations of their parts (Chan, Golub & LeVeque's pooling; parts of ``part_size``, the last the rest),
+        BLOCK_P parts a step."""
+        weighted = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+        for start in range(0, parts, BLOCK_P):
+            offs_p = start + tl.arange(0, BLOCK_P)
+            counts = _part_counts(offs_p, parts, part_size, total)
+            weighted += counts[:, None] * _channel_tile(mean_ptr, offs_p, offs_c, parts, C, c_ok)
+        mean = tl.sum(weighted, axis=0) / total
+        squares = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+        for start in range(0, parts, BLOCK_P):
+            offs_p = start + tl.arange(0, BLOCK_P)
+            counts = _part_counts(offs_p, parts, part_size, total)
+            d = tl.where((offs_p < parts)[:, None], _channel_tile(mean_ptr, offs_p, offs_c, parts, C, c_ok)
+                         - mean[None, :], 0.0)
+            squares += _channel_tile(sumsq_ptr, offs_p, offs_c, parts, C, c_ok) + counts[:, None] * d * d
+        return mean, tl.sum(squares, axis=0)
+
+    @triton.jit
     def _merged_partials(part_ptr, N, C, ROWS, offs_c, c_ok, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
         """μ_c, Σ (r_n m − μ_c)² and Σ r_n² q of the whole batch from ``_forward_partials_kernel``'s splits (Chan,
         Golub & LeVeque's pooling of the splits' counts, means and sums of squared deviations)."""
         splits = tl.cdiv(N, ROWS)
         plane = tl.cast(splits, tl.int64) * C
-        total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
-        for start in range(0, splits, BLOCK_N):
-            offs_s = start + tl.arange(0, BLOCK_N)
-            counts = tl.where(offs_s < splits, tl.minimum(N - offs_s * ROWS, ROWS), 0).to(tl.float64)
-            total += counts[:, None] * _channel_tile(part_ptr, offs_s, offs_c, splits, C, c_ok)
-        mu = tl.sum(total, axis=0) / N
-        between = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+        mu, between = _pooled_parts(part_ptr, part_ptr + plane, splits, ROWS, N, offs_c, C, c_ok, BLOCK_N, BLOCK_C)
         within = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
         for start in range(0, splits, BLOCK_N):
             offs_s = start + tl.arange(0, BLOCK_N)
-            counts = tl.where(offs_s < splits, tl.minimum(N - offs_s * ROWS, ROWS), 0).to(tl.float64)
-            d = tl.where((offs_s < splits)[:, None], _channel_tile(part_ptr, offs_s, offs_c, splits, C, c_ok)
-                         - mu[None, :], 0.0)
-            between += _channel_tile(part_ptr + plane, offs_s, offs_c, splits, C, c_ok) + counts[:, None] * d * d
             within += _channel_tile(part_ptr + 2 * plane, offs_s, offs_c, splits, C, c_ok)
-        return mu, tl.sum(between, axis=0), tl.sum(within, axis=0)
+        return mu, between, tl.sum(within, axis=0)
 
     @triton.jit
     def _batch_moments(mean_ptr, sumsq_ptr, scale_ptr, part_ptr, N, C, ROWS, offs_c, c_ok, SPLIT: tl.constexpr,
