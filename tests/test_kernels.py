@@ -585,15 +585,17 @@ def test_a_clean_cpu_run_prints_nothing():
     [((6, 37), None), ((700, 3), None), ((5, 4, 3), None), ((5, 37, 1, 1), torch.channels_last),
      ((5, 19, 2, 2), None), ((5, 19, 2, 2), torch.channels_last), ((3, 6, 1, 2, 2), torch.channels_last_3d),
      ((5, 19, 4, 4), None), ((5, 19, 4, 4), torch.channels_last), ((70, 300, 4, 4), None),
-     ((70, 300, 4, 4), torch.channels_last), ((33, 70, 3, 3), torch.channels_last),
-     ((4, 1100, 2, 2), torch.channels_last), ((6, 5, 16), None)],
+     ((70, 300, 4, 4), torch.channels_last), ((70, 200, 4, 4), torch.channels_last),
+     ((33, 70, 3, 3), torch.channels_last), ((4, 1100, 2, 2), torch.channels_last), ((6, 5, 16), None)],
     ids=["1d", "1d-many-blocks", "1d-L3", "1x1-cl", "2x2", "2x2-cl", "3d-cl", "4x4", "4x4-cl", "4x4-tiles-groups",
-         "4x4-cl-groups-blocks", "3x3-cl-rows-across-samples", "2x2-cl-rows-over-a-tile-and-a-chunk", "1d-L16"],
+         "4x4-cl-groups-blocks", "4x4-cl-sample-sums-groups-blocks", "3x3-cl-rows-across-samples",
+         "2x2-cl-rows-over-a-tile-and-a-chunk", "1d-L16"],
 )
 def test_cpp_small_spatial_sizes(shape, fmt, training):
     """Spatial sizes ≤ 4 (and training at ≤ 4×4: several groups, cache blocks and position tiles with tails in
     the 70×300×4×4 cases; channels-last rows paired across samples at 3×3 and rows longer than a tile and a
-    chunk at C = 1100) take the channel-vectorised path: every layout against the float64 reference, and
+    chunk at C = 1100; channels-last 4×4 backward with per-sample sums in float64 at C = 19 and 200, in float32
+    at C = 300) take the channel-vectorised path: every layout against the float64 reference, and
     a float32 channel with a large mean and small spread loses no precision (shifted batch sums)."""
     x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(3)) * 1.5 - 0.4
     fmt = fmt or torch.contiguous_format
@@ -606,9 +608,10 @@ def test_cpp_small_spatial_sizes(shape, fmt, training):
     assert_close(got, run(l2_batch_norm_reference, shifted.float().double(), training), rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("shape", [(4, 3, 4, 4), (4, 3, 2, 2), (6, 5)], ids=["4x4", "2x2", "1d"])
+@pytest.mark.parametrize("shape, fmt", [((4, 3, 4, 4), None), ((4, 3, 4, 4), torch.channels_last),
+                                        ((4, 3, 2, 2), None), ((6, 5), None)], ids=["4x4", "4x4-cl", "2x2", "1d"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_nan_input_element_gives_the_references_gradients(shape, training):
+def test_nan_input_element_gives_the_references_gradients(shape, fmt, training):
     """One NaN input element: every path's outputs and input gradients are NaN exactly where the reference's are
     (the compiled kernel once returned finite gradients for the NaN sample's other channels)."""
     x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(2))
@@ -616,7 +619,7 @@ def test_nan_input_element_gives_the_references_gradients(shape, training):
     want = run(l2_batch_norm_reference, x, training)
     impls = ["fused", "cpp"] if cpp.compiler_found() else ["fused"]
     for impl in impls:
-        got = run(IMPLEMENTATIONS[impl], x, training)
+        got = run(IMPLEMENTATIONS[impl], x, training, memory_format=fmt or torch.contiguous_format)
         for key in ("y", "dx", "dw", "db"):
             assert torch.equal(torch.isnan(got[key]), torch.isnan(want[key])), (impl, key)
             finite = ~torch.isnan(want[key])

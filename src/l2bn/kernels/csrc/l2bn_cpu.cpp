@@ -903,15 +903,18 @@ constexpr int64_t kCacheValues = 16384;  // samples read twice (norm, then sums)
 constexpr int64_t kTile = 1024;          // positions whose 2 or 4 sums stay in L1 across a block of samples
 
 // Per sample ‖x_n‖² and r_n; per channel (float64) Σ (z − K), Σ (z − K)² and with dy Σ dy, Σ dy·(z − K).
+// kSampleSums (channels-last backward): per (n, c) also Σ_S x, Σ_S x², Σ_S dy·x into ``sample_sums``
+// ((N, 3, C), the accumulation type), from which small_input_grad forms T_n without a pass of its own.
 struct SmallSums {
   std::vector<double> squares, scale;  // per sample
   std::vector<double> z, zz, g, gz;    // per channel
 };
 
-template <typename scalar_t, bool kGrad>
+template <typename scalar_t, bool kGrad, bool kSampleSums = false>
 SmallSums small_sums(const scalar_t* xp, const scalar_t* gp, const Geometry& g, const std::vector<double>& K,
-                     double target, double l2_eps) {
+                     double target, double l2_eps, at::opmath_type<scalar_t>* sample_sums = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
+  static_assert(kGrad || !kSampleSums, "per-sample sums are the backward's");
   const int64_t N = g.N, C = g.C, D = g.C * g.M, width = kGrad ? 4 : 2;
   const SampleRows rows = sample_rows(g);
   const int64_t L = rows.length;
@@ -945,53 +948,72 @@ SmallSums small_sums(const scalar_t* xp, const scalar_t* gp, const Geometry& g, 
           acc_t* __restrict__ sg = s2 + stride;
           acc_t* __restrict__ sgz = kGrad ? sg + stride : nullptr;
           const acc_t* __restrict__ k = Kp.data() + t0;
-          int64_t j = j0;
-          for (; j + 2 <= j1; j += 2) {  // two rows per accumulator update: half the L1 traffic of the sums
-            const scalar_t* __restrict__ xa = xp + j * L + t0;
-            const scalar_t* __restrict__ xb = xa + L;
-            const acc_t ra = static_cast<acc_t>(out.scale[j / rows.count]);
-            const acc_t rb = static_cast<acc_t>(out.scale[(j + 1) / rows.count]);
-            if constexpr (kGrad) {
-              const scalar_t* __restrict__ ga = gp + j * L + t0;
-              const scalar_t* __restrict__ gb = ga + L;
+          for (int64_t j = j0; j < j1;) {  // the block's rows
+            // two rows per accumulator update (half the L1 traffic of the sums), paired up to the block's end
+            // or, where per-sample sums are kept, to the sample's end
+            const int64_t pair_end = kSampleSums ? std::min(j1, (j / rows.count + 1) * rows.count) : j1;
+            for (; j + 2 <= pair_end; j += 2) {
+              const scalar_t* __restrict__ xa = xp + j * L + t0;
+              const scalar_t* __restrict__ xb = xa + L;
+              const acc_t ra = static_cast<acc_t>(out.scale[j / rows.count]);
+              const acc_t rb = static_cast<acc_t>(out.scale[(j + 1) / rows.count]);
+              if constexpr (kGrad) {
+                const scalar_t* __restrict__ ga = gp + j * L + t0;
+                const scalar_t* __restrict__ gb = ga + L;
+                acc_t* __restrict__ u = kSampleSums ? sample_sums + (j / rows.count) * 3 * L + t0 : nullptr;
 #pragma omp simd
-              for (int64_t i = 0; i < len; ++i) {
-                const acc_t da = load(xa, i) * ra - k[i], db = load(xb, i) * rb - k[i];
-                const acc_t gva = load(ga, i), gvb = load(gb, i);
-                s1[i] += da + db;
-                s2[i] += da * da + db * db;
-                sg[i] += gva + gvb;
-                sgz[i] += gva * da + gvb * db;
-              }
-            } else {
+                for (int64_t i = 0; i < len; ++i) {
+                  const acc_t xva = load(xa, i), xvb = load(xb, i);
+                  const acc_t da = xva * ra - k[i], db = xvb * rb - k[i];
+                  const acc_t gva = load(ga, i), gvb = load(gb, i);
+                  s1[i] += da + db;
+                  s2[i] += da * da + db * db;
+                  sg[i] += gva + gvb;
+                  sgz[i] += gva * da + gvb * db;
+                  if constexpr (kSampleSums) {
+                    u[i] += xva + xvb;
+                    u[L + i] += xva * xva + xvb * xvb;
+                    u[2 * L + i] += gva * xva + gvb * xvb;
+                  }
+                }
+              } else {
 #pragma omp simd
-              for (int64_t i = 0; i < len; ++i) {
-                const acc_t da = load(xa, i) * ra - k[i], db = load(xb, i) * rb - k[i];
-                s1[i] += da + db;
-                s2[i] += da * da + db * db;
+                for (int64_t i = 0; i < len; ++i) {
+                  const acc_t da = load(xa, i) * ra - k[i], db = load(xb, i) * rb - k[i];
+                  s1[i] += da + db;
+                  s2[i] += da * da + db * db;
+                }
               }
             }
-          }
-          for (; j < j1; ++j) {
-            const scalar_t* __restrict__ xs = xp + j * L + t0;
-            const acc_t r = static_cast<acc_t>(out.scale[j / rows.count]);
-            if constexpr (kGrad) {
-              const scalar_t* __restrict__ gs = gp + j * L + t0;
+            if (j < pair_end) {
+              const scalar_t* __restrict__ xs = xp + j * L + t0;
+              const acc_t r = static_cast<acc_t>(out.scale[j / rows.count]);
+              if constexpr (kGrad) {
+                const scalar_t* __restrict__ gs = gp + j * L + t0;
+                acc_t* __restrict__ u = kSampleSums ? sample_sums + (j / rows.count) * 3 * L + t0 : nullptr;
 #pragma omp simd
-              for (int64_t i = 0; i < len; ++i) {
-                const acc_t d = load(xs, i) * r - k[i], gv = load(gs, i);
-                s1[i] += d;
-                s2[i] += d * d;
-                sg[i] += gv;
-                sgz[i] += gv * d;
-              }
-            } else {
+                for (int64_t i = 0; i < len; ++i) {
+                  const acc_t xv = load(xs, i), gv = load(gs, i);
+                  const acc_t d = xv * r - k[i];
+                  s1[i] += d;
+                  s2[i] += d * d;
+                  sg[i] += gv;
+                  sgz[i] += gv * d;
+                  if constexpr (kSampleSums) {
+                    u[i] += xv;
+                    u[L + i] += xv * xv;
+                    u[2 * L + i] += gv * xv;
+                  }
+                }
+              } else {
 #pragma omp simd
-              for (int64_t i = 0; i < len; ++i) {
-                const acc_t d = load(xs, i) * r - k[i];
-                s1[i] += d;
-                s2[i] += d * d;
+                for (int64_t i = 0; i < len; ++i) {
+                  const acc_t d = load(xs, i) * r - k[i];
+                  s1[i] += d;
+                  s2[i] += d * d;
+                }
               }
+              ++j;
             }
           }
         }
@@ -1056,12 +1078,25 @@ void small_output(const scalar_t* xp, scalar_t* yp, const Geometry& g, const std
   });
 }
 
+// T_n = Σ dz·x = Σ_c (A_c Σ_S dy·x + r_n b_c Σ_S x² + E_c Σ_S x) from small_sums' per-sample sums (N, 3, C).
+template <typename acc_t>
+double sample_dot(const acc_t* u, const std::vector<double>& A, const std::vector<double>& b,
+                  const std::vector<double>& E, double r) {
+  const int64_t C = static_cast<int64_t>(A.size());
+  double t = 0;
+  for (int64_t c = 0; c < C; ++c) t += A[c] * u[2 * C + c] + r * b[c] * u[C + c] + E[c] * u[c];
+  return t;
+}
+
 // dx = r_n (dz − x T_n / ‖x_n‖²), dz = A_c dy + r_n b_c x + E_c, T_n = Σ dz·x (0 where the norm was clamped;
-// NaN where the sample holds NaN, as on the other paths).
+// NaN where the sample holds NaN, as on the other paths): a pass over the sample for T_n, then dx while the
+// sample is in cache; with ``sample_sums`` (channels-last: small_sums' per-sample sums) T_n from those and dx in
+// one pass.
 template <typename scalar_t>
 void small_input_grad(const scalar_t* gp, const scalar_t* xp, scalar_t* dxp, const Geometry& g,
                       const std::vector<double>& A, const std::vector<double>& b, const std::vector<double>& E,
-                      const SmallSums& sums, double l2_eps) {
+                      const SmallSums& sums, double l2_eps,
+                      const at::opmath_type<scalar_t>* sample_sums = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = g.C * g.M;
   const SampleRows rows = sample_rows(g);
@@ -1077,8 +1112,8 @@ void small_input_grad(const scalar_t* gp, const scalar_t* xp, scalar_t* dxp, con
       const scalar_t* __restrict__ gs = gp + n * D;
       scalar_t* __restrict__ out = dxp + n * D;
       const acc_t r = static_cast<acc_t>(sums.scale[n]);
-      double t = 0;
-      for (int64_t m = 0; m < rows.count; ++m) {
+      double t = sample_sums == nullptr ? 0.0 : sample_dot(sample_sums + n * 3 * g.C, A, b, E, sums.scale[n]);
+      for (int64_t m = 0; sample_sums == nullptr && m < rows.count; ++m) {
         const scalar_t* __restrict__ xr = xs + m * L;
         const scalar_t* __restrict__ gr = gs + m * L;
         for (int64_t start = 0; start < L; start += kChunk) {
@@ -1172,6 +1207,18 @@ SmallTerms small_gradient_terms(const std::vector<double>& w, const std::vector<
   return t;
 }
 
+// Channels-last samples of at least kSampleSumsMinM positions keep per-sample sums in the backward's read, so
+// that the input gradient is one pass, where those sums (3·C values) fit in kSampleSumsBytes beside the batch
+// sums in L1 (docs/performance.md, session 18: faster at 4×4 and C ≤ 512; slower at 2×2, 3×3 and C = 1024).
+constexpr int64_t kSampleSumsMinM = 16;  // = kSmallM: 4×4 maps (at 3×3 no faster)
+constexpr int64_t kSampleSumsBytes = 6 * 1024;
+
+template <typename acc_t>
+bool keeps_sample_sums(const Geometry& g) {
+  return g.channels_last && g.M >= kSampleSumsMinM &&
+         3 * g.C * static_cast<int64_t>(sizeof(acc_t)) <= kSampleSumsBytes;
+}
+
 // Input gradient into dx; Σ dy·ẑ and Σ dy per channel into grad_w, grad_b.
 template <typename scalar_t>
 void small_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const Geometry& g, const std::vector<double>& w,
@@ -1188,7 +1235,12 @@ void small_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const Geometr
     st.var = to_vector(running_var, g.C, 1.0);
     K = st.mu;
   }
-  const SmallSums sums = small_sums<scalar_t, true>(xp, dy.const_data_ptr<scalar_t>(), g, K, target, l2_eps);
+  const bool per_sample = keeps_sample_sums<at::opmath_type<scalar_t>>(g);
+  std::vector<at::opmath_type<scalar_t>> sample_sums(per_sample ? g.N * 3 * g.C : 0);
+  const SmallSums sums =
+      per_sample ? small_sums<scalar_t, true, true>(xp, dy.const_data_ptr<scalar_t>(), g, K, target, l2_eps,
+                                                    sample_sums.data())
+                 : small_sums<scalar_t, true>(xp, dy.const_data_ptr<scalar_t>(), g, K, target, l2_eps);
   if (training) small_batch_statistics(sums, K, g, st);
   std::vector<double> invstd(g.C);
   grad_w.resize(g.C);
@@ -1201,7 +1253,7 @@ void small_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const Geometr
   const SmallTerms t = small_gradient_terms(w, invstd, st.mu, grad_w, grad_b,
                                             training ? static_cast<double>(g.N) * g.M : 0.0);
   small_input_grad(dy.const_data_ptr<scalar_t>(), xp, dx.mutable_data_ptr<scalar_t>(), g, t.A, t.B, t.E, sums,
-                   l2_eps);
+                   l2_eps, per_sample ? sample_sums.data() : nullptr);
 }
 
 // ---------------------------------------------------------------------------------------------------
