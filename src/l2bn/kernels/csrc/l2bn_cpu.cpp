@@ -1083,8 +1083,12 @@ template <typename acc_t>
 double sample_dot(const acc_t* u, const std::vector<double>& A, const std::vector<double>& b,
                   const std::vector<double>& E, double r) {
   const int64_t C = static_cast<int64_t>(A.size());
+  const double* __restrict__ a = A.data();
+  const double* __restrict__ bb = b.data();
+  const double* __restrict__ e = E.data();
   double t = 0;
-  for (int64_t c = 0; c < C; ++c) t += A[c] * u[2 * C + c] + r * b[c] * u[C + c] + E[c] * u[c];
+#pragma omp simd reduction(+ : t)
+  for (int64_t c = 0; c < C; ++c) t += a[c] * u[2 * C + c] + r * bb[c] * u[C + c] + e[c] * u[c];
   return t;
 }
 
