@@ -838,7 +838,8 @@ void channel_affine(const Statistics& st, const std::vector<double>& w, const st
 //                Σ (z − K)² of z = r_n x, with K = z of sample 0 at that channel (shifted sums across the
 //                batch), and with dy Σ dy and Σ dy·(z − K)
 //   output       y = x·(r_n gain_c) + shift_c
-//   input grad   per sample, in cache: T_n = Σ dz·x, then dx = r_n (dz − x T_n / ‖x_n‖²)
+//   input grad   per sample, in cache: T_n = Σ dz·x, then dx = r_n (dz − x T_n / ‖x_n‖²); channels-last 4×4:
+//                T_n from per-(n, c) Σ x, Σ x², Σ dy·x kept by the statistics' read, and dx in one pass
 //
 // Groups hold a fixed number of samples (it depends on D and M only), summed in the accumulation type (at
 // most kChunk values per sum) and added in float64 in group order, so results do not depend on the thread
