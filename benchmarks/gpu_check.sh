@@ -5,12 +5,14 @@
 # kernel's device time in a call (bench_kernels.py), synchronized L2BN against torch's SyncBatchNorm (one nccl
 # rank) and the host time of a call (the launches' share); census — every norm layer's input shape of the zoo
 # (fp32 whole calls and SGD steps, fp32 and bf16 CUDA graphs; issue 23's goal 4); lanes (not by default) — the
-# census's CUDA graphs with NCHW rows summed per tile position too. Each step has its own time limit (the default
+# census's CUDA graphs with NCHW rows summed per tile position too; inference (not by default) — the census's eval
+# rows in CUDA graphs through the autograd path (``_INFERENCE_PATH`` off), against census's own. Each step has its own time limit (the default
 # parts together under 10 minutes) and a failure does not stop the next; rows are printed as they are timed, so a
 # step cut by its limit still logs what it measured. Everything goes to $OUT/gpu_check.log (or ./gpu_check.log).
 #
 #     bash benchmarks/gpu_check.sh                 # from the repository root, with a CUDA torch and triton installed
-#     bash benchmarks/gpu_check.sh tests graphs    # only some parts: tests, bench, graphs, host, census, lanes
+#     bash benchmarks/gpu_check.sh tests graphs    # only some parts: tests, bench, graphs, host, census, lanes,
+#                                                  # inference
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -71,6 +73,15 @@ if wants lanes; then  # not by default: the census's device times with NCHW rows
 import l2bn.kernels.triton_l2bn as kernels
 kernels._LANES_EVERY_LAYOUT = True
 sys.argv = ['bench_census.py', '--device', 'cuda', '--dtype', '$dtype', '--cuda-graphs']
+runpy.run_path('benchmarks/bench_census.py', run_name='__main__')"
+  done
+fi
+if wants inference; then  # not by default: eval through the autograd path's four launches, for the A/B
+  for dtype in fp32 bf16; do
+    step 50 "shape census eval $dtype, CUDA graphs, _INFERENCE_PATH off" "$py" -c "import runpy, sys
+import l2bn.kernels.triton_l2bn as kernels
+kernels._INFERENCE_PATH = False
+sys.argv = ['bench_census.py', '--device', 'cuda', '--dtype', '$dtype', '--cuda-graphs', '--modes', 'eval']
 runpy.run_path('benchmarks/bench_census.py', run_name='__main__')"
   done
 fi

@@ -224,17 +224,19 @@ def test_sync_benchmark_prints_each_paths_ratio_for_every_shape():
 
 
 def test_host_benchmark_times_the_wrapper_with_launches_stubbed():
-    """On the CPU (Triton's interpreter): BatchNorm and L2BN's Triton wrapper with no kernel launched, per shape;
-    the launches themselves are timed on CUDA only."""
+    """On the CPU (Triton's interpreter): BatchNorm and L2BN's Triton wrapper with no kernel launched, per shape
+    and mode (training; eval under no_grad, the inference path); the launches themselves are timed on CUDA only."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_host.py"), "--device", "cpu",
                              "--shapes", "4x3x4x4,8x5x2x2", "--calls", "5"], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "L2BN path: triton" in result.stdout
-    rows = re.findall(r"^\| (\S+) \| (\d+) / (\d+) \| — \| (\d+) / (\d+) \| — \|$", result.stdout, flags=re.M)
-    assert [r[0] for r in rows] == ["4x3x4x4", "8x5x2x2"], result.stdout
-    assert all(0 < int(r[1]) <= int(r[2]) and 0 < int(r[3]) <= int(r[4]) for r in rows)
+    rows = re.findall(r"^\| (\S+) \| (\w+) \| (\d+) / (\d+) \| — \| (\d+) / (\d+) \| — \|$", result.stdout,
+                      flags=re.M)
+    assert [r[:2] for r in rows] == [("4x3x4x4", "train"), ("4x3x4x4", "eval"), ("8x5x2x2", "train"),
+                                     ("8x5x2x2", "eval")], result.stdout
+    assert all(0 < int(r[2]) <= int(r[3]) and 0 < int(r[4]) <= int(r[5]) for r in rows)
 
 
 def test_gpu_check_fits_one_ten_minute_device_call():
@@ -256,7 +258,7 @@ def test_gpu_check_fits_one_ten_minute_device_call():
             part = None
         elif (limit := re.match(r"\s*step (\d+) ", line)) and (part is None or part in defaults):
             total += repeat * int(limit[1])
-    assert "lanes" not in defaults and 0 < total <= 600, total
+    assert "lanes" not in defaults and "inference" not in defaults and 0 < total <= 600, total
     assert re.search(r"bench_census\.py --device cuda --dtype", script)
 
 

@@ -402,6 +402,118 @@ def test_synced_call_is_launches_and_one_all_reduce_each_way(tk, monkeypatch, ca
     assert set(calls.ops) <= allowed, sorted(set(calls.ops) - allowed)
 
 
+
+def inference(fn, x, *, affine=True, rescale=True, l2_eps=1e-12):
+    """An eval call under no_grad with fixed running statistics (and weight, bias); the output on the CPU."""
+    device = "cpu" if fn is l2_batch_norm_reference else DEVICE
+    gen = torch.Generator().manual_seed(5)
+    c, dtype = x.shape[1], x.dtype if fn is not l2_batch_norm_reference else F64
+    w, b = (torch.rand(c, generator=gen, dtype=F64) + 0.5), torch.randn(c, generator=gen, dtype=F64)
+    rm, rv = torch.randn(c, generator=gen, dtype=F64), torch.rand(c, generator=gen, dtype=F64) + 0.5
+    weight, bias = (dev_as(w, device, dtype), dev_as(b, device, dtype)) if affine else (None, None)
+    with torch.no_grad():
+        y = fn(x.to(device, dtype), dev_as(rm, device, dtype), dev_as(rv, device, dtype), weight, bias, False, 0.1,
+               1e-5, rescale=rescale, l2_eps=l2_eps)
+    return y.cpu()
+
+
+def dev_as(t: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(device, dtype)
+
+
+INFERENCE_CASES = [((5, 6, 4, 3), torch.contiguous_format), ((5, 6, 4, 3), torch.channels_last),
+                   ((4, 3, 7, 7), torch.contiguous_format), ((7, 5), torch.contiguous_format),
+                   ((3, 4, 2, 3, 2), torch.channels_last_3d), ((2, 3, 1, 1), torch.channels_last)]
+
+
+@pytest.mark.parametrize("shape, fmt", INFERENCE_CASES, ids=["nchw", "cl", "7x7", "1d", "3d-cl", "1x1-cl"])
+@pytest.mark.parametrize("tiles", ["default", "tiny"])
+def test_inference_equals_the_reference_and_the_autograd_path(tk, monkeypatch, shape, fmt, tiles):
+    """Eval under no_grad (two launches: ‖x_n‖² in parts, then the output): within float32 rounding of float64 and
+    of the autograd path's output, in the input's memory format; tiny tiles give each sample several parts,
+    summed over several blocks of parts, and the output several channel and position blocks."""
+    if tiles == "tiny":
+        for name, value in (("_REDUCE_TILE", 4), ("_ELEMENTWISE_TILE", 8), ("_MAX_BLOCK_M", 4),
+                            ("_MAX_BLOCK_C_CHANNELS_LAST", 2), ("_MERGE_TILE", (2, 2)), ("_MIN_PART_CHUNKS", 1)):
+            monkeypatch.setattr(tk, name, value)
+        rows = tk._as_rows(torch.empty(shape).contiguous(memory_format=fmt))
+        assert tk._parts(rows.n, tk._cdiv(rows.c * rows.m, 4))[0] > 2 or rows.c * rows.m < 12
+    x = (torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(6)) * 2 + 0.5).float()
+    x = x.contiguous(memory_format=fmt)
+    got = inference(tk.l2_batch_norm_triton, dev(x))
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(got.double(), inference(l2_batch_norm_reference, x.double()), rtol=1e-5, atol=1e-5)
+    autograd = run(tk.l2_batch_norm_triton, x.double(), False, memory_format=fmt)  # x requires a gradient
+    gen = torch.Generator().manual_seed(7)  # run()'s parameters: the same call through the autograd path
+    w, b = torch.rand(x.shape[1], generator=gen, dtype=F64) + 0.5, torch.randn(x.shape[1], generator=gen, dtype=F64)
+    rm, rv = torch.randn(x.shape[1], generator=gen, dtype=F64), torch.rand(x.shape[1], generator=gen, dtype=F64) + 0.5
+    with torch.no_grad():
+        same = tk.l2_batch_norm_triton(dev(x), dev(rm.float()), dev(rv.float()), dev(w.float()), dev(b.float()), False,
+                                       0.1, 1e-5).cpu()
+    torch.testing.assert_close(same, autograd["y"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)], ids=["bf16", "fp16"])
+def test_inference_in_half_precision(tk, dtype, tol):
+    """16-bit input: computed in float32 (float64 norms), stored in the input's dtype, within its rounding."""
+    x = (torch.randn(4, 3, 4, 5, dtype=F64, generator=torch.Generator().manual_seed(12)) * 3 + 1).to(dtype)
+    want = inference(l2_batch_norm_reference, x.double())
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        got = inference(tk.l2_batch_norm_triton, dev(x.contiguous(memory_format=fmt)))
+        assert got.dtype == dtype and got.is_contiguous(memory_format=fmt)
+        assert (got.double() - want).abs().max() <= tol * want.abs().max()
+
+
+def test_inference_of_zero_huge_and_non_finite_samples(tk, tiny_tiles):
+    """An all-zero sample gives the shift (norm clamped at l2_eps), huge finite ones (1e30, 3e38: squares beyond
+    float32) their float64 result, and a sample holding NaN or inf NaN where the autograd path gives NaN and
+    its values elsewhere; affine off and rescale off are honoured."""
+    x = torch.randn(5, 3, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(13))
+    x[1] = 0.0
+    x[2] *= 1e30
+    x[3, 1, 0, 0] = 3e38
+    x = x.float()
+    for affine, rescale in ((True, True), (False, False)):
+        got = inference(tk.l2_batch_norm_triton, dev(x), affine=affine, rescale=rescale)
+        want = inference(l2_batch_norm_reference, x.double(), affine=affine, rescale=rescale)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    bad = x.clone()
+    bad[0, 2, 1, 1], bad[4, 0, 0, 2] = float("nan"), float("inf")
+    got = inference(tk.l2_batch_norm_triton, dev(bad))
+    with torch.no_grad():
+        weight, bias, mean, var = (dev(torch.full((3,), v)) for v in (0.7, 1.5, -0.2, 0.9))
+        autograd = tk.TritonL2BatchNorm.apply(dev(bad), weight, bias, mean, var, False, 0.1, 1e-5, True, 1e-12).cpu()
+        direct = tk.l2_batch_norm_triton(dev(bad), mean, var, weight, bias, False, 0.1, 1e-5).cpu()
+    assert torch.equal(torch.isnan(direct), torch.isnan(autograd))
+    assert torch.isnan(direct[0, 2, 1, 1]) and torch.isnan(direct[4, 0, 0, 2]) and torch.isfinite(direct[1:4]).all()
+    torch.testing.assert_close(direct, autograd, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert torch.isfinite(got[[1, 2, 3]]).all()
+
+
+def test_inference_is_two_launches_and_two_allocations(tk, monkeypatch, calls):
+    """Eval under no_grad: ‖x_n‖² and the output, two launches, two allocations, no other torch op, the running
+    statistics untouched; with a gradient to take, float64 input or ``_INFERENCE_PATH`` off the autograd path's
+    four launches."""
+    x, w, b, rm, rv, _ = layer_call_tensors()
+    with calls():
+        with torch.no_grad():
+            tk.l2_batch_norm_triton(x, rm, rv, w, b, False, 0.1, 1e-5)
+    assert calls.launches == ["_sample_squares_kernel", "_inference_output_kernel"]
+    assert sorted(calls.ops) == ["empty", "empty_like"]
+    assert torch.equal(rm.cpu(), torch.zeros(8)) and torch.equal(rv.cpu(), torch.ones(8))
+    for args in ((x, w, b), (x.detach().double(), None, None)):
+        calls.launches.clear()
+        with calls():
+            tk.l2_batch_norm_triton(args[0], rm.to(args[0].dtype), rv.to(args[0].dtype), args[1], args[2], False, 0.1,
+                                    1e-5)
+        assert len(calls.launches) == 4 and "_sample_squares_kernel" not in calls.launches, calls.launches
+    monkeypatch.setattr(tk, "_INFERENCE_PATH", False)
+    calls.launches.clear()
+    with calls():
+        with torch.no_grad():
+            tk.l2_batch_norm_triton(x, rm, rv, w, b, False, 0.1, 1e-5)
+    assert len(calls.launches) == 4 and "_sample_squares_kernel" not in calls.launches, calls.launches
+
 def test_saves_x_the_weight_and_vectors_of_n_and_c(tk):
     """About what BatchNorm keeps (x plus five C-vectors): x, the C weights, μ and invstd (C float64 each) and
     r_n, ‖x_n‖ (N float64 each), in training."""

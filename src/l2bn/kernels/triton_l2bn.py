@@ -21,6 +21,11 @@ more than ``_ALGEBRA_SPLIT_ROWS`` samples first reduce over splits of the batch 
 (``_forward_partials_kernel``, ``_backward_partials_kernel``; the forward's splits pooled by Chan et al.'s
 formula), so that no program loops over a whole large batch.
 
+Inference — eval mode with nothing to differentiate (no_grad, or no tensor requiring a gradient) and input of
+dense samples, not float64 — takes two launches and no autograd node: ``_sample_squares_kernel`` sums ‖x_n‖² in
+float64 over each sample's block of memory (in parts where samples are few), and ``_inference_output_kernel``
+forms r_n and the per-channel coefficients from the running statistics inside the output pass.
+
 Values are read into float32 (float64 for float64 input). Huge finite inputs — values beyond ~1e19, whose
 squares overflow float32 — are handled on the device, without a host check: every chunk of a row is multiplied
 by the power of two that brings its max |x| into [1, 4) before it is squared (exact, so the usual input's chunk
@@ -84,6 +89,9 @@ _MERGE_TILE = (32, 32)  # (parts, channels) per step of the pooling of the parts
 # (session 17) 1.1-5x faster at 784-16384 positions, 0-15 % slower at 256 and fewer (one to four chunks a row).
 _LANES_MIN_POSITIONS = 512
 _LANES_EVERY_LAYOUT = False
+# eval calls with nothing to differentiate take ``_inference`` (two launches) instead of the autograd path's four;
+# off: the autograd path, for A/B timings on a GPU (gpu_check.sh's ``inference`` part)
+_INFERENCE_PATH = True
 
 
 if TRITON_AVAILABLE:
@@ -346,12 +354,23 @@ if TRITON_AVAILABLE:
         tl.store(ptrs, value.to(ty), mask=mask)
 
     @triton.jit
+    def _sample_scale(squares, C, M, l2_eps, RESCALE: tl.constexpr):
+        """(‖x_n‖, r_n) from ‖x_n‖² (float64): the norm with NaN read as inf, r_n = target / max(‖x_n‖, l2_eps),
+        target = sqrt(C·M) (RESCALE) or 1."""
+        norm = tl.sqrt(squares)
+        norm = tl.where(norm != norm, float("inf"), norm)
+        if RESCALE:
+            target = tl.sqrt(tl.cast(C, tl.float64) * M)
+        else:
+            target = 1.0
+        return norm, target / tl.maximum(norm, l2_eps)
+
+    @triton.jit
     def _sample_scales_kernel(
         mean_ptr, sumsq_ptr, scale_ptr, norm_ptr, C, M, l2_eps: tl.float64,
         RESCALE: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        """Per sample: ‖x_n‖ = sqrt(Σ_c q[n,c] + M·m[n,c]²) (NaN read as inf) and r_n = target / max(‖x_n‖, l2_eps),
-        target = sqrt(C·M) (RESCALE) or 1."""
+        """Per sample: ‖x_n‖ = sqrt(Σ_c q[n,c] + M·m[n,c]²) and r_n (``_sample_scale``)."""
         rows = tl.program_id(0).to(tl.int64) * C
         total = tl.zeros([BLOCK_C], dtype=tl.float64)
         for start in range(0, C, BLOCK_C):
@@ -359,14 +378,9 @@ if TRITON_AVAILABLE:
             ok = offs < C
             m = tl.load(mean_ptr + rows + offs, mask=ok, other=0.0)
             total += tl.load(sumsq_ptr + rows + offs, mask=ok, other=0.0) + M * m * m
-        norm = tl.sqrt(tl.sum(total, axis=0))
-        norm = tl.where(norm != norm, float("inf"), norm)
-        if RESCALE:
-            target = tl.sqrt(tl.cast(C, tl.float64) * M)
-        else:
-            target = 1.0
+        norm, scale = _sample_scale(tl.sum(total, axis=0), C, M, l2_eps, RESCALE)
         tl.store(norm_ptr + tl.program_id(0), norm)
-        tl.store(scale_ptr + tl.program_id(0), target / tl.maximum(norm, l2_eps))
+        tl.store(scale_ptr + tl.program_id(0), scale)
 
     @triton.jit
     def _channel_tile(ptr, offs_n, offs_c, N, C, c_ok):
@@ -493,6 +507,25 @@ if TRITON_AVAILABLE:
             tl.store(sums_ptr, count)
 
     @triton.jit
+    def _running_statistics(rmean_ptr, rvar_ptr, offs_c, c_ok):
+        """(μ_c, σ²_c) from the running statistics, float64."""
+        mu = tl.load(rmean_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
+        return mu, tl.load(rvar_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float64)
+
+    @triton.jit
+    def _channel_affine(mu, var, weight_ptr, bias_ptr, offs_c, c_ok, eps, HAS_WEIGHT: tl.constexpr,
+                        HAS_BIAS: tl.constexpr):
+        """(invstd_c, gain_c = γ_c·invstd_c, shift_c = β_c − μ_c·gain_c), float64: y = z·gain_c + shift_c."""
+        invstd = 1.0 / tl.sqrt(var + eps)
+        gain = invstd
+        if HAS_WEIGHT:
+            gain = gain * tl.load(weight_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
+        shift = -mu * gain
+        if HAS_BIAS:
+            shift += tl.load(bias_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
+        return invstd, gain, shift
+
+    @triton.jit
     def _forward_coefficients_kernel(
         mean_ptr, sumsq_ptr, scale_ptr, part_ptr, sums_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr,
         gain_ptr, shift_ptr, mu_ptr, invstd_ptr, N, C, M, ROWS, eps: tl.float64, momentum: tl.float64,
@@ -524,15 +557,8 @@ if TRITON_AVAILABLE:
                 _store_as(rmean_ptr + offs_c, new_mean, c_ok)
                 _store_as(rvar_ptr + offs_c, new_var, c_ok)
         else:
-            mu = tl.load(rmean_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
-            var = tl.load(rvar_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float64)
-        invstd = 1.0 / tl.sqrt(var + eps)
-        gain = invstd
-        if HAS_WEIGHT:
-            gain = gain * tl.load(weight_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
-        shift = -mu * gain
-        if HAS_BIAS:
-            shift += tl.load(bias_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
+            mu, var = _running_statistics(rmean_ptr, rvar_ptr, offs_c, c_ok)
+        invstd, gain, shift = _channel_affine(mu, var, weight_ptr, bias_ptr, offs_c, c_ok, eps, HAS_WEIGHT, HAS_BIAS)
         tl.store(mu_ptr + offs_c, mu, mask=c_ok)
         tl.store(invstd_ptr + offs_c, invstd, mask=c_ok)
         tl.store(gain_ptr + offs_c, gain, mask=c_ok)
@@ -718,6 +744,51 @@ if TRITON_AVAILABLE:
         out = out_ptr + n64 * son + offs_c[:, None] * soc + offs_m[None, :] * som
         tl.store(out, res.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _sample_squares_kernel(x_ptr, part_ptr, D, sxn, SPAN, BLOCK_M: tl.constexpr):
+        """Inference, pass 1: Σ x² in float64 over one part (program_id(1)) of SPAN chunks of BLOCK_M values of
+        sample program_id(0), whose D values lie in one dense block (NCHW or channels-last alike), into
+        part[n, part]. Squares of float32 values are exact in float64 and cannot overflow it."""
+        n = tl.program_id(0)
+        start = tl.program_id(1) * (SPAN * BLOCK_M)
+        end = tl.minimum(start + SPAN * BLOCK_M, D)
+        base = x_ptr + n.to(tl.int64) * sxn
+        total = tl.zeros([BLOCK_M], dtype=tl.float64)
+        for chunk in range(start, end, BLOCK_M):
+            offs = chunk + tl.arange(0, BLOCK_M)
+            v = tl.load(base + offs, mask=offs < end, other=0.0).to(tl.float64)
+            total += v * v
+        tl.store(part_ptr + n.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), tl.sum(total, axis=0))
+
+    @triton.jit
+    def _inference_output_kernel(
+        x_ptr, out_ptr, part_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, C, M, parts, num_m_blocks,
+        sxn, sxc, sxm, son, soc, som, eps: tl.float64, l2_eps: tl.float64,
+        RESCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        """Inference, pass 2: y = x·(r_n·gain_c) + shift_c over one (channels, positions) tile, r_n from the sample's
+        parts of ‖x_n‖² (summed in a fixed order) and gain_c, shift_c from the running statistics — the
+        arithmetic of ``_affine_kernel``'s factored output."""
+        pid = tl.program_id(0)
+        n = pid // num_m_blocks
+        offs_m = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        n64 = n.to(tl.int64)
+        squares = tl.zeros([BLOCK_P], dtype=tl.float64)
+        for start in range(0, parts, BLOCK_P):
+            offs_p = start + tl.arange(0, BLOCK_P)
+            squares += tl.load(part_ptr + n64 * parts + offs_p, mask=offs_p < parts, other=0.0)
+        _, scale = _sample_scale(tl.sum(squares, axis=0), C, M, l2_eps, RESCALE)
+        mu, var = _running_statistics(rmean_ptr, rvar_ptr, offs_c, c_ok)
+        _, gain, shift = _channel_affine(mu, var, weight_ptr, bias_ptr, offs_c, c_ok, eps, HAS_WEIGHT, HAS_BIAS)
+        mask = c_ok[:, None] & (offs_m < M)[None, :]
+        x = tl.load(x_ptr + n64 * sxn + offs_c[:, None] * sxc + offs_m[None, :] * sxm, mask=mask, other=0.0)
+        y = x.to(tl.float32) * (scale * gain).to(tl.float32)[:, None] + shift.to(tl.float32)[:, None]
+        out = out_ptr + n64 * son + offs_c[:, None] * soc + offs_m[None, :] * som
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
+
 
 def _cdiv(a: int, b: int) -> int:
     """⌈a / b⌉ for the host's grids and splits (``triton.cdiv`` is a ConstexprFunction: 2-3 µs a call)."""
@@ -801,17 +872,20 @@ def _scaled(x: Tensor) -> bool:
     return x.dtype != torch.float64
 
 
-def _row_parts(rows: _Rows, block_c: int, block_m: int) -> tuple[int, int]:
-    """(parts, span): each row's reduction split into ``parts`` programs of ``span`` chunks of ``block_m``
-    positions where the (n, channel block) programs alone are fewer than ``_TARGET_PROGRAMS``; else one part of
-    every chunk."""
-    programs = rows.n * _cdiv(rows.c, block_c)
-    chunks = _cdiv(rows.m, block_m)
+def _parts(programs: int, chunks: int) -> tuple[int, int]:
+    """(parts, span): a reduction over ``chunks`` chunks, one per each of ``programs`` programs, split into
+    ``parts`` programs of ``span`` chunks where ``programs`` alone are fewer than ``_TARGET_PROGRAMS`` (each part
+    at least ``_MIN_PART_CHUNKS``); else one part of every chunk."""
     parts = min(_cdiv(_TARGET_PROGRAMS, max(programs, 1)), chunks // _MIN_PART_CHUNKS)
     if parts < 2 or programs == 0:
         return 1, chunks
     span = _cdiv(chunks, parts)
     return _cdiv(chunks, span), span
+
+
+def _row_parts(rows: _Rows, block_c: int, block_m: int) -> tuple[int, int]:
+    """(parts, span) of each row's reduction over chunks of ``block_m`` positions, (n, channel block) programs."""
+    return _parts(rows.n * _cdiv(rows.c, block_c), _cdiv(rows.m, block_m))
 
 
 def _merge_parts(rows: _Rows, parts: int, part_size: int, partial: tuple[Tensor, ...], whole: tuple[Tensor, ...],
@@ -1139,6 +1213,44 @@ class TritonL2BatchNorm(torch.autograd.Function):
         )
 
 
+def _dense_samples(rows: _Rows) -> bool:
+    """Whether each sample's C·M values fill one block of memory (NCHW or channels-last rows)."""
+    stride_n, stride_c, stride_m = rows.strides
+    return stride_n == rows.c * rows.m and (stride_c, stride_m) in ((rows.m, 1), (1, rows.c))
+
+
+def _inference_applies(rows: _Rows, *tensors: Tensor | None) -> bool:
+    """Whether an eval call takes :func:`_inference`: nothing needs a gradient (no_grad, or no tensor that
+    requires one), the input is not float64 (whose squares could overflow: it keeps the moments' path) and its
+    samples are dense."""
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return _INFERENCE_PATH and not wants_grad and _scaled(rows.t) and _dense_samples(rows)
+
+
+def _inference(rows: _Rows, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
+               running_var: Tensor, eps: float, rescale: bool, l2_eps: float) -> Tensor:
+    """Eval-mode L2BN with nothing to differentiate, in two launches and two allocations: ‖x_n‖² in parts
+    (``_sample_squares_kernel``), then the output with r_n and the per-channel coefficients formed in the pass
+    (``_inference_output_kernel``); no autograd node, no (N, C) moments."""
+    x, n, num_channels = rows.t, rows.n, rows.c
+    size = num_channels * rows.m
+    parts, span = _parts(n, _cdiv(size, _REDUCE_TILE))
+    squares = torch.empty(n, parts, dtype=torch.float64, device=x.device)
+    launch(_sample_squares_kernel, (n, parts), x, squares, size, rows.strides[0], span, BLOCK_M=_REDUCE_TILE)
+    out = torch.empty_like(x)
+    out_rows = _as_rows(out, writable=True)
+    block_c, block_m = _tile(out_rows, _ELEMENTWISE_TILE)
+    num_m_blocks = _cdiv(rows.m, block_m)
+    launch(
+        _inference_output_kernel, (n * num_m_blocks, _cdiv(num_channels, block_c)),
+        x, out, squares, _optional(weight, squares), _optional(bias, squares), running_mean, running_var,
+        num_channels, rows.m, parts, num_m_blocks, *rows.strides, *out_rows.strides, eps, l2_eps,
+        RESCALE=rescale, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=block_c,
+        BLOCK_M=block_m, BLOCK_P=_MERGE_TILE[0],
+    )
+    return out
+
+
 def _check_triton_input(input: Tensor) -> None:
     if not TRITON_AVAILABLE:
         raise RuntimeError("the Triton L2BN path needs the 'triton' package; install it or use impl='fused'")
@@ -1166,6 +1278,11 @@ def l2_batch_norm_triton(
 ) -> Tensor:
     """Same contract as :func:`l2bn.kernels.fused.l2_batch_norm_fused`, through Triton kernels (CUDA)."""
     _check_triton_input(input)
+    if not training and running_mean is not None and running_var is not None:
+        rows = _as_rows(input)
+        if _inference_applies(rows, input, weight, bias):
+            with _on_device(input):
+                return _inference(rows, weight, bias, running_mean, running_var, eps, rescale, l2_eps)
     return TritonL2BatchNorm.apply(input, weight, bias, running_mean, running_var, training, momentum, eps, rescale,
                                    l2_eps)
 
