@@ -905,7 +905,8 @@ constexpr int64_t kTile = 1024;          // positions whose 2 or 4 sums stay in 
 
 // Per sample ‖x_n‖² and r_n; per channel (float64) Σ (z − K), Σ (z − K)² and with dy Σ dy, Σ dy·(z − K).
 // kSampleSums (channels-last backward): per (n, c) also Σ_S x, Σ_S x², Σ_S dy·x into ``sample_sums``
-// ((N, 3, C), the accumulation type), from which small_input_grad forms T_n without a pass of its own.
+// ((N, 3, C) in the accumulation type, zeroed by the caller), from which small_input_grad forms T_n without a
+// pass of its own.
 struct SmallSums {
   std::vector<double> squares, scale;  // per sample
   std::vector<double> z, zz, g, gz;    // per channel
