@@ -239,6 +239,25 @@ def test_host_benchmark_times_the_wrapper_with_launches_stubbed():
     assert all(0 < int(r[2]) <= int(r[3]) and 0 < int(r[4]) <= int(r[5]) for r in rows)
 
 
+
+def test_kernel_profile_on_the_cpu_lists_each_layers_ops_and_their_total():
+    """bench_kernels.py with --device cpu (each op's self CPU time): a row per op and an "all" row per shape, layout,
+    mode and layer, the shares of a layer summing to its total, and the compiled kernel's op among L2BN's."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--device", "cpu",
+                             "--shapes", "4x3x4x4,6x5", "--calls", "2"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = re.findall(r"^\| (\S+) \| (\w+) \| (\w+) \| (\w+) \| (.+?) \| \**([\d.]+)\** \| (.+?) \|$", result.stdout,
+                      flags=re.M)
+    totals = {r[:4]: float(r[5]) for r in rows if r[4] == "**all**"}
+    assert len(totals) == 2 * 2 * 2 + 2 * 2, sorted(totals)  # 4-d: two layouts; 2-d: NCHW only; 2 modes, 2 layers
+    for key, total in totals.items():
+        ops = [float(r[5]) for r in rows if r[:4] == key and r[4] != "**all**"]
+        assert ops and math.isclose(sum(ops), total, rel_tol=0.05, abs_tol=0.2), key
+    if cpp.compiler_found():  # else L2BN runs the torch-op path
+        assert any(r[3].startswith("L2BatchNorm") and r[4].startswith("l2bn_cpu::") for r in rows), result.stdout
+
 def test_gpu_check_fits_one_ten_minute_device_call():
     """benchmarks/gpu_check.sh runs as one device command (at most 600 s): the limits of its default parts' steps
     must add up below it."""
