@@ -6,7 +6,8 @@
 # rank) and the host time of a call (the launches' share); census — every norm layer's input shape of the zoo
 # (fp32 whole calls and SGD steps, fp32 and bf16 CUDA graphs; issue 23's goal 4); lanes (not by default) — the
 # census's CUDA graphs with NCHW rows summed per tile position too; inference (not by default) — the census's eval
-# rows in CUDA graphs through the autograd path (``_INFERENCE_PATH`` off), against census's own. Each step has its own time limit (the default
+# rows in CUDA graphs through the autograd path (``_INFERENCE_PATH`` off), against census's own, and the inference
+# kernels' device time. Each step has its own time limit (the default
 # parts together under 10 minutes) and a failure does not stop the next; rows are printed as they are timed, so a
 # step cut by its limit still logs what it measured. Everything goes to $OUT/gpu_check.log (or ./gpu_check.log).
 #
@@ -77,6 +78,8 @@ runpy.run_path('benchmarks/bench_census.py', run_name='__main__')"
   done
 fi
 if wants inference; then  # not by default: eval through the autograd path's four launches, for the A/B
+  step 30 "kernels, eval (inference path), fp32" "$py" benchmarks/bench_kernels.py --modes eval --shapes \
+    128x2048x7x7,128x256x56x56,16x64x56x56,128x16x32x32
   for dtype in fp32 bf16; do
     step 50 "shape census eval $dtype, CUDA graphs, _INFERENCE_PATH off" "$py" -c "import runpy, sys
 import l2bn.kernels.triton_l2bn as kernels
