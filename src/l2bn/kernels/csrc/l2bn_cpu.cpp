@@ -491,16 +491,16 @@ Moments moments(const Tensor& x, const Tensor* dy, const Geometry& g, double* st
   return mo;
 }
 
-// Σ x² of one contiguous run (a whole sample, in either layout), float64 over chunks of kChunk values.
-// float32 and float64 sum each chunk in four 32-byte vectors held in registers (GCC keeps an omp simd
-// reduction's lanes in a stack array, stored on every iteration: a chain of store-to-load latencies that
-// made this the hot loop of the small-spatial paths, whose samples are read from L1).
-template <typename scalar_t>
-double squares_of(const scalar_t* p, int64_t len) {
-  using acc_t = at::opmath_type<scalar_t>;
+// Σ term(i) for i < len in float64 over chunks of kChunk values. With kVector (float32 and float64 values) each
+// chunk is summed in four 32-byte accumulators held in registers, vector_term(i) giving the 32 bytes of terms
+// from i: GCC keeps an omp simd reduction's lanes in a stack array, stored on every iteration, a chain of
+// store-to-load latencies that made these the hot loops of the small-spatial paths, whose samples are read from
+// L1. The tail, and other types, go through scalar_term(i) in an omp simd reduction.
+template <typename acc_t, bool kVector, typename Many, typename One>
+__attribute__((always_inline)) inline double chunked_sum(int64_t len, const Many& vector_term, const One& scalar_term) {
   double total = 0;
   int64_t body = 0;  // values summed in vector registers
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+  if constexpr (kVector) {
     using V = Vec32<acc_t>;
     constexpr int64_t kLanes = V::kLanes, kStep = 4 * kLanes;
     static_assert(kChunk % kStep == 0, "whole steps per chunk");
@@ -509,12 +509,10 @@ double squares_of(const scalar_t* p, int64_t len) {
       const int64_t end = std::min(body, start + kChunk);
       typename V::type a = {}, b = {}, c = {}, d = {};
       for (int64_t i = start; i < end; i += kStep) {
-        const auto u = V::load(p + i), v = V::load(p + i + kLanes), w = V::load(p + i + 2 * kLanes),
-                   z = V::load(p + i + 3 * kLanes);
-        a += u * u;
-        b += v * v;
-        c += w * w;
-        d += z * z;
+        a += vector_term(i);
+        b += vector_term(i + kLanes);
+        c += vector_term(i + 2 * kLanes);
+        d += vector_term(i + 3 * kLanes);
       }
       total += V::lane_sum((a + b) + (c + d));
     }
@@ -523,10 +521,24 @@ double squares_of(const scalar_t* p, int64_t len) {
     const int64_t end = std::min(len, start + kChunk);
     acc_t part = 0;
 #pragma omp simd reduction(+ : part)
-    for (int64_t i = start; i < end; ++i) part += load(p, i) * load(p, i);
+    for (int64_t i = start; i < end; ++i) part += scalar_term(i);
     total += part;
   }
   return total;
+}
+
+// Σ x² of one contiguous run (a whole sample, in either layout), float64 over chunks of kChunk values.
+template <typename scalar_t>
+double squares_of(const scalar_t* p, int64_t len) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec32<acc_t>;
+  return chunked_sum<acc_t, std::is_same_v<scalar_t, acc_t>>(
+      len,
+      [&](auto i) {
+        const auto u = V::load(p + i);
+        return u * u;
+      },
+      [&](int64_t i) { return load(p, i) * load(p, i); });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1095,46 +1107,21 @@ double sample_dot(const acc_t* u, const std::vector<double>& A, const std::vecto
 }
 
 // Σ dz·x over one row of a sample, dz = a·dy + r·b·x + e (a, b, e per position), float64 over chunks of kChunk
-// values; float32 and float64 in four 32-byte accumulators held in registers (as squares_of: GCC's omp simd
-// reduction stored its one accumulator every iteration, a latency chain that made this sweep twice the dx pass's
-// time at (128, 512)).
+// values (chunked_sum: as an omp simd reduction this sweep took twice the dx pass's time at (128, 512)).
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 double row_dz_dot_x(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, const acc_t* __restrict__ a,
                     const acc_t* __restrict__ b, const acc_t* __restrict__ e, acc_t r, int64_t len) {
-  double total = 0;
-  int64_t body = 0;  // values summed in vector registers
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    using V = Vec32<acc_t>;
-    constexpr int64_t kLanes = V::kLanes, kStep = 4 * kLanes;
-    static_assert(kChunk % kStep == 0, "whole steps per chunk");
-    body = len - len % kStep;
-    const auto term = [&](int64_t i) {
-      const auto xv = V::load(x + i);
-      return xv * (V::load(a + i) * V::load(dy + i) + r * V::load(b + i) * xv + V::load(e + i));
-    };
-    for (int64_t start = 0; start < body; start += kChunk) {
-      const int64_t end = std::min(body, start + kChunk);
-      typename V::type s0 = {}, s1 = {}, s2 = {}, s3 = {};
-      for (int64_t i = start; i < end; i += kStep) {
-        s0 += term(i);
-        s1 += term(i + kLanes);
-        s2 += term(i + 2 * kLanes);
-        s3 += term(i + 3 * kLanes);
-      }
-      total += V::lane_sum((s0 + s1) + (s2 + s3));
-    }
-  }
-  for (int64_t start = body; start < len; start += kChunk) {
-    const int64_t end = std::min(len, start + kChunk);
-    acc_t part = 0;
-#pragma omp simd reduction(+ : part)
-    for (int64_t i = start; i < end; ++i) {
-      const acc_t xv = load(x, i);
-      part += xv * (a[i] * load(dy, i) + r * b[i] * xv + e[i]);
-    }
-    total += part;
-  }
-  return total;
+  using V = Vec32<acc_t>;
+  return chunked_sum<acc_t, std::is_same_v<scalar_t, acc_t>>(
+      len,
+      [&](auto i) {
+        const auto xv = V::load(x + i);
+        return xv * (V::load(a + i) * V::load(dy + i) + r * V::load(b + i) * xv + V::load(e + i));
+      },
+      [&](int64_t i) {
+        const acc_t xv = load(x, i);
+        return xv * (a[i] * load(dy, i) + r * b[i] * xv + e[i]);
+      });
 }
 
 // dx = r_n (dz − x T_n / ‖x_n‖²), dz = A_c dy + r_n b_c x + E_c, T_n = Σ dz·x (0 where the norm was clamped;
