@@ -410,15 +410,11 @@ def inference(fn, x, *, affine=True, rescale=True, l2_eps=1e-12):
     c, dtype = x.shape[1], x.dtype if fn is not l2_batch_norm_reference else F64
     w, b = (torch.rand(c, generator=gen, dtype=F64) + 0.5), torch.randn(c, generator=gen, dtype=F64)
     rm, rv = torch.randn(c, generator=gen, dtype=F64), torch.rand(c, generator=gen, dtype=F64) + 0.5
-    weight, bias = (dev_as(w, device, dtype), dev_as(b, device, dtype)) if affine else (None, None)
+    weight, bias = (w.to(device, dtype), b.to(device, dtype)) if affine else (None, None)
     with torch.no_grad():
-        y = fn(x.to(device, dtype), dev_as(rm, device, dtype), dev_as(rv, device, dtype), weight, bias, False, 0.1,
-               1e-5, rescale=rescale, l2_eps=l2_eps)
+        y = fn(x.to(device, dtype), rm.to(device, dtype), rv.to(device, dtype), weight, bias, False, 0.1, 1e-5,
+               rescale=rescale, l2_eps=l2_eps)
     return y.cpu()
-
-
-def dev_as(t: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(device, dtype)
 
 
 INFERENCE_CASES = [((5, 6, 4, 3), torch.contiguous_format), ((5, 6, 4, 3), torch.channels_last),
@@ -443,14 +439,15 @@ def test_inference_equals_the_reference_and_the_autograd_path(tk, monkeypatch, s
     got = inference(tk.l2_batch_norm_triton, dev(x))
     assert got.dtype == torch.float32 and got.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(got.double(), inference(l2_batch_norm_reference, x.double()), rtol=1e-5, atol=1e-5)
-    autograd = run(tk.l2_batch_norm_triton, x.double(), False, memory_format=fmt)  # x requires a gradient
-    gen = torch.Generator().manual_seed(7)  # run()'s parameters: the same call through the autograd path
-    w, b = torch.rand(x.shape[1], generator=gen, dtype=F64) + 0.5, torch.randn(x.shape[1], generator=gen, dtype=F64)
-    rm, rv = torch.randn(x.shape[1], generator=gen, dtype=F64), torch.rand(x.shape[1], generator=gen, dtype=F64) + 0.5
-    with torch.no_grad():
-        same = tk.l2_batch_norm_triton(dev(x), dev(rm.float()), dev(rv.float()), dev(w.float()), dev(b.float()), False,
-                                       0.1, 1e-5).cpu()
-    torch.testing.assert_close(same, autograd["y"], rtol=1e-6, atol=1e-6)
+    inferred = []
+
+    def inference_then_autograd(*args):  # run()'s call, once under no_grad, then with x requiring a gradient
+        with torch.no_grad():
+            inferred.append(tk.l2_batch_norm_triton(*args).cpu())
+        return tk.l2_batch_norm_triton(*args)
+
+    autograd = run(inference_then_autograd, x.double(), False, memory_format=fmt)
+    torch.testing.assert_close(inferred[0], autograd["y"], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)], ids=["bf16", "fp16"])
