@@ -709,6 +709,17 @@ if TRITON_AVAILABLE:
             _store_as(shift_ptr + rows + offs, shift, ok)
 
     @triton.jit
+    def _elementwise_tile(C, M, num_m_blocks, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
+        """This program's tile of the elementwise passes (grid (N·⌈M/BLOCK_M⌉, ⌈C/BLOCK_C⌉)): its sample n, channel
+        and position offsets, the channels' mask and the tile's."""
+        pid = tl.program_id(0)
+        n = pid // num_m_blocks
+        offs_m = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        return n, offs_c, offs_m, c_ok, c_ok[:, None] & (offs_m < M)[None, :]
+
+    @triton.jit
     def _affine_kernel(
         out_ptr, u_ptr, v_ptr, p_ptr, pn_ptr, q_ptr, r_ptr, vf_ptr, C, M, num_m_blocks, srn,
         son, soc, som, sun, suc, sum_, svn, svc, svm,
@@ -718,12 +729,7 @@ if TRITON_AVAILABLE:
         """out = u·P[n,c] + (v·F[n])·Q[n,c] + R[n,c] (the v term only if HAS_V, F = 1 unless HAS_VF), computed
         in R's dtype; R's row stride ``srn`` is 0 for a per-channel shift. P_FACTORED: P[n,c] = pn[n]·p[c], both
         float64, multiplied in float64 and then rounded."""
-        pid = tl.program_id(0)
-        n = pid // num_m_blocks
-        offs_m = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = offs_c < C
-        mask = c_ok[:, None] & (offs_m < M)[None, :]
+        n, offs_c, offs_m, c_ok, mask = _elementwise_tile(C, M, num_m_blocks, BLOCK_C, BLOCK_M)
         acc_ty = r_ptr.dtype.element_ty
         rows = n.to(tl.int64) * C + offs_c
         if P_FACTORED:
@@ -770,11 +776,7 @@ if TRITON_AVAILABLE:
         """Inference, pass 2: y = x·(r_n·gain_c) + shift_c over one (channels, positions) tile, r_n from the sample's
         parts of ‖x_n‖² (summed in a fixed order) and gain_c, shift_c from the running statistics — the
         arithmetic of ``_affine_kernel``'s factored output."""
-        pid = tl.program_id(0)
-        n = pid // num_m_blocks
-        offs_m = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = offs_c < C
+        n, offs_c, offs_m, c_ok, mask = _elementwise_tile(C, M, num_m_blocks, BLOCK_C, BLOCK_M)
         n64 = n.to(tl.int64)
         squares = tl.zeros([BLOCK_P], dtype=tl.float64)
         for start in range(0, parts, BLOCK_P):
@@ -783,7 +785,6 @@ if TRITON_AVAILABLE:
         _, scale = _sample_scale(tl.sum(squares, axis=0), C, M, l2_eps, RESCALE)
         mu, var = _running_statistics(rmean_ptr, rvar_ptr, offs_c, c_ok)
         _, gain, shift = _channel_affine(mu, var, weight_ptr, bias_ptr, offs_c, c_ok, eps, HAS_WEIGHT, HAS_BIAS)
-        mask = c_ok[:, None] & (offs_m < M)[None, :]
         x = tl.load(x_ptr + n64 * sxn + offs_c[:, None] * sxc + offs_m[None, :] * sxm, mask=mask, other=0.0)
         y = x.to(tl.float32) * (scale * gain).to(tl.float32)[:, None] + shift.to(tl.float32)[:, None]
         out = out_ptr + n64 * son + offs_c[:, None] * soc + offs_m[None, :] * som
