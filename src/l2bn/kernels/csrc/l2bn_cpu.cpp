@@ -1149,7 +1149,7 @@ void small_input_grad(const scalar_t* gp, const scalar_t* xp, scalar_t* dxp, con
       scalar_t* __restrict__ out = dxp + n * D;
       const acc_t r = static_cast<acc_t>(sums.scale[n]);
       double t = sample_sums == nullptr ? 0.0 : sample_dot(sample_sums + n * 3 * g.C, A, b, E, sums.scale[n]);
-      for (int64_t m = 0; sample_sums == nullptr && m < rows.count; ++m)
+      for (int64_t m = 0; sample_sums == nullptr && m < rows.count; ++m)  // (as an if/else: 1-2 % slower at (128, 512))
         t += row_dz_dot_x(xs + m * L, gs + m * L, a, bb, e, r, L);
       const double squares = sums.squares[n];
       const double u = std::sqrt(squares) <= l2_eps ? 0.0 : t / squares;
@@ -1234,7 +1234,7 @@ SmallTerms small_gradient_terms(const std::vector<double>& w, const std::vector<
 // Channels-last samples of at least kSampleSumsMinM positions keep per-sample sums in the backward's read, so
 // that the input gradient is one pass, where those sums (3·C values) fit in kSampleSumsBytes beside the batch
 // sums in L1 (docs/performance.md, session 18: faster at 4×4 and C ≤ 512; slower at 2×2, 3×3 and C = 1024).
-constexpr int64_t kSampleSumsMinM = 16;  // = kSmallM: 4×4 maps (at 3×3 no faster)
+constexpr int64_t kSampleSumsMinM = kSmallM;  // 4×4 maps (at 3×3 no faster)
 constexpr int64_t kSampleSumsBytes = 6 * 1024;
 
 template <typename acc_t>
