@@ -68,24 +68,25 @@ if wants census; then
       --cuda-graphs
   done
 fi
+# "$py" -c "$census_with" SETTING VALUE ARGS...: bench_census.py ARGS with the kernel module's SETTING set to VALUE
+# (a Python literal) first, for the A/B parts against the default census
+census_with='import ast, runpy, sys
+import l2bn.kernels.triton_l2bn as kernels
+setattr(kernels, sys.argv[1], ast.literal_eval(sys.argv[2]))
+sys.argv = ["bench_census.py"] + sys.argv[3:]
+runpy.run_path("benchmarks/bench_census.py", run_name="__main__")'
 if wants lanes; then  # not by default: the census's device times with NCHW rows summed per tile position too
   for dtype in fp32 bf16; do
-    step 60 "shape census $dtype, CUDA graphs, _LANES_EVERY_LAYOUT" "$py" -c "import runpy, sys
-import l2bn.kernels.triton_l2bn as kernels
-kernels._LANES_EVERY_LAYOUT = True
-sys.argv = ['bench_census.py', '--device', 'cuda', '--dtype', '$dtype', '--cuda-graphs']
-runpy.run_path('benchmarks/bench_census.py', run_name='__main__')"
+    step 60 "shape census $dtype, CUDA graphs, _LANES_EVERY_LAYOUT" "$py" -c "$census_with" \
+      _LANES_EVERY_LAYOUT True --device cuda --dtype "$dtype" --cuda-graphs
   done
 fi
 if wants inference; then  # not by default: eval through the autograd path's four launches, for the A/B
   step 30 "kernels, eval (inference path), fp32" "$py" benchmarks/bench_kernels.py --modes eval --shapes \
     128x2048x7x7,128x256x56x56,16x64x56x56,128x16x32x32
   for dtype in fp32 bf16; do
-    step 50 "shape census eval $dtype, CUDA graphs, _INFERENCE_PATH off" "$py" -c "import runpy, sys
-import l2bn.kernels.triton_l2bn as kernels
-kernels._INFERENCE_PATH = False
-sys.argv = ['bench_census.py', '--device', 'cuda', '--dtype', '$dtype', '--cuda-graphs', '--modes', 'eval']
-runpy.run_path('benchmarks/bench_census.py', run_name='__main__')"
+    step 50 "shape census eval $dtype, CUDA graphs, _INFERENCE_PATH off" "$py" -c "$census_with" \
+      _INFERENCE_PATH False --device cuda --dtype "$dtype" --cuda-graphs --modes eval
   done
 fi
 echo "log: $log"
