@@ -48,6 +48,7 @@ constexpr int64_t kInCacheBytes = 32 * 1024;  // ... for samples of at least thi
 constexpr int64_t kStreamBytes = 48 << 20;  // passes touching this much (1.5× this L3) stream their output
 constexpr int64_t kTwoRowBytes = 256 * 1024;  // channels-last samples up to this size: two rows per update ...
 constexpr int64_t kLaneRowBytes = 512;        // ... and, with rows of at least this size, register lane groups
+constexpr int64_t kLaneRowMaxBytes = 4096;    //     (below this size: each row on a page of its own is slower)
 
 // ---------------------------------------------------------------------------------------------------
 // Layout
@@ -350,16 +351,20 @@ struct ColumnSums {
   }
 
   // Rows [r0, r1): register-blocked lane groups for samples that fit in L2 (kTwoRows) in the accumulation
-  // type with rows of at least kLaneRowBytes, the column loop for the rest and for the last C mod kLanes
-  // columns. Larger samples, and narrow rows (many rows a page), stream from L3 or memory, where walking a
-  // chunk's rows once per lane group measured slower than the column loop, which reads them in memory order
-  // (16×64×56×56 channels-last training 1.10–1.18 → 1.41–1.61× BN; 64×48×32×32 0.86–1.09 in the column loop
-  // against 1.20–1.24 in lane groups; docs/performance.md).
+  // type with rows of kLaneRowBytes up to kLaneRowMaxBytes, the column loop for the rest and for the last
+  // C mod kLanes columns. Larger samples, and narrow rows (many rows a page), stream from L3 or memory, where
+  // walking a chunk's rows once per lane group measured slower than the column loop, which reads them in memory
+  // order (16×64×56×56 channels-last training 1.10–1.18 → 1.41–1.61× BN; 64×48×32×32 0.86–1.09 in the column
+  // loop against 1.20–1.24 in lane groups; docs/performance.md). Rows of a page or more put every row of a
+  // lane group's walk on a page of its own: there too the column loop is faster (session 19: 16×1024×7×7
+  // 1.18–1.24 → 0.95–0.99× BN, 32×1024×7×7 1.30–1.31 → 1.17–1.18; rows of 2 KiB keep the lane groups, 64×512×8×8
+  // 1.10–1.33 in them against 1.38–1.52).
   template <bool kTwoRows>
   void rows(const scalar_t* x, const scalar_t* dy, int64_t r0, int64_t r1) {
     int64_t c0 = 0;
+    const int64_t row_bytes = C * static_cast<int64_t>(sizeof(scalar_t));
     if constexpr (std::is_same_v<scalar_t, acc_t> && kTwoRows)
-      if (C * static_cast<int64_t>(sizeof(scalar_t)) >= kLaneRowBytes)
+      if (row_bytes >= kLaneRowBytes && row_bytes < kLaneRowMaxBytes)
         for (; c0 + kLanes <= C; c0 += kLanes) lane_block<kTwoRows>(x, dy, r0, r1, c0);
     if (c0 < C) columns<kTwoRows>(x, dy, r0, r1, c0);
   }
