@@ -286,12 +286,14 @@ def test_cpp_long_runs_and_few_samples():
 
 
 @NO_COMPILER
-@pytest.mark.parametrize("channels,dtype", [(1023, torch.float32), (1030, torch.float32), (511, F64), (515, F64)],
-                         ids=["lanes-fp32", "columns-fp32", "lanes-fp64", "columns-fp64"])
-def test_cpp_channels_last_rows_either_side_of_a_page(channels, dtype):
-    """Channels-last training moments of samples in L2 with rows just under 4 KiB (register lane groups and
-    the last C mod 8 channels in the column loop) and just over (the column loop alone): eq. 3 either way."""
-    x = torch.randn(3, channels, 5, 7, dtype=dtype, generator=torch.Generator().manual_seed(7)) * 2 + 1
+@pytest.mark.parametrize("channels,dtype,size", [(1023, torch.float32, (5, 7)), (1030, torch.float32, (5, 7)),
+                                                (511, F64, (5, 7)), (515, F64, (5, 7)), (1030, torch.float32, (7, 10))],
+                         ids=["lanes-fp32", "columns-fp32", "lanes-fp64", "columns-fp64", "columns-288KiB"])
+def test_cpp_channels_last_rows_either_side_of_a_page(channels, dtype, size):
+    """Channels-last training moments with rows just under 4 KiB (register lane groups and the last C mod 8
+    channels in the column loop) and just over (the column loop alone, two rows per update up to 512 KiB
+    samples): eq. 3 either way."""
+    x = torch.randn(3, channels, *size, dtype=dtype, generator=torch.Generator().manual_seed(7)) * 2 + 1
     got = run(IMPLEMENTATIONS["cpp"], x, True, dtype=dtype, memory_format=torch.channels_last)
     tol = 1e-12 if dtype == F64 else 2e-4
     assert_close(got, run(l2_batch_norm_reference, x.double(), True), rtol=tol, atol=tol)

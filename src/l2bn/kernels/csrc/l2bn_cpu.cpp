@@ -49,6 +49,7 @@ constexpr int64_t kStreamBytes = 48 << 20;  // passes touching this much (1.5× 
 constexpr int64_t kTwoRowBytes = 256 * 1024;  // channels-last samples up to this size: two rows per update ...
 constexpr int64_t kLaneRowBytes = 512;        // ... and, with rows of at least this size, register lane groups
 constexpr int64_t kLaneRowMaxBytes = 4096;    //     (below this size: each row on a page of its own is slower)
+constexpr int64_t kTwoRowWideBytes = 512 * 1024;  // two rows per update up to this size for rows of 4 KiB or more
 
 // ---------------------------------------------------------------------------------------------------
 // Layout
@@ -278,7 +279,8 @@ void finish(const RunSums& s, double inv_m, Moments& mo, int64_t i, bool grad) {
 // across chunks. All arrays are structures of arrays, so every loop over the columns vectorises. While a
 // sample's x and dy fit in a core's L2 (x at most 256 KiB), two rows go into each accumulator update (half
 // the accumulator traffic: 15–25 % faster there); larger, memory-bound samples measured faster one row at a
-// time (docs/performance.md).
+// time (docs/performance.md), except samples of rows of 4 KiB or more up to 512 KiB (16×2048×7×7 training
+// 1.07–1.17 → 0.99–1.15× BN in four blocks; 16×512×14×14 and 16×128×28×28, with narrower rows, were slower).
 template <typename scalar_t, bool kGrad>
 struct ColumnSums {
   using acc_t = at::opmath_type<scalar_t>;
@@ -416,7 +418,8 @@ struct ColumnSums {
   void sample(const scalar_t* x, const scalar_t* dy, int64_t M, double inv_m, Moments& mo, int64_t n) {
     acc_t* __restrict__ K = part.data();
     for (int64_t c = 0; c < C; ++c) K[c] = load(x, c);
-    const bool two_rows = M * C * static_cast<int64_t>(sizeof(scalar_t)) <= kTwoRowBytes;
+    const int64_t row_bytes = C * static_cast<int64_t>(sizeof(scalar_t));
+    const bool two_rows = M * row_bytes <= (row_bytes >= kLaneRowMaxBytes ? kTwoRowWideBytes : kTwoRowBytes);
     if (M <= kChunk) {  // one chunk: finished from the accumulation type directly
       std::fill(part.begin() + C, part.end(), acc_t(0));
       if (two_rows)
