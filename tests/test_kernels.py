@@ -1,6 +1,7 @@
 """Fused L2BN kernels against the reference composition and an independent float64 formula."""
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch.nn as nn
 import l2bn
 from l2bn.functional import IMPL_ENV_VAR, IMPLEMENTATIONS, l2_batch_norm, resolve_impl
 from l2bn.kernels import cpp, dispatch, l2_batch_norm_reference
-from l2bn.kernels.fused import sample_channel_moments
+from l2bn.kernels.fused import sample_channel_moments, spatial_stride
 
 F64 = torch.float64
 
@@ -73,6 +74,30 @@ def test_fused_matches_independent_formula(shape, fast):
     w, b = torch.rand(shape[1], dtype=F64) + 0.5, torch.randn(shape[1], dtype=F64)
     y = fast(x, None, None, w, b, True)
     torch.testing.assert_close(y, formula(x, w, b), rtol=1e-12, atol=1e-12)
+
+
+def test_spatial_stride_is_the_flattened_views_stride():
+    """The M-axis stride of (N, C, *S) tensors in every permutation, slice and size-1 pattern of their spatial
+    dims: the stride of view(N, C, -1) where that view exists (1 for a single position), else None."""
+    gen = torch.Generator().manual_seed(3)
+    checked = 0
+    for shape in [(2, 3), (2, 3, 5), (2, 3, 4, 5), (2, 3, 1, 5), (2, 3, 4, 1), (2, 3, 2, 3, 4), (2, 3, 1, 1, 4)]:
+        base = torch.empty(shape)
+        spatial = list(range(2, len(shape)))
+        for order in itertools.permutations(spatial):
+            t = base.permute(0, 1, *order)
+            views = [t, t.contiguous(), t[..., ::2]] + ([t[:, :, 1:]] if t.dim() > 2 and t.shape[2] > 1 else [])
+            for v in views:
+                try:
+                    flat = v.view(v.shape[0], v.shape[1], -1)
+                    want = flat.stride(2) if flat.shape[2] > 1 else 1
+                except RuntimeError:
+                    want = None
+                assert spatial_stride(v) == want, (tuple(v.shape), v.stride())
+                checked += 1
+    assert checked > 60
+    x = torch.randn(4, 6, 3, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    assert spatial_stride(x) == 6 and spatial_stride(x[..., 1:4]) is None
 
 
 def test_sample_channel_moments_against_float64_loops():

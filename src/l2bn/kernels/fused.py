@@ -63,11 +63,19 @@ def _rows(x: Tensor) -> Tensor:
 
 def spatial_stride(t: Tensor) -> int | None:
     """The stride of t's positions when its spatial dims flatten to one (1 where there is one position), else
-    None: the M-axis stride of the (N, C, M) view ``_rows(t)``, found without making it."""
-    dims = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:]) if size != 1]
-    if any(outer[1] != inner[0] * inner[1] for outer, inner in zip(dims, dims[1:])):
-        return None
-    return dims[-1][1] if dims else 1
+    None: the M-axis stride of the (N, C, M) view ``_rows(t)``, found without making it (a plain loop: the
+    Triton wrapper asks this of every tensor it reads or writes, ~8 times a training call)."""
+    shape, strides = t.shape, t.stride()
+    innermost, expected = 1, None
+    for i in range(len(shape) - 1, 1, -1):  # spatial dims, innermost first; size-1 dims have any stride
+        if shape[i] == 1:
+            continue
+        if expected is None:
+            innermost = strides[i]
+        elif strides[i] != expected:
+            return None
+        expected = strides[i] * shape[i]
+    return innermost
 
 
 def _rows_view(t: Tensor | None) -> Tensor | None:

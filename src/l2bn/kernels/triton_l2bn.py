@@ -822,8 +822,8 @@ def _as_rows(t: Tensor, *, writable: bool = False) -> _Rows:
             )
         t = t.contiguous()
         stride_m = spatial_stride(t)
-    shape = t.shape
-    return _Rows(t, shape[0], shape[1], math.prod(shape[2:]), (t.stride(0), t.stride(1), stride_m))
+    shape, strides = t.shape, t.stride()
+    return _Rows(t, shape[0], shape[1], math.prod(shape[2:]), (strides[0], strides[1], stride_m))
 
 
 def _channels_contiguous(rows: _Rows) -> bool:
