@@ -619,6 +619,27 @@ def test_expanded_gradient_and_non_viewable_input(tk):
         torch.testing.assert_close(a.to("cpu", F64), b, rtol=1e-5, atol=1e-5)
 
 
+def test_strided_view_input_is_read_in_place_and_gives_dense_outputs(tk):
+    """Every other position of a wider tensor (spatial dims that flatten, stride 2): the kernels read it through its
+    strides (no copy), and the output and input gradient, made with ``empty_like`` of a non-dense tensor, are
+    contiguous tensors whose rows are found again; training and eval against the float64 reference."""
+    wide = torch.randn(3, 4, 5, 12, dtype=F64, generator=torch.Generator().manual_seed(14)) * 2 + 0.5
+    dy = torch.randn(3, 4, 5, 6, dtype=F64, generator=torch.Generator().manual_seed(15))
+    for training in (True, False):
+        outs = []
+        for fn, device, dtype in ((tk.l2_batch_norm_triton, DEVICE, torch.float32), (l2_batch_norm_reference, "cpu", F64)):
+            xx = wide.to(device, dtype)[..., ::2].detach().requires_grad_()
+            assert not xx.is_contiguous() and tk._as_rows(xx).t is xx  # read in place
+            w = torch.linspace(0.5, 2, 4, dtype=dtype, device=device, requires_grad=True)
+            rm, rv = torch.zeros(4, dtype=dtype, device=device), torch.ones(4, dtype=dtype, device=device)
+            y = fn(xx, rm, rv, w, None, training)
+            y.backward(dy.to(device, dtype))
+            outs.append((y, xx.grad, w.grad, rm))
+        assert outs[0][0].is_contiguous() and outs[0][1].is_contiguous()
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a.to("cpu", F64), b, rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_orthogonal_to_samples(tk):
     """y depends on x_n only through x_n/‖x_n‖, so Σ dx_n·x_n = 0 for every sample."""
     x = torch.randn(4, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(12)) + 1

@@ -826,6 +826,13 @@ def _as_rows(t: Tensor, *, writable: bool = False) -> _Rows:
     return _Rows(t, shape[0], shape[1], math.prod(shape[2:]), (strides[0], strides[1], stride_m))
 
 
+def _empty_rows_like(rows: _Rows) -> _Rows:
+    """A new tensor of ``rows.t``'s shape and layout, as rows: the geometry reused where ``empty_like`` keeps the
+    strides (dense tensors), found again where it does not (a strided view gives a contiguous tensor)."""
+    out = torch.empty_like(rows.t)
+    return rows._replace(t=out) if out.stride() == rows.t.stride() else _as_rows(out, writable=True)
+
+
 def _channels_contiguous(rows: _Rows) -> bool:
     """Whether C is the unit-stride axis of the rows (channels_last)."""
     _, stride_c, stride_m = rows.strides
@@ -935,8 +942,8 @@ def sample_channel_moments_triton(x: Tensor) -> tuple[Tensor, Tensor]:
         return _moments(_as_rows(x))
 
 
-def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor | None) -> tuple[Tensor, ...]:
-    dy_rows, x_rows = _as_rows(dy), _as_rows(x)
+def _gradient_sums(dy_rows: _Rows, x_rows: _Rows, centre: Tensor | None) -> tuple[Tensor, ...]:
+    x = x_rows.t
     n, num_channels = x_rows.n, x_rows.c
     with_moments = centre is None
     dy_sum = torch.empty(n, num_channels, dtype=torch.float64, device=x.device)
@@ -968,27 +975,26 @@ def _gradient_sums(dy: Tensor, x: Tensor, centre: Tensor | None) -> tuple[Tensor
 def gradient_sums_triton(dy: Tensor, x: Tensor, centre: Tensor) -> tuple[Tensor, Tensor]:
     """(Σ_S dy, Σ_S dy·(x − centre)) per (n, c), float64, from one read of (dy, x)."""
     with _on_device(x):
-        return _gradient_sums(dy, x, centre)
+        return _gradient_sums(_as_rows(dy), _as_rows(x), centre)
 
 
 def moments_and_gradient_sums_triton(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(m, q, Σ_S dy, Σ_S dy·(x − m)) per (n, c), float64, from one read of (dy, x); m and q equal
     :func:`sample_channel_moments_triton`'s, so backward need not save them."""
     with _on_device(x):
-        return _gradient_sums(dy, x, None)
+        return _gradient_sums(_as_rows(dy), _as_rows(x), None)
 
 
 def _affine(
-    out: Tensor, u: Tensor, p: Tensor, r: Tensor, v: Tensor | None, q: Tensor | None, v_factor: Tensor | None,
-    p_factor: Tensor | None = None,
+    out_rows: _Rows, u_rows: _Rows, p: Tensor, r: Tensor, v_rows: _Rows | None, q: Tensor | None,
+    v_factor: Tensor | None, p_factor: Tensor | None = None,
 ) -> Tensor:
-    out_rows, u_rows = _as_rows(out, writable=True), _as_rows(u)
+    """:func:`affine_triton` on rows (the callers' own, so that no tensor's geometry is found twice a call)."""
     n, num_channels = out_rows.n, out_rows.c
     p = p.contiguous()
     r = r.contiguous() if r.dim() in (1, 2) else r.reshape(num_channels).contiguous()
-    has_v = v is not None
+    has_v = v_rows is not None
     if has_v:
-        v_rows = _as_rows(v)
         q = q.contiguous()
     else:
         v_rows, q = u_rows, p
@@ -998,11 +1004,12 @@ def _affine(
     num_m_blocks = _cdiv(out_rows.m, block_m)
     launch(
         _affine_kernel, (n * num_m_blocks, _cdiv(num_channels, block_c)),
-        out, u_rows.t, v_rows.t, p, p if p_factor is None else p_factor, q, r, v_factor, num_channels, out_rows.m,
-        num_m_blocks, num_channels if r.dim() == 2 else 0, *out_rows.strides, *u_rows.strides, *v_rows.strides,
+        out_rows.t, u_rows.t, v_rows.t, p, p if p_factor is None else p_factor, q, r, v_factor, num_channels,
+        out_rows.m, num_m_blocks, num_channels if r.dim() == 2 else 0, *out_rows.strides, *u_rows.strides,
+        *v_rows.strides,
         P_FACTORED=p_factor is not None, HAS_V=has_v, HAS_VF=has_vf, BLOCK_C=block_c, BLOCK_M=block_m,
     )
-    return out
+    return out_rows.t
 
 
 def affine_triton(
@@ -1021,7 +1028,7 @@ def affine_triton(
     if r.dim() != 2 and r.numel() != p.shape[1]:
         raise ValueError(f"r must be (C,) or (N, C) for C = {p.shape[1]}; got shape {tuple(r.shape)}")
     with _on_device(out):
-        return _affine(out, u, p, r, v, q, v_factor)
+        return _affine(_as_rows(out, writable=True), _as_rows(u), p, r, None if v is None else _as_rows(v), q, v_factor)
 
 
 _ALGEBRA_ROW_BLOCK = 1024  # channels per step of the per-sample kernels
@@ -1154,12 +1161,13 @@ def _synced_gradient_coefficients(sums: Tensor, count: Tensor, gain: Tensor, inv
 
 
 def _input_gradient(
-    dy: Tensor, x: Tensor, dy_sum: Tensor, dy_xc: Tensor, mean: Tensor, sumsq: Tensor, scale: Tensor, norm: Tensor,
-    mu: Tensor, gain: Tensor, k: Tensor, bias_term: Tensor, training: bool, l2_eps: float,
+    dy_rows: _Rows, x_rows: _Rows, dy_sum: Tensor, dy_xc: Tensor, mean: Tensor, sumsq: Tensor, scale: Tensor,
+    norm: Tensor, mu: Tensor, gain: Tensor, k: Tensor, bias_term: Tensor, training: bool, l2_eps: float,
 ) -> Tensor:
     """dx from the per-(n, c) sums and the per-channel terms: ``input_gradient``'s per-sample rest in one launch,
     then one pass over (dy, x)."""
     n, num_channels = dy_sum.shape
+    x = x_rows.t
     acc = _ACCUMULATION[x.dtype]
     dy_coef, x_coef, shift = (torch.empty(n, num_channels, dtype=acc, device=x.device) for _ in range(3))
     # 1 but for huge samples, whose x·factor has norm in [0.5, 1): the x-term (x·factor)·(Q/factor) stays in
@@ -1168,10 +1176,10 @@ def _input_gradient(
     launch(
         _backward_sample_coefficients_kernel, (n,),
         dy_sum, dy_xc, mean, sumsq, scale, norm, mu, gain, k, bias_term, dy_coef, x_coef, shift, factor,
-        num_channels, math.prod(x.shape[2:]), l2_eps,
+        num_channels, x_rows.m, l2_eps,
         TRAINING=training, BLOCK_C=min(_next_pow2(num_channels), _ALGEBRA_ROW_BLOCK),
     )
-    return _affine(torch.empty_like(x), dy, dy_coef, shift, x, x_coef, factor)
+    return _affine(_empty_rows_like(x_rows), dy_rows, dy_coef, shift, x_rows, x_coef, factor)
 
 
 class TritonL2BatchNorm(torch.autograd.Function):
@@ -1187,7 +1195,7 @@ class TritonL2BatchNorm(torch.autograd.Function):
             scale, norm = _sample_scales(mean, sumsq, spatial, rescale, l2_eps)
             gain, shift, mu, invstd = _forward_coefficients(mean, sumsq, scale, weight, bias, running_mean,
                                                             running_var, training, momentum, eps, spatial, acc)
-            y = _affine(torch.empty_like(x), x, gain, shift, None, None, None, p_factor=scale)
+            y = _affine(_empty_rows_like(rows), rows, gain, shift, None, None, None, p_factor=scale)
         # x, the weight and O(N + C) vectors only: backward's read of (dy, x) recomputes the per-(n, c)
         # moments, so no more is kept than BatchNorm keeps.
         ctx.save_for_backward(x, weight, scale, norm, mu, invstd)
@@ -1197,14 +1205,15 @@ class TritonL2BatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, scale, norm, mu, invstd = ctx.saved_tensors
-        spatial = math.prod(x.shape[2:])
+        x_rows, dy_rows = _as_rows(x), _as_rows(dy)
+        spatial = x_rows.m
         with _on_device(x):
-            mean, sumsq, dy_sum, dy_xc = _gradient_sums(dy, x, None)  # Σ dy, Σ dy·(x − m)
+            mean, sumsq, dy_sum, dy_xc = _gradient_sums(dy_rows, x_rows, None)  # Σ dy, Σ dy·(x − m)
             grad_weight, grad_bias, gain, k, bias_term = _backward_channel_sums(
                 dy_sum, dy_xc, mean, scale, mu, invstd, weight, ctx.training, spatial,
                 weight.dtype if weight is not None else _ACCUMULATION[x.dtype],
             )
-            dx = _input_gradient(dy, x, dy_sum, dy_xc, mean, sumsq, scale, norm, mu, gain, k, bias_term,
+            dx = _input_gradient(dy_rows, x_rows, dy_sum, dy_xc, mean, sumsq, scale, norm, mu, gain, k, bias_term,
                                  ctx.training, ctx.l2_eps)
         return (
             dx,
@@ -1238,8 +1247,8 @@ def _inference(rows: _Rows, weight: Tensor | None, bias: Tensor | None, running_
     parts, span = _parts(n, _cdiv(size, _REDUCE_TILE))
     squares = torch.empty(n, parts, dtype=torch.float64, device=x.device)
     launch(_sample_squares_kernel, (n, parts), x, squares, size, rows.strides[0], span, BLOCK_M=_REDUCE_TILE)
-    out = torch.empty_like(x)
-    out_rows = _as_rows(out, writable=True)
+    out_rows = _empty_rows_like(rows)
+    out = out_rows.t
     block_c, block_m = _tile(out_rows, _ELEMENTWISE_TILE)
     num_m_blocks = _cdiv(rows.m, block_m)
     launch(

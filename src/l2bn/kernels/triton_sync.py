@@ -15,7 +15,6 @@ ops round μ and σ² to the accumulation dtype first), as :mod:`l2bn.kernels.tr
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
@@ -28,6 +27,7 @@ from .triton_l2bn import (
     _as_rows,
     _backward_channel_sums,
     _check_triton_input,
+    _empty_rows_like,
     _forward_coefficients,
     _gradient_sums,
     _input_gradient,
@@ -59,7 +59,7 @@ class TritonSyncL2BatchNorm(torch.autograd.Function):
                 mean, sumsq, scale, weight, bias, running_mean, running_var, True, momentum, eps, spatial,
                 _ACCUMULATION[x.dtype], sums=sums,
             )
-            y = _affine(torch.empty_like(x), x, gain, shift, None, None, None, p_factor=scale)
+            y = _affine(_empty_rows_like(rows), rows, gain, shift, None, None, None, p_factor=scale)
         ctx.save_for_backward(x, weight, scale, norm, mu, invstd, count)
         ctx.l2_eps, ctx.process_group = l2_eps, process_group
         return y
@@ -67,9 +67,10 @@ class TritonSyncL2BatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, scale, norm, mu, invstd, count = ctx.saved_tensors
-        spatial = math.prod(x.shape[2:])
+        x_rows, dy_rows = _as_rows(x), _as_rows(dy)
+        spatial = x_rows.m
         with _on_device(x):
-            mean, sumsq, dy_sum, dy_xc = _gradient_sums(dy, x, None)
+            mean, sumsq, dy_sum, dy_xc = _gradient_sums(dy_rows, x_rows, None)
             sums = torch.empty(2, x.shape[1], dtype=torch.float64, device=x.device)
             # like nn.SyncBatchNorm: parameter gradients stay local; DDP averages them with all the others
             grad_weight, grad_bias, gain, _, _ = _backward_channel_sums(
@@ -78,8 +79,8 @@ class TritonSyncL2BatchNorm(torch.autograd.Function):
             )
             dist.all_reduce(sums, group=ctx.process_group)
             k, bias_term = _synced_gradient_coefficients(sums, count, gain, invstd)
-            dx = _input_gradient(dy, x, dy_sum, dy_xc, mean, sumsq, scale, norm, mu, gain, k, bias_term, True,
-                                 ctx.l2_eps)
+            dx = _input_gradient(dy_rows, x_rows, dy_sum, dy_xc, mean, sumsq, scale, norm, mu, gain, k, bias_term,
+                                 True, ctx.l2_eps)
         return (
             dx,
             grad_weight if ctx.needs_input_grad[1] else None,
