@@ -301,6 +301,10 @@ struct ColumnSums {
   // 1.22–1.24 → 1.03–1.13, 128×128×16×16 1.07–1.16 → 0.90–0.95 against prefetcht0; prefetcht1 in between).
   static constexpr int64_t kAhead = 256 / sizeof(acc_t);
   static Lanes load_lanes(const acc_t* p) { return Vec32<acc_t>::load(p); }
+  static void store_lanes(acc_t* p, Lanes v) { Vec32<acc_t>::store(p, v); }
+
+  // Bytes of one row (one position's C values): what decides the lane groups and the two-row updates.
+  int64_t row_bytes() const { return C * static_cast<int64_t>(sizeof(scalar_t)); }
 
   // The first kAhead values of each row [r0, r1), which the lane groups' own prefetches (kAhead along the row)
   // never ask for: requested before the walks, so that the first groups do not wait on memory row by row.
@@ -314,7 +318,6 @@ struct ColumnSums {
         if constexpr (kGrad) __builtin_prefetch(gs + r * C + i, 0, 1);
       }
   }
-  static void store_lanes(acc_t* p, Lanes v) { Vec32<acc_t>::store(p, v); }
 
   // Columns [c0, c0 + kLanes) over rows [r0, r1) with the five sums in registers: each row reads one
   // vector of x (and dy) and updates no memory, where the column loop of rows() loads and stores every
@@ -377,9 +380,8 @@ struct ColumnSums {
   template <bool kTwoRows>
   void rows(const scalar_t* x, const scalar_t* dy, int64_t r0, int64_t r1) {
     int64_t c0 = 0;
-    const int64_t row_bytes = C * static_cast<int64_t>(sizeof(scalar_t));
     if constexpr (std::is_same_v<scalar_t, acc_t> && kTwoRows)
-      if (row_bytes >= kLaneRowBytes && row_bytes < kLaneRowMaxBytes) {
+      if (row_bytes() >= kLaneRowBytes && row_bytes() < kLaneRowMaxBytes) {
         prefetch_row_starts(x, dy, r0, r1);
         for (; c0 + kLanes <= C; c0 += kLanes) lane_block<kTwoRows>(x, dy, r0, r1, c0);
       }
@@ -433,8 +435,7 @@ struct ColumnSums {
   void sample(const scalar_t* x, const scalar_t* dy, int64_t M, double inv_m, Moments& mo, int64_t n) {
     acc_t* __restrict__ K = part.data();
     for (int64_t c = 0; c < C; ++c) K[c] = load(x, c);
-    const int64_t row_bytes = C * static_cast<int64_t>(sizeof(scalar_t));
-    const bool two_rows = M * row_bytes <= (row_bytes >= kLaneRowMaxBytes ? kTwoRowWideBytes : kTwoRowBytes);
+    const bool two_rows = M * row_bytes() <= (row_bytes() >= kLaneRowMaxBytes ? kTwoRowWideBytes : kTwoRowBytes);
     if (M <= kChunk) {  // one chunk: finished from the accumulation type directly
       std::fill(part.begin() + C, part.end(), acc_t(0));
       if (two_rows)
