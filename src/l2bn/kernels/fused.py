@@ -64,7 +64,7 @@ def _rows(x: Tensor) -> Tensor:
 def spatial_stride(t: Tensor) -> int | None:
     """The stride of t's positions when its spatial dims flatten to one (1 where there is one position), else
     None: the M-axis stride of the (N, C, M) view ``_rows(t)``, found without making it (a plain loop: the
-    Triton wrapper asks this of every tensor it reads or writes, ~8 times a training call)."""
+    Triton wrapper asks this of the tensors of every call)."""
     shape, strides = t.shape, t.stride()
     innermost, expected = 1, None
     for i in range(len(shape) - 1, 1, -1):  # spatial dims, innermost first; size-1 dims have any stride

@@ -15,7 +15,6 @@ ops round μ and σ² to the accumulation dtype first), as :mod:`l2bn.kernels.tr
 """
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
