@@ -194,6 +194,40 @@ def test_channel_mismatch_error():
         l2bn.L2BatchNorm2d(3)(torch.randn(2, 4, 3, 3))
 
 
+@pytest.mark.parametrize("wrong", ["running_mean", "running_var", "weight", "bias"])
+def test_each_channel_tensor_is_checked(wrong):
+    tensors = {"running_mean": torch.zeros(4), "running_var": torch.ones(4), "weight": torch.ones(4),
+               "bias": torch.zeros(4)}
+    tensors[wrong] = tensors[wrong][:3]
+    with pytest.raises(RuntimeError, match=f"{wrong} should contain 4 elements not 3"):
+        l2_batch_norm(torch.randn(2, 4, 3, 3), training=True, **tensors)
+    tensors[wrong] = torch.ones(4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=f"mixed dtype: input is torch.float32 but {wrong} is torch.float64"):
+        l2_batch_norm(torch.randn(2, 4, 3, 3), training=True, **tensors)
+
+
+def test_parametrized_weight_is_the_one_used(impl):
+    """The layer reads its tensors from its parameter and buffer tables where they are there (per-call cost); a
+    parametrization moves the weight out of them, behind a property, and must still be what the layer uses."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    layer = l2bn.L2BatchNorm2d(3).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.5, 1.0, 1.5]))
+    parametrize.register_parametrization(layer, "weight", Doubled())
+    x = make_input((5, 3, 4, 6))
+    y = layer(x)
+    weight = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    want = expected(x, None, None, weight, layer.bias.detach(), True, 0.1)
+    torch.testing.assert_close(y, want)
+    y.pow(2).sum().backward()
+    assert layer.parametrizations.weight.original.grad.abs().sum() > 0
+
+
 def test_bad_impl_name_lists_choices():
     with pytest.raises(ValueError, match="'fused', 'reference'"):
         l2_batch_norm(torch.randn(2, 3), None, None, training=True, impl="cuda-magic")

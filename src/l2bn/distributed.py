@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .convert import register_conversion
 from .kernels.sync import sync_l2_batch_norm
-from .layers import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d, _L2BatchNorm
+from .layers import STATE_NAMES, L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d, _L2BatchNorm, own_tensors
 from .surgery import rebuild_norm, swap_modules
 
 __all__ = ["SyncL2BatchNorm", "convert_sync_l2bn", "revert_sync_l2bn", "sync_l2_batch_norm"]
@@ -81,13 +81,14 @@ class SyncL2BatchNorm(_L2BatchNorm):
         if not (self.training and _world_size(self.process_group) > 1):
             return super().forward(input)
         self._check_input_dim(input)
-        factor = self._average_factor(input)
+        weight, bias, running_mean, running_var, counter = own_tensors(self, STATE_NAMES)
+        factor = self._average_factor(input, counter)
         return sync_l2_batch_norm(
             input,
-            self.running_mean if self.track_running_stats else None,
-            self.running_var if self.track_running_stats else None,
-            self.weight,
-            self.bias,
+            running_mean if self.track_running_stats else None,
+            running_var if self.track_running_stats else None,
+            weight,
+            bias,
             factor,
             self.eps,
             self.process_group,

@@ -31,6 +31,22 @@ def check_l2_eps(l2_eps: float) -> float:
     return l2_eps
 
 
+def _check_channel_tensors(num_channels: int, dtype: torch.dtype, *tensors: Tensor | None) -> None:
+    """Each of running_mean, running_var, weight, bias (None: absent) holds one value a channel, in ``dtype`` or
+    in float32 with float16/bfloat16 input."""
+    for name, t in zip(("running_mean", "running_var", "weight", "bias"), tensors):
+        if t is None:
+            continue
+        if t.numel() != num_channels:
+            raise RuntimeError(f"{name} should contain {num_channels} elements not {t.numel()}")
+        if t.dtype != dtype and not (dtype in HALF_TYPES and t.dtype == torch.float32):
+            raise RuntimeError(
+                f"mixed dtype: input is {dtype} but {name} is {t.dtype}; like BatchNorm, L2BN takes "
+                f"parameters and buffers of the input's dtype (or float32 ones with float16/bfloat16 input): "
+                f"convert the module (module.to({dtype})) or the input"
+            )
+
+
 def _check_inputs(
     input: Tensor,
     running_mean: Tensor | None,
@@ -44,17 +60,10 @@ def _check_inputs(
         raise ValueError(f"expected input of shape (N, C, *), got {input.dim()}D input of shape {tuple(input.shape)}")
     num_channels = input.shape[1]
     dtype = input.dtype
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.numel() != num_channels:
-            raise RuntimeError(f"{name} should contain {num_channels} elements not {t.numel()}")
-        if t.dtype != dtype and not (dtype in HALF_TYPES and t.dtype == torch.float32):
-            raise RuntimeError(
-                f"mixed dtype: input is {dtype} but {name} is {t.dtype}; like BatchNorm, L2BN takes "
-                f"parameters and buffers of the input's dtype (or float32 ones with float16/bfloat16 input): "
-                f"convert the module (module.to({dtype})) or the input"
-            )
+    for t in (running_mean, running_var, weight, bias):  # the usual case in one test each (per-call cost)
+        if t is not None and (t.numel() != num_channels or t.dtype != dtype):
+            _check_channel_tensors(num_channels, dtype, running_mean, running_var, weight, bias)
+            break
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
     if training:

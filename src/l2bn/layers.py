@@ -11,6 +11,9 @@ from .functional import check_l2_eps, l2_batch_norm
 
 __all__ = ["FrozenL2BatchNorm2d", "L2BatchNorm1d", "L2BatchNorm2d", "L2BatchNorm3d"]
 
+STATE_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")  # a layer call's tensors
+_FROZEN_STATE = STATE_NAMES[:4]  # FrozenL2BatchNorm2d: all four are buffers
+
 
 def batch_average_factor(num_batches_tracked: Tensor | None, momentum: float | None, counting: bool) -> float:
     """BatchNorm's running-statistics factor: ``momentum``, or 1/batches counted when it is None; ``counting``
@@ -20,6 +23,14 @@ def batch_average_factor(num_batches_tracked: Tensor | None, momentum: float | N
         if momentum is None:
             return 1.0 / float(num_batches_tracked)
     return 0.0 if momentum is None else momentum
+
+
+def own_tensors(module: nn.Module, names: tuple[str, ...]) -> list[Tensor | None]:
+    """``module.<name>`` for each name, read from the module's parameter and buffer tables where it is there:
+    ``nn.Module.__getattr__`` costs ~0.6 µs a name here, a layer call's four names about as much as the kernel
+    at (128, 64). A name not in the tables (a parametrization's property, say) is read as an attribute."""
+    parameters, buffers = module._parameters, module._buffers
+    return [parameters[n] if n in parameters else buffers[n] if n in buffers else getattr(module, n) for n in names]
 
 
 class _L2BatchNorm(_BatchNorm):
@@ -58,9 +69,9 @@ class _L2BatchNorm(_BatchNorm):
             wanted = " or ".join(f"{d}D" for d in self._expected_dims)
             raise ValueError(f"expected {wanted} input (got {input.dim()}D input)")
 
-    def _average_factor(self, input: Tensor) -> float:
-        """Momentum of this step's running-statistics update; counts the batch when training."""
-        counter = self.num_batches_tracked
+    def _average_factor(self, input: Tensor, counter: Tensor | None) -> float:
+        """Momentum of this step's running-statistics update; counts the batch (``counter``, the module's
+        ``num_batches_tracked``) when training."""
         if isinstance(input, torch.fx.Proxy) and counter is not None:  # record the count, do not run it
             counter = torch.fx.Proxy(input.tracer.create_arg(counter), input.tracer)
         return batch_average_factor(counter, self.momentum, self.training and self.track_running_stats)
@@ -68,15 +79,16 @@ class _L2BatchNorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, torch.fx.Proxy):  # fx symbolic tracing: checked when the graph runs
             self._check_input_dim(input)
-        training, running_mean = self.training, self.running_mean
-        factor = self._average_factor(input) if training else 0.0  # unused in evaluation mode
+        training = self.training
+        weight, bias, running_mean, running_var, counter = own_tensors(self, STATE_NAMES)
+        factor = self._average_factor(input, counter) if training else 0.0  # unused in evaluation mode
         keep_running = not training or self.track_running_stats
         return l2_batch_norm(
             input,
             running_mean if keep_running else None,
-            self.running_var if keep_running else None,
-            self.weight,
-            self.bias,
+            running_var if keep_running else None,
+            weight,
+            bias,
             training or running_mean is None,
             factor,
             self.eps,
@@ -216,9 +228,10 @@ class FrozenL2BatchNorm2d(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, torch.fx.Proxy) and input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        weight, bias, running_mean, running_var = own_tensors(self, _FROZEN_STATE)
         return l2_batch_norm(
-            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps,
-            rescale=self.rescale, l2_eps=self.l2_eps,
+            input, running_mean, running_var, weight, bias, False, 0.0, self.eps, rescale=self.rescale,
+            l2_eps=self.l2_eps,
         )
 
     def extra_repr(self) -> str:
