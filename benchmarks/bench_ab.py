@@ -1,6 +1,6 @@
 """L2BN / BatchNorm time ratios at given shapes, for A/B comparisons of two kernel versions.
 
-    python benchmarks/bench_ab.py 128x16x32x32,64x436x8x8cl [--threads 1] [--mode eval] [--blocks 4 --calls 23]
+    python benchmarks/bench_ab.py 128x16x32x32,64x436x8x8cl [--threads 1] [--mode eval] [--blocks 4 --calls 23] [--cold]
 
 A shape ending in ``cl`` is timed channels-last. Per shape, BatchNorm and L2BN calls alternate (20–400 of each,
 fewer for larger tensors) and the ratio of their minima and of their 25th percentiles is printed.
@@ -14,6 +14,10 @@ alternate see the same load. (Without it: run the script in two checkouts altern
 a kernel whose speed depends on where its buffers land in memory shows it as blocks that disagree, which one
 block of alternating calls, always on the same buffers, hides (session 12's pipelined eval at 64×316×8×8:
 0.83× BN in two blocks of four, 1.55–1.57× in the other two).
+
+``--cold`` writes a 128 MiB buffer before each call (untimed): every call then reads its input from memory, as
+a layer whose input was written long before does; without it, tensors of up to ~10 MiB stay in the L3 between
+calls.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from l2bn.kernels.dispatch import IMPLEMENTATIONS
 from l2bn.kernels.overflow import rerun_rescaled_on_overflow
 
 AB_LIBRARY = "l2bn_cpu_ab"
+COLD_BYTES = 128 << 20  # --cold: written before each call, four times this host's 32 MiB L3
 
 
 def parse_shape(spec: str) -> tuple[tuple[int, ...], bool]:
@@ -79,9 +84,10 @@ class Forced(nn.Module):
 
 
 def ratios(shape: tuple[int, ...], channels_last: bool, mode: str, against: bool = False,
-           calls: int | None = None) -> tuple[int, ...]:
+           calls: int | None = None, cold: bool = False) -> tuple[int, ...]:
     """(calls, BN min ms, L2BN min ms, ratio of minima, ratio of 25th percentiles), then with ``against`` the
-    old kernel's min ms and ratios."""
+    old kernel's min ms and ratios; ``cold``: a buffer larger than the last-level cache is written before each
+    call (untimed), so every call reads its input from memory."""
     x = torch.randn(shape)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -91,6 +97,7 @@ def ratios(shape: tuple[int, ...], channels_last: bool, mode: str, against: bool
         layers[1:] = [Forced(kind[1](shape[1]), "cpp"), Forced(kind[1](shape[1]), "ab")]
     steps = layer_steps(layers, x, mode)
     calls = calls or int(min(400, max(20, 5e7 / x.numel())))
+    flush = torch.empty(COLD_BYTES // 4) if cold else None
     for _ in range(3):
         for step in steps:
             step()
@@ -98,6 +105,8 @@ def ratios(shape: tuple[int, ...], channels_last: bool, mode: str, against: bool
     for call in range(calls):
         for k in range(len(steps)):  # the order rotates: no step always follows the same one (warm caches)
             i = (k + call) % len(steps)
+            if flush is not None:
+                flush.fill_(call)
             start = time.perf_counter()
             steps[i]()
             samples[i].append((time.perf_counter() - start) * 1e3)
@@ -114,6 +123,7 @@ def main() -> None:
     parser.add_argument("--against", metavar="REV", help="also time the kernel source at this git revision")
     parser.add_argument("--blocks", type=int, default=1, help="time each shape this many times, fresh tensors each")
     parser.add_argument("--calls", type=int, default=None, help="calls of each layer per block (default: by size)")
+    parser.add_argument("--cold", action="store_true", help="empty the caches before each call (input from memory)")
     args = parser.parse_args()
     if args.blocks < 1 or (args.calls is not None and args.calls < 1):
         parser.error("--blocks and --calls must be at least 1")
@@ -123,7 +133,7 @@ def main() -> None:
     for spec in args.shapes.split(","):
         for block in range(args.blocks):
             calls, bn, l2, ratio_min, ratio_p25, *old = ratios(*parse_shape(spec), args.mode, bool(args.against),
-                                                               args.calls)
+                                                               args.calls, args.cold)
             line = (f"{spec:>18} {args.mode} calls {calls:3d}  BN min {bn:.3f} L2 min {l2:.3f}  ratio min "
                     f"{ratio_min:.2f}  ratio p25 {ratio_p25:.2f}")
             if old:
