@@ -21,7 +21,10 @@ channels-last; ``--models`` narrows them too). ``--quick`` is a smoke run of a f
 graph — one host launch a call instead of one a kernel — so that the device's time is compared (whole calls also
 pay the host's launches, several µs each; a replay's own ~10 µs floor stays in both layers' times). At the
 end: how many shapes are within the targets (issue 23: training ≤ 1.10× BN and eval ≤ 1.25× BN at every shape)
-and the per-call time of a tiny eval call, where the Python path is the whole cost. ``--recheck K`` times every shape outside its target K more times
+and the per-call time of a tiny eval call, where the Python path is the whole cost — on the CPU timed before the
+shapes too, so that a host slowed by its neighbours during the run shows as two lines that disagree (session 20:
+BatchNorm2d 11.9 µs a call in one census, 10.1 in the next, and 7 against 0 shapes outside their targets in every
+recheck). ``--recheck K`` times every shape outside its target K more times
 (fresh tensors and layers each) and counts those outside it every time: on a shared host single timings of a
 shape move by up to ~0.3, so this separates the layer's misses from the host's.
 """
@@ -100,9 +103,10 @@ def time_shape(shape: tuple[int, ...], mode: str, channels_last: bool, budget_va
     return bn, l2, copy[0] if copy else math.nan, statistics.median(times[1]) / statistics.median(times[0])
 
 
-def print_call_overhead(shape: tuple[int, ...] = (2, 4, 2, 3), number: int = 2000, repeat: int = 7) -> None:
+def print_call_overhead(when: str, shape: tuple[int, ...] = (2, 4, 2, 3), number: int = 2000,
+                        repeat: int = 7) -> None:
     """Per-call time of an eval call on a tiny tensor (µs, timeit minimum): where the arithmetic is nothing,
-    the layer's Python path and the op's dispatch are the whole cost."""
+    the layer's Python path and the op's dispatch are the whole cost; ``when`` names the point of the run."""
     from l2bn.functional import l2_batch_norm
     from l2bn.kernels import IMPLEMENTATIONS, cpp
 
@@ -120,7 +124,7 @@ def print_call_overhead(shape: tuple[int, ...] = (2, 4, 2, 3), number: int = 200
         for _ in range(repeat):  # the calls alternate: a slow spell of this shared host hits all of them alike
             for name, call in calls.items():
                 times[name] = min(times[name], timeit.timeit(call, number=number) / number * 1e6)
-    print(f"\nper call, eval, {'x'.join(map(str, shape))} (µs, min of {repeat} × {number}, interleaved): "
+    print(f"\nper call, eval, {'x'.join(map(str, shape))} (µs, min of {repeat} × {number}, interleaved; {when}): "
           + ", ".join(f"{name} {t:.1f}" for name, t in times.items()))
 
 
@@ -253,6 +257,8 @@ def main() -> None:
     if args.cuda_graphs and device.type != "cuda":
         parser.error("--cuda-graphs times CUDA graphs: give --device cuda")
     print(f"{environment_line(device)}; dtype {args.dtype}" + ("; CUDA graphs (device time)" if args.cuda_graphs else ""))
+    if device.type == "cpu":
+        print_call_overhead("before the shapes")
     census = census_shapes(args)
     modes = args.modes.split(",")
     budget = 1e6 if args.quick else 3e7
@@ -260,7 +266,7 @@ def main() -> None:
     if args.recheck:
         recheck_misses(results, args.recheck, budget, device, dtype, args.cuda_graphs)
     if device.type == "cpu":
-        print_call_overhead()
+        print_call_overhead("after the shapes")
     print_model_totals(census, results, modes)
     if args.steps:
         print_steps(args, device, dtype)

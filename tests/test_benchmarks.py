@@ -45,8 +45,10 @@ def test_census_quick_prints_a_ratio_for_every_shape_and_a_model_total():
                        flags=re.M)
     assert sorted(layout for layout, _ in steps) == ["NCHW", "channels_last"] and all(float(r) > 0 for _, r in steps)
     assert "resnet56" not in result.stdout.split("| model | layout | batch |")[1]
-    assert re.search(r"^per call, eval, 2x4x2x3 \(µs.*BatchNorm2d [\d.]+, L2BatchNorm2d [\d.]+, torch.batch_norm "
-                     r"[\d.]+, l2_batch_norm [\d.]+, the CPU op alone [\d.]+$", result.stdout, flags=re.M)
+    probes = re.findall(r"^per call, eval, 2x4x2x3 \(µs, .*; (before|after) the shapes\): BatchNorm2d [\d.]+, "
+                        r"L2BatchNorm2d [\d.]+, torch.batch_norm [\d.]+, l2_batch_norm [\d.]+, the CPU op alone [\d.]+$",
+                        result.stdout, flags=re.M)
+    assert probes == ["before", "after"]  # the host's speed at both ends of the run
 
 
 def test_census_shapes_come_from_a_shape_only_forward():
