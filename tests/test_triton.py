@@ -627,7 +627,8 @@ def test_strided_view_input_is_read_in_place_and_gives_dense_outputs(tk):
     dy = torch.randn(3, 4, 5, 6, dtype=F64, generator=torch.Generator().manual_seed(15))
     for training in (True, False):
         outs = []
-        for fn, device, dtype in ((tk.l2_batch_norm_triton, DEVICE, torch.float32), (l2_batch_norm_reference, "cpu", F64)):
+        paths = ((tk.l2_batch_norm_triton, DEVICE, torch.float32), (l2_batch_norm_reference, "cpu", F64))
+        for fn, device, dtype in paths:
             xx = wide.to(device, dtype)[..., ::2].detach().requires_grad_()
             assert not xx.is_contiguous() and tk._as_rows(xx).t is xx  # read in place
             w = torch.linspace(0.5, 2, 4, dtype=dtype, device=device, requires_grad=True)
