@@ -12,6 +12,12 @@ launches' share (8 or more a training call, 2 an inference call: Triton's binder
 `l2bn.kernels.triton_launch.launch`). On the CPU
 (``TRITON_INTERPRET=1`` set before the import) only BatchNorm and the stubbed wrapper are timed: the interpreter's
 launches are no measure of a GPU's.
+
+``--launches`` then times each Triton launch of the L2BN calls, per kernel: launches a call, host µs a launch
+through ``l2bn.kernels.triton_launch.launch``, and of that the part Triton's binder takes (the function that
+types the arguments and picks the compiled variant, timed in a call of its own just before each launch; "—"
+where there is none, as in the interpreter) — what decides whether the next cut is the binder, the launcher or
+the Python around them.
 """
 from __future__ import annotations
 
@@ -41,6 +47,71 @@ def launches_stubbed() -> Iterator[None]:
         yield
     finally:
         kernels.launch = saved
+
+
+class LaunchTimes:
+    """Per kernel: launches, seconds in ``launch`` and seconds in Triton's binder (None: no binder)."""
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self.binder: dict[str, float | None] = {}
+
+    def add(self, name: str, seconds: float, binder: float | None) -> None:
+        self.count[name] = self.count.get(name, 0) + 1
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self.binder[name] = None if binder is None else (self.binder.get(name) or 0.0) + binder
+
+
+def binder_seconds(kernel: object, args: tuple, constexprs: dict) -> float | None:
+    """Seconds of one call of ``kernel``'s Triton binder on these arguments (None where it has none)."""
+    caches = getattr(kernel, "device_caches", None)
+    if caches is None:
+        return None
+    from triton.runtime import driver
+
+    binder = caches[driver.active.get_current_device()][-1]
+    start = time.perf_counter()
+    binder(*args, **constexprs)
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def launches_timed(times: LaunchTimes) -> Iterator[None]:
+    """Every Triton launch of the L2BN path timed into ``times`` while inside (the launches still run)."""
+    import l2bn.kernels.triton_l2bn as kernels
+
+    saved = kernels.launch
+
+    def timed(kernel, grid, *args, **constexprs):
+        binder = binder_seconds(kernel, args, constexprs)
+        start = time.perf_counter()
+        saved(kernel, grid, *args, **constexprs)
+        seconds = time.perf_counter() - start
+        times.add(getattr(kernel, "__name__", "?"), seconds, binder)
+
+    kernels.launch = timed
+    try:
+        yield
+    finally:
+        kernels.launch = saved
+
+
+def launch_rows(spec: str, mode: str, step: Callable[[], None], calls: int) -> list[str]:
+    """Markdown rows of ``--launches`` for one shape and mode: ``calls`` calls after 10 untimed ones."""
+    for _ in range(10):
+        step()
+    times = LaunchTimes()
+    with launches_timed(times):
+        for _ in range(calls):
+            step()
+    rows = []
+    for name, count in times.count.items():
+        binder = times.binder[name]
+        binder_cell = "—" if binder is None else f"{binder / count * 1e6:.1f}"
+        rows.append(f"| {spec} | {mode} | {name} | {count / calls:g} | {times.seconds[name] / count * 1e6:.1f} | "
+                    f"{binder_cell} |")
+    return rows
 
 
 def host_and_wall_us(step: Callable[[], None], calls: int, device: torch.device) -> tuple[float, float]:
@@ -86,12 +157,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", default="128x16x32x32,128x64x8x8,32x256x28x28")
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--modes", default="train,eval", help="comma-separated: train, eval")
+    parser.add_argument("--launches", action="store_true", help="also time each Triton launch, per kernel")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     os.environ[IMPL_ENV_VAR] = "triton"  # the layers' path on CUDA; on the CPU, through the interpreter
     print(environment_line(device) + f"; {args.calls} calls back to back, µs a call (host loop / wall)")
     print("| shape | mode | BN | L2BN (Triton) | L2BN wrapper, no launch | Triton launches (difference) |")
     print("|---|---|---:|---:|---:|---:|")
+    launches: list[str] = []
     for spec, mode in itertools.product(args.shapes.split(","), args.modes.split(",")):
         x = torch.randn(*(int(v) for v in spec.split("x")), device=device)
         bn = CALLS[mode](nn.BatchNorm2d(x.shape[1], device=device), x)
@@ -105,6 +178,13 @@ def main(argv: list[str] | None = None) -> None:
             cells[1] = f"{full_us[0]:.0f} / {full_us[1]:.0f}"
             cells[3] = f"{full_us[0] - wrapper_us[0]:.0f}"
         print(f"| {spec} | {mode} | " + " | ".join(cells) + " |", flush=True)
+        if args.launches:
+            launches.extend(launch_rows(spec, mode, l2bn, args.calls))
+    if args.launches:
+        print("\nEach Triton launch of those L2BN calls, host µs (binder: Triton's, timed apart just before each launch)")
+        print("| shape | mode | kernel | launches a call | µs a launch | of which binder |")
+        print("|---|---|---|---:|---:|---:|")
+        print("\n".join(launches), flush=True)
 
 
 if __name__ == "__main__":

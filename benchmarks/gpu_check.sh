@@ -3,7 +3,7 @@
 # tests — the CUDA and Triton tests on the real device; bench — whole calls at ResNet-50 shapes (fp32, bf16);
 # graphs — the same calls replayed from CUDA graphs (the device's time alone) with achieved bandwidth; host — each
 # kernel's device time in a call (bench_kernels.py), synchronized L2BN against torch's SyncBatchNorm (one nccl
-# rank) and the host time of a call (the launches' share); census — every norm layer's input shape of the zoo
+# rank) and the host time of a call (the launches' share; each launch's, and its binder's part); census — every norm layer's input shape of the zoo
 # (fp32 whole calls and SGD steps, fp32 and bf16 CUDA graphs; issue 23's goal 4); lanes (not by default) — the
 # census's CUDA graphs with NCHW rows summed per tile position too; inference (not by default) — the census's eval
 # rows in CUDA graphs through the autograd path (``_INFERENCE_PATH`` off), against census's own, and the inference
@@ -58,8 +58,9 @@ if wants host; then
     128x2048x7x7,128x2048x8x8,128x256x56x56,16x64x56x56,128x512x14x14,64x256x16x16
   # SyncL2BatchNorm's call (torch ops, Triton kernels) against torch's SyncBatchNorm, one nccl rank
   step 30 "synchronized layers, fp32" "$py" benchmarks/bench_sync.py --device cuda --dtype fp32
-  # host time a training call: BN, L2BN, L2BN with its Triton launches stubbed out (the launcher's share)
-  step 20 "host time a call" "$py" benchmarks/bench_host.py --device cuda
+  # host time a training call: BN, L2BN, L2BN with its Triton launches stubbed out (the launcher's share), and
+  # each launch's host time per kernel with the binder's part of it
+  step 30 "host time a call" "$py" benchmarks/bench_host.py --device cuda --launches
 fi
 if wants census; then
   step 75 "shape census fp32, and whole SGD steps" "$py" benchmarks/bench_census.py --device cuda --dtype fp32 --steps

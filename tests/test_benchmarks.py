@@ -227,11 +227,12 @@ def test_sync_benchmark_prints_each_paths_ratio_for_every_shape():
 
 def test_host_benchmark_times_the_wrapper_with_launches_stubbed():
     """On the CPU (Triton's interpreter): BatchNorm and L2BN's Triton wrapper with no kernel launched, per shape
-    and mode (training; eval under no_grad, the inference path); the launches themselves are timed on CUDA only."""
+    and mode (training; eval under no_grad, the inference path); the whole launches are timed on CUDA only, and
+    ``--launches`` lists each kernel's launches a call (here through the interpreter)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_host.py"), "--device", "cpu",
-                             "--shapes", "4x3x4x4,8x5x2x2", "--calls", "5"], env=env, capture_output=True, text=True,
-                            timeout=300)
+                             "--shapes", "4x3x4x4,8x5x2x2", "--calls", "5", "--launches"], env=env, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "L2BN path: triton" in result.stdout
     rows = re.findall(r"^\| (\S+) \| (\w+) \| (\d+) / (\d+) \| — \| (\d+) / (\d+) \| — \|$", result.stdout,
@@ -239,6 +240,17 @@ def test_host_benchmark_times_the_wrapper_with_launches_stubbed():
     assert [r[:2] for r in rows] == [("4x3x4x4", "train"), ("4x3x4x4", "eval"), ("8x5x2x2", "train"),
                                      ("8x5x2x2", "eval")], result.stdout
     assert all(0 < int(r[2]) <= int(r[3]) and 0 < int(r[4]) <= int(r[5]) for r in rows)
+    # --launches: per shape and mode, each kernel's launches a call, adding up to the path's 8 (training: four
+    # each way, the affine kernel in both) and 2 (inference); no binder in the interpreter
+    launches = re.findall(r"^\| (\S+) \| (\w+) \| (_\w+_kernel) \| ([\d.]+) \| ([\d.]+) \| (\S+) \|$", result.stdout,
+                          flags=re.M)
+    per_call = {}
+    for spec, mode, _, count, micros, binder in launches:
+        per_call[spec, mode] = per_call.get((spec, mode), 0) + float(count)
+        assert float(micros) > 0 and binder == "—"
+    assert per_call == {("4x3x4x4", "train"): 8, ("4x3x4x4", "eval"): 2, ("8x5x2x2", "train"): 8,
+                        ("8x5x2x2", "eval"): 2}, result.stdout
+    assert ("4x3x4x4", "train", "_affine_kernel", "2") in [r[:4] for r in launches]
 
 
 
