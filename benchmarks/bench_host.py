@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.launches:
             launches.extend(launch_rows(spec, mode, l2bn, args.calls))
     if args.launches:
-        print("\nEach Triton launch of those L2BN calls, host µs (binder: Triton's, timed apart just before each launch)")
+        print("\nEach Triton launch of those L2BN calls, host µs (binder: Triton's, timed apart before each launch)")
         print("| shape | mode | kernel | launches a call | µs a launch | of which binder |")
         print("|---|---|---|---:|---:|---:|")
         print("\n".join(launches), flush=True)

@@ -3,11 +3,11 @@
 # tests — the CUDA and Triton tests on the real device; bench — whole calls at ResNet-50 shapes (fp32, bf16);
 # graphs — the same calls replayed from CUDA graphs (the device's time alone) with achieved bandwidth; host — each
 # kernel's device time in a call (bench_kernels.py), synchronized L2BN against torch's SyncBatchNorm (one nccl
-# rank) and the host time of a call (the launches' share; each launch's, and its binder's part); census — every norm layer's input shape of the zoo
-# (fp32 whole calls and SGD steps, fp32 and bf16 CUDA graphs; issue 23's goal 4); lanes (not by default) — the
-# census's CUDA graphs with NCHW rows summed per tile position too; inference (not by default) — the census's eval
-# rows in CUDA graphs through the autograd path (``_INFERENCE_PATH`` off), against census's own, and the inference
-# kernels' device time. Each step has its own time limit (the default
+# rank) and the host time of a call (the launches' share; each launch's, with its binder's part); census — every
+# norm layer's input shape of the zoo (fp32 whole calls and SGD steps, fp32 and bf16 CUDA graphs; issue 23's goal
+# 4); lanes (not by default) — the census's CUDA graphs with NCHW rows summed per tile position too; inference (not
+# by default) — the census's eval rows in CUDA graphs through the autograd path (``_INFERENCE_PATH`` off), against
+# census's own, and the inference kernels' device time. Each step has its own time limit (the default
 # parts together under 10 minutes) and a failure does not stop the next; rows are printed as they are timed, so a
 # step cut by its limit still logs what it measured. Everything goes to $OUT/gpu_check.log (or ./gpu_check.log).
 #
