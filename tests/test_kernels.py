@@ -325,6 +325,19 @@ def test_cpp_channels_last_rows_either_side_of_a_page(channels, dtype, size):
 
 
 @NO_COMPILER
+@pytest.mark.parametrize("channels,positions", [(24, 17), (24, 18), (24, 19), (24, 20), (24, 515), (1030, 19)])
+def test_cpp_channels_last_rows_in_fours_pairs_and_one(channels, positions):
+    """Channels-last training moments in the column loop (rows under 512 bytes, or of 4 KiB and more) take four
+    rows an update, then a pair, then one: position counts of every remainder mod 4, and 515 (a chunk of 512 and
+    a tail of 3). A large value in the last row of a sample would change every output of that sample if the
+    tail row were dropped or counted twice; eq. 3 against the float64 reference, float32."""
+    x = torch.randn(3, channels, 1, positions, generator=torch.Generator().manual_seed(positions)) * 2 + 1
+    x[1, :, 0, -1] += 30.0
+    got = run(IMPLEMENTATIONS["cpp"], x, True, dtype=torch.float32, memory_format=torch.channels_last)
+    assert_close(got, run(l2_batch_norm_reference, x.double(), True), rtol=2e-4, atol=2e-4)
+
+
+@NO_COMPILER
 @pytest.mark.parametrize("length", [31, 32, 33, 511, 512, 513, 1055])
 def test_cpp_sample_norms_over_vector_steps_chunks_and_tails(length):
     """‖x_n‖ of samples of (N, D) input summed 32 values a step in registers, chunk by chunk, with a tail of

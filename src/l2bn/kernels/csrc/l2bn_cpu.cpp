@@ -277,10 +277,12 @@ void finish(const RunSums& s, double inv_m, Moments& mo, int64_t i, bool grad) {
 // small arrays that stay in L1 (BatchNorm's own channels-last kernels do the same): Σ(x − K), Σ(x − K)²,
 // Σ dy, Σ dy·(x − K) with K the first row, in the accumulation type over chunks of kChunk rows and in float64
 // across chunks. All arrays are structures of arrays, so every loop over the columns vectorises. While a
-// sample's x and dy fit in a core's L2 (x at most 256 KiB), two rows go into each accumulator update (half
-// the accumulator traffic: 15–25 % faster there); larger, memory-bound samples measured faster one row at a
-// time (docs/performance.md), except samples of rows of 4 KiB or more up to 512 KiB (16×2048×7×7 training
-// 1.07–1.17 → 0.99–1.15× BN in four blocks; 16×512×14×14 and 16×128×28×28, with narrower rows, were slower).
+// sample's x and dy fit in a core's L2 (x at most 256 KiB), several rows go into each accumulator update: two
+// (half the accumulator traffic: 15–25 % faster there), and in the column loop four (the moments pass alone
+// 16–35 % faster again at 128×16×32×32 … 32×1024×7×7, docs/performance.md, "Session 21"); larger, memory-bound
+// samples measured faster one row at a time, except samples of rows of 4 KiB or more up to 512 KiB (16×2048×7×7
+// training 1.07–1.17 → 0.99–1.15× BN in four blocks; 16×512×14×14 and 16×128×28×28, with narrower rows, were
+// slower).
 template <typename scalar_t, bool kGrad>
 struct ColumnSums {
   using acc_t = at::opmath_type<scalar_t>;
@@ -321,9 +323,9 @@ struct ColumnSums {
 
   // Columns [c0, c0 + kLanes) over rows [r0, r1) with the five sums in registers: each row reads one
   // vector of x (and dy) and updates no memory, where the column loop of rows() loads and stores every
-  // accumulator per row. The same additions in the same order per column as the column loop (pairs of
-  // rows, then one): outputs and gradients were bit-identical to the column loop's build at three
-  // channels-last shapes. Only where the input is already in the accumulation type (float32, float64).
+  // accumulator per row. Pairs of rows, then one (the column loop's order before its four-row updates: outputs
+  // and gradients were bit-identical to its build then at three channels-last shapes). Only where the input is
+  // already in the accumulation type (float32, float64).
   template <bool kTwoRows>
   void lane_block(const scalar_t* x, const scalar_t* dy, int64_t r0, int64_t r1, int64_t c0) {
     acc_t* s = part.data();
@@ -396,6 +398,29 @@ struct ColumnSums {
     acc_t* __restrict__ sg = s2 + C;
     acc_t* __restrict__ sgx = sg + C;
     int64_t r = r0;
+    if constexpr (kTwoRows)
+      for (; r + 4 <= r1; r += 4) {  // four rows an update, then a pair, then one
+        const scalar_t* __restrict__ xa = x + r * C;
+        const scalar_t* __restrict__ xb = xa + C;
+        const scalar_t* __restrict__ xc = xb + C;
+        const scalar_t* __restrict__ xd = xc + C;
+        const scalar_t* __restrict__ ga = kGrad ? dy + r * C : nullptr;
+        const scalar_t* __restrict__ gb = kGrad ? ga + C : nullptr;
+        const scalar_t* __restrict__ gc = kGrad ? gb + C : nullptr;
+        const scalar_t* __restrict__ gd = kGrad ? gc + C : nullptr;
+#pragma omp simd
+        for (int64_t c = c0; c < C; ++c) {
+          const acc_t da = load(xa, c) - K[c], db = load(xb, c) - K[c];
+          const acc_t dc = load(xc, c) - K[c], dd = load(xd, c) - K[c];
+          s1[c] += (da + db) + (dc + dd);
+          s2[c] += (da * da + db * db) + (dc * dc + dd * dd);
+          if constexpr (kGrad) {
+            const acc_t gva = load(ga, c), gvb = load(gb, c), gvc = load(gc, c), gvd = load(gd, c);
+            sg[c] += (gva + gvb) + (gvc + gvd);
+            sgx[c] += (gva * da + gvb * db) + (gvc * dc + gvd * dd);
+          }
+        }
+      }
     if constexpr (kTwoRows)
       for (; r + 2 <= r1; r += 2) {
         const scalar_t* __restrict__ xa = x + r * C;
