@@ -65,14 +65,13 @@ class LaunchTimes:
 
 def binder_seconds(kernel: object, args: tuple, constexprs: dict) -> float | None:
     """Seconds of one call of ``kernel``'s Triton binder on these arguments (None where it has none)."""
-    caches = getattr(kernel, "device_caches", None)
-    if caches is None:
-        return None
-    from triton.runtime import driver
+    from l2bn.kernels.triton_launch import binder
 
-    binder = caches[driver.active.get_current_device()][-1]
+    bind = binder(kernel)
+    if bind is None:
+        return None
     start = time.perf_counter()
-    binder(*args, **constexprs)
+    bind(*args, **constexprs)
     return time.perf_counter() - start
 
 

@@ -104,6 +104,14 @@ def test_a_binder_of_another_shape_turns_it_off(kernel):
     assert [entry[0] for entry in kernel.log] == ["triton"]
 
 
+def test_binder_is_the_device_caches_last_entry_for_the_current_device(kernel):
+    """The binder ``launch`` calls and bench_host.py times: the current device's by default, None without any."""
+    kernel.device_caches[1] = (None, None, None, None, print)
+    assert triton_launch.binder(kernel) == kernel.bind and triton_launch.binder(kernel, 1) is print
+    del kernel.device_caches
+    assert triton_launch.binder(kernel) is None
+
+
 def test_hook_chains_count_as_unset_when_empty():
     chain = types.SimpleNamespace(calls=[])
     assert triton_launch._unset(None) and triton_launch._unset(chain)

@@ -52,6 +52,16 @@ def _turn_off(error: BaseException) -> None:
     _direct, DIRECT_LAUNCH_ERROR = False, error
 
 
+def binder(kernel: Any, device: int | None = None) -> Any:
+    """Triton's binder of ``kernel`` on ``device`` (the current one by default): the function that types the
+    arguments and picks the compiled variant, ``device_caches``' last entry in triton 3.3–3.8; None where the
+    kernel has none (an interpreted kernel)."""
+    caches = getattr(kernel, "device_caches", None)
+    if caches is None:
+        return None
+    return caches[driver.active.get_current_device() if device is None else device][-1]
+
+
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **constexprs: Any) -> None:
     """``kernel[grid](*args, **constexprs)``, through the variant's launcher once Triton has compiled it."""
     if not _direct_path(kernel):
@@ -59,7 +69,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **constexprs: Any) ->
         return
     try:
         device = driver.active.get_current_device()
-        bound, specialization, _ = kernel.device_caches[device][-1](*args, **constexprs)
+        bound, specialization, _ = binder(kernel, device)(*args, **constexprs)
         key = (id(kernel), device, tuple(specialization))
         compiled = _compiled.get(key)
     except Exception as error:  # noqa: BLE001 - another Triton's internals: its own path from now on
@@ -80,4 +90,4 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **constexprs: Any) ->
         kernel[grid](*args, **constexprs)
 
 
-__all__ = ["DIRECT_LAUNCH_ERROR", "LAUNCH_ENV_VAR", "launch"]
+__all__ = ["DIRECT_LAUNCH_ERROR", "LAUNCH_ENV_VAR", "binder", "launch"]
