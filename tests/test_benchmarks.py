@@ -225,6 +225,21 @@ def test_sync_benchmark_prints_each_paths_ratio_for_every_shape():
             assert math.isclose(ratio, ms / bn, rel_tol=0.02, abs_tol=0.01)
 
 
+def test_moments_benchmark_times_both_first_passes_at_each_thread_count():
+    """bench_moments.py: BatchNorm's sum pass and L2BN's moments pass alone, a row per shape and thread count."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_moments.py"), "4x24x4x5,2x1030x1x19",
+                             "--threads", "1", "2", "--repeats", "1"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = re.findall(r"^\| (\S+) \| (\d) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", result.stdout, flags=re.M)
+    assert [r[:2] for r in rows] == [("4x24x4x5", "1"), ("4x24x4x5", "2"), ("2x1030x1x19", "1"),
+                                     ("2x1030x1x19", "2")], result.stdout
+    for *_, bn, l2, ratio in rows:  # µs to 0.1, the ratio from the unrounded times
+        bn, l2, ratio = float(bn), float(l2), float(ratio)
+        assert bn > 0 and l2 > 0 and abs(ratio - l2 / bn) <= 0.006 + ratio * (0.05 / bn + 0.05 / l2)
+
+
 def test_host_benchmark_times_the_wrapper_with_launches_stubbed():
     """On the CPU (Triton's interpreter): BatchNorm and L2BN's Triton wrapper with no kernel launched, per shape
     and mode (training; eval under no_grad, the inference path); the whole launches are timed on CUDA only, and

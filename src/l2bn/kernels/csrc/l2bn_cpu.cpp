@@ -279,7 +279,7 @@ void finish(const RunSums& s, double inv_m, Moments& mo, int64_t i, bool grad) {
 // across chunks. All arrays are structures of arrays, so every loop over the columns vectorises. While a
 // sample's x and dy fit in a core's L2 (x at most 256 KiB), several rows go into each accumulator update: two
 // (half the accumulator traffic: 15–25 % faster there), and in the column loop four (the moments pass alone
-// 15–39 % faster again at six shapes, 5–10 % slower at C = 48–60 on 32×32 maps: docs/performance.md, "Session
+// 15–39 % faster again at six shapes, 5–17 % slower at C = 48–60 on 32×32 maps: docs/performance.md, "Session
 // 21"); larger, memory-bound samples measured faster one row at a time, except samples of rows of 4 KiB or more
 // up to 512 KiB (16×2048×7×7 training 1.07–1.17 → 0.99–1.15× BN in four blocks; 16×512×14×14 and 16×128×28×28,
 // with narrower rows, were slower).
