@@ -317,3 +317,20 @@ def test_census_cuda_graphs_needs_a_cuda_device():
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--cuda-graphs times CUDA graphs: give --device cuda" in result.stderr
     assert "| shape |" not in result.stdout
+
+
+@pytest.mark.parametrize("cache", ["hot", "cold", "network"])
+def test_moments_benchmark_cache_conditions_leave_the_inputs_unchanged(cache, monkeypatch):
+    """bench_moments.py --cache: the untimed preparation before each call (the cache flush; dy rewritten in place
+    for "network") changes no value the timed ops read: their sums before and after are equal bit for bit."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_moments
+
+    monkeypatch.setattr(bench_moments, "COLD_BYTES", 1 << 20)  # the flush's size does not matter here
+    cpp.operators()
+    ops, prepare = bench_moments.passes((3, 20, 3, 4), with_ab=False, cache=cache)
+    before = {name: op() for name, op in ops.items()}
+    prepare()
+    for name, op in ops.items():
+        assert all(torch.equal(a, b) for a, b in zip(before[name], op()) if a is not None), name
+    assert cache in bench_moments.CACHES
