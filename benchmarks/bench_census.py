@@ -41,8 +41,8 @@ import torch
 import torch.nn as nn
 
 from l2bn import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d
-from l2bn.bench import (DTYPES, achieved_gbps, cuda_graphed, environment_line, interleaved_times_ms, layer_steps,
-                        training_step_ms)
+from bench_steps import LAYOUTS, STEP_MODELS, header, step_rows
+from l2bn.bench import DTYPES, achieved_gbps, cuda_graphed, environment_line, interleaved_times_ms, layer_steps
 from l2bn.models import create_model, get_model_entry
 
 # (model, batch, input shape without batch, classes): batch sizes of the models' recipes (train/recipes.py:
@@ -64,7 +64,6 @@ EXTRA_SHAPES: tuple[tuple[int, ...], ...] = ((128, 512), (1024, 512), (128, 64),
 QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((128, 512), (64, 512, 2, 2), (128, 64, 8, 8), (4, 8, 4, 8, 8))
 LAYERS = {2: (nn.BatchNorm1d, L2BatchNorm1d), 3: (nn.BatchNorm1d, L2BatchNorm1d), 4: (nn.BatchNorm2d, L2BatchNorm2d),
           5: (nn.BatchNorm3d, L2BatchNorm3d)}
-STEP_MODELS = ("resnet20", "resnet56", "vgg16_bn")  # whole SGD steps (--steps), batch 128, both layouts
 TARGETS = {"train": 1.10, "eval": 1.25}  # issue 23: L2BN / BN at every shape
 COPY_FROM = 1 << 20  # shapes with at least this many values also time a copy
 
@@ -215,22 +214,10 @@ def print_model_totals(census: dict[str, Counter], results: dict, modes: list[st
 
 
 def print_steps(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
-    """Whole SGD steps of the step models at batch 128, NCHW and channels-last, BN against L2BN."""
-    print("\n| model | layout | batch | BN step ms | L2BN step ms | ratio |\n|---|---|---:|---:|---:|---:|")
-    for name in (m for m in STEP_MODELS if args.models is None or m in args.models.split(",")):
-        for cl in (False, True):
-            fmt = torch.channels_last if cl else torch.contiguous_format
-            x = torch.randn(128, 3, 32, 32, device=device, dtype=dtype).contiguous(memory_format=fmt)
-            target = torch.randint(0, 10, (128,), device=device)
-            nets = []
-            for norm in ("bn", "l2bn"):
-                torch.manual_seed(0)
-                nets.append(create_model(name, num_classes=10, norm_layer=norm).to(device, dtype, memory_format=fmt))
-            start = time.perf_counter()
-            bn, l2 = training_step_ms(nets, x, target, repeats=2 if args.quick else 5)
-            layout = "channels_last" if cl else "NCHW"
-            print(f"| {name} | {layout} | 128 | {bn:.1f} | {l2:.1f} | {l2 / bn:.2f} |  "
-                  f"({time.perf_counter() - start:.0f} s)")
+    """Whole SGD steps of the step models at batch 128, NCHW and channels-last, BN against L2BN (bench_steps.py)."""
+    print("\n" + header(None))
+    step_rows([m for m in STEP_MODELS if args.models is None or m in args.models.split(",")], tuple(LAYOUTS), device,
+              dtype, repeats=2 if args.quick else 5)
 
 
 def main() -> None:

@@ -7,13 +7,15 @@
 # norm layer's input shape of the zoo (fp32 whole calls and SGD steps, fp32 and bf16 CUDA graphs; issue 23's goal
 # 4); lanes (not by default) — the census's CUDA graphs with NCHW rows summed per tile position too; inference (not
 # by default) — the census's eval rows in CUDA graphs through the autograd path (``_INFERENCE_PATH`` off), against
-# census's own, and the inference kernels' device time. Each step has its own time limit (the default
+# census's own, and the inference kernels' device time; compiled (not by default: a second call after the default
+# parts) — ResNet-20 SGD steps, eager and under torch.compile(mode="reduce-overhead"), BN against L2BN: whether CUDA
+# graphs remove the host-bound eager steps' gap (bench_steps.py; compile time printed apart). Each step has its own time limit (the default
 # parts together under 10 minutes) and a failure does not stop the next; rows are printed as they are timed, so a
 # step cut by its limit still logs what it measured. Everything goes to $OUT/gpu_check.log (or ./gpu_check.log).
 #
 #     bash benchmarks/gpu_check.sh                 # from the repository root, with a CUDA torch and triton installed
 #     bash benchmarks/gpu_check.sh tests graphs    # only some parts: tests, bench, graphs, host, census, lanes,
-#                                                  # inference
+#                                                  # inference, compiled
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -89,5 +91,9 @@ if wants inference; then  # not by default: eval through the autograd path's fou
     step 50 "shape census eval $dtype, CUDA graphs, _INFERENCE_PATH off" "$py" -c "$census_with" \
       _INFERENCE_PATH False --device cuda --dtype "$dtype" --cuda-graphs --modes eval
   done
+fi
+if wants compiled; then  # not by default: torch.compile's CUDA graphs against the eager steps
+  step 170 "ResNet-20 steps, eager and torch.compile reduce-overhead, fp32" "$py" benchmarks/bench_steps.py \
+    --device cuda --models resnet20 --layouts NCHW --compile reduce-overhead
 fi
 echo "log: $log"

@@ -306,7 +306,7 @@ def test_gpu_check_fits_one_ten_minute_device_call():
             part = None
         elif (limit := re.match(r"\s*step (\d+) ", line)) and (part is None or part in defaults):
             total += repeat * int(limit[1])
-    assert "lanes" not in defaults and "inference" not in defaults and 0 < total <= 600, total
+    assert not {"lanes", "inference", "compiled"} & set(defaults) and 0 < total <= 600, total
     assert re.search(r"bench_census\.py --device cuda --dtype", script)
 
 
@@ -334,3 +334,29 @@ def test_moments_benchmark_cache_conditions_leave_the_inputs_unchanged(cache, mo
     for name, op in ops.items():
         assert all(torch.equal(a, b) for a, b in zip(before[name], op()) if a is not None), name
     assert cache in bench_moments.CACHES
+
+
+def test_steps_benchmark_times_eager_and_compiled_steps_with_the_compile_apart():
+    """bench_steps.py --compile: per model and layout the eager BN / L2BN steps and ratio, then the compiled
+    models' steps, ratio, first-step (compile) seconds and speed-ups; a bad layout is refused (dynamo's ``eager``
+    backend here: the plumbing, not Inductor's compile time)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    script = str(ROOT / "benchmarks" / "bench_steps.py")
+    result = subprocess.run([sys.executable, script, "--models", "resnet20", "--layouts", "channels_last", "--batch",
+                             "2", "--repeats", "1", "--compile", "default", "--backend", "eager", "--threads", "1"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "torch.compile mode default, backend eager" in result.stdout
+    number = r"([\d.]+)"
+    row = re.search(rf"^\| resnet20 \| channels_last \| 2 \| {number} \| {number} \| {number} \| {number} \| "
+                    rf"{number} \| {number} \| (\d+) / (\d+) \| {number} / {number} \|", result.stdout, flags=re.M)
+    assert row, result.stdout
+    bn, l2, ratio, c_bn, c_l2, c_ratio, _, _, speedup_bn, speedup_l2 = map(float, row.groups())
+    assert min(bn, l2, c_bn, c_l2) > 0
+    assert math.isclose(ratio, l2 / bn, abs_tol=0.01 + 0.1 / bn + 0.1 / l2)  # times printed to 0.1 ms
+    assert math.isclose(c_ratio, c_l2 / c_bn, abs_tol=0.01 + 0.1 / c_bn + 0.1 / c_l2)
+    assert math.isclose(speedup_bn, bn / c_bn, abs_tol=0.01 + 0.1 / c_bn + 0.1 / bn)
+    assert math.isclose(speedup_l2, l2 / c_l2, abs_tol=0.01 + 0.1 / c_l2 + 0.1 / l2)
+    bad = subprocess.run([sys.executable, script, "--layouts", "nhwc"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "unknown ['nhwc']" in bad.stderr
