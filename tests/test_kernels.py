@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch.nn as nn
 import l2bn
 from l2bn.functional import IMPL_ENV_VAR, IMPLEMENTATIONS, l2_batch_norm, resolve_impl
 from l2bn.kernels import cpp, dispatch, l2_batch_norm_reference
+from l2bn.kernels.cpp_custom_op import l2_batch_norm_cpp_graph
 from l2bn.kernels.fused import sample_channel_moments, spatial_stride
 
 F64 = torch.float64
@@ -508,12 +510,18 @@ def test_auto_falls_back_to_fused_with_one_warning_when_the_kernel_cannot_build(
         cpp.operators.cache_clear()
 
 
-def test_compiled_graphs_trace_the_torch_op_path(monkeypatch):
-    """Under torch.compile the dispatcher hands tracing the fused torch-op path, not the opaque kernel."""
-    seen = []
+def test_compiled_graphs_call_the_kernel_through_its_custom_operators(monkeypatch):
+    """Under torch.compile the dispatcher hands CPU tensors the compiled kernel's custom operators (which a graph
+    can hold), or the fused torch-op path where the kernel does not build; other devices' tensors trace the fused
+    path (no warning while tracing)."""
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    seen.append(resolve_impl("auto", torch.randn(2, 3)))
-    assert seen == [IMPLEMENTATIONS["fused"]]
+    if cpp.available():
+        assert resolve_impl("auto", torch.randn(2, 3)) is l2_batch_norm_cpp_graph
+    assert resolve_impl("auto", torch.randn(2, 3, device="meta")) is IMPLEMENTATIONS["fused"]
+    monkeypatch.setattr(cpp, "available", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_impl("auto", torch.randn(2, 3)) is IMPLEMENTATIONS["fused"]
 
 
 @NO_COMPILER

@@ -160,6 +160,7 @@ def compiler_found() -> bool:
     return shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
+@torch.compiler.assume_constant_result  # torch.compile asks it while tracing: a constant, not traced
 def available() -> bool:
     """Whether the compiled CPU kernel is (or can be) loaded in this process."""
     return _build() is None

@@ -9,7 +9,9 @@ tensors (when it builds), else the torch-op fused path. Two situations override 
   ``torch.jit.trace`` (also the legacy ``torch.onnx.export(dynamo=False)``), ``torch.fx`` symbolic
   tracing, the ``torch.func`` transforms and ``torch.autograd.forward_ad`` duals, of the input or of the
   weight and bias (the fast paths have no jvp) — runs the reference composition, which keeps D = C·|S|
-  symbolic. ``torch.compile`` is not one of them: on every device it traces the fused path's autograd.Function.
+  symbolic. ``torch.compile`` is not one of them: on the CPU its graphs call the compiled kernel through custom
+  operators (``kernels/cpp_custom_op.py``; the torch-op fused path where the kernel does not build), on other
+  devices it traces the fused path's autograd.Function, which the compiler fuses.
 
 The compiled CPU kernel's autograd node is its own (C++): it computes batched gradients
 (``torch.autograd.grad(..., is_grads_batched=True)``, gradcheck's ``check_batched_grad``) through ATen ops,
@@ -27,6 +29,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import cpp
+from .cpp_custom_op import l2_batch_norm_cpp_graph
 from .fused import l2_batch_norm_fused
 from .reference import l2_batch_norm_reference
 
@@ -68,13 +71,14 @@ def _device_type(input: Tensor) -> str:
 
 
 def prefers_cpp(input: Tensor) -> bool:
-    """``auto`` uses the compiled kernel for CPU tensors outside torch.compile (which traces the torch-op
-    fused path instead), when it builds; if it does not, it warns once and takes the fused path."""
-    if not input.is_cpu or torch.compiler.is_compiling():
+    """``auto`` uses the compiled kernel for CPU tensors (under torch.compile through its custom operators),
+    when it builds; if it does not, it warns once and takes the fused path."""
+    if not input.is_cpu:
         return False
     if cpp.available():
         return True
-    cpp.warn_unavailable()
+    if not torch.compiler.is_compiling():  # (a traced graph would break at the warning)
+        cpp.warn_unavailable()
     return False
 
 
@@ -140,5 +144,9 @@ def impl_name(impl: str | None, input: Tensor, *params: Tensor | None) -> str:
 
 
 def resolve_impl(impl: str | None, input: Tensor, *params: Tensor | None) -> Callable[..., Tensor]:
-    """The function :func:`impl_name` names."""
-    return IMPLEMENTATIONS[impl_name(impl, input, *params)]
+    """The function :func:`impl_name` names (for ``cpp`` under torch.compile: the kernel's custom operators,
+    which a graph can hold)."""
+    name = impl_name(impl, input, *params)
+    if name == "cpp" and torch.compiler.is_compiling():
+        return l2_batch_norm_cpp_graph
+    return IMPLEMENTATIONS[name]

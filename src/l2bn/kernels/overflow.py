@@ -55,14 +55,20 @@ def huge_sample_factors(magnitude: Tensor, to_exponent: int) -> Tensor:
     return torch.where(huge, torch.ldexp(one, to_exponent - exponent), one)
 
 
-def rescale_huge_samples(x: Tensor) -> Tensor:
-    """x with every finite sample of max |x_n| ≥ 2^32 multiplied by the power of two that brings its max into
-    [2^15, 2^16) (exact, so only values below the rescaled type's range change); other samples as they are."""
+def huge_sample_scale(x: Tensor) -> Tensor:
+    """Per sample of x (N, C, *S), broadcastable to x and of its dtype: the power of two that brings max |x_n|
+    into [2^15, 2^16) for finite samples of max |x_n| ≥ 2^32, else 1."""
     with torch.no_grad():
         acc = torch.promote_types(x.dtype, torch.float32)
         amax = torch.amax(x.detach().abs(), dim=tuple(range(1, x.dim()))).to(acc)
         factor = huge_sample_factors(amax, _RESCALE_TO_EXPONENT)
-    return x * factor.to(x.dtype).view((-1,) + (1,) * (x.dim() - 1))
+    return factor.to(x.dtype).view((-1,) + (1,) * (x.dim() - 1))
+
+
+def rescale_huge_samples(x: Tensor) -> Tensor:
+    """x with every finite sample of max |x_n| ≥ 2^32 multiplied by the power of two that brings its max into
+    [2^15, 2^16) (exact, so only values below the rescaled type's range change); other samples as they are."""
+    return x * huge_sample_scale(x)
 
 
 def is_sample_overflow(error: BaseException) -> bool:

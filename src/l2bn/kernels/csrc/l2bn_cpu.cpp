@@ -2014,6 +2014,23 @@ Tensor l2_batch_norm_cpu(const Tensor& input, const std::optional<Tensor>& weigh
                                     rescale);
 }
 
+// The backward as an operator of its own, for the custom op torch.compile keeps in its graphs
+// (kernels/cpp_custom_op.py registers its autograd formula in Python): the input, weight and bias gradients (the
+// last two undefined without a weight or a bias dtype).
+std::tuple<Tensor, Tensor, Tensor> l2_batch_norm_backward(const Tensor& grad_out, const Tensor& input,
+                                                          const std::optional<Tensor>& weight,
+                                                          const std::optional<Tensor>& running_mean,
+                                                          const std::optional<Tensor>& running_var, bool training,
+                                                          double eps, double l2_eps, bool rescale,
+                                                          std::optional<at::ScalarType> bias_dtype) {
+  TORCH_CHECK(input.device().is_cpu(), "l2bn's compiled kernel runs on the CPU, got input on ", input.device());
+  const Tensor none;
+  Gradients g = l2bn_backward(grad_out, input, weight.value_or(none), training ? none : running_mean.value_or(none),
+                              training ? none : running_var.value_or(none), training, eps, l2_eps, rescale,
+                              bias_dtype);
+  return {g.input, g.weight, g.bias};
+}
+
 // The element conversions above, exposed so that tests can compare them with torch's over every 16-bit
 // pattern: float32 → ``dtype`` (stores), or float16/bfloat16 → float32 (loads).
 Tensor convert(const Tensor& input, at::ScalarType dtype) {
@@ -2042,6 +2059,11 @@ TORCH_LIBRARY(l2bn_cpu, m) {
       "l2_batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "bool training, float momentum, float eps, float l2_eps, bool rescale) -> Tensor",
       &l2_batch_norm_cpu);
+  m.def(
+      "l2_batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps, float l2_eps, bool rescale, ScalarType? bias_dtype) "
+      "-> (Tensor, Tensor, Tensor)",
+      &l2_batch_norm_backward);
   m.def("convert(Tensor input, ScalarType dtype) -> Tensor", &convert);
   m.def("sync_local_sums(Tensor input, float l2_eps, bool rescale) -> (Tensor, Tensor)", &sync_local_sums);
   m.def(

@@ -1,0 +1,142 @@
+"""The compiled CPU kernel as custom operators that ``torch.compile`` keeps in its graphs.
+
+Eager calls reach the kernel through its own operator, whose autograd node is C++ (no Python a call). That
+operator cannot be traced — its C++ runs on real data — so ``torch.compile`` used to trace the torch-op fused
+path instead, which Inductor fuses but which ran slower than the kernel (ResNet-20 SGD steps, NCHW, 2-core CPU:
+compiled L2BN 1.16× compiled BatchNorm; docs/performance.md, "Session 22"). Here the kernel's forward and backward
+are ``torch.library`` custom operators with fake implementations (shapes and layouts only) and an autograd formula,
+so a compiled graph calls them as opaque kernels and compiles everything around them:
+
+- ``l2bn::cpu_forward`` → (y, scale, running mean, running variance): the forward; the per-sample powers of two
+  the input was multiplied by — ones, but for finite samples whose sum of squares overflows, which the kernel
+  refuses and which run again rescaled (kernels/overflow.py; L2BN is invariant to a positive scale of a sample);
+  and the updated running statistics, which :func:`l2_batch_norm_cpp_graph` copies into the buffers (an operator
+  with an autograd formula must not write its inputs);
+- ``l2bn::cpu_backward`` → (dx, dweight, dbias) from (dy, x·scale), dx times scale (the chain rule of the
+  rescaling).
+
+Differences from the eager operator: no double backward (the eager one refuses it too) and no batched gradients
+(vmap) — under functorch transforms the dispatcher keeps the fused path.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .cpp import operators
+from .overflow import huge_sample_scale, is_sample_overflow
+
+
+def _output_like(input: Tensor) -> Tensor:
+    """An empty tensor in the layout the kernel gives its outputs: channels-last where ``input`` is channels-last
+    (and not also contiguous), else contiguous (the kernel's ``dense``)."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(input.dim())
+    if fmt is not None and not input.is_contiguous() and input.is_contiguous(memory_format=fmt):
+        return torch.empty_like(input, memory_format=fmt)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _scale_dtype(input: Tensor) -> torch.dtype:
+    return torch.promote_types(input.dtype, torch.float32)
+
+
+@torch.library.custom_op("l2bn::cpu_forward", mutates_args=(), device_types="cpu")
+def cpu_forward(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                running_var: Tensor | None, training: bool, momentum: float, eps: float, l2_eps: float,
+                rescale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, scale (N,), new running mean, new running variance): the kernel's forward of ``input``, or of
+    ``input·scale`` where a sample overflowed; the running statistics are returned updated (empty (0,) tensors
+    in eval or without them), not written (an autograd formula needs a functional operator)."""
+    updates = training and running_mean is not None and running_var is not None
+    new_mean, new_var = (running_mean.clone(), running_var.clone()) if updates else (None, None)
+    mean_in, var_in = (new_mean, new_var) if updates else (running_mean, running_var)
+    op = operators().l2_batch_norm.default
+    with torch.no_grad():
+        try:
+            y = op(input, weight, bias, mean_in, var_in, training, momentum, eps, l2_eps, rescale)
+            scale = torch.ones(input.shape[0], dtype=_scale_dtype(input))
+        except RuntimeError as error:
+            if not is_sample_overflow(error):
+                raise
+            factor = huge_sample_scale(input)  # the refused call wrote nothing
+            y = op(input * factor, weight, bias, mean_in, var_in, training, momentum, eps, l2_eps, rescale)
+            scale = factor.reshape(-1).to(_scale_dtype(input))
+    if not updates:  # two tensors: the returns may not alias each other
+        new_mean, new_var = input.new_empty(0), input.new_empty(0)
+    return y, scale, new_mean, new_var
+
+
+@cpu_forward.register_fake
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps, rescale):
+    updates = training and running_mean is not None and running_var is not None
+    new_mean, new_var = ((torch.empty_like(running_mean), torch.empty_like(running_var)) if updates
+                         else (input.new_empty(0), input.new_empty(0)))
+    return _output_like(input), input.new_empty(input.shape[0], dtype=_scale_dtype(input)), new_mean, new_var
+
+
+@torch.library.custom_op("l2bn::cpu_backward", mutates_args=(), device_types="cpu")
+def cpu_backward(grad_out: Tensor, input: Tensor, scale: Tensor, weight: Tensor | None, running_mean: Tensor | None,
+                 running_var: Tensor | None, training: bool, eps: float, l2_eps: float, rescale: bool,
+                 has_bias: bool, bias_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) of :func:`cpu_forward`; the parameter gradients are empty (0,) tensors where the layer
+    has no weight or no bias (``has_bias``; ``bias_dtype``: its gradient's dtype)."""
+    rescaled = bool((scale != 1).any())
+    view = scale.to(input.dtype).view((-1,) + (1,) * (input.dim() - 1))
+    dx, dweight, dbias = operators().l2_batch_norm_backward.default(
+        grad_out, input * view if rescaled else input, weight, running_mean, running_var, training, eps, l2_eps,
+        rescale, bias_dtype if has_bias else None)
+    return (dx * view if rescaled else dx, input.new_empty(0) if dweight is None else dweight,
+            input.new_empty(0) if dbias is None else dbias)
+
+
+@cpu_backward.register_fake
+def _(grad_out, input, scale, weight, running_mean, running_var, training, eps, l2_eps, rescale, has_bias,
+      bias_dtype):
+    channels = input.shape[1]
+    dweight = input.new_empty(channels, dtype=weight.dtype) if weight is not None else input.new_empty(0)
+    dbias = input.new_empty(channels, dtype=bias_dtype) if has_bias else input.new_empty(0)
+    return _output_like(input), dweight, dbias
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input, weight, bias, running_mean, running_var, training, _, eps, l2_eps, rescale = inputs
+    _, scale, _, _ = output
+    # eval uses the running statistics the forward read: saved as they were (they are not updated in eval)
+    ctx.save_for_backward(input, scale, weight, None if training else running_mean,
+                          None if training else running_var)
+    ctx.options = (training, eps, l2_eps, rescale, bias is not None, input.dtype if bias is None else bias.dtype)
+
+
+def _backward(ctx, grad_y: Tensor, *unused: Tensor | None):
+    input, scale, weight, running_mean, running_var = ctx.saved_tensors
+    training, eps, l2_eps, rescale, has_bias, bias_dtype = ctx.options
+    dx, dweight, dbias = cpu_backward(grad_y, input, scale, weight, running_mean, running_var, training, eps, l2_eps,
+                                      rescale, has_bias, bias_dtype)
+    return (dx, dweight if weight is not None else None, dbias if has_bias else None,
+            None, None, None, None, None, None, None)
+
+
+cpu_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def l2_batch_norm_cpp_graph(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    rescale: bool = True,
+    l2_eps: float = 1e-12,
+) -> Tensor:
+    """:func:`l2bn.kernels.cpp.l2_batch_norm_cpp` through the custom operators (what a compiled graph calls)."""
+    y, _, new_mean, new_var = cpu_forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                                          l2_eps, rescale)
+    if training and running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    return y

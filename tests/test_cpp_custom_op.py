@@ -1,0 +1,108 @@
+"""The compiled CPU kernel under torch.compile: its custom operators in the graph, equal to the eager kernel."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import l2bn
+from l2bn.kernels import cpp
+from l2bn.kernels.cpp_custom_op import cpu_backward, cpu_forward, l2_batch_norm_cpp_graph
+
+pytestmark = pytest.mark.skipif(not cpp.compiler_found(), reason="no C++ compiler: the compiled kernel cannot be built")
+LAYOUTS = pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                                  ids=["nchw", "nhwc"])
+
+
+def run(fn, x, weight, bias, training, grad):
+    """Output, input/weight/bias gradients and running statistics of ``fn`` (the functional signature)."""
+    xx, w, b = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+    rm, rv = torch.full((x.shape[1],), 0.3), torch.full((x.shape[1],), 1.7)
+    y = fn(xx, rm, rv, w, b, training, 0.1, 1e-5)
+    y.backward(grad)
+    return {"y": y, "dx": xx.grad, "dw": w.grad, "db": b.grad, "rm": rm, "rv": rv}
+
+
+@LAYOUTS
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_custom_operators_equal_the_eager_kernel_bit_for_bit(training, memory_format):
+    """Outputs (and their strides), gradients and running statistics through the custom operators are the eager
+    kernel's, bit for bit: the same kernel, called in another way."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 6, 4, 3, generator=g).contiguous(memory_format=memory_format)
+    weight, bias = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    grad = torch.randn(x.shape, generator=g)
+    want = run(cpp.l2_batch_norm_cpp, x, weight, bias, training, grad)
+    got = run(l2_batch_norm_cpp_graph, x, weight, bias, training, grad)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert got["y"].stride() == want["y"].stride() and got["dx"].stride() == want["dx"].stride()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_custom_operators_pass_torch_library_opcheck(training, affine):
+    """torch.library.opcheck: schema, fake implementations (shapes, dtypes, strides), autograd registration and
+    the compiled-autograd path, for both operators (with and without weight and bias, NCHW and channels-last)."""
+    g = torch.Generator().manual_seed(1)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(4, 5, 3, 3, generator=g).contiguous(memory_format=memory_format).requires_grad_()
+        weight = (torch.rand(5, generator=g) + 0.5).requires_grad_() if affine else None
+        bias = torch.randn(5, generator=g).requires_grad_() if affine else None
+        running = torch.zeros(5), torch.ones(5)
+        torch.library.opcheck(cpu_forward, (x, weight, bias, *running, training, 0.1, 1e-5, 1e-12, True))
+        scale = torch.ones(4)
+        grad = torch.randn(x.shape, generator=g)
+        torch.library.opcheck(cpu_backward, (grad, x.detach(), scale, None if weight is None else weight.detach(),
+                                             *(running if not training else (None, None)), training, 1e-5, 1e-12,
+                                             True, affine, torch.float32))
+
+
+class ConvL2BN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 8, 3, padding=1), l2bn.L2BatchNorm2d(8)
+
+    def forward(self, x):
+        return torch.relu(self.norm(self.conv(x)))
+
+
+@LAYOUTS
+def test_compiled_graphs_hold_the_kernel_and_match_eager(memory_format):
+    """torch.compile(fullgraph=True) of a conv + L2BN + ReLU model on the CPU: the forward and backward graphs
+    call l2bn::cpu_forward and l2bn::cpu_backward (not the fused path's ops), and the outputs, gradients and
+    running statistics over a training and an eval step equal the eager model's bit for bit (aot_eager: the graph's
+    other ops run as in eager)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from functorch.compile import make_boxed_func
+
+    torch.manual_seed(0)
+    model = ConvL2BN().to(memory_format=memory_format)
+    eager = copy.deepcopy(model)
+    called: set[str] = set()
+
+    def record(graph_module, _):
+        called.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return make_boxed_func(graph_module)
+
+    def backend(graph_module, example_inputs):
+        return aot_module_simplified(graph_module, example_inputs, fw_compiler=record, bw_compiler=record)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(4, 3, 6, 6).contiguous(memory_format=memory_format)
+    for training in (True, False):
+        model.train(training)
+        eager.train(training)
+        y, y_eager = compiled(x), eager(x)
+        assert torch.equal(y, y_eager)
+        y.square().sum().backward()
+        y_eager.square().sum().backward()
+    for (name, p), p_eager in zip(model.named_parameters(), eager.parameters()):
+        assert torch.equal(p.grad, p_eager.grad), name
+    assert torch.equal(model.norm.running_mean, eager.norm.running_mean)
+    assert torch.equal(model.norm.running_var, eager.norm.running_var)
+    assert {"l2bn.cpu_forward.default", "l2bn.cpu_backward.default"} <= called, called
+    assert not any("var_mean" in op or "linalg_vector_norm" in op for op in called), called
