@@ -15,8 +15,8 @@ so a compiled graph calls them as opaque kernels and compiles everything around 
 - ``l2bn::cpu_backward`` → (dx, dweight, dbias) from (dy, x·scale), dx times scale (the chain rule of the
   rescaling).
 
-Differences from the eager operator: no double backward (the eager one refuses it too) and no batched gradients
-(vmap) — under functorch transforms the dispatcher keeps the fused path.
+Like the eager operator, no double backward. Under ``torch.func.vmap`` inside a compiled function the operators run
+through functorch's per-sample fallback (correct, with torch's performance warning; they have no batching rule).
 """
 from __future__ import annotations
 

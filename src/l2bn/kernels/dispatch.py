@@ -88,7 +88,7 @@ def aten_tracer(input: Tensor, *params: Tensor | None) -> str | None:
         return "torch.jit.trace"
     if torch.compiler.is_exporting():
         return "torch.export"
-    if torch.compiler.is_compiling():  # torch.compile traces the fused path (and handles torch.func itself)
+    if torch.compiler.is_compiling():  # graphs hold the kernels or the fused path (torch.func is its own)
         return None
     if isinstance(input, torch.fx.Proxy):
         return "torch.fx"
