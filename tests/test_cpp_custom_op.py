@@ -106,3 +106,11 @@ def test_compiled_graphs_hold_the_kernel_and_match_eager(memory_format):
     assert torch.equal(model.norm.running_var, eager.norm.running_var)
     assert {"l2bn.cpu_forward.default", "l2bn.cpu_backward.default"} <= called, called
     assert not any("var_mean" in op or "linalg_vector_norm" in op for op in called), called
+
+
+def test_forced_cpp_under_compile_refuses_other_devices_as_eager_does():
+    """impl="cpp" for a tensor off the CPU: the function compiled graphs call refuses it with the eager path's
+    error and way out (not the custom operator's missing-kernel error)."""
+    x = torch.randn(2, 3, 4, 4, device="meta")
+    with pytest.raises(RuntimeError, match="impl='cpp' runs on the CPU, got input on meta; use impl='auto'"):
+        l2_batch_norm_cpp_graph(x, None, None, training=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cpp import operators
+from .cpp import check_on_cpu, operators
 from .overflow import huge_sample_scale, is_sample_overflow
 
 
@@ -133,6 +133,7 @@ def l2_batch_norm_cpp_graph(
     l2_eps: float = 1e-12,
 ) -> Tensor:
     """:func:`l2bn.kernels.cpp.l2_batch_norm_cpp` through the custom operators (what a compiled graph calls)."""
+    check_on_cpu(input)
     y, _, new_mean, new_var = cpu_forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
                                           l2_eps, rescale)
     if training and running_mean is not None and running_var is not None:
