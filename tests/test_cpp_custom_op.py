@@ -114,3 +114,14 @@ def test_forced_cpp_under_compile_refuses_other_devices_as_eager_does():
     x = torch.randn(2, 3, 4, 4, device="meta")
     with pytest.raises(RuntimeError, match="impl='cpp' runs on the CPU, got input on meta; use impl='auto'"):
         l2_batch_norm_cpp_graph(x, None, None, training=True)
+
+
+def test_kernel_availability_is_a_constant_to_torch_compile():
+    """cpp.available carries what torch.compiler.assume_constant_result sets (set directly there, so that importing
+    l2bn does not import torch._dynamo): the decorator sets exactly that attribute, and available has it."""
+    def probe() -> bool:
+        return True
+
+    torch.compiler.assume_constant_result(probe)
+    assert probe.__dict__ == {"_dynamo_marked_constant": True}
+    assert cpp.available._dynamo_marked_constant is True

@@ -160,10 +160,15 @@ def compiler_found() -> bool:
     return shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
-@torch.compiler.assume_constant_result  # torch.compile asks it while tracing: a constant, not traced
 def available() -> bool:
     """Whether the compiled CPU kernel is (or can be) loaded in this process."""
     return _build() is None
+
+
+# torch.compile asks available() while tracing: called as a constant, not traced (the build's logging would break
+# the graph). This is what torch.compiler.assume_constant_result(available) sets (torch/_dynamo/decorators.py,
+# checked by tests/test_cpp_custom_op.py), without importing torch._dynamo at l2bn's import as the decorator does.
+available._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def build_error() -> Exception | None:
