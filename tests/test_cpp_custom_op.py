@@ -25,15 +25,20 @@ def run(fn, x, weight, bias, training, grad):
     return {"y": y, "dx": xx.grad, "dw": w.grad, "db": b.grad, "rm": rm, "rv": rv}
 
 
-@LAYOUTS
+@pytest.mark.parametrize("shape, memory_format, dtype", [
+    ((5, 6, 4, 3), torch.contiguous_format, torch.float32), ((5, 6, 4, 3), torch.channels_last, torch.float32),
+    ((5, 6), torch.contiguous_format, torch.float32), ((5, 6, 7), torch.contiguous_format, torch.float32),
+    ((2, 6, 3, 4, 5), torch.channels_last_3d, torch.float32), ((5, 6, 4, 3), torch.channels_last, torch.bfloat16),
+    ((3, 6, 2, 2), torch.contiguous_format, torch.float64),
+], ids=["nchw", "nhwc", "1d", "1d-length", "3d-cl", "nhwc-bf16", "fp64"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_custom_operators_equal_the_eager_kernel_bit_for_bit(training, memory_format):
+def test_custom_operators_equal_the_eager_kernel_bit_for_bit(training, shape, memory_format, dtype):
     """Outputs (and their strides), gradients and running statistics through the custom operators are the eager
-    kernel's, bit for bit: the same kernel, called in another way."""
+    kernel's, bit for bit: the same kernel, called in another way (1d, 2d, 3d; 16-, 32- and 64-bit)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 6, 4, 3, generator=g).contiguous(memory_format=memory_format)
+    x = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=memory_format)
     weight, bias = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
-    grad = torch.randn(x.shape, generator=g)
+    grad = torch.randn(x.shape, generator=g).to(dtype)
     want = run(cpp.l2_batch_norm_cpp, x, weight, bias, training, grad)
     got = run(l2_batch_norm_cpp_graph, x, weight, bias, training, grad)
     for key in want:
@@ -125,3 +130,23 @@ def test_kernel_availability_is_a_constant_to_torch_compile():
     torch.compiler.assume_constant_result(probe)
     assert probe.__dict__ == {"_dynamo_marked_constant": True}
     assert cpp.available._dynamo_marked_constant is True
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_overflowing_samples_rerun_rescaled_inside_the_operator(training):
+    """A finite sample whose sum of squares overflows float32 (1e30, 3e38): the forward operator reruns the batch
+    rescaled and hands the factors to the backward operator, which scales dx by them — outputs, gradients and
+    running statistics equal the eager path's (which reruns through autograd) bit for bit."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 6, 3, 3, generator=g)
+    x[1] *= 1e30
+    x[3, :, 0] = 3e38
+    weight, bias = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    grad = torch.randn(x.shape, generator=g)
+    want = run(cpp.l2_batch_norm_cpp, x, weight, bias, training, grad)
+    got = run(l2_batch_norm_cpp_graph, x, weight, bias, training, grad)
+    assert torch.isfinite(want["y"]).all() and want["dx"][1].abs().max() > 0
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    _, scale, _, _ = cpu_forward(x, weight, bias, None, None, training, 0.1, 1e-5, 1e-12, True)
+    assert scale[0] == scale[2] == 1 and scale[1] < 1e-20 and scale[3] < 1e-30
