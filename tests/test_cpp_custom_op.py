@@ -150,3 +150,28 @@ def test_overflowing_samples_rerun_rescaled_inside_the_operator(training):
         assert torch.equal(got[key], want[key]), key
     _, scale, _, _ = cpu_forward(x, weight, bias, None, None, training, 0.1, 1e-5, 1e-12, True)
     assert scale[0] == scale[2] == 1 and scale[1] < 1e-20 and scale[3] < 1e-30
+
+
+@pytest.mark.slow  # Inductor compiles C++ (~15-30 s); the default suite's graph test runs aot_eager
+def test_inductor_compiled_training_matches_eager():
+    """The same model under Inductor (the default backend: generated C++ around the operators) over two training
+    steps and an eval forward: outputs, gradients and running statistics match eager to float32 rounding (Inductor
+    fuses the convolution's neighbours in its own order)."""
+    torch.manual_seed(3)
+    model = ConvL2BN()
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    for step in range(2):
+        x = torch.randn(4, 3, 6, 6)
+        y, y_eager = compiled(x), eager(x)
+        torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
+        y.square().sum().backward()
+        y_eager.square().sum().backward()
+    for p, p_eager in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, p_eager.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.norm.running_var, eager.norm.running_var, rtol=1e-6, atol=1e-7)
+    model.eval()
+    eager.eval()
+    x = torch.randn(4, 3, 6, 6)
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
