@@ -2,14 +2,16 @@
 
     python benchmarks/bench_steps.py [--models resnet20,resnet56,vgg16_bn] [--layouts NCHW,channels_last]
                                      [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--batch 128] [--repeats 5]
+                                     [--threads N]
                                      [--compile default|reduce-overhead|max-autotune-no-cudagraphs] [--backend inductor]
 
 One step is zero_grad, forward, cross-entropy, backward and SGD (momentum 0.9) on one fixed batch of 32×32 images;
 each row times the BatchNorm and the L2BN model alternately (minimum of ``--repeats`` steps each, after warm-up) and
 prints their ratio. With ``--compile MODE`` each model is also run as ``torch.compile(model, mode=MODE)`` (the
 optimizer stays eager): the first step's time — tracing and code generation, what an epoch pays once — is printed
-beside the compiled steps' minimum. Under ``torch.compile`` L2BN runs its torch-op path, which the compiler fuses
-(``l2bn.kernels.dispatch``); on a GPU, ``reduce-overhead`` replays the step's kernels from CUDA graphs, the remedy
+beside the compiled steps' minimum. Under ``torch.compile`` L2BN runs the compiled kernel as custom operators on
+the CPU (``l2bn.kernels.cpp_custom_op``) and elsewhere its torch-op path, which the compiler fuses
+(``l2bn.kernels.dispatch``). On a GPU, ``reduce-overhead`` replays the step's kernels from CUDA graphs, the remedy
 docs/performance.md gives for small layers whose eager calls are bound by the host's launches (session 17: eager
 ResNet-20 steps 2.5–2.9× BatchNorm's on the H200).
 
