@@ -524,6 +524,18 @@ def test_compiled_graphs_call_the_kernel_through_its_custom_operators(monkeypatc
         assert resolve_impl("auto", torch.randn(2, 3)) is IMPLEMENTATIONS["fused"]
 
 
+def test_synchronized_layers_take_torch_ops_while_torch_compile_traces(monkeypatch):
+    """SyncL2BatchNorm's path: the compiled kernel's synchronized operators (not custom operators) only in eager;
+    while torch.compile traces, "auto" and "cpp" take the torch ops, as before the kernel entered compiled graphs."""
+    from l2bn.kernels.sync import _sync_path
+
+    x = torch.randn(2, 3)
+    monkeypatch.setattr(cpp, "available", lambda: True)
+    assert _sync_path("auto", x) == "cpp" and _sync_path("cpp", x) == "cpp"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _sync_path("auto", x) == "torch" and _sync_path("cpp", x) == "torch" and _sync_path("fused", x) == "torch"
+
+
 @NO_COMPILER
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])

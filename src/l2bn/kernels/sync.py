@@ -140,10 +140,13 @@ def sync_l2_batch_norm(
 
 def _sync_path(impl: str | None, input: Tensor) -> str:
     """"triton", "cpp" or "torch": ``impl`` (or ``$L2BN_IMPL``) as named, ``"auto"`` as
-    :func:`l2bn.kernels.dispatch.auto_impl` picks (``"fused"`` and ``"reference"``: the torch ops)."""
+    :func:`l2bn.kernels.dispatch.auto_impl` picks (``"fused"`` and ``"reference"``: the torch ops); the torch ops
+    for the compiled kernel while torch.compile traces (its synchronized operators cannot be traced)."""
     name = requested_impl(impl)
     if name == "auto":
         name = auto_impl(input)
+    if name == "cpp" and torch.compiler.is_compiling():  # its synchronized operators are not custom operators
+        return "torch"
     return name if name in ("triton", "cpp") else "torch"
 
 
