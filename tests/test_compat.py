@@ -496,12 +496,12 @@ def test_fast_paths_huge_samples_against_float64(impl, dtype, training, memory_f
     if impl == "triton":  # scaled in its kernels, on the device: never a rerun
         from l2bn.kernels import overflow
 
-        monkeypatch.setattr(overflow, "rescale_huge_samples", _no_rerun)
+        monkeypatch.setattr(overflow, "huge_sample_scale", _no_rerun)
     if impl == "fused-device-mode":
         from l2bn.kernels import fused, overflow
 
         monkeypatch.setattr(fused, "statistics_dtype", lambda t: torch.float64 if t.dtype != F64 else F64)
-        monkeypatch.setattr(overflow, "rescale_huge_samples", _no_rerun)
+        monkeypatch.setattr(overflow, "huge_sample_scale", _no_rerun)
         impl = "fused"
     elif impl == "compile":
         torch._dynamo.reset()
@@ -585,16 +585,16 @@ def test_fast_paths_huge_single_sample_eval(impl):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_rescale_huge_samples_is_an_exact_power_of_two():
+def test_huge_sample_scale_is_an_exact_power_of_two():
     """Only finite samples with max |x| ≥ 2^32 change, each by a power of two to max |x| in [2^15, 2^16);
     the gradient through the rescale is the factor; the usual input goes through untouched."""
-    from l2bn.kernels.overflow import rescale_huge_samples
+    from l2bn.kernels.overflow import huge_sample_scale
 
     x = huge_sample_batch(torch.float32)
     x[2, 0, 0, 0] = float("nan")
     x[0] *= 1e-20  # tiny: must not be scaled up (l2_eps clamping would change)
     xx = x.clone().requires_grad_()
-    scaled = rescale_huge_samples(xx)
+    scaled = xx * huge_sample_scale(xx)
     for n in range(x.shape[0]):
         amax = x[n].abs().max()
         if n in (1, 3, 4):

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .cpp import check_on_cpu, operators
-from .overflow import huge_sample_scale, is_sample_overflow
+from .overflow import call_rescaled_on_overflow
 
 
 def _output_like(input: Tensor) -> Tensor:
@@ -50,17 +50,11 @@ def cpu_forward(input: Tensor, weight: Tensor | None, bias: Tensor | None, runni
     updates = training and running_mean is not None and running_var is not None
     new_mean, new_var = (running_mean.clone(), running_var.clone()) if updates else (None, None)
     mean_in, var_in = (new_mean, new_var) if updates else (running_mean, running_var)
-    op = operators().l2_batch_norm.default
-    with torch.no_grad():
-        try:
-            y = op(input, weight, bias, mean_in, var_in, training, momentum, eps, l2_eps, rescale)
-            scale = torch.ones(input.shape[0], dtype=_scale_dtype(input))
-        except RuntimeError as error:
-            if not is_sample_overflow(error):
-                raise
-            factor = huge_sample_scale(input)  # the refused call wrote nothing
-            y = op(input * factor, weight, bias, mean_in, var_in, training, momentum, eps, l2_eps, rescale)
-            scale = factor.reshape(-1).to(_scale_dtype(input))
+    with torch.no_grad():  # a refused call wrote nothing: the rerun starts from the same statistics
+        y, factor = call_rescaled_on_overflow(operators().l2_batch_norm.default, input, weight, bias, mean_in, var_in,
+                                              training, momentum, eps, l2_eps, rescale)
+    dtype = _scale_dtype(input)
+    scale = torch.ones(input.shape[0], dtype=dtype) if factor is None else factor.reshape(-1).to(dtype)
     if not updates:  # two tensors: the returns may not alias each other
         new_mean, new_var = input.new_empty(0), input.new_empty(0)
     return y, scale, new_mean, new_var

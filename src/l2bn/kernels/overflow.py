@@ -65,30 +65,33 @@ def huge_sample_scale(x: Tensor) -> Tensor:
     return factor.to(x.dtype).view((-1,) + (1,) * (x.dim() - 1))
 
 
-def rescale_huge_samples(x: Tensor) -> Tensor:
-    """x with every finite sample of max |x_n| ≥ 2^32 multiplied by the power of two that brings its max into
-    [2^15, 2^16) (exact, so only values below the rescaled type's range change); other samples as they are."""
-    return x * huge_sample_scale(x)
-
-
 def is_sample_overflow(error: BaseException) -> bool:
     """Whether ``error`` is a path's overflow signal (Python's :class:`SampleOverflow` or the C++ kernel's)."""
     return isinstance(error, SampleOverflow) or (isinstance(error, RuntimeError) and MESSAGE in str(error))
 
 
+def call_rescaled_on_overflow(path: Callable[..., Tensor], input: Tensor, *args, **kwargs
+                              ) -> tuple[Tensor, Tensor | None]:
+    """``(path(input, *args, **kwargs), None)``; on a sample overflow ``(path(input·s, …), s)`` with
+    s = :func:`huge_sample_scale` (input), exact powers of two (the rescaled input cannot overflow, so that run
+    is final). With ``input`` requiring a gradient, autograd carries s into it through the multiplication."""
+    try:
+        return path(input, *args, **kwargs), None
+    except RuntimeError as error:
+        if not is_sample_overflow(error):
+            raise
+    scale = huge_sample_scale(input)
+    return path(input * scale, *args, **kwargs), scale
+
+
 def rerun_rescaled_on_overflow(path: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Wrap an L2BN path ``path(input, *args, **kwargs)``: on a sample overflow, run it again on
-    :func:`rescale_huge_samples` (input); the rescaled input cannot overflow, so that run is final."""
+    """Wrap an L2BN path ``path(input, *args, **kwargs)``: on a sample overflow, run it again on the input
+    rescaled (:func:`call_rescaled_on_overflow`)."""
 
     @functools.wraps(path)
     def run(input: Tensor, *args, **kwargs) -> Tensor:
         if torch.compiler.is_compiling():
             return path(input, *args, **kwargs)
-        try:
-            return path(input, *args, **kwargs)
-        except RuntimeError as error:
-            if not is_sample_overflow(error):
-                raise
-        return path(rescale_huge_samples(input), *args, **kwargs)
+        return call_rescaled_on_overflow(path, input, *args, **kwargs)[0]
 
     return run
