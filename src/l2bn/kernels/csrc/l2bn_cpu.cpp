@@ -2016,7 +2016,7 @@ Tensor l2_batch_norm_cpu(const Tensor& input, const std::optional<Tensor>& weigh
 
 // The backward as an operator of its own, for the custom op torch.compile keeps in its graphs
 // (kernels/cpp_custom_op.py registers its autograd formula in Python): the input, weight and bias gradients (the
-// last two undefined without a weight or a bias dtype).
+// last two undefined without a weight or a bias dtype). The running statistics are read in eval only.
 std::tuple<Tensor, Tensor, Tensor> l2_batch_norm_backward(const Tensor& grad_out, const Tensor& input,
                                                           const std::optional<Tensor>& weight,
                                                           const std::optional<Tensor>& running_mean,
@@ -2025,9 +2025,8 @@ std::tuple<Tensor, Tensor, Tensor> l2_batch_norm_backward(const Tensor& grad_out
                                                           std::optional<at::ScalarType> bias_dtype) {
   TORCH_CHECK(input.device().is_cpu(), "l2bn's compiled kernel runs on the CPU, got input on ", input.device());
   const Tensor none;
-  Gradients g = l2bn_backward(grad_out, input, weight.value_or(none), training ? none : running_mean.value_or(none),
-                              training ? none : running_var.value_or(none), training, eps, l2_eps, rescale,
-                              bias_dtype);
+  Gradients g = l2bn_backward(grad_out, input, weight.value_or(none), running_mean.value_or(none),
+                              running_var.value_or(none), training, eps, l2_eps, rescale, bias_dtype);
   return {g.input, g.weight, g.bias};
 }
 
