@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -50,16 +51,20 @@ def test_custom_operators_equal_the_eager_kernel_bit_for_bit(training, shape, me
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 def test_custom_operators_pass_torch_library_opcheck(training, affine):
     """torch.library.opcheck: schema, fake implementations (shapes, dtypes, strides), autograd registration and
-    the compiled-autograd path, for both operators (with and without weight and bias, NCHW and channels-last)."""
+    the compiled-autograd path, for both operators (with and without weight and bias). The operators take any
+    layout (flexible_layout: Inductor passes its own), so the inputs are NCHW, channels-last and a strided view,
+    with the gradient in either dense layout."""
     g = torch.Generator().manual_seed(1)
-    for memory_format in (torch.contiguous_format, torch.channels_last):
-        x = torch.randn(4, 5, 3, 3, generator=g).contiguous(memory_format=memory_format).requires_grad_()
+    inputs = [torch.randn(4, 5, 3, 3, generator=g), torch.randn(4, 5, 3, 3, generator=g).contiguous(
+        memory_format=torch.channels_last), torch.randn(4, 5, 3, 6, generator=g)[..., ::2]]
+    for x, grad_format in itertools.product(inputs, (torch.contiguous_format, torch.channels_last)):
+        x = x.requires_grad_()
         weight = (torch.rand(5, generator=g) + 0.5).requires_grad_() if affine else None
         bias = torch.randn(5, generator=g).requires_grad_() if affine else None
         running = torch.zeros(5), torch.ones(5)
         torch.library.opcheck(cpu_forward, (x, weight, bias, *running, training, 0.1, 1e-5, 1e-12, True))
         scale = torch.ones(4)
-        grad = torch.randn(x.shape, generator=g)
+        grad = torch.randn(x.shape, generator=g).contiguous(memory_format=grad_format)
         torch.library.opcheck(cpu_backward, (grad, x.detach(), scale, None if weight is None else weight.detach(),
                                              *(running if not training else (None, None)), training, 1e-5, 1e-12,
                                              True, affine, torch.float32))
@@ -175,3 +180,27 @@ def test_inductor_compiled_training_matches_eager():
     eager.eval()
     x = torch.randn(4, 3, 6, 6)
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # Inductor compiles C++ (~15-30 s)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_inductor_hands_the_operator_its_convolution_output_as_it_is(training):
+    """With the convolution's output channels-last (Inductor's layout optimisation, forced on for this small model)
+    the forward operator takes that buffer itself: no copy back to the NCHW strides seen while tracing (the
+    operators are tagged flexible_layout), and the output matches eager."""
+    import re
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(4)
+    model = ConvL2BN().train(training)
+    eager = copy.deepcopy(model)
+    x = torch.randn(4, 3, 6, 6)
+    torch._dynamo.reset()
+    with inductor_config.patch(force_layout_optimization=True, fx_graph_cache=False):
+        y, codes = run_and_get_code(torch.compile(model, fullgraph=True), x)
+    conv = re.search(r"(buf\d+) = extern_kernels\.convolution\(", codes[0])
+    call = re.search(r"torch\.ops\.l2bn\.cpu_forward\.default\((\w+),", codes[0])
+    assert conv and call and call.group(1) == conv.group(1), codes[0]
+    torch.testing.assert_close(y, eager(x), rtol=1e-5, atol=1e-5)

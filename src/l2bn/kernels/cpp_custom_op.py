@@ -15,6 +15,13 @@ so a compiled graph calls them as opaque kernels and compiles everything around 
 - ``l2bn::cpu_backward`` → (dx, dweight, dbias) from (dy, x·scale), dx times scale (the chain rule of the
   rescaling).
 
+Both operators are tagged ``flexible_layout``: the kernel reads NCHW and channels-last tensors alike (others it
+copies dense) and its fake implementations give the output layout each input gets, so Inductor hands them its
+tensors as they are. Without the tag Inductor pins an operator's inputs to the strides seen while tracing; on the
+CPU it turns convolutions' outputs channels-last, so an NCHW model paid a transposing copy into each operator and
+another out of it (compiled ResNet-20 NCHW steps 1.08–1.15× compiled BatchNorm with the copies, 0.90 without;
+docs/performance.md, "Session 23").
+
 Like the eager operator, no double backward. Under ``torch.func.vmap`` inside a compiled function the operators run
 through functorch's per-sample fallback (correct, with torch's performance warning; they have no batching rule).
 """
@@ -25,6 +32,9 @@ from torch import Tensor
 
 from .cpp import check_on_cpu, operators
 from .overflow import call_rescaled_on_overflow
+
+
+_ANY_LAYOUT = (torch.Tag.flexible_layout,)  # Inductor passes tensors in its own layouts (module docstring)
 
 
 def _output_like(input: Tensor) -> Tensor:
@@ -40,7 +50,7 @@ def _scale_dtype(input: Tensor) -> torch.dtype:
     return torch.promote_types(input.dtype, torch.float32)
 
 
-@torch.library.custom_op("l2bn::cpu_forward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("l2bn::cpu_forward", mutates_args=(), device_types="cpu", tags=_ANY_LAYOUT)
 def cpu_forward(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                 running_var: Tensor | None, training: bool, momentum: float, eps: float, l2_eps: float,
                 rescale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -68,7 +78,7 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps, l
     return _output_like(input), input.new_empty(input.shape[0], dtype=_scale_dtype(input)), new_mean, new_var
 
 
-@torch.library.custom_op("l2bn::cpu_backward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("l2bn::cpu_backward", mutates_args=(), device_types="cpu", tags=_ANY_LAYOUT)
 def cpu_backward(grad_out: Tensor, input: Tensor, scale: Tensor, weight: Tensor | None, running_mean: Tensor | None,
                  running_var: Tensor | None, training: bool, eps: float, l2_eps: float, rescale: bool,
                  has_bias: bool, bias_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
