@@ -204,3 +204,46 @@ def test_inductor_hands_the_operator_its_convolution_output_as_it_is(training):
     call = re.search(r"torch\.ops\.l2bn\.cpu_forward\.default\((\w+),", codes[0])
     assert conv and call and call.group(1) == conv.group(1), codes[0]
     torch.testing.assert_close(y, eager(x), rtol=1e-5, atol=1e-5)
+
+
+class ConvL2BNPool(ConvL2BN):
+    def forward(self, x):
+        return nn.functional.max_pool2d(super().forward(x), 2)
+
+
+@pytest.mark.slow  # Inductor compiles C++ (~15-30 s)
+def test_inductor_writes_the_gradient_in_the_saved_inputs_layout(monkeypatch):
+    """A channels-last conv + L2BN + ReLU + max-pool model under Inductor: the backward operator gets dy in x's
+    layout (the kernel would copy it otherwise; with the backward operator tagged flexible_layout, max-pool's backward
+    left dy NCHW), and the gradients match eager."""
+    from l2bn.kernels import cpp_custom_op
+
+    layouts = []
+
+    class Recording:
+        def __init__(self, ops):
+            self.ops = ops
+
+        def __getattr__(self, name):
+            if name != "l2_batch_norm_backward":
+                return getattr(self.ops, name)
+            def call(grad_out, input, *rest):
+                layouts.append((grad_out.stride(), input.stride()))
+                return self.ops.l2_batch_norm_backward.default(grad_out, input, *rest)
+            return type("Overload", (), {"default": staticmethod(call)})
+
+    monkeypatch.setattr(cpp_custom_op, "operators", lambda: Recording(cpp.operators()))
+    torch.manual_seed(5)
+    model = ConvL2BNPool().to(memory_format=torch.channels_last)
+    eager = copy.deepcopy(model)
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch(fx_graph_cache=False):
+        compiled = torch.compile(model, fullgraph=True)
+        compiled(x).square().sum().backward()
+    eager(x).square().sum().backward()
+    assert layouts and all(grad == saved for grad, saved in layouts), layouts
+    for p, p_eager in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, p_eager.grad, rtol=1e-4, atol=1e-5)

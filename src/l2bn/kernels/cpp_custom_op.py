@@ -15,12 +15,15 @@ so a compiled graph calls them as opaque kernels and compiles everything around 
 - ``l2bn::cpu_backward`` → (dx, dweight, dbias) from (dy, x·scale), dx times scale (the chain rule of the
   rescaling).
 
-Both operators are tagged ``flexible_layout``: the kernel reads NCHW and channels-last tensors alike (others it
-copies dense) and its fake implementations give the output layout each input gets, so Inductor hands them its
-tensors as they are. Without the tag Inductor pins an operator's inputs to the strides seen while tracing; on the
-CPU it turns convolutions' outputs channels-last, so an NCHW model paid a transposing copy into each operator and
-another out of it (compiled ResNet-20 NCHW steps 1.08–1.15× compiled BatchNorm with the copies, 0.90 without;
-docs/performance.md, "Session 23").
+Layouts. The kernel reads NCHW and channels-last tensors alike (others it copies dense), and the fake
+implementations give each input's output layout. By default Inductor pins a custom operator's inputs to the strides
+seen while tracing; on the CPU it turns convolutions' outputs channels-last, so an NCHW model paid a transposing
+copy into the forward operator and another out of it (compiled ResNet-20 NCHW steps 1.08–1.15× compiled
+BatchNorm with the copies, 0.90 without; docs/performance.md, "Session 23"). The forward operator is therefore
+tagged ``flexible_layout`` (Inductor hands it x as it is). The backward one reads (dy, x) together, and the kernel
+copies dy into x's layout where they differ: tagged ``needs_fixed_stride_order``, Inductor writes dy in the
+stride order of the traced graph, which its layout optimisation gives the saved x as well (flexible, a max-pool's
+backward left dy NCHW beside a channels-last x: a copy of 32 MiB a step at VGG-16's first stage).
 
 Like the eager operator, no double backward. Under ``torch.func.vmap`` inside a compiled function the operators run
 through functorch's per-sample fallback (correct, with torch's performance warning; they have no batching rule).
@@ -34,7 +37,8 @@ from .cpp import check_on_cpu, operators
 from .overflow import call_rescaled_on_overflow
 
 
-_ANY_LAYOUT = (torch.Tag.flexible_layout,)  # Inductor passes tensors in its own layouts (module docstring)
+_ANY_LAYOUT = (torch.Tag.flexible_layout,)  # the layout constraints Inductor applies (module docstring)
+_GRADIENT_IN_ORDER = (torch.Tag.needs_fixed_stride_order,)
 
 
 def _output_like(input: Tensor) -> Tensor:
@@ -78,7 +82,7 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps, l
     return _output_like(input), input.new_empty(input.shape[0], dtype=_scale_dtype(input)), new_mean, new_var
 
 
-@torch.library.custom_op("l2bn::cpu_backward", mutates_args=(), device_types="cpu", tags=_ANY_LAYOUT)
+@torch.library.custom_op("l2bn::cpu_backward", mutates_args=(), device_types="cpu", tags=_GRADIENT_IN_ORDER)
 def cpu_backward(grad_out: Tensor, input: Tensor, scale: Tensor, weight: Tensor | None, running_mean: Tensor | None,
                  running_var: Tensor | None, training: bool, eps: float, l2_eps: float, rescale: bool,
                  has_bias: bool, bias_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
