@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .cpp import check_on_cpu, operators
+from .fused import per_channel
 from .overflow import call_rescaled_on_overflow
 
 
@@ -54,32 +55,69 @@ def _scale_dtype(input: Tensor) -> torch.dtype:
     return torch.promote_types(input.dtype, torch.float32)
 
 
-@torch.library.custom_op("l2bn::cpu_forward", mutates_args=(), device_types="cpu", tags=_ANY_LAYOUT)
-def cpu_forward(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-                running_var: Tensor | None, training: bool, momentum: float, eps: float, l2_eps: float,
-                rescale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, scale (N,), new running mean, new running variance): the kernel's forward of ``input``, or of
-    ``input·scale`` where a sample overflowed; the running statistics are returned updated (empty (0,) tensors
-    in eval or without them), not written (an autograd formula needs a functional operator)."""
-    updates = training and running_mean is not None and running_var is not None
+def _updates(training: bool, running_mean: Tensor | None, running_var: Tensor | None) -> bool:
+    return training and running_mean is not None and running_var is not None
+
+
+def _call_functionally(kernel, input: Tensor, weight: Tensor | None, bias: Tensor | None,
+                       running_mean: Tensor | None, running_var: Tensor | None, updates: bool, *args):
+    """(out, scale (N,), new running mean, new running variance) of ``kernel(input, weight, bias, running_mean,
+    running_var, *args)``, or of ``input·scale`` where a sample overflowed; the running statistics are updated in
+    copies that are returned (empty (0,) tensors unless ``updates``), not written: an autograd formula needs a
+    functional operator."""
     new_mean, new_var = (running_mean.clone(), running_var.clone()) if updates else (None, None)
     mean_in, var_in = (new_mean, new_var) if updates else (running_mean, running_var)
     with torch.no_grad():  # a refused call wrote nothing: the rerun starts from the same statistics
-        y, factor = call_rescaled_on_overflow(operators().l2_batch_norm.default, input, weight, bias, mean_in, var_in,
-                                              training, momentum, eps, l2_eps, rescale)
+        out, factor = call_rescaled_on_overflow(kernel, input, weight, bias, mean_in, var_in, *args)
     dtype = _scale_dtype(input)
     scale = torch.ones(input.shape[0], dtype=dtype) if factor is None else factor.reshape(-1).to(dtype)
     if not updates:  # two tensors: the returns may not alias each other
         new_mean, new_var = input.new_empty(0), input.new_empty(0)
-    return y, scale, new_mean, new_var
+    return out, scale, new_mean, new_var
+
+
+def _fake_statistics(input: Tensor, updates: bool, running_mean: Tensor | None, running_var: Tensor | None
+                     ) -> tuple[Tensor, Tensor]:
+    """The running statistics :func:`_call_functionally` returns, for the fake implementations."""
+    if updates:
+        return torch.empty_like(running_mean), torch.empty_like(running_var)
+    return input.new_empty(0), input.new_empty(0)
+
+
+@torch.library.custom_op("l2bn::cpu_forward", mutates_args=(), device_types="cpu", tags=_ANY_LAYOUT)
+def cpu_forward(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                running_var: Tensor | None, training: bool, momentum: float, eps: float, l2_eps: float,
+                rescale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, scale (N,), new running mean, new running variance): the kernel's forward (:func:`_call_functionally`)."""
+    return _call_functionally(operators().l2_batch_norm.default, input, weight, bias, running_mean, running_var,
+                              _updates(training, running_mean, running_var), training, momentum, eps, l2_eps, rescale)
 
 
 @cpu_forward.register_fake
 def _(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps, rescale):
-    updates = training and running_mean is not None and running_var is not None
-    new_mean, new_var = ((torch.empty_like(running_mean), torch.empty_like(running_var)) if updates
-                         else (input.new_empty(0), input.new_empty(0)))
+    new_mean, new_var = _fake_statistics(input, _updates(training, running_mean, running_var), running_mean, running_var)
     return _output_like(input), input.new_empty(input.shape[0], dtype=_scale_dtype(input)), new_mean, new_var
+
+
+@torch.library.custom_op("l2bn::cpu_output_coefficients", mutates_args=(), device_types="cpu", tags=_ANY_LAYOUT)
+def cpu_output_coefficients(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                            running_var: Tensor | None, momentum: float, eps: float, l2_eps: float, rescale: bool
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(A (N, C), S (C,), scale (N,), new running mean, new running variance) of a training forward whose output
+    y = x·A[n, c] + S[c] the caller writes (:class:`_TrainingForward`): the kernel's statistics pass alone. A
+    carries the overflow factors (x·(s·A) = (x·s)·A, s exact powers of two)."""
+    (a, shift), scale, new_mean, new_var = _call_functionally(
+        operators().l2_batch_norm_coefficients.default, input, weight, bias, running_mean, running_var,
+        _updates(True, running_mean, running_var), momentum, eps, l2_eps, rescale)
+    return a * scale[:, None], shift, scale, new_mean, new_var
+
+
+@cpu_output_coefficients.register_fake
+def _(input, weight, bias, running_mean, running_var, momentum, eps, l2_eps, rescale):
+    (n, c), dtype = input.shape[:2], _scale_dtype(input)
+    new_mean, new_var = _fake_statistics(input, _updates(True, running_mean, running_var), running_mean, running_var)
+    return (input.new_empty((n, c), dtype=dtype), input.new_empty(c, dtype=dtype), input.new_empty(n, dtype=dtype),
+            new_mean, new_var)
 
 
 @torch.library.custom_op("l2bn::cpu_backward", mutates_args=(), device_types="cpu", tags=_GRADIENT_IN_ORDER)
@@ -127,6 +165,24 @@ def _backward(ctx, grad_y: Tensor, *unused: Tensor | None):
 cpu_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _TrainingForward(torch.autograd.Function):
+    """A training forward in a compiled graph: the statistics from the kernel (:func:`cpu_output_coefficients`),
+    the output y = x·A + S in torch ops, which the compiler fuses with the ops after the layer (a ReLU, a max-pool:
+    one pass over the output instead of two), and the backward of :func:`cpu_forward` (same inputs and outputs)."""
+
+    generate_vmap_rule = True  # the custom operator through functorch's per-sample fallback, as cpu_forward
+
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps, rescale):
+        a, shift, scale, new_mean, new_var = cpu_output_coefficients(input, weight, bias, running_mean, running_var,
+                                                                     momentum, eps, l2_eps, rescale)
+        y = input * per_channel(a, input.dim()) + per_channel(shift, input.dim())  # in the accumulation dtype
+        return y.to(input.dtype), scale, new_mean, new_var
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
 def l2_batch_norm_cpp_graph(
     input: Tensor,
     running_mean: Tensor | None,
@@ -142,8 +198,9 @@ def l2_batch_norm_cpp_graph(
 ) -> Tensor:
     """:func:`l2bn.kernels.cpp.l2_batch_norm_cpp` through the custom operators (what a compiled graph calls)."""
     check_on_cpu(input)
-    y, _, new_mean, new_var = cpu_forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                                          l2_eps, rescale)
+    forward = _TrainingForward.apply if training else cpu_forward  # eval: the kernel's one read of x from memory
+    y, _, new_mean, new_var = forward(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps,
+                                      rescale)
     if training and running_mean is not None and running_var is not None:
         with torch.no_grad():
             running_mean.copy_(new_mean)
