@@ -272,3 +272,25 @@ def test_inductor_writes_the_gradient_in_the_saved_inputs_layout(monkeypatch):
     assert layouts and all(grad == saved for grad, saved in layouts), layouts
     for p, p_eager in zip(model.parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, p_eager.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_func_transforms_inside_torch_compile():
+    """Per-sample gradients (vmap of grad) and a vmapped forward of a training layer inside torch.compile: the
+    forward operator with its autograd formula, through functorch's per-sample fallback (torch.compile's copy of
+    the output-fusing autograd.Function has no vmap rule), equal to the same transforms in eager."""
+    from torch.func import functional_call, grad, vmap
+
+    layer = l2bn.L2BatchNorm2d(3)
+    torch.func.replace_all_batch_norm_modules_(layer)
+    params = dict(layer.named_parameters())
+    x = torch.randn(2, 4, 3, 5, 5)
+
+    def per_sample(x):
+        return functional_call(layer, params, (x,)).sin().sum()
+
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="batching rule for l2bn::cpu_forward"):  # functorch's fallback
+        got_grad = torch.compile(lambda x: vmap(grad(per_sample))(x), backend="aot_eager")(x)
+        got = torch.compile(lambda x: vmap(layer)(x), backend="aot_eager")(x)
+    torch.testing.assert_close(got_grad, vmap(grad(per_sample))(x))
+    torch.testing.assert_close(got, vmap(layer)(x))

@@ -170,8 +170,6 @@ class _TrainingForward(torch.autograd.Function):
     the output y = x·A + S in torch ops, which the compiler fuses with the ops after the layer (a ReLU, a max-pool:
     one pass over the output instead of two), and the backward of :func:`cpu_forward` (same inputs and outputs)."""
 
-    generate_vmap_rule = True  # the custom operator through functorch's per-sample fallback, as cpu_forward
-
     @staticmethod
     def forward(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps, rescale):
         a, shift, scale, new_mean, new_var = cpu_output_coefficients(input, weight, bias, running_mean, running_var,
@@ -198,7 +196,10 @@ def l2_batch_norm_cpp_graph(
 ) -> Tensor:
     """:func:`l2bn.kernels.cpp.l2_batch_norm_cpp` through the custom operators (what a compiled graph calls)."""
     check_on_cpu(input)
-    forward = _TrainingForward.apply if training else cpu_forward  # eval: the kernel's one read of x from memory
+    # eval: the kernel's own output pass (one read of x from memory); under torch.func transforms too, for
+    # torch.compile's copy of an autograd.Function has no vmap rule (the operator has functorch's fallback)
+    fuse_output = training and not torch._C._are_functorch_transforms_active()
+    forward = _TrainingForward.apply if fuse_output else cpu_forward
     y, _, new_mean, new_var = forward(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps,
                                       rescale)
     if training and running_mean is not None and running_var is not None:
