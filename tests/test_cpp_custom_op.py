@@ -27,7 +27,7 @@ def run(fn, x, weight, bias, training, grad):
 
 
 def assert_within_a_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
-    """A training output written by torch ops from the kernel's coefficients against the kernel's own: y = x·A + S
+    """An output written by torch ops from the kernel's coefficients against the kernel's own: y = x·A + S
     rounded after the multiply and the add where the kernel fuses them (a few units in the last place of the
     largest value)."""
     torch.testing.assert_close(got, want, rtol=0, atol=4 * torch.finfo(want.dtype).eps * want.abs().max().item())
@@ -42,8 +42,8 @@ def assert_within_a_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_custom_operators_equal_the_eager_kernel_bit_for_bit(training, shape, memory_format, dtype):
     """Outputs (and their strides), gradients and running statistics through the custom operators are the eager
-    kernel's, bit for bit: the same kernel, called in another way (1d, 2d, 3d; 16-, 32- and 64-bit); a training
-    output within a rounding (:func:`assert_within_a_rounding`)."""
+    kernel's, bit for bit: the same kernel, called in another way (1d, 2d, 3d; 16-, 32- and 64-bit); the output
+    within a rounding (:func:`assert_within_a_rounding`)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=memory_format)
     weight, bias = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
@@ -51,10 +51,13 @@ def test_custom_operators_equal_the_eager_kernel_bit_for_bit(training, shape, me
     want = run(cpp.l2_batch_norm_cpp, x, weight, bias, training, grad)
     got = run(l2_batch_norm_cpp_graph, x, weight, bias, training, grad)
     for key in want:
-        if key == "y" and training:
+        if key == "y":
             assert_within_a_rounding(got["y"], want["y"])
         else:
             assert torch.equal(got[key], want[key]), key
+    running = torch.full((6,), 0.3), torch.full((6,), 1.7)  # as run() gives them
+    whole, _, _, _ = cpu_forward(x, weight, bias, *running, training, 0.1, 1e-5, 1e-12, True)
+    assert torch.equal(whole, want["y"])  # the whole-forward operator (torch.func transforms) is the kernel's own
     assert got["y"].stride() == want["y"].stride() and got["dx"].stride() == want["dx"].stride()
 
 
@@ -74,9 +77,8 @@ def test_custom_operators_pass_torch_library_opcheck(training, affine):
         bias = torch.randn(5, generator=g).requires_grad_() if affine else None
         running = torch.zeros(5), torch.ones(5)
         torch.library.opcheck(cpu_forward, (x, weight, bias, *running, training, 0.1, 1e-5, 1e-12, True))
-        if training:  # no autograd formula of its own: _TrainingForward differentiates it
-            detached = [None if t is None else t.detach() for t in (x, weight, bias)]
-            torch.library.opcheck(cpu_output_coefficients, (*detached, *running, 0.1, 1e-5, 1e-12, True))
+        detached = [None if t is None else t.detach() for t in (x, weight, bias)]  # no autograd formula of its own
+        torch.library.opcheck(cpu_output_coefficients, (*detached, *running, training, 0.1, 1e-5, 1e-12, True))
         scale = torch.ones(4)
         grad = torch.randn(x.shape, generator=g).contiguous(memory_format=grad_format)
         torch.library.opcheck(cpu_backward, (grad, x.detach(), scale, None if weight is None else weight.detach(),
@@ -96,10 +98,9 @@ class ConvL2BN(nn.Module):
 @LAYOUTS
 def test_compiled_graphs_hold_the_kernel_and_match_eager(memory_format):
     """torch.compile(fullgraph=True) of a conv + L2BN + ReLU model on the CPU: the forward graphs call
-    l2bn::cpu_output_coefficients (training) and l2bn::cpu_forward (eval), the backward graphs l2bn::cpu_backward
-    (not the fused path's ops); gradients and running statistics over a training and an eval step equal the eager
-    model's bit for bit, the eval output too, the training output within a rounding (aot_eager: the graph's other
-    ops run as in eager)."""
+    l2bn::cpu_output_coefficients, the backward graphs l2bn::cpu_backward (not the fused path's ops); gradients and
+    running statistics over a training and an eval step equal the eager model's bit for bit, the outputs within a
+    rounding (aot_eager: the graph's other ops run as in eager)."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from functorch.compile import make_boxed_func
 
@@ -122,10 +123,7 @@ def test_compiled_graphs_hold_the_kernel_and_match_eager(memory_format):
         model.train(training)
         eager.train(training)
         y, y_eager = compiled(x), eager(x)
-        if training:
-            assert_within_a_rounding(y, y_eager)
-        else:
-            assert torch.equal(y, y_eager)
+        assert_within_a_rounding(y, y_eager)
         grad = torch.randn(y.shape)  # not a function of y: the gradients see the same dy
         y.backward(grad)
         y_eager.backward(grad)
@@ -133,7 +131,7 @@ def test_compiled_graphs_hold_the_kernel_and_match_eager(memory_format):
         assert torch.equal(p.grad, p_eager.grad), name
     assert torch.equal(model.norm.running_mean, eager.norm.running_mean)
     assert torch.equal(model.norm.running_var, eager.norm.running_var)
-    assert {"l2bn.cpu_output_coefficients.default", "l2bn.cpu_forward.default", "l2bn.cpu_backward.default"} <= called, called
+    assert {"l2bn.cpu_output_coefficients.default", "l2bn.cpu_backward.default"} <= called, called
     assert not any("var_mean" in op or "linalg_vector_norm" in op for op in called), called
 
 
@@ -160,8 +158,8 @@ def test_kernel_availability_is_a_constant_to_torch_compile():
 def test_overflowing_samples_rerun_rescaled_inside_the_operator(training):
     """A finite sample whose sum of squares overflows float32 (1e30, 3e38): the forward operators rerun the batch
     rescaled and hand the factors to the backward operator, which scales dx by them — gradients and running
-    statistics equal the eager path's (which reruns through autograd) bit for bit, the output too in eval and within
-    a rounding in training (the coefficients operator folds the factors into A)."""
+    statistics equal the eager path's (which reruns through autograd) bit for bit, the output within a rounding
+    (the coefficients operator folds the factors into A)."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 6, 3, 3, generator=g)
     x[1] *= 1e30
@@ -172,13 +170,14 @@ def test_overflowing_samples_rerun_rescaled_inside_the_operator(training):
     got = run(l2_batch_norm_cpp_graph, x, weight, bias, training, grad)
     assert torch.isfinite(want["y"]).all() and want["dx"][1].abs().max() > 0
     for key in want:
-        if key == "y" and training:
+        if key == "y":
             assert_within_a_rounding(got["y"], want["y"])
         else:
             assert torch.equal(got[key], want[key]), key
     _, scale, _, _ = cpu_forward(x, weight, bias, None, None, training, 0.1, 1e-5, 1e-12, True)
     assert scale[0] == scale[2] == 1 and scale[1] < 1e-20 and scale[3] < 1e-30
-    _, _, coefficient_scale, _, _ = cpu_output_coefficients(x, weight, bias, None, None, 0.1, 1e-5, 1e-12, True)
+    _, _, coefficient_scale, _, _ = cpu_output_coefficients(x, weight, bias, None, None, training, 0.1, 1e-5,
+                                                             1e-12, True)
     assert torch.equal(coefficient_scale, scale)
 
 

@@ -3,24 +3,31 @@
 Eager calls reach the kernel through its own operator, whose autograd node is C++ (no Python a call). That
 operator cannot be traced — its C++ runs on real data — so ``torch.compile`` used to trace the torch-op fused
 path instead, which Inductor fuses but which ran slower than the kernel (ResNet-20 SGD steps, NCHW, 2-core CPU:
-compiled L2BN 1.16× compiled BatchNorm; docs/performance.md, "Session 22"). Here the kernel's forward and backward
-are ``torch.library`` custom operators with fake implementations (shapes and layouts only) and an autograd formula,
-so a compiled graph calls them as opaque kernels and compiles everything around them:
+compiled L2BN 1.16× compiled BatchNorm; docs/performance.md, "Session 22"). Here the kernel's passes are
+``torch.library`` custom operators with fake implementations (shapes and layouts only), so a compiled graph calls
+them as opaque kernels and compiles everything around them:
 
-- ``l2bn::cpu_forward`` → (y, scale, running mean, running variance): the forward; the per-sample powers of two
-  the input was multiplied by — ones, but for finite samples whose sum of squares overflows, which the kernel
-  refuses and which run again rescaled (kernels/overflow.py; L2BN is invariant to a positive scale of a sample);
-  and the updated running statistics, which :func:`l2_batch_norm_cpp_graph` copies into the buffers (an operator
-  with an autograd formula must not write its inputs);
+- ``l2bn::cpu_output_coefficients`` → (A (N, C), S (C,), scale, running mean, running variance): the forward's
+  statistics pass alone (in eval the sample norms, the channel statistics being the running ones);
+  :class:`_CoefficientForward` writes y = x·A + S in torch ops, which Inductor fuses with the ops after the layer
+  (ReLU, a residual addition, a max-pool: one pass over the output where the whole forward operator and a ReLU
+  made two). y is within a rounding of the kernel's (it fuses the multiply and add);
+- ``l2bn::cpu_forward`` → (y, scale, running mean, running variance): the whole forward, under torch.func
+  transforms (torch.compile's copy of an autograd.Function has no vmap rule);
 - ``l2bn::cpu_backward`` → (dx, dweight, dbias) from (dy, x·scale), dx times scale (the chain rule of the
-  rescaling).
+  rescaling), the backward of both forwards.
+
+``scale`` holds the per-sample powers of two the input was multiplied by — ones, but for finite samples whose sum
+of squares overflows, which the kernel refuses and which run again rescaled (kernels/overflow.py; L2BN is invariant
+to a positive scale of a sample). The running statistics are returned updated and :func:`l2_batch_norm_cpp_graph`
+copies them into the buffers (an operator with an autograd formula must not write its inputs).
 
 Layouts. The kernel reads NCHW and channels-last tensors alike (others it copies dense), and the fake
 implementations give each input's output layout. By default Inductor pins a custom operator's inputs to the strides
 seen while tracing; on the CPU it turns convolutions' outputs channels-last, so an NCHW model paid a transposing
 copy into the forward operator and another out of it (compiled ResNet-20 NCHW steps 1.08–1.15× compiled
-BatchNorm with the copies, 0.90 without; docs/performance.md, "Session 23"). The forward operator is therefore
-tagged ``flexible_layout`` (Inductor hands it x as it is). The backward one reads (dy, x) together, and the kernel
+BatchNorm with the copies; docs/performance.md, "Session 23"). The forward operators are therefore tagged
+``flexible_layout`` (Inductor hands them x as it is). The backward one reads (dy, x) together, and the kernel
 copies dy into x's layout where they differ: tagged ``needs_fixed_stride_order``, Inductor writes dy in the
 stride order of the traced graph, which its layout optimisation gives the saved x as well (flexible, a max-pool's
 backward left dy NCHW beside a channels-last x: a copy of 32 MiB a step at VGG-16's first stage).
@@ -101,21 +108,22 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps, l
 
 @torch.library.custom_op("l2bn::cpu_output_coefficients", mutates_args=(), device_types="cpu", tags=_ANY_LAYOUT)
 def cpu_output_coefficients(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-                            running_var: Tensor | None, momentum: float, eps: float, l2_eps: float, rescale: bool
-                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(A (N, C), S (C,), scale (N,), new running mean, new running variance) of a training forward whose output
-    y = x·A[n, c] + S[c] the caller writes (:class:`_TrainingForward`): the kernel's statistics pass alone. A
-    carries the overflow factors (x·(s·A) = (x·s)·A, s exact powers of two)."""
+                            running_var: Tensor | None, training: bool, momentum: float, eps: float, l2_eps: float,
+                            rescale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(A (N, C), S (C,), scale (N,), new running mean, new running variance) of a forward whose output
+    y = x·A[n, c] + S[c] the caller writes (:class:`_CoefficientForward`): the kernel's statistics pass alone (in
+    eval, the sample norms). A carries the overflow factors (x·(s·A) = (x·s)·A, s exact powers of two)."""
     (a, shift), scale, new_mean, new_var = _call_functionally(
         operators().l2_batch_norm_coefficients.default, input, weight, bias, running_mean, running_var,
-        _updates(True, running_mean, running_var), momentum, eps, l2_eps, rescale)
+        _updates(training, running_mean, running_var), training, momentum, eps, l2_eps, rescale)
     return a * scale[:, None], shift, scale, new_mean, new_var
 
 
 @cpu_output_coefficients.register_fake
-def _(input, weight, bias, running_mean, running_var, momentum, eps, l2_eps, rescale):
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps, rescale):
     (n, c), dtype = input.shape[:2], _scale_dtype(input)
-    new_mean, new_var = _fake_statistics(input, _updates(True, running_mean, running_var), running_mean, running_var)
+    new_mean, new_var = _fake_statistics(input, _updates(training, running_mean, running_var), running_mean,
+                                         running_var)
     return (input.new_empty((n, c), dtype=dtype), input.new_empty(c, dtype=dtype), input.new_empty(n, dtype=dtype),
             new_mean, new_var)
 
@@ -165,15 +173,15 @@ def _backward(ctx, grad_y: Tensor, *unused: Tensor | None):
 cpu_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _TrainingForward(torch.autograd.Function):
-    """A training forward in a compiled graph: the statistics from the kernel (:func:`cpu_output_coefficients`),
-    the output y = x·A + S in torch ops, which the compiler fuses with the ops after the layer (a ReLU, a max-pool:
-    one pass over the output instead of two), and the backward of :func:`cpu_forward` (same inputs and outputs)."""
+class _CoefficientForward(torch.autograd.Function):
+    """The forward in a compiled graph: the statistics from the kernel (:func:`cpu_output_coefficients`), the output
+    y = x·A + S in torch ops, which the compiler fuses with the ops after the layer (a ReLU, a max-pool: one pass
+    over the output instead of two), and the backward of :func:`cpu_forward` (same inputs and outputs)."""
 
     @staticmethod
     def forward(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps, rescale):
         a, shift, scale, new_mean, new_var = cpu_output_coefficients(input, weight, bias, running_mean, running_var,
-                                                                     momentum, eps, l2_eps, rescale)
+                                                                     training, momentum, eps, l2_eps, rescale)
         y = input * per_channel(a, input.dim()) + per_channel(shift, input.dim())  # in the accumulation dtype
         return y.to(input.dtype), scale, new_mean, new_var
 
@@ -196,10 +204,9 @@ def l2_batch_norm_cpp_graph(
 ) -> Tensor:
     """:func:`l2bn.kernels.cpp.l2_batch_norm_cpp` through the custom operators (what a compiled graph calls)."""
     check_on_cpu(input)
-    # eval: the kernel's own output pass (one read of x from memory); under torch.func transforms too, for
-    # torch.compile's copy of an autograd.Function has no vmap rule (the operator has functorch's fallback)
-    fuse_output = training and not torch._C._are_functorch_transforms_active()
-    forward = _TrainingForward.apply if fuse_output else cpu_forward
+    # under torch.func transforms the whole-forward operator: torch.compile's copy of an autograd.Function has no
+    # vmap rule (the operator has functorch's per-sample fallback)
+    forward = cpu_forward if torch._C._are_functorch_transforms_active() else _CoefficientForward.apply
     y, _, new_mean, new_var = forward(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps,
                                       rescale)
     if training and running_mean is not None and running_var is not None:

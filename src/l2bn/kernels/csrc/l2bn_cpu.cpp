@@ -2030,25 +2030,41 @@ std::tuple<Tensor, Tensor, Tensor> l2_batch_norm_backward(const Tensor& grad_out
   return {g.input, g.weight, g.bias};
 }
 
-// The training forward without its output pass, for compiled graphs (kernels/cpp_custom_op.py): the statistics'
-// read of x, the running statistics updated, and the output's coefficients y = x·A[n,c] + S[c] returned (A =
-// r_n·gain_c formed in float64 and rounded to the accumulation type once, as the output pass forms them; S = shift_c)
-// so that the compiler writes y in a pass fused with the ops after the layer. Refuses overflowing samples as the
-// forward does, before anything is written.
+// The forward without its output pass, for compiled graphs (kernels/cpp_custom_op.py): the statistics read of x
+// (in eval, the sample norms; the channel statistics are the running ones) and, in training, the running statistics
+// updated; returns the output's coefficients y = x·A[n,c] + S[c] (A = r_n·gain_c formed in float64 and rounded to
+// the accumulation type once, as the output passes form them; S = shift_c), so that the compiler writes y in a
+// pass fused with the ops after the layer. Refuses overflowing samples as the forward does, before anything is
+// written.
 std::tuple<Tensor, Tensor> l2_batch_norm_coefficients(const Tensor& input, const std::optional<Tensor>& weight,
                                                       const std::optional<Tensor>& bias,
                                                       const std::optional<Tensor>& running_mean,
-                                                      const std::optional<Tensor>& running_var, double momentum,
-                                                      double eps, double l2_eps, bool rescale) {
+                                                      const std::optional<Tensor>& running_var, bool training,
+                                                      double momentum, double eps, double l2_eps, bool rescale) {
   TORCH_CHECK(input.device().is_cpu(), "l2bn's compiled kernel runs on the CPU, got input on ", input.device());
   TORCH_CHECK(input.dim() >= 2 && input.numel() > 0, "l2bn's compiled kernel expects non-empty (N, C, *) input");
   const Tensor x = dense(input);
   const Geometry g = geometry(x);
+  const double target = target_norm(g, rescale);
   Statistics st;
-  if (small_spatial(g, true)) {
+  if (!training) {  // whole samples are contiguous in either layout
+    st.mu = to_vector(running_mean, g.C, 0.0);
+    st.var = to_vector(running_var, g.C, 1.0);
+    std::vector<double> squares(g.N);
+    st.scale.resize(g.N);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_eval_coefficients", [&] {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) {
+          squares[n] = squares_of(xp + n * g.C * g.M, g.C * g.M);
+          st.scale[n] = sample_scale(squares[n], target, l2_eps);
+        }
+      });
+    });
+    check_no_overflow(x, squares);
+  } else if (small_spatial(g, true)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_small_coefficients", [&] {
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      const double target = target_norm(g, rescale);
       const std::vector<double> K = first_sample_shift(xp, g, target, l2_eps);
       SmallSums sums = small_sums<scalar_t, false>(xp, nullptr, g, K, target, l2_eps);
       check_no_overflow(x, sums.squares);
@@ -2068,7 +2084,7 @@ std::tuple<Tensor, Tensor> l2_batch_norm_coefficients(const Tensor& input, const
     for (int64_t n = 0; n < g.N; ++n)
       for (int64_t c = 0; c < g.C; ++c) a[n * g.C + c] = static_cast<scalar_t>(st.scale[n] * gain[c]);
   });
-  update_running_stats(running_mean, running_var, st, static_cast<double>(g.N * g.M), momentum);
+  if (training) update_running_stats(running_mean, running_var, st, static_cast<double>(g.N * g.M), momentum);
   return {scale, channel_tensor(shift, acc)};
 }
 
@@ -2107,7 +2123,8 @@ TORCH_LIBRARY(l2bn_cpu, m) {
       &l2_batch_norm_backward);
   m.def(
       "l2_batch_norm_coefficients(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-      "Tensor(b!)? running_var, float momentum, float eps, float l2_eps, bool rescale) -> (Tensor, Tensor)",
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, float l2_eps, bool rescale) "
+      "-> (Tensor, Tensor)",
       &l2_batch_norm_coefficients);
   m.def("convert(Tensor input, ScalarType dtype) -> Tensor", &convert);
   m.def("sync_local_sums(Tensor input, float l2_eps, bool rescale) -> (Tensor, Tensor)", &sync_local_sums);
