@@ -2081,8 +2081,10 @@ std::tuple<Tensor, Tensor> l2_batch_norm_coefficients(const Tensor& input, const
   Tensor scale = at::empty({g.N, g.C}, at::TensorOptions().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "l2bn_coefficients", [&] {
     scalar_t* a = scale.mutable_data_ptr<scalar_t>();
-    for (int64_t n = 0; n < g.N; ++n)
-      for (int64_t c = 0; c < g.C; ++c) a[n * g.C + c] = static_cast<scalar_t>(st.scale[n] * gain[c]);
+    at::parallel_for(0, g.N, algebra_grain(g.C), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t c = 0; c < g.C; ++c) a[n * g.C + c] = static_cast<scalar_t>(st.scale[n] * gain[c]);
+    });
   });
   if (training) update_running_stats(running_mean, running_var, st, static_cast<double>(g.N * g.M), momentum);
   return {scale, channel_tensor(shift, acc)};
