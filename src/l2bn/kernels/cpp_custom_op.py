@@ -34,6 +34,9 @@ backward left dy NCHW beside a channels-last x: a copy of 32 MiB a step at VGG-1
 
 Like the eager operator, no double backward. Under ``torch.func.vmap`` inside a compiled function the operators run
 through functorch's per-sample fallback (correct, with torch's performance warning; they have no batching rule).
+Such compiles graph-break (vmap at the module's repr, vmap of grad where the operator's autograd meets functorch
+under fake tensors) and run those parts eagerly; Dynamo then skips the frames it failed on, so a later
+``torch.compile(..., fullgraph=True)`` of an L2BN model in the same process fails until ``torch._dynamo.reset()``.
 """
 from __future__ import annotations
 
