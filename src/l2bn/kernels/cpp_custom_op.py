@@ -212,7 +212,7 @@ def l2_batch_norm_cpp_graph(
     forward = cpu_forward if torch._C._are_functorch_transforms_active() else _CoefficientForward.apply
     y, _, new_mean, new_var = forward(input, weight, bias, running_mean, running_var, training, momentum, eps, l2_eps,
                                       rescale)
-    if training and running_mean is not None and running_var is not None:
+    if _updates(training, running_mean, running_var):
         with torch.no_grad():
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)

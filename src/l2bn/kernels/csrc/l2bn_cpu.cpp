@@ -797,6 +797,13 @@ struct Statistics {
   std::vector<double> var;    // biased σ²_c of z
 };
 
+// Evaluation's channel statistics: the running ones (0 and 1 where the layer keeps none).
+void use_running_statistics(Statistics& st, const std::optional<Tensor>& running_mean,
+                            const std::optional<Tensor>& running_var, int64_t C) {
+  st.mu = to_vector(running_mean, C, 0.0);
+  st.var = to_vector(running_var, C, 1.0);
+}
+
 double target_norm(const Geometry& g, bool rescale) {
   return rescale ? std::sqrt(static_cast<double>(g.C * g.M)) : 1.0;
 }
@@ -1243,6 +1250,18 @@ void small_batch_statistics(const SmallSums& sums, const std::vector<double>& K,
   }
 }
 
+// The small path's training statistics (its forward's read of x): the batch statistics and the sample scales
+// r_n into st, refusing a finite sample whose sum of squares overflows.
+template <typename scalar_t>
+void small_training_statistics(const Tensor& x, const Geometry& g, double target, double l2_eps, Statistics& st) {
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const std::vector<double> K = first_sample_shift(xp, g, target, l2_eps);
+  SmallSums sums = small_sums<scalar_t, false>(xp, nullptr, g, K, target, l2_eps);
+  check_no_overflow(x, sums.squares);
+  small_batch_statistics(sums, K, g, st);
+  st.scale = std::move(sums.scale);
+}
+
 template <typename scalar_t>
 void small_forward(const Tensor& x, Tensor& y, const Geometry& g, const std::vector<double>& w,
                    const std::vector<double>& b, const std::optional<Tensor>& running_mean,
@@ -1254,20 +1273,16 @@ void small_forward(const Tensor& x, Tensor& y, const Geometry& g, const std::vec
   Statistics st;
   std::vector<double> gain, shift;
   if (!training) {
-    st.mu = to_vector(running_mean, g.C, 0.0);
-    st.var = to_vector(running_var, g.C, 1.0);
+    use_running_statistics(st, running_mean, running_var, g.C);
     channel_affine(st, w, b, eps, gain, shift);
     std::vector<double> scale(g.N), squares(g.N);
     small_output(xp, yp, g, gain, shift, scale, &squares, target, l2_eps);
     check_no_overflow(x, squares);  // y is discarded when this refuses
     return;
   }
-  const std::vector<double> K = first_sample_shift(xp, g, target, l2_eps);
-  SmallSums sums = small_sums<scalar_t, false>(xp, nullptr, g, K, target, l2_eps);
-  check_no_overflow(x, sums.squares);
-  small_batch_statistics(sums, K, g, st);
+  small_training_statistics<scalar_t>(x, g, target, l2_eps, st);
   channel_affine(st, w, b, eps, gain, shift);
-  small_output(xp, yp, g, gain, shift, sums.scale, nullptr, target, l2_eps);
+  small_output(xp, yp, g, gain, shift, st.scale, nullptr, target, l2_eps);
   update_running_stats(running_mean, running_var, st, static_cast<double>(g.N * g.M), momentum);
 }
 
@@ -1317,8 +1332,7 @@ void small_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const Geometr
   if (training) {
     K = first_sample_shift(xp, g, target, l2_eps);
   } else {
-    st.mu = to_vector(running_mean, g.C, 0.0);
-    st.var = to_vector(running_var, g.C, 1.0);
+    use_running_statistics(st, running_mean, running_var, g.C);
     K = st.mu;
   }
   const bool per_sample = keeps_sample_sums<at::opmath_type<scalar_t>>(g);
@@ -1582,8 +1596,7 @@ Tensor l2bn_forward(const Tensor& input, const std::optional<Tensor>& weight, co
   std::vector<double> gain, shift;
   if (!training) {
     Statistics st;
-    st.mu = to_vector(running_mean, g.C, 0.0);
-    st.var = to_vector(running_var, g.C, 1.0);
+    use_running_statistics(st, running_mean, running_var, g.C);
     channel_affine(st, w, b, eps, gain, shift);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_eval", [&] {
       eval_forward<scalar_t>(x, y, g, gain, shift, target_norm(g, rescale), l2_eps);
@@ -1730,8 +1743,7 @@ Gradients l2bn_backward(const Tensor& grad_out, const Tensor& input, const Tenso
   const Moments mo = moments<true>(x, &dy, g);
   Statistics st = statistics(mo, g, rescale, l2_eps, training);
   if (!training) {
-    st.mu = to_vector(running_mean, C, 0.0);
-    st.var = to_vector(running_var, C, 1.0);
+    use_running_statistics(st, running_mean, running_var, C);
   }
   const std::vector<double> w = to_vector(weight, C, 1.0);
   std::vector<double> invstd(C), gain(C), grad_w, grad_b;
@@ -2048,8 +2060,7 @@ std::tuple<Tensor, Tensor> l2_batch_norm_coefficients(const Tensor& input, const
   const double target = target_norm(g, rescale);
   Statistics st;
   if (!training) {  // whole samples are contiguous in either layout
-    st.mu = to_vector(running_mean, g.C, 0.0);
-    st.var = to_vector(running_var, g.C, 1.0);
+    use_running_statistics(st, running_mean, running_var, g.C);
     std::vector<double> squares(g.N);
     st.scale.resize(g.N);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_eval_coefficients", [&] {
@@ -2064,12 +2075,7 @@ std::tuple<Tensor, Tensor> l2_batch_norm_coefficients(const Tensor& input, const
     check_no_overflow(x, squares);
   } else if (small_spatial(g, true)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_small_coefficients", [&] {
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      const std::vector<double> K = first_sample_shift(xp, g, target, l2_eps);
-      SmallSums sums = small_sums<scalar_t, false>(xp, nullptr, g, K, target, l2_eps);
-      check_no_overflow(x, sums.squares);
-      small_batch_statistics(sums, K, g, st);
-      st.scale = std::move(sums.scale);
+      small_training_statistics<scalar_t>(x, g, target, l2_eps, st);
     });
   } else {
     st = statistics(moments<false>(x, nullptr, g), g, rescale, l2_eps, true);
