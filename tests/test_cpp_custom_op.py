@@ -38,7 +38,8 @@ def assert_within_a_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
     ((5, 6), torch.contiguous_format, torch.float32), ((5, 6, 7), torch.contiguous_format, torch.float32),
     ((2, 6, 3, 4, 5), torch.channels_last_3d, torch.float32), ((5, 6, 4, 3), torch.channels_last, torch.bfloat16),
     ((3, 6, 2, 2), torch.contiguous_format, torch.float64), ((48, 6, 3, 3), torch.channels_last, torch.float32),
-], ids=["nchw", "nhwc", "1d", "1d-length", "3d-cl", "nhwc-bf16", "fp64", "many-samples"])
+    ((1, 6, 32, 32), torch.contiguous_format, torch.float32),  # fewer samples than threads: the split norms
+], ids=["nchw", "nhwc", "1d", "1d-length", "3d-cl", "nhwc-bf16", "fp64", "many-samples", "one-sample"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_custom_operators_equal_the_eager_kernel_bit_for_bit(training, shape, memory_format, dtype):
     """Outputs (and their strides), gradients and running statistics through the custom operators are the eager

@@ -1506,6 +1506,24 @@ void streamed_affine(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, c
       });
 }
 
+// Σ x² of each of the N samples of D values, each sample split into one piece a thread (for fewer samples than
+// threads, where one sample a thread would leave threads idle).
+template <typename scalar_t>
+std::vector<double> split_sample_squares(const scalar_t* xp, int64_t N, int64_t D) {
+  const int64_t pieces = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t piece = (D + pieces - 1) / pieces;
+  std::vector<double> partial(N * pieces, 0.0), squares(N, 0.0);
+  at::parallel_for(0, N * pieces, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / pieces, start = std::min(D, (i % pieces) * piece);
+      partial[i] = squares_of(xp + n * D + start, std::min(D, start + piece) - start);
+    }
+  });
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t p = 0; p < pieces; ++p) squares[n] += partial[n * pieces + p];
+  return squares;
+}
+
 // Eval of samples n0..n1 in float32/float64 for outputs larger than the caches: per sample, ‖x_n‖ in one read
 // of x, then y = (x·gain_c)·r_n + shift_c from x still in cache, y stored past the caches.
 template <typename scalar_t>
@@ -1563,19 +1581,8 @@ void eval_forward(const Tensor& x, Tensor& y, const Geometry& g, const std::vect
     return;
   }
   // Fewer samples than threads: split each sample's norm, then the output pass over all threads.
-  const int64_t pieces = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t piece = (D + pieces - 1) / pieces;
-  std::vector<double> partial(g.N * pieces, 0.0);
-  at::parallel_for(0, g.N * pieces, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = i / pieces, start = std::min(D, (i % pieces) * piece);
-      partial[i] = squares_of(xp + n * D + start, std::min(D, start + piece) - start);
-    }
-  });
-  for (int64_t n = 0; n < g.N; ++n) {
-    for (int64_t p = 0; p < pieces; ++p) squares[n] += partial[n * pieces + p];
-    k.alpha[n] = sample_scale(squares[n], target, l2_eps);
-  }
+  squares = split_sample_squares(xp, g.N, D);
+  for (int64_t n = 0; n < g.N; ++n) k.alpha[n] = sample_scale(squares[n], target, l2_eps);
   check_no_overflow(x, squares);
   pass.all();
 }
@@ -2062,16 +2069,19 @@ std::tuple<Tensor, Tensor> l2_batch_norm_coefficients(const Tensor& input, const
   if (!training) {  // whole samples are contiguous in either layout
     use_running_statistics(st, running_mean, running_var, g.C);
     std::vector<double> squares(g.N);
-    st.scale.resize(g.N);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_eval_coefficients", [&] {
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; ++n) {
-          squares[n] = squares_of(xp + n * g.C * g.M, g.C * g.M);
-          st.scale[n] = sample_scale(squares[n], target, l2_eps);
-        }
-      });
+      const int64_t D = g.C * g.M;
+      if (g.N < at::get_num_threads()) {  // as the eager eval splits them
+        squares = split_sample_squares(xp, g.N, D);
+      } else {
+        at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+          for (int64_t n = n0; n < n1; ++n) squares[n] = squares_of(xp + n * D, D);
+        });
+      }
     });
+    st.scale.resize(g.N);
+    for (int64_t n = 0; n < g.N; ++n) st.scale[n] = sample_scale(squares[n], target, l2_eps);
     check_no_overflow(x, squares);
   } else if (small_spatial(g, true)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_small_coefficients", [&] {
