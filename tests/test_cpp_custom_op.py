@@ -10,11 +10,17 @@ import torch.nn as nn
 
 import l2bn
 from l2bn.kernels import cpp
-from l2bn.kernels.cpp_custom_op import cpu_backward, cpu_forward, cpu_output_coefficients, l2_batch_norm_cpp_graph
+from l2bn.kernels.cpp_custom_op import l2_batch_norm_cpp_graph
+from l2bn.kernels.overflow import huge_sample_scale
 
 pytestmark = pytest.mark.skipif(not cpp.compiler_found(), reason="no C++ compiler: the compiled kernel cannot be built")
 LAYOUTS = pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
                                   ids=["nchw", "nhwc"])
+
+
+def graph_op(name: str) -> torch._ops.OpOverload:
+    """The kernel's graph operator ``l2bn_cpu::<name>`` (building or loading the kernel)."""
+    return getattr(cpp.operators(), name).default
 
 
 def run(fn, x, weight, bias, training, grad):
@@ -57,7 +63,7 @@ def test_custom_operators_equal_the_eager_kernel_bit_for_bit(training, shape, me
         else:
             assert torch.equal(got[key], want[key]), key
     running = torch.full((6,), 0.3), torch.full((6,), 1.7)  # as run() gives them
-    whole, _, _, _ = cpu_forward(x, weight, bias, *running, training, 0.1, 1e-5, 1e-12, True)
+    whole, _, _, _ = graph_op("graph_forward")(x, weight, bias, *running, training, 0.1, 1e-5, 1e-12, True)
     assert torch.equal(whole, want["y"])  # the whole-forward operator (torch.func transforms) is the kernel's own
     assert got["y"].stride() == want["y"].stride() and got["dx"].stride() == want["dx"].stride()
 
@@ -77,12 +83,12 @@ def test_custom_operators_pass_torch_library_opcheck(training, affine):
         weight = (torch.rand(5, generator=g) + 0.5).requires_grad_() if affine else None
         bias = torch.randn(5, generator=g).requires_grad_() if affine else None
         running = torch.zeros(5), torch.ones(5)
-        torch.library.opcheck(cpu_forward, (x, weight, bias, *running, training, 0.1, 1e-5, 1e-12, True))
+        torch.library.opcheck(graph_op("graph_forward"), (x, weight, bias, *running, training, 0.1, 1e-5, 1e-12, True))
         detached = [None if t is None else t.detach() for t in (x, weight, bias)]  # no autograd formula of its own
-        torch.library.opcheck(cpu_output_coefficients, (*detached, *running, training, 0.1, 1e-5, 1e-12, True))
+        torch.library.opcheck(graph_op("graph_coefficients"), (*detached, *running, training, 0.1, 1e-5, 1e-12, True))
         scale = torch.ones(4)
         grad = torch.randn(x.shape, generator=g).contiguous(memory_format=grad_format)
-        torch.library.opcheck(cpu_backward, (grad, x.detach(), scale, None if weight is None else weight.detach(),
+        torch.library.opcheck(graph_op("graph_backward"), (grad, x.detach(), scale, None if weight is None else weight.detach(),
                                              *(running if not training else (None, None)), training, 1e-5, 1e-12,
                                              True, affine, torch.float32))
 
@@ -99,7 +105,7 @@ class ConvL2BN(nn.Module):
 @LAYOUTS
 def test_compiled_graphs_hold_the_kernel_and_match_eager(memory_format):
     """torch.compile(fullgraph=True) of a conv + L2BN + ReLU model on the CPU: the forward graphs call
-    l2bn::cpu_output_coefficients, the backward graphs l2bn::cpu_backward (not the fused path's ops); gradients and
+    l2bn_cpu::graph_coefficients, the backward graphs l2bn_cpu::graph_backward (not the fused path's ops); gradients and
     running statistics over a training and an eval step equal the eager model's bit for bit, the outputs within a
     rounding (aot_eager: the graph's other ops run as in eager)."""
     from torch._functorch.aot_autograd import aot_module_simplified
@@ -132,7 +138,7 @@ def test_compiled_graphs_hold_the_kernel_and_match_eager(memory_format):
         assert torch.equal(p.grad, p_eager.grad), name
     assert torch.equal(model.norm.running_mean, eager.norm.running_mean)
     assert torch.equal(model.norm.running_var, eager.norm.running_var)
-    assert {"l2bn.cpu_output_coefficients.default", "l2bn.cpu_backward.default"} <= called, called
+    assert {"l2bn_cpu.graph_coefficients.default", "l2bn_cpu.graph_backward.default"} <= called, called
     assert not any("var_mean" in op or "linalg_vector_norm" in op for op in called), called
 
 
@@ -175,11 +181,39 @@ def test_overflowing_samples_rerun_rescaled_inside_the_operator(training):
             assert_within_a_rounding(got["y"], want["y"])
         else:
             assert torch.equal(got[key], want[key]), key
-    _, scale, _, _ = cpu_forward(x, weight, bias, None, None, training, 0.1, 1e-5, 1e-12, True)
+    _, scale, _, _ = graph_op("graph_forward")(x, weight, bias, None, None, training, 0.1, 1e-5, 1e-12, True)
     assert scale[0] == scale[2] == 1 and scale[1] < 1e-20 and scale[3] < 1e-30
-    _, _, coefficient_scale, _, _ = cpu_output_coefficients(x, weight, bias, None, None, training, 0.1, 1e-5,
+    _, _, coefficient_scale, _, _ = graph_op("graph_coefficients")(x, weight, bias, None, None, training, 0.1, 1e-5,
                                                              1e-12, True)
     assert torch.equal(coefficient_scale, scale)
+
+
+def test_registrations_for_the_operators_run_once_the_kernel_is_loaded():
+    """cpp.on_load: a registration asked for after the kernel is loaded runs at once (before, at the load)."""
+    cpp.operators()
+    calls = []
+    cpp.on_load(lambda: calls.append("registered"))
+    try:
+        assert calls == ["registered"]
+    finally:
+        cpp._ON_LOAD.pop()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_graph_operators_rescale_by_the_factors_of_overflow_py(dtype):
+    """The C++ rerun's factors (csrc's huge_sample_factors) are kernels/overflow.py's, sample by sample: 1 below
+    2^32, the power of two into [2^15, 2^16) from 2^32 up (here a sample at exactly 2^32 beside the overflowing
+    one), for 32-, 64- and 16-bit input."""
+    huge = 1e200 if dtype == torch.float64 else 1e30
+    x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x[1] *= huge
+    x[2, 0, 0, 0], x[3, 0, 0, 0] = 2.0**32, 2.0**31
+    x = x.to(dtype)
+    want = huge_sample_scale(x).reshape(-1).to(torch.promote_types(dtype, torch.float32))
+    assert want[0] == want[3] == 1 and want[2] == 2.0**-17 and 0 < want[1] < 1 / huge * 2**16
+    for name, scale_index in (("graph_forward", 1), ("graph_coefficients", 2)):
+        scale = graph_op(name)(x, None, None, None, None, True, 0.1, 1e-5, 1e-12, True)[scale_index]
+        assert torch.equal(scale, want), name
 
 
 @pytest.mark.slow  # Inductor compiles C++ (~15-30 s); the default suite's graph test runs aot_eager
@@ -226,7 +260,7 @@ def test_inductor_hands_the_operator_its_convolution_output_as_it_is(training):
     with inductor_config.patch(force_layout_optimization=True, fx_graph_cache=False):
         y, codes = run_and_get_code(torch.compile(model, fullgraph=True), x)
     conv = re.search(r"(buf\d+) = extern_kernels\.convolution\(", codes[0])
-    call = re.search(r"torch\.ops\.l2bn\.cpu_(?:forward|output_coefficients)\.default\((\w+),", codes[0])
+    call = re.search(r"torch\.ops\.l2bn_cpu\.graph_(?:forward|coefficients)\.default\((\w+),", codes[0])
     assert conv and call and call.group(1) == conv.group(1), codes[0]
     torch.testing.assert_close(y, eager(x), rtol=1e-5, atol=1e-5)
 
@@ -237,27 +271,20 @@ class ConvL2BNPool(ConvL2BN):
 
 
 @pytest.mark.slow  # Inductor compiles C++ (~15-30 s)
-def test_inductor_writes_the_gradient_in_the_saved_inputs_layout(monkeypatch):
+def test_inductor_writes_the_gradient_in_the_saved_inputs_layout():
     """A channels-last conv + L2BN + ReLU + max-pool model under Inductor: the backward operator gets dy in x's
     layout (the kernel would copy it otherwise; with the backward operator tagged flexible_layout, max-pool's backward
     left dy NCHW), and the gradients match eager."""
-    from l2bn.kernels import cpp_custom_op
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     layouts = []
 
-    class Recording:
-        def __init__(self, ops):
-            self.ops = ops
+    class Recording(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is graph_op("graph_backward"):
+                layouts.append((args[0].stride(), args[1].stride()))
+            return func(*args, **(kwargs or {}))
 
-        def __getattr__(self, name):
-            if name != "l2_batch_norm_backward":
-                return getattr(self.ops, name)
-            def call(grad_out, input, *rest):
-                layouts.append((grad_out.stride(), input.stride()))
-                return self.ops.l2_batch_norm_backward.default(grad_out, input, *rest)
-            return type("Overload", (), {"default": staticmethod(call)})
-
-    monkeypatch.setattr(cpp_custom_op, "operators", lambda: Recording(cpp.operators()))
     torch.manual_seed(5)
     model = ConvL2BNPool().to(memory_format=torch.channels_last)
     eager = copy.deepcopy(model)
@@ -267,7 +294,9 @@ def test_inductor_writes_the_gradient_in_the_saved_inputs_layout(monkeypatch):
 
     with inductor_config.patch(fx_graph_cache=False):
         compiled = torch.compile(model, fullgraph=True)
-        compiled(x).square().sum().backward()
+        loss = compiled(x).square().sum()
+        with Recording():
+            loss.backward()
     eager(x).square().sum().backward()
     assert layouts and all(grad == saved for grad, saved in layouts), layouts
     for p, p_eager in zip(model.parameters(), eager.parameters()):
@@ -292,9 +321,8 @@ def test_torch_func_transforms_inside_torch_compile():
 
     torch._dynamo.reset()
     try:
-        with pytest.warns(UserWarning, match="batching rule for l2bn::cpu_forward"):  # functorch's fallback
-            got_grad = torch.compile(lambda x: vmap(grad(per_sample))(x), backend="aot_eager")(x)
-            got = torch.compile(lambda x: vmap(layer)(x), backend="aot_eager")(x)
+        got_grad = torch.compile(lambda x: vmap(grad(per_sample))(x), backend="aot_eager")(x)
+        got = torch.compile(lambda x: vmap(layer)(x), backend="aot_eager")(x)
     finally:  # see the docstring
         torch._dynamo.reset()
     torch.testing.assert_close(got_grad, vmap(grad(per_sample))(x))

@@ -16,6 +16,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -106,6 +107,17 @@ def _one_line(error: BaseException) -> str:
     return (lines[0] if lines else type(error).__name__)[:300]
 
 
+_ON_LOAD: list[Callable[[], None]] = []
+
+
+def on_load(register: Callable[[], None]) -> None:
+    """Have ``register`` run when the kernel is loaded into this process (at once if it already is): Python
+    registrations for its operators (fake implementations, autograd formulas) need the operators defined."""
+    _ON_LOAD.append(register)
+    if _build.cache_info().currsize and _build() is None:
+        register()
+
+
 @functools.cache
 def _build() -> Exception | None:
     """Compile (when the build folder has no up-to-date library: always said on stderr) and load the
@@ -130,6 +142,8 @@ def _build() -> Exception | None:
             cause = _one_line(error)
             marker.write_text(cause + "\n")
             return BuildFailed(cause)
+        for register in _ON_LOAD:
+            register()
     except Exception as error:  # e.g. an unwritable cache folder: the caller decides what to do
         return BuildFailed(_one_line(error))
     return None

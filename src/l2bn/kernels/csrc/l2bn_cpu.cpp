@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -867,10 +868,12 @@ Statistics statistics(const Moments& mo, const Geometry& g, bool rescale, double
 // message kernels/overflow.py catches, before anything is written; it reruns on the sample rescaled by a
 // power of two. Samples holding inf or NaN are not refused (r_n = 0, their channel turns NaN). The usual
 // case costs one pass over N values; only samples with a non-finite norm are read again.
+constexpr const char* kOverflowMessage = "l2bn: a finite sample's sum of squares overflows";  // overflow.MESSAGE
+
 void check_no_overflow(const Tensor& x, const std::vector<double>& squares) {  // ‖x_n‖² or ‖x_n‖
   for (int64_t n = 0; n < x.size(0); ++n) {
-    TORCH_CHECK(std::isfinite(squares[n]) || !at::isfinite(x[n]).all().item<bool>(),
-                "l2bn: a finite sample's sum of squares overflows (sample ", n, ")");
+    TORCH_CHECK(std::isfinite(squares[n]) || !at::isfinite(x[n]).all().item<bool>(), kOverflowMessage, " (sample ",
+                n, ")");
   }
 }
 
@@ -2106,6 +2109,126 @@ std::tuple<Tensor, Tensor> l2_batch_norm_coefficients(const Tensor& input, const
   return {scale, channel_tensor(shift, acc)};
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Functional operators for compiled graphs (kernels/cpp_custom_op.py registers their fake implementations and
+// the autograd formula): the running statistics are updated in copies that are returned (empty (0,) tensors when
+// a call updates none), not written, as an operator inside an autograd formula must not write its inputs; a
+// finite sample whose sum of squares overflows runs again multiplied by an exact power of two
+// (kernels/overflow.py: L2BN is invariant to a positive scale of a sample), and the factors come back as
+// `scale` (N,) in the accumulation type, ones where nothing overflowed. Written in C++ so that a compiled graph
+// pays the dispatcher's few microseconds a call, not a Python operator's ~50.
+// ---------------------------------------------------------------------------------------------------
+
+namespace {
+
+// kernels/overflow.py's huge_sample_factors(max |x_n|, 16), by the same ATen operations: per sample, in the
+// accumulation type, the power of two that brings max |x_n| into [2^15, 2^16) for finite samples of
+// max |x_n| ≥ 2^32, else 1.
+Tensor huge_sample_factors(const Tensor& x) {
+  std::vector<int64_t> dims;
+  for (int64_t d = 1; d < x.dim(); ++d) dims.push_back(d);
+  const Tensor magnitude = at::amax(x.abs(), dims).to(at::toOpMathType(x.scalar_type()));
+  const Tensor one = at::ones_like(magnitude);
+  const Tensor huge = at::isfinite(magnitude).logical_and(magnitude >= 4294967296.0);  // 2^32
+  return at::where(huge, at::ldexp(one, 16 - std::get<1>(at::frexp(magnitude))), one);
+}
+
+Tensor per_sample_view(const Tensor& factors, const Tensor& like) {
+  std::vector<int64_t> shape(like.dim(), 1);
+  shape[0] = -1;
+  return factors.to(like.scalar_type()).view(shape);
+}
+
+// Runs call(input); where a sample overflows (the kernel refuses before writing anything), call(input·s) with
+// s = huge_sample_factors(input), which cannot overflow. Returns s (N,), or ones.
+template <typename Call>
+Tensor call_rescaled_on_overflow(const Tensor& input, const Call& call) {
+  try {
+    call(input);
+    return at::ones({input.size(0)}, input.options().dtype(at::toOpMathType(input.scalar_type())));
+  } catch (const c10::Error& error) {
+    if (std::string(error.what_without_backtrace()).find(kOverflowMessage) == std::string::npos) throw;
+  }
+  const Tensor factors = huge_sample_factors(input);
+  call(input * per_sample_view(factors, input));
+  return factors;
+}
+
+// The running statistics a functional call reads or updates: copies when it updates them (returned), else the
+// buffers themselves (read in eval) beside the empty tensors returned.
+struct FunctionalStatistics {
+  std::optional<Tensor> mean, var;
+  Tensor new_mean, new_var;
+};
+
+FunctionalStatistics functional_statistics(const Tensor& input, const std::optional<Tensor>& running_mean,
+                                           const std::optional<Tensor>& running_var, bool training) {
+  const bool updates = training && running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
+                       running_var->defined();
+  if (updates) {
+    const Tensor mean = running_mean->clone(), var = running_var->clone();
+    return {mean, var, mean, var};
+  }
+  return {running_mean, running_var, input.new_empty({0}), input.new_empty({0})};
+}
+
+// (y, scale, new running mean, new running variance): the whole forward, for graphs under torch.func transforms.
+std::tuple<Tensor, Tensor, Tensor, Tensor> graph_forward(
+    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training,
+    double momentum, double eps, double l2_eps, bool rescale) {
+  const at::NoGradGuard no_grad;  // the kernel alone: the autograd formula is the graph's
+  FunctionalStatistics st = functional_statistics(input, running_mean, running_var, training);
+  Tensor y;
+  const Tensor scale = call_rescaled_on_overflow(input, [&](const Tensor& x) {
+    y = l2_batch_norm_cpu(x, weight, bias, st.mean, st.var, training, momentum, eps, l2_eps, rescale);
+  });
+  return {y, scale, st.new_mean, st.new_var};
+}
+
+// (A (N, C), S (C,), scale, new running mean, new running variance): l2_batch_norm_coefficients, functional;
+// A carries the overflow factors (x·(s·A) = (x·s)·A).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> graph_coefficients(
+    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training,
+    double momentum, double eps, double l2_eps, bool rescale) {
+  FunctionalStatistics st = functional_statistics(input, running_mean, running_var, training);
+  Tensor a, shift;
+  bool rescaled = false;
+  const Tensor scale = call_rescaled_on_overflow(input, [&](const Tensor& x) {
+    rescaled = !x.is_same(input);
+    std::tie(a, shift) =
+        l2_batch_norm_coefficients(x, weight, bias, st.mean, st.var, training, momentum, eps, l2_eps, rescale);
+  });
+  if (rescaled) a = a * scale.unsqueeze(1);
+  return {a, shift, scale, st.new_mean, st.new_var};
+}
+
+// (dx, dweight, dbias) of graph_forward for the input it was given (scale: its overflow factors); the parameter
+// gradients are empty (0,) tensors where the layer has no weight or no bias (has_bias; bias_dtype: its
+// gradient's dtype).
+std::tuple<Tensor, Tensor, Tensor> graph_backward(const Tensor& grad_out, const Tensor& input, const Tensor& scale,
+                                                  const std::optional<Tensor>& weight,
+                                                  const std::optional<Tensor>& running_mean,
+                                                  const std::optional<Tensor>& running_var, bool training, double eps,
+                                                  double l2_eps, bool rescale, bool has_bias,
+                                                  at::ScalarType bias_dtype) {
+  const Tensor factors = scale.contiguous();
+  bool rescaled = false;
+  AT_DISPATCH_FLOATING_TYPES(factors.scalar_type(), "l2bn_graph_rescaled", [&] {
+    const scalar_t* f = factors.const_data_ptr<scalar_t>();
+    for (int64_t n = 0; n < factors.numel(); ++n) rescaled = rescaled || f[n] != scalar_t(1);
+  });
+  const Tensor view = rescaled ? per_sample_view(scale, input) : Tensor();
+  auto [dx, dweight, dbias] =
+      l2_batch_norm_backward(grad_out, rescaled ? input * view : input, weight, running_mean, running_var, training,
+                             eps, l2_eps, rescale, has_bias ? std::optional<at::ScalarType>(bias_dtype) : std::nullopt);
+  return {rescaled ? dx * view : dx, dweight.defined() ? dweight : input.new_empty({0}),  // (outputs never alias)
+          dbias.defined() ? dbias : input.new_empty({0})};
+}
+
+}  // namespace
+
 // The element conversions above, exposed so that tests can compare them with torch's over every 16-bit
 // pattern: float32 → ``dtype`` (stores), or float16/bfloat16 → float32 (loads).
 Tensor convert(const Tensor& input, at::ScalarType dtype) {
@@ -2158,4 +2281,24 @@ TORCH_LIBRARY(l2bn_cpu, m) {
       "sync_input_gradient(Tensor grad_out, Tensor input, Tensor? weight, Tensor workspace, Tensor mean, "
       "Tensor invstd, Tensor sums, float count, float l2_eps, bool rescale) -> Tensor",
       &sync_input_gradient);
+  // the functional operators compiled graphs hold: CPU kernels (a catch-all one would be decomposed by the
+  // tracers), fake implementations in this Python module, layout tags as kernels/cpp_custom_op.py explains
+  m.set_python_module("l2bn.kernels.cpp_custom_op");
+  m.def(
+      "graph_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+      "bool training, float momentum, float eps, float l2_eps, bool rescale) -> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::flexible_layout});
+  m.impl("graph_forward", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(graph_forward)));
+  m.def(
+      "graph_coefficients(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+      "bool training, float momentum, float eps, float l2_eps, bool rescale) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::flexible_layout});
+  m.impl("graph_coefficients", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(graph_coefficients)));
+  m.def(
+      "graph_backward(Tensor grad_out, Tensor input, Tensor scale, Tensor? weight, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps, float l2_eps, bool rescale, bool has_bias, "
+      "ScalarType bias_dtype) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::needs_fixed_stride_order});
+  m.impl("graph_backward", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(graph_backward)));
 }
