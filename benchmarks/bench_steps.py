@@ -2,18 +2,21 @@
 
     python benchmarks/bench_steps.py [--models resnet20,resnet56,vgg16_bn] [--layouts NCHW,channels_last]
                                      [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--batch 128] [--repeats 5]
-                                     [--threads N]
+                                     [--threads N] [--mode train|eval]
                                      [--compile default|reduce-overhead|max-autotune-no-cudagraphs] [--backend inductor]
 
 One step is zero_grad, forward, cross-entropy, backward and SGD (momentum 0.9) on one fixed batch of 32×32 images;
 each row times the BatchNorm and the L2BN model alternately (minimum of ``--repeats`` steps each, after warm-up) and
 prints their ratio. With ``--compile MODE`` each model is also run as ``torch.compile(model, mode=MODE)`` (the
 optimizer stays eager): the first step's time — tracing and code generation, what an epoch pays once — is printed
-beside the compiled steps' minimum. Under ``torch.compile`` L2BN runs the compiled kernel as custom operators on
+beside the compiled steps' minimum. Under ``torch.compile`` L2BN runs the compiled kernel's graph operators on
 the CPU (``l2bn.kernels.cpp_custom_op``) and elsewhere its torch-op path, which the compiler fuses
 (``l2bn.kernels.dispatch``). On a GPU, ``reduce-overhead`` replays the step's kernels from CUDA graphs, the remedy
 docs/performance.md gives for small layers whose eager calls are bound by the host's launches (session 17: eager
 ResNet-20 steps 2.5–2.9× BatchNorm's on the H200).
+
+With ``--mode eval`` the rows time inference instead: one forward in eval mode under ``torch.no_grad`` (the test
+pass's; at ``--batch 1``, serving one image, per-call costs dominate).
 
 ``bench_census.py --steps`` prints the eager rows of this script at its step models.
 """
@@ -26,13 +29,13 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from l2bn.bench import DTYPES, environment_line, synchronize, training_step_ms
+from l2bn.bench import DTYPES, environment_line, inference_ms, synchronize, training_step_ms
 from l2bn.models import create_model
 
 STEP_MODELS = ("resnet20", "resnet56", "vgg16_bn")  # batch 128, both layouts
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
-HEADER = "| model | layout | batch | BN step ms | L2BN step ms | ratio |"
+UNITS = {"train": "step", "eval": "forward"}  # what a row times in each --mode
 
 
 def models_and_batch(name: str, layout: str, device: torch.device, dtype: torch.dtype, batch: int
@@ -48,13 +51,18 @@ def models_and_batch(name: str, layout: str, device: torch.device, dtype: torch.
     return nets, x, target
 
 
-def first_step_seconds(models: Sequence[nn.Module], x: torch.Tensor, target: torch.Tensor) -> list[float]:
-    """Seconds of each model's first SGD step (for a compiled model: its compilation)."""
+def first_step_seconds(models: Sequence[nn.Module], x: torch.Tensor, target: torch.Tensor, mode: str = "train"
+                       ) -> list[float]:
+    """Seconds of each model's first SGD step, or forward in eval (for a compiled model: its compilation)."""
     seconds = []
     for model in models:
         synchronize(x.device)
         start = time.perf_counter()
-        nn.functional.cross_entropy(model(x), target).backward()
+        if mode == "train":
+            nn.functional.cross_entropy(model(x), target).backward()
+        else:
+            with torch.no_grad():
+                model.eval()(x)
         synchronize(x.device)
         seconds.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
@@ -63,34 +71,43 @@ def first_step_seconds(models: Sequence[nn.Module], x: torch.Tensor, target: tor
 
 def step_rows(names: Sequence[str], layouts: Sequence[str], device: torch.device, dtype: torch.dtype, *,
               batch: int = 128, repeats: int = 5, compile_mode: str | None = None, backend: str = "inductor",
-              warmup: int = 1) -> list[str]:
-    """Markdown rows, printed as they are timed: per model and layout, eager BN and L2BN steps and their ratio;
-    with ``compile_mode`` the compiled steps' too, and each compiled model's first step (compile) in seconds."""
+              warmup: int = 1, mode: str = "train") -> list[str]:
+    """Markdown rows, printed as they are timed: per model and layout, eager BN and L2BN steps (``mode`` train) or
+    eval forwards (eval) and their ratio; with ``compile_mode`` the compiled ones' too, and each compiled model's
+    first step or forward (compile) in seconds."""
     rows = []
+
+    def timed(models: Sequence[nn.Module], x: torch.Tensor, target: torch.Tensor, warmup: int) -> list[float]:
+        if mode == "train":
+            return training_step_ms(models, x, target, repeats=repeats, warmup=warmup)
+        return inference_ms(models, x, repeats=repeats, warmup=warmup)
+
     for name in names:
         for layout in layouts:
             nets, x, target = models_and_batch(name, layout, device, dtype, batch)
             start = time.perf_counter()
-            bn, l2 = training_step_ms(nets, x, target, repeats=repeats, warmup=warmup)
-            row = f"| {name} | {layout} | {batch} | {bn:.1f} | {l2:.1f} | {l2 / bn:.2f} |"
+            bn, l2 = timed(nets, x, target, warmup)
+            row = f"| {name} | {layout} | {batch} | {bn:.2f} | {l2:.2f} | {l2 / bn:.2f} |"
             if compile_mode is not None:
                 torch._dynamo.reset()  # no cache limit reached across rows; each model compiles afresh
                 options = {} if compile_mode == "default" else {"mode": compile_mode}
                 compiled = [torch.compile(net, backend=backend, **options) for net in nets]
-                first = first_step_seconds(compiled, x, target)
+                first = first_step_seconds(compiled, x, target, mode)
                 # reduce-overhead records its CUDA graphs over the first calls: three warm-up steps
-                c_bn, c_l2 = training_step_ms(compiled, x, target, repeats=repeats, warmup=max(warmup, 3))
-                row += (f" {c_bn:.1f} | {c_l2:.1f} | {c_l2 / c_bn:.2f} | {first[0]:.0f} / {first[1]:.0f} |"
+                c_bn, c_l2 = timed(compiled, x, target, max(warmup, 3))
+                row += (f" {c_bn:.2f} | {c_l2:.2f} | {c_l2 / c_bn:.2f} | {first[0]:.0f} / {first[1]:.0f} |"
                         f" {bn / c_bn:.2f} / {l2 / c_l2:.2f} |")
             print(row + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
             rows.append(row)
     return rows
 
 
-def header(compile_mode: str | None) -> str:
+def header(compile_mode: str | None, mode: str = "train") -> str:
+    unit = UNITS[mode]
+    head = f"| model | layout | batch | BN {unit} ms | L2BN {unit} ms | ratio |"
     if compile_mode is None:
-        return HEADER + "\n|---|---|---:|---:|---:|---:|"
-    return (HEADER + f" compiled BN ms | compiled L2BN ms | compiled ratio | compile s (BN / L2BN) |"
+        return head + "\n|---|---|---:|---:|---:|---:|"
+    return (head + f" compiled BN ms | compiled L2BN ms | compiled ratio | compile s (BN / L2BN) |"
             f" eager / compiled (BN / L2BN) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
 
 
@@ -106,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", choices=COMPILE_MODES, default=None, dest="compile_mode",
                         help="also time torch.compile(model, mode=...) steps (the first step, compiling, apart)")
     parser.add_argument("--backend", default="inductor", help="torch.compile's backend (with --compile)")
+    parser.add_argument("--mode", choices=sorted(UNITS), default="train",
+                        help="train: SGD steps; eval: forwards in eval mode under no_grad")
     args = parser.parse_args(argv)
     layouts = args.layouts.split(",")
     if unknown := [layout for layout in layouts if layout not in LAYOUTS]:
@@ -118,10 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     compiled = "" if args.compile_mode is None else f"; torch.compile mode {args.compile_mode}, backend {args.backend}"
-    print(f"{environment_line(device)}; dtype {args.dtype}{compiled}")
-    print(header(args.compile_mode))
+    print(f"{environment_line(device)}; dtype {args.dtype}; mode {args.mode}{compiled}")
+    print(header(args.compile_mode, args.mode))
     step_rows(args.models.split(","), layouts, device, DTYPES[args.dtype], batch=args.batch, repeats=args.repeats,
-              compile_mode=args.compile_mode, backend=args.backend)
+              compile_mode=args.compile_mode, backend=args.backend, mode=args.mode)
 
 
 if __name__ == "__main__":

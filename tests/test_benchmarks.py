@@ -338,8 +338,8 @@ def test_moments_benchmark_cache_conditions_leave_the_inputs_unchanged(cache, mo
 
 def test_steps_benchmark_times_eager_and_compiled_steps_with_the_compile_apart():
     """bench_steps.py --compile: per model and layout the eager BN / L2BN steps and ratio, then the compiled
-    models' steps, ratio, first-step (compile) seconds and speed-ups; a bad layout is refused (dynamo's ``eager``
-    backend here: the plumbing, not Inductor's compile time)."""
+    models' steps, ratio, first-step (compile) seconds and speed-ups; a bad layout is refused; ``--mode eval``
+    times forwards (dynamo's ``eager`` backend here: the plumbing, not Inductor's compile time)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     script = str(ROOT / "benchmarks" / "bench_steps.py")
     result = subprocess.run([sys.executable, script, "--models", "resnet20", "--layouts", "channels_last", "--batch",
@@ -360,3 +360,13 @@ def test_steps_benchmark_times_eager_and_compiled_steps_with_the_compile_apart()
     bad = subprocess.run([sys.executable, script, "--layouts", "nhwc"], env=env, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "unknown ['nhwc']" in bad.stderr
+    inference = subprocess.run([sys.executable, script, "--models", "resnet20", "--layouts", "NCHW", "--batch", "1",
+                                "--repeats", "1", "--compile", "default", "--backend", "eager", "--threads", "1",
+                                "--mode", "eval"], env=env, capture_output=True, text=True, timeout=300)
+    assert inference.returncode == 0, inference.stderr[-2000:]
+    assert "mode eval" in inference.stdout and "| BN forward ms | L2BN forward ms |" in inference.stdout
+    row = re.search(rf"^\| resnet20 \| NCHW \| 1 \| {number} \| {number} \| {number} \| {number} \| {number} \| "
+                    rf"{number} \|", inference.stdout, flags=re.M)
+    assert row, inference.stdout
+    bn, l2, ratio, c_bn, c_l2, c_ratio = map(float, row.groups())
+    assert min(bn, l2, c_bn, c_l2) > 0 and math.isclose(ratio, l2 / bn, abs_tol=0.01 + 0.01 / bn + 0.01 / l2)

@@ -161,6 +161,20 @@ def training_step_ms(models: Sequence[nn.Module], x: Tensor, target: Tensor, *, 
     return _interleaved_min_ms(steps, x.device, repeats, warmup)
 
 
+def inference_ms(models: Sequence[nn.Module], x: Tensor, *, repeats: int, warmup: int = 1) -> list[float]:
+    """Minimum time (ms) of one forward of each model on ``x`` in eval mode under ``torch.no_grad`` (the test
+    pass's), interleaved as :func:`training_step_ms`."""
+    def forward(model: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                model(x)
+        return run
+
+    for model in models:
+        model.eval()
+    return _interleaved_min_ms([forward(model) for model in models], x.device, repeats, warmup)
+
+
 def format_table(timings: Sequence[Timing]) -> str:
     lines = [
         "| shape | layout | mode | BatchNorm2d ms | L2BatchNorm2d ms | ratio | L2BN GB/s |",
