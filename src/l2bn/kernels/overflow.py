@@ -8,8 +8,10 @@ gradient times 2^-e, which autograd applies through the multiplication. Each pat
 O(N·C) statistics — a non-finite norm of a finite sample — before writing anything (output or running
 statistics) and raises :class:`SampleOverflow`; :func:`rerun_rescaled_on_overflow` then reruns it on the
 rescaled input. The usual case pays one check of N norms. Samples holding inf or NaN are left as they are
-(their channel turns NaN, as in BatchNorm). Where no host check can run — torch.compile, accelerators — the
-paths keep their statistics in range instead (float64 sums, or the Triton kernels' per-chunk scaling).
+(their channel turns NaN, as in BatchNorm). The compiled kernel's graph operators (what torch.compile's CPU graphs
+call, kernels/cpp_custom_op.py) rerun inside C++, with these factors computed by the same ATen operations. Where
+no host check can run — the torch-op path under torch.compile, accelerators — the paths keep their statistics in
+range instead (float64 sums, or the Triton kernels' per-chunk scaling).
 """
 from __future__ import annotations
 
@@ -70,28 +72,20 @@ def is_sample_overflow(error: BaseException) -> bool:
     return isinstance(error, SampleOverflow) or (isinstance(error, RuntimeError) and MESSAGE in str(error))
 
 
-def call_rescaled_on_overflow(path: Callable[..., Tensor], input: Tensor, *args, **kwargs
-                              ) -> tuple[Tensor, Tensor | None]:
-    """``(path(input, *args, **kwargs), None)``; on a sample overflow ``(path(input·s, …), s)`` with
-    s = :func:`huge_sample_scale` (input), exact powers of two (the rescaled input cannot overflow, so that run
-    is final). With ``input`` requiring a gradient, autograd carries s into it through the multiplication."""
-    try:
-        return path(input, *args, **kwargs), None
-    except RuntimeError as error:
-        if not is_sample_overflow(error):
-            raise
-    scale = huge_sample_scale(input)
-    return path(input * scale, *args, **kwargs), scale
-
-
 def rerun_rescaled_on_overflow(path: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Wrap an L2BN path ``path(input, *args, **kwargs)``: on a sample overflow, run it again on the input
-    rescaled (:func:`call_rescaled_on_overflow`)."""
+    """Wrap an L2BN path ``path(input, *args, **kwargs)``: on a sample overflow, run it again on ``input·s`` with
+    s = :func:`huge_sample_scale` (input), exact powers of two (the rescaled input cannot overflow, so that run is
+    final). With ``input`` requiring a gradient, autograd carries s into it through the multiplication."""
 
     @functools.wraps(path)
     def run(input: Tensor, *args, **kwargs) -> Tensor:
         if torch.compiler.is_compiling():
             return path(input, *args, **kwargs)
-        return call_rescaled_on_overflow(path, input, *args, **kwargs)[0]
+        try:
+            return path(input, *args, **kwargs)
+        except RuntimeError as error:
+            if not is_sample_overflow(error):
+                raise
+        return path(input * huge_sample_scale(input), *args, **kwargs)
 
     return run
