@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -189,14 +191,23 @@ def test_overflowing_samples_rerun_rescaled_inside_the_operator(training):
 
 
 def test_registrations_for_the_operators_run_once_the_kernel_is_loaded():
-    """cpp.on_load: a registration asked for after the kernel is loaded runs at once (before, at the load)."""
+    """cpp.on_load: a registration asked for after the kernel is loaded runs at once (before: at the load, once);
+    a fresh process whose first L2BN call is inside torch.compile gets the fake implementations in time."""
     cpp.operators()
     calls = []
     cpp.on_load(lambda: calls.append("registered"))
     try:
         assert calls == ["registered"]
+        assert cpp.available() and calls == ["registered"]
     finally:
         cpp._ON_LOAD.pop()
+    first_call_compiled = (
+        "import torch, l2bn\n"
+        "m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), l2bn.L2BatchNorm2d(8), torch.nn.ReLU())\n"
+        "x = torch.randn(4, 3, 8, 8)\n"
+        "torch.compile(m, fullgraph=True, backend='aot_eager')(x).sum().backward()\n")
+    result = subprocess.run([sys.executable, "-c", first_call_compiled], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -108,13 +108,14 @@ def _one_line(error: BaseException) -> str:
 
 
 _ON_LOAD: list[Callable[[], None]] = []
+_REGISTERED: list[bool] = []  # non-empty once the registrations of on_load ran (the kernel loaded)
 
 
 def on_load(register: Callable[[], None]) -> None:
-    """Have ``register`` run when the kernel is loaded into this process (at once if it already is): Python
+    """Have ``register`` run once the kernel is loaded into this process (at once if it already is): Python
     registrations for its operators (fake implementations, autograd formulas) need the operators defined."""
     _ON_LOAD.append(register)
-    if _build.cache_info().currsize and _build() is None:
+    if _REGISTERED:
         register()
 
 
@@ -142,8 +143,6 @@ def _build() -> Exception | None:
             cause = _one_line(error)
             marker.write_text(cause + "\n")
             return BuildFailed(cause)
-        for register in _ON_LOAD:
-            register()
     except Exception as error:  # e.g. an unwritable cache folder: the caller decides what to do
         return BuildFailed(_one_line(error))
     return None
@@ -176,7 +175,7 @@ def compiler_found() -> bool:
 
 def available() -> bool:
     """Whether the compiled CPU kernel is (or can be) loaded in this process."""
-    return _build() is None
+    return build_error() is None
 
 
 # torch.compile asks available() while tracing: called as a constant, not traced (the build's logging would break
@@ -186,8 +185,14 @@ available._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def build_error() -> Exception | None:
-    """Why the compiled kernel is unavailable (None when it is available)."""
-    return _build()
+    """Why the compiled kernel is unavailable (None when it is available: loaded, and the registrations
+    :func:`on_load` holds run once)."""
+    error = _build()
+    if error is None and not _REGISTERED:
+        _REGISTERED.append(True)
+        for register in _ON_LOAD:
+            register()
+    return error
 
 
 @functools.cache

@@ -2140,18 +2140,24 @@ Tensor per_sample_view(const Tensor& factors, const Tensor& like) {
 }
 
 // Runs call(input); where a sample overflows (the kernel refuses before writing anything), call(input·s) with
-// s = huge_sample_factors(input), which cannot overflow. Returns s (N,), or ones.
+// s = huge_sample_factors(input), which cannot overflow, and returns s (N,).
 template <typename Call>
-Tensor call_rescaled_on_overflow(const Tensor& input, const Call& call) {
+std::optional<Tensor> call_rescaled_on_overflow(const Tensor& input, const Call& call) {
   try {
     call(input);
-    return at::ones({input.size(0)}, input.options().dtype(at::toOpMathType(input.scalar_type())));
+    return std::nullopt;
   } catch (const c10::Error& error) {
     if (std::string(error.what_without_backtrace()).find(kOverflowMessage) == std::string::npos) throw;
   }
   const Tensor factors = huge_sample_factors(input);
   call(input * per_sample_view(factors, input));
   return factors;
+}
+
+// The `scale` output: the overflow factors, or ones (N,) in the accumulation type.
+Tensor scale_output(const std::optional<Tensor>& factors, const Tensor& input) {
+  if (factors.has_value()) return *factors;
+  return at::ones({input.size(0)}, input.options().dtype(at::toOpMathType(input.scalar_type())));
 }
 
 // The running statistics a functional call reads or updates: copies when it updates them (returned), else the
@@ -2180,10 +2186,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> graph_forward(
   const at::NoGradGuard no_grad;  // the kernel alone: the autograd formula is the graph's
   FunctionalStatistics st = functional_statistics(input, running_mean, running_var, training);
   Tensor y;
-  const Tensor scale = call_rescaled_on_overflow(input, [&](const Tensor& x) {
+  const std::optional<Tensor> factors = call_rescaled_on_overflow(input, [&](const Tensor& x) {
     y = l2_batch_norm_cpu(x, weight, bias, st.mean, st.var, training, momentum, eps, l2_eps, rescale);
   });
-  return {y, scale, st.new_mean, st.new_var};
+  return {y, scale_output(factors, input), st.new_mean, st.new_var};
 }
 
 // (A (N, C), S (C,), scale, new running mean, new running variance): l2_batch_norm_coefficients, functional;
@@ -2194,14 +2200,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> graph_coefficients(
     double momentum, double eps, double l2_eps, bool rescale) {
   FunctionalStatistics st = functional_statistics(input, running_mean, running_var, training);
   Tensor a, shift;
-  bool rescaled = false;
-  const Tensor scale = call_rescaled_on_overflow(input, [&](const Tensor& x) {
-    rescaled = !x.is_same(input);
+  const std::optional<Tensor> factors = call_rescaled_on_overflow(input, [&](const Tensor& x) {
     std::tie(a, shift) =
         l2_batch_norm_coefficients(x, weight, bias, st.mean, st.var, training, momentum, eps, l2_eps, rescale);
   });
-  if (rescaled) a = a * scale.unsqueeze(1);
-  return {a, shift, scale, st.new_mean, st.new_var};
+  if (factors.has_value()) a = a * factors->unsqueeze(1);
+  return {a, shift, scale_output(factors, input), st.new_mean, st.new_var};
 }
 
 // (dx, dweight, dbias) of graph_forward for the input it was given (scale: its overflow factors); the parameter
