@@ -298,12 +298,19 @@ def test_cpp_layouts_and_channel_tiles(layout, channels):
 
 @NO_COMPILER
 def test_cpp_long_runs_and_few_samples():
-    """Runs longer than one accumulation chunk, and fewer samples than threads (eval splits each sample)."""
-    x = torch.randn(2, 3, 40, 50, dtype=torch.float32) * 2 + 3
-    for training in (True, False):
-        got = run(IMPLEMENTATIONS["cpp"], x, training, dtype=torch.float32)
-        ref = run(l2_batch_norm_reference, x.double(), training)
-        assert_close(got, ref, rtol=2e-4, atol=2e-4)
+    """Runs longer than one accumulation chunk, and fewer samples than threads (eval splits each sample, in pieces
+    of at least 32 768 values: one piece for a small sample, two for one of 76 800 values at two threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for shape in [(2, 3, 40, 50), (1, 3, 40, 50), (1, 3, 160, 160)]:
+            x = torch.randn(shape, dtype=torch.float32) * 2 + 3
+            for training in (True, False):
+                got = run(IMPLEMENTATIONS["cpp"], x, training, dtype=torch.float32)
+                ref = run(l2_batch_norm_reference, x.double(), training)
+                assert_close(got, ref, rtol=2e-4, atol=2e-4)
+    finally:
+        torch.set_num_threads(threads)
     # channels_last: a small sample (two rows per update, 900 rows = 2 chunks, odd tail) and one over
     # 256 KiB (one row per update)
     for shape in [(2, 4, 30, 30), (2, 40, 60, 41)]:

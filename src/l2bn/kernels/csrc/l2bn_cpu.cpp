@@ -1510,10 +1510,11 @@ void streamed_affine(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, c
 }
 
 // Σ x² of each of the N samples of D values, each sample split into one piece a thread (for fewer samples than
-// threads, where one sample a thread would leave threads idle).
+// threads, where one sample a thread would leave threads idle), pieces of at least at::internal::GRAIN_SIZE values
+// (torch's own threshold for a parallel loop: below it, waking a thread costs more than it saves).
 template <typename scalar_t>
 std::vector<double> split_sample_squares(const scalar_t* xp, int64_t N, int64_t D) {
-  const int64_t pieces = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t pieces = std::clamp<int64_t>(D / at::internal::GRAIN_SIZE, 1, std::max(1, at::get_num_threads()));
   const int64_t piece = (D + pieces - 1) / pieces;
   std::vector<double> partial(N * pieces, 0.0), squares(N, 0.0);
   at::parallel_for(0, N * pieces, 1, [&](int64_t i0, int64_t i1) {
