@@ -1509,12 +1509,13 @@ void streamed_affine(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, c
       });
 }
 
-// Σ x² of each of the N samples of D values, each sample split into one piece a thread (for fewer samples than
-// threads, where one sample a thread would leave threads idle), pieces of at least at::internal::GRAIN_SIZE values
-// (torch's own threshold for a parallel loop: below it, waking a thread costs more than it saves).
+// Σ x² of each of the N samples of D values, a sample a thread; with fewer samples than threads (where that would
+// leave threads idle) each sample split into one piece a thread, pieces of at least at::internal::GRAIN_SIZE
+// values (torch's own threshold for a parallel loop: below it, waking a thread costs more than it saves).
 template <typename scalar_t>
-std::vector<double> split_sample_squares(const scalar_t* xp, int64_t N, int64_t D) {
-  const int64_t pieces = std::clamp<int64_t>(D / at::internal::GRAIN_SIZE, 1, std::max(1, at::get_num_threads()));
+std::vector<double> sample_squares(const scalar_t* xp, int64_t N, int64_t D) {
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t pieces = N < threads ? std::clamp<int64_t>(D / at::internal::GRAIN_SIZE, 1, threads) : 1;
   const int64_t piece = (D + pieces - 1) / pieces;
   std::vector<double> partial(N * pieces, 0.0), squares(N, 0.0);
   at::parallel_for(0, N * pieces, 1, [&](int64_t i0, int64_t i1) {
@@ -1585,7 +1586,7 @@ void eval_forward(const Tensor& x, Tensor& y, const Geometry& g, const std::vect
     return;
   }
   // Fewer samples than threads: split each sample's norm, then the output pass over all threads.
-  squares = split_sample_squares(xp, g.N, D);
+  squares = sample_squares(xp, g.N, D);
   for (int64_t n = 0; n < g.N; ++n) k.alpha[n] = sample_scale(squares[n], target, l2_eps);
   check_no_overflow(x, squares);
   pass.all();
@@ -2074,15 +2075,7 @@ std::tuple<Tensor, Tensor> l2_batch_norm_coefficients(const Tensor& input, const
     use_running_statistics(st, running_mean, running_var, g.C);
     std::vector<double> squares(g.N);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2bn_eval_coefficients", [&] {
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      const int64_t D = g.C * g.M;
-      if (g.N < at::get_num_threads()) {  // as the eager eval splits them
-        squares = split_sample_squares(xp, g.N, D);
-      } else {
-        at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
-          for (int64_t n = n0; n < n1; ++n) squares[n] = squares_of(xp + n * D, D);
-        });
-      }
+      squares = sample_squares(x.const_data_ptr<scalar_t>(), g.N, g.C * g.M);  // as the eager eval sums them
     });
     st.scale.resize(g.N);
     for (int64_t n = 0; n < g.N; ++n) st.scale[n] = sample_scale(squares[n], target, l2_eps);
