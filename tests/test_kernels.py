@@ -605,6 +605,26 @@ def test_cpp_16_bit_conversions_equal_torchs_on_every_pattern(dtype):
     assert torch.equal(stored[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
+@NO_COMPILER
+@pytest.mark.parametrize("shape,fmt", [((3, 5, 7, 11), torch.contiguous_format), ((2, 64, 16, 16), torch.contiguous_format),
+                                       ((2, 64, 16, 16), torch.channels_last), ((4, 131), torch.contiguous_format)],
+                         ids=["tails", "chunks", "cl", "2d"])
+def test_cpp_bfloat16_sample_norms_are_the_float32_ones(shape, fmt):
+    """bfloat16 samples' norms are summed as float32 ones are (values widened eight at a time, four vector
+    accumulators a chunk): the eval coefficients of a bfloat16 input equal, bit for bit, those of the same values
+    in float32 — a widening that dropped, moved or misconverted a lane would change the sums."""
+    assert cpp.available()
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(9)) * 3).to(torch.bfloat16)
+    x = x.contiguous(memory_format=fmt) if x.dim() == 4 else x
+    channels = shape[1]
+    stats = (torch.rand(channels, generator=torch.Generator().manual_seed(1)) - 0.5, torch.rand(channels) + 0.5)
+    coefficients = torch.ops.l2bn_cpu.l2_batch_norm_coefficients
+    half = coefficients(x, None, None, *stats, False, 0.0, 1e-5, 1e-12, True)
+    full = coefficients(x.float(), None, None, *stats, False, 0.0, 1e-5, 1e-12, True)
+    assert half[0].dtype == torch.float32
+    assert torch.equal(half[0], full[0]) and torch.equal(half[1], full[1])
+
+
 def test_cpp_refuses_other_devices_with_a_pointer():
     x = torch.empty(2, 3, 4, device="meta")
     with pytest.raises(RuntimeError, match="impl='cpp' runs on the CPU, got input on meta"):

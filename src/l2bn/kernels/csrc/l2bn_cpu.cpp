@@ -177,6 +177,29 @@ struct Vec32 {
   }
 };
 
+// 32 bytes of T's accumulation type from p, the vector form of load(): the values themselves (float, double), or
+// eight bfloat16 values widened (their bits shifted up: exact). kVectorLoads: the types it takes.
+template <typename T>
+inline typename Vec32<T>::type load_acc(const T* p) {
+  return Vec32<T>::load(p);
+}
+
+inline Vec32<float>::type load_acc(const c10::BFloat16* p) {
+#if defined(__AVX2__)  // one vpmovzxwd from memory (GCC widens the generic form below in four steps)
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<Vec32<float>::type>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+#else
+  typedef uint16_t Halves __attribute__((vector_size(16)));
+  typedef uint32_t Words __attribute__((vector_size(32)));
+  Halves bits;
+  std::memcpy(&bits, p, sizeof bits);
+  return reinterpret_cast<Vec32<float>::type>(__builtin_convertvector(bits, Words) << 16);
+#endif
+}
+
+template <typename T>
+constexpr bool kVectorLoads = std::is_same_v<T, at::opmath_type<T>> || std::is_same_v<T, c10::BFloat16>;
+
 // One 32-byte vector stored past the caches, p 32-byte aligned: no read for ownership of the line, and the
 // line does not evict data still to be read (an AVX2 non-temporal store; a plain store without AVX2). Stores
 // are ordered with stream_fence() before the values are handed on.
@@ -541,9 +564,9 @@ Moments moments(const Tensor& x, const Tensor* dy, const Geometry& g, double* st
   return mo;
 }
 
-// Σ term(i) for i < len in float64 over chunks of kChunk values. With kVector (float32 and float64 values) each
-// chunk is summed in four 32-byte accumulators held in registers, vector_term(i) giving the 32 bytes of terms
-// from i: GCC keeps an omp simd reduction's lanes in a stack array, stored on every iteration, a chain of
+// Σ term(i) for i < len in float64 over chunks of kChunk values. With kVector (float32, float64 and bfloat16
+// values: kVectorLoads) each chunk is summed in four 32-byte accumulators held in registers, vector_term(i)
+// giving the 32 bytes of terms from i: GCC keeps an omp simd reduction's lanes in a stack array, stored on every iteration, a chain of
 // store-to-load latencies that made these the hot loops of the small-spatial paths, whose samples are read from
 // L1. The tail, and other types, go through scalar_term(i) in an omp simd reduction.
 template <typename acc_t, bool kVector, typename Many, typename One>
@@ -582,10 +605,10 @@ template <typename scalar_t>
 double squares_of(const scalar_t* p, int64_t len) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec32<acc_t>;
-  return chunked_sum<acc_t, std::is_same_v<scalar_t, acc_t>>(
+  return chunked_sum<acc_t, kVectorLoads<scalar_t>>(
       len,
       [&](auto i) {
-        const auto u = V::load(p + i);
+        const typename V::type u = load_acc(p + i);
         return u * u;
       },
       [&](int64_t i) { return load(p, i) * load(p, i); });
@@ -1184,11 +1207,11 @@ template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 double row_dz_dot_x(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, const acc_t* __restrict__ a,
                     const acc_t* __restrict__ b, const acc_t* __restrict__ e, acc_t r, int64_t len) {
   using V = Vec32<acc_t>;
-  return chunked_sum<acc_t, std::is_same_v<scalar_t, acc_t>>(
+  return chunked_sum<acc_t, kVectorLoads<scalar_t>>(
       len,
       [&](auto i) {
-        const auto xv = V::load(x + i);
-        return xv * (V::load(a + i) * V::load(dy + i) + r * V::load(b + i) * xv + V::load(e + i));
+        const typename V::type xv = load_acc(x + i);
+        return xv * (V::load(a + i) * load_acc(dy + i) + r * V::load(b + i) * xv + V::load(e + i));
       },
       [&](int64_t i) {
         const acc_t xv = load(x, i);
