@@ -1,6 +1,7 @@
 """L2BN / BatchNorm time ratios at given shapes, for A/B comparisons of two kernel versions.
 
     python benchmarks/bench_ab.py 128x16x32x32,64x436x8x8cl [--threads 1] [--mode eval] [--blocks 4 --calls 23] [--cold]
+                                  [--dtype bf16]
 
 A shape ending in ``cl`` is timed channels-last. Per shape, BatchNorm and L2BN calls alternate (20–400 of each,
 fewer for larger tensors) and the ratio of their minima and of their 25th percentiles is printed.
@@ -31,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from l2bn import L2BatchNorm1d, L2BatchNorm2d
-from l2bn.bench import layer_steps
+from l2bn.bench import DTYPES, layer_steps
 from l2bn.functional import l2_batch_norm
 from l2bn.kernels import cpp
 from l2bn.kernels.dispatch import IMPLEMENTATIONS
@@ -84,17 +85,17 @@ class Forced(nn.Module):
 
 
 def ratios(shape: tuple[int, ...], channels_last: bool, mode: str, against: bool = False,
-           calls: int | None = None, cold: bool = False) -> tuple[int, ...]:
+           calls: int | None = None, cold: bool = False, dtype: torch.dtype = torch.float32) -> tuple[int, ...]:
     """(calls, BN min ms, L2BN min ms, ratio of minima, ratio of 25th percentiles), then with ``against`` the
     old kernel's min ms and ratios; ``cold``: a buffer larger than the last-level cache is written before each
-    call (untimed), so every call reads its input from memory."""
-    x = torch.randn(shape)
+    call (untimed), so every call reads its input from memory; ``dtype``: the input's and the layers'."""
+    x = torch.randn(shape, dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     kind = (nn.BatchNorm1d, L2BatchNorm1d) if len(shape) == 2 else (nn.BatchNorm2d, L2BatchNorm2d)
-    layers = [kind[0](shape[1]), kind[1](shape[1])]
+    layers = [kind[0](shape[1], dtype=dtype), kind[1](shape[1], dtype=dtype)]
     if against:  # both kernels through the same Python path
-        layers[1:] = [Forced(kind[1](shape[1]), "cpp"), Forced(kind[1](shape[1]), "ab")]
+        layers[1:] = [Forced(kind[1](shape[1], dtype=dtype), "cpp"), Forced(kind[1](shape[1], dtype=dtype), "ab")]
     steps = layer_steps(layers, x, mode)
     calls = calls or int(min(400, max(20, 5e7 / x.numel())))
     flush = torch.empty(COLD_BYTES // 4) if cold else None
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=1, help="time each shape this many times, fresh tensors each")
     parser.add_argument("--calls", type=int, default=None, help="calls of each layer per block (default: by size)")
     parser.add_argument("--cold", action="store_true", help="empty the caches before each call (input from memory)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the layers' and inputs' dtype")
     args = parser.parse_args()
     if args.blocks < 1 or (args.calls is not None and args.calls < 1):
         parser.error("--blocks and --calls must be at least 1")
@@ -133,8 +135,8 @@ def main() -> None:
     for spec in args.shapes.split(","):
         for block in range(args.blocks):
             calls, bn, l2, ratio_min, ratio_p25, *old = ratios(*parse_shape(spec), args.mode, bool(args.against),
-                                                               args.calls, args.cold)
-            line = (f"{spec:>18} {args.mode} calls {calls:3d}  BN min {bn:.3f} L2 min {l2:.3f}  ratio min "
+                                                               args.calls, args.cold, DTYPES[args.dtype])
+            line = (f"{spec:>18} {args.mode}{'' if args.dtype == 'fp32' else ' ' + args.dtype} calls {calls:3d}  BN min {bn:.3f} L2 min {l2:.3f}  ratio min "
                     f"{ratio_min:.2f}  ratio p25 {ratio_p25:.2f}")
             if old:
                 line += f"  | {args.against}: min {old[0]:.3f} ratio min {old[1]:.2f} p25 {old[2]:.2f}"

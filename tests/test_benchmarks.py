@@ -132,13 +132,13 @@ def test_ab_benchmark_prints_both_ratios_for_each_shape():
     assert all(int(r[1]) == 400 and float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
 
 
-def test_ab_benchmark_repeats_each_shape_in_blocks_of_fresh_tensors_and_cold_caches():
+def test_ab_benchmark_repeats_each_shape_in_blocks_of_fresh_tensors_and_cold_caches_in_bfloat16():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ab.py"), "4x3x4x4,6x5", "--mode",
-                             "eval", "--blocks", "3", "--calls", "7", "--cold"], env=env, capture_output=True,
-                            text=True, timeout=600)
+                             "eval", "--blocks", "3", "--calls", "7", "--cold", "--dtype", "bf16"], env=env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = re.findall(r"^\s*(\S+) eval calls +(\d+) .* ratio min ([\d.]+)  ratio p25 ([\d.]+)  \[block (\d)/3\]$",
+    rows = re.findall(r"^\s*(\S+) eval bf16 calls +(\d+) .* ratio min ([\d.]+)  ratio p25 ([\d.]+)  \[block (\d)/3\]$",
                       result.stdout, flags=re.M)
     assert [(r[0], r[4]) for r in rows] == [(s, b) for s in ("4x3x4x4", "6x5") for b in "123"]
     assert all(int(r[1]) == 7 and float(r[2]) > 0 for r in rows)
