@@ -1428,18 +1428,27 @@ void small_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const Geometr
 template <typename scalar_t>
 double scaled_flat(const scalar_t* __restrict__ xs, scalar_t* __restrict__ ys, const scalar_t* tiled_gain,
                    int64_t C, int64_t D) {
+  using V = Vec32<scalar_t>;
+  constexpr int64_t kLanes = V::kLanes;
   double total = 0;
   for (int64_t start = 0; start < D; start += kChunk) {
     const int64_t len = std::min(D, start + kChunk) - start;
     const scalar_t* __restrict__ xc = xs + start;
     scalar_t* __restrict__ yc = ys + start;
     const scalar_t* __restrict__ gv = tiled_gain + start % C;
-    scalar_t part = 0;
-#pragma omp simd reduction(+ : part)
-    for (int64_t i = 0; i < len; ++i) {
-      const scalar_t v = xc[i];
-      part += v * v;
-      yc[i] = v * gv[i];
+    typename V::type a = {}, b = {};  // two accumulators: one is an FMA's latency a vector
+    int64_t i = 0;
+    for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
+      const auto u = V::load(xc + i), v = V::load(xc + i + kLanes);
+      a += u * u;
+      b += v * v;
+      V::store(yc + i, u * V::load(gv + i));
+      V::store(yc + i + kLanes, v * V::load(gv + i + kLanes));
+    }
+    scalar_t part = V::lane_sum(a + b);
+    for (; i < len; ++i) {
+      part += xc[i] * xc[i];
+      yc[i] = xc[i] * gv[i];
     }
     total += part;
   }
