@@ -136,7 +136,8 @@ def main() -> None:
         for block in range(args.blocks):
             calls, bn, l2, ratio_min, ratio_p25, *old = ratios(*parse_shape(spec), args.mode, bool(args.against),
                                                                args.calls, args.cold, DTYPES[args.dtype])
-            line = (f"{spec:>18} {args.mode}{'' if args.dtype == 'fp32' else ' ' + args.dtype} calls {calls:3d}  BN min {bn:.3f} L2 min {l2:.3f}  ratio min "
+            mode = args.mode if args.dtype == "fp32" else f"{args.mode} {args.dtype}"
+            line = (f"{spec:>18} {mode} calls {calls:3d}  BN min {bn:.3f} L2 min {l2:.3f}  ratio min "
                     f"{ratio_min:.2f}  ratio p25 {ratio_p25:.2f}")
             if old:
                 line += f"  | {args.against}: min {old[0]:.3f} ratio min {old[1]:.2f} p25 {old[2]:.2f}"

@@ -367,16 +367,15 @@ def test_cpp_sample_norms_over_vector_steps_chunks_and_tails(length):
                                        ((3, 4, 40, 60), torch.contiguous_format), ((3, 130, 8, 8), torch.channels_last),
                                        ((3, 67, 11, 13), torch.channels_last),
                                        ((61, 130, 19, 21), torch.contiguous_format), ((122, 130, 19, 21), torch.channels_last)],
-                         ids=["8x8", "12x14-row-tails", "8x8-over-8MiB-in-float64", "runs-over-a-chunk", "cl", "cl-chunk-tails",
-                              "streamed-in-float64-unaligned-rows", "streamed-cl"])
+                         ids=["8x8", "12x14-row-tails", "8x8-over-8MiB-in-float64", "runs-over-a-chunk", "cl",
+                              "cl-chunk-tails", "streamed-in-float64-unaligned-rows", "streamed-cl"])
 def test_cpp_eval_of_samples_beyond_l1(shape, fmt):
     """Eval of samples of 32 KiB and more (x·gain_c written, then scaled in place while in cache; rows with
     tails at 12×14, inputs both sides of 8 MiB; channels-last chunks starting mid-row, and ending in a tail shorter
-    than two vectors at 67×11×13), and of outputs of 24 MiB
-    and more (stored past the caches: rows of 399 values, so every row starts off a 64-byte boundary; float64 only
-    at 61 samples, both dtypes at 122), float64 and float32, on one thread (every sample on one) and two, against
-    the reference, with an all-zero sample. The outputs do not depend on the thread count (bit for bit), wherever
-    a thread's samples start."""
+    than two vectors at 67×11×13), and of outputs of 24 MiB and more (stored past the caches: rows of 399 values,
+    so every row starts off a 64-byte boundary; float64 only at 61 samples, both dtypes at 122), float64 and
+    float32, on one thread (every sample on one) and two, against the reference, with an all-zero sample. The
+    outputs do not depend on the thread count (bit for bit), wherever a thread's samples start."""
     x = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(3)) * 2 + 1
     x[1] = 0.0
     old = torch.get_num_threads()

@@ -602,9 +602,9 @@ Moments moments(const Tensor& x, const Tensor* dy, const Geometry& g, double* st
 
 // Σ term(i) for i < len in float64 over chunks of kChunk values. With kVector (float32, float64 and bfloat16
 // values: kVectorLoads) each chunk is summed in four 32-byte accumulators held in registers, vector_term(i)
-// giving the 32 bytes of terms from i: GCC keeps an omp simd reduction's lanes in a stack array, stored on every iteration, a chain of
-// store-to-load latencies that made these the hot loops of the small-spatial paths, whose samples are read from
-// L1. The tail, and other types, go through scalar_term(i) in an omp simd reduction.
+// giving the 32 bytes of terms from i: GCC keeps an omp simd reduction's lanes in a stack array, stored on every
+// iteration, a chain of store-to-load latencies that made these the hot loops of the small-spatial paths, whose
+// samples are read from L1. The tail, and other types, go through scalar_term(i) in an omp simd reduction.
 template <typename acc_t, bool kVector, typename Many, typename One>
 __attribute__((always_inline)) inline double chunked_sum(int64_t len, const Many& vector_term, const One& scalar_term) {
   double total = 0;
