@@ -547,15 +547,21 @@ def test_synchronized_layers_take_torch_ops_while_torch_compile_traces(monkeypat
 @NO_COMPILER
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
-def test_cpp_16_bit_is_the_float32_result_rounded(dtype, layout):
+@pytest.mark.parametrize("shape", [(6, 5, 7, 3), (4, 37, 5, 5)], ids=["c5", "c37"])
+def test_cpp_16_bit_is_the_float32_result_rounded(dtype, layout, shape):
     """16-bit inputs go through the float32 computation and are rounded once: the outputs are the float32
     kernel's on the same values, rounded by torch, to one unit in the last place (the 16-bit and float32
-    loops may sum in different orders), and NaN stays NaN."""
-    x16 = (torch.randn(6, 5, 7, 3) * 3 + 1).to(dtype).contiguous(memory_format=layout)
+    loops may sum in different orders), and NaN stays NaN. Every channel has its own coefficients, so that
+    values stored in the wrong channel fail (bfloat16 runs and rows go sixteen values a step, then a tail)."""
+    gen = torch.Generator().manual_seed(5)
+    C = shape[1]
+    x16 = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype).contiguous(memory_format=layout)
+    mean, var = torch.randn(C, generator=gen), torch.rand(C, generator=gen) + 0.5
+    weight, bias = torch.randn(C, generator=gen), torch.randn(C, generator=gen)
     ints = {torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
     for training in (True, False):
         xs = [x16.clone().requires_grad_(), x16.float().requires_grad_()]
-        ys = [l2_batch_norm(x, torch.zeros(5), torch.ones(5), None, None, training, impl="cpp") for x in xs]
+        ys = [l2_batch_norm(x, mean.clone(), var.clone(), weight, bias, training, impl="cpp") for x in xs]
         gy = torch.randn(ys[0].shape).to(dtype)
         ys[0].backward(gy)
         ys[1].backward(gy.float())
@@ -565,7 +571,7 @@ def test_cpp_16_bit_is_the_float32_result_rounded(dtype, layout):
             assert ulps.max() <= 1
     bad = x16.clone()
     bad[2, 1, 0, 0] = float("nan")
-    y = l2_batch_norm(bad, torch.zeros(5), torch.ones(5), None, None, False, impl="cpp")
+    y = l2_batch_norm(bad, torch.zeros(C), torch.ones(C), None, None, False, impl="cpp")
     # the NaN survives the 16-bit store; its sample is scaled to zero elsewhere (confined, as in BatchNorm)
     assert torch.isnan(y).sum() == 1 and torch.isnan(y[2, 1, 0, 0]) and not torch.isinf(y).any()
 
