@@ -220,14 +220,16 @@ inline void in_widen_order(float* row, int64_t C) {
 
 inline Bf16x16 widen16(const c10::BFloat16* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), zero = _mm256_setzero_si256();
-  return {_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, bits)), _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits))};
+  return {_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, bits)),
+          _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits))};
 }
 
 // The bfloat16 bits of eight floats in the low halves of 32-bit lanes: (bits + 0x7FFF + lsb) >> 16, NaN 0x7FC0.
 inline __m256i rounded_bf16(__m256 value) {
   const __m256i bits = _mm256_castps_si256(value);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i biased = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb);
+  const __m256i rounded = _mm256_srli_epi32(biased, 16);
   const __m256 nan = _mm256_cmp_ps(value, value, _CMP_UNORD_Q);
   return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
 }
@@ -235,7 +237,27 @@ inline __m256i rounded_bf16(__m256 value) {
 inline void narrow16(c10::BFloat16* p, Bf16x16 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_packus_epi32(rounded_bf16(v.lo), rounded_bf16(v.hi)));
 }
+
+// narrow16 of values 0–7 and 8–15 (load_acc's order), one cross-lane step more.
+inline void narrow16_in_order(c10::BFloat16* p, __m256 first, __m256 second) {
+  const __m256i packed = _mm256_packus_epi32(rounded_bf16(first), rounded_bf16(second));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xD8));
+}
 #endif
+
+// A row's whole blocks of sixteen bfloat16 values: out[i..i+16) from f(i) and f(i + 8), the float32 vectors of
+// outputs i..i+8 and i+8..i+16 (f takes its inputs with load_acc); returns how many values it wrote (none for
+// other types, or without AVX2: their scalar loops vectorise as they are).
+template <typename T, typename F>
+int64_t bf16_blocks_in_order(T* __restrict__ out, int64_t len, const F& f) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (; i + 16 <= len; i += 16) narrow16_in_order(out + i, f(i), f(i + 8));
+  }
+#endif
+  return i;
+}
 
 // One 32-byte vector stored past the caches, p 32-byte aligned: no read for ownership of the line, and the
 // line does not evict data still to be read (an AVX2 non-temporal store; a plain store without AVX2). Stores
@@ -1287,6 +1309,7 @@ void small_output(const scalar_t* xp, scalar_t* yp, const Geometry& g, const std
                   const std::vector<double>& shift, std::vector<double>& scale, std::vector<double>* squares,
                   double target, double l2_eps) {
   using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec32<acc_t>;
   const int64_t D = g.C * g.M;
   const SampleRows rows = sample_rows(g);
   const int64_t L = rows.length;
@@ -1305,8 +1328,10 @@ void small_output(const scalar_t* xp, scalar_t* yp, const Geometry& g, const std
       for (int64_t m = 0; m < rows.count; ++m) {
         const scalar_t* __restrict__ xr = xs + m * L;
         scalar_t* __restrict__ yr = ys + m * L;
+        const int64_t body = bf16_blocks_in_order(
+            yr, L, [&](auto i) { return load_acc(xr + i) * r * V::load(ap + i) + V::load(sp + i); });
 #pragma omp simd
-        for (int64_t i = 0; i < L; ++i) store(yr, i, load(xr, i) * r * ap[i] + sp[i]);
+        for (int64_t i = body; i < L; ++i) store(yr, i, load(xr, i) * r * ap[i] + sp[i]);
       }
     }
   });
@@ -1354,6 +1379,7 @@ void small_input_grad(const scalar_t* gp, const scalar_t* xp, scalar_t* dxp, con
                       const SmallSums& sums, double l2_eps,
                       const at::opmath_type<scalar_t>* sample_sums = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec32<acc_t>;
   const int64_t D = g.C * g.M;
   const SampleRows rows = sample_rows(g);
   const int64_t L = rows.length;
@@ -1378,8 +1404,12 @@ void small_input_grad(const scalar_t* gp, const scalar_t* xp, scalar_t* dxp, con
         const scalar_t* __restrict__ xr = xs + m * L;
         const scalar_t* __restrict__ gr = gs + m * L;
         scalar_t* __restrict__ outr = out + m * L;
+        const int64_t body = bf16_blocks_in_order(outr, L, [&](auto i) {
+          const auto xv = load_acc(xr + i);
+          return p * (V::load(a + i) * load_acc(gr + i) + r * V::load(bb + i) * xv + V::load(e + i)) - xv * q;
+        });
 #pragma omp simd
-        for (int64_t i = 0; i < L; ++i) {
+        for (int64_t i = body; i < L; ++i) {
           const acc_t xv = load(xr, i);
           store(outr, i, p * (a[i] * load(gr, i) + r * bb[i] * xv + e[i]) - xv * q);
         }
