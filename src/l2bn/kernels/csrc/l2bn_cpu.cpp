@@ -115,7 +115,8 @@ void blend_into(Tensor& running, const std::vector<double>& value, double moment
 // round-to-nearest-even on the way back, NaN kept NaN) with branch-free arithmetic that the compiler
 // vectorises; c10::BFloat16's own conversions branch and keep every loop scalar (2.3–5.9× BatchNorm's time
 // with them). The values are exactly torch's (tested on every bit pattern). float16 keeps c10's
-// conversions: a branch-free float16 version was exact but did not vectorise either, so it bought nothing.
+// conversions one value at a time (a branch-free version was exact but did not vectorise either); its vector
+// forms below are F16C's (float16 took 8–10× BatchNorm's eval time and 3–5.5× its training time without them).
 // ---------------------------------------------------------------------------------------------------
 
 inline float float_of_bits(uint32_t bits) {
@@ -143,6 +144,20 @@ inline float load(const c10::BFloat16* p, int64_t i) {
 // All-ones where ``condition`` holds, else zero: selections as bit masks keep the loops branch-free.
 inline uint32_t mask_if(bool condition) {
   return 0u - static_cast<uint32_t>(condition);
+}
+
+// float16 → float32 in integer and float arithmetic that GCC vectorises (c10::Half's F16C conversion, one
+// value an instruction, keeps the column loops scalar): Maratos's FP16 library's method (github.com/Maratyszcza/
+// FP16, fp16_ieee_to_fp32_value), which c10 uses without F16C — the exponent rebased by a multiply by 2^-112,
+// subnormals through a magic subtraction, selected by a mask. Exact for every pattern (tested).
+template <>
+inline float load(const c10::Half* p, int64_t i) {
+  const uint32_t w = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  const uint32_t sign = w & 0x80000000u, two_w = w + w;
+  const float normal = float_of_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float subnormal = float_of_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t small = mask_if(two_w < (1u << 27));
+  return float_of_bits(sign | (small & bits_of_float(subnormal)) | (~small & bits_of_float(normal)));
 }
 
 template <typename T>
@@ -177,8 +192,22 @@ struct Vec32 {
   }
 };
 
+// float16 in vector registers where the compiler has F16C (vcvtph2ps, vcvtps2ph: exact widening and IEEE
+// round-to-nearest-even, the conversions c10::Half itself uses one value at a time with F16C).
+#if defined(__AVX2__)
+constexpr bool kAvx2 = true;
+#else
+constexpr bool kAvx2 = false;
+#endif
+#if defined(__AVX2__) && defined(__F16C__)
+constexpr bool kHalfVectors = true;
+#else
+constexpr bool kHalfVectors = false;
+#endif
+
 // 32 bytes of T's accumulation type from p, the vector form of load(): the values themselves (float, double), or
-// eight bfloat16 values widened (their bits shifted up: exact). kVectorLoads: the types it takes.
+// eight bfloat16 values widened (their bits shifted up: exact), or eight float16 values (with F16C).
+// kVectorLoads: the types it takes.
 template <typename T>
 inline typename Vec32<T>::type load_acc(const T* p) {
   return Vec32<T>::load(p);
@@ -197,18 +226,30 @@ inline Vec32<float>::type load_acc(const c10::BFloat16* p) {
 #endif
 }
 
+#if defined(__AVX2__) && defined(__F16C__)
+inline Vec32<float>::type load_acc(const c10::Half* p) {
+  return reinterpret_cast<Vec32<float>::type>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
+
 template <typename T>
-constexpr bool kVectorLoads = std::is_same_v<T, at::opmath_type<T>> || std::is_same_v<T, c10::BFloat16>;
+constexpr bool kVectorLoads = std::is_same_v<T, at::opmath_type<T>> || std::is_same_v<T, c10::BFloat16> ||
+                              (kHalfVectors && std::is_same_v<T, c10::Half>);
+
+// The 16-bit types whose output passes go sixteen values a step (Wide16, below).
+template <typename T>
+constexpr bool kVector16 = (kAvx2 && std::is_same_v<T, c10::BFloat16>) || (kHalfVectors && std::is_same_v<T, c10::Half>);
 
 #if defined(__AVX2__)
-// Sixteen bfloat16 values as two float32 vectors, and back (store()'s rounding and NaN, eight lanes at a
-// time). Unpacking leaves the values in the order (0–3, 8–11), (4–7, 12–15), which packing restores without a
-// cross-lane step: for arithmetic that treats every value alike (one coefficient a run).
-struct Bf16x16 {
+// Sixteen 16-bit values as two float32 vectors (widen16), and back (narrow16: store()'s rounding and NaN, eight
+// lanes at a time). float16: values 0–7 and 8–15. bfloat16: unpacking leaves the values in the order (0–3,
+// 8–11), (4–7, 12–15), which packing restores without a cross-lane step: for arithmetic that treats every value
+// alike (one coefficient a run), or with coefficient rows in the same order (in_widen_order).
+struct Wide16 {
   __m256 lo, hi;
 };
 
-// A coefficient row's whole blocks of sixteen values (of C) put in widen16's order, values 4–7 and 8–11
+// A coefficient row's whole blocks of sixteen values (of C) put in bfloat16's widen16 order, values 4–7 and 8–11
 // swapped in place (none without a row: nullptr).
 inline void in_widen_order(float* row, int64_t C) {
   for (int64_t c = 0; row != nullptr && c + 16 <= C; c += 16) {
@@ -218,7 +259,7 @@ inline void in_widen_order(float* row, int64_t C) {
   }
 }
 
-inline Bf16x16 widen16(const c10::BFloat16* p) {
+inline Wide16 widen16(const c10::BFloat16* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), zero = _mm256_setzero_si256();
   return {_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, bits)),
           _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits))};
@@ -234,7 +275,7 @@ inline __m256i rounded_bf16(__m256 value) {
   return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
 }
 
-inline void narrow16(c10::BFloat16* p, Bf16x16 v) {
+inline void narrow16(c10::BFloat16* p, Wide16 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_packus_epi32(rounded_bf16(v.lo), rounded_bf16(v.hi)));
 }
 
@@ -245,14 +286,29 @@ inline void narrow16_in_order(c10::BFloat16* p, __m256 first, __m256 second) {
 }
 #endif
 
-// A row's whole blocks of sixteen bfloat16 values: out[i..i+16) from f(i) and f(i + 8), the float32 vectors of
+#if defined(__AVX2__) && defined(__F16C__)
+inline Wide16 widen16(const c10::Half* p) {
+  return {load_acc(p), load_acc(p + 8)};
+}
+
+inline void narrow16(c10::Half* p, Wide16 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.lo, _MM_FROUND_TO_NEAREST_INT));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(v.hi, _MM_FROUND_TO_NEAREST_INT));
+}
+
+inline void narrow16_in_order(c10::Half* p, __m256 first, __m256 second) {
+  narrow16(p, {first, second});
+}
+#endif
+
+// A row's whole blocks of sixteen 16-bit values: out[i..i+16) from f(i) and f(i + 8), the float32 vectors of
 // outputs i..i+8 and i+8..i+16 (f takes its inputs with load_acc); returns how many values it wrote (none for
-// other types, or without AVX2: their scalar loops vectorise as they are).
+// other types: their scalar loops vectorise as they are).
 template <typename T, typename F>
-int64_t bf16_blocks_in_order(T* __restrict__ out, int64_t len, const F& f) {
+int64_t blocks16_in_order(T* __restrict__ out, int64_t len, const F& f) {
   int64_t i = 0;
 #if defined(__AVX2__)
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+  if constexpr (kVector16<T>) {
     for (; i + 16 <= len; i += 16) narrow16_in_order(out + i, f(i), f(i + 8));
   }
 #endif
@@ -308,7 +364,7 @@ RunSums run_sums(const scalar_t* x, const scalar_t* dy, int64_t len) {
   RunSums out;
   const acc_t K = load(x, 0);
   out.shift = K;
-  int64_t body = 0;  // values summed in vector registers (float, double, bfloat16)
+  int64_t body = 0;  // values summed in vector registers (float, double, bfloat16, float16 with F16C)
   if constexpr (kVectorLoads<scalar_t>) {
     using V = Vec32<acc_t>;
     using T = typename V::type;
@@ -659,8 +715,8 @@ Moments moments(const Tensor& x, const Tensor* dy, const Geometry& g, double* st
   return mo;
 }
 
-// Σ term(i) for i < len in float64 over chunks of kChunk values. With kVector (float32, float64 and bfloat16
-// values: kVectorLoads) each chunk is summed in four 32-byte accumulators held in registers, vector_term(i)
+// Σ term(i) for i < len in float64 over chunks of kChunk values. With kVector (float32, float64, bfloat16 and,
+// with F16C, float16 values: kVectorLoads) each chunk is summed in four 32-byte accumulators held in registers, vector_term(i)
 // giving the 32 bytes of terms from i: GCC keeps an omp simd reduction's lanes in a stack array, stored on every
 // iteration, a chain of store-to-load latencies that made these the hot loops of the small-spatial paths, whose
 // samples are read from L1. The tail, and other types, go through scalar_term(i) in an omp simd reduction.
@@ -767,7 +823,7 @@ struct AffinePass {
           continue;
         }
       }
-      const int64_t body = bf16_body(b, ub, ob, ab, sb);
+      const int64_t body = body16(b, ub, ob, ab, sb);
       if constexpr (kTwoInputs) {
         const scalar_t* __restrict__ vb = v + b * g.M;
         const acc_t bb = k.B(n, c);
@@ -781,19 +837,19 @@ struct AffinePass {
     }
   }
 
-  // bfloat16 run b's whole blocks of sixteen values (GCC vectorises the loops above with half again as many
-  // instructions: bfloat16 eval took 1.23–1.50× BatchNorm's time with them, 0.94–1.15× with these; session 26);
-  // returns how many values it wrote (none for other types).
-  int64_t bf16_body(int64_t b, const scalar_t* __restrict__ ub, scalar_t* __restrict__ ob, acc_t ab, acc_t sb) const {
+  // 16-bit run b's whole blocks of sixteen values (GCC vectorises the loops above with half again as many
+  // instructions for bfloat16, and not at all for float16: bfloat16 eval took 1.23–1.50× BatchNorm's time with
+  // them, 0.94–1.15× with these; session 26); returns how many values it wrote (none for other types).
+  int64_t body16(int64_t b, const scalar_t* __restrict__ ub, scalar_t* __restrict__ ob, acc_t ab, acc_t sb) const {
     int64_t i = 0;
 #if defined(__AVX2__)
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if constexpr (kVector16<scalar_t>) {
       const scalar_t* __restrict__ vb = kTwoInputs ? v + b * g.M : nullptr;
       const acc_t bb = kTwoInputs ? static_cast<acc_t>(k.B(b / g.C, b % g.C)) : 0.0f;
       for (; i + 16 <= g.M; i += 16) {
-        const Bf16x16 x = widen16(ub + i);
+        const Wide16 x = widen16(ub + i);
         if constexpr (kTwoInputs) {
-          const Bf16x16 y = widen16(vb + i);
+          const Wide16 y = widen16(vb + i);
           narrow16(ob + i, {x.lo * ab + y.lo * bb + sb, x.hi * ab + y.hi * bb + sb});
         } else {
           narrow16(ob + i, {x.lo * ab + sb, x.hi * ab + sb});
@@ -820,7 +876,7 @@ struct AffinePass {
       if constexpr (kTwoInputs) bn[c] = k.B(n, c);
     }
 #if defined(__AVX2__)
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // as bf16_row_body reads them
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // as row_body16 reads them
       for (acc_t* row : {an, sn, bn}) in_widen_order(row, g.C);
     }
 #endif
@@ -880,7 +936,7 @@ struct AffinePass {
         }
         continue;
       }
-      const int64_t body = bf16_row_body(r, ur, orow, an, sn, bn);
+      const int64_t body = row_body16(r, ur, orow, an, sn, bn);
       if constexpr (kTwoInputs) {
         const scalar_t* __restrict__ vr = v + r * g.C;
 #pragma omp simd
@@ -893,18 +949,18 @@ struct AffinePass {
     }
   }
 
-  // Channels-last bfloat16 row r's whole blocks of sixteen channels; returns how many it wrote (as bf16_body).
-  int64_t bf16_row_body(int64_t r, const scalar_t* __restrict__ ur, scalar_t* __restrict__ orow, const acc_t* an,
+  // Channels-last 16-bit row r's whole blocks of sixteen channels; returns how many it wrote (as body16).
+  int64_t row_body16(int64_t r, const scalar_t* __restrict__ ur, scalar_t* __restrict__ orow, const acc_t* an,
                         const acc_t* sn, const acc_t* bn) const {
     int64_t c = 0;
 #if defined(__AVX2__)
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if constexpr (kVector16<scalar_t>) {
       const scalar_t* __restrict__ vr = kTwoInputs ? v + r * g.C : nullptr;
-      const auto at = [](const float* p) { return Bf16x16{_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; };
+      const auto at = [](const float* p) { return Wide16{_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; };
       for (; c + 16 <= g.C; c += 16) {
-        const Bf16x16 x = widen16(ur + c), a = at(an + c), s = at(sn + c);
+        const Wide16 x = widen16(ur + c), a = at(an + c), s = at(sn + c);
         if constexpr (kTwoInputs) {
-          const Bf16x16 y = widen16(vr + c), b = at(bn + c);
+          const Wide16 y = widen16(vr + c), b = at(bn + c);
           narrow16(orow + c, {x.lo * a.lo + y.lo * b.lo + s.lo, x.hi * a.hi + y.hi * b.hi + s.hi});
         } else {
           narrow16(orow + c, {x.lo * a.lo + s.lo, x.hi * a.hi + s.hi});
@@ -1328,7 +1384,7 @@ void small_output(const scalar_t* xp, scalar_t* yp, const Geometry& g, const std
       for (int64_t m = 0; m < rows.count; ++m) {
         const scalar_t* __restrict__ xr = xs + m * L;
         scalar_t* __restrict__ yr = ys + m * L;
-        const int64_t body = bf16_blocks_in_order(
+        const int64_t body = blocks16_in_order(
             yr, L, [&](auto i) { return load_acc(xr + i) * r * V::load(ap + i) + V::load(sp + i); });
 #pragma omp simd
         for (int64_t i = body; i < L; ++i) store(yr, i, load(xr, i) * r * ap[i] + sp[i]);
@@ -1404,7 +1460,7 @@ void small_input_grad(const scalar_t* gp, const scalar_t* xp, scalar_t* dxp, con
         const scalar_t* __restrict__ xr = xs + m * L;
         const scalar_t* __restrict__ gr = gs + m * L;
         scalar_t* __restrict__ outr = out + m * L;
-        const int64_t body = bf16_blocks_in_order(outr, L, [&](auto i) {
+        const int64_t body = blocks16_in_order(outr, L, [&](auto i) {
           const auto xv = load_acc(xr + i);
           return p * (V::load(a + i) * load_acc(gr + i) + r * V::load(bb + i) * xv + V::load(e + i)) - xv * q;
         });
@@ -2414,8 +2470,8 @@ std::tuple<Tensor, Tensor, Tensor> graph_backward(const Tensor& grad_out, const 
 
 }  // namespace
 
-// convert's whole blocks of sixteen values through the passes' vector forms (bfloat16: widen16, narrow16);
-// return how many values they converted.
+// convert's whole blocks of sixteen values through the passes' vector forms (widen16, narrow16; bfloat16's
+// order (0–3, 8–11), (4–7, 12–15) undone here); return how many values they converted.
 template <typename T>
 int64_t vector_stores(T*, const float*, int64_t) {
   return 0;
@@ -2437,7 +2493,7 @@ int64_t vector_stores(c10::BFloat16* o, const float* p, int64_t n) {
 int64_t vector_loads(float* o, const c10::BFloat16* p, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const Bf16x16 v = widen16(p + i);
+    const Wide16 v = widen16(p + i);
     _mm256_storeu2_m128(o + i + 8, o + i, v.lo);
     _mm256_storeu2_m128(o + i + 12, o + i + 4, v.hi);
   }
@@ -2445,9 +2501,27 @@ int64_t vector_loads(float* o, const c10::BFloat16* p, int64_t n) {
 }
 #endif
 
+#if defined(__AVX2__) && defined(__F16C__)
+int64_t vector_stores(c10::Half* o, const float* p, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) narrow16(o + i, {_mm256_loadu_ps(p + i), _mm256_loadu_ps(p + i + 8)});
+  return i;
+}
+
+int64_t vector_loads(float* o, const c10::Half* p, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const Wide16 v = widen16(p + i);
+    _mm256_storeu_ps(o + i, v.lo);
+    _mm256_storeu_ps(o + i + 8, v.hi);
+  }
+  return i;
+}
+#endif
+
 // The element conversions above, exposed so that tests can compare them with torch's over every 16-bit
-// pattern: float32 → ``dtype`` (stores), or float16/bfloat16 → float32 (loads); bfloat16 whole blocks of
-// sixteen values through the passes' vector forms (widen16, narrow16), the rest one value at a time.
+// pattern: float32 → ``dtype`` (stores), or float16/bfloat16 → float32 (loads); whole blocks of sixteen
+// values through the passes' vector forms (widen16, narrow16; float16 with F16C), the rest one value at a time.
 Tensor convert(const Tensor& input, at::ScalarType dtype) {
   const Tensor src = input.contiguous();
   Tensor out = at::empty(src.sizes(), src.options().dtype(dtype));
