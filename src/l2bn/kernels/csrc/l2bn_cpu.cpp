@@ -238,7 +238,8 @@ constexpr bool kVectorLoads = std::is_same_v<T, at::opmath_type<T>> || std::is_s
 
 // The 16-bit types whose output passes go sixteen values a step (Wide16, below).
 template <typename T>
-constexpr bool kVector16 = (kAvx2 && std::is_same_v<T, c10::BFloat16>) || (kHalfVectors && std::is_same_v<T, c10::Half>);
+constexpr bool kVector16 =
+    (kAvx2 && std::is_same_v<T, c10::BFloat16>) || (kHalfVectors && std::is_same_v<T, c10::Half>);
 
 #if defined(__AVX2__)
 // Sixteen 16-bit values as two float32 vectors (widen16), and back (narrow16: store()'s rounding and NaN, eight
@@ -716,10 +717,11 @@ Moments moments(const Tensor& x, const Tensor* dy, const Geometry& g, double* st
 }
 
 // Σ term(i) for i < len in float64 over chunks of kChunk values. With kVector (float32, float64, bfloat16 and,
-// with F16C, float16 values: kVectorLoads) each chunk is summed in four 32-byte accumulators held in registers, vector_term(i)
-// giving the 32 bytes of terms from i: GCC keeps an omp simd reduction's lanes in a stack array, stored on every
-// iteration, a chain of store-to-load latencies that made these the hot loops of the small-spatial paths, whose
-// samples are read from L1. The tail, and other types, go through scalar_term(i) in an omp simd reduction.
+// with F16C, float16 values: kVectorLoads) each chunk is summed in four 32-byte accumulators held in registers,
+// vector_term(i) giving the 32 bytes of terms from i: GCC keeps an omp simd reduction's lanes in a stack array,
+// stored on every iteration, a chain of store-to-load latencies that made these the hot loops of the
+// small-spatial paths, whose samples are read from L1. The tail, and other types, go through scalar_term(i) in an
+// omp simd reduction.
 template <typename acc_t, bool kVector, typename Many, typename One>
 __attribute__((always_inline)) inline double chunked_sum(int64_t len, const Many& vector_term, const One& scalar_term) {
   double total = 0;
