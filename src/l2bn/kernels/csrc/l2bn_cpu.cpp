@@ -877,40 +877,41 @@ struct AffinePass {
       sn[c] = k.S(n, c);
       if constexpr (kTwoInputs) bn[c] = k.B(n, c);
     }
-#if defined(__AVX2__)
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // as row_body16 reads them
-      for (acc_t* row : {an, sn, bn}) in_widen_order(row, g.C);
-    }
-#endif
-    if constexpr (kCanStream) {
-      if (stream) {
-        for (int64_t t = g.C; t < span; ++t) {
-          an[t] = an[t - g.C];
-          sn[t] = sn[t - g.C];
-          if constexpr (kTwoInputs) bn[t] = bn[t - g.C];
-        }
-        for (int64_t start = r0 * g.C, end = r1 * g.C; start < end; start += kChunk) {
-          const int64_t off = start % g.C;
-          const scalar_t* __restrict__ uc = u + start;
-          const acc_t *__restrict__ ac = an + off, *__restrict__ sc = sn + off;
+    if (tiled()) {
+      for (int64_t t = g.C; t < span; ++t) {
+        an[t] = an[t - g.C];
+        sn[t] = sn[t - g.C];
+        if constexpr (kTwoInputs) bn[t] = bn[t - g.C];
+      }
+      for (int64_t start = r0 * g.C, end = r1 * g.C; start < end; start += kChunk) {
+        const int64_t off = start % g.C, len = std::min(end, start + kChunk) - start;
+        const scalar_t* __restrict__ uc = u + start;
+        const acc_t *__restrict__ ac = an + off, *__restrict__ sc = sn + off;
+        if constexpr (kCanStream) {
           if constexpr (kTwoInputs) {
             const scalar_t* __restrict__ vc = v + start;
             const acc_t* __restrict__ bc = bn + off;
             store_streamed(
-                out + start, std::min(end, start + kChunk) - start,
-                [&](int64_t i) { return uc[i] * ac[i] + vc[i] * bc[i] + sc[i]; },
+                out + start, len, [&](int64_t i) { return uc[i] * ac[i] + vc[i] * bc[i] + sc[i]; },
                 [&](int64_t i) {
                   return V::load(uc + i) * V::load(ac + i) + V::load(vc + i) * V::load(bc + i) + V::load(sc + i);
                 });
           } else {
             store_streamed(
-                out + start, std::min(end, start + kChunk) - start, [&](int64_t i) { return uc[i] * ac[i] + sc[i]; },
+                out + start, len, [&](int64_t i) { return uc[i] * ac[i] + sc[i]; },
                 [&](int64_t i) { return V::load(uc + i) * V::load(ac + i) + V::load(sc + i); });
           }
+        } else {
+          chunk16(uc, kTwoInputs ? v + start : nullptr, out + start, len, ac, sc, kTwoInputs ? bn + off : nullptr);
         }
-        return;
       }
+      return;
     }
+#if defined(__AVX2__)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // as row_body16 reads them
+      for (acc_t* row : {an, sn, bn}) in_widen_order(row, g.C);
+    }
+#endif
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* __restrict__ ur = u + r * g.C;
       scalar_t* __restrict__ orow = out + r * g.C;
@@ -973,8 +974,32 @@ struct AffinePass {
     return c;
   }
 
-  // Values in each coefficient row: C, or C + kChunk tiled for the flat streamed sweep.
-  int64_t span() const { return stream && kCanStream ? g.C + kChunk : g.C; }
+  // Whether channels-last rows are swept flat, with tiled coefficient rows: streamed float32/float64, and 16-bit
+  // rows that end in a partial block of sixteen (row by row, those tails went one value at a time: float16 eval
+  // took 1.5–2.5× BatchNorm's time at C = 3–124).
+  bool tiled() const { return (kCanStream && stream) || (kVector16<scalar_t> && g.C % 16 != 0); }
+
+  // Values in each coefficient row: C, or C + kChunk tiled for the flat sweep.
+  int64_t span() const { return tiled() ? g.C + kChunk : g.C; }
+
+  // A flat 16-bit chunk of len values, coefficients tiled from ac, sc (and bc): sixteen values a step in
+  // load_acc's order, the last len mod 16 one at a time.
+  void chunk16(const scalar_t* __restrict__ uc, const scalar_t* __restrict__ vc, scalar_t* __restrict__ oc, int64_t len,
+               const acc_t* __restrict__ ac, const acc_t* __restrict__ sc, const acc_t* __restrict__ bc) const {
+    using VA = Vec32<acc_t>;
+    const int64_t body = blocks16_in_order(oc, len, [&](auto i) {
+      if constexpr (kTwoInputs)
+        return load_acc(uc + i) * VA::load(ac + i) + load_acc(vc + i) * VA::load(bc + i) + VA::load(sc + i);
+      else
+        return load_acc(uc + i) * VA::load(ac + i) + VA::load(sc + i);
+    });
+    for (int64_t i = body; i < len; ++i) {
+      if constexpr (kTwoInputs)
+        store(oc, i, load(uc, i) * ac[i] + load(vc, i) * bc[i] + sc[i]);
+      else
+        store(oc, i, load(uc, i) * ac[i] + sc[i]);
+    }
+  }
 
   void rows(int64_t r0, int64_t r1) const {
     std::vector<acc_t> coef((kTwoInputs ? 3 : 2) * span());
