@@ -547,13 +547,15 @@ def test_synchronized_layers_take_torch_ops_while_torch_compile_traces(monkeypat
 @NO_COMPILER
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
-@pytest.mark.parametrize("shape", [(6, 5, 7, 3), (4, 37, 11, 11), (4, 37, 2, 2)], ids=["c5", "c37", "c37-2x2"])
+@pytest.mark.parametrize("shape", [(6, 5, 7, 3), (4, 37, 11, 11), (4, 37, 2, 2), (3, 1024, 4, 4)],
+                         ids=["c5", "c37", "c37-2x2", "c1024-4x4"])
 def test_cpp_16_bit_is_the_float32_result_rounded(dtype, layout, shape):
     """16-bit inputs go through the float32 computation and are rounded once: the outputs are the float32
     kernel's on the same values, rounded by torch, to one unit in the last place (the 16-bit and float32
     loops may sum in different orders), and NaN stays NaN. Every channel has its own coefficients, so that
     values stored in the wrong channel fail (16-bit runs and rows go sixteen values a step, then a tail; 11×11
-    channels-last float16 sums its 121 rows in two staged groups; 2×2: the small-map path)."""
+    channels-last float16 sums its 121 rows in two staged groups; 2×2 and 4×4: the small-map paths, 4×4 at C = 1024
+    one sample a block, three blocks)."""
     gen = torch.Generator().manual_seed(5)
     C = shape[1]
     x16 = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype).contiguous(memory_format=layout)

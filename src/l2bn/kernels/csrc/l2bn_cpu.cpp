@@ -1336,6 +1336,7 @@ SmallSums small_sums(const scalar_t* xp, const scalar_t* gp, const Geometry& g, 
                      double target, double l2_eps, at::opmath_type<scalar_t>* sample_sums = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   static_assert(kGrad || !kSampleSums, "per-sample sums are the backward's");
+  constexpr bool kStaged = kHalfVectors && std::is_same_v<scalar_t, c10::Half>;
   const int64_t N = g.N, C = g.C, D = g.C * g.M, width = kGrad ? 4 : 2;
   const SampleRows rows = sample_rows(g);
   const int64_t L = rows.length;
@@ -1352,6 +1353,7 @@ SmallSums small_sums(const scalar_t* xp, const scalar_t* gp, const Geometry& g, 
     constexpr int64_t kPad = 80;
     const int64_t stride = L + kPad;
     std::vector<acc_t> acc(width * stride);
+    std::vector<float> x_staged(kStaged ? per_block * D : 0), g_staged(kStaged && kGrad ? per_block * D : 0);
     for (int64_t grp = g0; grp < g1; ++grp) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       const int64_t group_end = std::min(N, (grp + 1) * per_group);
@@ -1362,81 +1364,93 @@ SmallSums small_sums(const scalar_t* xp, const scalar_t* gp, const Geometry& g, 
           out.scale[n] = sample_scale(out.squares[n], target, l2_eps);
         }
         const int64_t j0 = n0 * rows.count, j1 = n1 * rows.count;  // the block's rows, in memory order
-        for (int64_t t0 = 0; t0 < L; t0 += kTile) {
-          const int64_t len = std::min(L, t0 + kTile) - t0;
-          acc_t* __restrict__ s1 = acc.data() + t0;
-          acc_t* __restrict__ s2 = s1 + stride;
-          acc_t* __restrict__ sg = s2 + stride;
-          acc_t* __restrict__ sgz = kGrad ? sg + stride : nullptr;
-          const acc_t* __restrict__ k = Kp.data() + t0;
-          for (int64_t j = j0; j < j1;) {  // the block's rows
-            // two rows per accumulator update (half the L1 traffic of the sums), paired up to the block's end
-            // or, where per-sample sums are kept, to the sample's end
-            const int64_t pair_end = kSampleSums ? std::min(j1, (j / rows.count + 1) * rows.count) : j1;
-            for (; j + 2 <= pair_end; j += 2) {
-              const scalar_t* __restrict__ xa = xp + j * L + t0;
-              const scalar_t* __restrict__ xb = xa + L;
-              const acc_t ra = static_cast<acc_t>(out.scale[j / rows.count]);
-              const acc_t rb = static_cast<acc_t>(out.scale[(j + 1) / rows.count]);
-              if constexpr (kGrad) {
-                const scalar_t* __restrict__ ga = gp + j * L + t0;
-                const scalar_t* __restrict__ gb = ga + L;
-                acc_t* __restrict__ u = kSampleSums ? sample_sums + (j / rows.count) * 3 * L + t0 : nullptr;
-#pragma omp simd
-                for (int64_t i = 0; i < len; ++i) {
-                  const acc_t xva = load(xa, i), xvb = load(xb, i);
-                  const acc_t da = xva * ra - k[i], db = xvb * rb - k[i];
-                  const acc_t gva = load(ga, i), gvb = load(gb, i);
-                  s1[i] += da + db;
-                  s2[i] += da * da + db * db;
-                  sg[i] += gva + gvb;
-                  sgz[i] += gva * da + gvb * db;
-                  if constexpr (kSampleSums) {
-                    u[i] += xva + xvb;
-                    u[L + i] += xva * xva + xvb * xvb;
-                    u[2 * L + i] += gva * xva + gvb * xvb;
+        // the block's rows from x_block (and g_block), which hold sample n0 first: x itself, or float16 staged
+        // in float32
+        const auto sum_rows = [&](auto* x_block, auto* g_block) {
+          using In = std::remove_cv_t<std::remove_pointer_t<decltype(x_block)>>;
+          for (int64_t t0 = 0; t0 < L; t0 += kTile) {
+            const int64_t len = std::min(L, t0 + kTile) - t0;
+            acc_t* __restrict__ s1 = acc.data() + t0;
+            acc_t* __restrict__ s2 = s1 + stride;
+            acc_t* __restrict__ sg = s2 + stride;
+            acc_t* __restrict__ sgz = kGrad ? sg + stride : nullptr;
+            const acc_t* __restrict__ k = Kp.data() + t0;
+            for (int64_t j = j0; j < j1;) {  // the block's rows
+              // two rows per accumulator update (half the L1 traffic of the sums), paired up to the block's end
+              // or, where per-sample sums are kept, to the sample's end
+              const int64_t pair_end = kSampleSums ? std::min(j1, (j / rows.count + 1) * rows.count) : j1;
+              for (; j + 2 <= pair_end; j += 2) {
+                const In* __restrict__ xa = x_block + (j - j0) * L + t0;
+                const In* __restrict__ xb = xa + L;
+                const acc_t ra = static_cast<acc_t>(out.scale[j / rows.count]);
+                const acc_t rb = static_cast<acc_t>(out.scale[(j + 1) / rows.count]);
+                if constexpr (kGrad) {
+                  const In* __restrict__ ga = g_block + (j - j0) * L + t0;
+                  const In* __restrict__ gb = ga + L;
+                  acc_t* __restrict__ u = kSampleSums ? sample_sums + (j / rows.count) * 3 * L + t0 : nullptr;
+  #pragma omp simd
+                  for (int64_t i = 0; i < len; ++i) {
+                    const acc_t xva = load(xa, i), xvb = load(xb, i);
+                    const acc_t da = xva * ra - k[i], db = xvb * rb - k[i];
+                    const acc_t gva = load(ga, i), gvb = load(gb, i);
+                    s1[i] += da + db;
+                    s2[i] += da * da + db * db;
+                    sg[i] += gva + gvb;
+                    sgz[i] += gva * da + gvb * db;
+                    if constexpr (kSampleSums) {
+                      u[i] += xva + xvb;
+                      u[L + i] += xva * xva + xvb * xvb;
+                      u[2 * L + i] += gva * xva + gvb * xvb;
+                    }
+                  }
+                } else {
+  #pragma omp simd
+                  for (int64_t i = 0; i < len; ++i) {
+                    const acc_t da = load(xa, i) * ra - k[i], db = load(xb, i) * rb - k[i];
+                    s1[i] += da + db;
+                    s2[i] += da * da + db * db;
                   }
                 }
-              } else {
-#pragma omp simd
-                for (int64_t i = 0; i < len; ++i) {
-                  const acc_t da = load(xa, i) * ra - k[i], db = load(xb, i) * rb - k[i];
-                  s1[i] += da + db;
-                  s2[i] += da * da + db * db;
-                }
               }
-            }
-            if (j < pair_end) {
-              const scalar_t* __restrict__ xs = xp + j * L + t0;
-              const acc_t r = static_cast<acc_t>(out.scale[j / rows.count]);
-              if constexpr (kGrad) {
-                const scalar_t* __restrict__ gs = gp + j * L + t0;
-                acc_t* __restrict__ u = kSampleSums ? sample_sums + (j / rows.count) * 3 * L + t0 : nullptr;
-#pragma omp simd
-                for (int64_t i = 0; i < len; ++i) {
-                  const acc_t xv = load(xs, i), gv = load(gs, i);
-                  const acc_t d = xv * r - k[i];
-                  s1[i] += d;
-                  s2[i] += d * d;
-                  sg[i] += gv;
-                  sgz[i] += gv * d;
-                  if constexpr (kSampleSums) {
-                    u[i] += xv;
-                    u[L + i] += xv * xv;
-                    u[2 * L + i] += gv * xv;
+              if (j < pair_end) {
+                const In* __restrict__ xs = x_block + (j - j0) * L + t0;
+                const acc_t r = static_cast<acc_t>(out.scale[j / rows.count]);
+                if constexpr (kGrad) {
+                  const In* __restrict__ gs = g_block + (j - j0) * L + t0;
+                  acc_t* __restrict__ u = kSampleSums ? sample_sums + (j / rows.count) * 3 * L + t0 : nullptr;
+  #pragma omp simd
+                  for (int64_t i = 0; i < len; ++i) {
+                    const acc_t xv = load(xs, i), gv = load(gs, i);
+                    const acc_t d = xv * r - k[i];
+                    s1[i] += d;
+                    s2[i] += d * d;
+                    sg[i] += gv;
+                    sgz[i] += gv * d;
+                    if constexpr (kSampleSums) {
+                      u[i] += xv;
+                      u[L + i] += xv * xv;
+                      u[2 * L + i] += gv * xv;
+                    }
+                  }
+                } else {
+  #pragma omp simd
+                  for (int64_t i = 0; i < len; ++i) {
+                    const acc_t d = load(xs, i) * r - k[i];
+                    s1[i] += d;
+                    s2[i] += d * d;
                   }
                 }
-              } else {
-#pragma omp simd
-                for (int64_t i = 0; i < len; ++i) {
-                  const acc_t d = load(xs, i) * r - k[i];
-                  s1[i] += d;
-                  s2[i] += d * d;
-                }
+                ++j;
               }
-              ++j;
             }
           }
+        };
+        if constexpr (kStaged) {  // float16: the block widened with F16C (as ColumnSums::staged_rows)
+          to_float(xp + n0 * D, x_staged.data(), (n1 - n0) * D);
+          if constexpr (kGrad) to_float(gp + n0 * D, g_staged.data(), (n1 - n0) * D);
+          sum_rows(static_cast<const float*>(x_staged.data()), static_cast<const float*>(g_staged.data()));
+        } else {
+          sum_rows(xp + n0 * D, kGrad ? gp + n0 * D : xp);
         }
       }
       for (int64_t j = 0; j < width; ++j) fold(g, acc.data() + j * stride, partial.data() + (grp * width + j) * C);
