@@ -114,9 +114,10 @@ void blend_into(Tensor& running, const std::vector<double>& value, double moment
 // Element loads and stores in the accumulation type. bfloat16 goes through its bits (a shift each way,
 // round-to-nearest-even on the way back, NaN kept NaN) with branch-free arithmetic that the compiler
 // vectorises; c10::BFloat16's own conversions branch and keep every loop scalar (2.3–5.9× BatchNorm's time
-// with them). The values are exactly torch's (tested on every bit pattern). float16 keeps c10's
-// conversions one value at a time (a branch-free version was exact but did not vectorise either); its vector
-// forms below are F16C's (float16 took 8–10× BatchNorm's eval time and 3–5.5× its training time without them).
+// with them). The values are exactly torch's (tested on every bit pattern). float16's scalar load is the
+// branch-free form below, which vectorises; its scalar store keeps c10's conversion (a branch-free store
+// vectorised too, but cost more than it saved in short row tails: session 26); its vector forms below are F16C's
+// (float16 took 7–10× BatchNorm's eval time and 3–5.7× its training time without them).
 // ---------------------------------------------------------------------------------------------------
 
 inline float float_of_bits(uint32_t bits) {
@@ -146,9 +147,10 @@ inline uint32_t mask_if(bool condition) {
   return 0u - static_cast<uint32_t>(condition);
 }
 
-// float16 → float32 in integer and float arithmetic that GCC vectorises (c10::Half's F16C conversion, one
-// value an instruction, keeps the column loops scalar): Maratos's FP16 library's method (github.com/Maratyszcza/
-// FP16, fp16_ieee_to_fp32_value), which c10 uses without F16C — the exponent rebased by a multiply by 2^-112,
+// float16 → float32 in integer and float arithmetic that GCC vectorises, for loops that convert one value at a
+// time (c10::Half's F16C conversion, one value an instruction, keeps such loops scalar; the hot ones widen with
+// F16C instead: load_acc, staged rows): Maratos's FP16 library's method (github.com/Maratyszcza/FP16,
+// fp16_ieee_to_fp32_value), which c10 uses without F16C — the exponent rebased by a multiply by 2^-112,
 // subnormals through a magic subtraction, selected by a mask. Exact for every pattern (tested).
 template <>
 inline float load(const c10::Half* p, int64_t i) {
