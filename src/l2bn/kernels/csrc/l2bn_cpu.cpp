@@ -318,6 +318,32 @@ int64_t blocks16_in_order(T* __restrict__ out, int64_t len, const F& f) {
   return i;
 }
 
+// A row's whole blocks of sixteen 16-bit values in widen16's order: out[i..i+16) from f(v, j) for the two float32
+// vectors v of in[i..i+16), j the index of v's first coefficient in a row put in the same order
+// (for_widen16); returns how many values it wrote (none for other types).
+template <typename T, typename F>
+int64_t blocks16(const T* __restrict__ in, T* __restrict__ out, int64_t len, const F& f) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  if constexpr (kVector16<T>) {
+    for (; i + 16 <= len; i += 16) {
+      const Wide16 v = widen16(in + i);
+      narrow16(out + i, {f(v.lo, i), f(v.hi, i + 8)});
+    }
+  }
+#endif
+  return i;
+}
+
+// A coefficient row of len values put in the order blocks16 and widen16 read T's values in (bfloat16:
+// in_widen_order; other types as they are).
+template <typename T>
+void for_widen16(float* row, int64_t len) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) in_widen_order(row, len);
+#endif
+}
+
 // Whole blocks of sixteen values converted through the passes' vector forms (widen16, narrow16; bfloat16's
 // order (0–3, 8–11), (4–7, 12–15) undone here); return how many values they converted.
 template <typename T>
@@ -991,11 +1017,10 @@ struct AffinePass {
       }
       return;
     }
-#if defined(__AVX2__)
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // as row_body16 reads them
-      for (acc_t* row : {an, sn, bn}) in_widen_order(row, g.C);
+    if constexpr (kVector16<scalar_t>) {  // as row_body16 reads them
+      for (acc_t* row : {an, sn, bn})
+        if (row != nullptr) for_widen16<scalar_t>(row, g.C);
     }
-#endif
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* __restrict__ ur = u + r * g.C;
       scalar_t* __restrict__ orow = out + r * g.C;
@@ -1494,7 +1519,11 @@ void small_output(const scalar_t* xp, scalar_t* yp, const Geometry& g, const std
   const int64_t D = g.C * g.M;
   const SampleRows rows = sample_rows(g);
   const int64_t L = rows.length;
-  const std::vector<acc_t> a = per_position<acc_t>(g, gain), s = per_position<acc_t>(g, shift);
+  std::vector<acc_t> a = per_position<acc_t>(g, gain), s = per_position<acc_t>(g, shift);
+  if constexpr (kVector16<scalar_t>) {  // as blocks16 reads them
+    for_widen16<scalar_t>(a.data(), L);
+    for_widen16<scalar_t>(s.data(), L);
+  }
   at::parallel_for(0, g.N, std::max<int64_t>(1, 32768 / D), [&](int64_t n0, int64_t n1) {
     const acc_t* __restrict__ ap = a.data();
     const acc_t* __restrict__ sp = s.data();
@@ -1509,8 +1538,8 @@ void small_output(const scalar_t* xp, scalar_t* yp, const Geometry& g, const std
       for (int64_t m = 0; m < rows.count; ++m) {
         const scalar_t* __restrict__ xr = xs + m * L;
         scalar_t* __restrict__ yr = ys + m * L;
-        const int64_t body = blocks16_in_order(
-            yr, L, [&](auto i) { return load_acc(xr + i) * r * V::load(ap + i) + V::load(sp + i); });
+        const int64_t body =
+            blocks16(xr, yr, L, [&](auto v, int64_t j) { return v * r * V::load(ap + j) + V::load(sp + j); });
 #pragma omp simd
         for (int64_t i = body; i < L; ++i) store(yr, i, load(xr, i) * r * ap[i] + sp[i]);
       }
