@@ -253,9 +253,9 @@ struct Wide16 {
 };
 
 // A coefficient row's whole blocks of sixteen values (of C) put in bfloat16's widen16 order, values 4–7 and 8–11
-// swapped in place (none without a row: nullptr).
+// swapped in place.
 inline void in_widen_order(float* row, int64_t C) {
-  for (int64_t c = 0; row != nullptr && c + 16 <= C; c += 16) {
+  for (int64_t c = 0; c + 16 <= C; c += 16) {
     const __m256 first = _mm256_loadu_ps(row + c), second = _mm256_loadu_ps(row + c + 8);
     _mm256_storeu_ps(row + c, _mm256_permute2f128_ps(first, second, 0x20));
     _mm256_storeu_ps(row + c + 8, _mm256_permute2f128_ps(first, second, 0x31));
@@ -318,17 +318,18 @@ int64_t blocks16_in_order(T* __restrict__ out, int64_t len, const F& f) {
   return i;
 }
 
-// A row's whole blocks of sixteen 16-bit values in widen16's order: out[i..i+16) from f(v, j) for the two float32
-// vectors v of in[i..i+16), j the index of v's first coefficient in a row put in the same order
-// (for_widen16); returns how many values it wrote (none for other types).
-template <typename T, typename F>
-int64_t blocks16(const T* __restrict__ in, T* __restrict__ out, int64_t len, const F& f) {
+// A row's whole blocks of sixteen 16-bit values in widen16's order: out[i..i+16) from f(x, y, j) for the two
+// float32 vectors x of u[i..i+16) and y of v[i..i+16) (kTwoInputs; else y is x), j the index of their first
+// coefficient in a row put in the same order (for_widen16); returns how many values it wrote (none for other
+// types).
+template <bool kTwoInputs, typename T, typename F>
+int64_t blocks16(const T* __restrict__ u, const T* __restrict__ v, T* __restrict__ out, int64_t len, const F& f) {
   int64_t i = 0;
 #if defined(__AVX2__)
   if constexpr (kVector16<T>) {
     for (; i + 16 <= len; i += 16) {
-      const Wide16 v = widen16(in + i);
-      narrow16(out + i, {f(v.lo, i), f(v.hi, i + 8)});
+      const Wide16 x = widen16(u + i), y = kTwoInputs ? widen16(v + i) : x;
+      narrow16(out + i, {f(x.lo, y.lo, i), f(x.hi, y.hi, i + 8)});
     }
   }
 #endif
@@ -337,8 +338,8 @@ int64_t blocks16(const T* __restrict__ in, T* __restrict__ out, int64_t len, con
 
 // A coefficient row of len values put in the order blocks16 and widen16 read T's values in (bfloat16:
 // in_widen_order; other types as they are).
-template <typename T>
-void for_widen16(float* row, int64_t len) {
+template <typename T, typename Acc>
+void for_widen16(Acc* row, int64_t len) {
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) in_widen_order(row, len);
 #endif
@@ -393,7 +394,7 @@ int64_t vector_loads(float* o, const c10::Half* p, int64_t n) {
 }
 #endif
 
-// 16-bit values p[0..n) as float32 at o: whole blocks of sixteen through vector_loads, the rest one at a time.
+// Values p[0..n) as float32 at o: 16-bit whole blocks of sixteen through vector_loads, the rest one at a time.
 template <typename T>
 void to_float(const T* __restrict__ p, float* __restrict__ o, int64_t n) {
   for (int64_t i = vector_loads(o, p, n); i < n; ++i) o[i] = load(p, i);
@@ -484,7 +485,7 @@ RunSums run_sums(const scalar_t* x, const scalar_t* dy, int64_t len) {
     }
   }
   // The rest one value at a time: the last len % L values (an omp simd loop's set-up and lane sums cost more
-  // than they save there, e.g. at 7×7), and float16, whose c10 conversions keep a loop scalar anyway.
+  // than they save there, e.g. at 7×7), and float16 without F16C.
   for (int64_t start = body; start < len; start += kChunk) {
     const int64_t end = std::min(len, start + kChunk);
     acc_t s1 = 0, s2 = 0, sg = 0, sgx = 0;
@@ -953,23 +954,18 @@ struct AffinePass {
   // instructions for bfloat16, and not at all for float16: bfloat16 eval took 1.23–1.50× BatchNorm's time with
   // them, 0.94–1.15× with these; session 26); returns how many values it wrote (none for other types).
   int64_t body16(int64_t b, const scalar_t* __restrict__ ub, scalar_t* __restrict__ ob, acc_t ab, acc_t sb) const {
-    int64_t i = 0;
-#if defined(__AVX2__)
-    if constexpr (kVector16<scalar_t>) {
-      const scalar_t* __restrict__ vb = kTwoInputs ? v + b * g.M : nullptr;
-      const acc_t bb = kTwoInputs ? static_cast<acc_t>(k.B(b / g.C, b % g.C)) : 0.0f;
-      for (; i + 16 <= g.M; i += 16) {
-        const Wide16 x = widen16(ub + i);
-        if constexpr (kTwoInputs) {
-          const Wide16 y = widen16(vb + i);
-          narrow16(ob + i, {x.lo * ab + y.lo * bb + sb, x.hi * ab + y.hi * bb + sb});
-        } else {
-          narrow16(ob + i, {x.lo * ab + sb, x.hi * ab + sb});
-        }
-      }
+    if constexpr (!kVector16<scalar_t>) {
+      return 0;
+    } else {
+      const scalar_t* vb = kTwoInputs ? v + b * g.M : ub;
+      const acc_t bb = kTwoInputs ? static_cast<acc_t>(k.B(b / g.C, b % g.C)) : acc_t(0);
+      return blocks16<kTwoInputs>(ub, vb, ob, g.M, [&](auto x, auto y, int64_t) {
+        if constexpr (kTwoInputs)
+          return x * ab + y * bb + sb;
+        else
+          return x * ab + sb;
+      });
     }
-#endif
-    return i;
   }
 
   // Channels-last: spatial rows r0..r1 (r = n·M + m) of C contiguous values, all of sample n; ``coef``
@@ -1017,10 +1013,8 @@ struct AffinePass {
       }
       return;
     }
-    if constexpr (kVector16<scalar_t>) {  // as row_body16 reads them
-      for (acc_t* row : {an, sn, bn})
-        if (row != nullptr) for_widen16<scalar_t>(row, g.C);
-    }
+    for (acc_t* row : {an, sn, bn})  // as row_body16 reads them
+      if (row != nullptr) for_widen16<scalar_t>(row, g.C);
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* __restrict__ ur = u + r * g.C;
       scalar_t* __restrict__ orow = out + r * g.C;
@@ -1061,26 +1055,21 @@ struct AffinePass {
     }
   }
 
-  // Channels-last 16-bit row r's whole blocks of sixteen channels; returns how many it wrote (as body16).
+  // Channels-last 16-bit row r's whole blocks of sixteen channels, coefficient rows in widen16's order; returns
+  // how many it wrote (as body16).
   int64_t row_body16(int64_t r, const scalar_t* __restrict__ ur, scalar_t* __restrict__ orow, const acc_t* an,
-                        const acc_t* sn, const acc_t* bn) const {
-    int64_t c = 0;
-#if defined(__AVX2__)
-    if constexpr (kVector16<scalar_t>) {
-      const scalar_t* __restrict__ vr = kTwoInputs ? v + r * g.C : nullptr;
-      const auto at = [](const float* p) { return Wide16{_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; };
-      for (; c + 16 <= g.C; c += 16) {
-        const Wide16 x = widen16(ur + c), a = at(an + c), s = at(sn + c);
-        if constexpr (kTwoInputs) {
-          const Wide16 y = widen16(vr + c), b = at(bn + c);
-          narrow16(orow + c, {x.lo * a.lo + y.lo * b.lo + s.lo, x.hi * a.hi + y.hi * b.hi + s.hi});
-        } else {
-          narrow16(orow + c, {x.lo * a.lo + s.lo, x.hi * a.hi + s.hi});
-        }
-      }
+                     const acc_t* sn, const acc_t* bn) const {
+    if constexpr (!kVector16<scalar_t>) {
+      return 0;
+    } else {
+      using VA = Vec32<acc_t>;
+      return blocks16<kTwoInputs>(ur, kTwoInputs ? v + r * g.C : ur, orow, g.C, [&](auto x, auto y, int64_t c) {
+        if constexpr (kTwoInputs)
+          return x * VA::load(an + c) + y * VA::load(bn + c) + VA::load(sn + c);
+        else
+          return x * VA::load(an + c) + VA::load(sn + c);
+      });
     }
-#endif
-    return c;
   }
 
   // Whether channels-last rows are swept flat, with tiled coefficient rows: streamed float32/float64, and 16-bit
@@ -1415,7 +1404,7 @@ SmallSums small_sums(const scalar_t* xp, const scalar_t* gp, const Geometry& g, 
                   const In* __restrict__ ga = g_block + (j - j0) * L + t0;
                   const In* __restrict__ gb = ga + L;
                   acc_t* __restrict__ u = kSampleSums ? sample_sums + (j / rows.count) * 3 * L + t0 : nullptr;
-  #pragma omp simd
+#pragma omp simd
                   for (int64_t i = 0; i < len; ++i) {
                     const acc_t xva = load(xa, i), xvb = load(xb, i);
                     const acc_t da = xva * ra - k[i], db = xvb * rb - k[i];
@@ -1431,7 +1420,7 @@ SmallSums small_sums(const scalar_t* xp, const scalar_t* gp, const Geometry& g, 
                     }
                   }
                 } else {
-  #pragma omp simd
+#pragma omp simd
                   for (int64_t i = 0; i < len; ++i) {
                     const acc_t da = load(xa, i) * ra - k[i], db = load(xb, i) * rb - k[i];
                     s1[i] += da + db;
@@ -1445,7 +1434,7 @@ SmallSums small_sums(const scalar_t* xp, const scalar_t* gp, const Geometry& g, 
                 if constexpr (kGrad) {
                   const In* __restrict__ gs = g_block + (j - j0) * L + t0;
                   acc_t* __restrict__ u = kSampleSums ? sample_sums + (j / rows.count) * 3 * L + t0 : nullptr;
-  #pragma omp simd
+#pragma omp simd
                   for (int64_t i = 0; i < len; ++i) {
                     const acc_t xv = load(xs, i), gv = load(gs, i);
                     const acc_t d = xv * r - k[i];
@@ -1460,7 +1449,7 @@ SmallSums small_sums(const scalar_t* xp, const scalar_t* gp, const Geometry& g, 
                     }
                   }
                 } else {
-  #pragma omp simd
+#pragma omp simd
                   for (int64_t i = 0; i < len; ++i) {
                     const acc_t d = load(xs, i) * r - k[i];
                     s1[i] += d;
@@ -1520,10 +1509,7 @@ void small_output(const scalar_t* xp, scalar_t* yp, const Geometry& g, const std
   const SampleRows rows = sample_rows(g);
   const int64_t L = rows.length;
   std::vector<acc_t> a = per_position<acc_t>(g, gain), s = per_position<acc_t>(g, shift);
-  if constexpr (kVector16<scalar_t>) {  // as blocks16 reads them
-    for_widen16<scalar_t>(a.data(), L);
-    for_widen16<scalar_t>(s.data(), L);
-  }
+  for (acc_t* row : {a.data(), s.data()}) for_widen16<scalar_t>(row, L);  // as blocks16 reads them
   at::parallel_for(0, g.N, std::max<int64_t>(1, 32768 / D), [&](int64_t n0, int64_t n1) {
     const acc_t* __restrict__ ap = a.data();
     const acc_t* __restrict__ sp = s.data();
@@ -1538,8 +1524,8 @@ void small_output(const scalar_t* xp, scalar_t* yp, const Geometry& g, const std
       for (int64_t m = 0; m < rows.count; ++m) {
         const scalar_t* __restrict__ xr = xs + m * L;
         scalar_t* __restrict__ yr = ys + m * L;
-        const int64_t body =
-            blocks16(xr, yr, L, [&](auto v, int64_t j) { return v * r * V::load(ap + j) + V::load(sp + j); });
+        const int64_t body = blocks16<false>(
+            xr, xr, yr, L, [&](auto v, auto, int64_t j) { return v * r * V::load(ap + j) + V::load(sp + j); });
 #pragma omp simd
         for (int64_t i = body; i < L; ++i) store(yr, i, load(xr, i) * r * ap[i] + sp[i]);
       }
@@ -2642,7 +2628,7 @@ Tensor convert(const Tensor& input, at::ScalarType dtype) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "l2bn_convert_load", [&] {
       const scalar_t* p = src.const_data_ptr<scalar_t>();
       float* o = out.mutable_data_ptr<float>();
-      for (int64_t i = vector_loads(o, p, n); i < n; ++i) o[i] = static_cast<float>(load(p, i));
+      to_float(p, o, n);
     });
   }
   return out;
