@@ -336,6 +336,7 @@ def test_an_interrupted_invocation_keeps_its_record_of_the_runs_it_finished(mini
 
 def _study_process(root: Path, data_dir: Path):
     import os
+    import signal
     import subprocess
     import sys
 
@@ -346,7 +347,10 @@ def _study_process(root: Path, data_dir: Path):
     argv = [sys.executable, "-m", "l2bn", "study", "placement", "--root", str(root), "--data-dir", str(data_dir),
             "--epochs", "2", "--train-subset", "128", "--seeds", "121", "--only", "none,all", "--jobs", "1",
             "--no-progress"]
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell that runs the suite in the background starts it with SIGINT ignored (the child then takes no Ctrl-C
+    # and finishes with 0): give the child the default handler, as a terminal would
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.slow  # four study processes: about two minutes a signal on the shared 2-core machine
@@ -365,7 +369,7 @@ def test_a_study_interrupted_by_a_signal_resumes_to_the_records_of_an_uninterrup
     process.send_signal(getattr(signal, signal_name))  # in epoch 2 of the first run
     _, err = process.communicate(timeout=120)
     if signal_name == "SIGINT":
-        assert process.returncode == 130 and "run the same command again to continue" in err
+        assert process.returncode == 130 and "run the same command again to continue" in err, err
     else:
         assert process.returncode == -signal.SIGKILL
     resumed = _study_process(tmp_path / "cut", mini_fashion)
