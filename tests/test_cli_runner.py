@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -300,14 +301,22 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     where = ""
-    try:  # the exit takes ~1.5 s (1 s of it the interpreter's final garbage collection); twice in CI the message
-        _, err = proc.communicate(timeout=90)  # came and the exit did not, within 15 s once, 90 s once: say where
-    except subprocess.TimeoutExpired:
-        # CPython drops a SIGINT that lands while a weakref callback runs (an import lock's, printing "Exception
-        # ignored in ..."), and training goes on, as after a lost first Ctrl-C at a terminal: press it again
+    try:  # the exit takes ~1.5 s (1 s of it the interpreter's final garbage collection)
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired as slow:
         where = _stacks(proc.pid)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        partial = slow.stderr.decode(errors="replace") if isinstance(slow.stderr, bytes) else slow.stderr or ""
+        if "interrupted;" in partial:
+            # taken, but the exit is slow: twice in CI (loaded by the other worker) the message came and the exit
+            # did not within 15 s, once 90 s; a second press would kill the exiting process (-2): wait, and say where
+            _, err = proc.communicate(timeout=300)
+            warnings.warn(f"the child exited over 90 s after its message{where}")
+        else:
+            # CPython drops a SIGINT that lands while a weakref callback runs (an import lock's, printing
+            # "Exception ignored in ..."), and training goes on, as after a lost first Ctrl-C at a terminal: press
+            # it again
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err + where
     dropped = re.compile(r"Exception ignored in: [^\n]*\nTraceback \(most recent call last\):\n.*?\nKeyboardInterrupt: ?\n", re.S)
     assert f"continue with the same command plus --resume --out {out}" in err and "Traceback" not in dropped.sub("", err)
