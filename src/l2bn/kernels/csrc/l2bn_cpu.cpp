@@ -175,12 +175,21 @@ inline void store(c10::BFloat16* p, int64_t i, float value) {
   reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>((nan & 0x7FC0u) | (~nan & rounded));
 }
 
-// 32 bytes of T (one AVX2 register; GCC/Clang vector extensions), loaded and stored unaligned, and summed
-// across its lanes in lane order.
+// The build's vector register: 32 bytes with AVX2, else 16 (SSE, NEON). GCC keeps generic vectors wider than
+// the target's registers in memory: built without AVX2, 32-byte ones sent every accumulator of a loop through
+// the stack, and eval took 2–4× BatchNorm's time at 8×8–32×32 NCHW (session 27).
+#if defined(__AVX2__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;
+#endif
+
+// kVectorBytes of T (one register; GCC/Clang vector extensions), loaded and stored unaligned, and summed across
+// its lanes in lane order.
 template <typename T>
-struct Vec32 {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int64_t kLanes = 32 / sizeof(T);
+struct Vec {
+  typedef T type __attribute__((vector_size(kVectorBytes)));
+  static constexpr int64_t kLanes = kVectorBytes / sizeof(T);
   static type load(const T* p) {
     type v;
     std::memcpy(&v, p, sizeof v);
@@ -207,30 +216,30 @@ constexpr bool kHalfVectors = true;
 constexpr bool kHalfVectors = false;
 #endif
 
-// 32 bytes of T's accumulation type from p, the vector form of load(): the values themselves (float, double), or
-// eight bfloat16 values widened (their bits shifted up: exact), or eight float16 values (with F16C).
+// A vector of T's accumulation type from p, the vector form of load(): the values themselves (float, double), or
+// bfloat16 values widened (their bits shifted up: exact), or eight float16 values (with F16C).
 // kVectorLoads: the types it takes.
 template <typename T>
-inline typename Vec32<T>::type load_acc(const T* p) {
-  return Vec32<T>::load(p);
+inline typename Vec<T>::type load_acc(const T* p) {
+  return Vec<T>::load(p);
 }
 
-inline Vec32<float>::type load_acc(const c10::BFloat16* p) {
+inline Vec<float>::type load_acc(const c10::BFloat16* p) {
 #if defined(__AVX2__)  // one vpmovzxwd from memory (GCC widens the generic form below in four steps)
   const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return reinterpret_cast<Vec32<float>::type>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  return reinterpret_cast<Vec<float>::type>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
 #else
-  typedef uint16_t Halves __attribute__((vector_size(16)));
-  typedef uint32_t Words __attribute__((vector_size(32)));
+  typedef uint16_t Halves __attribute__((vector_size(kVectorBytes / 2)));
+  typedef uint32_t Words __attribute__((vector_size(kVectorBytes)));
   Halves bits;
   std::memcpy(&bits, p, sizeof bits);
-  return reinterpret_cast<Vec32<float>::type>(__builtin_convertvector(bits, Words) << 16);
+  return reinterpret_cast<Vec<float>::type>(__builtin_convertvector(bits, Words) << 16);
 #endif
 }
 
 #if defined(__AVX2__) && defined(__F16C__)
-inline Vec32<float>::type load_acc(const c10::Half* p) {
-  return reinterpret_cast<Vec32<float>::type>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+inline Vec<float>::type load_acc(const c10::Half* p) {
+  return reinterpret_cast<Vec<float>::type>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 #endif
 
@@ -400,33 +409,38 @@ void to_float(const T* __restrict__ p, float* __restrict__ o, int64_t n) {
   for (int64_t i = vector_loads(o, p, n); i < n; ++i) o[i] = load(p, i);
 }
 
-// One 32-byte vector stored past the caches, p 32-byte aligned: no read for ownership of the line, and the
+// One vector stored past the caches, p 32-byte aligned (AVX2): no read for ownership of the line, and the
 // line does not evict data still to be read (an AVX2 non-temporal store; a plain store without AVX2). Stores
 // are ordered with stream_fence() before the values are handed on.
 #if defined(__AVX2__)
-inline void stream_store(float* p, Vec32<float>::type v) { _mm256_stream_ps(p, reinterpret_cast<__m256>(v)); }
-inline void stream_store(double* p, Vec32<double>::type v) { _mm256_stream_pd(p, reinterpret_cast<__m256d>(v)); }
+inline void stream_store(float* p, Vec<float>::type v) { _mm256_stream_ps(p, reinterpret_cast<__m256>(v)); }
+inline void stream_store(double* p, Vec<double>::type v) { _mm256_stream_pd(p, reinterpret_cast<__m256d>(v)); }
 inline void stream_fence() { _mm_sfence(); }
 #else
 template <typename T>
-inline void stream_store(T* p, typename Vec32<T>::type v) { Vec32<T>::store(p, v); }
+inline void stream_store(T* p, typename Vec<T>::type v) { Vec<T>::store(p, v); }
 inline void stream_fence() {}
 #endif
 
-// out[i] for i < len, from value(i) (one element) and vector(i) (the 32 bytes from i): the whole 64-byte lines
-// of out stored past the caches (stream_store, two vectors a line), the partial lines at either end one element
+// out[i] for i < len, from value(i) (one element) and vector(i) (the vector from i): the whole 64-byte lines
+// of out stored past the caches (stream_store, two or four vectors a line), the partial lines at either end one element
 // at a time through the cache, so that no line is written both ways (a partly streamed line is merged in
 // memory).
 template <typename T, typename One, typename Many>
 void store_streamed(T* __restrict__ out, int64_t len, const One& value, const Many& vector) {
-  constexpr int64_t kLanes = Vec32<T>::kLanes, kLine = 64 / static_cast<int64_t>(sizeof(T));
+  constexpr int64_t kLanes = Vec<T>::kLanes, kLine = 64 / static_cast<int64_t>(sizeof(T));
   const int64_t to_boundary = (64 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % 64)) % 64;
   const int64_t head = std::min<int64_t>(len, to_boundary / static_cast<int64_t>(sizeof(T)));
   const int64_t body = len - (len - head) % kLine;
   for (int64_t i = 0; i < head; ++i) out[i] = value(i);
+  static_assert(kLine == 2 * kLanes || kLine == 4 * kLanes, "two or four vectors a line");
   for (int64_t i = head; i < body; i += kLine) {
     stream_store(out + i, vector(i));
     stream_store(out + i + kLanes, vector(i + kLanes));
+    if constexpr (kLine == 4 * kLanes) {  // 16-byte vectors
+      stream_store(out + i + 2 * kLanes, vector(i + 2 * kLanes));
+      stream_store(out + i + 3 * kLanes, vector(i + 3 * kLanes));
+    }
   }
   for (int64_t i = body; i < len; ++i) out[i] = value(i);
 }
@@ -451,7 +465,7 @@ RunSums run_sums(const scalar_t* x, const scalar_t* dy, int64_t len) {
   out.shift = K;
   int64_t body = 0;  // values summed in vector registers (float, double, bfloat16, float16 with F16C)
   if constexpr (kVectorLoads<scalar_t>) {
-    using V = Vec32<acc_t>;
+    using V = Vec<acc_t>;
     using T = typename V::type;
     constexpr int64_t L = V::kLanes;
     body = len - len % L;
@@ -555,9 +569,9 @@ struct ColumnSums {
 
   explicit ColumnSums(int64_t C) : C(C), part(5 * C), total(4 * C), staged(kStaged ? 2 * stage_rows() * C : 0) {}
 
-  // One 32-byte vector of the accumulation type: the lanes of a register-blocked column group.
-  using Lanes = typename Vec32<acc_t>::type;
-  static constexpr int64_t kLanes = Vec32<acc_t>::kLanes;
+  // One vector of the accumulation type: the lanes of a register-blocked column group.
+  using Lanes = typename Vec<acc_t>::type;
+  static constexpr int64_t kLanes = Vec<acc_t>::kLanes;
   // Each lane group walks the chunk's rows C values apart: for wide rows (2 KiB at C = 512) every row lies
   // on another page, where the hardware prefetchers do not follow. The two-row loop asks for the line four
   // lines ahead in each row, the one a later lane group reads (measured: 128×512×4×4 channels-last training
@@ -565,8 +579,8 @@ struct ColumnSums {
   // (locality 1, prefetcht2: a walk's dozens of requests no longer wait on L1's fill buffers; 64×144×16×16
   // 1.22–1.24 → 1.03–1.13, 128×128×16×16 1.07–1.16 → 0.90–0.95 against prefetcht0; prefetcht1 in between).
   static constexpr int64_t kAhead = 256 / sizeof(acc_t);
-  static Lanes load_lanes(const acc_t* p) { return Vec32<acc_t>::load(p); }
-  static void store_lanes(acc_t* p, Lanes v) { Vec32<acc_t>::store(p, v); }
+  static Lanes load_lanes(const acc_t* p) { return Vec<acc_t>::load(p); }
+  static void store_lanes(acc_t* p, Lanes v) { Vec<acc_t>::store(p, v); }
 
   // Bytes of one row (one position's C values): what decides the lane groups and the two-row updates.
   int64_t row_bytes() const { return C * static_cast<int64_t>(sizeof(scalar_t)); }
@@ -828,8 +842,8 @@ Moments moments(const Tensor& x, const Tensor* dy, const Geometry& g, double* st
 }
 
 // Σ term(i) for i < len in float64 over chunks of kChunk values. With kVector (float32, float64, bfloat16 and,
-// with F16C, float16 values: kVectorLoads) each chunk is summed in four 32-byte accumulators held in registers,
-// vector_term(i) giving the 32 bytes of terms from i: GCC keeps an omp simd reduction's lanes in a stack array,
+// with F16C, float16 values: kVectorLoads) each chunk is summed in four vector accumulators held in registers,
+// vector_term(i) giving the vector of terms from i: GCC keeps an omp simd reduction's lanes in a stack array,
 // stored on every iteration, a chain of store-to-load latencies that made these the hot loops of the
 // small-spatial paths, whose samples are read from L1. The tail, and other types, go through scalar_term(i) in an
 // omp simd reduction.
@@ -838,7 +852,7 @@ __attribute__((always_inline)) inline double chunked_sum(int64_t len, const Many
   double total = 0;
   int64_t body = 0;  // values summed in vector registers
   if constexpr (kVector) {
-    using V = Vec32<acc_t>;
+    using V = Vec<acc_t>;
     constexpr int64_t kLanes = V::kLanes, kStep = 4 * kLanes;
     static_assert(kChunk % kStep == 0, "whole steps per chunk");
     body = len - len % kStep;
@@ -868,7 +882,7 @@ __attribute__((always_inline)) inline double chunked_sum(int64_t len, const Many
 template <typename scalar_t>
 double squares_of(const scalar_t* p, int64_t len) {
   using acc_t = at::opmath_type<scalar_t>;
-  using V = Vec32<acc_t>;
+  using V = Vec<acc_t>;
   return chunked_sum<acc_t, kVectorLoads<scalar_t>>(
       len,
       [&](auto i) {
@@ -904,7 +918,7 @@ bool past_the_caches(const Tensor& out, int64_t tensors) {
 template <typename scalar_t, bool kTwoInputs>
 struct AffinePass {
   using acc_t = at::opmath_type<scalar_t>;
-  using V = Vec32<scalar_t>;
+  using V = Vec<scalar_t>;
   static constexpr bool kCanStream = std::is_same_v<scalar_t, acc_t>;  // float, double
   const scalar_t* u;
   const scalar_t* v;
@@ -1062,7 +1076,7 @@ struct AffinePass {
     if constexpr (!kVector16<scalar_t>) {
       return 0;
     } else {
-      using VA = Vec32<acc_t>;
+      using VA = Vec<acc_t>;
       return blocks16<kTwoInputs>(ur, kTwoInputs ? v + r * g.C : ur, orow, g.C, [&](auto x, auto y, int64_t c) {
         if constexpr (kTwoInputs)
           return x * VA::load(an + c) + y * VA::load(bn + c) + VA::load(sn + c);
@@ -1084,7 +1098,7 @@ struct AffinePass {
   // load_acc's order, the last len mod 16 one at a time.
   void chunk16(const scalar_t* __restrict__ uc, const scalar_t* __restrict__ vc, scalar_t* __restrict__ oc, int64_t len,
                const acc_t* __restrict__ ac, const acc_t* __restrict__ sc, const acc_t* __restrict__ bc) const {
-    using VA = Vec32<acc_t>;
+    using VA = Vec<acc_t>;
     const int64_t body = blocks16_in_order(oc, len, [&](auto i) {
       if constexpr (kTwoInputs)
         return load_acc(uc + i) * VA::load(ac + i) + load_acc(vc + i) * VA::load(bc + i) + VA::load(sc + i);
@@ -1182,7 +1196,7 @@ Statistics statistics(const Moments& mo, const Geometry& g, bool rescale, double
   st.scale.resize(g.N);
   const double target = target_norm(g, rescale);
   at::parallel_for(0, g.N, algebra_grain(g.C), [&](int64_t n0, int64_t n1) {
-    using V = Vec32<double>;
+    using V = Vec<double>;
     const double M = static_cast<double>(g.M);
     for (int64_t n = n0; n < n1; ++n) {  // in vector registers: a float64 add's latency per channel otherwise
       const double* __restrict__ mean = mo.mean + n * g.C;
@@ -1504,7 +1518,7 @@ void small_output(const scalar_t* xp, scalar_t* yp, const Geometry& g, const std
                   const std::vector<double>& shift, std::vector<double>& scale, std::vector<double>* squares,
                   double target, double l2_eps) {
   using acc_t = at::opmath_type<scalar_t>;
-  using V = Vec32<acc_t>;
+  using V = Vec<acc_t>;
   const int64_t D = g.C * g.M;
   const SampleRows rows = sample_rows(g);
   const int64_t L = rows.length;
@@ -1552,7 +1566,7 @@ double sample_dot(const acc_t* u, const std::vector<double>& A, const std::vecto
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 double row_dz_dot_x(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, const acc_t* __restrict__ a,
                     const acc_t* __restrict__ b, const acc_t* __restrict__ e, acc_t r, int64_t len) {
-  using V = Vec32<acc_t>;
+  using V = Vec<acc_t>;
   return chunked_sum<acc_t, kVectorLoads<scalar_t>>(
       len,
       [&](auto i) {
@@ -1575,7 +1589,7 @@ void small_input_grad(const scalar_t* gp, const scalar_t* xp, scalar_t* dxp, con
                       const SmallSums& sums, double l2_eps,
                       const at::opmath_type<scalar_t>* sample_sums = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
-  using V = Vec32<acc_t>;
+  using V = Vec<acc_t>;
   const int64_t D = g.C * g.M;
   const SampleRows rows = sample_rows(g);
   const int64_t L = rows.length;
@@ -1743,7 +1757,7 @@ void small_backward(const Tensor& dy, const Tensor& x, Tensor& dx, const Geometr
 template <typename scalar_t>
 double scaled_flat(const scalar_t* __restrict__ xs, scalar_t* __restrict__ ys, const scalar_t* tiled_gain,
                    int64_t C, int64_t D) {
-  using V = Vec32<scalar_t>;
+  using V = Vec<scalar_t>;
   constexpr int64_t kLanes = V::kLanes;
   double total = 0;
   for (int64_t start = 0; start < D; start += kChunk) {
@@ -1770,13 +1784,13 @@ double scaled_flat(const scalar_t* __restrict__ xs, scalar_t* __restrict__ ys, c
   return total;
 }
 
-// Eval pass 1, rows-layout sample: y = x·gain_c row by row; returns Σ x², summed in two 32-byte vectors
+// Eval pass 1, rows-layout sample: y = x·gain_c row by row; returns Σ x², summed in two vectors
 // carried across the rows (a reduction loop per row ends in a horizontal sum, which at 8×8 costs about as much
 // as the row) and added in float64 every kChunk values a vector pair.
 template <typename scalar_t>
 double scaled_rows(const scalar_t* __restrict__ xs, scalar_t* __restrict__ ys, const scalar_t* gain, int64_t C,
                    int64_t M) {
-  using V = Vec32<scalar_t>;
+  using V = Vec<scalar_t>;
   constexpr int64_t kLanes = V::kLanes;
   const int64_t body = M - M % (2 * kLanes);
   typename V::type a = {}, b = {};
@@ -1825,7 +1839,7 @@ std::vector<scalar_t> tiled(const std::vector<double>& values, const Geometry& g
 // code, 32-byte fetch windows.)
 template <typename scalar_t, bool kTiled>
 void rescale_in_place(scalar_t* __restrict__ y, const scalar_t* __restrict__ s, scalar_t r, int64_t len) {
-  using V = Vec32<scalar_t>;
+  using V = Vec<scalar_t>;
   constexpr int64_t kLanes = V::kLanes;
   typename V::type sv;
   for (int64_t l = 0; l < kLanes; ++l) sv[l] = s[0];
@@ -1882,7 +1896,7 @@ void eval_in_cache(const scalar_t* xp, scalar_t* yp, const Geometry& g, const st
 template <typename scalar_t, bool kTiled>
 void streamed_affine(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const scalar_t* __restrict__ g,
                      const scalar_t* __restrict__ s, scalar_t r, int64_t len) {
-  using V = Vec32<scalar_t>;
+  using V = Vec<scalar_t>;
   typename V::type gv, sv;
   for (int64_t l = 0; l < V::kLanes; ++l) gv[l] = g[0], sv[l] = s[0];
   store_streamed(
