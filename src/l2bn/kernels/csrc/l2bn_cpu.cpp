@@ -177,7 +177,7 @@ inline void store(c10::BFloat16* p, int64_t i, float value) {
 
 // The build's vector register: 32 bytes with AVX2, else 16 (SSE, NEON). GCC keeps generic vectors wider than
 // the target's registers in memory: built without AVX2, 32-byte ones sent every accumulator of a loop through
-// the stack, and eval took 2–4× BatchNorm's time at 8×8–32×32 NCHW (session 27).
+// the stack, and NCHW eval took up to 2× BatchNorm's time (3× its time with these; session 27).
 #if defined(__AVX2__)
 constexpr int kVectorBytes = 32;
 #else
@@ -423,9 +423,9 @@ inline void stream_fence() {}
 #endif
 
 // out[i] for i < len, from value(i) (one element) and vector(i) (the vector from i): the whole 64-byte lines
-// of out stored past the caches (stream_store, two or four vectors a line), the partial lines at either end one element
-// at a time through the cache, so that no line is written both ways (a partly streamed line is merged in
-// memory).
+// of out stored past the caches (stream_store, two or four vectors a line), the partial lines at either end one
+// element at a time through the cache, so that no line is written both ways (a partly streamed line is merged
+// in memory).
 template <typename T, typename One, typename Many>
 void store_streamed(T* __restrict__ out, int64_t len, const One& value, const Many& vector) {
   constexpr int64_t kLanes = Vec<T>::kLanes, kLine = 64 / static_cast<int64_t>(sizeof(T));
