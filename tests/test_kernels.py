@@ -555,10 +555,10 @@ def test_cpp_16_bit_is_the_float32_result_rounded(dtype, layout, shape):
     kernel's on the same values, rounded by torch, to one unit in the last place, and NaN stays NaN. The 16-bit
     and float32 loops may sum in different orders (built without AVX2 they do), and outputs that cancel to near
     zero then differ by the float32 computation's own error, a few float32 units of the largest output: more
-    than one float16 unit there (values in float16's subnormal range). Every channel has its own coefficients, so that
-    values stored in the wrong channel fail (16-bit runs and rows go sixteen values a step, then a tail; 11×11
-    channels-last float16 sums its 121 rows in two staged groups; 2×2 and 4×4: the small-map paths, 4×4 at C = 1024
-    one sample a block, three blocks)."""
+    than one float16 unit there (values in float16's subnormal range). Every channel has its own coefficients,
+    so that values stored in the wrong channel fail (16-bit runs and rows go sixteen values a step, then a tail;
+    11×11 channels-last float16 sums its 121 rows in two staged groups; 2×2 and 4×4: the small-map paths, 4×4 at
+    C = 1024 one sample a block, three blocks)."""
     gen = torch.Generator().manual_seed(5)
     C = shape[1]
     x16 = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype).contiguous(memory_format=layout)
@@ -710,6 +710,7 @@ def test_the_kernel_built_without_avx2_passes_the_numerics_tests():
                              __file__, "-k", WITHOUT_AVX2], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
+
 
 @NO_COMPILER
 def test_a_clean_cpu_run_prints_nothing():

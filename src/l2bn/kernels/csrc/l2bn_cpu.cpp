@@ -243,6 +243,11 @@ inline Vec<float>::type load_acc(const c10::Half* p) {
 }
 #endif
 
+// float16 with F16C: the sums' blocks of rows are widened into float32 first (ColumnSums::staged_rows,
+// small_sums), since inside omp simd loops float16 widens only in the branch-free scalar form.
+template <typename T>
+constexpr bool kStaged16 = kHalfVectors && std::is_same_v<T, c10::Half>;
+
 template <typename T>
 constexpr bool kVectorLoads = std::is_same_v<T, at::opmath_type<T>> || std::is_same_v<T, c10::BFloat16> ||
                               (kHalfVectors && std::is_same_v<T, c10::Half>);
@@ -564,7 +569,7 @@ struct ColumnSums {
   std::vector<acc_t> part;   // K, s1, s2, sg, sgx: 5·C
   std::vector<double> total;  // x, xx, g, gx: 4·C
 
-  static constexpr bool kStaged = kHalfVectors && std::is_same_v<scalar_t, c10::Half>;  // staged_rows
+  static constexpr bool kStaged = kStaged16<scalar_t>;  // staged_rows
   std::vector<float> staged;  // float16: a group of rows of x and of dy in float32
 
   explicit ColumnSums(int64_t C) : C(C), part(5 * C), total(4 * C), staged(kStaged ? 2 * stage_rows() * C : 0) {}
@@ -1366,7 +1371,7 @@ SmallSums small_sums(const scalar_t* xp, const scalar_t* gp, const Geometry& g, 
                      double target, double l2_eps, at::opmath_type<scalar_t>* sample_sums = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   static_assert(kGrad || !kSampleSums, "per-sample sums are the backward's");
-  constexpr bool kStaged = kHalfVectors && std::is_same_v<scalar_t, c10::Half>;
+  constexpr bool kStaged = kStaged16<scalar_t>;
   const int64_t N = g.N, C = g.C, D = g.C * g.M, width = kGrad ? 4 : 2;
   const SampleRows rows = sample_rows(g);
   const int64_t L = rows.length;
