@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -306,18 +305,17 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     except subprocess.TimeoutExpired as slow:
         where = _stacks(proc.pid)
         partial = slow.stderr.decode(errors="replace") if isinstance(slow.stderr, bytes) else slow.stderr or ""
-        if "interrupted;" in partial:
-            # taken, but the exit is slow: twice in CI (loaded by the other worker) the message came and the exit
-            # did not within 15 s, once 90 s; a second press would kill the exiting process (-2): wait, and say where
-            _, err = proc.communicate(timeout=300)
-            warnings.warn(f"the child exited over 90 s after its message{where}")
-        else:
-            # CPython drops a SIGINT that lands while a weakref callback runs (an import lock's, printing
-            # "Exception ignored in ..."), and training goes on, as after a lost first Ctrl-C at a terminal: press
-            # it again
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err + where
+        assert "interrupted;" not in partial, f"the child did not exit within 90 s of its message{where}"
+        # CPython drops a SIGINT that lands while a weakref callback runs (an import lock's, printing "Exception
+        # ignored in ..."), and training goes on, as after a lost first Ctrl-C at a terminal: press it again
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    # 130, or death by SIGINT (-2): the shell reports 130 for both. The first metrics line is followed by the lazy
+    # import of TensorBoard's writer, whose namedtuples and dataclasses run exec() on strings; a Ctrl-C that lands in
+    # one leaves CPython's "unhandled KeyboardInterrupt" flag set though the CLI catches it, and `python -m` then ends
+    # by re-raising SIGINT instead of exiting 130 (Modules/main.c, Py_RunMain; reproduced with a caught
+    # KeyboardInterrupt raised inside exec() in a module run with -m)
+    assert proc.returncode in (130, -signal.SIGINT), err + where
     dropped = re.compile(r"Exception ignored in: [^\n]*\nTraceback \(most recent call last\):\n.*?\nKeyboardInterrupt: ?\n", re.S)
     assert f"continue with the same command plus --resume --out {out}" in err and "Traceback" not in dropped.sub("", err)
     assert main(["train", "--epochs", "40", "--out", str(out), "--resume", "--stop-after", "2", *FAST]) == 0
