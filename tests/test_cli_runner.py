@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,52 +274,77 @@ def test_analyze_refuses_a_crafted_checkpoint_without_running_it(tmp_path, capsy
     assert "is not an l2bn checkpoint (it holds a dict without model" in capsys.readouterr().err
 
 
-def _stacks(pid: int) -> str:
-    """Where a process is stuck: its threads' states and, where gdb is installed, their native stacks."""
+def _stacks(shell: int) -> str:
+    """Where the shell's training child is stuck: its threads' states and, where gdb is installed, their stacks."""
     import shutil
 
+    children = Path(f"/proc/{shell}/task/{shell}/children")
+    pid = children.read_text().split()[0] if children.is_file() and children.read_text() else str(shell)
     states = subprocess.run(["sh", "-c", f"grep -H State /proc/{pid}/task/*/status"], capture_output=True, text=True)
     stacks = "" if shutil.which("gdb") is None else subprocess.run(
-        ["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 25"], capture_output=True, text=True,
+        ["gdb", "-p", pid, "-batch", "-ex", "thread apply all bt 25"], capture_output=True, text=True,
         timeout=120).stdout
     return f"\nthe child after 90 s:\n{states.stdout}{stacks}"
 
 
-def test_ctrl_c_says_how_to_resume(tmp_path):
+def test_ctrl_c_says_how_to_resume_and_stops_a_shell_script(tmp_path):
+    """Ctrl-C in a shell script of runs (a user's loop over seeds) ends the run with how to resume and ends the
+    script: the process dies by SIGINT (``l2bn.cli.run``), so the shell stops too; after an exit with 130 it would
+    take the child to have handled the signal and go on to the next command."""
+    import os
+    import shlex
     import signal
     import time
 
-    out = tmp_path / "t"
-    cmd = [sys.executable, "-m", "l2bn", "train", "--epochs", "40", "--out", str(out), *FAST]
-    # a shell that runs the suite in the background starts it with SIGINT ignored, and Python then raises no
-    # KeyboardInterrupt: give the child the default handler, as a terminal would
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    out, following = tmp_path / "t", tmp_path / "following"
+    run = shlex.join([sys.executable, "-m", "l2bn", "train", "--epochs", "40", *FAST, "--out", str(out)])
+    script = f"{run}; touch {shlex.quote(str(following))}"
+    # a terminal's Ctrl-C reaches its foreground process group: the shell and the run. A shell that runs the suite
+    # in the background starts it with SIGINT ignored, and Python then raises no KeyboardInterrupt: give the
+    # script the default handler, as a terminal would
+    shell = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     metrics = out / "metrics.jsonl"
     while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text()):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(shell.pid, signal.SIGINT)
     where = ""
-    try:  # the exit takes ~1.5 s (1 s of it the interpreter's final garbage collection)
-        _, err = proc.communicate(timeout=90)
+    try:  # the exit takes ~1 s (most of it the interpreter's final garbage collection)
+        _, err = shell.communicate(timeout=90)
     except subprocess.TimeoutExpired as slow:
-        where = _stacks(proc.pid)
+        where = _stacks(shell.pid)
         partial = slow.stderr.decode(errors="replace") if isinstance(slow.stderr, bytes) else slow.stderr or ""
-        assert "interrupted;" not in partial, f"the child did not exit within 90 s of its message{where}"
+        assert "interrupted;" not in partial, f"the run did not exit within 90 s of its message{where}"
         # CPython drops a SIGINT that lands while a weakref callback runs (an import lock's, printing "Exception
         # ignored in ..."), and training goes on, as after a lost first Ctrl-C at a terminal: press it again
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    # 130, or death by SIGINT (-2): the shell reports 130 for both. The first metrics line is followed by the lazy
-    # import of TensorBoard's writer, whose namedtuples and dataclasses run exec() on strings; a Ctrl-C that lands in
-    # one leaves CPython's "unhandled KeyboardInterrupt" flag set though the CLI catches it, and `python -m` then ends
-    # by re-raising SIGINT instead of exiting 130 (Modules/main.c, Py_RunMain; reproduced with a caught
-    # KeyboardInterrupt raised inside exec() in a module run with -m)
-    assert proc.returncode in (130, -signal.SIGINT), err + where
+        os.killpg(shell.pid, signal.SIGINT)
+        _, err = shell.communicate(timeout=120)
+    assert shell.returncode == -signal.SIGINT and not following.exists(), err + where
     dropped = re.compile(r"Exception ignored in: [^\n]*\nTraceback \(most recent call last\):\n.*?\nKeyboardInterrupt: ?\n", re.S)
     assert f"continue with the same command plus --resume --out {out}" in err and "Traceback" not in dropped.sub("", err)
     assert main(["train", "--epochs", "40", "--out", str(out), "--resume", "--stop-after", "2", *FAST]) == 0
+
+
+def test_the_process_entry_ends_by_sigint_after_an_interrupted_command(monkeypatch, capsys):
+    """``l2bn.cli.run`` (``python -m l2bn``, the ``l2bn`` script) exits with a command's status, and after a Ctrl-C
+    re-raises KeyboardInterrupt with a hook that prints no traceback (CPython then ends the process by SIGINT)."""
+    import l2bn.cli as cli
+
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    for status in (0, 1):
+        monkeypatch.setattr(cli, "main", lambda: status)
+        with pytest.raises(SystemExit) as exited:
+            cli.run()
+        assert exited.value.code == status and sys.excepthook is not cli._quiet_on_interrupt
+    monkeypatch.setattr(cli, "main", lambda: cli.INTERRUPTED)
+    with pytest.raises(KeyboardInterrupt):
+        cli.run()
+    assert sys.excepthook is cli._quiet_on_interrupt
+    sys.excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert capsys.readouterr().err == ""
+    sys.excepthook(ValueError, ValueError("a bug keeps its traceback"), None)
+    assert "ValueError: a bug keeps its traceback" in capsys.readouterr().err
 
 
 def test_compare_jobs_default_is_two_on_a_multicore_cpu(monkeypatch):

@@ -93,6 +93,13 @@ def test_a_missing_experiment_package_found_mid_run_is_one_line_too(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_the_l2bn_script_enters_as_python_m_does():
+    """Both through ``l2bn.cli.run``, which ends an interrupted command by SIGINT (test_cli_runner)."""
+    from l2bn.cli import run
+
+    assert pyproject()["scripts"] == {"l2bn": "l2bn.cli:run"} and callable(run)
+
+
 def test_l2bn_exposes_its_version():
     assert l2bn.__version__ == pyproject()["version"]
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m l2bn <command>`` (also installed as ``l2bn``).
+"""Command line: ``python -m l2bn <command>`` (also installed as ``l2bn``; both enter through :func:`run`).
 
 The commands live in :mod:`l2bn.commands`, one module a subsystem. This module registers them and is the
 one place that turns an expected error — a bad value, missing data, an unreadable or foreign file, a full
@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Sequence
+
+INTERRUPTED = 130  # what a command returns after a Ctrl-C (its message printed): 128 + SIGINT, a shell's status
 
 # The extra that installs each optional package, by top-level import name (pyproject.toml's extras).
 EXTRA_OF_PACKAGE = {
@@ -50,7 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run() -> None:
+    """The process's entry: exits with :func:`main`'s status, except after a Ctrl-C, where it ends as Python ends
+    on an uncaught one — by SIGINT, after the interpreter's clean-up (CPython's ``exit_sigint``) — so that a
+    calling shell stops its loop too (a shell goes on after a child that exited 130: it handled the signal) and
+    the status does not depend on where the interrupt landed (one inside an ``exec()`` of a string, as in a
+    namedtuple's creation, makes ``python -m`` end by SIGINT regardless)."""
+    status = main()
+    if status != INTERRUPTED:
+        raise SystemExit(status)
+    sys.excepthook = _quiet_on_interrupt  # the command said how to continue: no traceback
+    raise KeyboardInterrupt
+
+
+def _quiet_on_interrupt(kind: type[BaseException], value: BaseException, traceback: object) -> None:
+    if not issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, traceback)  # type: ignore[arg-type]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command (``argv`` as after ``l2bn``; None: ``sys.argv``) and return its exit status: 0, 1 for an
+    expected error (printed as one line), :data:`INTERRUPTED` after a Ctrl-C."""
     try:
         return _run(argv)
     except ImportError as exc:
@@ -70,4 +92,4 @@ def _run(argv: Sequence[str] | None) -> int:
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED

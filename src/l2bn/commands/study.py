@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to continue (finished epochs and runs are kept)",
               file=sys.stderr)
-        return 130
+        return 130  # l2bn.cli.INTERRUPTED: the process then ends by SIGINT (cli.run)
     if result.submitted:
         print_submitted(result.submitted, f"run the same command again (or with --report-only) to write {result.page}")
         return 0
