@@ -279,7 +279,8 @@ def _stacks(shell: int) -> str:
     import shutil
 
     children = Path(f"/proc/{shell}/task/{shell}/children")
-    pid = children.read_text().split()[0] if children.is_file() and children.read_text() else str(shell)
+    listed = children.read_text().split() if children.is_file() else []
+    pid = listed[0] if listed else str(shell)
     states = subprocess.run(["sh", "-c", f"grep -H State /proc/{pid}/task/*/status"], capture_output=True, text=True)
     stacks = "" if shutil.which("gdb") is None else subprocess.run(
         ["gdb", "-p", pid, "-batch", "-ex", "thread apply all bt 25"], capture_output=True, text=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import INTERRUPTED
 from ..studies import DEFAULT_ROOT, StudyOverrides, get_study, list_studies, run_study
 from ..studies.catalog import STUDY_JOBS
 from ._args import positive_int, seed_list, str_list
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to continue (finished epochs and runs are kept)",
               file=sys.stderr)
-        return 130  # l2bn.cli.INTERRUPTED: the process then ends by SIGINT (cli.run)
+        return INTERRUPTED
     if result.submitted:
         print_submitted(result.submitted, f"run the same command again (or with --report-only) to write {result.page}")
         return 0

@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from ..cli import INTERRUPTED
 from ..data import list_datasets
 from ..train.analyze import analyze_checkpoint
 from ..train.config import AMP_DTYPES, AUGMENT_MODES, TrainConfig
@@ -151,7 +152,7 @@ def run_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; {out} keeps its last finished epoch: continue with the same command plus "
               f"--resume --out {out}", file=sys.stderr)
-        return 130  # l2bn.cli.INTERRUPTED: the process then ends by SIGINT (cli.run)
+        return INTERRUPTED
     if "stopped_after" in summary:
         print(f"stopped after epoch {summary['stopped_after']}; continue with --resume --out {out}")
     else:
@@ -171,7 +172,7 @@ def run_compare(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same compare command again to continue (finished epochs and runs are kept)",
               file=sys.stderr)
-        return 130  # l2bn.cli.INTERRUPTED: the process then ends by SIGINT (cli.run)
+        return INTERRUPTED
     if result.submitted:
         print_submitted(result.submitted, "run the same compare command again to write the report")
     elif result.stopped:
