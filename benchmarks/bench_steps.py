@@ -2,7 +2,7 @@
 
     python benchmarks/bench_steps.py [--models resnet20,resnet56,vgg16_bn] [--layouts NCHW,channels_last]
                                      [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--batch 128] [--repeats 5]
-                                     [--threads N] [--mode train|eval]
+                                     [--threads N] [--mode train|eval] [--no-onednn]
                                      [--compile default|reduce-overhead|max-autotune-no-cudagraphs] [--backend inductor]
 
 One step is zero_grad, forward, cross-entropy, backward and SGD (momentum 0.9) on one fixed batch of 32×32 images;
@@ -17,6 +17,9 @@ ResNet-20 steps 2.5–2.9× BatchNorm's on the H200).
 
 With ``--mode eval`` the rows time inference instead: one forward in eval mode under ``torch.no_grad`` (the test
 pass's; at ``--batch 1``, serving one image, per-call costs dominate).
+
+``--no-onednn`` turns torch's oneDNN (mkldnn) off for the run, so that CPU convolutions take ATen's im2col and
+matrix-multiply path instead: the alternative to oneDNN's convolutions, which are most of a CPU step.
 
 ``bench_census.py --steps`` prints the eager rows of this script at its step models.
 """
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", default="inductor", help="torch.compile's backend (with --compile)")
     parser.add_argument("--mode", choices=sorted(UNITS), default="train",
                         help="train: SGD steps; eval: forwards in eval mode under no_grad")
+    parser.add_argument("--no-onednn", action="store_true",
+                        help="CPU convolutions without oneDNN (torch.backends.mkldnn.enabled = False)")
     args = parser.parse_args(argv)
     layouts = args.layouts.split(",")
     if unknown := [layout for layout in layouts if layout not in LAYOUTS]:
@@ -136,8 +141,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--device {args.device}: this machine has no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_onednn:
+        torch.backends.mkldnn.enabled = False
     compiled = "" if args.compile_mode is None else f"; torch.compile mode {args.compile_mode}, backend {args.backend}"
-    print(f"{environment_line(device)}; dtype {args.dtype}; mode {args.mode}{compiled}")
+    onednn = "; oneDNN off" if args.no_onednn else ""
+    print(f"{environment_line(device)}; dtype {args.dtype}; mode {args.mode}{compiled}{onednn}")
     print(header(args.compile_mode, args.mode))
     step_rows(args.models.split(","), layouts, device, DTYPES[args.dtype], batch=args.batch, repeats=args.repeats,
               compile_mode=args.compile_mode, backend=args.backend, mode=args.mode)

@@ -370,3 +370,21 @@ def test_steps_benchmark_times_eager_and_compiled_steps_with_the_compile_apart()
     assert row, inference.stdout
     bn, l2, ratio, c_bn, c_l2, c_ratio = map(float, row.groups())
     assert min(bn, l2, c_bn, c_l2) > 0 and math.isclose(ratio, l2 / bn, abs_tol=0.01 + 0.01 / bn + 0.01 / l2)
+
+
+def test_steps_benchmark_turns_onednn_off_for_the_run(monkeypatch, capsys):
+    """bench_steps.py --no-onednn: the steps run with ``torch.backends.mkldnn.enabled`` False (ATen's im2col
+    convolutions), and the environment line says so; without the flag oneDNN stays as it was."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_steps
+
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)  # restored after the test
+    seen = []
+    monkeypatch.setattr(bench_steps, "step_rows", lambda *args, **kwargs: seen.append(torch.backends.mkldnn.enabled))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    lines = []
+    for flag in ([], ["--no-onednn"]):
+        bench_steps.main(["--models", "resnet20", "--threads", "1", *flag])
+        lines.append(capsys.readouterr().out.splitlines()[0])
+    assert seen == [True, False]
+    assert not lines[0].endswith("oneDNN off") and lines[1].endswith("; oneDNN off")
