@@ -374,11 +374,12 @@ def test_steps_benchmark_times_eager_and_compiled_steps_with_the_compile_apart()
 
 def test_steps_benchmark_turns_onednn_off_for_the_run(monkeypatch, capsys):
     """bench_steps.py --no-onednn: the steps run with ``torch.backends.mkldnn.enabled`` False (ATen's im2col
-    convolutions), and the environment line says so; without the flag oneDNN stays as it was."""
+    convolutions), through torch's flags context (processes that froze the global flags allow no other way), and
+    the environment line says so; without the flag, and after the steps, oneDNN stays as it was."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_steps
 
-    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)  # restored after the test
+    before = torch.backends.mkldnn.enabled
     seen = []
     monkeypatch.setattr(bench_steps, "step_rows", lambda *args, **kwargs: seen.append(torch.backends.mkldnn.enabled))
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
@@ -386,5 +387,5 @@ def test_steps_benchmark_turns_onednn_off_for_the_run(monkeypatch, capsys):
     for flag in ([], ["--no-onednn"]):
         bench_steps.main(["--models", "resnet20", "--threads", "1", *flag])
         lines.append(capsys.readouterr().out.splitlines()[0])
-    assert seen == [True, False]
+    assert seen == [before, False] and torch.backends.mkldnn.enabled == before  # off for the steps only
     assert not lines[0].endswith("oneDNN off") and lines[1].endswith("; oneDNN off")
