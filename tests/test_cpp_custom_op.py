@@ -144,6 +144,46 @@ def test_compiled_graphs_hold_the_kernel_and_match_eager(memory_format):
     assert not any("var_mean" in op or "linalg_vector_norm" in op for op in called), called
 
 
+def graph_calls(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, set[str]]:
+    """(output, the operators its forward graph calls) of ``model(x)`` compiled with fullgraph=True, after a reset."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from functorch.compile import make_boxed_func
+
+    called: set[str] = set()
+
+    def record(graph_module, _):
+        called.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return make_boxed_func(graph_module)
+
+    def backend(graph_module, example_inputs):
+        return aot_module_simplified(graph_module, example_inputs, fw_compiler=record, bw_compiler=record)
+
+    torch._dynamo.reset()
+    return torch.compile(model, backend=backend, fullgraph=True)(x), called
+
+
+@LAYOUTS
+def test_compiled_inference_of_small_inputs_traces_the_torch_ops(memory_format, monkeypatch):
+    """Inference in a compiled graph (eval under no_grad): an input of up to GRAPH_INFERENCE_TORCH_OPS_MAX values
+    traces the torch-op path, which the compiler fuses with the ops around it (no l2bn_cpu operator in the graph); a
+    larger one calls graph_coefficients; both within a rounding of eager. Eval with a gradient keeps the operators
+    whatever the size (the test above, at 1152 values)."""
+    import l2bn.kernels.cpp_custom_op as graph_ops
+
+    assert graph_ops.GRAPH_INFERENCE_TORCH_OPS_MAX >= 16 * 32 * 32  # a CIFAR ResNet's first stage at batch 1
+    torch.manual_seed(0)
+    model = ConvL2BN().to(memory_format=memory_format).eval()
+    x = torch.randn(4, 3, 6, 6).contiguous(memory_format=memory_format)  # the norm's input: 4·8·6·6 = 1152 values
+    with torch.no_grad():
+        want = model(x)
+        for limit, operators in ((1152, False), (1151, True)):
+            monkeypatch.setattr(graph_ops, "GRAPH_INFERENCE_TORCH_OPS_MAX", limit)
+            y, called = graph_calls(model, x)
+            assert_within_a_rounding(y, want)
+            assert any(op.startswith("l2bn_cpu.") for op in called) == operators, (limit, called)
+            assert ("l2bn_cpu.graph_coefficients.default" in called) == operators
+
+
 def test_forced_cpp_under_compile_refuses_other_devices_as_eager_does():
     """impl="cpp" for a tensor off the CPU: the function compiled graphs call refuses it with the eager path's
     error and way out (not the custom operator's missing-kernel error)."""

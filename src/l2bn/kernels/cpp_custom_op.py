@@ -21,6 +21,11 @@ A compiled graph calls them as opaque kernels and compiles everything around the
   rescaling), the backward of both forwards; the parameter gradients are empty (0,) tensors where the layer has
   no weight or no bias.
 
+Inference (eval with nothing to differentiate) of small inputs — up to ``GRAPH_INFERENCE_TORCH_OPS_MAX`` values,
+a CIFAR ResNet's layers at batch 4 — traces the torch-op path instead, whose per-sample norms and output Inductor
+fuses with the convolution's consumers: compiled inference at batch 1, ResNet-20/56 1.20–1.25× compiled BatchNorm
+through the operators, 1.06–1.09× so (docs/performance.md, "Session 29").
+
 ``scale`` holds the per-sample powers of two the input was multiplied by — ones, but for finite samples whose sum
 of squares overflows, which the kernel refuses and which run again rescaled (the factors of kernels/overflow.py,
 computed in C++ by the same ATen operations; L2BN is invariant to a positive scale of a sample). The running
@@ -49,7 +54,7 @@ import torch
 from torch import Tensor
 
 from .cpp import check_on_cpu, on_load
-from .fused import per_channel
+from .fused import l2_batch_norm_fused, needs_autograd, per_channel
 
 
 def _output_like(input: Tensor) -> Tensor:
@@ -142,6 +147,12 @@ class _CoefficientForward(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+# Inference (eval, no gradient) in a compiled graph of inputs up to this many values traces the torch-op path: there
+# an operator call's fixed cost outweighs the kernel's single read (measured on the 2-core CPU: the module docstring;
+# at batches of 8 and more, with layers above this size, the torch ops were no faster, at 16 slower).
+GRAPH_INFERENCE_TORCH_OPS_MAX = 65_536
+
+
 def l2_batch_norm_cpp_graph(
     input: Tensor,
     running_mean: Tensor | None,
@@ -155,8 +166,13 @@ def l2_batch_norm_cpp_graph(
     rescale: bool = True,
     l2_eps: float = 1e-12,
 ) -> Tensor:
-    """:func:`l2bn.kernels.cpp.l2_batch_norm_cpp` through the graph operators (what a compiled graph calls)."""
+    """:func:`l2bn.kernels.cpp.l2_batch_norm_cpp` through the graph operators (what a compiled graph calls);
+    inference (eval, nothing to differentiate) of inputs up to ``GRAPH_INFERENCE_TORCH_OPS_MAX`` values through the
+    torch-op path instead."""
     check_on_cpu(input)
+    if not training and input.numel() <= GRAPH_INFERENCE_TORCH_OPS_MAX and not needs_autograd(input, weight, bias):
+        return l2_batch_norm_fused(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                   rescale=rescale, l2_eps=l2_eps)
     # under torch.func transforms the whole-forward operator: torch.compile's copy of an autograd.Function has no
     # vmap rule (the operator has functorch's per-sample fallback)
     whole = torch._C._are_functorch_transforms_active()

@@ -10,8 +10,9 @@ tensors (when it builds), else the torch-op fused path. Two situations override 
   tracing, the ``torch.func`` transforms and ``torch.autograd.forward_ad`` duals, of the input or of the
   weight and bias (the fast paths have no jvp) — runs the reference composition, which keeps D = C·|S|
   symbolic. ``torch.compile`` is not one of them: on the CPU its graphs call the compiled kernel through custom
-  operators (``kernels/cpp_custom_op.py``; the torch-op fused path where the kernel does not build), on other
-  devices it traces the fused path's autograd.Function, which the compiler fuses.
+  operators (``kernels/cpp_custom_op.py``; the torch-op fused path where the kernel does not build, and for the
+  inference of small inputs), on other devices it traces the fused path's autograd.Function, which the compiler
+  fuses.
 
 The compiled CPU kernel's autograd node is its own (C++): it computes batched gradients
 (``torch.autograd.grad(..., is_grads_batched=True)``, gradcheck's ``check_batched_grad``) through ATen ops,

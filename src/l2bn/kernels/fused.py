@@ -241,7 +241,7 @@ class FusedL2BatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmu, _dvar):
         x, weight, scale, norm, mu, invstd, mean, sumsq = ctx.saved_tensors
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (dy, x, weight)):
+        if needs_autograd(dy, x, weight):
             raise RuntimeError("l2bn: the fused path has no double backward; use impl='reference'")
         acc = statistics_dtype(x)  # Σ dy·(x − m) of a huge sample overflows float32 too
         spatial = x[0, 0].numel()
@@ -266,6 +266,11 @@ class FusedL2BatchNorm(torch.autograd.Function):
         )
 
 
+def needs_autograd(*tensors: Tensor | None) -> bool:
+    """Whether a call records a graph: grad mode is on and one of ``tensors`` requires a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 @rerun_rescaled_on_overflow
 def l2_batch_norm_fused(
     input: Tensor,
@@ -282,10 +287,7 @@ def l2_batch_norm_fused(
 ) -> Tensor:
     """Same contract as :func:`l2bn.kernels.reference.l2_batch_norm_reference`, fused (CPU or any device);
     non-empty input (the dispatcher sends empty input to the reference)."""
-    needs_graph = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias)
-    )
-    if needs_graph:
+    if needs_autograd(input, weight, bias):
         y, mu, var = FusedL2BatchNorm.apply(input, weight, bias, running_mean, running_var, training, eps, rescale, l2_eps)
     else:  # inference: no autograd.Function, so the fastest output kernel may hand out a view
         y, mu, var, _ = _forward(

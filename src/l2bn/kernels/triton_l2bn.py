@@ -46,7 +46,7 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import Tensor
 
-from .fused import accumulation_dtype, spatial_stride
+from .fused import accumulation_dtype, needs_autograd, spatial_stride
 from .triton_launch import launch
 
 try:
@@ -1233,8 +1233,7 @@ def _inference_applies(rows: _Rows, *tensors: Tensor | None) -> bool:
     """Whether an eval call takes :func:`_inference`: nothing needs a gradient (no_grad, or no tensor that
     requires one), the input is not float64 (whose squares could overflow: it keeps the moments' path) and its
     samples are dense."""
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return _INFERENCE_PATH and not wants_grad and _scaled(rows.t) and _dense_samples(rows)
+    return _INFERENCE_PATH and not needs_autograd(*tensors) and _scaled(rows.t) and _dense_samples(rows)
 
 
 def _inference(rows: _Rows, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
