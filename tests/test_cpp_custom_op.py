@@ -104,18 +104,12 @@ class ConvL2BN(nn.Module):
         return torch.relu(self.norm(self.conv(x)))
 
 
-@LAYOUTS
-def test_compiled_graphs_hold_the_kernel_and_match_eager(memory_format):
-    """torch.compile(fullgraph=True) of a conv + L2BN + ReLU model on the CPU: the forward graphs call
-    l2bn_cpu::graph_coefficients, the backward graphs l2bn_cpu::graph_backward (not the fused path's ops); gradients and
-    running statistics over a training and an eval step equal the eager model's bit for bit, the outputs within a
-    rounding (aot_eager: the graph's other ops run as in eager)."""
+def recording_compile(model: nn.Module) -> tuple[nn.Module, set[str]]:
+    """(``model`` under torch.compile(fullgraph=True), after a reset; the set of operators its forward and backward
+    graphs call, filled as they compile). aot_eager: the graphs' ops run as in eager."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from functorch.compile import make_boxed_func
 
-    torch.manual_seed(0)
-    model = ConvL2BN().to(memory_format=memory_format)
-    eager = copy.deepcopy(model)
     called: set[str] = set()
 
     def record(graph_module, _):
@@ -126,7 +120,19 @@ def test_compiled_graphs_hold_the_kernel_and_match_eager(memory_format):
         return aot_module_simplified(graph_module, example_inputs, fw_compiler=record, bw_compiler=record)
 
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    return torch.compile(model, backend=backend, fullgraph=True), called
+
+
+@LAYOUTS
+def test_compiled_graphs_hold_the_kernel_and_match_eager(memory_format):
+    """torch.compile(fullgraph=True) of a conv + L2BN + ReLU model on the CPU: the forward graphs call
+    l2bn_cpu::graph_coefficients, the backward graphs l2bn_cpu::graph_backward (not the fused path's ops); gradients and
+    running statistics over a training and an eval step equal the eager model's bit for bit, the outputs within a
+    rounding (aot_eager: the graph's other ops run as in eager)."""
+    torch.manual_seed(0)
+    model = ConvL2BN().to(memory_format=memory_format)
+    eager = copy.deepcopy(model)
+    compiled, called = recording_compile(model)
     x = torch.randn(4, 3, 6, 6).contiguous(memory_format=memory_format)
     for training in (True, False):
         model.train(training)
@@ -142,24 +148,6 @@ def test_compiled_graphs_hold_the_kernel_and_match_eager(memory_format):
     assert torch.equal(model.norm.running_var, eager.norm.running_var)
     assert {"l2bn_cpu.graph_coefficients.default", "l2bn_cpu.graph_backward.default"} <= called, called
     assert not any("var_mean" in op or "linalg_vector_norm" in op for op in called), called
-
-
-def graph_calls(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, set[str]]:
-    """(output, the operators its forward graph calls) of ``model(x)`` compiled with fullgraph=True, after a reset."""
-    from torch._functorch.aot_autograd import aot_module_simplified
-    from functorch.compile import make_boxed_func
-
-    called: set[str] = set()
-
-    def record(graph_module, _):
-        called.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return make_boxed_func(graph_module)
-
-    def backend(graph_module, example_inputs):
-        return aot_module_simplified(graph_module, example_inputs, fw_compiler=record, bw_compiler=record)
-
-    torch._dynamo.reset()
-    return torch.compile(model, backend=backend, fullgraph=True)(x), called
 
 
 @LAYOUTS
@@ -178,7 +166,8 @@ def test_compiled_inference_of_small_inputs_traces_the_torch_ops(memory_format, 
         want = model(x)
         for limit, operators in ((1152, False), (1151, True)):
             monkeypatch.setattr(graph_ops, "GRAPH_INFERENCE_TORCH_OPS_MAX", limit)
-            y, called = graph_calls(model, x)
+            compiled, called = recording_compile(model)
+            y = compiled(x)
             assert_within_a_rounding(y, want)
             assert any(op.startswith("l2bn_cpu.") for op in called) == operators, (limit, called)
             assert ("l2bn_cpu.graph_coefficients.default" in called) == operators

@@ -23,8 +23,8 @@ A compiled graph calls them as opaque kernels and compiles everything around the
 
 Inference (eval with nothing to differentiate) of small inputs — up to ``GRAPH_INFERENCE_TORCH_OPS_MAX`` values,
 a CIFAR ResNet's layers at batch 4 — traces the torch-op path instead, whose per-sample norms and output Inductor
-fuses with the convolution's consumers: compiled inference at batch 1, ResNet-20/56 1.20–1.25× compiled BatchNorm
-through the operators, 1.06–1.09× so (docs/performance.md, "Session 29").
+fuses with the convolution's consumers: compiled inference at batch 1, ResNet-20/56 1.17–1.26× compiled BatchNorm
+through the operators, 1.07–1.10× so (docs/performance.md, "Session 29").
 
 ``scale`` holds the per-sample powers of two the input was multiplied by — ones, but for finite samples whose sum
 of squares overflows, which the kernel refuses and which run again rescaled (the factors of kernels/overflow.py,

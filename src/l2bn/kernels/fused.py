@@ -225,6 +225,11 @@ def _forward(x, weight, bias, running_mean, running_var, training, eps, rescale,
     return y, mu, var, (scale, norm, mu, invstd, mean, sumsq)
 
 
+def needs_autograd(*tensors: Tensor | None) -> bool:
+    """Whether a call records a graph: grad mode is on and one of ``tensors`` requires a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class FusedL2BatchNorm(torch.autograd.Function):
     """L2BN with statistics, output and a hand-written backward; returns (y, μ, σ²) (the last two for the
     running-statistics update, not differentiable). In evaluation mode μ and σ² are the running ones."""
@@ -264,11 +269,6 @@ class FusedL2BatchNorm(torch.autograd.Function):
             grad.grad_bias.to(param_dtype) if ctx.needs_input_grad[2] else None,
             None, None, None, None, None, None,
         )
-
-
-def needs_autograd(*tensors: Tensor | None) -> bool:
-    """Whether a call records a graph: grad mode is on and one of ``tensors`` requires a gradient."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 @rerun_rescaled_on_overflow
